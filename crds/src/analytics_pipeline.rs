@@ -1,0 +1,245 @@
+//! `AnalyticsPipeline`: the real-time merchant analytics platform, from binlog to query API.
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use crate::mode::{DependencyModes, ForcedModes};
+use crate::refs::{ConfigMapKeyRef, ElasticsearchRef, KafkaRef, LocalObjectRef, MysqlRef, RedisRef};
+
+/// A real-time analytics pipeline: collectors tail the business database's
+/// binlog into Kafka, the intake stores events per time window in the KV
+/// store, the master dispatches one compute task per window to the slaves,
+/// results land in the hot MySQL and the cache, and the query service serves them.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[kube(
+    group = "ballast.dev",
+    version = "v1alpha1",
+    kind = "AnalyticsPipeline",
+    namespaced,
+    shortname = "ap",
+    category = "ballast",
+    status = "AnalyticsPipelineStatus",
+    doc = "A real-time merchant analytics pipeline and the degraded modes that keep it available.",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Mode",
+        type_ = "string",
+        json_path = ".status.summary",
+        description = "Normal, or the dependencies in a degraded mode"
+    ),
+    printcolumn(
+        name = "Slaves",
+        type_ = "string",
+        json_path = ".status.slaves",
+        description = "Ready/desired slaves"
+    ),
+    printcolumn(
+        name = "Shed",
+        type_ = "integer",
+        json_path = ".status.shedMerchants",
+        description = "Merchants whose events the backup intake is shedding"
+    ),
+    printcolumn(
+        name = "Policy",
+        type_ = "string",
+        json_path = ".spec.policyRef.name",
+        priority = 1
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AnalyticsPipelineSpec {
+    /// Container image of `ballast-worker`, which every role runs.
+    #[schemars(length(min = 1, max = 512))]
+    pub image: String,
+    /// The `DegradationPolicy` (same namespace) that says how failures are
+    /// detected and what each degraded mode does.
+    pub policy_ref: LocalObjectRef,
+    /// The business database whose row binlog the collectors tail.
+    pub source: SourceSpec,
+    /// Kafka, between collectors and intake.
+    pub kafka: KafkaRef,
+    /// The KV store (Redis) holding events per time window.
+    pub kv: RedisRef,
+    /// The result cache (Redis), written together with the hot MySQL.
+    pub cache: RedisRef,
+    /// The hot-results MySQL: today's results, read/write split.
+    pub hot_store: MysqlRef,
+    /// The cold store (Elasticsearch): daily and offline rollups for history.
+    pub cold_store: ColdStoreSpec,
+    /// How events are cut into windows and computed.
+    pub compute: ComputeSpec,
+    /// Replicas and resources of each role.
+    #[serde(default)]
+    pub roles: RolesSpec,
+    /// Manual control for operators on call.
+    #[serde(default, rename = "override", skip_serializing_if = "Option::is_none")]
+    pub override_: Option<OverrideSpec>,
+}
+
+/// The business database the collectors read.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceSpec {
+    /// The database; binlog must be on, in ROW format, and the user needs
+    /// `REPLICATION SLAVE` and `REPLICATION CLIENT`.
+    pub mysql: MysqlRef,
+    /// Tables whose row changes become events.
+    #[schemars(length(min = 1, max = 64))]
+    #[x_kube(merge_strategy = ListMerge::Set)]
+    pub tables: Vec<TableName>,
+    /// Column that holds the merchant id in every table: events are keyed,
+    /// routed and shed by it.
+    #[serde(default = "default_merchant_column")]
+    #[schemars(length(min = 1, max = 64))]
+    pub merchant_column: String,
+}
+
+/// A table name (without the database).
+pub type TableName = String;
+
+fn default_merchant_column() -> String {
+    "merchant_id".to_owned()
+}
+
+/// The cold store and the index holding the pipeline's rollups.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ColdStoreSpec {
+    /// The Elasticsearch cluster.
+    pub elasticsearch: ElasticsearchRef,
+    /// Prefix of the daily rollup indices (`<prefix>-YYYY.MM.DD`).
+    #[schemars(length(min = 1, max = 200), regex(pattern = r"^[a-z0-9][a-z0-9._-]*$"))]
+    pub index_prefix: String,
+}
+
+/// How events are cut into windows and what is computed on each.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.sql) != has(self.sqlConfigMapRef)").message("compute needs exactly one of sql and sqlConfigMapRef"))]
+pub struct ComputeSpec {
+    /// Length of a window in seconds; one window is one compute task. Must divide
+    /// an hour so that windows align with hours. Immutable: stored buckets use it.
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 3600 && 3600 % self == 0").message("windowSeconds must divide an hour (e.g. 60, 300, 600, 3600)"))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("windowSeconds is immutable: windows already stored use the old size"))]
+    pub window_seconds: i32,
+    /// The SQL run over each window's events, inline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 262_144))]
+    #[x_kube(validation = Rule::new("self.trim().size() > 0").message("compute.sql must not be empty"))]
+    pub sql: Option<String>,
+    /// The SQL, from a ConfigMap key (for the hundreds of lines real pipelines run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sql_config_map_ref: Option<ConfigMapKeyRef>,
+}
+
+/// Replicas and resources of one role.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RoleSpec {
+    /// Number of pods of the role.
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: i32,
+    /// CPU and memory requests and limits of each pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+impl RoleSpec {
+    fn with_replicas(replicas: i32) -> Self {
+        Self {
+            replicas,
+            resources: None,
+        }
+    }
+}
+
+/// Replicas and resources of every role.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolesSpec {
+    /// Binlog collectors.
+    #[serde(default = "one_replica")]
+    pub collector: RoleSpec,
+    /// Kafka consumers and backup intake.
+    #[serde(default = "two_replicas")]
+    pub intake: RoleSpec,
+    /// Window schedulers: one active, the others standby.
+    #[serde(default = "two_replicas")]
+    #[x_kube(validation = Rule::new("self.replicas >= 1 && self.replicas <= 3").message("roles.master.replicas must be 1 to 3: one active master, the rest standby"))]
+    pub master: RoleSpec,
+    /// Compute slaves (a StatefulSet); the base that KV failure scales out.
+    #[serde(default = "two_replicas")]
+    #[x_kube(validation = Rule::new("self.replicas >= 1").message("roles.slave.replicas must be at least 1"))]
+    pub slave: RoleSpec,
+    /// Merchant-facing query API.
+    #[serde(default = "two_replicas")]
+    pub query: RoleSpec,
+}
+
+fn one_replica() -> RoleSpec {
+    RoleSpec::with_replicas(1)
+}
+fn two_replicas() -> RoleSpec {
+    RoleSpec::with_replicas(2)
+}
+
+impl Default for RolesSpec {
+    fn default() -> Self {
+        Self {
+            collector: one_replica(),
+            intake: two_replicas(),
+            master: two_replicas(),
+            slave: two_replicas(),
+            query: two_replicas(),
+        }
+    }
+}
+
+/// Manual control of the mode switch, for operators on call.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OverrideSpec {
+    /// Stop automatic mode switches: probes still run and report, but every
+    /// dependency keeps its current mode until this is false again.
+    #[serde(default)]
+    pub pause_failover: bool,
+    /// Force the mode of some dependencies, whatever the probes say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub force_modes: Option<ForcedModes>,
+}
+
+/// Observed state of an `AnalyticsPipeline`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AnalyticsPipelineStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Progressing`, `Degraded`, and one `<Dependency>Available` per dependency.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    /// The published mode and epoch of each dependency: what workers follow.
+    #[serde(default)]
+    pub dependencies: DependencyModes,
+    /// `Normal`, or the dependencies away from Normal, e.g. `Degraded(kv)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
+    /// Ready and desired slaves, e.g. `4/4`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slaves: Option<String>,
+    /// Merchants whose events the backup intake is shedding now; their "today"
+    /// is incomplete and the query service marks it so.
+    #[serde(default)]
+    pub shed_merchants: i64,
+    /// Events sent to the dead-letter topic since the pipeline was created.
+    #[serde(default)]
+    pub dead_lettered_events: i64,
+}

@@ -1,0 +1,249 @@
+//! `MemberStore`: the member-identity service across two or more data-centre namespaces.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::refs::{ElasticsearchRef, MysqlRef, RedisRef};
+
+/// A unified member-identity service: MySQL sharded by member id (master in
+/// the primary DC, replicas elsewhere), relations double-written to
+/// Elasticsearch, a Redis cluster per DC written to both; the operator
+/// promotes the standby DC's Elasticsearch and Redis when the active ones fail.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[kube(
+    group = "ballast.dev",
+    version = "v1alpha1",
+    kind = "MemberStore",
+    namespaced,
+    shortname = "ms",
+    category = "ballast",
+    status = "MemberStoreStatus",
+    doc = "A member-identity service spanning data-centre namespaces, with automatic failover.",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Active",
+        type_ = "string",
+        json_path = ".status.activeDataCenter",
+        description = "Data centre whose Elasticsearch and Redis serve"
+    ),
+    printcolumn(
+        name = "Epoch",
+        type_ = "integer",
+        json_path = ".status.epoch",
+        description = "Fences the side that lost the last failover"
+    ),
+    printcolumn(name = "Primary", type_ = "string", json_path = ".spec.primary", priority = 1),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.dataCenters.exists(dc, dc.name == self.primary)").message("spec.primary must name one of spec.dataCenters").field_path(".primary"))]
+pub struct MemberStoreSpec {
+    /// Container image of `ballast-worker`, which the member service runs.
+    #[schemars(length(min = 1, max = 512))]
+    pub image: String,
+    /// The data centres, each in its own namespace, with its own servers.
+    // The namespace rule maps to strings before comparing: the API server's cost
+    // estimate cannot bound two struct fields compared inside nested loops.
+    #[schemars(length(min = 2, max = 8))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    #[x_kube(validation = Rule::new("self.map(dc, dc.namespace).all(ns, self.map(dc, dc.namespace).exists_one(other, other == ns))").message("every data centre needs its own namespace"))]
+    pub data_centers: Vec<DataCenter>,
+    /// Name of the data centre that holds the MySQL master and, normally, the
+    /// active Elasticsearch and Redis.
+    #[schemars(length(min = 1, max = 63))]
+    pub primary: String,
+    /// Logical MySQL shards, by member id, spread over the physical databases.
+    /// Immutable: changing it re-homes every member.
+    #[serde(default = "default_shards")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 65536").message("logicalShards must be between 1 and 65536"))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("logicalShards is immutable: changing it would re-home every member"))]
+    pub logical_shards: i32,
+    /// Separate Elasticsearch for high-volume marketing callers, so that they
+    /// never slow down order-flow lookups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub marketing_elasticsearch: Option<ElasticsearchRef>,
+    /// Member-service pods per data centre.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub replicas_per_data_center: i32,
+    /// Rate limits per caller, per hot key and global.
+    #[serde(default)]
+    pub flow_control: FlowControl,
+    /// Circuit breakers on the member service's dependencies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["dependency".into()]))]
+    pub circuit_breakers: Vec<CircuitBreaker>,
+    /// Whether the recovered data centre takes over again by itself (after it has
+    /// replayed everything it missed) or waits for a person.
+    #[serde(default)]
+    pub failback: Failback,
+}
+
+fn default_shards() -> i32 {
+    1024
+}
+fn default_replicas() -> i32 {
+    2
+}
+
+/// One data centre of the member store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DataCenter {
+    /// Short name, e.g. `dc-a`.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// Namespace the data centre's member-service pods run in.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub namespace: String,
+    /// The data centre's MySQL: the master in the primary DC, a replica elsewhere.
+    pub mysql: MysqlRef,
+    /// The data centre's Elasticsearch cluster.
+    pub elasticsearch: ElasticsearchRef,
+    /// The data centre's Redis cluster.
+    pub redis: RedisRef,
+}
+
+/// Rate limits of the member service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FlowControl {
+    /// Requests per second across all callers.
+    #[serde(default = "default_global_rate")]
+    #[schemars(range(min = 1))]
+    pub global_rate_per_second: i32,
+    /// Requests per second for any single member id (a hot key).
+    #[serde(default = "default_hot_key_rate")]
+    #[schemars(range(min = 1))]
+    pub hot_key_rate_per_second: i32,
+    /// Requests per second per caller account; callers not listed share the global limit.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["caller".into()]))]
+    pub callers: Vec<CallerLimit>,
+}
+
+fn default_global_rate() -> i32 {
+    20_000
+}
+fn default_hot_key_rate() -> i32 {
+    50
+}
+
+impl Default for FlowControl {
+    fn default() -> Self {
+        Self {
+            global_rate_per_second: default_global_rate(),
+            hot_key_rate_per_second: default_hot_key_rate(),
+            callers: Vec::new(),
+        }
+    }
+}
+
+/// The rate limit of one caller account.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CallerLimit {
+    /// The caller account.
+    #[schemars(length(min = 1, max = 128))]
+    pub caller: String,
+    /// Requests per second it may make.
+    #[x_kube(validation = Rule::new("self >= 1").message("a caller's ratePerSecond must be at least 1"))]
+    pub rate_per_second: i32,
+}
+
+/// A dependency of the member service that a circuit breaker guards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum GuardedDependency {
+    /// MySQL and its access layer.
+    Mysql,
+    /// Elasticsearch.
+    Elasticsearch,
+    /// Redis.
+    Redis,
+}
+
+/// When calls to a dependency are cut off for a while.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.maxAverageResponseMillis) || has(self.maxErrorPercent) || has(self.maxErrors)").message("a circuit breaker needs at least one of maxAverageResponseMillis, maxErrorPercent, maxErrors"))]
+pub struct CircuitBreaker {
+    /// The guarded dependency.
+    pub dependency: GuardedDependency,
+    /// Opens when the average response time over the window exceeds this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_average_response_millis: Option<i32>,
+    /// Opens when this percentage of calls in the window fail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 100").message("maxErrorPercent must be between 1 and 100"))]
+    pub max_error_percent: Option<i32>,
+    /// Opens when this many calls in the window fail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_errors: Option<i32>,
+    /// The window the figures are measured over, in seconds.
+    #[serde(default = "default_breaker_window")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub window_seconds: i32,
+    /// Seconds the breaker stays open before it lets a trial call through.
+    #[serde(default = "default_breaker_open")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub open_seconds: i32,
+}
+
+fn default_breaker_window() -> i32 {
+    10
+}
+fn default_breaker_open() -> i32 {
+    30
+}
+
+/// How the original primary data centre takes over again after a failover.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Failback {
+    /// As soon as it has replayed everything it missed.
+    #[default]
+    Automatic,
+    /// Only when a person sets `spec.primary` again (or the annotation asks for it).
+    Manual,
+}
+
+/// Observed state of a `MemberStore`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberStoreStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Progressing`, `Degraded`, and failover conditions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    /// The data centre whose Elasticsearch and Redis serve now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_data_center: Option<String>,
+    /// Increases on every failover and failback; writes carrying an older epoch
+    /// are refused, which fences the side that lost.
+    #[serde(default)]
+    pub epoch: i64,
+    /// When the active data centre last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Time>,
+    /// Writes accepted by Elasticsearch while MySQL was down, not yet replayed to it.
+    #[serde(default)]
+    pub pending_replay: i64,
+}
