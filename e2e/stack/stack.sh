@@ -44,8 +44,11 @@ as_root() {
 # Debian packages the stack runs or the build needs, keyed by a file they install.
 apt_packages=(
   /usr/sbin/mariadbd:mariadb-server
+  /usr/bin/mariadb-install-db:mariadb-server
   /usr/bin/mariadb:mariadb-client
+  /usr/bin/mariadb-admin:mariadb-client
   /usr/bin/redis-server:redis-server
+  /usr/bin/redis-cli:redis-tools
   /usr/bin/etcd:etcd-server
   /usr/bin/protoc:protobuf-compiler
   /usr/bin/openssl:openssl
@@ -57,6 +60,7 @@ install_packages() {
   for entry in "${apt_packages[@]}"; do
     [ -e "${entry%%:*}" ] || missing+=("${entry#*:}")
   done
+  mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u | sed '/^$/d')
   [ ${#missing[@]} -eq 0 ] && return 0
   need_tool apt-get "installing ${missing[*]}"
   say "installing Debian packages: ${missing[*]}"
