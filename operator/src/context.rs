@@ -1,10 +1,24 @@
-//! The operator's one `Context`: its Kubernetes client, readiness and metrics, passed explicitly.
+//! The operator's one `Context`: clients, shared pipeline state, metrics and
+//! the Event reporter, passed explicitly to every reconcile and prober.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
+use ballast_crds::{AnalyticsPipeline, Dependency};
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::events::Reporter;
+use kube::runtime::reflector::ObjectRef;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use tokio::sync::mpsc;
+
+use crate::mode::{Observation, Thresholds};
+use crate::probe::PipelineState;
+
+type Labels = Vec<(&'static str, String)>;
 
 /// Shared state of the operator, cheap to clone.
 #[derive(Clone)]
@@ -13,6 +27,10 @@ pub struct Context {
     pub client: kube::Client,
     /// Metrics and the registry that exposes them.
     pub metrics: Arc<Metrics>,
+    /// Who the operator says it is in Events.
+    pub reporter: Reporter,
+    pipelines: Arc<Mutex<HashMap<ObjectRef<AnalyticsPipeline>, PipelineState>>>,
+    triggers: mpsc::UnboundedSender<ObjectRef<AnalyticsPipeline>>,
     ready: Arc<AtomicBool>,
 }
 
@@ -20,8 +38,20 @@ pub struct Context {
 pub struct Metrics {
     /// The registry rendered on `/metrics`.
     pub registry: Registry,
-    /// API server reachability checks that failed.
+    /// Checks of the API server that failed.
     pub api_check_failures: Counter,
+    /// Reconciles run, by kind.
+    pub reconciles: Family<Labels, Counter>,
+    /// Reconciles that failed, by kind and error.
+    pub reconcile_errors: Family<Labels, Counter>,
+    /// Published mode changes, by dependency and new mode.
+    pub mode_transitions: Family<Labels, Counter>,
+    probe_failures: Family<Labels, Counter>,
+    probe_durations: Family<Labels, Histogram>,
+}
+
+fn probe_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 14))
 }
 
 impl Metrics {
@@ -33,21 +63,77 @@ impl Metrics {
             "Checks of the Kubernetes API server that failed",
             api_check_failures.clone(),
         );
+        let reconciles = Family::default();
+        registry.register("reconciles", "Reconciles run", reconciles.clone());
+        let reconcile_errors = Family::default();
+        registry.register(
+            "reconcile_errors",
+            "Reconciles that failed",
+            reconcile_errors.clone(),
+        );
+        let mode_transitions = Family::default();
+        registry.register(
+            "mode_transitions",
+            "Published dependency mode changes",
+            mode_transitions.clone(),
+        );
+        let probe_failures = Family::default();
+        registry.register(
+            "probe_failures",
+            "Dependency probes that failed or timed out",
+            probe_failures.clone(),
+        );
+        let probe_durations = Family::new_with_constructor(probe_histogram as fn() -> Histogram);
+        registry.register(
+            "probe_duration_seconds",
+            "Time a dependency probe took",
+            probe_durations.clone(),
+        );
         Self {
             registry,
             api_check_failures,
+            reconciles,
+            reconcile_errors,
+            mode_transitions,
+            probe_failures,
+            probe_durations,
         }
+    }
+
+    /// Failed probes of one dependency.
+    pub fn probe_failures(&self, dependency: &str) -> Counter {
+        self.probe_failures
+            .get_or_create(&vec![("dependency", dependency.to_owned())])
+            .clone()
+    }
+
+    /// Probe durations of one dependency.
+    pub fn probe_duration(&self, dependency: &str) -> Histogram {
+        self.probe_durations
+            .get_or_create(&vec![("dependency", dependency.to_owned())])
+            .clone()
     }
 }
 
 impl Context {
-    /// A context around `client`, not yet ready.
-    pub fn new(client: kube::Client) -> Self {
-        Self {
+    /// A context around `client`; reconciles requested by probers arrive on the returned receiver.
+    pub fn new(
+        client: kube::Client,
+        instance: String,
+    ) -> (Self, mpsc::UnboundedReceiver<ObjectRef<AnalyticsPipeline>>) {
+        let (triggers, receiver) = mpsc::unbounded_channel();
+        let ctx = Self {
             client,
             metrics: Arc::new(Metrics::new()),
+            reporter: Reporter {
+                controller: "ballast-operator".into(),
+                instance: Some(instance),
+            },
+            pipelines: Arc::default(),
+            triggers,
             ready: Arc::new(AtomicBool::new(false)),
-        }
+        };
+        (ctx, receiver)
     }
 
     /// Whether the API server has answered since start-up.
@@ -66,6 +152,43 @@ impl Context {
             Err(error) => {
                 self.metrics.api_check_failures.inc();
                 tracing::warn!(%error, "API server unreachable");
+            }
+        }
+    }
+
+    /// The shared state of every pipeline. A poisoned lock is recovered: the
+    /// state is plain data, valid after any panic in another holder.
+    pub fn pipelines(&self) -> MutexGuard<'_, HashMap<ObjectRef<AnalyticsPipeline>, PipelineState>> {
+        self.pipelines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Feeds one observation to a pipeline's machine; true when its mode changed.
+    pub fn observe(
+        &self,
+        key: &ObjectRef<AnalyticsPipeline>,
+        dependency: Dependency,
+        observation: Option<Observation>,
+        thresholds: Thresholds,
+    ) -> bool {
+        let mut pipelines = self.pipelines();
+        pipelines
+            .get_mut(key)
+            .is_some_and(|state| state.step(dependency, observation, thresholds, Timestamp::now()))
+    }
+
+    /// Asks for a reconcile of `key` soon.
+    pub fn trigger(&self, key: ObjectRef<AnalyticsPipeline>) {
+        // The receiver lives as long as the controller; after shutdown nobody listens.
+        let _ = self.triggers.send(key);
+    }
+
+    /// Stops the probers of a deleted pipeline and forgets its state.
+    pub fn forget(&self, key: &ObjectRef<AnalyticsPipeline>) {
+        if let Some(state) = self.pipelines().remove(key) {
+            if let Some((_, token)) = state.probers {
+                token.cancel();
             }
         }
     }

@@ -1,12 +1,18 @@
-//! `ballast-operator`: the controller binary. Serves health and metrics while its
-//! controllers (one module per CRD) run against the Kubernetes API.
+//! `ballast-operator`: the controller binary. Elects a leader among its
+//! replicas, then reconciles AnalyticsPipelines, probes their dependencies and
+//! publishes degraded modes; serves health and metrics throughout.
 #![forbid(unsafe_code)]
 
 mod context;
 mod http;
+mod leader;
+mod mode;
+mod pipeline;
+mod probe;
 mod telemetry;
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
@@ -21,24 +27,64 @@ struct Args {
     /// Log format: `text` for people, `json` for log pipelines.
     #[arg(long, env = "BALLAST_LOG_FORMAT", default_value = "text")]
     log_format: telemetry::LogFormat,
+    /// Namespace of the leader-election Lease (the operator's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "BALLAST_LEASE_NAME", default_value = "ballast-operator")]
+    lease_name: String,
+    /// This replica's identity in the election and in Events.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Seconds a leader keeps the Lease without renewing it.
+    #[arg(long, default_value_t = 15)]
+    lease_seconds: u64,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     telemetry::init(args.log_format);
+    let identity = args
+        .identity
+        .clone()
+        .unwrap_or_else(|| format!("ballast-operator-{}", std::process::id()));
 
     let client = kube::Client::try_default().await?;
-    let ctx = context::Context::new(client);
+    let (ctx, triggers) = context::Context::new(client.clone(), identity.clone());
     let shutdown = CancellationToken::new();
-
     let server = tokio::spawn(http::serve(args.metrics_addr, ctx.clone(), shutdown.clone()));
     ctx.check_api_server().await;
-    tracing::info!(addr = %args.metrics_addr, "ballast-operator started");
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            telemetry::shutdown_signal().await;
+            tracing::info!("shutting down");
+            shutdown.cancel();
+        }
+    });
 
-    telemetry::shutdown_signal().await;
-    tracing::info!("shutting down");
+    let election = leader::Election {
+        namespace: args.lease_namespace,
+        name: args.lease_name,
+        identity,
+        duration: Duration::from_secs(args.lease_seconds.max(3)),
+    };
+    tracing::info!(identity = %election.identity, lease = %election.name, "waiting for leadership");
+    election.acquire(&client, &shutdown).await?;
+    if shutdown.is_cancelled() {
+        server.await??;
+        return Ok(());
+    }
+    tracing::info!("leading: reconciling");
+    let lost = shutdown.child_token();
+    tokio::spawn(election.hold(client, shutdown.clone(), lost.clone()));
+    pipeline::run(ctx, triggers, lost.clone()).await;
+
+    let lost_leadership = !shutdown.is_cancelled();
     shutdown.cancel();
     server.await??;
+    // A replica that lost the Lease exits so that it restarts as a follower.
+    anyhow::ensure!(!lost_leadership, "lost leadership");
     Ok(())
 }

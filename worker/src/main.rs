@@ -2,7 +2,7 @@
 //! checks one dependency once, for pod start-up checks and people on call.
 #![forbid(unsafe_code)]
 
-mod probe;
+use ballast_worker::probe;
 
 use std::process::ExitCode;
 use std::time::Duration;

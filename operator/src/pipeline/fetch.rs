@@ -1,0 +1,79 @@
+//! Fetch: everything a pipeline's reconcile reads from the API server, in one place.
+
+use std::collections::BTreeMap;
+
+use ballast_crds::{AnalyticsPipeline, DegradationPolicy};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::api::{Api, ListParams};
+
+use super::Error;
+use super::desired::{lease_selector, object_name};
+
+/// What the API server holds that the pipeline depends on.
+#[derive(Clone, Debug, Default)]
+pub struct Fetched {
+    /// The referenced policy, if it exists.
+    pub policy: Option<DegradationPolicy>,
+    /// Referenced Secrets that exist, by name.
+    pub secrets: BTreeMap<String, Secret>,
+    /// The SQL ConfigMap, when one is referenced and exists.
+    pub sql_config_map: Option<ConfigMap>,
+    /// Membership Leases of the pipeline's slaves.
+    pub slave_leases: Vec<Lease>,
+    /// The slave StatefulSet, if created.
+    pub slaves: Option<StatefulSet>,
+}
+
+/// Names of the Secrets a pipeline references.
+pub fn secret_names(ap: &AnalyticsPipeline) -> Vec<String> {
+    let s = &ap.spec;
+    let mut names: Vec<String> = [
+        s.source.mysql.password_secret_ref.as_ref(),
+        s.hot_store.password_secret_ref.as_ref(),
+        s.kv.password_secret_ref.as_ref(),
+        s.cache.password_secret_ref.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|r| r.name.clone())
+    .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Reads the policy, Secrets, ConfigMap, slave Leases and StatefulSet of `ap`.
+pub async fn fetch(client: &kube::Client, ap: &AnalyticsPipeline) -> Result<Fetched, Error> {
+    let ns = ap.metadata.namespace.as_deref().ok_or(Error::MissingNamespace)?;
+    let name = ap.metadata.name.as_deref().unwrap_or_default();
+    let policies: Api<DegradationPolicy> = Api::namespaced(client.clone(), ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+
+    let mut fetched = Fetched {
+        policy: policies
+            .get_opt(&ap.spec.policy_ref.name)
+            .await
+            .map_err(Error::Fetch)?,
+        ..Fetched::default()
+    };
+    for secret in secret_names(ap) {
+        if let Some(found) = secrets.get_opt(&secret).await.map_err(Error::Fetch)? {
+            fetched.secrets.insert(secret, found);
+        }
+    }
+    if let Some(cm) = &ap.spec.compute.sql_config_map_ref {
+        fetched.sql_config_map = config_maps.get_opt(&cm.name).await.map_err(Error::Fetch)?;
+    }
+    let selector = ListParams::default().labels(&lease_selector(name, "slave"));
+    fetched.slave_leases = leases.list(&selector).await.map_err(Error::Fetch)?.items;
+    fetched.slaves = sets
+        .get_opt(&object_name(name, "slave"))
+        .await
+        .map_err(Error::Fetch)?;
+    Ok(fetched)
+}

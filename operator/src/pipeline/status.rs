@@ -1,0 +1,239 @@
+//! Status: the pipeline's conditions computed in one pure function, written in
+//! one patch, with an Event for every published transition.
+
+use ballast_crds::conditions::{self, Desired};
+use ballast_crds::{AnalyticsPipeline, AnalyticsPipelineStatus, Mode};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+use super::Error;
+use super::publish::Publication;
+use super::validate::Invalid;
+
+/// How the reconcile ended, for status.
+#[derive(Debug)]
+pub enum Outcome {
+    /// A reference is missing; the pipeline waits for it.
+    Invalid(Invalid),
+    /// Workloads applied and modes decided.
+    Reconciled {
+        /// What was published.
+        publication: Publication,
+        /// Slaves whose Leases say ready.
+        ready_slaves: i32,
+    },
+}
+
+/// The status to write, from the previous one and the outcome. Pure.
+pub fn compute(ap: &AnalyticsPipeline, outcome: &Outcome, now: Timestamp) -> AnalyticsPipelineStatus {
+    let previous = ap.status.clone().unwrap_or_default();
+    let mut status = AnalyticsPipelineStatus {
+        observed_generation: ap.metadata.generation,
+        ..previous.clone()
+    };
+    let desired = match outcome {
+        Outcome::Invalid(invalid) => vec![
+            Desired::fails(conditions::READY, invalid.reason, invalid.message.clone()),
+            Desired::fails(
+                conditions::PROGRESSING,
+                "WaitingForReferences",
+                "retried with backoff until the references resolve",
+            ),
+        ],
+        Outcome::Reconciled {
+            publication,
+            ready_slaves,
+        } => {
+            status.dependencies = publication.modes.clone();
+            status.summary = Some(publication.modes.summary());
+            status.slaves = Some(format!("{ready_slaves}/{}", publication.slave_replicas));
+            let away: Vec<String> = ballast_crds::Dependency::ALL
+                .into_iter()
+                .filter_map(|d| {
+                    publication
+                        .modes
+                        .get(d)
+                        .filter(|s| s.mode != Mode::Normal)
+                        .map(|s| format!("{} is {:?} (epoch {})", d.as_str(), s.mode, s.epoch))
+                })
+                .collect();
+            let mut desired = vec![
+                Desired::holds(
+                    conditions::READY,
+                    "Reconciled",
+                    "workloads are applied and every mode is published",
+                ),
+                match &publication.progressing {
+                    Some(message) => {
+                        Desired::holds(conditions::PROGRESSING, "SwitchingMode", message.clone())
+                    }
+                    None => Desired::fails(conditions::PROGRESSING, "Stable", "no switch under way"),
+                },
+                if away.is_empty() {
+                    Desired::fails(
+                        conditions::DEGRADED,
+                        "AllNormal",
+                        "every dependency is in Normal mode",
+                    )
+                } else {
+                    Desired::holds(conditions::DEGRADED, "DependencyDegraded", away.join("; "))
+                },
+            ];
+            desired.extend(publication.conditions.iter().cloned());
+            desired
+        }
+    };
+    status.conditions =
+        conditions::compute(&previous.conditions, &desired, ap.metadata.generation, &Time(now));
+    status
+}
+
+/// Writes `status` in one merge patch of the status subresource.
+pub async fn write(
+    client: &kube::Client,
+    ap: &AnalyticsPipeline,
+    status: &AnalyticsPipelineStatus,
+) -> Result<(), Error> {
+    let ns = ap.namespace().ok_or(Error::MissingNamespace)?;
+    let api: Api<AnalyticsPipeline> = Api::namespaced(client.clone(), &ns);
+    api.patch_status(
+        &ap.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "status": status })),
+    )
+    .await
+    .map_err(Error::Status)?;
+    Ok(())
+}
+
+/// One Event per published transition, plus one when the pipeline starts waiting.
+pub async fn record(recorder: &Recorder, ap: &AnalyticsPipeline, outcome: &Outcome) -> Result<(), Error> {
+    let reference = ap.object_ref(&());
+    let events: Vec<Event> = match outcome {
+        Outcome::Invalid(invalid) => {
+            let previous_reason = ap
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.iter().find(|c| c.type_ == conditions::READY))
+                .map(|c| c.reason.as_str());
+            if previous_reason == Some(invalid.reason) {
+                Vec::new()
+            } else {
+                vec![Event {
+                    type_: EventType::Warning,
+                    reason: invalid.reason.to_owned(),
+                    note: Some(invalid.message.clone()),
+                    action: "Validate".into(),
+                    secondary: None,
+                }]
+            }
+        }
+        Outcome::Reconciled { publication, .. } => publication
+            .changes
+            .iter()
+            .map(|c| Event {
+                type_: if c.to == Mode::Normal {
+                    EventType::Normal
+                } else {
+                    EventType::Warning
+                },
+                reason: "ModeChanged".into(),
+                note: Some(format!(
+                    "{}: {:?} -> {:?} (epoch {}): {}",
+                    c.dependency.as_str(),
+                    c.from,
+                    c.to,
+                    c.epoch,
+                    c.reason
+                )),
+                action: "SwitchMode".into(),
+                secondary: None,
+            })
+            .collect(),
+    };
+    for event in events {
+        recorder.publish(&event, &reference).await.map_err(Error::Event)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ballast_crds::{Dependency, DependencyModes, DependencyStatus};
+
+    fn pipeline() -> AnalyticsPipeline {
+        let mut ap: AnalyticsPipeline =
+            serde_yaml::from_str(include_str!("../../../manifests/samples/analyticspipeline.yaml"))
+                .expect("sample");
+        ap.metadata.generation = Some(3);
+        ap
+    }
+
+    fn at(s: i64) -> Timestamp {
+        Timestamp::from_second(s).expect("valid")
+    }
+
+    #[test]
+    fn invalid_reference_sets_ready_false_with_the_reason() {
+        let outcome = Outcome::Invalid(Invalid {
+            reason: "PolicyNotFound",
+            message: "no policy".into(),
+        });
+        let status = compute(&pipeline(), &outcome, at(1));
+        assert_eq!(status.observed_generation, Some(3));
+        let ready = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .expect("ready");
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "PolicyNotFound")
+        );
+    }
+
+    #[test]
+    fn degraded_dependency_shows_in_summary_and_condition() {
+        let mut modes = DependencyModes::default();
+        modes.set(
+            Dependency::Kv,
+            DependencyStatus {
+                mode: Mode::Degraded,
+                since: Time(at(1)),
+                epoch: 1,
+                forced: false,
+                reason: None,
+                message: None,
+            },
+        );
+        let publication = Publication {
+            modes,
+            slave_replicas: 6,
+            conditions: vec![],
+            progressing: None,
+            changes: vec![],
+        };
+        let status = compute(
+            &pipeline(),
+            &Outcome::Reconciled {
+                publication,
+                ready_slaves: 6,
+            },
+            at(2),
+        );
+        assert_eq!(status.summary.as_deref(), Some("Degraded(kv)"));
+        assert_eq!(status.slaves.as_deref(), Some("6/6"));
+        let degraded = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Degraded")
+            .expect("degraded");
+        assert_eq!(degraded.status, "True");
+        assert!(degraded.message.contains("kv is Degraded (epoch 1)"));
+    }
+}

@@ -1,0 +1,171 @@
+//! Validate: whether a pipeline can be reconciled with what fetch found. Pure.
+
+use ballast_crds::refs::SecretKeyRef;
+use ballast_crds::{AnalyticsPipeline, DegradationPolicySpec};
+use k8s_openapi::ByteString;
+
+use super::fetch::Fetched;
+
+/// Why a pipeline waits: a condition reason and message for a person.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Invalid {
+    /// CamelCase reason.
+    pub reason: &'static str,
+    /// What is missing and how to fix it.
+    pub message: String,
+}
+
+/// A pipeline whose references all resolve.
+#[derive(Debug)]
+pub struct Valid<'a> {
+    /// The policy's spec.
+    pub policy: &'a DegradationPolicySpec,
+    fetched: &'a Fetched,
+}
+
+impl Valid<'_> {
+    /// The value of a referenced Secret key (validated to exist).
+    pub fn secret(&self, r: &SecretKeyRef) -> Option<String> {
+        let data = self.fetched.secrets.get(&r.name)?.data.as_ref()?;
+        data.get(&r.key)
+            .map(|ByteString(bytes)| String::from_utf8_lossy(bytes).into_owned())
+    }
+}
+
+/// Checks that the policy, every Secret key and the SQL ConfigMap key exist.
+pub fn validate<'a>(ap: &AnalyticsPipeline, fetched: &'a Fetched) -> Result<Valid<'a>, Invalid> {
+    let policy = fetched.policy.as_ref().ok_or_else(|| Invalid {
+        reason: "PolicyNotFound",
+        message: format!(
+            "DegradationPolicy {:?} does not exist in this namespace",
+            ap.spec.policy_ref.name
+        ),
+    })?;
+    let s = &ap.spec;
+    let refs = [
+        ("source.mysql", s.source.mysql.password_secret_ref.as_ref()),
+        ("hotStore", s.hot_store.password_secret_ref.as_ref()),
+        ("kv", s.kv.password_secret_ref.as_ref()),
+        ("cache", s.cache.password_secret_ref.as_ref()),
+    ];
+    for (field, r) in refs {
+        let Some(r) = r else { continue };
+        let Some(secret) = fetched.secrets.get(&r.name) else {
+            return Err(Invalid {
+                reason: "SecretNotFound",
+                message: format!(
+                    "Secret {:?} named by spec.{field}.passwordSecretRef does not exist",
+                    r.name
+                ),
+            });
+        };
+        if !secret.data.as_ref().is_some_and(|d| d.contains_key(&r.key)) {
+            return Err(Invalid {
+                reason: "SecretKeyNotFound",
+                message: format!(
+                    "Secret {:?} has no key {:?} (spec.{field}.passwordSecretRef)",
+                    r.name, r.key
+                ),
+            });
+        }
+    }
+    if let Some(cm) = &s.compute.sql_config_map_ref {
+        let has_key = fetched
+            .sql_config_map
+            .as_ref()
+            .is_some_and(|c| c.data.as_ref().is_some_and(|d| d.contains_key(&cm.key)));
+        if !has_key {
+            return Err(Invalid {
+                reason: "SqlNotFound",
+                message: format!(
+                    "ConfigMap {:?} with key {:?} (spec.compute.sqlConfigMapRef) does not exist",
+                    cm.name, cm.key
+                ),
+            });
+        }
+    }
+    Ok(Valid {
+        policy: &policy.spec,
+        fetched,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ballast_crds::DegradationPolicy;
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+
+    fn pipeline() -> AnalyticsPipeline {
+        serde_yaml::from_str(include_str!("../../../manifests/samples/analyticspipeline.yaml"))
+            .expect("sample")
+    }
+
+    fn complete() -> Fetched {
+        let policy: DegradationPolicy =
+            serde_yaml::from_str(include_str!("../../../manifests/samples/degradationpolicy.yaml"))
+                .expect("sample");
+        let secret = |name: &str| -> Secret {
+            serde_json::from_value(
+                serde_json::json!({"metadata": {"name": name}, "data": {"password": "cHc="}}),
+            )
+            .expect("secret")
+        };
+        let cm: ConfigMap = serde_json::from_value(
+            serde_json::json!({"metadata": {"name": "merchant-analytics-sql"}, "data": {"windows.sql": "SELECT 1"}}),
+        )
+        .expect("cm");
+        Fetched {
+            policy: Some(policy),
+            secrets: ["orders-db", "results-db", "cache-redis"]
+                .map(|n| (n.to_owned(), secret(n)))
+                .into(),
+            sql_config_map: Some(cm),
+            ..Fetched::default()
+        }
+    }
+
+    #[test]
+    fn complete_references_validate_and_expose_secret_values() {
+        let fetched = complete();
+        let ap = pipeline();
+        let valid = validate(&ap, &fetched).expect("valid");
+        let r = ap.spec.hot_store.password_secret_ref.as_ref().expect("ref");
+        assert_eq!(valid.secret(r).as_deref(), Some("pw"));
+    }
+
+    #[test]
+    fn each_missing_reference_names_itself() {
+        let cases: Vec<(&str, fn(&mut Fetched), &str)> = vec![
+            ("PolicyNotFound", |f| f.policy = None, "merchant-analytics"),
+            (
+                "SecretNotFound",
+                |f| {
+                    f.secrets.remove("results-db");
+                },
+                "spec.hotStore.passwordSecretRef",
+            ),
+            (
+                "SecretKeyNotFound",
+                |f| {
+                    f.secrets
+                        .get_mut("orders-db")
+                        .map(|s| s.data = Some(Default::default()));
+                },
+                "has no key \"password\"",
+            ),
+            (
+                "SqlNotFound",
+                |f| f.sql_config_map = None,
+                "merchant-analytics-sql",
+            ),
+        ];
+        for (reason, break_it, words) in cases {
+            let mut fetched = complete();
+            break_it(&mut fetched);
+            let err = validate(&pipeline(), &fetched).expect_err(reason);
+            assert_eq!(err.reason, reason);
+            assert!(err.message.contains(words), "{reason}: {}", err.message);
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! Health probers: one task per dependency of each pipeline, probing with the
+//! data plane's own clients and feeding the pure mode machine.
+//!
+//! Probing is I/O at the edge; the decision is `mode::machine::step`. A
+//! transition triggers a reconcile of the pipeline, which publishes it.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use ballast_crds::degradation_policy::ProbeSpec;
+use ballast_crds::{AnalyticsPipeline, DegradationPolicySpec, Dependency, ForcedMode, Mode};
+use ballast_worker::probe::{self, Kind};
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::reflector::ObjectRef;
+use tokio_util::sync::CancellationToken;
+
+use crate::context::Context;
+use crate::mode::{self, Input, Observation, Thresholds};
+
+/// What one prober probes and how.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// The dependency.
+    pub dependency: Dependency,
+    /// Which client to use.
+    pub kind: Kind,
+    /// Where the server is, credentials included.
+    pub url: String,
+    /// Period, timeout and thresholds.
+    pub probe: ProbeSpec,
+}
+
+/// The probe targets of a pipeline, from its spec, policy and Secrets.
+/// `password(secret_ref)` resolves a Secret key fetched earlier.
+pub fn targets(
+    ap: &AnalyticsPipeline,
+    policy: &DegradationPolicySpec,
+    password: impl Fn(&ballast_crds::refs::SecretKeyRef) -> Option<String>,
+) -> Vec<Target> {
+    let spec = &ap.spec;
+    let redis_url = |r: &ballast_crds::refs::RedisRef| {
+        let auth = r
+            .password_secret_ref
+            .as_ref()
+            .and_then(&password)
+            .map(|p| format!(":{}@", encode(&p)));
+        format!("redis://{}{}/{}", auth.unwrap_or_default(), r.address, r.database)
+    };
+    let m = &spec.hot_store;
+    let mysql_pass = m
+        .password_secret_ref
+        .as_ref()
+        .and_then(&password)
+        .map(|p| format!(":{}", encode(&p)));
+    let mysql_url = format!(
+        "mysql://{}{}@{}/{}",
+        encode(&m.user),
+        mysql_pass.unwrap_or_default(),
+        m.address,
+        m.database
+    );
+    vec![
+        Target {
+            dependency: Dependency::Mq,
+            kind: Kind::Kafka,
+            url: spec.kafka.bootstrap_servers.clone(),
+            probe: policy.mq.probe.clone(),
+        },
+        Target {
+            dependency: Dependency::Kv,
+            kind: Kind::Redis,
+            url: redis_url(&spec.kv),
+            probe: policy.kv.probe.clone(),
+        },
+        Target {
+            dependency: Dependency::Mysql,
+            kind: Kind::Mysql,
+            url: mysql_url,
+            probe: policy.mysql.probe.clone(),
+        },
+        Target {
+            dependency: Dependency::Cache,
+            kind: Kind::Redis,
+            url: redis_url(&spec.cache),
+            probe: policy.cache.probe.clone(),
+        },
+        Target {
+            dependency: Dependency::Cold,
+            kind: Kind::Elasticsearch,
+            url: spec.cold_store.elasticsearch.url.clone(),
+            probe: policy.cold.probe.clone(),
+        },
+    ]
+}
+
+/// Percent-encodes what may not stand in a URL's user-info.
+fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The thresholds of a probe spec, as the machine takes them.
+pub fn thresholds(probe: &ProbeSpec) -> Thresholds {
+    Thresholds {
+        failure: u32::try_from(probe.failure_threshold).unwrap_or(1),
+        success: u32::try_from(probe.success_threshold).unwrap_or(1),
+    }
+}
+
+/// The override of one dependency, as the machine takes it.
+pub fn forced(ap: &AnalyticsPipeline, dependency: Dependency) -> Option<ForcedMode> {
+    let modes = ap.spec.override_.as_ref()?.force_modes.as_ref()?;
+    match dependency {
+        Dependency::Mq => modes.mq,
+        Dependency::Kv => modes.kv,
+        Dependency::Mysql => modes.mysql,
+        Dependency::Cache => modes.cache,
+        Dependency::Cold => modes.cold,
+    }
+}
+
+/// Starts one prober task per target; cancelling the token stops them all.
+pub fn spawn(ctx: &Context, key: ObjectRef<AnalyticsPipeline>, targets: Vec<Target>) -> CancellationToken {
+    let token = CancellationToken::new();
+    for target in targets {
+        tokio::spawn(run(ctx.clone(), key.clone(), target, token.clone()));
+    }
+    token
+}
+
+#[tracing::instrument(skip_all, fields(pipeline = %key, dependency = target.dependency.as_str()))]
+async fn run(ctx: Context, key: ObjectRef<AnalyticsPipeline>, target: Target, token: CancellationToken) {
+    let period = Duration::from_secs(u64::try_from(target.probe.period_seconds.max(1)).unwrap_or(1));
+    let timeout = Duration::from_secs(u64::try_from(target.probe.timeout_seconds.max(1)).unwrap_or(1));
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = token.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let started = Instant::now();
+        let result = probe::once(target.kind, &target.url, timeout).await;
+        let dependency = target.dependency.as_str();
+        ctx.metrics
+            .probe_duration(dependency)
+            .observe(started.elapsed().as_secs_f64());
+        let observation = match &result {
+            Ok(_) => Observation::Up,
+            Err(error) => {
+                ctx.metrics.probe_failures(dependency).inc();
+                tracing::debug!(%error, "probe failed");
+                Observation::Down
+            }
+        };
+        if ctx.observe(
+            &key,
+            target.dependency,
+            Some(observation),
+            thresholds(&target.probe),
+        ) {
+            ctx.trigger(key.clone());
+        }
+    }
+}
+
+/// The per-pipeline state the probers and the reconciler share.
+#[derive(Debug, Default)]
+pub struct PipelineState {
+    /// Detected mode of each dependency.
+    pub machines: BTreeMap<Dependency, mode::Machine>,
+    /// Reason of each dependency's last transition.
+    pub reasons: BTreeMap<Dependency, String>,
+    /// Published mode of each dependency (from the last status written).
+    pub published: BTreeMap<Dependency, Mode>,
+    /// Overrides from the spec.
+    pub forced: BTreeMap<Dependency, ForcedMode>,
+    /// Whether automatic switches are paused.
+    pub paused: bool,
+    /// The running probers and what they probe.
+    pub probers: Option<(Vec<Target>, CancellationToken)>,
+    /// Reconciles failed in a row, for backoff.
+    pub failed_attempts: u32,
+}
+
+impl PipelineState {
+    /// Steps one dependency's machine; true when its mode changed.
+    pub fn step(
+        &mut self,
+        dependency: Dependency,
+        observation: Option<Observation>,
+        thresholds: Thresholds,
+        now: Timestamp,
+    ) -> bool {
+        let machine = self
+            .machines
+            .entry(dependency)
+            .or_insert_with(|| mode::Machine::new(now));
+        let input = Input {
+            observation,
+            switched_back: self.published.get(&dependency) == Some(&Mode::Recovering),
+            forced: self.forced.get(&dependency).copied(),
+            paused: self.paused,
+        };
+        let step = mode::machine::step(machine, input, thresholds, now);
+        *machine = step.machine;
+        match step.transition {
+            Some(transition) => {
+                self.reasons.insert(dependency, transition.reason().to_owned());
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_are_percent_encoded_into_urls() {
+        assert_eq!(encode("p@ss:w/rd"), "p%40ss%3Aw%2Frd");
+        assert_eq!(encode("plain-Pass_1.~"), "plain-Pass_1.~");
+    }
+}
