@@ -9,11 +9,15 @@ STACK := e2e/stack/stack.sh
 # Exports the stack's endpoints (KUBECONFIG, BALLAST_*) into a recipe's shell.
 WITH_STACK = set -a; source "$$($(STACK) env)"; set +a;
 
-.PHONY: test stack-up stack-down stack-status build lint fmt crds
+.PHONY: test bench stack-up stack-down stack-status build lint fmt crds
 
 ## test: start the local stack if needed, then run all unit and integration tests
 test: stack-up
 	$(WITH_STACK) cargo test --workspace --locked
+
+## bench: detection-to-publish time beside a raw probe loop, operator memory with 200 pipelines
+bench: stack-up
+	$(WITH_STACK) cargo bench --locked -p ballast-operator --bench detection
 
 ## stack-up: install what is missing and start the local stack (idempotent)
 stack-up:

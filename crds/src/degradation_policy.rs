@@ -157,7 +157,7 @@ pub struct KvPolicy {
     /// Seconds of events each slave keeps in memory while the KV store is down;
     /// after recovery, slaves are scaled back in only once this has drained.
     #[serde(default = "default_retention")]
-    #[schemars(range(min = 60, max = 86400))]
+    #[schemars(range(min = 10, max = 86400))]
     pub retention_seconds: i32,
     /// Hard bound, in MiB, on the events a slave holds in memory.
     #[serde(default = "default_slave_memory", rename = "maxMemoryMiB")]

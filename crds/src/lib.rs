@@ -1,6 +1,8 @@
 //! Rust types of Ballast's custom resources (group `ballast.dev`, version `v1alpha1`)
 //! and the CRD YAML generated from them.
 #![forbid(unsafe_code)]
+// `printcolumn(type_ = ...)` repeats by design in the kube derive attributes.
+#![allow(clippy::duplicated_attributes)]
 
 pub mod analytics_pipeline;
 pub mod conditions;

@@ -25,6 +25,17 @@ pub enum StackError {
     /// A client could not be built from the kubeconfig.
     #[error("Kubernetes client: {0}")]
     Client(#[from] kube::Error),
+    /// A CRD was not established in time.
+    #[error("CRD {0} not established within 30 s")]
+    CrdNotEstablished(String),
+    /// The stack script failed.
+    #[error("e2e/stack/stack.sh {command}: {message}")]
+    Script {
+        /// The sub-command run.
+        command: String,
+        /// What went wrong.
+        message: String,
+    },
     /// The key is neither in the environment nor in the stack's env file.
     #[error(
         "{key} is not set and not in {file}: start the local stack with `make stack-up` (or run `make test`)"
@@ -89,6 +100,123 @@ impl Stack {
     }
 }
 
+/// Applies Ballast's CRDs (as generated from the Rust types) and waits until
+/// the API server serves them.
+pub async fn install_crds(client: &kube::Client) -> Result<(), StackError> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{Api, Patch, PatchParams};
+    use kube::runtime::wait::{await_condition, conditions};
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let params = PatchParams::apply("ballast-e2e").force();
+    for (_, crd) in ballast_crds::all() {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        crds.patch(&name, &params, &Patch::Apply(&crd)).await?;
+        let established = await_condition(crds.clone(), &name, conditions::is_crd_established());
+        match tokio::time::timeout(std::time::Duration::from_secs(30), established).await {
+            Ok(Ok(_)) => {}
+            _ => return Err(StackError::CrdNotEstablished(name)),
+        }
+    }
+    Ok(())
+}
+
+/// Runs `e2e/stack/stack.sh <args>`: failure injection (`stop kafka`) and recovery (`up`).
+pub fn stack_script(args: &[&str]) -> Result<(), StackError> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/stack/stack.sh");
+    let command = args.join(" ");
+    let out = std::process::Command::new("bash")
+        .arg(script)
+        .args(args)
+        .output()
+        .map_err(|e| StackError::Script {
+            command: command.clone(),
+            message: e.to_string(),
+        })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(StackError::Script {
+            command,
+            message: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+}
+
+/// `host:port` of a server URL such as `mysql://user:pass@host:port/db`.
+pub fn host_port(url: &str) -> &str {
+    let rest = url.rsplit("//").next().unwrap_or(url);
+    let rest = rest.rsplit('@').next().unwrap_or(rest);
+    rest.split('/').next().unwrap_or(rest)
+}
+
+impl Stack {
+    /// An AnalyticsPipeline whose every dependency is a server of this stack;
+    /// its MySQL password comes from the Secret `mysql` (key `password`).
+    pub fn pipeline(&self, name: &str, policy: &str) -> Result<serde_json::Value, StackError> {
+        let mysql = |var: &str| -> Result<serde_json::Value, StackError> {
+            Ok(
+                serde_json::json!({"address": host_port(&self.get(var)?), "database": "ballast", "user": "ballast",
+                                  "passwordSecretRef": {"name": "mysql", "key": "password"}}),
+            )
+        };
+        Ok(serde_json::json!({
+            "apiVersion": "ballast.dev/v1alpha1", "kind": "AnalyticsPipeline",
+            "metadata": {"name": name},
+            "spec": {
+                "image": "ballast/worker:test", "policyRef": {"name": policy},
+                "source": {"mysql": mysql("BALLAST_MYSQL_SOURCE_URL")?, "tables": ["orders"]},
+                "kafka": {"bootstrapServers": self.get("BALLAST_KAFKA_BOOTSTRAP")?, "topic": format!("{name}-events")},
+                "kv": {"address": host_port(&self.get("BALLAST_REDIS_KV_URL")?)},
+                "cache": {"address": host_port(&self.get("BALLAST_REDIS_CACHE_URL")?)},
+                "hotStore": mysql("BALLAST_MYSQL_HOT_URL")?,
+                "coldStore": {"elasticsearch": {"url": self.get("BALLAST_ES_COLD_URL")?}, "indexPrefix": format!("{name}-daily")},
+                "compute": {"windowSeconds": 60, "sql": "SELECT merchant_id, count(*) FROM events GROUP BY merchant_id"},
+                "roles": {"slave": {"replicas": 2}},
+            }
+        }))
+    }
+}
+
+/// Creates a namespace for one test, holding the Secret `mysql` that
+/// [`Stack::pipeline`] references; returns its name.
+pub async fn pipeline_namespace(client: &kube::Client, prefix: &str) -> Result<String, StackError> {
+    use k8s_openapi::api::core::v1::{Namespace, Secret};
+    use kube::api::{Api, PostParams};
+    let name = format!("{prefix}-{}", std::process::id());
+    let ns: Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).map_err(|e| {
+            StackError::Script {
+                command: "namespace".into(),
+                message: e.to_string(),
+            }
+        })?;
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await?;
+    let secret: Secret = serde_json::from_value(
+        serde_json::json!({"metadata": {"name": "mysql"}, "stringData": {"password": "ballast"}}),
+    )
+    .map_err(|e| StackError::Script {
+        command: "secret".into(),
+        message: e.to_string(),
+    })?;
+    Api::<Secret>::namespaced(client.clone(), &name)
+        .create(&PostParams::default(), &secret)
+        .await?;
+    Ok(name)
+}
+
+/// A child process killed (and reaped) when dropped, whatever the test's outcome.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // Already exited is fine: the point is that nothing outlives the test.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn state_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("BALLAST_STATE_DIR") {
         return PathBuf::from(dir);
@@ -113,6 +241,16 @@ fn parse_env(text: &str) -> HashMap<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_port_strips_scheme_credentials_and_path() {
+        assert_eq!(
+            host_port("mysql://u:p@127.0.0.1:27306/ballast"),
+            "127.0.0.1:27306"
+        );
+        assert_eq!(host_port("redis://127.0.0.1:27401"), "127.0.0.1:27401");
+        assert_eq!(host_port("127.0.0.1:27092"), "127.0.0.1:27092");
+    }
 
     #[test]
     fn parse_env_skips_comments_and_blank_lines() {

@@ -450,8 +450,12 @@ status() {
 case "${1:-}" in
   up) up ;;
   down) down ;;
+  # Failure injection for tests: stop one server; `up` starts it again.
+  stop)
+    [[ " ${services[*]} " == *" ${2:-} "* ]] || die "stop: unknown server '${2:-}' (one of: ${services[*]})"
+    stop "$2" ;;
   status) status ;;
   install) install_all ;;
   env) echo "$state/stack.env" ;;
-  *) die "usage: stack.sh up|down|status|install|env" ;;
+  *) die "usage: stack.sh up|down|status|install|env|stop SERVER" ;;
 esac

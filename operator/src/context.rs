@@ -186,10 +186,9 @@ impl Context {
 
     /// Stops the probers of a deleted pipeline and forgets its state.
     pub fn forget(&self, key: &ObjectRef<AnalyticsPipeline>) {
-        if let Some(state) = self.pipelines().remove(key) {
-            if let Some((_, token)) = state.probers {
-                token.cancel();
-            }
+        let removed = self.pipelines().remove(key);
+        if let Some((_, token)) = removed.and_then(|state| state.probers) {
+            token.cancel();
         }
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use ballast_crds::degradation_policy::ProbeSpec;
 use ballast_crds::{AnalyticsPipeline, DegradationPolicySpec, Dependency, ForcedMode, Mode};
-use ballast_worker::probe::{self, Kind};
+use ballast_worker::probe::{Kind, Prober};
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::reflector::ObjectRef;
 use tokio_util::sync::CancellationToken;
@@ -138,13 +138,14 @@ async fn run(ctx: Context, key: ObjectRef<AnalyticsPipeline>, target: Target, to
     let timeout = Duration::from_secs(u64::try_from(target.probe.timeout_seconds.max(1)).unwrap_or(1));
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut prober = Prober::new(target.kind, target.url.clone());
     loop {
         tokio::select! {
             () = token.cancelled() => return,
             _ = ticker.tick() => {}
         }
         let started = Instant::now();
-        let result = probe::once(target.kind, &target.url, timeout).await;
+        let result = prober.check(timeout).await;
         let dependency = target.dependency.as_str();
         ctx.metrics
             .probe_duration(dependency)

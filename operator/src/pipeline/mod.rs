@@ -297,7 +297,7 @@ async fn reconcile(ap: Arc<AnalyticsPipeline>, ctx: Arc<Context>) -> Result<Acti
         Duration::from_secs(30)
     };
     let outcome = status::Outcome::Reconciled {
-        publication,
+        publication: Box::new(publication),
         ready_slaves,
     };
     status::write(&ctx.client, &ap, &status::compute(&ap, &outcome, now)).await?;

@@ -22,7 +22,7 @@ pub enum Outcome {
     /// Workloads applied and modes decided.
     Reconciled {
         /// What was published.
-        publication: Publication,
+        publication: Box<Publication>,
         /// Slaves whose Leases say ready.
         ready_slaves: i32,
     },
@@ -221,7 +221,7 @@ mod tests {
         let status = compute(
             &pipeline(),
             &Outcome::Reconciled {
-                publication,
+                publication: Box::new(publication),
                 ready_slaves: 6,
             },
             at(2),

@@ -136,7 +136,8 @@ mod tests {
 
     #[test]
     fn each_missing_reference_names_itself() {
-        let cases: Vec<(&str, fn(&mut Fetched), &str)> = vec![
+        type Breaker = fn(&mut Fetched);
+        let cases: Vec<(&str, Breaker, &str)> = vec![
             ("PolicyNotFound", |f| f.policy = None, "merchant-analytics"),
             (
                 "SecretNotFound",
@@ -148,9 +149,9 @@ mod tests {
             (
                 "SecretKeyNotFound",
                 |f| {
-                    f.secrets
-                        .get_mut("orders-db")
-                        .map(|s| s.data = Some(Default::default()));
+                    if let Some(s) = f.secrets.get_mut("orders-db") {
+                        s.data = Some(Default::default());
+                    }
                 },
                 "has no key \"password\"",
             ),
