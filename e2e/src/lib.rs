@@ -1,4 +1,6 @@
-//! Where the local stack's servers are: the endpoints `e2e/stack/stack.sh` publishes.
+//! Ballast's end-to-end support: where the local stack's servers are (the
+//! endpoints `e2e/stack/stack.sh` publishes), fixtures on them, and a stand-in
+//! kubelet ([`kubelet`]) that runs the operator's workloads as local processes.
 //!
 //! `stack.sh up` writes `stack.env` (KEY=VALUE lines) into its state directory.
 //! Tests read the endpoints from the process environment first (the Makefile
@@ -6,6 +8,8 @@
 //! against a running stack too. A missing endpoint is an error that says how
 //! to start the stack: a test that needs a server never skips silently.
 #![forbid(unsafe_code)]
+
+pub mod kubelet;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -204,6 +208,27 @@ pub async fn pipeline_namespace(client: &kube::Client, prefix: &str) -> Result<S
         .create(&PostParams::default(), &secret)
         .await?;
     Ok(name)
+}
+
+/// The `ballast-worker` binary of this build (`cargo test --workspace` builds it
+/// beside the test executables).
+pub fn worker_binary() -> Result<PathBuf, StackError> {
+    let missing = |detail: String| StackError::Script {
+        command: "locate ballast-worker".into(),
+        message: detail,
+    };
+    let exe = std::env::current_exe().map_err(|e| missing(e.to_string()))?;
+    // target/<profile>/deps/<test> -> target/<profile>/ballast-worker
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join("ballast-worker"));
+    match path {
+        Some(path) if path.exists() => Ok(path),
+        other => Err(missing(format!(
+            "{other:?} not found: build it with `cargo build -p ballast-worker`"
+        ))),
+    }
 }
 
 /// A child process killed (and reaped) when dropped, whatever the test's outcome.

@@ -2,7 +2,6 @@
 //! the Event reporter, passed explicitly to every reconcile and prober.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ballast_crds::{AnalyticsPipeline, Dependency};
@@ -13,7 +12,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::mode::{Observation, Thresholds};
 use crate::probe::PipelineState;
@@ -25,19 +24,19 @@ type Labels = Vec<(&'static str, String)>;
 pub struct Context {
     /// Client of the Kubernetes API server.
     pub client: kube::Client,
-    /// Metrics and the registry that exposes them.
+    /// The operator's metrics.
     pub metrics: Arc<Metrics>,
+    /// The registry rendered on `/metrics`.
+    pub registry: Arc<Registry>,
     /// Who the operator says it is in Events.
     pub reporter: Reporter,
     pipelines: Arc<Mutex<HashMap<ObjectRef<AnalyticsPipeline>, PipelineState>>>,
     triggers: mpsc::UnboundedSender<ObjectRef<AnalyticsPipeline>>,
-    ready: Arc<AtomicBool>,
+    ready: Arc<watch::Sender<bool>>,
 }
 
 /// The operator's Prometheus metrics (`ballast_operator_*`).
 pub struct Metrics {
-    /// The registry rendered on `/metrics`.
-    pub registry: Registry,
     /// Checks of the API server that failed.
     pub api_check_failures: Counter,
     /// Reconciles run, by kind.
@@ -55,8 +54,7 @@ fn probe_histogram() -> Histogram {
 }
 
 impl Metrics {
-    fn new() -> Self {
-        let mut registry = Registry::with_prefix("ballast_operator");
+    fn register(registry: &mut Registry) -> Self {
         let api_check_failures = Counter::default();
         registry.register(
             "api_check_failures",
@@ -90,7 +88,6 @@ impl Metrics {
             probe_durations.clone(),
         );
         Self {
-            registry,
             api_check_failures,
             reconciles,
             reconcile_errors,
@@ -122,23 +119,26 @@ impl Context {
         instance: String,
     ) -> (Self, mpsc::UnboundedReceiver<ObjectRef<AnalyticsPipeline>>) {
         let (triggers, receiver) = mpsc::unbounded_channel();
+        let mut registry = Registry::with_prefix("ballast_operator");
+        let metrics = Arc::new(Metrics::register(&mut registry));
         let ctx = Self {
             client,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
+            registry: Arc::new(registry),
             reporter: Reporter {
                 controller: "ballast-operator".into(),
                 instance: Some(instance),
             },
             pipelines: Arc::default(),
             triggers,
-            ready: Arc::new(AtomicBool::new(false)),
+            ready: Arc::new(watch::channel(false).0),
         };
         (ctx, receiver)
     }
 
-    /// Whether the API server has answered since start-up.
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+    /// Readiness for `/readyz`: true once the API server has answered.
+    pub fn readiness(&self) -> watch::Receiver<bool> {
+        self.ready.subscribe()
     }
 
     /// Asks the API server for its version; ready once it answers.
@@ -147,7 +147,7 @@ impl Context {
         match self.client.apiserver_version().await {
             Ok(info) => {
                 tracing::info!(version = %info.git_version, "API server reachable");
-                self.ready.store(true, Ordering::Relaxed);
+                self.ready.send_replace(true);
             }
             Err(error) => {
                 self.metrics.api_check_failures.inc();

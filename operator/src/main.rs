@@ -3,17 +3,17 @@
 //! publishes degraded modes; serves health and metrics throughout.
 #![forbid(unsafe_code)]
 
+mod analytics_pipeline;
 mod context;
-mod http;
+mod degradation_policy;
 mod leader;
 mod mode;
-mod pipeline;
 mod probe;
-mod telemetry;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use ballast_worker::{health, telemetry};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
@@ -53,7 +53,14 @@ async fn main() -> anyhow::Result<()> {
     let client = kube::Client::try_default().await?;
     let (ctx, triggers) = context::Context::new(client.clone(), identity.clone());
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn(http::serve(args.metrics_addr, ctx.clone(), shutdown.clone()));
+    let (addr, server) = health::serve(
+        args.metrics_addr,
+        ctx.registry.clone(),
+        ctx.readiness(),
+        shutdown.clone(),
+    )
+    .await?;
+    tracing::info!(%addr, "serving /healthz, /readyz, /metrics");
     ctx.check_api_server().await;
     tokio::spawn({
         let shutdown = shutdown.clone();
@@ -79,7 +86,10 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!("leading: reconciling");
     let lost = shutdown.child_token();
     tokio::spawn(election.hold(client, shutdown.clone(), lost.clone()));
-    pipeline::run(ctx, triggers, lost.clone()).await;
+    tokio::join!(
+        analytics_pipeline::run(ctx.clone(), triggers, lost.clone()),
+        degradation_policy::run(ctx, lost.clone()),
+    );
 
     let lost_leadership = !shutdown.is_cancelled();
     shutdown.cancel();

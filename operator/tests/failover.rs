@@ -1,21 +1,21 @@
 //! The operator binary against the local stack's real API server and servers:
 //! workloads with owner references, waiting on a missing policy, KV failure
 //! (scale out, then publish once slave Leases are ready; recover, scale in after
-//! retention), Kafka failure (mode rewire), and garbage collection on delete.
+//! retention), Kafka failure (mode rewire), a forced mode, and garbage collection on delete.
 //!
-//! The test plays the data plane's part by keeping slave Leases itself, through
-//! the real API server, as the slave pods do.
+//! The slaves are real `ballast-worker slave` processes, run by the e2e
+//! stand-in kubelet from the StatefulSet the operator scales; they join the
+//! membership with their Leases, as slave pods do.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ballast_crds::{AnalyticsPipeline, DegradationPolicy, Mode};
+use ballast_e2e::kubelet::{Kubelet, Settings};
 use ballast_e2e::{KillOnDrop, Stack, stack_script};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Event, Namespace};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
@@ -80,21 +80,6 @@ fn policy() -> serde_json::Value {
             "mysql": {"probe": probe}, "cache": {"probe": probe}, "cold": {"probe": probe},
         }
     })
-}
-
-/// Keeps a slave's Lease as a slave pod does: live and ready.
-async fn heartbeat(leases: &Api<Lease>, ordinal: usize) -> anyhow::Result<()> {
-    let name = format!("shop-slave-{ordinal}");
-    let lease = json!({
-        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-        "metadata": {"name": name, "labels": {"ballast.dev/pipeline": "shop", "ballast.dev/role": "slave"},
-                     "annotations": {"ballast.dev/ready": "true", "ballast.dev/address": format!("127.0.0.1:{}", 17000 + ordinal)}},
-        "spec": {"holderIdentity": name, "leaseDurationSeconds": 60, "renewTime": MicroTime(Timestamp::now())},
-    });
-    leases
-        .patch(&name, &PatchParams::apply("slave").force(), &Patch::Apply(&lease))
-        .await?;
-    Ok(())
 }
 
 async fn kv_mode(aps: &Api<AnalyticsPipeline>) -> anyhow::Result<Option<(Mode, i64)>> {
@@ -185,9 +170,33 @@ async fn operator_reconciles_and_switches_modes_against_real_servers() -> anyhow
         Ok((ready && kv_mode(&aps).await? == Some((Mode::Normal, 0))).then_some(()))
     })
     .await?;
-    for ordinal in 0..2 {
-        heartbeat(&leases, ordinal).await?;
-    }
+    let kubelet = Kubelet::start(
+        client.clone(),
+        Settings {
+            namespace: ns.clone(),
+            worker: ballast_e2e::worker_binary()?,
+            kubeconfig: kubeconfig.clone(),
+            roles: vec!["slave".into()],
+            logs: std::env::temp_dir().join(format!("ballast-{ns}")),
+        },
+    );
+    let ready_slaves = || async {
+        let list = leases
+            .list(&ListParams::default().labels("ballast.dev/pipeline=shop,ballast.dev/role=slave"))
+            .await?;
+        let ready = list.items.iter().filter(|l| {
+            l.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get("ballast.dev/ready"))
+                .is_some_and(|v| v == "true")
+        });
+        Ok::<_, anyhow::Error>(ready.cloned().collect::<Vec<Lease>>())
+    };
+    eventually("2 slave processes in the membership", 60, || async {
+        Ok((ready_slaves().await?.len() == 2).then_some(()))
+    })
+    .await?;
 
     // 3. KV store down: slaves are scaled out first; the mode waits for them.
     stack_script(&["stop", "redis-kv"])?;
@@ -195,18 +204,33 @@ async fn operator_reconciles_and_switches_modes_against_real_servers() -> anyhow
         Ok((slave_replicas(&sets).await? == Some(6)).then_some(()))
     })
     .await?;
-    assert_eq!(
-        kv_mode(&aps).await?.map(|m| m.0),
-        Some(Mode::Normal),
-        "KV degraded published before slaves were ready"
-    );
-    for ordinal in 2..6 {
-        heartbeat(&leases, ordinal).await?;
-    }
     eventually("kv Degraded (epoch 1) once 6 slaves are ready", 30, || async {
         Ok((kv_mode(&aps).await? == Some((Mode::Degraded, 1))).then_some(()))
     })
     .await?;
+    // The degraded mode was published only once all 6 slaves had joined.
+    let joined = ready_slaves().await?;
+    assert_eq!(
+        joined.len(),
+        6,
+        "slaves in the membership: {:?}",
+        kubelet.running()
+    );
+    let last_join = joined
+        .iter()
+        .filter_map(|l| l.metadata.creation_timestamp.clone())
+        .map(|t| t.0)
+        .max();
+    let published = aps
+        .get("shop")
+        .await?
+        .status
+        .and_then(|s| s.dependencies.kv)
+        .map(|kv| kv.since.0);
+    assert!(
+        published >= last_join,
+        "kv Degraded published at {published:?}, before the last slave joined at {last_join:?}"
+    );
     eventually("ModeChanged Event for kv", 30, || async {
         let list = events.list(&ListParams::default()).await?.items;
         Ok(list
@@ -239,6 +263,10 @@ async fn operator_reconciles_and_switches_modes_against_real_servers() -> anyhow
         Ok((slave_replicas(&sets).await? == Some(2)).then_some(()))
     })
     .await?;
+    eventually("drained slaves left the membership", 30, || async {
+        Ok((ready_slaves().await?.len() == 2).then_some(()))
+    })
+    .await?;
 
     // 5. Kafka down: the MQ mode rewires collectors; back up: Normal again.
     let mq_mode = || async {
@@ -256,7 +284,31 @@ async fn operator_reconciles_and_switches_modes_against_real_servers() -> anyhow
     })
     .await?;
 
-    // 6. Deleting the pipeline removes what it owns (garbage collection).
+    // 6. An on-call override forces the cold store's mode, visibly; lifting it
+    //    hands the decision back to the probes, which find Elasticsearch healthy.
+    let cold = || async {
+        let ap = aps.get("shop").await?;
+        Ok::<_, anyhow::Error>(
+            ap.status
+                .and_then(|s| s.dependencies.cold)
+                .map(|c| (c.mode, c.forced)),
+        )
+    };
+    let mut forced = stack.pipeline("shop", "fast")?;
+    forced["spec"]["override"] = json!({"forceModes": {"cold": "Degraded"}});
+    aps.patch("shop", &ssa, &Patch::Apply(&forced)).await?;
+    eventually("cold forced Degraded", 30, || async {
+        Ok((cold().await? == Some((Mode::Degraded, true))).then_some(()))
+    })
+    .await?;
+    aps.patch("shop", &ssa, &Patch::Apply(&stack.pipeline("shop", "fast")?))
+        .await?;
+    eventually("cold back to Normal, unforced", 60, || async {
+        Ok((cold().await? == Some((Mode::Normal, false))).then_some(()))
+    })
+    .await?;
+
+    // 7. Deleting the pipeline removes what it owns (garbage collection).
     aps.delete("shop", &DeleteParams::foreground()).await?;
     eventually("owned workloads deleted", 60, || async {
         let left = deployments.list(&ListParams::default()).await?.items.len()

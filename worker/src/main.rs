@@ -2,19 +2,50 @@
 //! checks one dependency once, for pod start-up checks and people on call.
 #![forbid(unsafe_code)]
 
-use ballast_worker::probe;
-
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use ballast_worker::roles::slave;
+use ballast_worker::{probe, telemetry};
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
 
 /// Command-line interface of the worker.
 #[derive(Debug, Parser)]
 #[command(name = "ballast-worker", version, about)]
 struct Cli {
+    /// Log format: `text` for people, `json` for log pipelines.
+    #[arg(long, global = true, env = "BALLAST_LOG_FORMAT", default_value = "text")]
+    log_format: telemetry::LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Who this pod is: set from the downward API by the operator's pod templates.
+#[derive(Debug, Args)]
+struct Pod {
+    /// Pipeline this worker belongs to.
+    #[arg(long, env = "BALLAST_PIPELINE")]
+    pipeline: String,
+    /// Namespace of the pipeline.
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: String,
+    /// Pod name: the worker's identity and membership Lease name.
+    #[arg(long, env = "POD_NAME")]
+    identity: String,
+    /// Host peers reach this pod at.
+    #[arg(long, env = "POD_IP", default_value = "127.0.0.1")]
+    advertise_host: String,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served (port 0 picks one).
+    #[arg(long, env = "BALLAST_METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    metrics_addr: SocketAddr,
+    /// Seconds the membership Lease stays live without renewal.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    lease: Duration,
+    /// How long draining may take on shutdown.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    drain: Duration,
 }
 
 #[derive(Debug, Subcommand)]
@@ -29,6 +60,14 @@ enum Command {
         #[arg(long, default_value = "5s", value_parser = parse_duration)]
         timeout: Duration,
     },
+    /// Compute slave: holds routed events in memory while the KV store is down.
+    Slave {
+        #[command(flatten)]
+        pod: Pod,
+        /// Where the gRPC server listens (port 0 picks one).
+        #[arg(long, env = "BALLAST_LISTEN_ADDR", default_value = "0.0.0.0:7071")]
+        listen: SocketAddr,
+    },
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -41,6 +80,37 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" | "" => Ok(Duration::from_secs(n)),
         _ => Err(format!("`{text}`: unit must be ms or s")),
     }
+}
+
+/// Cancels the returned token on SIGTERM or Ctrl-C.
+fn shutdown_token() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        telemetry::shutdown_signal().await;
+        tracing::info!("shutting down: draining");
+        cancel.cancel();
+    });
+    token
+}
+
+async fn run_slave(pod: Pod, listen: SocketAddr) -> Result<(), String> {
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| format!("Kubernetes client: {e}"))?;
+    let config = slave::Config {
+        namespace: pod.namespace,
+        pipeline: pod.pipeline,
+        identity: pod.identity,
+        listen,
+        advertise_host: pod.advertise_host,
+        metrics: pod.metrics_addr,
+        lease: pod.lease,
+        drain: pod.drain,
+    };
+    slave::run(config, slave::Deps { client }, shutdown_token())
+        .await
+        .map_err(|e| e.to_string())
 }
 
 #[tokio::main]
@@ -57,6 +127,16 @@ async fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Slave { pod, listen } => {
+            telemetry::init(cli.log_format);
+            match run_slave(pod, listen).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    tracing::error!(%error, "slave stopped");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 

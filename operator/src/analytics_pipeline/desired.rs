@@ -385,7 +385,10 @@ mod tests {
             config_hash: "abc123".into(),
         };
         let yaml = to_yaml(&objects(&fixture(), &owner(), &inputs));
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/src/pipeline/golden/objects.yaml");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/src/analytics_pipeline/golden/objects.yaml"
+        );
         if std::env::var_os("BALLAST_BLESS").is_some() {
             std::fs::write(path, &yaml).expect("write golden");
         }

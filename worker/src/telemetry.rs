@@ -1,4 +1,4 @@
-//! Logging set-up and the shutdown signal.
+//! Logging set-up and the shutdown signal, shared by the operator and every worker role.
 
 use tracing_subscriber::EnvFilter;
 

@@ -255,6 +255,19 @@ mod tests {
         [(Dependency::Kv, m)].into()
     }
 
+    /// One decision for a pipeline of 2 base slaves whose only dependency is the KV store.
+    fn kv_step(kv: Machine, previous: &DependencyModes, ready: i32, now: i64) -> Publication {
+        decide(
+            2,
+            &policy(),
+            &kv_only(kv),
+            &BTreeMap::new(),
+            previous,
+            ready,
+            at(now),
+        )
+    }
+
     fn published(mode: Mode, epoch: i64, since: i64) -> DependencyModes {
         let mut modes = DependencyModes::default();
         modes.set(
@@ -273,14 +286,11 @@ mod tests {
 
     #[test]
     fn kv_failure_scales_slaves_before_switching() {
-        let p = decide(
-            2,
-            &policy(),
-            &kv_only(machine(Mode::Degraded, 1, 100)),
-            &BTreeMap::new(),
+        let p = kv_step(
+            machine(Mode::Degraded, 1, 100),
             &published(Mode::Normal, 0, 0),
             2,
-            at(110),
+            110,
         );
         assert_eq!(p.slave_replicas, 6);
         assert_eq!(
@@ -294,14 +304,11 @@ mod tests {
 
     #[test]
     fn kv_degraded_is_published_once_all_scaled_slaves_are_ready() {
-        let p = decide(
-            2,
-            &policy(),
-            &kv_only(machine(Mode::Degraded, 1, 100)),
-            &BTreeMap::new(),
+        let p = kv_step(
+            machine(Mode::Degraded, 1, 100),
             &published(Mode::Normal, 0, 0),
             6,
-            at(110),
+            110,
         );
         let kv = p.modes.kv.expect("kv");
         assert_eq!((kv.mode, kv.epoch, kv.since), (Mode::Degraded, 1, Time(at(110))));
@@ -314,14 +321,11 @@ mod tests {
 
     #[test]
     fn kv_degraded_is_published_after_readiness_timeout_with_a_message() {
-        let p = decide(
-            2,
-            &policy(),
-            &kv_only(machine(Mode::Degraded, 1, 100)),
-            &BTreeMap::new(),
+        let p = kv_step(
+            machine(Mode::Degraded, 1, 100),
             &published(Mode::Normal, 0, 0),
             3,
-            at(161),
+            161,
         );
         let kv = p.modes.kv.expect("kv");
         assert_eq!(kv.mode, Mode::Degraded);
@@ -334,14 +338,11 @@ mod tests {
     #[test]
     fn kv_recovery_publishes_normal_at_once_and_scales_in_after_retention() {
         // Normal detected again (epoch 3), previously published Recovering.
-        let p = decide(
-            2,
-            &policy(),
-            &kv_only(machine(Mode::Normal, 3, 200)),
-            &BTreeMap::new(),
+        let p = kv_step(
+            machine(Mode::Normal, 3, 200),
             &published(Mode::Recovering, 2, 190),
             6,
-            at(200),
+            200,
         );
         assert_eq!(
             p.modes.kv.as_ref().map(|s| (s.mode, s.epoch)),
@@ -350,40 +351,16 @@ mod tests {
         assert_eq!(p.slave_replicas, 6, "no scale-in at the switch back");
         // Right after Normal, slaves are kept for the retention...
         let after = p.modes.clone();
-        let p = decide(
-            2,
-            &policy(),
-            &kv_only(machine(Mode::Normal, 3, 200)),
-            &BTreeMap::new(),
-            &after,
-            6,
-            at(700),
-        );
+        let p = kv_step(machine(Mode::Normal, 3, 200), &after, 6, 700);
         assert_eq!(p.slave_replicas, 6);
         // ...and scaled in once it has drained.
-        let p = decide(
-            2,
-            &policy(),
-            &kv_only(machine(Mode::Normal, 3, 200)),
-            &BTreeMap::new(),
-            &after,
-            6,
-            at(801),
-        );
+        let p = kv_step(machine(Mode::Normal, 3, 200), &after, 6, 801);
         assert_eq!(p.slave_replicas, 2);
     }
 
     #[test]
     fn a_pipeline_that_never_failed_runs_base_slaves() {
-        let p = decide(
-            2,
-            &policy(),
-            &kv_only(machine(Mode::Normal, 0, 0)),
-            &BTreeMap::new(),
-            &DependencyModes::default(),
-            0,
-            at(5),
-        );
+        let p = kv_step(machine(Mode::Normal, 0, 0), &DependencyModes::default(), 0, 5);
         assert_eq!(p.slave_replicas, 2);
         assert_eq!(p.modes.kv.as_ref().map(|s| s.mode), Some(Mode::Normal));
     }

@@ -1,0 +1,126 @@
+//! Membership: every worker keeps a Lease of its own — identity, role, address,
+//! readiness — as its heartbeat and its entry in the membership that the master,
+//! the intake and the operator read.
+//!
+//! An unreachable API server does not stop the worker: renewals are retried
+//! and the data plane carries on.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use serde_json::json;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// Label naming the pipeline a worker belongs to.
+pub const PIPELINE_LABEL: &str = "ballast.dev/pipeline";
+/// Label naming a worker's role.
+pub const ROLE_LABEL: &str = "ballast.dev/role";
+/// Annotation with the address peers reach the worker at.
+pub const ADDRESS_ANNOTATION: &str = "ballast.dev/address";
+/// Annotation saying whether the worker is ready to receive data.
+pub const READY_ANNOTATION: &str = "ballast.dev/ready";
+
+/// Who a worker is, for its Lease.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// Namespace of the pipeline (and of the Lease).
+    pub namespace: String,
+    /// Pipeline name.
+    pub pipeline: String,
+    /// Role name, e.g. `slave`.
+    pub role: String,
+    /// Pod name: the Lease's name and holder.
+    pub identity: String,
+    /// `host:port` peers reach it at.
+    pub address: String,
+    /// How long the Lease stays live without renewal.
+    pub duration: Duration,
+}
+
+impl Member {
+    /// The Lease object for this member at `now`. Pure.
+    pub fn lease(&self, ready: bool, now: Timestamp) -> serde_json::Value {
+        let labels: BTreeMap<&str, &str> = [
+            (PIPELINE_LABEL, self.pipeline.as_str()),
+            (ROLE_LABEL, self.role.as_str()),
+        ]
+        .into();
+        json!({
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {
+                "name": self.identity,
+                "labels": labels,
+                "annotations": {ADDRESS_ANNOTATION: self.address, READY_ANNOTATION: ready.to_string()},
+            },
+            "spec": {
+                "holderIdentity": self.identity,
+                "leaseDurationSeconds": self.duration.as_secs().max(1),
+                "renewTime": MicroTime(now),
+            },
+        })
+    }
+}
+
+/// Keeps the member's Lease renewed (and its readiness current) until
+/// `shutdown`, then deletes it so that peers see the member leave at once.
+pub async fn run(
+    client: kube::Client,
+    member: Member,
+    mut ready: watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) {
+    let leases: Api<Lease> = Api::namespaced(client, &member.namespace);
+    let params = PatchParams::apply("ballast-worker").force();
+    let period = member.duration / 3;
+    loop {
+        let lease = member.lease(*ready.borrow_and_update(), Timestamp::now());
+        if let Err(error) = leases
+            .patch(&member.identity, &params, &Patch::Apply(&lease))
+            .await
+        {
+            tracing::warn!(%error, lease = %member.identity, "renewing membership lease failed; retrying");
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(period) => {}
+            // A readiness change is published at once, not at the next renewal.
+            changed = ready.changed() => if changed.is_err() { break },
+        }
+    }
+    if let Err(error) = leases.delete(&member.identity, &DeleteParams::default()).await {
+        tracing::warn!(%error, lease = %member.identity, "deleting membership lease failed; it will lapse");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_carries_identity_role_address_and_readiness() {
+        let member = Member {
+            namespace: "shop".into(),
+            pipeline: "orders".into(),
+            role: "slave".into(),
+            identity: "orders-slave-3".into(),
+            address: "10.0.0.7:7071".into(),
+            duration: Duration::from_secs(15),
+        };
+        let lease = member.lease(true, Timestamp::from_second(100).expect("valid"));
+        assert_eq!(lease["metadata"]["labels"][ROLE_LABEL], "slave");
+        assert_eq!(lease["metadata"]["labels"][PIPELINE_LABEL], "orders");
+        assert_eq!(lease["metadata"]["annotations"][READY_ANNOTATION], "true");
+        assert_eq!(
+            lease["metadata"]["annotations"][ADDRESS_ANNOTATION],
+            "10.0.0.7:7071"
+        );
+        assert_eq!(lease["spec"]["holderIdentity"], "orders-slave-3");
+        assert_eq!(lease["spec"]["leaseDurationSeconds"], 15);
+    }
+}

@@ -1,0 +1,3 @@
+//! The roles `ballast-worker` runs, one module each, each exposing `run(config, deps, shutdown)`.
+
+pub mod slave;

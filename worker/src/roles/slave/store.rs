@@ -1,0 +1,272 @@
+//! The slave's in-memory event store, used while the KV store is down: events
+//! by window and merchant, deduplicated by event id, kept for the retention,
+//! under a hard memory bound. Pure: time comes in as an argument.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use crate::wire::ChangeEvent;
+
+/// Why a batch was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// Storing the batch would pass the memory bound; nothing of it was stored.
+    #[error("batch of {batch_bytes} bytes does not fit: {held_bytes} of {max_bytes} bytes held")]
+    Full {
+        /// Estimated size of the refused batch.
+        batch_bytes: u64,
+        /// Bytes held now.
+        held_bytes: u64,
+        /// The bound.
+        max_bytes: u64,
+    },
+}
+
+/// What one stored batch did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    /// Events stored.
+    pub accepted: u32,
+    /// Events already held (same id), dropped.
+    pub duplicates: u32,
+    /// Events older than the retention, dropped.
+    pub expired: u32,
+}
+
+/// One window's events.
+#[derive(Debug, Default)]
+struct Window {
+    by_merchant: HashMap<String, Vec<ChangeEvent>>,
+    ids: HashSet<String>,
+    events: u64,
+    bytes: u64,
+}
+
+/// Summary of one held window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    /// Window start, ms since the epoch.
+    pub window_start_ms: i64,
+    /// Events held.
+    pub events: u64,
+    /// Distinct merchants.
+    pub merchants: u32,
+}
+
+/// Events held in memory, by window.
+#[derive(Debug)]
+pub struct Store {
+    window_ms: i64,
+    retention_ms: i64,
+    max_bytes: u64,
+    windows: BTreeMap<i64, Window>,
+    bytes: u64,
+}
+
+/// Estimated memory of one event: its strings and columns plus a fixed overhead.
+fn size_of(event: &ChangeEvent) -> u64 {
+    let text = event.event_id.len() * 2 + event.merchant_id.len() + event.table.len() + event.columns.len();
+    u64::try_from(text).unwrap_or(u64::MAX).saturating_add(96)
+}
+
+impl Store {
+    /// A store cutting windows of `window_ms`, keeping `retention_ms`, holding at most `max_bytes`.
+    pub fn new(window_ms: i64, retention_ms: i64, max_bytes: u64) -> Self {
+        Self {
+            window_ms: window_ms.max(1),
+            retention_ms,
+            max_bytes,
+            windows: BTreeMap::new(),
+            bytes: 0,
+        }
+    }
+
+    fn window_of(&self, time_ms: i64) -> i64 {
+        time_ms.div_euclid(self.window_ms) * self.window_ms
+    }
+
+    /// Oldest window start still kept at `now_ms`.
+    fn horizon(&self, now_ms: i64) -> i64 {
+        self.window_of(now_ms.saturating_sub(self.retention_ms))
+    }
+
+    /// Stores a batch, all or nothing: refused whole when it would pass the bound.
+    pub fn insert(&mut self, batch: Vec<ChangeEvent>, now_ms: i64) -> Result<Stored, StoreError> {
+        let horizon = self.horizon(now_ms);
+        let fresh: u64 = batch
+            .iter()
+            .filter(|e| self.window_of(e.event_time_ms) >= horizon)
+            .map(size_of)
+            .sum();
+        if self.bytes.saturating_add(fresh) > self.max_bytes {
+            return Err(StoreError::Full {
+                batch_bytes: fresh,
+                held_bytes: self.bytes,
+                max_bytes: self.max_bytes,
+            });
+        }
+        let mut stored = Stored::default();
+        for event in batch {
+            let start = self.window_of(event.event_time_ms);
+            if start < horizon {
+                stored.expired += 1;
+                continue;
+            }
+            let window = self.windows.entry(start).or_default();
+            if !window.ids.insert(event.event_id.clone()) {
+                stored.duplicates += 1;
+                continue;
+            }
+            let size = size_of(&event);
+            window.bytes += size;
+            window.events += 1;
+            self.bytes += size;
+            window
+                .by_merchant
+                .entry(event.merchant_id.clone())
+                .or_default()
+                .push(event);
+            stored.accepted += 1;
+        }
+        Ok(stored)
+    }
+
+    /// Drops windows older than the retention; returns how many events went.
+    pub fn expire(&mut self, now_ms: i64) -> u64 {
+        let keep = self.windows.split_off(&self.horizon(now_ms));
+        let dropped = std::mem::replace(&mut self.windows, keep);
+        let (events, bytes) = dropped
+            .values()
+            .fold((0, 0), |(e, b), w| (e + w.events, b + w.bytes));
+        self.bytes -= bytes;
+        events
+    }
+
+    /// Every held window, oldest first.
+    pub fn holdings(&self) -> Vec<Held> {
+        self.windows
+            .iter()
+            .map(|(start, w)| Held {
+                window_start_ms: *start,
+                events: w.events,
+                merchants: u32::try_from(w.by_merchant.len()).unwrap_or(u32::MAX),
+            })
+            .collect()
+    }
+
+    /// Events of one window, all merchants.
+    pub fn window(&self, window_start_ms: i64) -> impl Iterator<Item = &ChangeEvent> {
+        self.windows
+            .get(&window_start_ms)
+            .into_iter()
+            .flat_map(|w| w.by_merchant.values().flatten())
+    }
+
+    /// Events of one window for one merchant.
+    pub fn merchant(&self, window_start_ms: i64, merchant: &str) -> &[ChangeEvent] {
+        self.windows
+            .get(&window_start_ms)
+            .and_then(|w| w.by_merchant.get(merchant))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// Estimated bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The memory bound.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: i64 = 60_000;
+
+    fn event(id: &str, merchant: &str, time_ms: i64) -> ChangeEvent {
+        ChangeEvent {
+            event_id: id.into(),
+            merchant_id: merchant.into(),
+            table: "orders".into(),
+            op: 1,
+            event_time_ms: time_ms,
+            columns: br#"{"amount":100}"#.to_vec(),
+        }
+    }
+
+    #[test]
+    fn events_are_held_by_window_and_merchant() {
+        let mut store = Store::new(MIN, 60 * MIN, 1 << 20);
+        let batch = vec![
+            event("a", "m1", 10),
+            event("b", "m2", 20),
+            event("c", "m1", MIN + 5),
+        ];
+        let stored = store.insert(batch, MIN + 10).expect("fits");
+        assert_eq!(stored.accepted, 3);
+        assert_eq!(store.merchant(0, "m1").len(), 1);
+        assert_eq!(store.window(0).count(), 2);
+        assert_eq!(store.merchant(MIN, "m1")[0].event_id, "c");
+        let held = store.holdings();
+        assert_eq!(
+            held,
+            [
+                Held {
+                    window_start_ms: 0,
+                    events: 2,
+                    merchants: 2
+                },
+                Held {
+                    window_start_ms: MIN,
+                    events: 1,
+                    merchants: 1
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn duplicate_ids_are_dropped_and_counted() {
+        let mut store = Store::new(MIN, 60 * MIN, 1 << 20);
+        store.insert(vec![event("a", "m1", 10)], 20).expect("fits");
+        let again = store
+            .insert(vec![event("a", "m1", 10), event("b", "m1", 11)], 20)
+            .expect("fits");
+        assert_eq!((again.accepted, again.duplicates), (1, 1));
+        assert_eq!(store.window(0).count(), 2);
+    }
+
+    #[test]
+    fn retention_drops_old_windows_and_their_bytes() {
+        let mut store = Store::new(MIN, 2 * MIN, 1 << 20);
+        // Inserted while both windows are within the retention...
+        store
+            .insert(vec![event("a", "m", 0), event("b", "m", 2 * MIN)], 2 * MIN)
+            .expect("fits");
+        assert_eq!(store.holdings().len(), 2);
+        let before = store.bytes();
+        // ...a minute later the first has aged out.
+        assert_eq!(store.expire(3 * MIN), 1);
+        assert_eq!(store.holdings().len(), 1);
+        assert!(store.bytes() < before);
+        // Events older than the retention are refused on arrival, but acknowledged as expired.
+        let late = store.insert(vec![event("c", "m", 0)], 3 * MIN).expect("fits");
+        assert_eq!((late.accepted, late.expired), (0, 1));
+    }
+
+    #[test]
+    fn a_batch_past_the_memory_bound_is_refused_whole() {
+        let one = size_of(&event("a", "m", 0));
+        let mut store = Store::new(MIN, 60 * MIN, one * 2);
+        store.insert(vec![event("a", "m", 0)], 0).expect("fits");
+        let err = store
+            .insert(vec![event("b", "m", 0), event("c", "m", 0)], 0)
+            .expect_err("over the bound");
+        assert!(matches!(err, StoreError::Full { .. }));
+        assert_eq!(store.window(0).count(), 1, "nothing of a refused batch is stored");
+        assert!(store.insert(vec![event("b", "m", 0)], 0).is_ok());
+    }
+}

@@ -1,0 +1,158 @@
+//! `ballast-worker slave` as a process against the local stack's API server:
+//! it joins the membership, stores routed events (deduplicated) within its
+//! memory bound, reports its holdings, and leaves the membership on SIGTERM.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ballast_e2e::{KillOnDrop, Stack};
+use ballast_worker::wire::slave_client::SlaveClient;
+use ballast_worker::wire::{ChangeEvent, EventBatch, HoldingsRequest};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use serde_json::json;
+
+fn event(id: &str, merchant: &str, time_ms: i64, columns: Vec<u8>) -> ChangeEvent {
+    ChangeEvent {
+        event_id: id.into(),
+        merchant_id: merchant.into(),
+        table: "orders".into(),
+        op: 1,
+        event_time_ms: time_ms,
+        columns,
+    }
+}
+
+async fn lease(leases: &Api<Lease>, name: &str) -> anyhow::Result<Option<Lease>> {
+    Ok(leases.get_opt(name).await?)
+}
+
+#[tokio::test]
+async fn slave_joins_stores_routed_events_and_leaves_on_sigterm() -> anyhow::Result<()> {
+    let stack = Stack::discover();
+    let client = stack.kube_client().await?;
+    ballast_e2e::install_crds(&client).await?;
+    let ns = ballast_e2e::pipeline_namespace(&client, "slave").await?;
+    let ssa = PatchParams::apply("slave-test").force();
+    let policy = json!({"apiVersion": "ballast.dev/v1alpha1", "kind": "DegradationPolicy", "metadata": {"name": "small"},
+                        "spec": {"kv": {"maxMemoryMiB": 16, "retentionSeconds": 3600}}});
+    Api::<ballast_crds::DegradationPolicy>::namespaced(client.clone(), &ns)
+        .patch("small", &ssa, &Patch::Apply(&policy))
+        .await?;
+    Api::<ballast_crds::AnalyticsPipeline>::namespaced(client.clone(), &ns)
+        .patch("shop", &ssa, &Patch::Apply(&stack.pipeline("shop", "small")?))
+        .await?;
+
+    let slave = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_ballast-worker"))
+            .arg("slave")
+            .env("KUBECONFIG", stack.get("KUBECONFIG")?)
+            .env("BALLAST_PIPELINE", "shop")
+            .env("POD_NAMESPACE", &ns)
+            .env("POD_NAME", "shop-slave-0")
+            .env("POD_IP", "127.0.0.1")
+            .env("BALLAST_LISTEN_ADDR", "127.0.0.1:0")
+            .env("BALLAST_METRICS_ADDR", "127.0.0.1:0")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+
+    // It joins: a ready Lease naming its address.
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let address = loop {
+        let found = lease(&leases, "shop-slave-0").await?;
+        let annotations = found.and_then(|l| l.metadata.annotations).unwrap_or_default();
+        if annotations.get("ballast.dev/ready").map(String::as_str) == Some("true") {
+            break annotations
+                .get("ballast.dev/address")
+                .cloned()
+                .unwrap_or_default();
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "slave did not join the membership within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        leases
+            .get("shop-slave-0")
+            .await?
+            .metadata
+            .labels
+            .unwrap_or_default()["ballast.dev/role"],
+        "slave"
+    );
+
+    let mut grpc = SlaveClient::connect(format!("http://{address}")).await?;
+    let now = Timestamp::now().as_millisecond();
+    let batch = vec![
+        event("e1", "m1", now, b"{}".to_vec()),
+        event("e2", "m2", now, b"{}".to_vec()),
+    ];
+    let reply = grpc
+        .deliver(EventBatch {
+            events: batch.clone(),
+            epoch: 1,
+        })
+        .await?
+        .into_inner();
+    assert_eq!((reply.accepted, reply.duplicates), (2, 0));
+    // A retried batch is acknowledged but not stored twice.
+    let again = grpc
+        .deliver(EventBatch {
+            events: batch,
+            epoch: 1,
+        })
+        .await?
+        .into_inner();
+    assert_eq!((again.accepted, again.duplicates), (0, 2));
+
+    let holdings = grpc.holdings(HoldingsRequest {}).await?.into_inner();
+    assert_eq!(holdings.windows.len(), 1);
+    assert_eq!(
+        (holdings.windows[0].events, holdings.windows[0].merchants),
+        (2, 2)
+    );
+    assert_eq!(holdings.max_bytes, 16 * 1024 * 1024);
+
+    // Batches of 3 MiB fill the 16 MiB bound: the sixth is refused whole with
+    // RESOURCE_EXHAUSTED, and nothing of it is stored.
+    let mut refused = None;
+    for batch in 0..8 {
+        let events: Vec<ChangeEvent> = (0..3)
+            .map(|i| event(&format!("big-{batch}-{i}"), "m3", now, vec![b'x'; 1024 * 1024]))
+            .collect();
+        if let Err(status) = grpc.deliver(EventBatch { events, epoch: 1 }).await {
+            refused = Some((batch, status));
+            break;
+        }
+    }
+    let (batch, status) = refused.expect("the memory bound was never reached");
+    assert_eq!(batch, 5, "refused at batch {batch}");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    assert!(status.message().contains("memory bound"), "{}", status.message());
+    let after = grpc.holdings(HoldingsRequest {}).await?.into_inner();
+    assert_eq!(after.windows[0].events, 2 + 5 * 3);
+
+    // SIGTERM: the slave drains and leaves the membership.
+    Command::new("kill")
+        .args(["-TERM", &slave.0.id().to_string()])
+        .status()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while lease(&leases, "shop-slave-0").await?.is_some() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the slave's Lease was not deleted within 30 s of SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(slave);
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(client)
+        .delete(&ns, &DeleteParams::default())
+        .await?;
+    Ok(())
+}
