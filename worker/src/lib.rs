@@ -7,6 +7,8 @@ pub mod health;
 pub mod membership;
 pub mod probe;
 pub mod roles;
+pub mod routing;
+pub mod shedding;
 pub mod telemetry;
 
 /// gRPC messages and services of `proto/ballast.proto`.
