@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod health;
+pub mod kv;
 pub mod membership;
 pub mod probe;
 pub mod roles;
@@ -15,4 +16,24 @@ pub mod telemetry;
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod wire {
     tonic::include_proto!("ballast.v1");
+}
+
+impl wire::ChangeEvent {
+    /// An insert of a row with `columns` (a JSON object) into `table`, for `merchant`, at `time_ms`.
+    pub fn insert(
+        id: impl Into<String>,
+        merchant: impl Into<String>,
+        table: impl Into<String>,
+        time_ms: i64,
+        columns: Vec<u8>,
+    ) -> Self {
+        Self {
+            event_id: id.into(),
+            merchant_id: merchant.into(),
+            table: table.into(),
+            op: wire::Operation::Insert.into(),
+            event_time_ms: time_ms,
+            columns,
+        }
+    }
 }

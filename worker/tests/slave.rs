@@ -14,14 +14,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde_json::json;
 
 fn event(id: &str, merchant: &str, time_ms: i64, columns: Vec<u8>) -> ChangeEvent {
-    ChangeEvent {
-        event_id: id.into(),
-        merchant_id: merchant.into(),
-        table: "orders".into(),
-        op: 1,
-        event_time_ms: time_ms,
-        columns,
-    }
+    ChangeEvent::insert(id, merchant, "orders", time_ms, columns)
 }
 
 async fn lease(leases: &Api<Lease>, name: &str) -> anyhow::Result<Option<Lease>> {

@@ -187,14 +187,7 @@ mod tests {
     const MIN: i64 = 60_000;
 
     fn event(id: &str, merchant: &str, time_ms: i64) -> ChangeEvent {
-        ChangeEvent {
-            event_id: id.into(),
-            merchant_id: merchant.into(),
-            table: "orders".into(),
-            op: 1,
-            event_time_ms: time_ms,
-            columns: br#"{"amount":100}"#.to_vec(),
-        }
+        ChangeEvent::insert(id, merchant, "orders", time_ms, br#"{"amount":100}"#.to_vec())
     }
 
     #[test]

@@ -1,0 +1,190 @@
+//! The KV store's layout of events per time window, and its reader and writer.
+//!
+//! - `ballast:{pipeline}:w:{window_start_ms}:m:{merchant}` — a hash of
+//!   event id → protobuf-encoded `ChangeEvent`: one merchant's events of one
+//!   window. `HSETNX` makes writes idempotent on the event id, so a redelivered
+//!   Kafka message or a retried batch never duplicates an event.
+//! - `ballast:{pipeline}:w:{window_start_ms}` — the set of merchants with
+//!   events in the window, so "all events of window W" is one `SMEMBERS` and a
+//!   pipelined `HGETALL` per merchant.
+//!
+//! Every key expires after the retention, renewed by each write.
+
+use prost::Message;
+use redis::aio::ConnectionManager;
+
+use crate::wire::ChangeEvent;
+
+/// Errors of the KV store.
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    /// Redis failed or is unreachable: the caller retries, the data plane may switch modes.
+    #[error("KV store: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// A stored value is not a valid event.
+    #[error("KV store holds an undecodable event under {key}: {source}")]
+    Corrupt {
+        /// The hash key.
+        key: String,
+        /// The decoding error.
+        #[source]
+        source: prost::DecodeError,
+    },
+}
+
+/// What a write did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    /// Events stored for the first time.
+    pub new: u64,
+    /// Events already stored (same id): left as they were.
+    pub duplicates: u64,
+}
+
+/// The key layout of one pipeline. Pure.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pipeline: String,
+    window_ms: i64,
+}
+
+impl Layout {
+    /// Layout for `pipeline` with windows of `window_ms`.
+    pub fn new(pipeline: impl Into<String>, window_ms: i64) -> Self {
+        Self {
+            pipeline: pipeline.into(),
+            window_ms: window_ms.max(1),
+        }
+    }
+
+    /// Start of the window holding `time_ms`.
+    pub fn window_of(&self, time_ms: i64) -> i64 {
+        time_ms.div_euclid(self.window_ms) * self.window_ms
+    }
+
+    /// The set of merchants of a window.
+    pub fn window_key(&self, window_start_ms: i64) -> String {
+        format!("ballast:{}:w:{window_start_ms}", self.pipeline)
+    }
+
+    /// The hash of one merchant's events in a window.
+    pub fn merchant_key(&self, window_start_ms: i64, merchant: &str) -> String {
+        format!("ballast:{}:w:{window_start_ms}:m:{merchant}", self.pipeline)
+    }
+}
+
+/// Reads and writes events in the KV store.
+#[derive(Clone)]
+pub struct KvStore {
+    layout: Layout,
+    ttl_seconds: i64,
+    conn: ConnectionManager,
+}
+
+impl KvStore {
+    /// A store over `conn`; keys live `ttl_seconds` after their last write.
+    pub fn new(conn: ConnectionManager, layout: Layout, ttl_seconds: i64) -> Self {
+        Self {
+            layout,
+            ttl_seconds: ttl_seconds.max(1),
+            conn,
+        }
+    }
+
+    /// Writes a batch in one round trip; idempotent on event ids.
+    pub async fn write(&mut self, events: &[ChangeEvent]) -> Result<Written, KvError> {
+        if events.is_empty() {
+            return Ok(Written::default());
+        }
+        let mut pipe = redis::pipe();
+        for event in events {
+            let window = self.layout.window_of(event.event_time_ms);
+            let hash = self.layout.merchant_key(window, &event.merchant_id);
+            let set = self.layout.window_key(window);
+            pipe.cmd("HSETNX")
+                .arg(&hash)
+                .arg(&event.event_id)
+                .arg(event.encode_to_vec());
+            pipe.cmd("SADD").arg(&set).arg(&event.merchant_id).ignore();
+            pipe.cmd("EXPIRE").arg(&hash).arg(self.ttl_seconds).ignore();
+            pipe.cmd("EXPIRE").arg(&set).arg(self.ttl_seconds).ignore();
+        }
+        let inserted: Vec<i64> = pipe.query_async(&mut self.conn).await?;
+        let new = inserted.iter().filter(|n| **n == 1).count() as u64;
+        Ok(Written {
+            new,
+            duplicates: events.len() as u64 - new,
+        })
+    }
+
+    /// One merchant's events of one window, in event-id order.
+    pub async fn merchant(
+        &mut self,
+        window_start_ms: i64,
+        merchant: &str,
+    ) -> Result<Vec<ChangeEvent>, KvError> {
+        let key = self.layout.merchant_key(window_start_ms, merchant);
+        let values: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL")
+            .arg(&key)
+            .query_async(&mut self.conn)
+            .await?;
+        decode(&key, values)
+    }
+
+    /// All events of one window.
+    pub async fn window(&mut self, window_start_ms: i64) -> Result<Vec<ChangeEvent>, KvError> {
+        let merchants: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.layout.window_key(window_start_ms))
+            .query_async(&mut self.conn)
+            .await?;
+        if merchants.is_empty() {
+            // Redis refuses an empty pipeline.
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        let keys: Vec<String> = merchants
+            .iter()
+            .map(|m| self.layout.merchant_key(window_start_ms, m))
+            .collect();
+        for key in &keys {
+            pipe.cmd("HGETALL").arg(key);
+        }
+        let hashes: Vec<Vec<(String, Vec<u8>)>> = pipe.query_async(&mut self.conn).await?;
+        let mut events = Vec::new();
+        for (key, values) in keys.iter().zip(hashes) {
+            events.extend(decode(key, values)?);
+        }
+        Ok(events)
+    }
+}
+
+fn decode(key: &str, mut values: Vec<(String, Vec<u8>)>) -> Result<Vec<ChangeEvent>, KvError> {
+    values.sort_by(|a, b| a.0.cmp(&b.0));
+    values
+        .into_iter()
+        .map(|(_, bytes)| {
+            ChangeEvent::decode(bytes.as_slice()).map_err(|source| KvError::Corrupt {
+                key: key.to_owned(),
+                source,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_puts_an_event_in_its_window_and_merchant_hash() {
+        let layout = Layout::new("shop", 60_000);
+        assert_eq!(layout.window_of(125_000), 120_000);
+        assert_eq!(
+            layout.window_of(-1),
+            -60_000,
+            "windows before the epoch round down too"
+        );
+        assert_eq!(layout.window_key(120_000), "ballast:shop:w:120000");
+        assert_eq!(layout.merchant_key(120_000, "m-7"), "ballast:shop:w:120000:m:m-7");
+    }
+}
