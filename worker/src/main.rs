@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use ballast_worker::roles::slave;
+use ballast_worker::roles::{intake, slave};
 use ballast_worker::{probe, telemetry};
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -59,6 +59,20 @@ enum Command {
         /// How long to wait for an answer.
         #[arg(long, default_value = "5s", value_parser = parse_duration)]
         timeout: Duration,
+    },
+    /// Intake: Kafka to the KV store (or to the slaves while the KV store is down).
+    Intake {
+        #[command(flatten)]
+        pod: Pod,
+        /// Most events written per batch.
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+        /// Longest wait to fill a batch.
+        #[arg(long, default_value = "20ms", value_parser = parse_duration)]
+        linger: Duration,
+        /// Password of the KV Redis (from the pipeline's Secret).
+        #[arg(long, env = "BALLAST_KV_PASSWORD", hide_env_values = true)]
+        kv_password: Option<String>,
     },
     /// Compute slave: holds routed events in memory while the KV store is down.
     Slave {
@@ -113,6 +127,44 @@ async fn run_slave(pod: Pod, listen: SocketAddr) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+async fn run_intake(
+    pod: Pod,
+    batch: usize,
+    linger: Duration,
+    kv_password: Option<String>,
+) -> Result<(), String> {
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| format!("Kubernetes client: {e}"))?;
+    let config = intake::Config {
+        namespace: pod.namespace,
+        pipeline: pod.pipeline,
+        metrics: pod.metrics_addr,
+        batch: batch.max(1),
+        linger,
+        kv_password,
+    };
+    intake::run(config, intake::Deps { client }, shutdown_token())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Runs a role to completion; a role that fails exits non-zero with the reason logged.
+async fn role(
+    name: &str,
+    format: telemetry::LogFormat,
+    run: impl std::future::Future<Output = Result<(), String>>,
+) -> ExitCode {
+    telemetry::init(format);
+    match run.await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, role = name, "stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -127,15 +179,19 @@ async fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Slave { pod, listen } => {
-            telemetry::init(cli.log_format);
-            match run_slave(pod, listen).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(error) => {
-                    tracing::error!(%error, "slave stopped");
-                    ExitCode::FAILURE
-                }
-            }
+        Command::Slave { pod, listen } => role("slave", cli.log_format, run_slave(pod, listen)).await,
+        Command::Intake {
+            pod,
+            batch,
+            linger,
+            kv_password,
+        } => {
+            role(
+                "intake",
+                cli.log_format,
+                run_intake(pod, batch, linger, kv_password),
+            )
+            .await
         }
     }
 }

@@ -67,6 +67,29 @@ impl Member {
     }
 }
 
+/// The label selector of a pipeline's members of one role.
+pub fn selector(pipeline: &str, role: &str) -> String {
+    format!("{PIPELINE_LABEL}={pipeline},{ROLE_LABEL}={role}")
+}
+
+/// The ready members among `leases` at `now`: identity → address. A member
+/// counts while its Lease was renewed within its duration and says ready. Pure.
+pub fn ready_members(leases: &[Lease], now: Timestamp) -> BTreeMap<String, String> {
+    leases
+        .iter()
+        .filter_map(|lease| {
+            let spec = lease.spec.as_ref()?;
+            let renewed = spec.renew_time.as_ref()?;
+            let live = now.duration_since(renewed.0).as_secs_f64() < f64::from(spec.lease_duration_seconds?);
+            let annotations = lease.metadata.annotations.as_ref()?;
+            let ready = annotations.get(READY_ANNOTATION).is_some_and(|v| v == "true");
+            let address = annotations.get(ADDRESS_ANNOTATION)?.clone();
+            let identity = spec.holder_identity.clone()?;
+            (live && ready).then_some((identity, address))
+        })
+        .collect()
+}
+
 /// Keeps the member's Lease renewed (and its readiness current) until
 /// `shutdown`, then deletes it so that peers see the member leave at once.
 pub async fn run(
@@ -101,6 +124,33 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn lease_at(member: &Member, ready: bool, renewed: i64) -> Lease {
+        serde_json::from_value(member.lease(ready, Timestamp::from_second(renewed).expect("valid")))
+            .expect("lease")
+    }
+
+    #[test]
+    fn ready_members_are_live_and_ready() {
+        let member = |i: usize| Member {
+            namespace: "shop".into(),
+            pipeline: "orders".into(),
+            role: "slave".into(),
+            identity: format!("orders-slave-{i}"),
+            address: format!("10.0.0.{i}:7071"),
+            duration: Duration::from_secs(15),
+        };
+        let leases = [
+            lease_at(&member(0), true, 95),
+            lease_at(&member(1), false, 95),
+            lease_at(&member(2), true, 80),
+        ];
+        let ready = ready_members(&leases, Timestamp::from_second(100).expect("valid"));
+        assert_eq!(
+            ready.into_iter().collect::<Vec<_>>(),
+            [("orders-slave-0".to_owned(), "10.0.0.0:7071".to_owned())]
+        );
+    }
 
     #[test]
     fn lease_carries_identity_role_address_and_readiness() {

@@ -3,8 +3,6 @@
 //! Each object is plain JSON with its kind, applied by server-side apply; a
 //! golden YAML snapshot test pins the whole set.
 
-use std::collections::BTreeMap;
-
 use ballast_crds::AnalyticsPipeline;
 use ballast_crds::analytics_pipeline::RoleSpec;
 use ballast_crds::refs::SecretKeyRef;
@@ -342,17 +340,6 @@ fn to_yaml(objects: &[DesiredObject]) -> String {
         .map(|o| serde_yaml::to_string(&o.body).unwrap_or_else(|e| format!("# {}/{}: {e}\n", o.kind, o.name)))
         .collect::<Vec<_>>()
         .join("---\n")
-}
-
-/// Labels that select a pipeline's worker Leases of one role.
-pub fn lease_selector(pipeline: &str, role: &str) -> String {
-    let labels: BTreeMap<&str, &str> =
-        [("ballast.dev/pipeline", pipeline), ("ballast.dev/role", role)].into();
-    labels
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, ListParams};
 
 use super::Error;
-use super::desired::{lease_selector, object_name};
+use super::desired::object_name;
 
 /// What the API server holds that the pipeline depends on.
 #[derive(Clone, Debug, Default)]
@@ -69,7 +69,7 @@ pub async fn fetch(client: &kube::Client, ap: &AnalyticsPipeline) -> Result<Fetc
     if let Some(cm) = &ap.spec.compute.sql_config_map_ref {
         fetched.sql_config_map = config_maps.get_opt(&cm.name).await.map_err(Error::Fetch)?;
     }
-    let selector = ListParams::default().labels(&lease_selector(name, "slave"));
+    let selector = ListParams::default().labels(&ballast_worker::membership::selector(name, "slave"));
     fetched.slave_leases = leases.list(&selector).await.map_err(Error::Fetch)?.items;
     fetched.slaves = sets
         .get_opt(&object_name(name, "slave"))

@@ -160,25 +160,9 @@ pub fn decide(
     out
 }
 
-/// Annotation a worker sets on its Lease when it is ready to receive data.
-pub const READY_ANNOTATION: &str = "ballast.dev/ready";
-
-/// Slaves whose Lease is live (renewed within its duration) and says ready.
+/// Slaves whose Lease is live and says ready (the data plane's own reading of its membership).
 pub fn ready_slaves(leases: &[k8s_openapi::api::coordination::v1::Lease], now: Timestamp) -> i32 {
-    let live = |lease: &&k8s_openapi::api::coordination::v1::Lease| {
-        let Some(spec) = &lease.spec else { return false };
-        let (Some(renewed), Some(duration)) = (&spec.renew_time, spec.lease_duration_seconds) else {
-            return false;
-        };
-        let ready = lease
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(READY_ANNOTATION))
-            .is_some_and(|v| v == "true");
-        ready && now.duration_since(renewed.0) < SignedDuration::from_secs(i64::from(duration))
-    };
-    i32::try_from(leases.iter().filter(live).count()).unwrap_or(i32::MAX)
+    i32::try_from(ballast_worker::membership::ready_members(leases, now).len()).unwrap_or(i32::MAX)
 }
 
 fn previous_epoch(previous: &DependencyModes, dependency: Dependency) -> i64 {

@@ -100,14 +100,16 @@ pub async fn write(
 ) -> Result<(), Error> {
     let ns = ap.namespace().ok_or(Error::MissingNamespace)?;
     let api: Api<AnalyticsPipeline> = Api::namespaced(client.clone(), &ns);
-    api.patch_status(
-        &ap.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(json!({ "status": status })),
-    )
-    .await
-    .map_err(Error::Status)?;
-    Ok(())
+    let patch = Patch::Merge(json!({ "status": status }));
+    match api
+        .patch_status(&ap.name_any(), &PatchParams::default(), &patch)
+        .await
+    {
+        Ok(_) => Ok(()),
+        // Deleted while reconciling: nothing left to report on.
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(Error::Status(e)),
+    }
 }
 
 /// One Event per published transition, plus one when the pipeline starts waiting.
