@@ -15,7 +15,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, watch};
 
 use crate::mode::{Observation, Thresholds};
-use crate::probe::PipelineState;
+use crate::probe::{PipelineState, Shared, TargetKey};
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -31,6 +31,7 @@ pub struct Context {
     /// Who the operator says it is in Events.
     pub reporter: Reporter,
     pipelines: Arc<Mutex<HashMap<ObjectRef<AnalyticsPipeline>, PipelineState>>>,
+    probers: Arc<Mutex<HashMap<TargetKey, Shared>>>,
     triggers: mpsc::UnboundedSender<ObjectRef<AnalyticsPipeline>>,
     ready: Arc<watch::Sender<bool>>,
 }
@@ -97,17 +98,17 @@ impl Metrics {
         }
     }
 
-    /// Failed probes of one dependency.
-    pub fn probe_failures(&self, dependency: &str) -> Counter {
+    /// Failed probes of one kind of server (never the URL: it may hold credentials).
+    pub fn probe_failures(&self, kind: &str) -> Counter {
         self.probe_failures
-            .get_or_create(&vec![("dependency", dependency.to_owned())])
+            .get_or_create(&vec![("kind", kind.to_owned())])
             .clone()
     }
 
-    /// Probe durations of one dependency.
-    pub fn probe_duration(&self, dependency: &str) -> Histogram {
+    /// Probe durations of one kind of server.
+    pub fn probe_duration(&self, kind: &str) -> Histogram {
         self.probe_durations
-            .get_or_create(&vec![("dependency", dependency.to_owned())])
+            .get_or_create(&vec![("kind", kind.to_owned())])
             .clone()
     }
 }
@@ -130,6 +131,7 @@ impl Context {
                 instance: Some(instance),
             },
             pipelines: Arc::default(),
+            probers: Arc::default(),
             triggers,
             ready: Arc::new(watch::channel(false).0),
         };
@@ -164,6 +166,13 @@ impl Context {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// The shared probers, by target.
+    pub fn probers(&self) -> MutexGuard<'_, HashMap<TargetKey, Shared>> {
+        self.probers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Feeds one observation to a pipeline's machine; true when its mode changed.
     pub fn observe(
         &self,
@@ -184,11 +193,9 @@ impl Context {
         let _ = self.triggers.send(key);
     }
 
-    /// Stops the probers of a deleted pipeline and forgets its state.
+    /// Unsubscribes a deleted pipeline from its probers and forgets its state.
     pub fn forget(&self, key: &ObjectRef<AnalyticsPipeline>) {
-        let removed = self.pipelines().remove(key);
-        if let Some((_, token)) = removed.and_then(|state| state.probers) {
-            token.cancel();
-        }
+        crate::probe::unsubscribe(self, key);
+        self.pipelines().remove(key);
     }
 }

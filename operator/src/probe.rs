@@ -123,22 +123,84 @@ pub fn forced(ap: &AnalyticsPipeline, dependency: Dependency) -> Option<ForcedMo
     }
 }
 
-/// Starts one prober task per target; cancelling the token stops them all.
-pub fn spawn(ctx: &Context, key: ObjectRef<AnalyticsPipeline>, targets: Vec<Target>) -> CancellationToken {
-    let token = CancellationToken::new();
-    for target in targets {
-        tokio::spawn(run(ctx.clone(), key.clone(), target, token.clone()));
-    }
-    token
+/// What makes two probes the same: one task probes it for every pipeline
+/// that depends on it (many pipelines share one Kafka, one Redis, ...), so the
+/// operator holds one client per server, not one per pipeline.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TargetKey {
+    kind: Kind,
+    url: String,
+    period_seconds: i32,
+    timeout_seconds: i32,
 }
 
-#[tracing::instrument(skip_all, fields(pipeline = %key, dependency = target.dependency.as_str()))]
-async fn run(ctx: Context, key: ObjectRef<AnalyticsPipeline>, target: Target, token: CancellationToken) {
-    let period = Duration::from_secs(u64::try_from(target.probe.period_seconds.max(1)).unwrap_or(1));
-    let timeout = Duration::from_secs(u64::try_from(target.probe.timeout_seconds.max(1)).unwrap_or(1));
+impl TargetKey {
+    fn of(target: &Target) -> Self {
+        Self {
+            kind: target.kind,
+            url: target.url.clone(),
+            period_seconds: target.probe.period_seconds,
+            timeout_seconds: target.probe.timeout_seconds,
+        }
+    }
+}
+
+/// A pipeline's dependency that a shared prober feeds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subscriber {
+    pipeline: ObjectRef<AnalyticsPipeline>,
+    dependency: Dependency,
+    thresholds: Thresholds,
+}
+
+/// One shared prober: its subscribers and the token that stops it.
+#[derive(Debug)]
+pub struct Shared {
+    subscribers: Vec<Subscriber>,
+    token: CancellationToken,
+}
+
+/// Subscribes `key`'s dependencies to the shared probers of `targets`, starting those not yet running.
+pub fn subscribe(ctx: &Context, key: &ObjectRef<AnalyticsPipeline>, targets: &[Target]) {
+    let mut probers = ctx.probers();
+    for target in targets {
+        let subscriber = Subscriber {
+            pipeline: key.clone(),
+            dependency: target.dependency,
+            thresholds: thresholds(&target.probe),
+        };
+        let shared = probers.entry(TargetKey::of(target)).or_insert_with(|| {
+            let token = CancellationToken::new();
+            tokio::spawn(run(ctx.clone(), TargetKey::of(target), token.clone()));
+            Shared {
+                subscribers: Vec::new(),
+                token,
+            }
+        });
+        shared.subscribers.push(subscriber);
+    }
+}
+
+/// Removes every subscription of `key`; probers left without subscribers stop.
+pub fn unsubscribe(ctx: &Context, key: &ObjectRef<AnalyticsPipeline>) {
+    ctx.probers().retain(|_, shared| {
+        shared.subscribers.retain(|s| &s.pipeline != key);
+        let keep = !shared.subscribers.is_empty();
+        if !keep {
+            shared.token.cancel();
+        }
+        keep
+    });
+}
+
+#[tracing::instrument(skip_all, fields(kind = %target.kind))]
+async fn run(ctx: Context, target: TargetKey, token: CancellationToken) {
+    let period = Duration::from_secs(u64::try_from(target.period_seconds.max(1)).unwrap_or(1));
+    let timeout = Duration::from_secs(u64::try_from(target.timeout_seconds.max(1)).unwrap_or(1));
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut prober = Prober::new(target.kind, target.url.clone());
+    let kind = target.kind.to_string();
     loop {
         tokio::select! {
             () = token.cancelled() => return,
@@ -146,25 +208,26 @@ async fn run(ctx: Context, key: ObjectRef<AnalyticsPipeline>, target: Target, to
         }
         let started = Instant::now();
         let result = prober.check(timeout).await;
-        let dependency = target.dependency.as_str();
         ctx.metrics
-            .probe_duration(dependency)
+            .probe_duration(&kind)
             .observe(started.elapsed().as_secs_f64());
         let observation = match &result {
             Ok(_) => Observation::Up,
             Err(error) => {
-                ctx.metrics.probe_failures(dependency).inc();
+                ctx.metrics.probe_failures(&kind).inc();
                 tracing::debug!(%error, "probe failed");
                 Observation::Down
             }
         };
-        if ctx.observe(
-            &key,
-            target.dependency,
-            Some(observation),
-            thresholds(&target.probe),
-        ) {
-            ctx.trigger(key.clone());
+        let subscribers = ctx
+            .probers()
+            .get(&target)
+            .map(|s| s.subscribers.clone())
+            .unwrap_or_default();
+        for s in subscribers {
+            if ctx.observe(&s.pipeline, s.dependency, Some(observation), s.thresholds) {
+                ctx.trigger(s.pipeline.clone());
+            }
         }
     }
 }
@@ -182,8 +245,8 @@ pub struct PipelineState {
     pub forced: BTreeMap<Dependency, ForcedMode>,
     /// Whether automatic switches are paused.
     pub paused: bool,
-    /// The running probers and what they probe.
-    pub probers: Option<(Vec<Target>, CancellationToken)>,
+    /// What the pipeline is subscribed to probe.
+    pub targets: Option<Vec<Target>>,
     /// Reconciles failed in a row, for backoff.
     pub failed_attempts: u32,
 }

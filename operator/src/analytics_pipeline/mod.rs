@@ -333,17 +333,16 @@ fn sync_state(
         .into_iter()
         .filter_map(|d| probe::forced(ap, d).map(|f| (d, f)))
         .collect();
-    let restart = state
-        .probers
-        .as_ref()
-        .is_none_or(|(running, _)| *running != targets);
-    if restart {
-        if let Some((_, token)) = state.probers.take() {
-            token.cancel();
-        }
-        let token = probe::spawn(ctx, key.clone(), targets.clone());
-        state.probers = Some((targets, token));
+    let changed = state.targets.as_ref() != Some(&targets);
+    if changed {
+        // Subscribing takes the probers' lock: release the pipelines' first.
+        drop(pipelines);
+        probe::unsubscribe(ctx, key);
+        probe::subscribe(ctx, key, &targets);
+        pipelines = ctx.pipelines();
     }
+    let state = pipelines.entry(key.clone()).or_insert_with(|| resume(ap));
+    state.targets = Some(targets);
     for dependency in Dependency::ALL {
         state.step(dependency, None, thresholds_of(policy, dependency), now);
     }
