@@ -143,8 +143,10 @@ async fn main() -> anyhow::Result<()> {
         let raw = tokio::spawn(raw_detection(cache_url.clone()));
         // Let the baseline connect and settle before the failure.
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        stack_script(&["stop", "redis-cache"])?;
+        // The server stops answering as soon as the stop begins (it closes its
+        // listener on SIGTERM, then takes a while to exit): time from there.
         let stopped = Instant::now();
+        stack_script(&["stop", "redis-cache"])?;
         let published = wait_cache(&aps, "detect", Mode::Degraded, 60).await?;
         let raw_detected = raw.await?;
         let seconds = |t: Instant| t.duration_since(stopped).as_secs_f64() - window.as_secs_f64();
