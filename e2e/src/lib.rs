@@ -231,6 +231,64 @@ pub fn worker_binary() -> Result<PathBuf, StackError> {
     }
 }
 
+impl Stack {
+    /// A fresh namespace holding DegradationPolicy `p` (with `policy_spec`) and
+    /// pipeline `<prefix><pid>` on this stack that uses it; returns (namespace, pipeline).
+    pub async fn pipeline_fixture(
+        &self,
+        client: &kube::Client,
+        prefix: &str,
+        policy_spec: serde_json::Value,
+    ) -> Result<(String, String), StackError> {
+        use kube::api::{Api, Patch, PatchParams};
+        install_crds(client).await?;
+        let ns = pipeline_namespace(client, prefix).await?;
+        let pipeline = format!("{prefix}{}", std::process::id());
+        let ssa = PatchParams::apply("ballast-e2e").force();
+        let policy = serde_json::json!({"apiVersion": "ballast.dev/v1alpha1", "kind": "DegradationPolicy",
+                                        "metadata": {"name": "p"}, "spec": policy_spec});
+        Api::<ballast_crds::DegradationPolicy>::namespaced(client.clone(), &ns)
+            .patch("p", &ssa, &Patch::Apply(&policy))
+            .await?;
+        Api::<ballast_crds::AnalyticsPipeline>::namespaced(client.clone(), &ns)
+            .patch(&pipeline, &ssa, &Patch::Apply(&self.pipeline(&pipeline, "p")?))
+            .await?;
+        Ok((ns, pipeline))
+    }
+
+    /// Runs `ballast-worker <role>` as pod `pod` of `pipeline`, as the kubelet
+    /// would, on free loopback ports; its log goes to the temp directory.
+    pub fn worker(
+        &self,
+        binary: &std::path::Path,
+        role: &str,
+        ns: &str,
+        pipeline: &str,
+        pod: &str,
+    ) -> Result<KillOnDrop, StackError> {
+        let failed = |e: std::io::Error| StackError::Script {
+            command: format!("ballast-worker {role}"),
+            message: e.to_string(),
+        };
+        let log = std::fs::File::create(std::env::temp_dir().join(format!("ballast-{ns}-{pod}.log")))
+            .map_err(failed)?;
+        let child = std::process::Command::new(binary)
+            .arg(role)
+            .env("KUBECONFIG", self.get("KUBECONFIG")?)
+            .env("BALLAST_PIPELINE", pipeline)
+            .env("POD_NAMESPACE", ns)
+            .env("POD_NAME", pod)
+            .env("POD_IP", "127.0.0.1")
+            .env("BALLAST_LISTEN_ADDR", "127.0.0.1:0")
+            .env("BALLAST_METRICS_ADDR", "127.0.0.1:0")
+            .stdout(std::process::Stdio::from(log.try_clone().map_err(failed)?))
+            .stderr(std::process::Stdio::from(log))
+            .spawn()
+            .map_err(failed)?;
+        Ok(KillOnDrop(child))
+    }
+}
+
 /// A child process killed (and reaped) when dropped, whatever the test's outcome.
 pub struct KillOnDrop(pub std::process::Child);
 

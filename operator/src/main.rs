@@ -86,14 +86,29 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!("leading: reconciling");
     let lost = shutdown.child_token();
     tokio::spawn(election.hold(client, shutdown.clone(), lost.clone()));
-    tokio::join!(
-        analytics_pipeline::run(ctx.clone(), triggers, lost.clone()),
-        degradation_policy::run(ctx, lost.clone()),
-    );
+    let controllers = async {
+        tokio::join!(
+            analytics_pipeline::run(ctx.clone(), triggers, lost.clone()),
+            degradation_policy::run(ctx, lost.clone()),
+        )
+    };
+    // Reconciles in flight get a deadline to finish after SIGTERM: a slow API
+    // server must not keep a terminating replica alive past its grace period.
+    let drain_deadline = async {
+        lost.cancelled().await;
+        tokio::time::sleep(Duration::from_secs(20)).await;
+    };
+    tokio::select! {
+        _ = controllers => {}
+        () = drain_deadline => tracing::warn!("reconciles still running after the 20 s drain deadline; exiting"),
+    }
 
     let lost_leadership = !shutdown.is_cancelled();
     shutdown.cancel();
-    server.await??;
+    // Open keep-alive connections (a scraper) must not hold the exit either.
+    if let Ok(joined) = tokio::time::timeout(Duration::from_secs(5), server).await {
+        joined??;
+    }
     // A replica that lost the Lease exits so that it restarts as a follower.
     anyhow::ensure!(!lost_leadership, "lost leadership");
     Ok(())

@@ -3,6 +3,7 @@
 //! (also used by the operator) and logging.
 #![forbid(unsafe_code)]
 
+pub mod grpc;
 pub mod health;
 pub mod kv;
 pub mod membership;

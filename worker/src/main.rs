@@ -73,6 +73,9 @@ enum Command {
         /// Password of the KV Redis (from the pipeline's Secret).
         #[arg(long, env = "BALLAST_KV_PASSWORD", hide_env_values = true)]
         kv_password: Option<String>,
+        /// Where the backup intake (gRPC) listens (port 0 picks one).
+        #[arg(long, env = "BALLAST_LISTEN_ADDR", default_value = "0.0.0.0:7070")]
+        listen: SocketAddr,
     },
     /// Compute slave: holds routed events in memory while the KV store is down.
     Slave {
@@ -132,6 +135,7 @@ async fn run_intake(
     batch: usize,
     linger: Duration,
     kv_password: Option<String>,
+    listen: SocketAddr,
 ) -> Result<(), String> {
     let client = kube::Client::try_default()
         .await
@@ -143,6 +147,10 @@ async fn run_intake(
         batch: batch.max(1),
         linger,
         kv_password,
+        identity: pod.identity,
+        listen,
+        advertise_host: pod.advertise_host,
+        lease: pod.lease,
     };
     intake::run(config, intake::Deps { client }, shutdown_token())
         .await
@@ -185,11 +193,12 @@ async fn main() -> ExitCode {
             batch,
             linger,
             kv_password,
+            listen,
         } => {
             role(
                 "intake",
                 cli.log_format,
-                run_intake(pod, batch, linger, kv_password),
+                run_intake(pod, batch, linger, kv_password, listen),
             )
             .await
         }

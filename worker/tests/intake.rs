@@ -3,11 +3,10 @@
 //! intake crash; a message that is not an event goes to the dead-letter topic
 //! with its reason; with the KV mode published Degraded, events go to the slaves.
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ballast_crds::{AnalyticsPipeline, DegradationPolicy};
-use ballast_e2e::{KillOnDrop, Stack};
+use ballast_crds::AnalyticsPipeline;
+use ballast_e2e::Stack;
 use ballast_worker::kv::{KvStore, Layout};
 use ballast_worker::wire::slave_client::SlaveClient;
 use ballast_worker::wire::{ChangeEvent, HoldingsRequest};
@@ -24,24 +23,6 @@ use rdkafka::{ClientConfig, Message};
 use serde_json::json;
 
 const WINDOW_MS: i64 = 60_000;
-
-fn spawn(role: &str, stack: &Stack, ns: &str, pipeline: &str, pod: &str) -> anyhow::Result<KillOnDrop> {
-    let log = std::fs::File::create(std::env::temp_dir().join(format!("ballast-{ns}-{pod}.log")))?;
-    Ok(KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_ballast-worker"))
-            .arg(role)
-            .env("KUBECONFIG", stack.get("KUBECONFIG")?)
-            .env("BALLAST_PIPELINE", pipeline)
-            .env("POD_NAMESPACE", ns)
-            .env("POD_NAME", pod)
-            .env("POD_IP", "127.0.0.1")
-            .env("BALLAST_LISTEN_ADDR", "127.0.0.1:0")
-            .env("BALLAST_METRICS_ADDR", "127.0.0.1:0")
-            .stdout(Stdio::from(log.try_clone()?))
-            .stderr(Stdio::from(log))
-            .spawn()?,
-    ))
-}
 
 async fn produce(producer: &FutureProducer, topic: &str, events: &[ChangeEvent]) -> anyhow::Result<()> {
     for event in events {
@@ -80,18 +61,11 @@ async fn until(
 async fn intake_stores_each_event_once_dead_letters_garbage_and_follows_the_kv_mode() -> anyhow::Result<()> {
     let stack = Stack::discover();
     let client = stack.kube_client().await?;
-    ballast_e2e::install_crds(&client).await?;
-    let ns = ballast_e2e::pipeline_namespace(&client, "intake").await?;
-    let pipeline = format!("in{}", std::process::id());
+    let (ns, pipeline) = stack.pipeline_fixture(&client, "in", json!({})).await?;
     let topic = format!("{pipeline}-events");
-    let ssa = PatchParams::apply("intake-test").force();
-    let policy = json!({"apiVersion": "ballast.dev/v1alpha1", "kind": "DegradationPolicy", "metadata": {"name": "p"}, "spec": {}});
-    Api::<DegradationPolicy>::namespaced(client.clone(), &ns)
-        .patch("p", &ssa, &Patch::Apply(&policy))
-        .await?;
     let aps: Api<AnalyticsPipeline> = Api::namespaced(client.clone(), &ns);
-    aps.patch(&pipeline, &ssa, &Patch::Apply(&stack.pipeline(&pipeline, "p")?))
-        .await?;
+    let worker = std::path::Path::new(env!("CARGO_BIN_EXE_ballast-worker"));
+    let spawn = |role: &str, pod: &str| stack.worker(worker, role, &ns, &pipeline, pod);
 
     let bootstrap = stack.get("BALLAST_KAFKA_BOOTSTRAP")?;
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
@@ -140,7 +114,7 @@ async fn intake_stores_each_event_once_dead_letters_garbage_and_follows_the_kv_m
     let mut kv = KvStore::new(conn, Layout::new(&pipeline, WINDOW_MS), 300);
 
     // The first half lands; the intake then crashes (SIGKILL, nothing drained).
-    let intake = spawn("intake", &stack, &ns, &pipeline, "intake-0")?;
+    let intake = spawn("intake", "intake-0")?;
     until("first 200 events in the KV store", 60, async || {
         Ok(kv_count(&mut kv, &windows).await? == 200)
     })
@@ -150,7 +124,7 @@ async fn intake_stores_each_event_once_dead_letters_garbage_and_follows_the_kv_m
     // Redelivering what was in flight and adding the second half: exactly 400.
     produce(&producer, &topic, second).await?;
     produce(&producer, &topic, &first[..50]).await?; // a collector's retry after an unacknowledged send
-    let _intake = spawn("intake", &stack, &ns, &pipeline, "intake-0")?;
+    let _intake = spawn("intake", "intake-0")?;
     until("all 400 events in the KV store", 60, async || {
         Ok(kv_count(&mut kv, &windows).await? >= 400)
     })
@@ -185,10 +159,7 @@ async fn intake_stores_each_event_once_dead_letters_garbage_and_follows_the_kv_m
     );
 
     // KV published Degraded (as the operator would): events go to the live slaves.
-    let _slaves = [
-        spawn("slave", &stack, &ns, &pipeline, "s-0")?,
-        spawn("slave", &stack, &ns, &pipeline, "s-1")?,
-    ];
+    let _slaves = [spawn("slave", "s-0")?, spawn("slave", "s-1")?];
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
     until("2 slaves joined", 30, async || {
         Ok(leases

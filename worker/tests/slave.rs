@@ -2,15 +2,15 @@
 //! it joins the membership, stores routed events (deduplicated) within its
 //! memory bound, reports its holdings, and leaves the membership on SIGTERM.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ballast_e2e::{KillOnDrop, Stack};
+use ballast_e2e::Stack;
 use ballast_worker::wire::slave_client::SlaveClient;
 use ballast_worker::wire::{ChangeEvent, EventBatch, HoldingsRequest};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams};
 use serde_json::json;
 
 fn event(id: &str, merchant: &str, time_ms: i64, columns: Vec<u8>) -> ChangeEvent {
@@ -25,32 +25,15 @@ async fn lease(leases: &Api<Lease>, name: &str) -> anyhow::Result<Option<Lease>>
 async fn slave_joins_stores_routed_events_and_leaves_on_sigterm() -> anyhow::Result<()> {
     let stack = Stack::discover();
     let client = stack.kube_client().await?;
-    ballast_e2e::install_crds(&client).await?;
-    let ns = ballast_e2e::pipeline_namespace(&client, "slave").await?;
-    let ssa = PatchParams::apply("slave-test").force();
-    let policy = json!({"apiVersion": "ballast.dev/v1alpha1", "kind": "DegradationPolicy", "metadata": {"name": "small"},
-                        "spec": {"kv": {"maxMemoryMiB": 16, "retentionSeconds": 3600}}});
-    Api::<ballast_crds::DegradationPolicy>::namespaced(client.clone(), &ns)
-        .patch("small", &ssa, &Patch::Apply(&policy))
+    let (ns, pipeline) = stack
+        .pipeline_fixture(
+            &client,
+            "slave",
+            json!({"kv": {"maxMemoryMiB": 16, "retentionSeconds": 3600}}),
+        )
         .await?;
-    Api::<ballast_crds::AnalyticsPipeline>::namespaced(client.clone(), &ns)
-        .patch("shop", &ssa, &Patch::Apply(&stack.pipeline("shop", "small")?))
-        .await?;
-
-    let slave = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_ballast-worker"))
-            .arg("slave")
-            .env("KUBECONFIG", stack.get("KUBECONFIG")?)
-            .env("BALLAST_PIPELINE", "shop")
-            .env("POD_NAMESPACE", &ns)
-            .env("POD_NAME", "shop-slave-0")
-            .env("POD_IP", "127.0.0.1")
-            .env("BALLAST_LISTEN_ADDR", "127.0.0.1:0")
-            .env("BALLAST_METRICS_ADDR", "127.0.0.1:0")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
+    let worker = std::path::Path::new(env!("CARGO_BIN_EXE_ballast-worker"));
+    let slave = stack.worker(worker, "slave", &ns, &pipeline, "shop-slave-0")?;
 
     // It joins: a ready Lease naming its address.
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);

@@ -18,7 +18,7 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
@@ -69,6 +69,9 @@ impl Error {
         }
     }
 }
+
+/// Reconciles of pipelines run at once.
+const RECONCILE_CONCURRENCY: u16 = 8;
 
 /// Runs the controller until `shutdown` is cancelled.
 pub async fn run(
@@ -124,6 +127,9 @@ pub async fn run(
                 })
             },
         )
+        // Bounded: a burst of changes (an operator restart, 200 new pipelines)
+        // neither floods the API server nor holds 200 reconciles' data at once.
+        .with_config(controller::Config::default().concurrency(RECONCILE_CONCURRENCY))
         .reconcile_on(triggers)
         .graceful_shutdown_on(async move { stop.cancelled().await })
         .run(reconcile, error_policy, Arc::new(ctx))

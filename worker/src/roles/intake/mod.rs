@@ -3,16 +3,21 @@
 //! as Degraded, hash-distributes it to the live slaves. Offsets are committed
 //! only after the write is acknowledged; writes are idempotent on the event id,
 //! so a redelivery after a crash duplicates nothing. Messages that are not
-//! events go to the dead-letter topic with the reason.
+//! events go to the dead-letter topic with the reason. It also serves the
+//! backup intake (gRPC) that collectors use while Kafka is down, and keeps a
+//! membership Lease naming that address.
 
+pub mod admission;
+pub mod backup;
 pub mod route;
+pub mod sink;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ballast_crds::{AnalyticsPipeline, Mode};
+use ballast_crds::{AnalyticsPipeline, DegradationPolicy, Mode};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::Timestamp;
@@ -28,11 +33,14 @@ use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use self::route::{Route, Slaves};
+use self::admission::Admission;
+use self::backup::Backup;
+use self::route::Slaves;
+use self::sink::{Sink, Stored};
 use crate::kv::{KvStore, Layout};
-use crate::membership::{ready_members, selector};
-use crate::wire::slave_client::SlaveClient;
-use crate::wire::{ChangeEvent, EventBatch};
+use crate::membership::{self, Member, ready_members, selector};
+use crate::wire::ChangeEvent;
+use crate::wire::intake_server::IntakeServer;
 
 /// Settings of an intake process.
 #[derive(Clone, Debug)]
@@ -49,6 +57,14 @@ pub struct Config {
     pub linger: Duration,
     /// Password of the KV Redis, if it has one.
     pub kv_password: Option<String>,
+    /// Pod name: the membership Lease's name.
+    pub identity: String,
+    /// Where the backup intake (gRPC) listens (port 0 picks one).
+    pub listen: SocketAddr,
+    /// Host collectors reach this pod at.
+    pub advertise_host: String,
+    /// Duration of the membership Lease.
+    pub lease: Duration,
 }
 
 /// What an intake talks to.
@@ -76,6 +92,18 @@ pub enum Error {
     /// The KV Redis client could not be created.
     #[error("KV store: {0}")]
     Redis(#[from] redis::RedisError),
+    /// The pipeline's policy could not be read.
+    #[error("reading DegradationPolicy {name}: {source}")]
+    Policy {
+        /// Its name.
+        name: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+    /// The backup intake's gRPC server failed.
+    #[error("backup intake server: {0}")]
+    Serve(#[from] tonic::transport::Error),
     /// The health endpoint could not be bound.
     #[error("binding {addr}: {source}")]
     Bind {
@@ -126,6 +154,32 @@ impl Metrics {
             "write_failures",
             "Batch writes that failed and were retried",
             m.write_failures.clone(),
+        );
+        m
+    }
+
+    fn register_backup(registry: &mut Registry) -> backup::Metrics {
+        let m = backup::Metrics::default();
+        let r = registry.sub_registry_with_prefix("backup_intake");
+        r.register(
+            "events_accepted",
+            "Events stored through the backup intake",
+            m.accepted.clone(),
+        );
+        r.register(
+            "events_shed",
+            "Events dropped because their merchant is shed",
+            m.shed_events.clone(),
+        );
+        r.register(
+            "shed_merchants",
+            "Merchants shed in the current second",
+            m.shed_merchants.clone(),
+        );
+        r.register(
+            "calls_refused",
+            "Calls refused over the budget at the maximum shed share",
+            m.refused.clone(),
         );
         m
     }
@@ -216,15 +270,28 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         .clone()
         .unwrap_or_else(|| format!("{topic}.dead-letter"));
 
+    let policies: Api<DegradationPolicy> = Api::namespaced(deps.client.clone(), &config.namespace);
+    let policy_name = &spec.policy_ref.name;
+    let policy = policies.get(policy_name).await.map_err(|source| Error::Policy {
+        name: policy_name.clone(),
+        source,
+    })?;
+
     let mut registry = Registry::with_prefix("ballast");
     let metrics = Arc::new(Metrics::register(&mut registry));
+    let backup_metrics = Metrics::register_backup(&mut registry);
     let (ready_tx, ready) = watch::channel(false);
-    let (_, health) = crate::health::serve(config.metrics, Arc::new(registry), ready, shutdown.clone())
-        .await
-        .map_err(|source| Error::Bind {
-            addr: config.metrics,
-            source,
-        })?;
+    let (_, health) = crate::health::serve(
+        config.metrics,
+        Arc::new(registry),
+        ready.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .map_err(|source| Error::Bind {
+        addr: config.metrics,
+        source,
+    })?;
 
     let auth = config
         .kv_password
@@ -236,11 +303,60 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         .get_connection_manager()
         .await?;
     // Buckets outlive a day of windows: the compute side reads them after the window closes.
-    let mut kv = KvStore::new(
-        conn,
-        Layout::new(&config.pipeline, i64::from(spec.compute.window_seconds) * 1000),
-        2 * 86_400,
+    let layout = Layout::new(&config.pipeline, i64::from(spec.compute.window_seconds) * 1000);
+    let kv = KvStore::new(conn, layout, 2 * 86_400);
+    let mode = follow_mode(deps.client.clone(), &config, shutdown.clone());
+    let slaves = follow_slaves(deps.client.clone(), &config, shutdown.clone());
+    let sink = Arc::new(tokio::sync::Mutex::new(Sink::new(kv, mode, slaves)));
+
+    // The backup intake, and the membership Lease that tells collectors where it is.
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let port = listener
+        .local_addr()
+        .map_err(|source| Error::Bind {
+            addr: config.listen,
+            source,
+        })?
+        .port();
+    let mq = &policy.spec.mq;
+    let admission = Admission::new(
+        u64::try_from(mq.backup_intake_rate_per_second).unwrap_or(1),
+        u32::try_from(mq.max_shed_percent).unwrap_or(0),
+        Timestamp::now().as_millisecond(),
     );
+    let backup = Backup {
+        admission: Arc::new(Mutex::new(admission)),
+        sink: sink.clone(),
+        metrics: backup_metrics,
+    };
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(IntakeServer::new(backup))
+            .serve_with_incoming_shutdown(
+                crate::grpc::incoming(listener),
+                shutdown.clone().cancelled_owned(),
+            ),
+    );
+    let member = Member {
+        namespace: config.namespace.clone(),
+        pipeline: config.pipeline.clone(),
+        role: "intake".into(),
+        identity: config.identity.clone(),
+        address: format!("{}:{port}", config.advertise_host),
+        duration: config.lease,
+    };
+    let leaving = CancellationToken::new();
+    let membership = tokio::spawn(membership::run(
+        deps.client.clone(),
+        member,
+        ready,
+        leaving.clone(),
+    ));
 
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", &spec.kafka.bootstrap_servers)
@@ -256,10 +372,6 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         .set("bootstrap.servers", &spec.kafka.bootstrap_servers)
         .set("enable.idempotence", "true")
         .create()?;
-
-    let mode = follow_mode(deps.client.clone(), &config, shutdown.clone());
-    let slaves = follow_slaves(deps.client.clone(), &config, shutdown.clone());
-    let mut clients: HashMap<String, SlaveClient<tonic::transport::Channel>> = HashMap::new();
     let _ = ready_tx.send(true);
 
     while !shutdown.is_cancelled() {
@@ -269,32 +381,19 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         }
         // Store, retrying until it is acknowledged: the offsets wait for it.
         loop {
-            let (kv_mode, epoch) = *mode.borrow();
-            let current = route::route(kv_mode, epoch, &slaves.borrow());
-            let stored = match &current {
-                Route::Kv => kv
-                    .write(&batch.events)
-                    .await
-                    .map(|w| {
-                        metrics.to_kv.inc_by(w.new);
-                        metrics.duplicates.inc_by(w.duplicates);
-                    })
-                    .map_err(|e| e.to_string()),
-                Route::Slaves {
-                    ring,
-                    addresses,
-                    epoch,
-                } => deliver(&batch.events, ring, addresses, *epoch, &mut clients)
-                    .await
-                    .map(|n| {
-                        metrics.to_slaves.inc_by(n);
-                    }),
-            };
-            match stored {
-                Ok(()) => break,
+            match sink.lock().await.store(&batch.events).await {
+                Ok(Stored::Kv { new, duplicates }) => {
+                    metrics.to_kv.inc_by(new);
+                    metrics.duplicates.inc_by(duplicates);
+                    break;
+                }
+                Ok(Stored::Slaves { accepted }) => {
+                    metrics.to_slaves.inc_by(accepted);
+                    break;
+                }
                 Err(error) => {
                     metrics.write_failures.inc();
-                    tracing::warn!(%error, route = ?std::mem::discriminant(&current), "storing a batch failed; retrying");
+                    tracing::warn!(%error, "storing a batch failed; retrying");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
@@ -319,8 +418,16 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         }
         consumer.commit(&commit, CommitMode::Sync)?;
     }
+    // Drain: not ready, leave the membership, let the servers finish.
+    let _ = ready_tx.send(false);
+    leaving.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), membership).await;
+    let served = tokio::time::timeout(Duration::from_secs(5), server).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), health).await;
-    Ok(())
+    match served {
+        Ok(Ok(result)) => result.map_err(Error::from),
+        _ => Ok(()),
+    }
 }
 
 /// Reads up to `config.batch` messages, waiting at most `config.linger` after the first.
@@ -366,43 +473,4 @@ async fn collect(consumer: &StreamConsumer, config: &Config, shutdown: &Cancella
         }
     }
     batch
-}
-
-/// Sends each event to the slave owning its merchant; returns how many were accepted.
-async fn deliver(
-    events: &[ChangeEvent],
-    ring: &crate::routing::Ring,
-    addresses: &Slaves,
-    epoch: i64,
-    clients: &mut HashMap<String, SlaveClient<tonic::transport::Channel>>,
-) -> Result<u64, String> {
-    let mut by_slave: BTreeMap<&str, Vec<ChangeEvent>> = BTreeMap::new();
-    for event in events {
-        let owner = ring
-            .owner(&event.merchant_id)
-            .ok_or("no live slave to route to")?;
-        by_slave.entry(owner).or_default().push(event.clone());
-    }
-    let mut accepted = 0;
-    for (slave, events) in by_slave {
-        let address = addresses
-            .get(slave)
-            .ok_or_else(|| format!("no address for slave {slave}"))?;
-        if !clients.contains_key(address) {
-            let client = SlaveClient::connect(format!("http://{address}"))
-                .await
-                .map_err(|e| format!("{slave}: {e}"))?;
-            clients.insert(address.clone(), client);
-        }
-        let client = clients.get_mut(address).ok_or("client vanished")?;
-        match client.deliver(EventBatch { events, epoch }).await {
-            Ok(reply) => accepted += u64::from(reply.into_inner().accepted),
-            Err(status) => {
-                // A slave that went away is dropped; the retry re-routes over the new membership.
-                clients.remove(address);
-                return Err(format!("{slave}: {status}"));
-            }
-        }
-    }
-    Ok(accepted)
 }

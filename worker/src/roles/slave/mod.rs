@@ -273,7 +273,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
     };
 
     let service = Service { store, metrics };
-    let incoming = tokio_stream_listener(listener);
+    let incoming = crate::grpc::incoming(listener);
     // Ready once the server accepts connections.
     let _ = ready_tx.send(true);
     let served = tonic::transport::Server::builder()
@@ -291,14 +291,4 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
     expiry.abort();
     let _ = tokio::time::timeout(config.drain, health).await;
     result.map_err(Error::from)
-}
-
-/// The accepted connections of `listener` as the stream tonic serves.
-fn tokio_stream_listener(
-    listener: tokio::net::TcpListener,
-) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    futures::stream::unfold(listener, |listener| async move {
-        let accepted = listener.accept().await.map(|(stream, _)| stream);
-        Some((accepted, listener))
-    })
 }

@@ -1,0 +1,112 @@
+//! Where the intake stores events, whichever path they came by (Kafka or the
+//! backup intake): the KV store, or the slaves while the KV store is Degraded.
+
+use std::collections::{BTreeMap, HashMap};
+
+use ballast_crds::Mode;
+use tokio::sync::watch;
+
+use super::route::{self, Route, Slaves};
+use crate::kv::KvStore;
+use crate::routing::Ring;
+use crate::wire::slave_client::SlaveClient;
+use crate::wire::{ChangeEvent, EventBatch};
+
+/// Where a stored batch went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// To the KV store: events new to it, and redelivered ones.
+    Kv {
+        /// Events stored for the first time.
+        new: u64,
+        /// Events it already held.
+        duplicates: u64,
+    },
+    /// To the slaves: events they accepted.
+    Slaves {
+        /// Events accepted.
+        accepted: u64,
+    },
+}
+
+/// The intake's writer.
+pub struct Sink {
+    kv: KvStore,
+    mode: watch::Receiver<(Mode, i64)>,
+    slaves: watch::Receiver<Slaves>,
+    clients: HashMap<String, SlaveClient<tonic::transport::Channel>>,
+}
+
+impl Sink {
+    /// A sink following the published KV `mode` and the slave membership.
+    pub fn new(kv: KvStore, mode: watch::Receiver<(Mode, i64)>, slaves: watch::Receiver<Slaves>) -> Self {
+        Self {
+            kv,
+            mode,
+            slaves,
+            clients: HashMap::new(),
+        }
+    }
+
+    /// Stores a batch on the current route; an error means nothing is acknowledged.
+    pub async fn store(&mut self, events: &[ChangeEvent]) -> Result<Stored, String> {
+        let (kv_mode, epoch) = *self.mode.borrow();
+        let current = route::route(kv_mode, epoch, &self.slaves.borrow());
+        match current {
+            Route::Kv => {
+                let written = self.kv.write(events).await.map_err(|e| e.to_string())?;
+                Ok(Stored::Kv {
+                    new: written.new,
+                    duplicates: written.duplicates,
+                })
+            }
+            Route::Slaves {
+                ring,
+                addresses,
+                epoch,
+            } => {
+                let accepted = deliver(events, &ring, &addresses, epoch, &mut self.clients).await?;
+                Ok(Stored::Slaves { accepted })
+            }
+        }
+    }
+}
+
+/// Sends each event to the slave owning its merchant; returns how many were accepted.
+async fn deliver(
+    events: &[ChangeEvent],
+    ring: &Ring,
+    addresses: &Slaves,
+    epoch: i64,
+    clients: &mut HashMap<String, SlaveClient<tonic::transport::Channel>>,
+) -> Result<u64, String> {
+    let mut by_slave: BTreeMap<&str, Vec<ChangeEvent>> = BTreeMap::new();
+    for event in events {
+        let owner = ring
+            .owner(&event.merchant_id)
+            .ok_or("no live slave to route to")?;
+        by_slave.entry(owner).or_default().push(event.clone());
+    }
+    let mut accepted = 0;
+    for (slave, events) in by_slave {
+        let address = addresses
+            .get(slave)
+            .ok_or_else(|| format!("no address for slave {slave}"))?;
+        if !clients.contains_key(address) {
+            let client = SlaveClient::connect(format!("http://{address}"))
+                .await
+                .map_err(|e| format!("{slave}: {e}"))?;
+            clients.insert(address.clone(), client);
+        }
+        let client = clients.get_mut(address).ok_or("client vanished")?;
+        match client.deliver(EventBatch { events, epoch }).await {
+            Ok(reply) => accepted += u64::from(reply.into_inner().accepted),
+            Err(status) => {
+                // A slave that went away is dropped; the retry re-routes over the new membership.
+                clients.remove(address);
+                return Err(format!("{slave}: {status}"));
+            }
+        }
+    }
+    Ok(accepted)
+}
