@@ -31,9 +31,9 @@ stack-down:
 stack-status:
 	$(STACK) status
 
-## crds: regenerate the CRD YAML in crds/ from the Rust types (a test fails on drift)
+## crds: regenerate the CRD YAML in crds/ and the Helm chart from the Rust types (a test fails on drift)
 crds:
-	cargo run --quiet --locked -p ballast-crds --bin crdgen -- crds
+	cargo run --quiet --locked -p ballast-crds --bin crdgen -- crds charts/ballast/crds
 
 ## build: compile every crate
 build:
