@@ -227,6 +227,8 @@ start_kubernetes() {
     --initial-advertise-peer-urls "http://$host:$BALLAST_PORT_ETCD_PEER" \
     --initial-cluster "ballast=http://$host:$BALLAST_PORT_ETCD_PEER" --quota-backend-bytes 2147483648
   wait_for etcd 30 curl -sf "http://$host:$BALLAST_PORT_ETCD/health"
+  # No endpoint reconciler: the `kubernetes` Service cannot point at a loopback
+  # address, and nothing here reaches the API server through it.
   start kube-apiserver "$BALLAST_PORT_APISERVER" "$bin/kube-apiserver" \
     --etcd-servers "http://$host:$BALLAST_PORT_ETCD" \
     --bind-address "$host" --advertise-address "$host" --secure-port "$BALLAST_PORT_APISERVER" \
@@ -235,7 +237,8 @@ start_kubernetes() {
     --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
     --service-account-issuer https://kubernetes.default.svc \
     --service-cluster-ip-range 10.96.0.0/16 --authorization-mode RBAC \
-    --allow-privileged=true --profiling=false --cert-dir "$state/kube"
+    --allow-privileged=true --profiling=false --cert-dir "$state/kube" \
+    --endpoint-reconciler-type=none
   start kube-controller-manager "$BALLAST_PORT_CONTROLLER_MANAGER" "$bin/kube-controller-manager" \
     --kubeconfig "$state/kube/controller-manager.kubeconfig" \
     --authentication-kubeconfig "$state/kube/controller-manager.kubeconfig" \
