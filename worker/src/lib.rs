@@ -7,6 +7,7 @@ pub mod grpc;
 pub mod health;
 pub mod kv;
 pub mod membership;
+pub mod modes;
 pub mod probe;
 pub mod roles;
 pub mod routing;

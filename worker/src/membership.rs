@@ -90,6 +90,36 @@ pub fn ready_members(leases: &[Lease], now: Timestamp) -> BTreeMap<String, Strin
         .collect()
 }
 
+/// The ready members of one role of a pipeline, refreshed every second from
+/// their Leases until `shutdown`; an unreachable API server keeps the last set.
+pub fn follow(
+    client: kube::Client,
+    namespace: &str,
+    pipeline: &str,
+    role: &str,
+    shutdown: CancellationToken,
+) -> watch::Receiver<BTreeMap<String, String>> {
+    let (tx, rx) = watch::channel(BTreeMap::new());
+    let api: Api<Lease> = Api::namespaced(client, namespace);
+    let selector = kube::api::ListParams::default().labels(&selector(pipeline, role));
+    tokio::spawn(async move {
+        loop {
+            match api.list(&selector).await {
+                Ok(list) => {
+                    let members = ready_members(&list.items, Timestamp::now());
+                    tx.send_if_modified(|current| std::mem::replace(current, members.clone()) != members);
+                }
+                Err(error) => tracing::warn!(%error, "listing member leases failed; keeping the last membership"),
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    });
+    rx
+}
+
 /// Keeps the member's Lease renewed (and its readiness current) until
 /// `shutdown`, then deletes it so that peers see the member leave at once.
 pub async fn run(

@@ -10,7 +10,10 @@ fn main() -> ExitCode {
     if dirs.is_empty() {
         dirs.push(PathBuf::from("crds"));
     }
-    for (dir, (file, crd)) in dirs.iter().flat_map(|d| ballast_crds::all().into_iter().map(move |c| (d, c))) {
+    for (dir, (file, crd)) in dirs
+        .iter()
+        .flat_map(|d| ballast_crds::all().into_iter().map(move |c| (d, c)))
+    {
         let path = dir.join(file);
         let written = ballast_crds::to_yaml(&crd)
             .map_err(|e| e.to_string())

@@ -17,12 +17,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ballast_crds::{AnalyticsPipeline, DegradationPolicy, Mode};
-use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::coordination::v1::Lease;
+use ballast_crds::{AnalyticsPipeline, DegradationPolicy};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ListParams};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::api::Api;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use prost::Message as _;
@@ -35,10 +32,9 @@ use tokio_util::sync::CancellationToken;
 
 use self::admission::Admission;
 use self::backup::Backup;
-use self::route::Slaves;
 use self::sink::{Sink, Stored};
 use crate::kv::{KvStore, Layout};
-use crate::membership::{self, Member, ready_members, selector};
+use crate::membership::{self, Member};
 use crate::wire::ChangeEvent;
 use crate::wire::intake_server::IntakeServer;
 
@@ -185,64 +181,6 @@ impl Metrics {
     }
 }
 
-/// The published KV mode of the pipeline, followed with a watch (not a
-/// mounted ConfigMap): an unreachable API server keeps the last known mode.
-fn follow_mode(
-    client: kube::Client,
-    config: &Config,
-    shutdown: CancellationToken,
-) -> watch::Receiver<(Mode, i64)> {
-    let (tx, rx) = watch::channel((Mode::Normal, 0));
-    let api: Api<AnalyticsPipeline> = Api::namespaced(client, &config.namespace);
-    let selector = watcher::Config::default().fields(&format!("metadata.name={}", config.pipeline));
-    tokio::spawn(async move {
-        let mut updates = watcher(api, selector).default_backoff().applied_objects().boxed();
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                next = updates.try_next() => match next {
-                    Ok(Some(ap)) => {
-                        let kv = ap.status.and_then(|s| s.dependencies.kv);
-                        tx.send_replace(kv.map_or((Mode::Normal, 0), |kv| (kv.mode, kv.epoch)));
-                    }
-                    Ok(None) => return,
-                    Err(error) => tracing::warn!(%error, "watching the pipeline's mode failed; keeping the last one"),
-                }
-            }
-        }
-    });
-    rx
-}
-
-/// The ready slaves, refreshed every second from their Leases.
-fn follow_slaves(
-    client: kube::Client,
-    config: &Config,
-    shutdown: CancellationToken,
-) -> watch::Receiver<Slaves> {
-    let (tx, rx) = watch::channel(Slaves::new());
-    let api: Api<Lease> = Api::namespaced(client, &config.namespace);
-    let selector = ListParams::default().labels(&selector(&config.pipeline, "slave"));
-    tokio::spawn(async move {
-        loop {
-            match api.list(&selector).await {
-                Ok(list) => {
-                    let members = ready_members(&list.items, Timestamp::now());
-                    tx.send_if_modified(|current| std::mem::replace(current, members.clone()) != members);
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "listing slave leases failed; keeping the last membership")
-                }
-            }
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
-        }
-    });
-    rx
-}
-
 /// One decoded batch, with the offsets to commit once it is stored.
 #[derive(Default)]
 struct Batch {
@@ -305,8 +243,13 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
     // Buckets outlive a day of windows: the compute side reads them after the window closes.
     let layout = Layout::new(&config.pipeline, i64::from(spec.compute.window_seconds) * 1000);
     let kv = KvStore::new(conn, layout, 2 * 86_400);
-    let mode = follow_mode(deps.client.clone(), &config, shutdown.clone());
-    let slaves = follow_slaves(deps.client.clone(), &config, shutdown.clone());
+    let mode = crate::modes::follow(
+        deps.client.clone(),
+        &config.namespace,
+        &config.pipeline,
+        shutdown.clone(),
+    );
+    let slaves = membership::follow(deps.client.clone(), &config.namespace, &config.pipeline, "slave", shutdown.clone());
     let sink = Arc::new(tokio::sync::Mutex::new(Sink::new(kv, mode, slaves)));
 
     // The backup intake, and the membership Lease that tells collectors where it is.

@@ -3,11 +3,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use ballast_crds::Mode;
+use ballast_crds::Dependency;
 use tokio::sync::watch;
 
 use super::route::{self, Route, Slaves};
 use crate::kv::KvStore;
+use crate::modes::Modes;
 use crate::routing::Ring;
 use crate::wire::slave_client::SlaveClient;
 use crate::wire::{ChangeEvent, EventBatch};
@@ -32,14 +33,14 @@ pub enum Stored {
 /// The intake's writer.
 pub struct Sink {
     kv: KvStore,
-    mode: watch::Receiver<(Mode, i64)>,
+    mode: watch::Receiver<Modes>,
     slaves: watch::Receiver<Slaves>,
     clients: HashMap<String, SlaveClient<tonic::transport::Channel>>,
 }
 
 impl Sink {
     /// A sink following the published KV `mode` and the slave membership.
-    pub fn new(kv: KvStore, mode: watch::Receiver<(Mode, i64)>, slaves: watch::Receiver<Slaves>) -> Self {
+    pub fn new(kv: KvStore, mode: watch::Receiver<Modes>, slaves: watch::Receiver<Slaves>) -> Self {
         Self {
             kv,
             mode,
@@ -50,7 +51,7 @@ impl Sink {
 
     /// Stores a batch on the current route; an error means nothing is acknowledged.
     pub async fn store(&mut self, events: &[ChangeEvent]) -> Result<Stored, String> {
-        let (kv_mode, epoch) = *self.mode.borrow();
+        let (kv_mode, epoch) = self.mode.borrow().get(Dependency::Kv);
         let current = route::route(kv_mode, epoch, &self.slaves.borrow());
         match current {
             Route::Kv => {

@@ -1,0 +1,65 @@
+//! Following the modes the operator publishes in the pipeline's status: a
+//! Kubernetes watch (not a mounted ConfigMap, which the kubelet refreshes far
+//! too slowly for failover). An unreachable API server keeps the last modes.
+
+use ballast_crds::{AnalyticsPipeline, Dependency, Mode};
+use futures::{StreamExt, TryStreamExt};
+use kube::api::Api;
+use kube::runtime::{WatchStreamExt, watcher};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// The published mode and epoch of each dependency; Normal at epoch 0 until published.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Modes(Vec<(Dependency, Mode, i64)>);
+
+impl Modes {
+    /// The mode and epoch of `dependency`.
+    pub fn get(&self, dependency: Dependency) -> (Mode, i64) {
+        self.0
+            .iter()
+            .find(|(d, _, _)| *d == dependency)
+            .map_or((Mode::Normal, 0), |(_, m, e)| (*m, *e))
+    }
+
+    fn of(ap: &AnalyticsPipeline) -> Self {
+        let published = ap.status.clone().unwrap_or_default().dependencies;
+        Self(
+            Dependency::ALL
+                .into_iter()
+                .filter_map(|d| published.get(d).map(|s| (d, s.mode, s.epoch)))
+                .collect(),
+        )
+    }
+}
+
+/// Watches `pipeline` in `namespace` until `shutdown`; the receiver holds its latest modes.
+pub fn follow(
+    client: kube::Client,
+    namespace: &str,
+    pipeline: &str,
+    shutdown: CancellationToken,
+) -> watch::Receiver<Modes> {
+    let (tx, rx) = watch::channel(Modes::default());
+    let api: Api<AnalyticsPipeline> = Api::namespaced(client, namespace);
+    let selector = watcher::Config::default().fields(&format!("metadata.name={pipeline}"));
+    tokio::spawn(async move {
+        let mut updates = watcher(api, selector).default_backoff().applied_objects().boxed();
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                next = updates.try_next() => match next {
+                    Ok(Some(ap)) => {
+                        tx.send_if_modified(|current| {
+                            let modes = Modes::of(&ap);
+                            std::mem::replace(current, modes.clone()) != modes
+                        });
+                    }
+                    Ok(None) => return,
+                    Err(error) => tracing::warn!(%error, "watching the pipeline's modes failed; keeping the last ones"),
+                }
+            }
+        }
+    });
+    rx
+}
