@@ -281,6 +281,8 @@ impl Stack {
             .env("POD_IP", "127.0.0.1")
             .env("BALLAST_LISTEN_ADDR", "127.0.0.1:0")
             .env("BALLAST_METRICS_ADDR", "127.0.0.1:0")
+            // What the kubelet would read from the Secret `mysql` the fixtures create.
+            .env("BALLAST_SOURCE_MYSQL_PASSWORD", "ballast")
             .stdout(std::process::Stdio::from(log.try_clone().map_err(failed)?))
             .stderr(std::process::Stdio::from(log))
             .spawn()

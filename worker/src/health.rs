@@ -68,3 +68,21 @@ async fn metrics(State(shared): State<Shared>) -> impl IntoResponse {
         ),
     }
 }
+
+/// Registers a new counter under `name` (the `_total` suffix is added) and returns it.
+pub fn counter(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+) -> prometheus_client::metrics::counter::Counter {
+    let counter = prometheus_client::metrics::counter::Counter::default();
+    registry.register(name, help, counter.clone());
+    counter
+}
+
+/// Registers a new gauge under `name` and returns it.
+pub fn gauge(registry: &mut Registry, name: &str, help: &str) -> prometheus_client::metrics::gauge::Gauge {
+    let gauge = prometheus_client::metrics::gauge::Gauge::default();
+    registry.register(name, help, gauge.clone());
+    gauge
+}

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use ballast_worker::roles::{intake, slave};
+use ballast_worker::roles::{collector, intake, slave};
 use ballast_worker::{probe, telemetry};
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -59,6 +59,14 @@ enum Command {
         /// How long to wait for an answer.
         #[arg(long, default_value = "5s", value_parser = parse_duration)]
         timeout: Duration,
+    },
+    /// Collector: the source database's binlog to Kafka (or to the backup intake while Kafka is down).
+    Collector {
+        #[command(flatten)]
+        pod: Pod,
+        /// Password of the source database user (from the pipeline's Secret).
+        #[arg(long, env = "BALLAST_SOURCE_MYSQL_PASSWORD", hide_env_values = true)]
+        source_password: Option<String>,
     },
     /// Intake: Kafka to the KV store (or to the slaves while the KV store is down).
     Intake {
@@ -130,6 +138,22 @@ async fn run_slave(pod: Pod, listen: SocketAddr) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+async fn run_collector(pod: Pod, source_password: Option<String>) -> Result<(), String> {
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| format!("Kubernetes client: {e}"))?;
+    let config = collector::Config {
+        namespace: pod.namespace,
+        pipeline: pod.pipeline,
+        identity: pod.identity,
+        metrics: pod.metrics_addr,
+        source_password,
+    };
+    collector::run(config, collector::Deps { client }, shutdown_token())
+        .await
+        .map_err(|e| e.to_string())
+}
+
 async fn run_intake(
     pod: Pod,
     batch: usize,
@@ -187,6 +211,9 @@ async fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Collector { pod, source_password } => {
+            role("collector", cli.log_format, run_collector(pod, source_password)).await
+        }
         Command::Slave { pod, listen } => role("slave", cli.log_format, run_slave(pod, listen)).await,
         Command::Intake {
             pod,

@@ -109,7 +109,9 @@ pub fn follow(
                     let members = ready_members(&list.items, Timestamp::now());
                     tx.send_if_modified(|current| std::mem::replace(current, members.clone()) != members);
                 }
-                Err(error) => tracing::warn!(%error, "listing member leases failed; keeping the last membership"),
+                Err(error) => {
+                    tracing::warn!(%error, "listing member leases failed; keeping the last membership")
+                }
             }
             tokio::select! {
                 () = shutdown.cancelled() => return,

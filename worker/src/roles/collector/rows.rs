@@ -42,9 +42,23 @@ pub fn to_json(value: &Value) -> Json {
         }
         Value::Time(neg, days, h, mi, s, us) => {
             let sign = if *neg { "-" } else { "" };
-            Json::String(format!("{sign}{}:{mi:02}:{s:02}.{us:06}", u64::from(*days) * 24 + u64::from(*h)))
+            Json::String(format!(
+                "{sign}{}:{mi:02}:{s:02}.{us:06}",
+                u64::from(*days) * 24 + u64::from(*h)
+            ))
         }
     }
+}
+
+/// The binlog file name of a rotate event. The server's first (artificial)
+/// rotate event can carry its checksum after the name, so only
+/// `<base>.<digits>` is kept.
+pub fn binlog_file_name(raw: &str) -> String {
+    let Some(dot) = raw.rfind('.') else {
+        return raw.to_owned();
+    };
+    let digits = raw[dot + 1..].chars().take_while(char::is_ascii_digit).count();
+    raw[..dot + 1 + digits].to_owned()
 }
 
 /// Where in the binlog a row sits: it makes the event id stable across re-reads.
@@ -69,13 +83,22 @@ pub fn event(
     at: &RowPosition<'_>,
 ) -> Result<ChangeEvent, RowError> {
     if values.len() < columns.len() {
-        return Err(RowError::Shape { table: table.to_owned(), values: values.len(), columns: columns.len() });
+        return Err(RowError::Shape {
+            table: table.to_owned(),
+            values: values.len(),
+            columns: columns.len(),
+        });
     }
     let object: Map<String, Json> = columns.iter().cloned().zip(values.iter().map(to_json)).collect();
     let merchant = match object.get(merchant_column) {
         Some(Json::String(s)) if !s.is_empty() => s.clone(),
         Some(Json::Number(n)) => n.to_string(),
-        _ => return Err(RowError::NoMerchant { table: table.to_owned(), column: merchant_column.to_owned() }),
+        _ => {
+            return Err(RowError::NoMerchant {
+                table: table.to_owned(),
+                column: merchant_column.to_owned(),
+            });
+        }
     };
     Ok(ChangeEvent {
         event_id: format!("{}:{}:{}", at.file, at.pos, at.index),
@@ -96,31 +119,93 @@ mod tests {
     }
 
     fn at() -> RowPosition<'static> {
-        RowPosition { file: "binlog.000003", pos: 1234, index: 1 }
+        RowPosition {
+            file: "binlog.000003",
+            pos: 1234,
+            index: 1,
+        }
     }
 
     #[test]
     fn a_row_becomes_an_event_keyed_by_merchant_with_a_stable_id() {
-        let values = [Value::Int(7), Value::UInt(42), Value::Bytes(b"19.90".to_vec()), Value::NULL];
-        let e = event("orders", &cols(), &values, "merchant_id", Operation::Insert, 5_000, &at()).expect("event");
-        assert_eq!((e.event_id.as_str(), e.merchant_id.as_str(), e.event_time_ms), ("binlog.000003:1234:1", "42", 5_000));
+        let values = [
+            Value::Int(7),
+            Value::UInt(42),
+            Value::Bytes(b"19.90".to_vec()),
+            Value::NULL,
+        ];
+        let e = event(
+            "orders",
+            &cols(),
+            &values,
+            "merchant_id",
+            Operation::Insert,
+            5_000,
+            &at(),
+        )
+        .expect("event");
+        assert_eq!(
+            (e.event_id.as_str(), e.merchant_id.as_str(), e.event_time_ms),
+            ("binlog.000003:1234:1", "42", 5_000)
+        );
         let columns: Json = serde_json::from_slice(&e.columns).expect("json");
-        assert_eq!(columns, serde_json::json!({"id": 7, "merchant_id": 42, "amount": "19.90", "note": null}));
+        assert_eq!(
+            columns,
+            serde_json::json!({"id": 7, "merchant_id": 42, "amount": "19.90", "note": null})
+        );
     }
 
     #[test]
     fn rows_without_a_merchant_or_with_missing_values_are_refused_with_the_reason() {
         let no_merchant = [Value::Int(7), Value::NULL, Value::Int(1), Value::NULL];
-        let err = event("orders", &cols(), &no_merchant, "merchant_id", Operation::Insert, 0, &at()).expect_err("no merchant");
+        let err = event(
+            "orders",
+            &cols(),
+            &no_merchant,
+            "merchant_id",
+            Operation::Insert,
+            0,
+            &at(),
+        )
+        .expect_err("no merchant");
         assert_eq!(err.to_string(), "row of orders has no merchant_id (merchant id)");
         let short = [Value::Int(7)];
-        let err = event("orders", &cols(), &short, "merchant_id", Operation::Insert, 0, &at()).expect_err("short");
-        assert!(matches!(err, RowError::Shape { values: 1, columns: 4, .. }));
+        let err = event(
+            "orders",
+            &cols(),
+            &short,
+            "merchant_id",
+            Operation::Insert,
+            0,
+            &at(),
+        )
+        .expect_err("short");
+        assert!(matches!(
+            err,
+            RowError::Shape {
+                values: 1,
+                columns: 4,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn rotate_names_lose_trailing_checksum_bytes() {
+        assert_eq!(
+            binlog_file_name("binlog.000004\u{1}\u{2}z\u{7f}"),
+            "binlog.000004"
+        );
+        assert_eq!(binlog_file_name("binlog.000004"), "binlog.000004");
+        assert_eq!(binlog_file_name("mysql-bin.123456"), "mysql-bin.123456");
     }
 
     #[test]
     fn dates_and_times_render_as_text() {
-        assert_eq!(to_json(&Value::Date(2026, 11, 21, 9, 5, 0, 0)), "2026-11-21 09:05:00.000000");
+        assert_eq!(
+            to_json(&Value::Date(2026, 11, 21, 9, 5, 0, 0)),
+            "2026-11-21 09:05:00.000000"
+        );
         assert_eq!(to_json(&Value::Time(true, 1, 2, 3, 4, 5)), "-26:03:04.000005");
     }
 }

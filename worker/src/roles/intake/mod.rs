@@ -17,11 +17,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ballast_crds::{AnalyticsPipeline, DegradationPolicy};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::Api;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
+
+use crate::health::{counter, gauge};
 use prost::Message as _;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use self::admission::Admission;
 use self::backup::Backup;
 use self::sink::{Sink, Stored};
+use super::startup::{self, StartupError};
 use crate::kv::{KvStore, Layout};
 use crate::membership::{self, Member};
 use crate::wire::ChangeEvent;
@@ -73,42 +74,18 @@ pub struct Deps {
 /// Errors that stop an intake.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The pipeline could not be read.
-    #[error("reading AnalyticsPipeline {name}: {source}")]
-    Pipeline {
-        /// Its name.
-        name: String,
-        /// The API error.
-        #[source]
-        source: kube::Error,
-    },
+    /// The pipeline could not be read or a listener bound.
+    #[error(transparent)]
+    Startup(#[from] StartupError),
     /// A Kafka client could not be created or subscribed.
     #[error("Kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
     /// The KV Redis client could not be created.
     #[error("KV store: {0}")]
     Redis(#[from] redis::RedisError),
-    /// The pipeline's policy could not be read.
-    #[error("reading DegradationPolicy {name}: {source}")]
-    Policy {
-        /// Its name.
-        name: String,
-        /// The API error.
-        #[source]
-        source: kube::Error,
-    },
     /// The backup intake's gRPC server failed.
     #[error("backup intake server: {0}")]
     Serve(#[from] tonic::transport::Error),
-    /// The health endpoint could not be bound.
-    #[error("binding {addr}: {source}")]
-    Bind {
-        /// The address.
-        addr: SocketAddr,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 /// The intake's metrics (`ballast_intake_*`).
@@ -122,62 +99,32 @@ struct Metrics {
 
 impl Metrics {
     fn register(registry: &mut Registry) -> Self {
-        let m = Self {
-            to_kv: Counter::default(),
-            to_slaves: Counter::default(),
-            duplicates: Counter::default(),
-            dead_letters: Counter::default(),
-            write_failures: Counter::default(),
-        };
         let r = registry.sub_registry_with_prefix("intake");
-        r.register("events_to_kv", "Events stored in the KV store", m.to_kv.clone());
-        r.register(
-            "events_to_slaves",
-            "Events delivered to slaves while the KV store is down",
-            m.to_slaves.clone(),
-        );
-        r.register(
-            "events_duplicate",
-            "Redelivered events already stored",
-            m.duplicates.clone(),
-        );
-        r.register(
-            "dead_letters",
-            "Messages sent to the dead-letter topic",
-            m.dead_letters.clone(),
-        );
-        r.register(
-            "write_failures",
-            "Batch writes that failed and were retried",
-            m.write_failures.clone(),
-        );
-        m
+        Self {
+            to_kv: counter(r, "events_to_kv", "Events stored in the KV store"),
+            to_slaves: counter(
+                r,
+                "events_to_slaves",
+                "Events delivered to slaves while the KV store is down",
+            ),
+            duplicates: counter(r, "events_duplicate", "Redelivered events already stored"),
+            dead_letters: counter(r, "dead_letters", "Messages sent to the dead-letter topic"),
+            write_failures: counter(r, "write_failures", "Batch writes that failed and were retried"),
+        }
     }
 
     fn register_backup(registry: &mut Registry) -> backup::Metrics {
-        let m = backup::Metrics::default();
         let r = registry.sub_registry_with_prefix("backup_intake");
-        r.register(
-            "events_accepted",
-            "Events stored through the backup intake",
-            m.accepted.clone(),
-        );
-        r.register(
-            "events_shed",
-            "Events dropped because their merchant is shed",
-            m.shed_events.clone(),
-        );
-        r.register(
-            "shed_merchants",
-            "Merchants shed in the current second",
-            m.shed_merchants.clone(),
-        );
-        r.register(
-            "calls_refused",
-            "Calls refused over the budget at the maximum shed share",
-            m.refused.clone(),
-        );
-        m
+        backup::Metrics {
+            accepted: counter(r, "events_accepted", "Events stored through the backup intake"),
+            shed_events: counter(r, "events_shed", "Events dropped because their merchant is shed"),
+            shed_merchants: gauge(r, "shed_merchants", "Merchants shed in the current second"),
+            refused: counter(
+                r,
+                "calls_refused",
+                "Calls refused over the budget at the maximum shed share",
+            ),
+        }
     }
 }
 
@@ -192,14 +139,7 @@ struct Batch {
 /// Runs the intake until `shutdown`; the batch in hand is stored and committed before it returns.
 #[tracing::instrument(skip_all, fields(pipeline = %config.pipeline))]
 pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Result<(), Error> {
-    let aps: Api<AnalyticsPipeline> = Api::namespaced(deps.client.clone(), &config.namespace);
-    let ap = aps
-        .get(&config.pipeline)
-        .await
-        .map_err(|source| Error::Pipeline {
-            name: config.pipeline.clone(),
-            source,
-        })?;
+    let (ap, policy) = startup::pipeline(&deps.client, &config.namespace, &config.pipeline).await?;
     let spec = &ap.spec;
     let topic = spec.kafka.topic.clone();
     let dead_letter_topic = spec
@@ -207,13 +147,6 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         .dead_letter_topic
         .clone()
         .unwrap_or_else(|| format!("{topic}.dead-letter"));
-
-    let policies: Api<DegradationPolicy> = Api::namespaced(deps.client.clone(), &config.namespace);
-    let policy_name = &spec.policy_ref.name;
-    let policy = policies.get(policy_name).await.map_err(|source| Error::Policy {
-        name: policy_name.clone(),
-        source,
-    })?;
 
     let mut registry = Registry::with_prefix("ballast");
     let metrics = Arc::new(Metrics::register(&mut registry));
@@ -226,10 +159,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         shutdown.clone(),
     )
     .await
-    .map_err(|source| Error::Bind {
-        addr: config.metrics,
-        source,
-    })?;
+    .map_err(startup::bind_error(config.metrics))?;
 
     let auth = config
         .kv_password
@@ -249,23 +179,17 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         &config.pipeline,
         shutdown.clone(),
     );
-    let slaves = membership::follow(deps.client.clone(), &config.namespace, &config.pipeline, "slave", shutdown.clone());
+    let slaves = membership::follow(
+        deps.client.clone(),
+        &config.namespace,
+        &config.pipeline,
+        "slave",
+        shutdown.clone(),
+    );
     let sink = Arc::new(tokio::sync::Mutex::new(Sink::new(kv, mode, slaves)));
 
     // The backup intake, and the membership Lease that tells collectors where it is.
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| Error::Bind {
-            addr: config.listen,
-            source,
-        })?;
-    let port = listener
-        .local_addr()
-        .map_err(|source| Error::Bind {
-            addr: config.listen,
-            source,
-        })?
-        .port();
+    let (listener, port) = startup::bind(config.listen).await?;
     let mq = &policy.spec.mq;
     let admission = Admission::new(
         u64::try_from(mq.backup_intake_rate_per_second).unwrap_or(1),

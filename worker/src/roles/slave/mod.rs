@@ -9,16 +9,17 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use ballast_crds::{AnalyticsPipeline, DegradationPolicy};
-use kube::api::Api;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+
+use crate::health::{counter, gauge};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use self::store::{Store, StoreError};
+use super::startup::{self, StartupError};
 use crate::membership::{self, Member};
 use crate::wire::slave_server::{Slave, SlaveServer};
 use crate::wire::{DeliverReply, EventBatch, HoldingsReply, HoldingsRequest, WindowHolding};
@@ -54,24 +55,9 @@ pub struct Deps {
 /// Errors that stop a slave.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The pipeline or its policy could not be read.
-    #[error("reading {what}: {source}")]
-    Read {
-        /// What was read.
-        what: String,
-        /// The API error.
-        #[source]
-        source: kube::Error,
-    },
-    /// A listener could not be bound.
-    #[error("binding {addr}: {source}")]
-    Bind {
-        /// The address.
-        addr: SocketAddr,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
+    /// The pipeline could not be read or a listener bound.
+    #[error(transparent)]
+    Startup(#[from] StartupError),
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -88,40 +74,18 @@ struct Metrics {
 
 impl Metrics {
     fn register(registry: &mut Registry) -> Self {
-        let m = Self {
-            accepted: Counter::default(),
-            duplicates: Counter::default(),
-            expired: Counter::default(),
-            refused: Counter::default(),
-            held_bytes: Gauge::default(),
-        };
         let r = registry.sub_registry_with_prefix("slave");
-        r.register(
-            "events_accepted",
-            "Routed events stored in memory",
-            m.accepted.clone(),
-        );
-        r.register(
-            "events_duplicate",
-            "Routed events dropped as already held",
-            m.duplicates.clone(),
-        );
-        r.register(
-            "events_expired",
-            "Events dropped for being older than the retention",
-            m.expired.clone(),
-        );
-        r.register(
-            "batches_refused",
-            "Batches refused at the memory bound",
-            m.refused.clone(),
-        );
-        r.register(
-            "held_bytes",
-            "Estimated bytes of events held in memory",
-            m.held_bytes.clone(),
-        );
-        m
+        Self {
+            accepted: counter(r, "events_accepted", "Routed events stored in memory"),
+            duplicates: counter(r, "events_duplicate", "Routed events dropped as already held"),
+            expired: counter(
+                r,
+                "events_expired",
+                "Events dropped for being older than the retention",
+            ),
+            refused: counter(r, "batches_refused", "Batches refused at the memory bound"),
+            held_bytes: gauge(r, "held_bytes", "Estimated bytes of events held in memory"),
+        }
     }
 }
 
@@ -188,18 +152,7 @@ impl Slave for Service {
 
 /// Reads the window size, retention and memory bound from the pipeline and its policy.
 async fn sizing(client: &kube::Client, config: &Config) -> Result<Store, Error> {
-    let read = |what: String| move |source| Error::Read { what, source };
-    let aps: Api<AnalyticsPipeline> = Api::namespaced(client.clone(), &config.namespace);
-    let ap = aps
-        .get(&config.pipeline)
-        .await
-        .map_err(read(format!("AnalyticsPipeline {}", config.pipeline)))?;
-    let dps: Api<DegradationPolicy> = Api::namespaced(client.clone(), &config.namespace);
-    let policy = &ap.spec.policy_ref.name;
-    let dp = dps
-        .get(policy)
-        .await
-        .map_err(read(format!("DegradationPolicy {policy}")))?;
+    let (ap, dp) = startup::pipeline(client, &config.namespace, &config.pipeline).await?;
     let kv = &dp.spec.kv;
     Ok(Store::new(
         i64::from(ap.spec.compute.window_seconds) * 1000,
@@ -223,23 +176,8 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         shutdown.clone(),
     )
     .await
-    .map_err(|source| Error::Bind {
-        addr: config.metrics,
-        source,
-    })?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| Error::Bind {
-            addr: config.listen,
-            source,
-        })?;
-    let port = listener
-        .local_addr()
-        .map_err(|source| Error::Bind {
-            addr: config.listen,
-            source,
-        })?
-        .port();
+    .map_err(startup::bind_error(config.metrics))?;
+    let (listener, port) = startup::bind(config.listen).await?;
 
     let member = Member {
         namespace: config.namespace.clone(),

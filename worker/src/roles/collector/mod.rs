@@ -1,0 +1,469 @@
+//! The collector role: tails the business database's row binlog, turns each
+//! row change of the pipeline's tables into a change event keyed by merchant,
+//! and produces it to Kafka. The binlog position is checkpointed only after
+//! Kafka (or the backup intake) acknowledged everything before it, so a
+//! restart resumes there: nothing is lost, and re-read rows carry the same
+//! event ids, which the intake drops as duplicates.
+//!
+//! When Kafka cannot take a batch after the policy's retries — or the operator
+//! publishes the MQ as Degraded — the collector sends synchronously to the
+//! backup intake instead ("async to sync"), and goes back to Kafka once the MQ
+//! mode is Normal again and Kafka accepts the batch.
+
+pub mod checkpoint;
+pub mod rows;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ballast_crds::{Dependency, Mode};
+use futures::StreamExt;
+use mysql_async::binlog::events::{EventData, RowsEventData};
+use mysql_async::prelude::Queryable;
+use mysql_async::{BinlogStreamRequest, Conn, Opts};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+
+use crate::health::counter;
+use prost::Message as _;
+use rdkafka::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use self::checkpoint::{Checkpoints, Position};
+use self::rows::RowPosition;
+use super::startup::{self, StartupError};
+use crate::modes::Modes;
+use crate::wire::intake_client::IntakeClient;
+use crate::wire::{ChangeEvent, EventBatch, Operation};
+
+/// Settings of a collector process.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Namespace of the pipeline.
+    pub namespace: String,
+    /// Pipeline name.
+    pub pipeline: String,
+    /// Pod name, for the binlog replica's server id.
+    pub identity: String,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    pub metrics: SocketAddr,
+    /// Password of the source database user, if it has one.
+    pub source_password: Option<String>,
+}
+
+/// What a collector talks to.
+#[derive(Clone)]
+pub struct Deps {
+    /// The Kubernetes API: pipeline, policy, modes, checkpoint, backup intakes.
+    pub client: kube::Client,
+}
+
+/// Errors that stop a collector.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The pipeline could not be read or a listener bound.
+    #[error(transparent)]
+    Startup(#[from] StartupError),
+    /// The source database failed: connection, schema or binlog stream.
+    #[error("source database: {0}")]
+    Source(#[from] mysql_async::Error),
+    /// The source database's binlog is not readable as rows.
+    #[error("source binlog: {0}")]
+    Binlog(#[from] std::io::Error),
+    /// The Kafka producer could not be created.
+    #[error("Kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// The checkpoint could not be read.
+    #[error("checkpoint: {0}")]
+    Checkpoint(#[source] kube::Error),
+}
+
+/// The collector's metrics (`ballast_collector_*`).
+struct Metrics {
+    to_kafka: Counter,
+    to_backup: Counter,
+    shed: Counter,
+    dead_letters: Counter,
+    switches: Counter,
+}
+
+impl Metrics {
+    fn register(registry: &mut Registry) -> Self {
+        let r = registry.sub_registry_with_prefix("collector");
+        Self {
+            to_kafka: counter(r, "events_to_kafka", "Change events acknowledged by Kafka"),
+            to_backup: counter(
+                r,
+                "events_to_backup_intake",
+                "Change events acknowledged by the backup intake",
+            ),
+            shed: counter(
+                r,
+                "events_shed",
+                "Change events the backup intake shed (whole merchants)",
+            ),
+            dead_letters: counter(r, "dead_letters", "Rows that could not become events"),
+            switches: counter(r, "path_switches", "Switches between Kafka and the backup intake"),
+        }
+    }
+}
+
+/// Where batches go now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    Kafka,
+    Backup,
+}
+
+/// Sends acknowledged batches to Kafka or the backup intake.
+struct Sender {
+    path: Path,
+    producer: FutureProducer,
+    topic: String,
+    dead_letter_topic: String,
+    retries: u32,
+    modes: watch::Receiver<Modes>,
+    intakes: watch::Receiver<BTreeMap<String, String>>,
+    clients: HashMap<String, IntakeClient<tonic::transport::Channel>>,
+    metrics: Arc<Metrics>,
+    last_kafka_check: tokio::time::Instant,
+}
+
+/// How often a collector on the backup intake checks whether Kafka answers again.
+const KAFKA_RECHECK: Duration = Duration::from_secs(3);
+
+impl Sender {
+    /// Delivers `events` (and dead letters); returns once all are acknowledged.
+    async fn send(
+        &mut self,
+        events: &[ChangeEvent],
+        dead: &[(String, String)],
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let mq = self.modes.borrow().get(Dependency::Mq).0;
+        match (self.path, mq) {
+            (Path::Kafka, Mode::Degraded) => {
+                self.switch(Path::Backup, "the operator published the MQ as Degraded")
+            }
+            // Back to Kafka once the MQ is Normal and Kafka answers again (checked at
+            // most every few seconds, so a local trip does not bounce on every batch).
+            (Path::Backup, Mode::Normal) if self.last_kafka_check.elapsed() >= KAFKA_RECHECK => {
+                self.last_kafka_check = tokio::time::Instant::now();
+                if self.kafka_answers().await {
+                    self.switch(Path::Kafka, "the MQ is Normal and Kafka answers again");
+                }
+            }
+            _ => {}
+        }
+        let mut failures = 0;
+        while !shutdown.is_cancelled() {
+            let result = match self.path {
+                Path::Kafka => self.produce(events).await,
+                Path::Backup => self.ingest(events).await,
+            };
+            match result {
+                Ok(()) => {
+                    self.dead_letters(dead).await;
+                    return true;
+                }
+                Err(error) if self.path == Path::Kafka => {
+                    failures += 1;
+                    tracing::warn!(%error, failures, "producing to Kafka failed");
+                    if failures > self.retries {
+                        self.switch(Path::Backup, "Kafka refused the batch after the policy's retries");
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "backup intake refused the batch; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        false
+    }
+
+    /// Whether a Kafka broker answers a metadata request for the topic.
+    async fn kafka_answers(&self) -> bool {
+        use rdkafka::producer::Producer;
+        let producer = self.producer.clone();
+        let topic = self.topic.clone();
+        // librdkafka's metadata call blocks; keep it off the async threads.
+        let check = tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(Some(&topic), Duration::from_secs(1))
+                .is_ok()
+        });
+        check.await.unwrap_or(false)
+    }
+
+    fn switch(&mut self, to: Path, why: &str) {
+        tracing::warn!(from = ?self.path, to = ?to, reason = why, "collector switches path");
+        self.metrics.switches.inc();
+        self.path = to;
+    }
+
+    async fn produce(&self, events: &[ChangeEvent]) -> Result<(), String> {
+        let sends = events.iter().map(|event| {
+            let payload = event.encode_to_vec();
+            let producer = self.producer.clone();
+            let topic = self.topic.clone();
+            let key = event.merchant_id.clone();
+            async move {
+                let record = FutureRecord::to(&topic).key(&key).payload(&payload);
+                producer
+                    .send(record, Duration::from_secs(0))
+                    .await
+                    .map_err(|(e, _)| e.to_string())
+            }
+        });
+        for result in futures::future::join_all(sends).await {
+            result?;
+        }
+        self.metrics.to_kafka.inc_by(events.len() as u64);
+        Ok(())
+    }
+
+    async fn ingest(&mut self, events: &[ChangeEvent]) -> Result<(), String> {
+        let intakes = self.intakes.borrow().clone();
+        let (_, address) = intakes
+            .iter()
+            .next()
+            .ok_or("no backup intake in the membership")?;
+        if !self.clients.contains_key(address) {
+            let client = IntakeClient::connect(format!("http://{address}"))
+                .await
+                .map_err(|e| e.to_string())?;
+            self.clients.insert(address.clone(), client);
+        }
+        let client = self.clients.get_mut(address).ok_or("client vanished")?;
+        match client
+            .ingest(EventBatch {
+                events: events.to_vec(),
+                epoch: 0,
+            })
+            .await
+        {
+            Ok(reply) => {
+                let reply = reply.into_inner();
+                self.metrics
+                    .to_backup
+                    .inc_by(u64::from(reply.accepted) + u64::from(reply.duplicates));
+                self.metrics.shed.inc_by(u64::from(reply.shed));
+                Ok(())
+            }
+            Err(status) => {
+                if status.code() != tonic::Code::ResourceExhausted {
+                    self.clients.remove(address);
+                }
+                Err(status.to_string())
+            }
+        }
+    }
+
+    /// Dead letters go to Kafka when it is reachable; otherwise they are counted and logged.
+    async fn dead_letters(&self, dead: &[(String, String)]) {
+        for (row, reason) in dead {
+            self.metrics.dead_letters.inc();
+            let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+                key: "ballast-reason",
+                value: Some(reason.as_str()),
+            });
+            let record = FutureRecord::<(), _>::to(&self.dead_letter_topic)
+                .payload(row)
+                .headers(headers);
+            if let Err((error, _)) = self.producer.send(record, Duration::from_secs(0)).await {
+                tracing::error!(%error, %reason, row, "dead letter could not be written");
+            }
+        }
+    }
+}
+
+/// Column names of the tracked tables, in ordinal order.
+async fn columns(
+    conn: &mut Conn,
+    database: &str,
+    tables: &[String],
+) -> Result<HashMap<String, Vec<String>>, Error> {
+    let rows: Vec<(String, String)> = conn
+        .exec(
+            "SELECT TABLE_NAME, COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ? ORDER BY TABLE_NAME, ORDINAL_POSITION",
+            (database,),
+        )
+        .await?;
+    let mut out: HashMap<String, Vec<String>> = HashMap::new();
+    for (table, column) in rows.into_iter().filter(|(t, _)| tables.contains(t)) {
+        out.entry(table).or_default().push(column);
+    }
+    Ok(out)
+}
+
+/// Runs the collector until `shutdown`.
+#[tracing::instrument(skip_all, fields(pipeline = %config.pipeline))]
+pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Result<(), Error> {
+    let (ap, policy) = startup::pipeline(&deps.client, &config.namespace, &config.pipeline).await?;
+    let source = &ap.spec.source;
+
+    let mut registry = Registry::with_prefix("ballast");
+    let metrics = Arc::new(Metrics::register(&mut registry));
+    let (ready_tx, ready) = watch::channel(false);
+    let (_, health) = crate::health::serve(config.metrics, Arc::new(registry), ready, shutdown.clone())
+        .await
+        .map_err(startup::bind_error(config.metrics))?;
+
+    let auth = config
+        .source_password
+        .as_deref()
+        .map(|p| format!(":{p}"))
+        .unwrap_or_default();
+    let url = format!(
+        "mysql://{}{auth}@{}/{}",
+        source.mysql.user, source.mysql.address, source.mysql.database
+    );
+    let opts = Opts::from_url(&url).map_err(mysql_async::Error::from)?;
+    let mut conn = Conn::new(opts.clone()).await?;
+    let schema = columns(&mut conn, &source.mysql.database, &source.tables).await?;
+
+    let checkpoints = Checkpoints::new(deps.client.clone(), &config.namespace, &config.pipeline);
+    let start = match checkpoints.load().await.map_err(Error::Checkpoint)? {
+        Some(position) => position,
+        None => {
+            let row: Option<mysql_async::Row> = conn.query_first("SHOW MASTER STATUS").await?;
+            let row = row.ok_or_else(|| {
+                std::io::Error::other("binlog is off on the source database (SHOW MASTER STATUS is empty)")
+            })?;
+            Position {
+                file: row.get(0).unwrap_or_default(),
+                pos: row.get(1).unwrap_or(4),
+            }
+        }
+    };
+    tracing::info!(file = %start.file, pos = start.pos, "tailing the binlog");
+    conn.disconnect().await?;
+
+    let topic = ap.spec.kafka.topic.clone();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &ap.spec.kafka.bootstrap_servers)
+        .set("enable.idempotence", "true")
+        // A dead Kafka fails a batch within seconds, so the switch to the backup intake is quick.
+        .set("message.timeout.ms", "3000")
+        .create()?;
+    let mut sender = Sender {
+        path: Path::Kafka,
+        producer,
+        dead_letter_topic: ap
+            .spec
+            .kafka
+            .dead_letter_topic
+            .clone()
+            .unwrap_or_else(|| format!("{topic}.dead-letter")),
+        topic,
+        retries: u32::try_from(policy.spec.mq.produce_retries).unwrap_or(0),
+        modes: crate::modes::follow(
+            deps.client.clone(),
+            &config.namespace,
+            &config.pipeline,
+            shutdown.clone(),
+        ),
+        intakes: crate::membership::follow(
+            deps.client.clone(),
+            &config.namespace,
+            &config.pipeline,
+            "intake",
+            shutdown.clone(),
+        ),
+        clients: HashMap::new(),
+        metrics: metrics.clone(),
+        last_kafka_check: tokio::time::Instant::now(),
+    };
+
+    let server_id = 100_000
+        + u32::try_from(crate::routing::stable_hash(config.identity.as_bytes()) % 1_000_000).unwrap_or(0);
+    let request = BinlogStreamRequest::new(server_id)
+        .with_filename(start.file.as_bytes())
+        .with_pos(start.pos);
+    let mut stream = Conn::new(opts).await?.get_binlog_stream(request).await?;
+    let _ = ready_tx.send(true);
+
+    let mut file = start.file.clone();
+    let mut pending: Vec<ChangeEvent> = Vec::new();
+    let mut dead: Vec<(String, String)> = Vec::new();
+    loop {
+        let next = tokio::select! {
+            () = shutdown.cancelled() => break,
+            next = stream.next() => next,
+        };
+        let Some(event) = next else { break };
+        let event = event?;
+        let header = event.header();
+        match event.read_data()? {
+            Some(EventData::RotateEvent(rotate)) => file = rows::binlog_file_name(&rotate.name()),
+            Some(EventData::RowsEvent(rows)) => {
+                let Some(tme) = stream.get_tme(rows.table_id()) else {
+                    continue;
+                };
+                let table = tme.table_name().into_owned();
+                if tme.database_name() != source.mysql.database || !source.tables.contains(&table) {
+                    continue;
+                }
+                let op = match rows {
+                    RowsEventData::WriteRowsEvent(_) | RowsEventData::WriteRowsEventV1(_) => {
+                        Operation::Insert
+                    }
+                    RowsEventData::DeleteRowsEvent(_) | RowsEventData::DeleteRowsEventV1(_) => {
+                        Operation::Delete
+                    }
+                    _ => Operation::Update,
+                };
+                let names = schema.get(&table).map(Vec::as_slice).unwrap_or_default();
+                let time_ms = i64::from(header.timestamp()) * 1000;
+                for (index, row) in rows.rows(tme).enumerate() {
+                    let (before, after) = row?;
+                    let image = if op == Operation::Delete { before } else { after };
+                    let values: Vec<mysql_async::Value> = image
+                        .map(|r| {
+                            r.unwrap()
+                                .into_iter()
+                                .map(|v| mysql_async::Value::try_from(v).unwrap_or(mysql_async::Value::NULL))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    let at = RowPosition {
+                        file: &file,
+                        pos: u64::from(header.log_pos()),
+                        index,
+                    };
+                    match rows::event(&table, names, &values, &source.merchant_column, op, time_ms, &at) {
+                        Ok(event) => pending.push(event),
+                        Err(error) => dead.push((
+                            format!("{table} at {}:{}:{index}", at.file, at.pos),
+                            error.to_string(),
+                        )),
+                    }
+                }
+            }
+            Some(EventData::XidEvent(_)) => {
+                let nothing = pending.is_empty() && dead.is_empty();
+                if !nothing && !sender.send(&pending, &dead, &shutdown).await {
+                    break; // shutting down: the transaction will be re-read from the checkpoint
+                }
+                pending.clear();
+                dead.clear();
+                let position = Position {
+                    file: file.clone(),
+                    pos: u64::from(header.log_pos()),
+                };
+                if let Err(error) = checkpoints.save(&position).await {
+                    tracing::warn!(%error, "saving the checkpoint failed; a restart re-reads a little more");
+                }
+            }
+            _ => {}
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), health).await;
+    Ok(())
+}
