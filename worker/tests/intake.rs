@@ -3,11 +3,13 @@
 //! intake crash; a message that is not an event goes to the dead-letter topic
 //! with its reason; with the KV mode published Degraded, events go to the slaves.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use ballast_crds::AnalyticsPipeline;
 use ballast_e2e::Stack;
 use ballast_worker::kv::{KvStore, Layout};
+use ballast_worker::routing::Ring;
 use ballast_worker::wire::slave_client::SlaveClient;
 use ballast_worker::wire::{ChangeEvent, HoldingsRequest};
 use k8s_openapi::api::coordination::v1::Lease;
@@ -158,61 +160,100 @@ async fn intake_stores_each_event_once_dead_letters_garbage_and_follows_the_kv_m
         "{reason:?}"
     );
 
-    // KV published Degraded (as the operator would): events go to the live slaves.
-    let _slaves = [spawn("slave", "s-0")?, spawn("slave", "s-1")?];
+    // KV published Degraded (as the operator would): events go to the live slaves,
+    // each to exactly the slave the ring names for its merchant.
+    let mut slaves = vec![
+        spawn("slave", "s-0")?,
+        spawn("slave", "s-1")?,
+        spawn("slave", "s-2")?,
+    ];
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
-    until("2 slaves joined", 30, async || {
-        Ok(leases
+    let members = async || -> anyhow::Result<BTreeMap<String, String>> {
+        let list = leases
             .list(&ListParams::default().labels("ballast.dev/role=slave"))
-            .await?
+            .await?;
+        Ok(list
             .items
-            .len()
-            == 2)
-    })
-    .await?;
+            .iter()
+            .filter_map(|l| {
+                Some((
+                    l.metadata.name.clone()?,
+                    l.metadata
+                        .annotations
+                        .as_ref()?
+                        .get("ballast.dev/address")?
+                        .clone(),
+                ))
+            })
+            .collect())
+    };
+    until("3 slaves joined", 30, async || Ok(members().await?.len() == 3)).await?;
     let status = json!({"status": {"dependencies": {"kv": {"mode": "Degraded", "since": Timestamp::now().to_string(), "epoch": 1}}}});
     aps.patch_status(&pipeline, &PatchParams::default(), &Patch::Merge(&status))
         .await?;
     tokio::time::sleep(Duration::from_secs(2)).await; // the intake's watch and membership refresh
-    let routed: Vec<ChangeEvent> = (0..100)
-        .map(|i| {
-            ChangeEvent::insert(
-                format!("deg-{i}"),
-                format!("m{i}"),
-                "orders",
-                Timestamp::now().as_millisecond(),
-                b"{}".to_vec(),
-            )
-        })
-        .collect();
-    produce(&producer, &topic, &routed).await?;
-    let addresses: Vec<String> = leases
-        .list(&ListParams::default().labels("ballast.dev/role=slave"))
-        .await?
-        .items
-        .iter()
-        .filter_map(|l| {
-            l.metadata
-                .annotations
-                .as_ref()?
-                .get("ballast.dev/address")
-                .cloned()
-        })
-        .collect();
-    until("100 events held by the slaves", 60, async || {
-        let mut held = 0;
-        for address in &addresses {
-            let mut slave = SlaveClient::connect(format!("http://{address}")).await?;
-            held += slave
-                .holdings(HoldingsRequest {})
-                .await?
-                .into_inner()
-                .windows
-                .iter()
-                .map(|w| w.events)
-                .sum::<u64>();
+
+    let held = async |addresses: &BTreeMap<String, String>| -> anyhow::Result<BTreeMap<String, u64>> {
+        let mut out = BTreeMap::new();
+        for (slave, address) in addresses {
+            let mut client = SlaveClient::connect(format!("http://{address}")).await?;
+            let windows = client.holdings(HoldingsRequest {}).await?.into_inner().windows;
+            out.insert(slave.clone(), windows.iter().map(|w| w.events).sum::<u64>());
         }
-        Ok(held == 100)
+        Ok(out)
+    };
+    let expected = |ring: &Ring| {
+        let mut out: BTreeMap<String, u64> = BTreeMap::new();
+        for m in 0..100 {
+            *out.entry(ring.owner(&format!("m{m}")).unwrap_or_default().to_owned())
+                .or_default() += 1;
+        }
+        out
+    };
+    let batch = |tag: &str| -> Vec<ChangeEvent> {
+        let now = Timestamp::now().as_millisecond();
+        (0..100)
+            .map(|i| {
+                ChangeEvent::insert(
+                    format!("{tag}-{i}"),
+                    format!("m{i}"),
+                    "orders",
+                    now,
+                    b"{}".to_vec(),
+                )
+            })
+            .collect()
+    };
+    let three = Ring::new(["s-0", "s-1", "s-2"]);
+    produce(&producer, &topic, &batch("deg")).await?;
+    let addresses = members().await?;
+    let want = expected(&three);
+    until("each slave holds exactly its merchants' events", 60, async || {
+        Ok(held(&addresses).await? == want)
+    })
+    .await?;
+
+    // A fourth slave joins: about a quarter of the merchants move, all to it.
+    slaves.push(spawn("slave", "s-3")?);
+    until("4 slaves joined", 30, async || Ok(members().await?.len() == 4)).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let four = Ring::new(["s-0", "s-1", "s-2", "s-3"]);
+    let moved = (0..100)
+        .filter(|m| three.owner(&format!("m{m}")) != four.owner(&format!("m{m}")))
+        .count();
+    assert!((12..=40).contains(&moved), "{moved} of 100 merchants moved");
+    assert!((0..100).all(|m| {
+        let m = format!("m{m}");
+        three.owner(&m) == four.owner(&m) || four.owner(&m) == Some("s-3")
+    }));
+    produce(&producer, &topic, &batch("deg4")).await?;
+    let addresses = members().await?;
+    let mut want = expected(&four);
+    for (slave, n) in expected(&three) {
+        *want.entry(slave).or_default() += n;
+    }
+    until("placement after the fourth slave joined", 60, async || {
+        Ok(held(&addresses).await? == want)
     })
     .await?;
     assert_eq!(

@@ -9,6 +9,7 @@
 
 pub mod admission;
 pub mod backup;
+pub mod message;
 pub mod route;
 pub mod sink;
 
@@ -22,7 +23,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 
 use crate::health::{counter, gauge};
-use prost::Message as _;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -242,7 +242,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
     let _ = ready_tx.send(true);
 
     while !shutdown.is_cancelled() {
-        let batch = collect(&consumer, &config, &shutdown).await;
+        let batch = collect(&consumer, &config, &ap.spec.source.tables, &shutdown).await;
         if batch.offsets.is_empty() {
             continue;
         }
@@ -298,7 +298,12 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
 }
 
 /// Reads up to `config.batch` messages, waiting at most `config.linger` after the first.
-async fn collect(consumer: &StreamConsumer, config: &Config, shutdown: &CancellationToken) -> Batch {
+async fn collect(
+    consumer: &StreamConsumer,
+    config: &Config,
+    tables: &[String],
+    shutdown: &CancellationToken,
+) -> Batch {
     let mut batch = Batch::default();
     let deadline = tokio::time::sleep(config.linger);
     tokio::pin!(deadline);
@@ -309,8 +314,8 @@ async fn collect(consumer: &StreamConsumer, config: &Config, shutdown: &Cancella
             () = &mut deadline, if started => break,
             next = consumer.recv() => next,
         };
-        let message = match next {
-            Ok(message) => message,
+        let record = match next {
+            Ok(record) => record,
             Err(error) => {
                 tracing::warn!(%error, "consuming failed");
                 break;
@@ -322,21 +327,13 @@ async fn collect(consumer: &StreamConsumer, config: &Config, shutdown: &Cancella
                 .as_mut()
                 .reset(tokio::time::Instant::now() + config.linger);
         }
-        batch.offsets.insert(
-            (message.topic().to_owned(), message.partition()),
-            message.offset(),
-        );
-        let payload = message.payload().unwrap_or_default();
-        match ChangeEvent::decode(payload) {
-            Ok(event) if !event.event_id.is_empty() && !event.merchant_id.is_empty() => {
-                batch.events.push(event)
-            }
-            Ok(_) => batch
-                .dead
-                .push((payload.to_vec(), "event without event_id or merchant_id".into())),
-            Err(error) => batch
-                .dead
-                .push((payload.to_vec(), format!("not a ChangeEvent: {error}"))),
+        batch
+            .offsets
+            .insert((record.topic().to_owned(), record.partition()), record.offset());
+        let payload = record.payload().unwrap_or_default();
+        match message::accept(payload, tables) {
+            Ok(event) => batch.events.push(event),
+            Err(reason) => batch.dead.push((payload.to_vec(), reason)),
         }
     }
     batch
