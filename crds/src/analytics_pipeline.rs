@@ -239,6 +239,10 @@ pub struct AnalyticsPipelineStatus {
     /// is incomplete and the query service marks it so.
     #[serde(default)]
     pub shed_merchants: i64,
+    /// Share of merchants the backup intake sheds now, in basis points
+    /// (10000 = all): the shed ones are those whose hash rank is below it.
+    #[serde(default)]
+    pub shed_level: i32,
     /// Events sent to the dead-letter topic since the pipeline was created.
     #[serde(default)]
     pub dead_lettered_events: i64,

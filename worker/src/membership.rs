@@ -24,6 +24,58 @@ pub const ROLE_LABEL: &str = "ballast.dev/role";
 pub const ADDRESS_ANNOTATION: &str = "ballast.dev/address";
 /// Annotation saying whether the worker is ready to receive data.
 pub const READY_ANNOTATION: &str = "ballast.dev/ready";
+/// Annotation of a backup intake: merchants it shed in the last second.
+pub const SHED_MERCHANTS_ANNOTATION: &str = "ballast.dev/shed-merchants";
+/// Annotation of a backup intake: its shed level, in basis points.
+pub const SHED_LEVEL_ANNOTATION: &str = "ballast.dev/shed-level";
+
+/// Shedding reported by a pipeline's backup intakes, from their Leases: the
+/// merchants shed (summed) and the highest level. Pure.
+pub fn shedding(leases: &[Lease]) -> (i64, i32) {
+    let value = |lease: &Lease, key: &str| -> i64 {
+        lease
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(key))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let merchants = leases.iter().map(|l| value(l, SHED_MERCHANTS_ANNOTATION)).sum();
+    let level = leases
+        .iter()
+        .map(|l| value(l, SHED_LEVEL_ANNOTATION))
+        .max()
+        .unwrap_or(0);
+    (merchants, i32::try_from(level).unwrap_or(i32::MAX))
+}
+
+/// Publishes shedding figures on the member's Lease, under a field manager of
+/// their own so that the heartbeat's apply leaves them in place.
+pub async fn report_shedding(
+    client: &kube::Client,
+    member: &Member,
+    merchants: u64,
+    level: u32,
+) -> Result<(), kube::Error> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &member.namespace);
+    let patch = json!({
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"name": member.identity, "annotations": {
+            SHED_MERCHANTS_ANNOTATION: merchants.to_string(),
+            SHED_LEVEL_ANNOTATION: level.to_string(),
+        }},
+    });
+    leases
+        .patch(
+            &member.identity,
+            &PatchParams::apply("ballast-worker-shedding").force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    Ok(())
+}
 
 /// Who a worker is, for its Lease.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -160,6 +212,21 @@ mod tests {
     fn lease_at(member: &Member, ready: bool, renewed: i64) -> Lease {
         serde_json::from_value(member.lease(ready, Timestamp::from_second(renewed).expect("valid")))
             .expect("lease")
+    }
+
+    #[test]
+    fn shedding_sums_merchants_and_takes_the_highest_level() {
+        let lease = |merchants: &str, level: &str| -> Lease {
+            serde_json::from_value(json!({"metadata": {"annotations": {
+                SHED_MERCHANTS_ANNOTATION: merchants, SHED_LEVEL_ANNOTATION: level}}}))
+            .expect("lease")
+        };
+        let none: Lease = serde_json::from_value(json!({"metadata": {}})).expect("lease");
+        assert_eq!(
+            shedding(&[lease("12", "400"), lease("30", "900"), none]),
+            (42, 900)
+        );
+        assert_eq!(shedding(&[]), (0, 0));
     }
 
     #[test]

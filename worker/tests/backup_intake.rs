@@ -110,6 +110,33 @@ async fn backup_intake_at_three_times_its_budget_sheds_whole_merchants_only() ->
     for m in &shed {
         assert!(shedding::rank(m) < 9_000, "{m} shed beyond the maximum");
     }
+    // The intake reports its shedding on its Lease, where the operator sums it into status.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let annotations = leases
+            .get("intake-0")
+            .await?
+            .metadata
+            .annotations
+            .unwrap_or_default();
+        let reported: u32 = annotations
+            .get("ballast.dev/shed-level")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if reported > 0 {
+            assert!(
+                annotations
+                    .get("ballast.dev/shed-merchants")
+                    .is_some_and(|v| v.parse::<u64>().is_ok_and(|n| n > 0))
+            );
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no shedding reported on the intake's Lease: {annotations:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // Every event of every merchant that was not shed when it was sent is in the KV store.
     let conn = redis::Client::open(stack.get("BALLAST_REDIS_KV_URL")?.as_str())?
         .get_connection_manager()

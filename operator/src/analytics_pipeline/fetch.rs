@@ -22,6 +22,8 @@ pub struct Fetched {
     pub sql_config_map: Option<ConfigMap>,
     /// Membership Leases of the pipeline's slaves.
     pub slave_leases: Vec<Lease>,
+    /// Membership Leases of the pipeline's intakes (they report shedding).
+    pub intake_leases: Vec<Lease>,
     /// The slave StatefulSet, if created.
     pub slaves: Option<StatefulSet>,
 }
@@ -71,6 +73,8 @@ pub async fn fetch(client: &kube::Client, ap: &AnalyticsPipeline) -> Result<Fetc
     }
     let selector = ListParams::default().labels(&ballast_worker::membership::selector(name, "slave"));
     fetched.slave_leases = leases.list(&selector).await.map_err(Error::Fetch)?.items;
+    let intakes = ListParams::default().labels(&ballast_worker::membership::selector(name, "intake"));
+    fetched.intake_leases = leases.list(&intakes).await.map_err(Error::Fetch)?.items;
     fetched.slaves = sets
         .get_opt(&object_name(name, "slave"))
         .await

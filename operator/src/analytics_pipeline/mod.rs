@@ -305,6 +305,7 @@ async fn reconcile(ap: Arc<AnalyticsPipeline>, ctx: Arc<Context>) -> Result<Acti
     let outcome = status::Outcome::Reconciled {
         publication: Box::new(publication),
         ready_slaves,
+        shedding: ballast_worker::membership::shedding(&fetched.intake_leases),
     };
     status::write(&ctx.client, &ap, &status::compute(&ap, &outcome, now)).await?;
     status::record(&recorder, &ap, &outcome).await?;

@@ -25,6 +25,8 @@ pub enum Outcome {
         publication: Box<Publication>,
         /// Slaves whose Leases say ready.
         ready_slaves: i32,
+        /// Merchants the backup intakes shed now, and their highest shed level.
+        shedding: (i64, i32),
     },
 }
 
@@ -47,7 +49,9 @@ pub fn compute(ap: &AnalyticsPipeline, outcome: &Outcome, now: Timestamp) -> Ana
         Outcome::Reconciled {
             publication,
             ready_slaves,
+            shedding,
         } => {
+            (status.shed_merchants, status.shed_level) = *shedding;
             status.dependencies = publication.modes.clone();
             status.summary = Some(publication.modes.summary());
             status.slaves = Some(format!("{ready_slaves}/{}", publication.slave_replicas));
@@ -225,11 +229,13 @@ mod tests {
             &Outcome::Reconciled {
                 publication: Box::new(publication),
                 ready_slaves: 6,
+                shedding: (12, 900),
             },
             at(2),
         );
         assert_eq!(status.summary.as_deref(), Some("Degraded(kv)"));
         assert_eq!(status.slaves.as_deref(), Some("6/6"));
+        assert_eq!((status.shed_merchants, status.shed_level), (12, 900));
         let degraded = status
             .conditions
             .iter()

@@ -128,6 +128,35 @@ impl Metrics {
     }
 }
 
+/// Publishes the backup intake's shedding on its Lease every second while it changes,
+/// so that the operator can report it in the pipeline's status.
+async fn report_shedding(
+    client: kube::Client,
+    member: Member,
+    admission: Arc<Mutex<Admission>>,
+    stop: CancellationToken,
+) {
+    let mut last = None;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let now = {
+            let admission = admission
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            (admission.shed_merchants().len() as u64, admission.level())
+        };
+        if last != Some(now) {
+            match membership::report_shedding(&client, &member, now.0, now.1).await {
+                Ok(()) => last = Some(now),
+                Err(error) => tracing::warn!(%error, "reporting shedding failed; retrying"),
+            }
+        }
+    }
+}
+
 /// One decoded batch, with the offsets to commit once it is stored.
 #[derive(Default)]
 struct Batch {
@@ -196,8 +225,9 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         u32::try_from(mq.max_shed_percent).unwrap_or(0),
         Timestamp::now().as_millisecond(),
     );
+    let admission = Arc::new(Mutex::new(admission));
     let backup = Backup {
-        admission: Arc::new(Mutex::new(admission)),
+        admission: admission.clone(),
         sink: sink.clone(),
         metrics: backup_metrics,
     };
@@ -218,6 +248,12 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         duration: config.lease,
     };
     let leaving = CancellationToken::new();
+    tokio::spawn(report_shedding(
+        deps.client.clone(),
+        member.clone(),
+        admission.clone(),
+        leaving.clone(),
+    ));
     let membership = tokio::spawn(membership::run(
         deps.client.clone(),
         member,
