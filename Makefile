@@ -15,9 +15,9 @@ WITH_STACK = set -a; source "$$($(STACK) env)"; set +a;
 test: stack-up
 	$(WITH_STACK) cargo test --workspace --locked
 
-## bench: detection-to-publish time beside a raw probe loop, operator memory with 200 pipelines
+## bench: operator detection and memory; ingestion throughput (each beside a raw baseline)
 bench: stack-up
-	$(WITH_STACK) cargo bench --locked -p ballast-operator --bench detection
+	$(WITH_STACK) cargo bench --locked -p ballast-operator -p ballast-worker --bench detection --bench ingest
 
 ## stack-up: install what is missing and start the local stack (idempotent)
 stack-up:

@@ -131,6 +131,23 @@ impl KvStore {
         decode(&key, values)
     }
 
+    /// How many events one window holds (without reading them).
+    pub async fn count(&mut self, window_start_ms: i64) -> Result<u64, KvError> {
+        let merchants: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.layout.window_key(window_start_ms))
+            .query_async(&mut self.conn)
+            .await?;
+        if merchants.is_empty() {
+            return Ok(0);
+        }
+        let mut pipe = redis::pipe();
+        for m in &merchants {
+            pipe.cmd("HLEN").arg(self.layout.merchant_key(window_start_ms, m));
+        }
+        let lens: Vec<u64> = pipe.query_async(&mut self.conn).await?;
+        Ok(lens.iter().sum())
+    }
+
     /// All events of one window.
     pub async fn window(&mut self, window_start_ms: i64) -> Result<Vec<ChangeEvent>, KvError> {
         let merchants: Vec<String> = redis::cmd("SMEMBERS")

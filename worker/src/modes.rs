@@ -22,6 +22,13 @@ impl Modes {
             .map_or((Mode::Normal, 0), |(_, m, e)| (*m, *e))
     }
 
+    /// These modes with `dependency` set to `mode` at `epoch`.
+    pub fn with(mut self, dependency: Dependency, mode: Mode, epoch: i64) -> Self {
+        self.0.retain(|(d, _, _)| *d != dependency);
+        self.0.push((dependency, mode, epoch));
+        self
+    }
+
     fn of(ap: &AnalyticsPipeline) -> Self {
         let published = ap.status.clone().unwrap_or_default().dependencies;
         Self(

@@ -57,6 +57,14 @@ async fn kv_buckets_read_back_by_window_and_merchant_without_duplicates() -> any
     assert_eq!(ids(kv.window(60_000).await?), ["a", "b", "c", "e"]);
     assert_eq!(ids(kv.merchant(60_000, "m1").await?), ["a", "b"]);
     assert_eq!(ids(kv.window(120_000).await?), ["d"]);
+    assert_eq!(
+        (
+            kv.count(60_000).await?,
+            kv.count(120_000).await?,
+            kv.count(180_000).await?
+        ),
+        (4, 1, 0)
+    );
     assert!(kv.window(180_000).await?.is_empty());
     Ok(())
 }

@@ -1,0 +1,304 @@
+//! `make bench`: ingestion throughput on loopback, each beside a raw baseline
+//! measured in the same run:
+//! (a) collector → Kafka → intake → KV, against Kafka's own producer perf tool;
+//! (b) backup intake gRPC ingest, against a bare tonic echo of the same payloads;
+//! (c) intake → slaves hash distribution, against sending the same batches to one slave.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use ballast_crds::{Dependency, Mode};
+use ballast_e2e::Stack;
+use ballast_worker::kv::{KvStore, Layout};
+use ballast_worker::modes::Modes;
+use ballast_worker::roles::intake::sink::Sink;
+use ballast_worker::wire::intake_client::IntakeClient;
+use ballast_worker::wire::intake_server::{Intake, IntakeServer};
+use ballast_worker::wire::slave_client::SlaveClient;
+use ballast_worker::wire::{ChangeEvent, EventBatch, IngestReply};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams};
+use mysql_async::prelude::Queryable;
+use serde_json::json;
+use tokio::sync::watch;
+
+const WINDOW_MS: i64 = 60_000;
+const ROWS: usize = 100_000;
+const BATCH: usize = 1_000;
+
+fn rate(n: usize, elapsed: Duration) -> f64 {
+    n as f64 / elapsed.as_secs_f64()
+}
+
+fn line(label: &str, ours: f64, baseline: f64) {
+    println!(
+        "{label:<46} {ours:>10.0} events/s   baseline {baseline:>10.0}/s   ratio {:.2}",
+        ours / baseline
+    );
+}
+
+fn events(tag: &str, n: usize) -> Vec<ChangeEvent> {
+    let now = Timestamp::now().as_millisecond();
+    (0..n)
+        .map(|i| {
+            ChangeEvent::insert(
+                format!("{tag}-{i}"),
+                format!("m{}", i % 5_000),
+                "orders",
+                now,
+                br#"{"amount":1999,"items":3}"#.to_vec(),
+            )
+        })
+        .collect()
+}
+
+/// Kafka's own producer perf tool from the stack's jars: records per second.
+fn kafka_perf_tool(bootstrap: &str, topic: &str) -> anyhow::Result<f64> {
+    let cache = std::env::var("BALLAST_CACHE")
+        .unwrap_or_else(|_| format!("{}/.cache/ballast", std::env::var("HOME").unwrap_or_default()));
+    let out = std::process::Command::new("java")
+        .args([
+            "-Xmx256m",
+            "-cp",
+            &format!("{cache}/kafka/lib/*"),
+            "org.apache.kafka.tools.ProducerPerformance",
+        ])
+        .args([
+            "--topic",
+            topic,
+            "--num-records",
+            &ROWS.to_string(),
+            "--record-size",
+            "120",
+            "--throughput",
+            "-1",
+        ])
+        .args([
+            "--producer-props",
+            &format!("bootstrap.servers={bootstrap}"),
+            "acks=all",
+        ])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // The summary line: "100000 records sent, 123456.7 records/sec (…)".
+    let summary = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("records sent"))
+        .ok_or_else(|| anyhow::anyhow!("no summary in: {text}"))?;
+    let per_sec = summary
+        .split(',')
+        .nth(1)
+        .and_then(|f| f.split_whitespace().next())
+        .and_then(|v| v.parse().ok());
+    per_sec.ok_or_else(|| anyhow::anyhow!("cannot read {summary:?}"))
+}
+
+/// The raw baseline of (b): an Intake service that acknowledges and drops.
+struct Echo;
+
+#[tonic::async_trait]
+impl Intake for Echo {
+    async fn ingest(
+        &self,
+        request: tonic::Request<EventBatch>,
+    ) -> Result<tonic::Response<IngestReply>, tonic::Status> {
+        let n = u32::try_from(request.into_inner().events.len()).unwrap_or(u32::MAX);
+        Ok(tonic::Response::new(IngestReply {
+            accepted: n,
+            shed: 0,
+            duplicates: 0,
+            shed_level: 0,
+        }))
+    }
+}
+
+async fn ingest_all(address: &str, tag: &str) -> anyhow::Result<Duration> {
+    let mut client = IntakeClient::connect(format!("http://{address}")).await?;
+    let all = events(tag, ROWS);
+    let started = Instant::now();
+    for chunk in all.chunks(BATCH) {
+        client
+            .ingest(EventBatch {
+                events: chunk.to_vec(),
+                epoch: 0,
+            })
+            .await?;
+    }
+    Ok(started.elapsed())
+}
+
+async fn kv_total(kv: &mut KvStore, around: i64) -> anyhow::Result<u64> {
+    let mut n = 0;
+    for w in [around - WINDOW_MS, around, around + WINDOW_MS] {
+        n += kv.count(w.div_euclid(WINDOW_MS) * WINDOW_MS).await?;
+    }
+    Ok(n)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let stack = Stack::discover();
+    let client = stack.kube_client().await?;
+    let policy = json!({"mq": {"backupIntakeRatePerSecond": 100_000_000, "maxShedPercent": 0}, "kv": {"maxMemoryMiB": 2048}});
+    let (ns, pipeline) = stack.pipeline_fixture(&client, "ib", policy).await?;
+    let worker = std::path::Path::new(env!("CARGO_BIN_EXE_ballast-worker"));
+    let bootstrap = stack.get("BALLAST_KAFKA_BOOTSTRAP")?;
+    let kv_conn = redis::Client::open(stack.get("BALLAST_REDIS_KV_URL")?.as_str())?
+        .get_connection_manager()
+        .await?;
+    let mut kv = KvStore::new(kv_conn.clone(), Layout::new(&pipeline, WINDOW_MS), 600);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let address_of = async |role: &str| -> anyhow::Result<BTreeMap<String, String>> {
+        let list = leases
+            .list(&ListParams::default().labels(&format!("ballast.dev/role={role}")))
+            .await?;
+        Ok(list
+            .items
+            .iter()
+            .filter_map(|l| {
+                Some((
+                    l.metadata.name.clone()?,
+                    l.metadata
+                        .annotations
+                        .as_ref()?
+                        .get("ballast.dev/address")?
+                        .clone(),
+                ))
+            })
+            .collect())
+    };
+    let wait_for = async |role: &str, n: usize| -> anyhow::Result<BTreeMap<String, String>> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let members = address_of(role).await?;
+            if members.len() >= n {
+                return Ok(members);
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{role}: {} of {n} joined",
+                members.len()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+
+    // (a) collector -> Kafka -> intake -> KV.
+    let mut db = mysql_async::Conn::new(mysql_async::Opts::from_url(
+        &stack.get("BALLAST_MYSQL_SOURCE_URL")?,
+    )?)
+    .await?;
+    db.query_drop("CREATE TABLE IF NOT EXISTS orders (id BIGINT AUTO_INCREMENT PRIMARY KEY, merchant_id VARCHAR(32) NOT NULL, amount BIGINT NOT NULL)")
+        .await?;
+    let _intake = stack.worker(worker, "intake", &ns, &pipeline, "intake-0")?;
+    let collector_log = std::env::temp_dir().join(format!("ballast-{ns}-collector-0.log"));
+    let _collector = stack.worker(worker, "collector", &ns, &pipeline, "collector-0")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&collector_log)
+        .unwrap_or_default()
+        .contains("tailing the binlog")
+    {
+        anyhow::ensure!(Instant::now() < deadline, "collector did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let intakes = wait_for("intake", 1).await?;
+    let now = Timestamp::now().as_millisecond();
+    let started = Instant::now();
+    for chunk in 0..ROWS / BATCH {
+        let values: Vec<String> = (0..BATCH)
+            .map(|i| format!("('m{}', {})", (chunk * BATCH + i) % 5_000, i))
+            .collect();
+        db.query_drop(format!(
+            "INSERT INTO orders (merchant_id, amount) VALUES {}",
+            values.join(",")
+        ))
+        .await?;
+    }
+    let inserted = started.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while kv_total(&mut kv, now).await? < ROWS as u64 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {} of {ROWS} events reached the KV store",
+            kv_total(&mut kv, now).await?
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let end_to_end = started.elapsed();
+    let perf = kafka_perf_tool(&bootstrap, &format!("{pipeline}-perf"))?;
+    println!("ingestion on loopback, {ROWS} events, batches of {BATCH}:");
+    println!(
+        "  (inserting the rows into MariaDB took {:.2} s of it)",
+        inserted.as_secs_f64()
+    );
+    line(
+        "(a) collector -> Kafka -> intake -> KV",
+        rate(ROWS, end_to_end),
+        perf,
+    );
+
+    // (b) backup intake ingest vs a bare tonic echo.
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let echo_addr = echo.local_addr()?.to_string();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(IntakeServer::new(Echo))
+            .serve_with_incoming(ballast_worker::grpc::incoming(echo)),
+    );
+    let (_, intake_addr) = intakes
+        .iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no intake"))?;
+    let ours = ingest_all(intake_addr, "b").await?;
+    let baseline = ingest_all(&echo_addr, "echo").await?;
+    line(
+        "(b) backup intake gRPC ingest (to KV)",
+        rate(ROWS, ours),
+        rate(ROWS, baseline),
+    );
+
+    // (c) intake -> slave hash distribution vs the same batches to one slave.
+    let _slaves = [
+        stack.worker(worker, "slave", &ns, &pipeline, "s-0")?,
+        stack.worker(worker, "slave", &ns, &pipeline, "s-1")?,
+        stack.worker(worker, "slave", &ns, &pipeline, "s-2")?,
+    ];
+    let slaves = wait_for("slave", 3).await?;
+    let (mode_tx, mode) = watch::channel(Modes::default().with(Dependency::Kv, Mode::Degraded, 1));
+    let (_slaves_tx, members) = watch::channel(slaves.clone());
+    let mut sink = Sink::new(
+        KvStore::new(kv_conn, Layout::new(&pipeline, WINDOW_MS), 600),
+        mode,
+        members,
+    );
+    let all = events("c", ROWS);
+    let started = Instant::now();
+    for chunk in all.chunks(BATCH) {
+        sink.store(chunk).await.map_err(anyhow::Error::msg)?;
+    }
+    let distributed = started.elapsed();
+    let (_, one) = slaves.iter().next().ok_or_else(|| anyhow::anyhow!("no slave"))?;
+    let mut direct = SlaveClient::connect(format!("http://{one}")).await?;
+    let all = events("direct", ROWS);
+    let started = Instant::now();
+    for chunk in all.chunks(BATCH) {
+        direct
+            .deliver(EventBatch {
+                events: chunk.to_vec(),
+                epoch: 1,
+            })
+            .await?;
+    }
+    line(
+        "(c) intake -> 3 slaves, hash-distributed",
+        rate(ROWS, distributed),
+        rate(ROWS, started.elapsed()),
+    );
+    drop(mode_tx);
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(client)
+        .delete(&ns, &Default::default())
+        .await?;
+    Ok(())
+}
