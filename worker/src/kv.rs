@@ -2,13 +2,15 @@
 //!
 //! - `ballast:{pipeline}:w:{window_start_ms}:m:{merchant}` — a hash of
 //!   event id → protobuf-encoded `ChangeEvent`: one merchant's events of one
-//!   window. `HSETNX` makes writes idempotent on the event id, so a redelivered
-//!   Kafka message or a retried batch never duplicates an event.
+//!   window. Keyed by event id, a redelivered Kafka message or a retried batch
+//!   never duplicates an event (it rewrites the same bytes).
 //! - `ballast:{pipeline}:w:{window_start_ms}` — the set of merchants with
 //!   events in the window, so "all events of window W" is one `SMEMBERS` and a
 //!   pipelined `HGETALL` per merchant.
 //!
 //! Every key expires after the retention, renewed by each write.
+
+use std::collections::BTreeMap;
 
 use prost::Message;
 use redis::aio::ConnectionManager;
@@ -96,21 +98,33 @@ impl KvStore {
         if events.is_empty() {
             return Ok(Written::default());
         }
-        let mut pipe = redis::pipe();
+        // One HSET per merchant hash and one SADD per window: HSET counts the
+        // fields it added, so redelivered ids (same content) count as duplicates.
+        let mut hashes: BTreeMap<(i64, &str), Vec<&ChangeEvent>> = BTreeMap::new();
         for event in events {
-            let window = self.layout.window_of(event.event_time_ms);
-            let hash = self.layout.merchant_key(window, &event.merchant_id);
-            let set = self.layout.window_key(window);
-            pipe.cmd("HSETNX")
-                .arg(&hash)
-                .arg(&event.event_id)
-                .arg(event.encode_to_vec());
-            pipe.cmd("SADD").arg(&set).arg(&event.merchant_id).ignore();
+            hashes
+                .entry((self.layout.window_of(event.event_time_ms), &event.merchant_id))
+                .or_default()
+                .push(event);
+        }
+        let mut windows: BTreeMap<i64, Vec<&str>> = BTreeMap::new();
+        let mut pipe = redis::pipe();
+        for ((window, merchant), group) in &hashes {
+            let hash = self.layout.merchant_key(*window, merchant);
+            let hset = pipe.cmd("HSET").arg(&hash);
+            for event in group {
+                hset.arg(&event.event_id).arg(event.encode_to_vec());
+            }
             pipe.cmd("EXPIRE").arg(&hash).arg(self.ttl_seconds).ignore();
+            windows.entry(*window).or_default().push(merchant);
+        }
+        for (window, merchants) in &windows {
+            let set = self.layout.window_key(*window);
+            pipe.cmd("SADD").arg(&set).arg(merchants).ignore();
             pipe.cmd("EXPIRE").arg(&set).arg(self.ttl_seconds).ignore();
         }
-        let inserted: Vec<i64> = pipe.query_async(&mut self.conn).await?;
-        let new = inserted.iter().filter(|n| **n == 1).count() as u64;
+        let added: Vec<u64> = pipe.query_async(&mut self.conn).await?;
+        let new: u64 = added.iter().sum();
         Ok(Written {
             new,
             duplicates: events.len() as u64 - new,
