@@ -283,6 +283,16 @@ impl Sender {
     }
 }
 
+/// How often the acknowledged position is saved.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+async fn save(checkpoints: &Checkpoints, position: Option<Position>) {
+    let Some(position) = position else { return };
+    if let Err(error) = checkpoints.save(&position).await {
+        tracing::warn!(%error, "saving the checkpoint failed; a restart re-reads a little more");
+    }
+}
+
 /// Column names of the tracked tables, in ordinal order.
 async fn columns(
     conn: &mut Conn,
@@ -342,6 +352,9 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
             }
         }
     };
+    // Saved at once: a collector that crashes before its first periodic save
+    // must resume here, not at the end of a binlog that has moved on.
+    checkpoints.save(&start).await.map_err(Error::Checkpoint)?;
     tracing::info!(file = %start.file, pos = start.pos, "tailing the binlog");
     conn.disconnect().await?;
 
@@ -390,6 +403,8 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
     let _ = ready_tx.send(true);
 
     let mut file = start.file.clone();
+    let mut acked: Option<Position> = None;
+    let mut last_save = tokio::time::Instant::now();
     let mut pending: Vec<ChangeEvent> = Vec::new();
     let mut dead: Vec<(String, String)> = Vec::new();
     loop {
@@ -453,17 +468,21 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
                 }
                 pending.clear();
                 dead.clear();
-                let position = Position {
+                acked = Some(Position {
                     file: file.clone(),
                     pos: u64::from(header.log_pos()),
-                };
-                if let Err(error) = checkpoints.save(&position).await {
-                    tracing::warn!(%error, "saving the checkpoint failed; a restart re-reads a little more");
+                });
+                // At most a couple of saves a second: a restart re-reads the rest,
+                // and the event ids make that harmless.
+                if last_save.elapsed() >= CHECKPOINT_EVERY {
+                    save(&checkpoints, acked.take()).await;
+                    last_save = tokio::time::Instant::now();
                 }
             }
             _ => {}
         }
     }
+    save(&checkpoints, acked).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), health).await;
     Ok(())
 }
