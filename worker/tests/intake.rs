@@ -256,6 +256,30 @@ async fn intake_stores_each_event_once_dead_letters_garbage_and_follows_the_kv_m
         Ok(held(&addresses).await? == want)
     })
     .await?;
+    // A slave leaves mid-stream: its merchants go to the others, and the events it
+    // held are reported lost in the intake's log (and metric), not hidden.
+    std::process::Command::new("kill")
+        .args(["-TERM", &slaves[0].0.id().to_string()])
+        .status()?;
+    until("s-0 left", 30, async || Ok(!members().await?.contains_key("s-0"))).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = held(&members().await?).await?;
+    produce(&producer, &topic, &batch("after-leave")).await?;
+    let remaining = Ring::new(["s-1", "s-2", "s-3"]);
+    let mut want = expected(&remaining);
+    for (slave, n) in &before {
+        *want.entry(slave.clone()).or_default() += n;
+    }
+    let addresses = members().await?;
+    until("placement after s-0 left", 60, async || {
+        Ok(held(&addresses).await? == want)
+    })
+    .await?;
+    let log = std::fs::read_to_string(std::env::temp_dir().join(format!("ballast-{ns}-intake-0.log")))?;
+    assert!(
+        log.contains("slave left while the KV store is down"),
+        "the loss was not reported"
+    );
     assert_eq!(
         kv_count(&mut kv, &windows).await?,
         400,

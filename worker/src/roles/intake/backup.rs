@@ -71,7 +71,7 @@ impl Intake for Backup {
         })?;
         let (accepted, duplicates) = match stored {
             Stored::Kv { new, duplicates } => (new, duplicates),
-            Stored::Slaves { accepted } => (accepted, admitted.keep.len() as u64 - accepted),
+            Stored::Slaves { accepted, .. } => (accepted, admitted.keep.len() as u64 - accepted),
         };
         self.metrics.accepted.inc_by(accepted);
         Ok(Response::new(IngestReply {

@@ -95,6 +95,7 @@ struct Metrics {
     duplicates: Counter,
     dead_letters: Counter,
     write_failures: Counter,
+    lost: Counter,
 }
 
 impl Metrics {
@@ -110,6 +111,11 @@ impl Metrics {
             duplicates: counter(r, "events_duplicate", "Redelivered events already stored"),
             dead_letters: counter(r, "dead_letters", "Messages sent to the dead-letter topic"),
             write_failures: counter(r, "write_failures", "Batch writes that failed and were retried"),
+            lost: counter(
+                r,
+                "events_lost",
+                "Events held by slaves that left while the KV store was down",
+            ),
         }
     }
 
@@ -290,8 +296,9 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
                     metrics.duplicates.inc_by(duplicates);
                     break;
                 }
-                Ok(Stored::Slaves { accepted }) => {
+                Ok(Stored::Slaves { accepted, lost }) => {
                     metrics.to_slaves.inc_by(accepted);
+                    metrics.lost.inc_by(lost);
                     break;
                 }
                 Err(error) => {

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use ballast_crds::Dependency;
+use k8s_openapi::jiff::Timestamp;
 use tokio::sync::watch;
 
 use super::route::{self, Route, Slaves};
@@ -27,6 +28,9 @@ pub enum Stored {
     Slaves {
         /// Events accepted.
         accepted: u64,
+        /// Events held by slaves that left the membership since the last batch:
+        /// lost with them (reported, not hidden).
+        lost: u64,
     },
 }
 
@@ -36,6 +40,8 @@ pub struct Sink {
     mode: watch::Receiver<Modes>,
     slaves: watch::Receiver<Slaves>,
     clients: HashMap<String, SlaveClient<tonic::transport::Channel>>,
+    /// Events delivered to each slave since the KV store went down, and since when.
+    held: BTreeMap<String, (u64, Timestamp)>,
 }
 
 impl Sink {
@@ -46,6 +52,7 @@ impl Sink {
             mode,
             slaves,
             clients: HashMap::new(),
+            held: BTreeMap::new(),
         }
     }
 
@@ -55,6 +62,8 @@ impl Sink {
         let current = route::route(kv_mode, epoch, &self.slaves.borrow());
         match current {
             Route::Kv => {
+                // Back on the KV store: what the slaves held is no longer the only copy to track.
+                self.held.clear();
                 let written = self.kv.write(events).await.map_err(|e| e.to_string())?;
                 Ok(Stored::Kv {
                     new: written.new,
@@ -66,10 +75,40 @@ impl Sink {
                 addresses,
                 epoch,
             } => {
+                let lost = self.report_departures(&addresses);
                 let accepted = deliver(events, &ring, &addresses, epoch, &mut self.clients).await?;
-                Ok(Stored::Slaves { accepted })
+                let now = Timestamp::now();
+                for (slave, n) in &accepted {
+                    self.held.entry(slave.clone()).or_insert((0, now)).0 += n;
+                }
+                Ok(Stored::Slaves {
+                    accepted: accepted.values().sum(),
+                    lost,
+                })
             }
         }
+    }
+
+    /// Slaves that left while holding events: their merchants are re-hashed to
+    /// the others by the ring; the events they held are lost, and said so.
+    fn report_departures(&mut self, live: &Slaves) -> u64 {
+        let gone: Vec<String> = self
+            .held
+            .keys()
+            .filter(|s| !live.contains_key(*s))
+            .cloned()
+            .collect();
+        let mut lost = 0;
+        for slave in gone {
+            if let Some((events, since)) = self.held.remove(&slave) {
+                tracing::error!(
+                    %slave, events, since = %since,
+                    "slave left while the KV store is down: the events routed to it since then are lost"
+                );
+                lost += events;
+            }
+        }
+        lost
     }
 }
 
@@ -80,7 +119,7 @@ async fn deliver(
     addresses: &Slaves,
     epoch: i64,
     clients: &mut HashMap<String, SlaveClient<tonic::transport::Channel>>,
-) -> Result<u64, String> {
+) -> Result<BTreeMap<String, u64>, String> {
     let mut by_slave: BTreeMap<&str, Vec<ChangeEvent>> = BTreeMap::new();
     for event in events {
         let owner = ring
@@ -88,7 +127,7 @@ async fn deliver(
             .ok_or("no live slave to route to")?;
         by_slave.entry(owner).or_default().push(event.clone());
     }
-    let mut accepted = 0;
+    let mut accepted = BTreeMap::new();
     for (slave, events) in by_slave {
         let address = addresses
             .get(slave)
@@ -101,7 +140,9 @@ async fn deliver(
         }
         let client = clients.get_mut(address).ok_or("client vanished")?;
         match client.deliver(EventBatch { events, epoch }).await {
-            Ok(reply) => accepted += u64::from(reply.into_inner().accepted),
+            Ok(reply) => {
+                accepted.insert(slave.to_owned(), u64::from(reply.into_inner().accepted));
+            }
             Err(status) => {
                 // A slave that went away is dropped; the retry re-routes over the new membership.
                 clients.remove(address);
