@@ -154,20 +154,10 @@ async fn main() -> anyhow::Result<()> {
         let list = leases
             .list(&ListParams::default().labels(&format!("ballast.dev/role={role}")))
             .await?;
-        Ok(list
-            .items
-            .iter()
-            .filter_map(|l| {
-                Some((
-                    l.metadata.name.clone()?,
-                    l.metadata
-                        .annotations
-                        .as_ref()?
-                        .get("ballast.dev/address")?
-                        .clone(),
-                ))
-            })
-            .collect())
+        Ok(ballast_worker::membership::ready_members(
+            &list.items,
+            Timestamp::now(),
+        ))
     };
     let wait_for = async |role: &str, n: usize| -> anyhow::Result<BTreeMap<String, String>> {
         let deadline = Instant::now() + Duration::from_secs(60);

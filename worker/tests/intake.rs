@@ -172,20 +172,10 @@ async fn intake_stores_each_event_once_dead_letters_garbage_and_follows_the_kv_m
         let list = leases
             .list(&ListParams::default().labels("ballast.dev/role=slave"))
             .await?;
-        Ok(list
-            .items
-            .iter()
-            .filter_map(|l| {
-                Some((
-                    l.metadata.name.clone()?,
-                    l.metadata
-                        .annotations
-                        .as_ref()?
-                        .get("ballast.dev/address")?
-                        .clone(),
-                ))
-            })
-            .collect())
+        Ok(ballast_worker::membership::ready_members(
+            &list.items,
+            Timestamp::now(),
+        ))
     };
     until("3 slaves joined", 30, async || Ok(members().await?.len() == 3)).await?;
     let status = json!({"status": {"dependencies": {"kv": {"mode": "Degraded", "since": Timestamp::now().to_string(), "epoch": 1}}}});
