@@ -256,6 +256,26 @@ impl Stack {
         Ok((ns, pipeline))
     }
 
+    /// A connection to the source database, with the `orders` table that
+    /// [`Stack::pipeline`] tracks created if missing.
+    pub async fn source_orders(&self) -> Result<mysql_async::Conn, StackError> {
+        let failed = |e: mysql_async::Error| StackError::Script {
+            command: "source orders table".into(),
+            message: e.to_string(),
+        };
+        let opts = mysql_async::Opts::from_url(&self.get("BALLAST_MYSQL_SOURCE_URL")?)
+            .map_err(|e| failed(mysql_async::Error::from(e)))?;
+        let mut conn = mysql_async::Conn::new(opts).await.map_err(failed)?;
+        use mysql_async::prelude::Queryable;
+        conn.query_drop(
+            "CREATE TABLE IF NOT EXISTS orders (id BIGINT AUTO_INCREMENT PRIMARY KEY, \
+             merchant_id VARCHAR(32) NOT NULL, amount BIGINT NOT NULL)",
+        )
+        .await
+        .map_err(failed)?;
+        Ok(conn)
+    }
+
     /// Runs `ballast-worker <role>` as pod `pod` of `pipeline`, as the kubelet
     /// would, on free loopback ports; its log goes to the temp directory.
     pub fn worker(

@@ -176,12 +176,7 @@ async fn main() -> anyhow::Result<()> {
     };
 
     // (a) collector -> Kafka -> intake -> KV.
-    let mut db = mysql_async::Conn::new(mysql_async::Opts::from_url(
-        &stack.get("BALLAST_MYSQL_SOURCE_URL")?,
-    )?)
-    .await?;
-    db.query_drop("CREATE TABLE IF NOT EXISTS orders (id BIGINT AUTO_INCREMENT PRIMARY KEY, merchant_id VARCHAR(32) NOT NULL, amount BIGINT NOT NULL)")
-        .await?;
+    let mut db = stack.source_orders().await?;
     let _intake = stack.worker(worker, "intake", &ns, &pipeline, "intake-0")?;
     let collector_log = std::env::temp_dir().join(format!("ballast-{ns}-collector-0.log"));
     let _collector = stack.worker(worker, "collector", &ns, &pipeline, "collector-0")?;

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use ballast_worker::roles::{collector, intake, slave};
+use ballast_worker::roles::{Deps, collector, intake, slave};
 use ballast_worker::{probe, telemetry};
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -133,7 +133,7 @@ async fn run_slave(pod: Pod, listen: SocketAddr) -> Result<(), String> {
         lease: pod.lease,
         drain: pod.drain,
     };
-    slave::run(config, slave::Deps { client }, shutdown_token())
+    slave::run(config, Deps { client }, shutdown_token())
         .await
         .map_err(|e| e.to_string())
 }
@@ -149,7 +149,7 @@ async fn run_collector(pod: Pod, source_password: Option<String>) -> Result<(), 
         metrics: pod.metrics_addr,
         source_password,
     };
-    collector::run(config, collector::Deps { client }, shutdown_token())
+    collector::run(config, Deps { client }, shutdown_token())
         .await
         .map_err(|e| e.to_string())
 }
@@ -176,7 +176,7 @@ async fn run_intake(
         advertise_host: pod.advertise_host,
         lease: pod.lease,
     };
-    intake::run(config, intake::Deps { client }, shutdown_token())
+    intake::run(config, Deps { client }, shutdown_token())
         .await
         .map_err(|e| e.to_string())
 }

@@ -86,12 +86,7 @@ async fn orders_reach_the_kv_store_exactly_once_across_a_crash_and_a_kafka_outag
     let _restore = RestoreStack;
 
     // The fixture pipeline tracks table `orders` of database `ballast`.
-    let mut db = mysql_async::Conn::new(mysql_async::Opts::from_url(
-        &stack.get("BALLAST_MYSQL_SOURCE_URL")?,
-    )?)
-    .await?;
-    db.query_drop("CREATE TABLE IF NOT EXISTS orders (id BIGINT AUTO_INCREMENT PRIMARY KEY, merchant_id VARCHAR(32) NOT NULL, amount BIGINT NOT NULL)")
-        .await?;
+    let mut db = stack.source_orders().await?;
     let conn = redis::Client::open(stack.get("BALLAST_REDIS_KV_URL")?.as_str())?
         .get_connection_manager()
         .await?;

@@ -4,3 +4,10 @@ pub mod collector;
 pub mod intake;
 pub mod slave;
 pub mod startup;
+
+/// What a role talks to besides its own servers.
+#[derive(Clone)]
+pub struct Deps {
+    /// The Kubernetes API: pipeline, policy, published modes, membership.
+    pub client: kube::Client,
+}

@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::checkpoint::{Checkpoints, Position};
 use self::rows::RowPosition;
+use super::Deps;
 use super::startup::{self, StartupError};
 use crate::modes::Modes;
 use crate::wire::intake_client::IntakeClient;
@@ -53,13 +54,6 @@ pub struct Config {
     pub metrics: SocketAddr,
     /// Password of the source database user, if it has one.
     pub source_password: Option<String>,
-}
-
-/// What a collector talks to.
-#[derive(Clone)]
-pub struct Deps {
-    /// The Kubernetes API: pipeline, policy, modes, checkpoint, backup intakes.
-    pub client: kube::Client,
 }
 
 /// Errors that stop a collector.

@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use self::admission::Admission;
 use self::backup::Backup;
 use self::sink::{Sink, Stored};
+use super::Deps;
 use super::startup::{self, StartupError};
 use crate::kv::{KvStore, Layout};
 use crate::membership::{self, Member};
@@ -62,13 +63,6 @@ pub struct Config {
     pub advertise_host: String,
     /// Duration of the membership Lease.
     pub lease: Duration,
-}
-
-/// What an intake talks to.
-#[derive(Clone)]
-pub struct Deps {
-    /// The Kubernetes API: pipeline, its mode, the slaves' membership.
-    pub client: kube::Client,
 }
 
 /// Errors that stop an intake.

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use self::store::{Store, StoreError};
+use super::Deps;
 use super::startup::{self, StartupError};
 use crate::membership::{self, Member};
 use crate::wire::slave_server::{Slave, SlaveServer};
@@ -43,13 +44,6 @@ pub struct Config {
     pub lease: Duration,
     /// How long draining may take on shutdown.
     pub drain: Duration,
-}
-
-/// What a slave talks to.
-#[derive(Clone)]
-pub struct Deps {
-    /// The Kubernetes API: pipeline, policy, membership.
-    pub client: kube::Client,
 }
 
 /// Errors that stop a slave.
