@@ -9,15 +9,24 @@ STACK := e2e/stack/stack.sh
 # Exports the stack's endpoints (KUBECONFIG, BALLAST_*) into a recipe's shell.
 WITH_STACK = set -a; source "$$($(STACK) env)"; set +a;
 
-.PHONY: test bench stack-up stack-down stack-status build lint fmt crds
+.PHONY: demo test bench stack-up stack-down stack-status build lint fmt crds
+
+## demo: the main job: the whole platform on the local stack, failing and recovering, in one terminal
+demo:
+	@if $(STACK) status >/dev/null 2>&1; then was_up=1; else was_up=; fi; \
+	$(STACK) up; \
+	cargo build --locked -p ballast-operator -p ballast-worker -p ballast-demo; \
+	code=0; $(WITH_STACK) "$(CARGO_TARGET_DIR)/debug/ballast-demo" || code=$$?; \
+	if [ -z "$$was_up" ]; then $(STACK) down; fi; \
+	exit $$code
 
 ## test: start the local stack if needed, then run all unit and integration tests
 test: stack-up
 	$(WITH_STACK) cargo test --workspace --locked
 
-## bench: operator detection and memory; ingestion throughput (each beside a raw baseline)
+## bench: operator detection and memory; ingestion, compute and dispatch throughput; master failover (each beside a baseline)
 bench: stack-up
-	$(WITH_STACK) cargo bench --locked -p ballast-operator -p ballast-worker --bench detection --bench ingest
+	$(WITH_STACK) cargo bench --locked -p ballast-operator -p ballast-worker --bench detection --bench ingest --bench compute --bench master
 
 ## stack-up: install what is missing and start the local stack (idempotent)
 stack-up:

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::PodTemplateSpec;
+use k8s_openapi::api::core::v1::{PodTemplateSpec, Secret};
 use kube::api::{Api, ListParams};
 use tokio_util::sync::CancellationToken;
 
@@ -28,6 +28,8 @@ pub struct Settings {
     pub roles: Vec<String>,
     /// Directory for one log file per process.
     pub logs: PathBuf,
+    /// Extra environment for every process (e.g. shorter leases in tests).
+    pub env: Vec<(String, String)>,
 }
 
 /// The running harness; stops every process when dropped.
@@ -80,6 +82,7 @@ async fn run(
     token: CancellationToken,
 ) {
     let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &settings.namespace);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &settings.namespace);
     let deployments: Api<Deployment> = Api::namespaced(client, &settings.namespace);
     let owned = ListParams::default().labels("app.kubernetes.io/managed-by=ballast-operator");
     loop {
@@ -116,11 +119,21 @@ async fn run(
             .filter(|w| role(&w.template).is_some_and(|r| settings.roles.contains(&r)))
             .flat_map(|w| w.pods.into_iter().map(move |pod| (pod, w.template.clone())))
             .collect();
+        // Secret values as the kubelet injects them (`valueFrom.secretKeyRef`).
+        let mut resolved = Vec::with_capacity(wanted.len());
+        for (pod, template) in wanted {
+            let env = secret_env(&secrets, &template).await;
+            resolved.push((pod, template, env));
+        }
         let mut running = pods.lock().unwrap_or_else(PoisonError::into_inner);
+        // Dropping the harness cancels, then kills under this lock: nothing may start after.
+        if token.is_cancelled() {
+            return;
+        }
         reap(&mut running);
         let stale: Vec<String> = running
             .keys()
-            .filter(|p| !wanted.iter().any(|(w, _)| w == *p))
+            .filter(|p| !resolved.iter().any(|(w, _, _)| w == *p))
             .cloned()
             .collect();
         for pod in stale {
@@ -128,11 +141,11 @@ async fn run(
                 terminate(child);
             }
         }
-        for (pod, template) in wanted {
+        for (pod, template, secret_env) in resolved {
             if running.contains_key(&pod) {
                 continue;
             }
-            match spawn(&settings, &pod, &template) {
+            match spawn(&settings, &pod, &template, &secret_env) {
                 Ok(child) => {
                     running.insert(pod, child);
                 }
@@ -174,7 +187,31 @@ fn terminate(mut child: Child) {
     });
 }
 
-fn spawn(settings: &Settings, pod: &str, template: &PodTemplateSpec) -> std::io::Result<Child> {
+/// The container's env vars that come from Secrets, resolved; a missing Secret or key is left out.
+async fn secret_env(secrets: &Api<Secret>, template: &PodTemplateSpec) -> Vec<(String, String)> {
+    let container = template.spec.as_ref().and_then(|s| s.containers.first());
+    let mut out = Vec::new();
+    for env in container.and_then(|c| c.env.clone()).unwrap_or_default() {
+        let Some(r) = env.value_from.and_then(|v| v.secret_key_ref) else {
+            continue;
+        };
+        let Ok(secret) = secrets.get(&r.name).await else {
+            continue;
+        };
+        let value = secret.data.and_then(|d| d.get(&r.key).cloned());
+        if let Some(value) = value.and_then(|v| String::from_utf8(v.0).ok()) {
+            out.push((env.name, value));
+        }
+    }
+    out
+}
+
+fn spawn(
+    settings: &Settings,
+    pod: &str,
+    template: &PodTemplateSpec,
+    secret_env: &[(String, String)],
+) -> std::io::Result<Child> {
     let container = template.spec.as_ref().and_then(|s| s.containers.first());
     let args = container.and_then(|c| c.args.clone()).unwrap_or_default();
     let mut command = Command::new(&settings.worker);
@@ -193,9 +230,15 @@ fn spawn(settings: &Settings, pod: &str, template: &PodTemplateSpec) -> std::io:
         // Every "pod" shares loopback: each picks free ports and advertises them.
         .env("BALLAST_METRICS_ADDR", "127.0.0.1:0")
         .env("BALLAST_LISTEN_ADDR", "127.0.0.1:0")
-        .env("RUST_LOG", "info");
+        .env("RUST_LOG", "info")
+        .envs(secret_env.iter().map(|(k, v)| (k, v)))
+        .envs(settings.env.iter().map(|(k, v)| (k, v)));
     std::fs::create_dir_all(&settings.logs)?;
-    let log = std::fs::File::create(settings.logs.join(format!("{pod}.log")))?;
+    // Appended, as a kubelet keeps a restarted container's previous log.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(settings.logs.join(format!("{pod}.log")))?;
     command
         .stdout(Stdio::from(log.try_clone()?))
         .stderr(Stdio::from(log))

@@ -10,6 +10,8 @@
 #![forbid(unsafe_code)]
 
 pub mod kubelet;
+pub mod orders;
+pub mod scenario;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -153,6 +155,21 @@ pub fn host_port(url: &str) -> &str {
     rest.split('/').next().unwrap_or(rest)
 }
 
+/// The worker's sample order-analytics SQL, which the fixtures' pipelines run.
+pub const SAMPLE_SQL: &str = include_str!("../../worker/sql/orders.sql");
+
+/// `patch` merged into `target`: objects key by key, anything else replaced.
+pub fn merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
+    match (target, patch) {
+        (serde_json::Value::Object(t), serde_json::Value::Object(p)) => {
+            for (k, v) in p {
+                merge(t.entry(k.clone()).or_insert(serde_json::Value::Null), v);
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
 impl Stack {
     /// An AnalyticsPipeline whose every dependency is a server of this stack;
     /// its MySQL password comes from the Secret `mysql` (key `password`).
@@ -174,11 +191,29 @@ impl Stack {
                 "cache": {"address": host_port(&self.get("BALLAST_REDIS_CACHE_URL")?)},
                 "hotStore": mysql("BALLAST_MYSQL_HOT_URL")?,
                 "coldStore": {"elasticsearch": {"url": self.get("BALLAST_ES_COLD_URL")?}, "indexPrefix": format!("{name}-daily")},
-                "compute": {"windowSeconds": 60, "sql": "SELECT merchant_id, count(*) FROM events GROUP BY merchant_id"},
+                "compute": {"windowSeconds": 60, "sql": SAMPLE_SQL},
                 "roles": {"slave": {"replicas": 2}},
             }
         }))
     }
+}
+
+/// Label of the namespaces fixtures create, so that leftovers can be found.
+pub const FIXTURE_LABEL: &str = "ballast.dev/fixture";
+
+/// Deletes every namespace a fixture created (tests leave theirs for
+/// post-mortems); an operator started afterwards has only new work.
+pub async fn delete_fixtures(client: &kube::Client) -> Result<usize, StackError> {
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::api::{Api, DeleteParams, ListParams};
+    let api = Api::<Namespace>::all(client.clone());
+    let old = api.list(&ListParams::default().labels(FIXTURE_LABEL)).await?;
+    for ns in &old.items {
+        if let Some(name) = &ns.metadata.name {
+            api.delete(name, &DeleteParams::background()).await?;
+        }
+    }
+    Ok(old.items.len())
 }
 
 /// Creates a namespace for one test, holding the Secret `mysql` that
@@ -187,13 +222,13 @@ pub async fn pipeline_namespace(client: &kube::Client, prefix: &str) -> Result<S
     use k8s_openapi::api::core::v1::{Namespace, Secret};
     use kube::api::{Api, PostParams};
     let name = format!("{prefix}-{}", std::process::id());
-    let ns: Namespace =
-        serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).map_err(|e| {
-            StackError::Script {
-                command: "namespace".into(),
-                message: e.to_string(),
-            }
-        })?;
+    let ns: Namespace = serde_json::from_value(
+        serde_json::json!({"metadata": {"name": name, "labels": {FIXTURE_LABEL: "true"}}}),
+    )
+    .map_err(|e| StackError::Script {
+        command: "namespace".into(),
+        message: e.to_string(),
+    })?;
     Api::<Namespace>::all(client.clone())
         .create(&PostParams::default(), &ns)
         .await?;
@@ -240,6 +275,18 @@ impl Stack {
         prefix: &str,
         policy_spec: serde_json::Value,
     ) -> Result<(String, String), StackError> {
+        self.pipeline_fixture_with(client, prefix, policy_spec, serde_json::json!({}))
+            .await
+    }
+
+    /// [`Stack::pipeline_fixture`] with `spec_patch` merged into the pipeline's spec.
+    pub async fn pipeline_fixture_with(
+        &self,
+        client: &kube::Client,
+        prefix: &str,
+        policy_spec: serde_json::Value,
+        spec_patch: serde_json::Value,
+    ) -> Result<(String, String), StackError> {
         use kube::api::{Api, Patch, PatchParams};
         install_crds(client).await?;
         let ns = pipeline_namespace(client, prefix).await?;
@@ -250,14 +297,16 @@ impl Stack {
         Api::<ballast_crds::DegradationPolicy>::namespaced(client.clone(), &ns)
             .patch("p", &ssa, &Patch::Apply(&policy))
             .await?;
+        let mut ap = self.pipeline(&pipeline, "p")?;
+        merge(&mut ap["spec"], &spec_patch);
         Api::<ballast_crds::AnalyticsPipeline>::namespaced(client.clone(), &ns)
-            .patch(&pipeline, &ssa, &Patch::Apply(&self.pipeline(&pipeline, "p")?))
+            .patch(&pipeline, &ssa, &Patch::Apply(&ap))
             .await?;
         Ok((ns, pipeline))
     }
 
     /// A connection to the source database, with the `orders` table that
-    /// [`Stack::pipeline`] tracks created if missing.
+    /// [`Stack::pipeline`] tracks created if missing (columns as the sample SQL reads them).
     pub async fn source_orders(&self) -> Result<mysql_async::Conn, StackError> {
         let failed = |e: mysql_async::Error| StackError::Script {
             command: "source orders table".into(),
@@ -270,6 +319,16 @@ impl Stack {
         conn.query_drop(
             "CREATE TABLE IF NOT EXISTS orders (id BIGINT AUTO_INCREMENT PRIMARY KEY, \
              merchant_id VARCHAR(32) NOT NULL, amount BIGINT NOT NULL)",
+        )
+        .await
+        .map_err(failed)?;
+        // Columns added later; a table made by an earlier version of this fixture gains them.
+        conn.query_drop(
+            "ALTER TABLE orders \
+             ADD COLUMN IF NOT EXISTS user_id VARCHAR(32) NOT NULL DEFAULT 'u-0', \
+             ADD COLUMN IF NOT EXISTS item VARCHAR(64) NOT NULL DEFAULT 'item-0', \
+             ADD COLUMN IF NOT EXISTS status VARCHAR(16) NOT NULL DEFAULT 'paid', \
+             ADD COLUMN IF NOT EXISTS created_at TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3)",
         )
         .await
         .map_err(failed)?;
@@ -286,6 +345,20 @@ impl Stack {
         pipeline: &str,
         pod: &str,
     ) -> Result<KillOnDrop, StackError> {
+        self.worker_with(binary, &[role], ns, pipeline, pod, &[])
+    }
+
+    /// [`Stack::worker`] with more arguments after the role and extra environment.
+    pub fn worker_with(
+        &self,
+        binary: &std::path::Path,
+        args: &[&str],
+        ns: &str,
+        pipeline: &str,
+        pod: &str,
+        env: &[(&str, &str)],
+    ) -> Result<KillOnDrop, StackError> {
+        let role = args.first().copied().unwrap_or_default();
         let failed = |e: std::io::Error| StackError::Script {
             command: format!("ballast-worker {role}"),
             message: e.to_string(),
@@ -293,7 +366,7 @@ impl Stack {
         let log = std::fs::File::create(std::env::temp_dir().join(format!("ballast-{ns}-{pod}.log")))
             .map_err(failed)?;
         let child = std::process::Command::new(binary)
-            .arg(role)
+            .args(args)
             .env("KUBECONFIG", self.get("KUBECONFIG")?)
             .env("BALLAST_PIPELINE", pipeline)
             .env("POD_NAMESPACE", ns)
@@ -303,6 +376,37 @@ impl Stack {
             .env("BALLAST_METRICS_ADDR", "127.0.0.1:0")
             // What the kubelet would read from the Secret `mysql` the fixtures create.
             .env("BALLAST_SOURCE_MYSQL_PASSWORD", "ballast")
+            .env("BALLAST_HOT_MYSQL_PASSWORD", "ballast")
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::from(log.try_clone().map_err(failed)?))
+            .stderr(std::process::Stdio::from(log))
+            .spawn()
+            .map_err(failed)?;
+        Ok(KillOnDrop(child))
+    }
+}
+
+impl Stack {
+    /// Runs the `ballast-operator` at `binary` against this stack, its leader
+    /// Lease in `ns`, on a free metrics port; its log goes to the temp directory.
+    pub fn operator(&self, binary: &std::path::Path, ns: &str) -> Result<KillOnDrop, StackError> {
+        let failed = |e: std::io::Error| StackError::Script {
+            command: "ballast-operator".into(),
+            message: e.to_string(),
+        };
+        let log = std::fs::File::create(std::env::temp_dir().join(format!("ballast-operator-{ns}.log")))
+            .map_err(failed)?;
+        let child = std::process::Command::new(binary)
+            .args([
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--lease-namespace",
+                ns,
+                "--lease-seconds",
+                "10",
+            ])
+            .env("KUBECONFIG", self.get("KUBECONFIG")?)
+            .env("RUST_LOG", "info,ballast_operator=debug")
             .stdout(std::process::Stdio::from(log.try_clone().map_err(failed)?))
             .stderr(std::process::Stdio::from(log))
             .spawn()

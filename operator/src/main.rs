@@ -6,14 +6,13 @@
 mod analytics_pipeline;
 mod context;
 mod degradation_policy;
-mod leader;
 mod mode;
 mod probe;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use ballast_worker::{health, telemetry};
+use ballast_worker::{health, leader, telemetry};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 

@@ -7,11 +7,9 @@
 //! stand-in kubelet from the StatefulSet the operator scales; they join the
 //! membership with their Leases, as slave pods do.
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
 use ballast_crds::{AnalyticsPipeline, DegradationPolicy, Mode};
 use ballast_e2e::kubelet::{Kubelet, Settings};
+use ballast_e2e::scenario;
 use ballast_e2e::{KillOnDrop, Stack, stack_script};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::coordination::v1::Lease;
@@ -29,42 +27,18 @@ impl Drop for RestoreStack {
     }
 }
 
-fn start_operator(ns: &str, kubeconfig: &str) -> anyhow::Result<KillOnDrop> {
-    let log = std::fs::File::create(std::env::temp_dir().join(format!("ballast-operator-{ns}.log")))?;
-    let child = Command::new(env!("CARGO_BIN_EXE_ballast-operator"))
-        .args([
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--lease-namespace",
-            ns,
-            "--lease-seconds",
-            "10",
-        ])
-        .env("KUBECONFIG", kubeconfig)
-        .env("RUST_LOG", "info,ballast_operator=debug")
-        .stdout(Stdio::from(log.try_clone()?))
-        .stderr(Stdio::from(log))
-        .spawn()?;
-    Ok(KillOnDrop(child))
+fn start_operator(ns: &str) -> anyhow::Result<KillOnDrop> {
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_ballast-operator"));
+    Ok(Stack::discover().operator(binary, ns)?)
 }
 
-/// Polls `check` every 250 ms until it yields a value or `secs` pass.
-async fn eventually<T, F, Fut>(what: &str, secs: u64, mut check: F) -> anyhow::Result<T>
+/// Polls `check` until it yields a value or `secs` pass.
+async fn eventually<T, F, Fut>(what: &str, secs: u64, check: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
 {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let mut last_error = None;
-    while Instant::now() < deadline {
-        match check().await {
-            Ok(Some(value)) => return Ok(value),
-            Ok(None) => {}
-            Err(e) => last_error = Some(e),
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    anyhow::bail!("{what}: not within {secs} s (last error: {last_error:?})")
+    Ok(scenario::eventually(what, secs, check).await?)
 }
 
 fn policy() -> serde_json::Value {
@@ -108,7 +82,7 @@ async fn operator_reconciles_and_switches_modes_against_real_servers() -> anyhow
 
     let ns = ballast_e2e::pipeline_namespace(&client, "failover").await?;
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    let _operator = start_operator(&ns, &kubeconfig)?;
+    let _operator = start_operator(&ns)?;
 
     let aps: Api<AnalyticsPipeline> = Api::namespaced(client.clone(), &ns);
     let dps: Api<DegradationPolicy> = Api::namespaced(client.clone(), &ns);
@@ -178,6 +152,7 @@ async fn operator_reconciles_and_switches_modes_against_real_servers() -> anyhow
             kubeconfig: kubeconfig.clone(),
             roles: vec!["slave".into()],
             logs: std::env::temp_dir().join(format!("ballast-{ns}")),
+            env: Vec::new(),
         },
     );
     let ready_slaves = || async {

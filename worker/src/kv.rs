@@ -164,19 +164,31 @@ impl KvStore {
 
     /// All events of one window.
     pub async fn window(&mut self, window_start_ms: i64) -> Result<Vec<ChangeEvent>, KvError> {
+        self.partition(window_start_ms, 0, 1).await
+    }
+
+    /// The events of one window of the merchants in `partition` of `partitions`
+    /// (by `stable_hash(merchant) % partitions`): one task's share of a large window.
+    pub async fn partition(
+        &mut self,
+        window_start_ms: i64,
+        partition: u32,
+        partitions: u32,
+    ) -> Result<Vec<ChangeEvent>, KvError> {
         let merchants: Vec<String> = redis::cmd("SMEMBERS")
             .arg(self.layout.window_key(window_start_ms))
             .query_async(&mut self.conn)
             .await?;
-        if merchants.is_empty() {
+        let keys: Vec<String> = merchants
+            .iter()
+            .filter(|m| in_partition(m, partition, partitions))
+            .map(|m| self.layout.merchant_key(window_start_ms, m))
+            .collect();
+        if keys.is_empty() {
             // Redis refuses an empty pipeline.
             return Ok(Vec::new());
         }
         let mut pipe = redis::pipe();
-        let keys: Vec<String> = merchants
-            .iter()
-            .map(|m| self.layout.merchant_key(window_start_ms, m))
-            .collect();
         for key in &keys {
             pipe.cmd("HGETALL").arg(key);
         }
@@ -187,6 +199,12 @@ impl KvStore {
         }
         Ok(events)
     }
+}
+
+/// Whether `merchant` belongs to `partition` of `partitions`. Pure.
+pub fn in_partition(merchant: &str, partition: u32, partitions: u32) -> bool {
+    partitions <= 1
+        || crate::routing::stable_hash(merchant.as_bytes()) % u64::from(partitions) == u64::from(partition)
 }
 
 fn decode(key: &str, mut values: Vec<(String, Vec<u8>)>) -> Result<Vec<ChangeEvent>, KvError> {
@@ -217,5 +235,18 @@ mod tests {
         );
         assert_eq!(layout.window_key(120_000), "ballast:shop:w:120000");
         assert_eq!(layout.merchant_key(120_000, "m-7"), "ballast:shop:w:120000:m:m-7");
+    }
+
+    #[test]
+    fn partitions_cover_every_merchant_exactly_once() {
+        for partitions in [1, 2, 7] {
+            for m in 0..500 {
+                let merchant = format!("m-{m}");
+                let owners = (0..partitions)
+                    .filter(|p| in_partition(&merchant, *p, partitions))
+                    .count();
+                assert_eq!(owners, 1, "{merchant} in {partitions} partitions");
+            }
+        }
     }
 }

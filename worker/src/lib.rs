@@ -3,12 +3,15 @@
 //! (also used by the operator) and logging.
 #![forbid(unsafe_code)]
 
+pub mod compute;
 pub mod grpc;
 pub mod health;
 pub mod kv;
+pub mod leader;
 pub mod membership;
 pub mod modes;
 pub mod probe;
+pub mod results;
 pub mod roles;
 pub mod routing;
 pub mod shedding;

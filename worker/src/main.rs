@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use ballast_worker::roles::master::{self, faults::FaultPolicy};
 use ballast_worker::roles::{Deps, collector, intake, slave};
 use ballast_worker::{probe, telemetry};
 use clap::{Args, Parser, Subcommand};
@@ -40,8 +41,8 @@ struct Pod {
     /// Where `/healthz`, `/readyz` and `/metrics` are served (port 0 picks one).
     #[arg(long, env = "BALLAST_METRICS_ADDR", default_value = "0.0.0.0:9090")]
     metrics_addr: SocketAddr,
-    /// Seconds the membership Lease stays live without renewal.
-    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    /// How long a Lease (membership, or the master's leadership) stays live without renewal.
+    #[arg(long, env = "BALLAST_LEASE", default_value = "15s", value_parser = parse_duration)]
     lease: Duration,
     /// How long draining may take on shutdown.
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
@@ -85,14 +86,41 @@ enum Command {
         #[arg(long, env = "BALLAST_LISTEN_ADDR", default_value = "0.0.0.0:7070")]
         listen: SocketAddr,
     },
-    /// Compute slave: holds routed events in memory while the KV store is down.
+    /// Compute slave: runs window tasks with DataFusion, writes fenced results;
+    /// holds routed events in memory while the KV store is down.
     Slave {
         #[command(flatten)]
         pod: Pod,
         /// Where the gRPC server listens (port 0 picks one).
         #[arg(long, env = "BALLAST_LISTEN_ADDR", default_value = "0.0.0.0:7071")]
         listen: SocketAddr,
+        /// Compute tasks run at once.
+        #[arg(long, env = "BALLAST_COMPUTE_SLOTS", default_value_t = 2)]
+        slots: u32,
+        #[command(flatten)]
+        stores: StorePasswords,
     },
+    /// Master: elects the active master on a Lease, plans window tasks and schedules them on the slaves.
+    Master {
+        #[command(flatten)]
+        pod: Pod,
+        #[command(flatten)]
+        args: MasterArgs,
+    },
+}
+
+/// Passwords of the stores a slave reads and writes (from the pipeline's Secrets).
+#[derive(Debug, Args)]
+struct StorePasswords {
+    /// Password of the KV Redis.
+    #[arg(long, env = "BALLAST_KV_PASSWORD", hide_env_values = true)]
+    kv_password: Option<String>,
+    /// Password of the cache Redis.
+    #[arg(long, env = "BALLAST_CACHE_PASSWORD", hide_env_values = true)]
+    cache_password: Option<String>,
+    /// Password of the hot MySQL user.
+    #[arg(long, env = "BALLAST_HOT_MYSQL_PASSWORD", hide_env_values = true)]
+    hot_password: Option<String>,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -119,10 +147,14 @@ fn shutdown_token() -> CancellationToken {
     token
 }
 
-async fn run_slave(pod: Pod, listen: SocketAddr) -> Result<(), String> {
-    let client = kube::Client::try_default()
+async fn kube_client() -> Result<kube::Client, String> {
+    kube::Client::try_default()
         .await
-        .map_err(|e| format!("Kubernetes client: {e}"))?;
+        .map_err(|e| format!("Kubernetes client: {e}"))
+}
+
+async fn run_slave(pod: Pod, listen: SocketAddr, slots: u32, stores: StorePasswords) -> Result<(), String> {
+    let client = kube_client().await?;
     let config = slave::Config {
         namespace: pod.namespace,
         pipeline: pod.pipeline,
@@ -132,16 +164,69 @@ async fn run_slave(pod: Pod, listen: SocketAddr) -> Result<(), String> {
         metrics: pod.metrics_addr,
         lease: pod.lease,
         drain: pod.drain,
+        slots,
+        kv_password: stores.kv_password,
+        cache_password: stores.cache_password,
+        hot_password: stores.hot_password,
     };
     slave::run(config, Deps { client }, shutdown_token())
         .await
         .map_err(|e| e.to_string())
 }
 
-async fn run_collector(pod: Pod, source_password: Option<String>) -> Result<(), String> {
-    let client = kube::Client::try_default()
+/// Settings of the master subcommand beyond the pod's.
+#[derive(Debug, Args)]
+struct MasterArgs {
+    /// How long after its end a window is computed (late events land first).
+    #[arg(long, env = "BALLAST_WINDOW_GRACE", default_value = "2s", value_parser = parse_duration)]
+    grace: Duration,
+    /// Events per task: larger windows are split by merchant partition.
+    #[arg(long, default_value_t = 200_000)]
+    events_per_task: u64,
+    /// Tasks in flight per slave.
+    #[arg(long, default_value_t = 4)]
+    in_flight_per_slave: usize,
+    /// How long after closing a window late events still get it computed again.
+    #[arg(long, env = "BALLAST_LATENESS", default_value = "120s", value_parser = parse_duration)]
+    lateness: Duration,
+    /// A task is hung after running this long and ten times its estimate.
+    #[arg(long, env = "BALLAST_HUNG_AFTER", default_value = "30s", value_parser = parse_duration)]
+    hung_after: Duration,
+    /// First back-off of the delay queue (doubling up to 5 minutes).
+    #[arg(long, env = "BALLAST_DELAY_BASE", default_value = "10s", value_parser = parse_duration)]
+    delay_base: Duration,
+    /// Password of the KV Redis (from the pipeline's Secret).
+    #[arg(long, env = "BALLAST_KV_PASSWORD", hide_env_values = true)]
+    kv_password: Option<String>,
+}
+
+async fn run_master(pod: Pod, args: MasterArgs) -> Result<(), String> {
+    let client = kube_client().await?;
+    let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    let config = master::Config {
+        namespace: pod.namespace,
+        pipeline: pod.pipeline,
+        identity: pod.identity,
+        metrics: pod.metrics_addr,
+        lease: pod.lease,
+        grace: args.grace,
+        events_per_task: args.events_per_task,
+        in_flight_per_slave: args.in_flight_per_slave,
+        lateness: args.lateness,
+        faults: FaultPolicy {
+            hung_floor_ms: millis(args.hung_after),
+            delay_base_ms: millis(args.delay_base),
+            ..FaultPolicy::default()
+        },
+        kv_password: args.kv_password,
+    };
+    master::run(config, Deps { client }, shutdown_token())
         .await
-        .map_err(|e| format!("Kubernetes client: {e}"))?;
+        .map_err(|e| e.to_string())
+}
+
+async fn run_collector(pod: Pod, source_password: Option<String>) -> Result<(), String> {
+    let client = kube_client().await?;
     let config = collector::Config {
         namespace: pod.namespace,
         pipeline: pod.pipeline,
@@ -161,9 +246,7 @@ async fn run_intake(
     kv_password: Option<String>,
     listen: SocketAddr,
 ) -> Result<(), String> {
-    let client = kube::Client::try_default()
-        .await
-        .map_err(|e| format!("Kubernetes client: {e}"))?;
+    let client = kube_client().await?;
     let config = intake::Config {
         namespace: pod.namespace,
         pipeline: pod.pipeline,
@@ -214,7 +297,13 @@ async fn main() -> ExitCode {
         Command::Collector { pod, source_password } => {
             role("collector", cli.log_format, run_collector(pod, source_password)).await
         }
-        Command::Slave { pod, listen } => role("slave", cli.log_format, run_slave(pod, listen)).await,
+        Command::Slave {
+            pod,
+            listen,
+            slots,
+            stores,
+        } => role("slave", cli.log_format, run_slave(pod, listen, slots, stores)).await,
+        Command::Master { pod, args } => role("master", cli.log_format, run_master(pod, args)).await,
         Command::Intake {
             pod,
             batch,

@@ -139,7 +139,8 @@ impl Builder<'_> {
     }
 
     /// Least privilege: read this pipeline and its policy (modes are in status),
-    /// keep membership Leases, read the SQL ConfigMap. Nothing else.
+    /// keep membership Leases, read the SQL ConfigMap, keep the master's state
+    /// ConfigMap (create cannot be narrowed by name in RBAC). Nothing else.
     fn role(&self) -> DesiredObject {
         let pipeline = [self.name];
         let policy = [self.ap.spec.policy_ref.name.as_str()];
@@ -147,6 +148,8 @@ impl Builder<'_> {
             json!({"apiGroups": ["ballast.dev"], "resources": ["analyticspipelines", "analyticspipelines/status"], "resourceNames": pipeline, "verbs": ["get", "list", "watch"]}),
             json!({"apiGroups": ["ballast.dev"], "resources": ["degradationpolicies"], "resourceNames": policy, "verbs": ["get", "list", "watch"]}),
             json!({"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]}),
+            json!({"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [format!("{}-master-state", self.name)], "verbs": ["get", "update"]}),
+            json!({"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]}),
         ];
         if let Some(cm) = &self.ap.spec.compute.sql_config_map_ref {
             rules.push(json!({"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [cm.name], "verbs": ["get", "watch"]}));

@@ -2,6 +2,7 @@
 
 pub mod collector;
 pub mod intake;
+pub mod master;
 pub mod slave;
 pub mod startup;
 

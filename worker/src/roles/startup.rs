@@ -1,9 +1,11 @@
-//! What every role does first: read its pipeline and that pipeline's policy,
-//! and bind its listeners (port 0 picks a free one).
+//! What every role does first: read its pipeline, that pipeline's policy and
+//! SQL, find its servers, and bind its listeners (port 0 picks a free one).
 
 use std::net::SocketAddr;
 
+use ballast_crds::refs::{MysqlRef, RedisRef};
 use ballast_crds::{AnalyticsPipeline, DegradationPolicy};
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::Api;
 
 /// Why a role could not start.
@@ -17,6 +19,12 @@ pub enum StartupError {
         /// The API error.
         #[source]
         source: kube::Error,
+    },
+    /// The pipeline's SQL could not be found.
+    #[error("compute SQL: {reason}")]
+    NoSql {
+        /// What is missing.
+        reason: String,
     },
     /// A listener could not be bound.
     #[error("binding {addr}: {source}")]
@@ -48,6 +56,49 @@ pub async fn pipeline(
         .await
         .map_err(read(format!("DegradationPolicy {policy}")))?;
     Ok((ap, dp))
+}
+
+/// The pipeline's compute SQL: inline, or from its ConfigMap (read through the
+/// API, so that an edit reaches a restarted worker without a remount).
+pub async fn sql(
+    client: &kube::Client,
+    namespace: &str,
+    ap: &AnalyticsPipeline,
+) -> Result<String, StartupError> {
+    let compute = &ap.spec.compute;
+    if let Some(sql) = &compute.sql {
+        return Ok(sql.clone());
+    }
+    let Some(r) = &compute.sql_config_map_ref else {
+        return Err(StartupError::NoSql {
+            reason: "compute has neither sql nor sqlConfigMapRef".into(),
+        });
+    };
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let cm = cms.get(&r.name).await.map_err(|source| StartupError::Read {
+        what: format!("ConfigMap {}", r.name),
+        source,
+    })?;
+    cm.data
+        .and_then(|mut d| d.remove(&r.key))
+        .ok_or_else(|| StartupError::NoSql {
+            reason: format!("ConfigMap {} has no key {}", r.name, r.key),
+        })
+}
+
+/// The URL of a Redis server of the spec, with the password from the pod's environment.
+pub fn redis_url(redis: &RedisRef, password: Option<&str>) -> String {
+    let auth = password.map(|p| format!(":{p}@")).unwrap_or_default();
+    format!("redis://{auth}{}/{}", redis.address, redis.database)
+}
+
+/// The URL of a MySQL database of the spec, with the password from the pod's environment.
+pub fn mysql_url(mysql: &MysqlRef, password: Option<&str>) -> String {
+    let auth = password.map(|p| format!(":{p}")).unwrap_or_default();
+    format!(
+        "mysql://{}{auth}@{}/{}",
+        mysql.user, mysql.address, mysql.database
+    )
 }
 
 /// Binds `addr`; returns the listener and the port it got.

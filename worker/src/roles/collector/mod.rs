@@ -319,15 +319,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         .await
         .map_err(startup::bind_error(config.metrics))?;
 
-    let auth = config
-        .source_password
-        .as_deref()
-        .map(|p| format!(":{p}"))
-        .unwrap_or_default();
-    let url = format!(
-        "mysql://{}{auth}@{}/{}",
-        source.mysql.user, source.mysql.address, source.mysql.database
-    );
+    let url = startup::mysql_url(&source.mysql, config.source_password.as_deref());
     let opts = Opts::from_url(&url).map_err(mysql_async::Error::from)?;
     let mut conn = Conn::new(opts.clone()).await?;
     let schema = columns(&mut conn, &source.mysql.database, &source.tables).await?;

@@ -190,12 +190,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
     .await
     .map_err(startup::bind_error(config.metrics))?;
 
-    let auth = config
-        .kv_password
-        .as_deref()
-        .map(|p| format!(":{p}@"))
-        .unwrap_or_default();
-    let kv_url = format!("redis://{auth}{}/{}", spec.kv.address, spec.kv.database);
+    let kv_url = startup::redis_url(&spec.kv, config.kv_password.as_deref());
     let conn = redis::Client::open(kv_url.as_str())?
         .get_connection_manager()
         .await?;

@@ -1,8 +1,10 @@
-//! The slave role, storage side: joins the pipeline's membership with its Lease,
-//! receives the events the intake routes to it while the KV store is down
-//! (gRPC `Deliver`), holds them in memory for the policy's retention under a
-//! hard memory bound, and reports what it holds (`Holdings`) for the master.
+//! The slave role: joins the pipeline's membership with its Lease; runs the
+//! compute tasks the master sends (`Compute`, see `compute`) and reports its
+//! load (`Load`); and, while the KV store is down, receives the events the
+//! intake routes to it (`Deliver`), holds them in memory for the policy's
+//! retention under a hard memory bound, and reports what it holds (`Holdings`).
 
+pub mod compute;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -18,12 +20,19 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use self::compute::{Computer, Stores};
 use self::store::{Store, StoreError};
 use super::Deps;
 use super::startup::{self, StartupError};
+use crate::compute::engine::Sql;
+use crate::kv::Layout;
 use crate::membership::{self, Member};
+use crate::results::hot::HotStore;
 use crate::wire::slave_server::{Slave, SlaveServer};
-use crate::wire::{DeliverReply, EventBatch, HoldingsReply, HoldingsRequest, WindowHolding};
+use crate::wire::{
+    ComputeTask, DeliverReply, EventBatch, HoldingsReply, HoldingsRequest, LoadRequest, SlaveLoad,
+    TaskReport, WindowHolding,
+};
 
 /// Settings of a slave process.
 #[derive(Clone, Debug)]
@@ -44,6 +53,14 @@ pub struct Config {
     pub lease: Duration,
     /// How long draining may take on shutdown.
     pub drain: Duration,
+    /// Compute tasks run at once.
+    pub slots: u32,
+    /// Password of the KV Redis.
+    pub kv_password: Option<String>,
+    /// Password of the cache Redis.
+    pub cache_password: Option<String>,
+    /// Password of the hot MySQL user.
+    pub hot_password: Option<String>,
 }
 
 /// Errors that stop a slave.
@@ -55,6 +72,12 @@ pub enum Error {
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
+    /// The pipeline's SQL does not parse.
+    #[error(transparent)]
+    Sql(#[from] crate::compute::ComputeError),
+    /// The hot MySQL address is not a valid URL.
+    #[error("hot MySQL: {0}")]
+    HotStore(#[from] mysql_async::UrlError),
 }
 
 /// The slave's metrics (`ballast_slave_*`).
@@ -86,9 +109,10 @@ impl Metrics {
 struct Service {
     store: Arc<Mutex<Store>>,
     metrics: Arc<Metrics>,
+    computer: Arc<Computer>,
 }
 
-fn lock(store: &Mutex<Store>) -> MutexGuard<'_, Store> {
+pub(crate) fn lock(store: &Mutex<Store>) -> MutexGuard<'_, Store> {
     // The store is plain data, consistent between statements: a panic elsewhere leaves it usable.
     store.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -142,25 +166,72 @@ impl Slave for Service {
             max_bytes: store.max_bytes(),
         }))
     }
+
+    async fn compute(&self, request: Request<ComputeTask>) -> Result<Response<TaskReport>, Status> {
+        // Detached: once started, a task finishes and writes even if the master
+        // stops waiting; the version fence decides whether its results count.
+        let task = tokio::spawn(self.computer.clone().run(request.into_inner()));
+        match task.await {
+            Ok(result) => result.map(Response::new),
+            Err(error) => Err(Status::internal(format!("compute task aborted: {error}"))),
+        }
+    }
+
+    async fn load(&self, _: Request<LoadRequest>) -> Result<Response<SlaveLoad>, Status> {
+        let held = lock(&self.store).bytes();
+        Ok(Response::new(self.computer.load(held)))
+    }
 }
 
-/// Reads the window size, retention and memory bound from the pipeline and its policy.
-async fn sizing(client: &kube::Client, config: &Config) -> Result<Store, Error> {
-    let (ap, dp) = startup::pipeline(client, &config.namespace, &config.pipeline).await?;
+/// The memory store sized by the pipeline (window) and its policy (retention, memory bound).
+fn sizing(ap: &ballast_crds::AnalyticsPipeline, dp: &ballast_crds::DegradationPolicy) -> Store {
     let kv = &dp.spec.kv;
-    Ok(Store::new(
+    Store::new(
         i64::from(ap.spec.compute.window_seconds) * 1000,
         i64::from(kv.retention_seconds) * 1000,
         u64::try_from(kv.max_memory_mib).unwrap_or(0) * 1024 * 1024,
-    ))
+    )
 }
 
 /// Runs the slave until `shutdown`, then drains: stops taking events, leaves the membership.
 #[tracing::instrument(skip_all, fields(pipeline = %config.pipeline, identity = %config.identity))]
 pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Result<(), Error> {
-    let store = Arc::new(Mutex::new(sizing(&deps.client, &config).await?));
+    let (ap, dp) = startup::pipeline(&deps.client, &config.namespace, &config.pipeline).await?;
+    let sql = Sql::parse(&startup::sql(&deps.client, &config.namespace, &ap).await?)?;
+    let store = Arc::new(Mutex::new(sizing(&ap, &dp)));
     let mut registry = Registry::with_prefix("ballast");
     let metrics = Arc::new(Metrics::register(&mut registry));
+    let compute_metrics = Arc::new(compute::Metrics::register(&mut registry));
+    let hot_opts = mysql_async::Opts::from_url(&startup::mysql_url(
+        &ap.spec.hot_store,
+        config.hot_password.as_deref(),
+    ))?;
+    let stores = Stores {
+        kv_url: startup::redis_url(&ap.spec.kv, config.kv_password.as_deref()),
+        layout: Layout::new(&config.pipeline, i64::from(ap.spec.compute.window_seconds) * 1000),
+        hot: HotStore::new(
+            mysql_async::Pool::new(hot_opts),
+            &ap.spec.hot_store.database,
+            2,
+            4,
+        ),
+        cache_url: startup::redis_url(&ap.spec.cache, config.cache_password.as_deref()),
+    };
+    let modes = crate::modes::follow(
+        deps.client.clone(),
+        &config.namespace,
+        &config.pipeline,
+        shutdown.clone(),
+    );
+    let computer = Arc::new(Computer::new(
+        config.pipeline.clone(),
+        sql,
+        stores,
+        store.clone(),
+        modes,
+        config.slots,
+        compute_metrics,
+    ));
     let (ready_tx, ready) = watch::channel(false);
 
     let (metrics_addr, health) = crate::health::serve(
@@ -204,7 +275,11 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         })
     };
 
-    let service = Service { store, metrics };
+    let service = Service {
+        store,
+        metrics,
+        computer,
+    };
     let incoming = crate::grpc::incoming(listener);
     // Ready once the server accepts connections.
     let _ = ready_tx.send(true);

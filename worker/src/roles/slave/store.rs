@@ -161,6 +161,15 @@ impl Store {
             .flat_map(|w| w.by_merchant.values().flatten())
     }
 
+    /// Events of the windows starting in `[start_ms, end_ms)`, all merchants, cloned.
+    pub fn span(&self, start_ms: i64, end_ms: i64) -> Vec<ChangeEvent> {
+        self.windows
+            .range(start_ms..end_ms.max(start_ms))
+            .flat_map(|(_, w)| w.by_merchant.values().flatten())
+            .cloned()
+            .collect()
+    }
+
     /// Events of one window for one merchant.
     pub fn merchant(&self, window_start_ms: i64, merchant: &str) -> &[ChangeEvent] {
         self.windows
@@ -203,6 +212,12 @@ mod tests {
         assert_eq!(store.merchant(0, "m1").len(), 1);
         assert_eq!(store.window(0).count(), 2);
         assert_eq!(store.merchant(MIN, "m1")[0].event_id, "c");
+        assert_eq!(store.span(0, 2 * MIN).len(), 3, "both windows");
+        assert_eq!(
+            store.span(MIN, 2 * MIN).len(),
+            1,
+            "end is exclusive of earlier windows"
+        );
         let held = store.holdings();
         assert_eq!(
             held,

@@ -1,5 +1,5 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease: of the operator's
-//! replicas only the holder reconciles; the others wait to take over.
+//! replicas, or a pipeline's masters, only the holder acts; the others wait to take over.
 
 use std::time::Duration;
 
@@ -104,6 +104,17 @@ impl Election {
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
             Err(e) => Err(err(e)),
         }
+    }
+
+    /// The Lease's term: how many times it changed hands. Each new holder
+    /// counts one more, so a term fences everything an older holder stamped.
+    pub async fn term(&self, client: &kube::Client) -> Result<i64, Error> {
+        let api: Api<Lease> = Api::namespaced(client.clone(), &self.namespace);
+        let lease = api.get(&self.name).await.map_err(|source| Error::Api {
+            name: self.name.clone(),
+            source,
+        })?;
+        Ok(lease.spec.and_then(|s| s.lease_transitions).map_or(0, i64::from))
     }
 
     /// Waits until this replica holds the Lease.

@@ -1,0 +1,79 @@
+//! What scenario tests and the demo wait on: a condition polled until a
+//! deadline, a line in a worker's log, a free port, and a metric scraped from
+//! a worker's `/metrics`.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Why waiting failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WaitError {
+    /// The condition did not hold in time; the last error seen, if any.
+    #[error("{what}: not within {secs} s{}", last.as_ref().map(|e| format!(" (last error: {e})")).unwrap_or_default())]
+    Timeout {
+        /// What was awaited.
+        what: String,
+        /// How long.
+        secs: u64,
+        /// The check's last error.
+        last: Option<String>,
+    },
+}
+
+/// Polls `check` every 250 ms until it yields a value or `secs` pass; errors
+/// of the check count as "not yet" and the last one is reported.
+pub async fn eventually<T, E, F, Fut>(what: &str, secs: u64, mut check: F) -> Result<T, WaitError>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>, E>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut last = None;
+    loop {
+        match check().await {
+            Ok(Some(value)) => return Ok(value),
+            Ok(None) => {}
+            Err(error) => last = Some(error.to_string()),
+        }
+        if Instant::now() >= deadline {
+            return Err(WaitError::Timeout {
+                what: what.to_owned(),
+                secs,
+                last,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Waits until the file at `path` contains `words`.
+pub async fn until_logged(path: &std::path::Path, words: &str, secs: u64) -> Result<(), WaitError> {
+    eventually(&format!("{} logging {words:?}", path.display()), secs, || async {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        Ok::<_, std::io::Error>(text.contains(words).then_some(()))
+    })
+    .await
+}
+
+/// A loopback port free now (for a worker's fixed metrics address).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The value of the sample named `series` (with its labels, as exposed, e.g.
+/// `ballast_slave_results_refused_total{store="mysql"}`) at `127.0.0.1:port/metrics`;
+/// none when it was not exposed yet.
+pub async fn metric(port: u16, series: &str) -> std::io::Result<Option<f64>> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await?;
+    Ok(body.lines().find_map(|line| {
+        let (name, value) = line.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok()).flatten()
+    }))
+}

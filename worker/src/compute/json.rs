@@ -1,0 +1,509 @@
+//! A scanner of the flat JSON objects the collector writes as a change event's
+//! columns: member by member, without allocating per row.
+//!
+//! It exists because parsing is most of the window compute's cost before the
+//! SQL runs: strings without escapes are borrowed from the input, escaped ones
+//! are decoded into a reused buffer, numbers keep their source text (so a
+//! column of mixed kinds renders them exactly as written). Nested arrays and
+//! objects, which the collector does not produce for row columns, are handed to
+//! `serde_json` and rendered back as compact JSON text.
+
+/// A member's value; strings borrow from the input or the scanner's buffer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Val<'s> {
+    /// `null`.
+    Null,
+    /// `true` / `false`.
+    Bool(bool),
+    /// An integer that fits `i64`, with its source text.
+    Int(i64, &'s str),
+    /// A number with a fraction or exponent, with its source text.
+    Float(f64, &'s str),
+    /// An integer beyond `i64` (e.g. a large `BIGINT UNSIGNED`): kept as text.
+    Big(&'s str),
+    /// A string, unescaped.
+    Str(&'s str),
+    /// An array or object, as compact JSON text.
+    Nested(&'s str),
+}
+
+impl<'s> Val<'s> {
+    /// The value as text, the way a column of mixed kinds shows it (`None` for null).
+    pub(crate) fn as_text(self) -> Option<&'s str> {
+        match self {
+            Val::Null => None,
+            Val::Bool(true) => Some("true"),
+            Val::Bool(false) => Some("false"),
+            Val::Int(_, text) | Val::Float(_, text) | Val::Big(text) => Some(text),
+            Val::Str(text) | Val::Nested(text) => Some(text),
+        }
+    }
+}
+
+/// Where a scanned string lives until the member is handed out.
+#[derive(Clone, Copy)]
+enum Text<'a> {
+    Input(&'a str),
+    KeyBuffer,
+    ValueBuffer,
+}
+
+#[derive(Clone, Copy)]
+enum Raw<'a> {
+    Null,
+    Bool(bool),
+    Int(i64, &'a str),
+    Float(f64, &'a str),
+    Big(&'a str),
+    Str(Text<'a>),
+    Nested,
+}
+
+/// Scans one JSON object at a time; reuse it across objects to reuse its buffers.
+#[derive(Default)]
+pub(crate) struct Scanner<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    first: bool,
+    key_buffer: String,
+    value_buffer: String,
+}
+
+impl<'a> Scanner<'a> {
+    /// Starts on `bytes`, which must hold one JSON object.
+    pub(crate) fn start(&mut self, bytes: &'a [u8]) -> Result<(), String> {
+        self.bytes = bytes;
+        self.pos = 0;
+        self.first = true;
+        self.skip_whitespace();
+        if self.peek() != Some(b'{') {
+            return Err(self.fail("expected a JSON object"));
+        }
+        self.pos += 1;
+        Ok(())
+    }
+
+    /// The next member, or `None` after the closing brace (which must end the input).
+    pub(crate) fn member(&mut self) -> Result<Option<(&str, Val<'_>)>, String> {
+        self.skip_whitespace();
+        match (self.first, self.peek()) {
+            (_, Some(b'}')) => {
+                self.pos += 1;
+                self.skip_whitespace();
+                if self.pos != self.bytes.len() {
+                    return Err(self.fail("unexpected text after the object"));
+                }
+                return Ok(None);
+            }
+            (true, _) => self.first = false,
+            (false, Some(b',')) => {
+                self.pos += 1;
+                self.skip_whitespace();
+            }
+            (false, _) => return Err(self.fail("expected `,` or `}`")),
+        }
+        if self.peek() != Some(b'"') {
+            return Err(self.fail("expected a member name"));
+        }
+        let key = self.string(true)?;
+        self.skip_whitespace();
+        if self.peek() != Some(b':') {
+            return Err(self.fail("expected `:`"));
+        }
+        self.pos += 1;
+        self.skip_whitespace();
+        let raw = self.value()?;
+        let value = match raw {
+            Raw::Null => Val::Null,
+            Raw::Bool(b) => Val::Bool(b),
+            Raw::Int(v, text) => Val::Int(v, text),
+            Raw::Float(v, text) => Val::Float(v, text),
+            Raw::Big(text) => Val::Big(text),
+            Raw::Str(text) => Val::Str(self.resolve(text)),
+            Raw::Nested => Val::Nested(&self.value_buffer),
+        };
+        Ok(Some((self.resolve(key), value)))
+    }
+
+    fn resolve(&self, text: Text<'a>) -> &str {
+        match text {
+            Text::Input(s) => s,
+            Text::KeyBuffer => &self.key_buffer,
+            Text::ValueBuffer => &self.value_buffer,
+        }
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.bytes.get(self.pos).copied()
+    }
+
+    fn fail(&self, what: &str) -> String {
+        format!("{what} at byte {}", self.pos)
+    }
+
+    fn skip_whitespace(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
+            self.pos += 1;
+        }
+    }
+
+    fn value(&mut self) -> Result<Raw<'a>, String> {
+        match self.peek() {
+            Some(b'"') => Ok(Raw::Str(self.string(false)?)),
+            Some(b'-' | b'0'..=b'9') => self.number(),
+            Some(b't') => self.literal(b"true", Raw::Bool(true)),
+            Some(b'f') => self.literal(b"false", Raw::Bool(false)),
+            Some(b'n') => self.literal(b"null", Raw::Null),
+            Some(b'[' | b'{') => self.nested(),
+            _ => Err(self.fail("expected a value")),
+        }
+    }
+
+    fn literal(&mut self, word: &[u8], value: Raw<'a>) -> Result<Raw<'a>, String> {
+        if self.bytes.get(self.pos..self.pos + word.len()) == Some(word) {
+            self.pos += word.len();
+            Ok(value)
+        } else {
+            Err(self.fail("expected a value"))
+        }
+    }
+
+    fn digits(&mut self) -> usize {
+        let start = self.pos;
+        while let Some(b'0'..=b'9') = self.peek() {
+            self.pos += 1;
+        }
+        self.pos - start
+    }
+
+    fn number(&mut self) -> Result<Raw<'a>, String> {
+        let start = self.pos;
+        if self.peek() == Some(b'-') {
+            self.pos += 1;
+        }
+        match self.peek() {
+            Some(b'0') => self.pos += 1,
+            Some(b'1'..=b'9') => {
+                self.digits();
+            }
+            _ => return Err(self.fail("expected a digit")),
+        }
+        let mut float = false;
+        if self.peek() == Some(b'.') {
+            self.pos += 1;
+            if self.digits() == 0 {
+                return Err(self.fail("expected a digit after `.`"));
+            }
+            float = true;
+        }
+        if let Some(b'e' | b'E') = self.peek() {
+            self.pos += 1;
+            if let Some(b'+' | b'-') = self.peek() {
+                self.pos += 1;
+            }
+            if self.digits() == 0 {
+                return Err(self.fail("expected a digit in the exponent"));
+            }
+            float = true;
+        }
+        let bytes: &'a [u8] = self.bytes;
+        let text = bytes
+            .get(start..self.pos)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .ok_or_else(|| self.fail("invalid number"))?;
+        if float {
+            let v = text.parse::<f64>().map_err(|_| self.fail("invalid number"))?;
+            return Ok(Raw::Float(v, text));
+        }
+        Ok(match text.parse::<i64>() {
+            Ok(v) => Raw::Int(v, text),
+            Err(_) => Raw::Big(text),
+        })
+    }
+
+    /// A string starting at the opening quote. The common case (no escape)
+    /// borrows the input; otherwise it is decoded into one of the buffers.
+    fn string(&mut self, key: bool) -> Result<Text<'a>, String> {
+        let bytes: &'a [u8] = self.bytes;
+        self.pos += 1;
+        let start = self.pos;
+        let mut i = start;
+        loop {
+            match bytes.get(i) {
+                Some(b'"') => {
+                    let text = utf8(bytes.get(start..i), start)?;
+                    self.pos = i + 1;
+                    return Ok(Text::Input(text));
+                }
+                Some(b'\\') => break,
+                Some(&b) if b < 0x20 => return Err(format!("control character in a string at byte {i}")),
+                Some(_) => i += 1,
+                None => return Err(format!("unterminated string at byte {start}")),
+            }
+        }
+        let mut out = std::mem::take(if key {
+            &mut self.key_buffer
+        } else {
+            &mut self.value_buffer
+        });
+        out.clear();
+        out.push_str(utf8(bytes.get(start..i), start)?);
+        let result = self.escaped(bytes, i, &mut out);
+        if key {
+            self.key_buffer = out;
+        } else {
+            self.value_buffer = out;
+        }
+        result?;
+        Ok(if key { Text::KeyBuffer } else { Text::ValueBuffer })
+    }
+
+    /// The rest of a string from its first backslash at `i`, decoded into `out`.
+    fn escaped(&mut self, bytes: &'a [u8], mut i: usize, out: &mut String) -> Result<(), String> {
+        loop {
+            let run = i;
+            while let Some(&b) = bytes.get(i) {
+                if b == b'"' || b == b'\\' || b < 0x20 {
+                    break;
+                }
+                i += 1;
+            }
+            out.push_str(utf8(bytes.get(run..i), run)?);
+            match bytes.get(i) {
+                Some(b'"') => {
+                    self.pos = i + 1;
+                    return Ok(());
+                }
+                Some(b'\\') => {
+                    let (c, next) = unescape(bytes, i)?;
+                    out.push(c);
+                    i = next;
+                }
+                Some(_) => return Err(format!("control character in a string at byte {i}")),
+                None => return Err(format!("unterminated string at byte {i}")),
+            }
+        }
+    }
+
+    fn nested(&mut self) -> Result<Raw<'a>, String> {
+        let rest = self.bytes.get(self.pos..).unwrap_or_default();
+        let mut stream = serde_json::Deserializer::from_slice(rest).into_iter::<serde_json::Value>();
+        match stream.next() {
+            Some(Ok(value)) => {
+                self.pos += stream.byte_offset();
+                self.value_buffer.clear();
+                self.value_buffer.push_str(&value.to_string());
+                Ok(Raw::Nested)
+            }
+            Some(Err(e)) => Err(format!("{e} (in the value at byte {})", self.pos)),
+            None => Err(self.fail("expected a value")),
+        }
+    }
+}
+
+fn utf8(bytes: Option<&[u8]>, at: usize) -> Result<&str, String> {
+    bytes
+        .and_then(|b| std::str::from_utf8(b).ok())
+        .ok_or_else(|| format!("invalid UTF-8 in a string at byte {at}"))
+}
+
+/// The character of the escape at `bytes[i]` (a backslash) and where the string goes on.
+fn unescape(bytes: &[u8], i: usize) -> Result<(char, usize), String> {
+    let simple = match bytes.get(i + 1) {
+        Some(b'"') => '"',
+        Some(b'\\') => '\\',
+        Some(b'/') => '/',
+        Some(b'b') => '\u{8}',
+        Some(b'f') => '\u{c}',
+        Some(b'n') => '\n',
+        Some(b'r') => '\r',
+        Some(b't') => '\t',
+        Some(b'u') => return unicode_escape(bytes, i),
+        _ => return Err(format!("invalid escape at byte {i}")),
+    };
+    Ok((simple, i + 2))
+}
+
+fn hex4(bytes: &[u8], at: usize) -> Option<u32> {
+    let digits = std::str::from_utf8(bytes.get(at..at + 4)?).ok()?;
+    u32::from_str_radix(digits, 16)
+        .ok()
+        .filter(|_| digits.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// `\uXXXX`, with a UTF-16 surrogate pair taking two escapes.
+fn unicode_escape(bytes: &[u8], i: usize) -> Result<(char, usize), String> {
+    let bad = || format!("invalid \\u escape at byte {i}");
+    let first = hex4(bytes, i + 2).ok_or_else(bad)?;
+    if (0xD800..0xDC00).contains(&first) {
+        if bytes.get(i + 6..i + 8) != Some(b"\\u") {
+            return Err(bad());
+        }
+        let second = hex4(bytes, i + 8).ok_or_else(bad)?;
+        if !(0xDC00..0xE000).contains(&second) {
+            return Err(bad());
+        }
+        let code = 0x10000 + ((first - 0xD800) << 10) + (second - 0xDC00);
+        return char::from_u32(code).map(|c| (c, i + 12)).ok_or_else(bad);
+    }
+    char::from_u32(first).map(|c| (c, i + 6)).ok_or_else(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every member as (name, value rendered by kind) — or the error.
+    fn scan(input: &str) -> Result<Vec<(String, String)>, String> {
+        let mut scanner = Scanner::default();
+        scanner.start(input.as_bytes())?;
+        let mut out = Vec::new();
+        while let Some((key, value)) = scanner.member()? {
+            let shown = match value {
+                Val::Null => "null".to_owned(),
+                Val::Bool(b) => format!("bool {b}"),
+                Val::Int(v, t) => format!("int {v} {t}"),
+                Val::Float(v, t) => format!("float {v} {t}"),
+                Val::Big(t) => format!("big {t}"),
+                Val::Str(s) => format!("str {s}"),
+                Val::Nested(s) => format!("nested {s}"),
+            };
+            out.push((key.to_owned(), shown));
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn members_are_scanned_by_kind() {
+        let cases: &[(&str, &[(&str, &str)])] = &[
+            ("{}", &[]),
+            (" { } ", &[]),
+            (r#"{"a":1}"#, &[("a", "int 1 1")]),
+            (r#"{"a":-0}"#, &[("a", "int 0 -0")]),
+            (
+                r#"{"a":-12,"b":1.5}"#,
+                &[("a", "int -12 -12"), ("b", "float 1.5 1.5")],
+            ),
+            (r#"{"a":1e3}"#, &[("a", "float 1000 1e3")]),
+            (r#"{"a":2.5E-1}"#, &[("a", "float 0.25 2.5E-1")]),
+            (
+                r#"{"a":18446744073709551615}"#,
+                &[("a", "big 18446744073709551615")],
+            ),
+            (
+                r#"{"a":true,"b":false,"c":null}"#,
+                &[("a", "bool true"), ("b", "bool false"), ("c", "null")],
+            ),
+            (r#"{"a":"x y"}"#, &[("a", "str x y")]),
+            (r#"{"a":"é€😀"}"#, &[("a", "str é€😀")]),
+            (
+                r#"{"a":"q\"b\\s\/n\nt\tu\u00e9p\ud83d\ude00"}"#,
+                &[("a", "str q\"b\\s/n\nt\tuép😀")],
+            ),
+            (r#"{"k\"ey":"v"}"#, &[("k\"ey", "str v")]),
+            (
+                r#"{"a":[1, {"b": "c"}],"d":{}}"#,
+                &[("a", r#"nested [1,{"b":"c"}]"#), ("d", "nested {}")],
+            ),
+            (
+                "{\n \"a\" : 1 ,\t\"b\" :\"x\"\r\n}",
+                &[("a", "int 1 1"), ("b", "str x")],
+            ),
+        ];
+        for (input, expected) in cases {
+            let expected: Vec<(String, String)> = expected
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect();
+            assert_eq!(scan(input), Ok(expected), "{input}");
+        }
+    }
+
+    #[test]
+    fn malformed_objects_are_errors_not_panics() {
+        let cases = [
+            "",
+            "[]",
+            "1",
+            "\"a\"",
+            "{",
+            "{\"a\"",
+            "{\"a\":",
+            "{\"a\":1",
+            "{\"a\":1,}",
+            "{,}",
+            "{\"a\" 1}",
+            "{a:1}",
+            "{\"a\":01}",
+            "{\"a\":-}",
+            "{\"a\":1.}",
+            "{\"a\":1e}",
+            "{\"a\":.5}",
+            "{\"a\":tru}",
+            "{\"a\":nul}",
+            "{\"a\":\"x}",
+            "{\"a\":\"\\x\"}",
+            "{\"a\":\"\\u12\"}",
+            "{\"a\":\"\\ud800\"}",
+            "{\"a\":\"\\udc00\"}",
+            "{\"a\":\"\\ud800\\u0041\"}",
+            "{\"a\":\"tab\there\"}",
+            "{\"a\":1} x",
+            "{\"a\":1}{}",
+            "{\"a\":[1,}",
+            "{\"a\":+1}",
+            "{\"a\":\"\\u+123\"}",
+        ];
+        for input in cases {
+            assert!(scan(input).is_err(), "{input:?} should not scan");
+            // The oracle agrees that these are not JSON objects.
+            assert!(
+                serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(input).is_err(),
+                "{input:?}"
+            );
+        }
+        let mut scanner = Scanner::default();
+        assert!(scanner.start(b"{\"a\":\"\xff\"}").is_ok());
+        assert!(scanner.member().is_err(), "invalid UTF-8 is an error");
+    }
+
+    #[test]
+    fn strings_decode_like_serde_json() {
+        let strings = [
+            "",
+            "plain",
+            "a\"b",
+            "\\",
+            "\u{1}",
+            "é",
+            "😀",
+            "tab\t",
+            "/",
+            "\u{7f}\u{2028}",
+        ];
+        for s in strings {
+            let input = serde_json::json!({ "k": s }).to_string();
+            assert_eq!(
+                scan(&input),
+                Ok(vec![("k".to_owned(), format!("str {s}"))]),
+                "{input}"
+            );
+        }
+    }
+
+    #[test]
+    fn mixed_kinds_render_as_their_source_text() {
+        let cases = [
+            (Val::Null, None),
+            (Val::Bool(true), Some("true")),
+            (Val::Int(7, "7"), Some("7")),
+            (Val::Float(100.0, "1E2"), Some("1E2")),
+            (Val::Big("99999999999999999999"), Some("99999999999999999999")),
+            (Val::Str("x"), Some("x")),
+            (Val::Nested("[1]"), Some("[1]")),
+        ];
+        for (value, text) in cases {
+            assert_eq!(value.as_text(), text);
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! The master's side of the slave RPCs: one lazily connected gRPC channel per
+//! slave address, the `Compute` calls, and the `Load` poller that feeds the
+//! scheduler each slave's queue depth and CPU use.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use super::schedule::SlaveView;
+use crate::wire::slave_client::SlaveClient;
+use crate::wire::{ComputeTask, HoldingsRequest, LoadRequest, TaskReport, WindowHolding};
+
+/// A slave's address and its client.
+type Connection = (String, SlaveClient<Channel>);
+
+/// gRPC clients of the live slaves, by identity.
+#[derive(Clone, Default)]
+pub struct Slaves {
+    clients: Arc<Mutex<BTreeMap<String, Connection>>>,
+}
+
+fn client(address: &str) -> Option<SlaveClient<Channel>> {
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        .ok()?
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true);
+    Some(SlaveClient::new(endpoint.connect_lazy()))
+}
+
+impl Slaves {
+    /// Keeps a client per member of `members` (identity → address).
+    pub fn update(&self, members: &BTreeMap<String, String>) {
+        let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+        clients.retain(|id, (addr, _)| members.get(id) == Some(addr));
+        for (id, address) in members {
+            if !clients.contains_key(id)
+                && let Some(c) = client(address)
+            {
+                clients.insert(id.clone(), (address.clone(), c));
+            }
+        }
+    }
+
+    /// The client of `slave`, if it is a member.
+    pub fn get(&self, slave: &str) -> Option<SlaveClient<Channel>> {
+        let clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+        clients.get(slave).map(|(_, c)| c.clone())
+    }
+
+    fn all(&self) -> Vec<(String, SlaveClient<Channel>)> {
+        let clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+        clients
+            .iter()
+            .map(|(id, (_, c))| (id.clone(), c.clone()))
+            .collect()
+    }
+
+    /// What each slave holds in memory (KV-degraded mode); unreachable slaves are left out.
+    pub async fn holdings(&self, timeout: Duration) -> BTreeMap<String, Vec<WindowHolding>> {
+        let calls = self.all().into_iter().map(|(id, mut c)| async move {
+            let reply = tokio::time::timeout(timeout, c.holdings(HoldingsRequest {})).await;
+            match reply {
+                Ok(Ok(r)) => Some((id, r.into_inner().windows)),
+                _ => None,
+            }
+        });
+        futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+}
+
+/// Sends one task; a hung slave is bounded by `timeout` (far beyond the hang
+/// detection, which moves the task long before).
+pub async fn compute(
+    mut client: SlaveClient<Channel>,
+    task: ComputeTask,
+    timeout: Duration,
+) -> Result<TaskReport, tonic::Status> {
+    let mut request = tonic::Request::new(task);
+    request.set_timeout(timeout);
+    client.compute(request).await.map(tonic::Response::into_inner)
+}
+
+/// Polls every slave's `Load` each `period` until `shutdown`; the receiver
+/// holds the views of the slaves that answered.
+pub fn poll_loads(
+    slaves: Slaves,
+    period: Duration,
+    shutdown: CancellationToken,
+) -> watch::Receiver<BTreeMap<String, SlaveView>> {
+    let (tx, rx) = watch::channel(BTreeMap::new());
+    tokio::spawn(async move {
+        // CPU seconds and when they were read, per slave: CPU use is their rate.
+        let mut last: BTreeMap<String, (f64, Instant)> = BTreeMap::new();
+        loop {
+            let calls = slaves.all().into_iter().map(|(id, mut c)| async move {
+                let reply = tokio::time::timeout(period, c.load(LoadRequest {})).await;
+                match reply {
+                    Ok(Ok(r)) => Some((id, r.into_inner(), Instant::now())),
+                    _ => None,
+                }
+            });
+            let replies = futures::future::join_all(calls).await;
+            let mut views = BTreeMap::new();
+            for (id, load, at) in replies.into_iter().flatten() {
+                let cpu_cores = match last.get(&id) {
+                    Some((cpu, then)) if at > *then => {
+                        ((load.cpu_seconds - cpu) / at.duration_since(*then).as_secs_f64()).max(0.0)
+                    }
+                    _ => 0.0,
+                };
+                last.insert(id.clone(), (load.cpu_seconds, at));
+                views.insert(
+                    id,
+                    SlaveView {
+                        queued: load.queued,
+                        running: load.running,
+                        slots: load.slots,
+                        cpu_cores,
+                        ..SlaveView::default()
+                    },
+                );
+            }
+            last.retain(|id, _| views.contains_key(id));
+            let _ = tx.send(views);
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(period) => {}
+            }
+        }
+    });
+    rx
+}

@@ -1,0 +1,597 @@
+//! The master role (seed 001): of a pipeline's two masters one is active,
+//! elected on a Lease; it cuts time into windows, plans one compute task per
+//! window (per merchant partition when the window is large), schedules each
+//! on the slave with the earliest expected finish, and handles failures,
+//! departed slaves and hangs with versions that fence stale results. Its task
+//! state is persisted so that the standby resumes where it stopped.
+
+pub mod dispatch;
+pub mod faults;
+pub mod plan;
+pub mod schedule;
+pub mod state;
+pub mod tasks;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ballast_crds::{Dependency, Mode};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use self::dispatch::Slaves;
+use self::faults::{Failure, FaultPolicy};
+use self::schedule::{Estimator, SlaveView};
+use self::state::{StateError, StateStore};
+use self::tasks::{Dispatch, Kind, Outcome, Snapshot, Table, TaskKey};
+use super::Deps;
+use super::startup::{self, StartupError};
+use crate::health::{counter, gauge};
+use crate::kv::{KvStore, Layout};
+use crate::leader::{self, Election};
+use crate::routing::stable_hash;
+use crate::wire::{ComputeTask, DataSource, Granularity, TaskReport};
+
+/// Settings of a master process.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Namespace of the pipeline.
+    pub namespace: String,
+    /// Pipeline name.
+    pub pipeline: String,
+    /// Pod name: the identity in the leader Lease.
+    pub identity: String,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    pub metrics: SocketAddr,
+    /// Duration of the leader Lease: how long a dead master blocks the standby.
+    pub lease: Duration,
+    /// How long after its end a window is computed: late events land first.
+    pub grace: Duration,
+    /// Window events per task: larger windows are split by merchant partition.
+    pub events_per_task: u64,
+    /// Tasks in flight per slave.
+    pub in_flight_per_slave: usize,
+    /// How long after closing a window's late events still trigger a recomputation.
+    pub lateness: Duration,
+    /// Fault handling.
+    pub faults: FaultPolicy,
+    /// Password of the KV Redis.
+    pub kv_password: Option<String>,
+}
+
+/// Errors that stop a master.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The pipeline could not be read or a listener bound.
+    #[error(transparent)]
+    Startup(#[from] StartupError),
+    /// The leader Lease could not be read or written.
+    #[error(transparent)]
+    Election(#[from] leader::Error),
+    /// The task state could not be read, or another master wrote it.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// Leadership was lost: the process exits and comes back as a standby.
+    #[error("lost the master lease")]
+    LostLeadership,
+}
+
+/// The master's metrics (`ballast_master_*`).
+struct Metrics {
+    active: Gauge,
+    term: Gauge,
+    tasks: Family<[(&'static str, &'static str); 1], Counter>,
+    in_flight: Gauge,
+    delayed: Gauge,
+    lag_seconds: Gauge,
+    stale_refused: Counter,
+}
+
+impl Metrics {
+    fn register(registry: &mut Registry) -> Self {
+        let r = registry.sub_registry_with_prefix("master");
+        let tasks = Family::default();
+        r.register(
+            "tasks",
+            "Task events by outcome: dispatched, done, stale, retried, reassigned, delayed, slave_gone, hung, recomputed",
+            tasks.clone(),
+        );
+        Self {
+            active: gauge(r, "active", "1 while this master holds the lease"),
+            term: gauge(r, "term", "The leader Lease term this master acts in"),
+            tasks,
+            in_flight: gauge(r, "tasks_in_flight", "Tasks running on slaves"),
+            delayed: gauge(r, "tasks_delayed", "Tasks in the delay queue"),
+            lag_seconds: gauge(
+                r,
+                "window_lag_seconds",
+                "Age of the oldest window not yet computed",
+            ),
+            stale_refused: counter(
+                r,
+                "stale_results_refused",
+                "Result rows of superseded attempts refused by the version fence",
+            ),
+        }
+    }
+
+    fn outcome(&self, outcome: &Outcome) {
+        let label = match outcome {
+            Outcome::Done => "done",
+            Outcome::Stale => "stale",
+            Outcome::Retried => "retried",
+            Outcome::Reassigned => "reassigned",
+            Outcome::Delayed => "delayed",
+            Outcome::SlaveGone => "slave_gone",
+            Outcome::Hung => "hung",
+        };
+        self.tasks.get_or_create(&[("outcome", label)]).inc();
+    }
+}
+
+fn now_ms() -> i64 {
+    k8s_openapi::jiff::Timestamp::now().as_millisecond()
+}
+
+/// A finished attempt, as the dispatching task reports it to the loop.
+struct Finished {
+    key: TaskKey,
+    version: u64,
+    slave: String,
+    events_hint: u64,
+    result: Result<TaskReport, tonic::Status>,
+}
+
+/// How a failed call counts: a slave that could not be reached ran nothing.
+/// Pure.
+pub fn classify(status: &tonic::Status) -> Failure {
+    // Statuses the slave itself returns carry no source; transport failures do.
+    if std::error::Error::source(status).is_some() {
+        Failure::Unreachable
+    } else {
+        Failure::Failed
+    }
+}
+
+/// The task a dispatch sends.
+fn task_of(d: &Dispatch) -> ComputeTask {
+    let p = &d.planned;
+    let (granularity, source) = match p.key.kind {
+        Kind::Window => (Granularity::Window, DataSource::Kv),
+        Kind::Hour => (Granularity::Hour, DataSource::Memory),
+    };
+    ComputeTask {
+        task_id: p.key.id(),
+        window_start_ms: p.key.start_ms,
+        window_end_ms: p.end_ms,
+        version: d.version,
+        granularity: granularity.into(),
+        source: source.into(),
+        partition: p.key.partition,
+        partitions: p.partitions,
+    }
+}
+
+/// Runs the master until `shutdown`: waits as a standby until it holds the
+/// leader Lease, then acts until it loses it.
+#[tracing::instrument(skip_all, fields(pipeline = %config.pipeline, identity = %config.identity))]
+pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Result<(), Error> {
+    let (ap, dp) = startup::pipeline(&deps.client, &config.namespace, &config.pipeline).await?;
+    let sql = startup::sql(&deps.client, &config.namespace, &ap).await?;
+    let mut registry = Registry::with_prefix("ballast");
+    let metrics = Arc::new(Metrics::register(&mut registry));
+    let (ready_tx, ready) = watch::channel(true);
+    let (_, health) = crate::health::serve(config.metrics, Arc::new(registry), ready, shutdown.clone())
+        .await
+        .map_err(startup::bind_error(config.metrics))?;
+
+    let election = Election {
+        namespace: config.namespace.clone(),
+        name: format!("{}-master", config.pipeline),
+        identity: config.identity.clone(),
+        duration: config.lease,
+    };
+    tracing::info!(lease = %election.name, "standby: waiting for the master lease");
+    election.acquire(&deps.client, &shutdown).await?;
+    if shutdown.is_cancelled() {
+        let _ = ready_tx.send(false);
+        return Ok(());
+    }
+    let term = election.term(&deps.client).await?;
+    let lost = CancellationToken::new();
+    let holder = tokio::spawn(
+        election
+            .clone()
+            .hold(deps.client.clone(), shutdown.clone(), lost.clone()),
+    );
+    metrics.active.set(1);
+    metrics.term.set(term);
+    tracing::info!(term, "active: holding the master lease");
+
+    let window_ms = i64::from(ap.spec.compute.window_seconds) * 1000;
+    let active = Active {
+        kv_url: startup::redis_url(&ap.spec.kv, config.kv_password.as_deref()),
+        layout: Layout::new(&config.pipeline, window_ms),
+        window_ms,
+        // The granularity of KV-degraded results (an hour unless the policy says otherwise).
+        degraded_period_ms: (i64::from(dp.spec.kv.granularity_seconds) * 1000).max(window_ms),
+        sql_id: stable_hash(sql.as_bytes()),
+        config: &config,
+        deps: &deps,
+        metrics: metrics.clone(),
+    };
+    let result = active
+        .run(u64::try_from(term).unwrap_or(0), &shutdown, &lost)
+        .await;
+    metrics.active.set(0);
+    let _ = ready_tx.send(false);
+    holder.abort();
+    let _ = tokio::time::timeout(Duration::from_secs(2), health).await;
+    match result {
+        Ok(()) if lost.is_cancelled() && !shutdown.is_cancelled() => Err(Error::LostLeadership),
+        other => other,
+    }
+}
+
+/// The active master's loop and what it works with.
+struct Active<'a> {
+    config: &'a Config,
+    deps: &'a Deps,
+    metrics: Arc<Metrics>,
+    kv_url: String,
+    layout: Layout,
+    window_ms: i64,
+    degraded_period_ms: i64,
+    sql_id: u64,
+}
+
+impl Active<'_> {
+    async fn run(
+        &self,
+        term: u64,
+        shutdown: &CancellationToken,
+        lost: &CancellationToken,
+    ) -> Result<(), Error> {
+        let config = self.config;
+        let stop = CancellationToken::new();
+        let _stop_guard = stop.clone().drop_guard();
+        let mut store = StateStore::new(self.deps.client.clone(), &config.namespace, &config.pipeline);
+        let snapshot = store.load().await?;
+        let first = plan::first_window(now_ms(), self.window_ms);
+        let mut table = Table::restore(snapshot, term, first, config.faults);
+        tracing::info!(
+            next_window = table.next_window_ms(),
+            open = table.open(),
+            "resuming the persisted task state"
+        );
+        let (save_tx, save_rx) = watch::channel(table.snapshot());
+        let mut saver = tokio::spawn(persist(store, save_rx, stop.clone()));
+
+        let modes = crate::modes::follow(
+            self.deps.client.clone(),
+            &config.namespace,
+            &config.pipeline,
+            stop.clone(),
+        );
+        let mut members = crate::membership::follow(
+            self.deps.client.clone(),
+            &config.namespace,
+            &config.pipeline,
+            "slave",
+            stop.clone(),
+        );
+        let slaves = Slaves::default();
+        let loads = dispatch::poll_loads(slaves.clone(), Duration::from_millis(500), stop.clone());
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Finished>();
+        let mut estimator = Estimator::default();
+        let mut kv: Option<KvStore> = None;
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        let mut last_recheck = tokio::time::Instant::now();
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+        loop {
+            let mut finished = Vec::new();
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = lost.cancelled() => break,
+                // The saver only stops early on an error: another master wrote the state.
+                saved = &mut saver => return Err(match saved {
+                    Ok(Err(error)) => error,
+                    _ => Error::LostLeadership,
+                }),
+                Some(f) = done_rx.recv() => finished.push(f),
+                _ = tick.tick() => {}
+                _ = members.changed() => {}
+            }
+            while let Ok(f) = done_rx.try_recv() {
+                finished.push(f);
+            }
+            let now = now_ms();
+            let live: BTreeMap<String, String> = members.borrow_and_update().clone();
+            slaves.update(&live);
+            for f in finished {
+                self.finish(&mut table, &mut estimator, f, live.len(), now);
+            }
+
+            let kv_mode = modes.borrow().get(Dependency::Kv).0;
+            self.plan(&mut table, &mut kv, &slaves, kv_mode, now).await;
+            if kv_mode != Mode::Degraded && last_recheck.elapsed() >= Duration::from_secs(1) {
+                last_recheck = tokio::time::Instant::now();
+                self.recheck(&mut table, &mut kv, now).await;
+            }
+
+            let names: BTreeSet<String> = live.keys().cloned().collect();
+            for (key, outcome) in table.watchdog(now, &names) {
+                tracing::warn!(task = %key.id(), ?outcome, "moving the task to another slave under a new version");
+                self.metrics.outcome(&outcome);
+            }
+
+            let reported = loads.borrow().clone();
+            let views: BTreeMap<String, SlaveView> = names
+                .iter()
+                .map(|n| {
+                    let view = reported.get(n).cloned().unwrap_or(SlaveView {
+                        slots: 1,
+                        ..SlaveView::default()
+                    });
+                    (n.clone(), view)
+                })
+                .collect();
+            let limit = views.len() * config.in_flight_per_slave.max(1);
+            for d in table.dispatch(now, &views, &estimator, self.sql_id, limit) {
+                self.send(&slaves, d, &done_tx);
+            }
+            self.metrics
+                .in_flight
+                .set(i64::try_from(table.in_flight()).unwrap_or(i64::MAX));
+            self.metrics
+                .delayed
+                .set(i64::try_from(table.delayed()).unwrap_or(i64::MAX));
+            let lag = (now - table.oldest_open_ms() - self.window_ms).max(0) / 1000;
+            self.metrics.lag_seconds.set(lag);
+            save_tx.send_if_modified(|current| {
+                let next = table.snapshot();
+                std::mem::replace(current, next.clone()) != next
+            });
+        }
+        // A last save, so the standby starts from the freshest state.
+        let _ = save_tx.send(table.snapshot());
+        stop.cancel();
+        match saver.await {
+            Ok(result) => result,
+            Err(_) => Ok(()),
+        }
+    }
+
+    fn finish(&self, table: &mut Table, estimator: &mut Estimator, f: Finished, live: usize, now: i64) {
+        let result = match &f.result {
+            Ok(report) => {
+                let refused = u64::from(report.refused_hot + report.refused_cache);
+                if refused > 0 {
+                    self.metrics.stale_refused.inc_by(refused);
+                }
+                Ok(())
+            }
+            Err(status) => Err(classify(status)),
+        };
+        let outcome = table.completed(&f.key, f.version, result, live, now);
+        match (&f.result, &outcome) {
+            (Ok(report), Outcome::Done) => {
+                estimator.observe(self.sql_id, report.events, report.duration_ms as f64);
+                tracing::debug!(task = %f.key.id(), slave = %f.slave, events = report.events, "task done");
+            }
+            (Ok(report), Outcome::Stale) => tracing::info!(
+                task = %f.key.id(), slave = %f.slave, version = f.version,
+                refused = report.refused_hot + report.refused_cache,
+                "a superseded attempt finished; its results were fenced"
+            ),
+            (Err(status), _) => tracing::warn!(
+                task = %f.key.id(), slave = %f.slave, version = f.version, code = ?status.code(),
+                error = %status.message(), events = f.events_hint, ?outcome, "task failed"
+            ),
+            _ => {}
+        }
+        self.metrics.outcome(&outcome);
+    }
+
+    /// Plans what has closed: windows from the KV store, or in KV-degraded
+    /// mode hour-to-date tasks on the slaves holding the data.
+    async fn plan(
+        &self,
+        table: &mut Table,
+        kv: &mut Option<KvStore>,
+        slaves: &Slaves,
+        kv_mode: Mode,
+        now: i64,
+    ) {
+        let grace = i64::try_from(self.config.grace.as_millis()).unwrap_or(i64::MAX);
+        let closed = plan::closed_windows(table.next_window_ms(), now, self.window_ms, grace, 16);
+        if closed.is_empty() {
+            return;
+        }
+        if kv_mode == Mode::Degraded {
+            // The window's events went to the slaves: computed hourly from their memory.
+            let last_end = closed[closed.len() - 1] + self.window_ms;
+            table.skip_window(last_end);
+            let hour = plan::period_of(last_end - 1, self.degraded_period_ms);
+            let end = (hour + self.degraded_period_ms).min(last_end);
+            for (slave, windows) in slaves.holdings(Duration::from_secs(1)).await {
+                let events: u64 = windows
+                    .iter()
+                    .filter(|w| w.window_start_ms >= hour && w.window_start_ms < end)
+                    .map(|w| w.events)
+                    .sum();
+                if events > 0 {
+                    table.plan_hour(hour, end, &slave, events);
+                }
+            }
+            return;
+        }
+        for start in closed {
+            let store = match kv {
+                Some(store) => store,
+                None => match connect(&self.kv_url, self.layout.clone()).await {
+                    Ok(store) => kv.insert(store),
+                    Err(error) => {
+                        tracing::warn!(%error, "KV store unreachable; planning waits");
+                        return;
+                    }
+                },
+            };
+            match store.count(start).await {
+                Ok(events) => {
+                    let partitions = plan::partitions(events, self.config.events_per_task, 64);
+                    table.plan_window(start, start + self.window_ms, events, partitions);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, window = start, "counting the window's events failed; planning waits");
+                    *kv = None;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Counts the recently closed windows again: late events (a collector
+    /// that caught up, a redelivery) get the window computed again.
+    async fn recheck(&self, table: &mut Table, kv: &mut Option<KvStore>, now: i64) {
+        let lateness = i64::try_from(self.config.lateness.as_millis()).unwrap_or(i64::MAX);
+        table.forget_before(now.saturating_sub(lateness + self.window_ms));
+        let Some(store) = kv.as_mut() else { return };
+        for start in table.recent_windows() {
+            match store.count(start).await {
+                Ok(events) => {
+                    let partitions = plan::partitions(events, self.config.events_per_task, 64);
+                    if table.recheck(start, start + self.window_ms, events, partitions) {
+                        tracing::info!(
+                            window = start,
+                            events,
+                            "late events arrived: computing the window again"
+                        );
+                        self.metrics
+                            .tasks
+                            .get_or_create(&[("outcome", "recomputed")])
+                            .inc();
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "recounting recent windows failed");
+                    *kv = None;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn send(&self, slaves: &Slaves, d: Dispatch, done: &mpsc::UnboundedSender<Finished>) {
+        let key = d.planned.key.clone();
+        let finished = |result| Finished {
+            key: key.clone(),
+            version: d.version,
+            slave: d.slave.clone(),
+            events_hint: d.planned.events,
+            result,
+        };
+        self.metrics
+            .tasks
+            .get_or_create(&[("outcome", "dispatched")])
+            .inc();
+        let Some(client) = slaves.get(&d.slave) else {
+            let _ = done.send(finished(Err(tonic::Status::unavailable(
+                "slave left the membership",
+            ))));
+            return;
+        };
+        let task = task_of(&d);
+        // A hung call is not cancelled: the slave may still finish and write, and
+        // the fence decides. It is bounded far beyond the hang detection.
+        let timeout = Duration::from_secs(600);
+        let done = done.clone();
+        let pending = finished(Ok(TaskReport::default()));
+        tokio::spawn(async move {
+            let result = dispatch::compute(client, task, timeout).await;
+            let _ = done.send(Finished { result, ..pending });
+        });
+    }
+}
+
+async fn connect(url: &str, layout: Layout) -> Result<KvStore, redis::RedisError> {
+    let conn = redis::Client::open(url)?.get_connection_manager().await?;
+    Ok(KvStore::new(conn, layout, 2 * 86_400))
+}
+
+/// Saves one snapshot, retrying API failures with back-off; once stopping,
+/// gives up after a few attempts so that shutdown is never held up.
+async fn save(store: &mut StateStore, snapshot: &Snapshot, stop: &CancellationToken) -> Result<(), Error> {
+    let mut delay = Duration::from_millis(200);
+    for attempt in 1.. {
+        match store.save(snapshot).await {
+            Ok(()) => return Ok(()),
+            Err(StateError::Api { name, source }) => {
+                tracing::warn!(%name, error = %source, attempt, "saving the master state failed; retrying");
+                if stop.is_cancelled() && attempt >= 3 {
+                    return Ok(());
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(other) => return Err(other.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Saves each new snapshot; stops with `Deposed` when another master wrote.
+async fn persist(
+    mut store: StateStore,
+    mut snapshots: watch::Receiver<Snapshot>,
+    stop: CancellationToken,
+) -> Result<(), Error> {
+    loop {
+        let snapshot = snapshots.borrow_and_update().clone();
+        save(&mut store, &snapshot, &stop).await?;
+        tokio::select! {
+            () = stop.cancelled() => {
+                // The final snapshot, if one arrived since.
+                if snapshots.has_changed().unwrap_or(false) {
+                    let last = snapshots.borrow_and_update().clone();
+                    save(&mut store, &last, &stop).await?;
+                }
+                return Ok(());
+            }
+            changed = snapshots.changed() => if changed.is_err() { return Ok(()) },
+        }
+        // Coalesce: at most a few saves a second.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_transport_failures_count_as_unreachable() {
+        let transport = tonic::Status::from_error(Box::new(std::io::Error::other("connection refused")));
+        let cases = [
+            (transport, Failure::Unreachable),
+            (
+                tonic::Status::unavailable("KV store: connection refused"),
+                Failure::Failed,
+            ),
+            (
+                tonic::Status::invalid_argument("statement 2 failed"),
+                Failure::Failed,
+            ),
+        ];
+        for (status, want) in cases {
+            assert_eq!(classify(&status), want, "{status:?}");
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! Where the active master keeps its task state: a ConfigMap
+//! `<pipeline>-master-state` holding the snapshot as JSON. Every save is a
+//! compare-and-swap on the resourceVersion, so a deposed master that still
+//! believes it leads fails its next save and stops.
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, ObjectMeta, PostParams};
+
+use super::tasks::Snapshot;
+
+const KEY: &str = "state.json";
+
+/// Errors of the state store.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The API server failed: retry.
+    #[error("master state {name}: {source}")]
+    Api {
+        /// The ConfigMap.
+        name: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+    /// Someone else wrote the state since this master read it: it is no longer the leader.
+    #[error("master state {name} was written by another master")]
+    Deposed {
+        /// The ConfigMap.
+        name: String,
+    },
+    /// The stored state is not a snapshot.
+    #[error("master state {name} is unreadable: {source}")]
+    Corrupt {
+        /// The ConfigMap.
+        name: String,
+        /// The JSON error.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// The name of a pipeline's state ConfigMap.
+pub fn name(pipeline: &str) -> String {
+    format!("{pipeline}-master-state")
+}
+
+/// Reads and writes one pipeline's master state.
+pub struct StateStore {
+    api: Api<ConfigMap>,
+    name: String,
+    resource_version: Option<String>,
+}
+
+impl StateStore {
+    /// The store of `pipeline` in `namespace`.
+    pub fn new(client: kube::Client, namespace: &str, pipeline: &str) -> Self {
+        Self {
+            api: Api::namespaced(client, namespace),
+            name: name(pipeline),
+            resource_version: None,
+        }
+    }
+
+    fn api_error(&self) -> impl Fn(kube::Error) -> StateError + '_ {
+        |source| StateError::Api {
+            name: self.name.clone(),
+            source,
+        }
+    }
+
+    /// The persisted snapshot (empty when none was saved yet).
+    pub async fn load(&mut self) -> Result<Snapshot, StateError> {
+        let Some(cm) = self.api.get_opt(&self.name).await.map_err(self.api_error())? else {
+            self.resource_version = None;
+            return Ok(Snapshot::default());
+        };
+        self.resource_version = cm.metadata.resource_version.clone();
+        match cm.data.as_ref().and_then(|d| d.get(KEY)) {
+            Some(json) => serde_json::from_str(json).map_err(|source| StateError::Corrupt {
+                name: self.name.clone(),
+                source,
+            }),
+            None => Ok(Snapshot::default()),
+        }
+    }
+
+    /// Saves `snapshot` if nobody else wrote since the last load or save.
+    pub async fn save(&mut self, snapshot: &Snapshot) -> Result<(), StateError> {
+        let json = serde_json::to_string(snapshot).map_err(|source| StateError::Corrupt {
+            name: self.name.clone(),
+            source,
+        })?;
+        let cm = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(self.name.clone()),
+                resource_version: self.resource_version.clone(),
+                labels: Some(
+                    [(
+                        "app.kubernetes.io/managed-by".to_owned(),
+                        "ballast-worker".to_owned(),
+                    )]
+                    .into(),
+                ),
+                ..ObjectMeta::default()
+            },
+            data: Some([(KEY.to_owned(), json)].into()),
+            ..ConfigMap::default()
+        };
+        let params = PostParams::default();
+        let result = match &self.resource_version {
+            None => self.api.create(&params, &cm).await,
+            Some(_) => self.api.replace(&self.name, &params, &cm).await,
+        };
+        match result {
+            Ok(saved) => {
+                self.resource_version = saved.metadata.resource_version;
+                Ok(())
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => Err(StateError::Deposed {
+                name: self.name.clone(),
+            }),
+            Err(e) => Err(self.api_error()(e)),
+        }
+    }
+}

@@ -1,0 +1,528 @@
+//! The master's task table: every planned, unfinished task with its attempts
+//! and version, and the decisions on completions, failures, departed slaves
+//! and hangs. Pure: the loop in `mod.rs` tells it what happened and carries
+//! out what it returns. Finished tasks leave the table; the persisted
+//! snapshot is the open tasks plus the first window not yet planned.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::faults::{self, Action, Failed, Failure, FaultPolicy};
+use super::schedule::{self, Estimator, SlaveView};
+
+/// Which granularity a task computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// One window, from the KV store.
+    Window,
+    /// Hour-to-date, from one slave's memory (KV-degraded mode).
+    Hour,
+}
+
+/// Identifies a task across attempts and masters.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskKey {
+    /// Granularity.
+    pub kind: Kind,
+    /// Start of the window or hour.
+    pub start_ms: i64,
+    /// Merchant partition (window tasks).
+    pub partition: u32,
+    /// The slave whose memory holds the data (hour tasks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<String>,
+}
+
+impl TaskKey {
+    /// `<kind>/<start>/<partition or slave>`.
+    pub fn id(&self) -> String {
+        let kind = match self.kind {
+            Kind::Window => "window",
+            Kind::Hour => "hour",
+        };
+        match &self.pinned {
+            Some(slave) => format!("{kind}/{}/{slave}", self.start_ms),
+            None => format!("{kind}/{}/{}", self.start_ms, self.partition),
+        }
+    }
+}
+
+/// A planned task: what it covers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Planned {
+    /// The task.
+    pub key: TaskKey,
+    /// End of the span (exclusive).
+    pub end_ms: i64,
+    /// Partitions of its window.
+    pub partitions: u32,
+    /// Events in the span when planned (of the whole window): for the estimate.
+    pub events: u64,
+}
+
+/// An open task as persisted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OpenTask {
+    /// What it covers.
+    #[serde(flatten)]
+    pub planned: Planned,
+    /// Its latest version.
+    pub version: u64,
+    /// The slave running it, if any (for people and tests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_on: Option<String>,
+}
+
+/// What the master persists: enough for a standby to resume.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Snapshot {
+    /// First window not yet planned: every earlier one is planned (and done unless open).
+    pub next_window_ms: Option<i64>,
+    /// The highest version handed out.
+    pub last_version: u64,
+    /// Tasks planned and not finished.
+    pub open: Vec<OpenTask>,
+    /// Windows closed lately and the events they held when planned: a window
+    /// that gains late events within the lateness horizon is computed again.
+    #[serde(default)]
+    pub recent: BTreeMap<i64, u64>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Phase {
+    /// Waiting for a slave: `only` one (a retry), or any but `exclude`.
+    Pending {
+        only: Option<String>,
+        exclude: BTreeSet<String>,
+    },
+    Running {
+        slave: String,
+        started_ms: i64,
+        estimate_ms: f64,
+    },
+    Delayed {
+        until_ms: i64,
+    },
+}
+
+#[derive(Clone, Debug)]
+struct Task {
+    planned: Planned,
+    version: u64,
+    phase: Phase,
+    failures: BTreeMap<String, u32>,
+    rounds: u32,
+}
+
+impl Task {
+    fn new(planned: Planned) -> Self {
+        Self {
+            planned,
+            version: 0,
+            phase: Phase::Pending {
+                only: None,
+                exclude: BTreeSet::new(),
+            },
+            failures: BTreeMap::new(),
+            rounds: 0,
+        }
+    }
+
+    fn events(&self) -> u64 {
+        self.planned.events / u64::from(self.planned.partitions.max(1))
+    }
+}
+
+/// A task sent to a slave.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dispatch {
+    /// What it covers.
+    pub planned: Planned,
+    /// The attempt's version.
+    pub version: u64,
+    /// Where it goes.
+    pub slave: String,
+    /// Its expected duration.
+    pub estimate_ms: f64,
+}
+
+/// What a report or a watchdog pass did to a task (for metrics and logs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Finished: it left the table.
+    Done,
+    /// From an older attempt (or an unknown task): ignored.
+    Stale,
+    /// Will run again on the same slave.
+    Retried,
+    /// Will run on another slave.
+    Reassigned,
+    /// Parked in the delay queue.
+    Delayed,
+    /// Its slave left the membership: it will run elsewhere under a new version.
+    SlaveGone,
+    /// Ran far beyond its estimate: it will run elsewhere under a new version.
+    Hung,
+}
+
+/// The task table of the active master.
+#[derive(Clone, Debug)]
+pub struct Table {
+    tasks: BTreeMap<TaskKey, Task>,
+    term: u64,
+    counter: u64,
+    last_version: u64,
+    next_window_ms: i64,
+    recent: BTreeMap<i64, u64>,
+    policy: FaultPolicy,
+}
+
+impl Table {
+    /// The table of a master in `term` (the leader Lease's term), resuming
+    /// `snapshot`; open tasks wait for a slave again and get versions above
+    /// anything an earlier master handed out.
+    pub fn restore(snapshot: Snapshot, term: u64, first_window_ms: i64, policy: FaultPolicy) -> Self {
+        let tasks = snapshot
+            .open
+            .into_iter()
+            .map(|open| (open.planned.key.clone(), Task::new(open.planned)))
+            .collect();
+        Self {
+            tasks,
+            term,
+            counter: 0,
+            last_version: snapshot.last_version,
+            next_window_ms: snapshot.next_window_ms.unwrap_or(first_window_ms),
+            recent: snapshot.recent,
+            policy,
+        }
+    }
+
+    /// What a standby needs to resume.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            next_window_ms: Some(self.next_window_ms),
+            last_version: self.last_version,
+            open: self
+                .tasks
+                .values()
+                .map(|t| OpenTask {
+                    planned: t.planned.clone(),
+                    version: t.version,
+                    running_on: match &t.phase {
+                        Phase::Running { slave, .. } => Some(slave.clone()),
+                        _ => None,
+                    },
+                })
+                .collect(),
+            recent: self.recent.clone(),
+        }
+    }
+
+    /// First window not yet planned.
+    pub fn next_window_ms(&self) -> i64 {
+        self.next_window_ms
+    }
+
+    /// Plans window `[start, end)` holding `events` as `partitions` tasks (none when empty).
+    pub fn plan_window(&mut self, start_ms: i64, end_ms: i64, events: u64, partitions: u32) {
+        self.recent.insert(start_ms, events);
+        if events > 0 {
+            for partition in 0..partitions.max(1) {
+                let planned = Planned {
+                    key: TaskKey {
+                        kind: Kind::Window,
+                        start_ms,
+                        partition,
+                        pinned: None,
+                    },
+                    end_ms,
+                    partitions: partitions.max(1),
+                    events,
+                };
+                self.tasks.insert(planned.key.clone(), Task::new(planned));
+            }
+        }
+        self.next_window_ms = self.next_window_ms.max(end_ms);
+    }
+
+    /// Windows closed lately, whose late events are still watched for.
+    pub fn recent_windows(&self) -> Vec<i64> {
+        self.recent.keys().copied().collect()
+    }
+
+    /// A recent window now holds `events`: if it gained late events since it
+    /// was planned, it is planned again (its tasks recompute and overwrite the
+    /// results under new versions). True when it was.
+    pub fn recheck(&mut self, start_ms: i64, end_ms: i64, events: u64, partitions: u32) -> bool {
+        match self.recent.get(&start_ms) {
+            Some(planned) if events > *planned => {
+                self.plan_window(start_ms, end_ms, events, partitions);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Stops watching windows that started before `horizon_ms`.
+    pub fn forget_before(&mut self, horizon_ms: i64) {
+        self.recent = self.recent.split_off(&horizon_ms);
+    }
+
+    /// Passes window `[start, end)` without a task: its events went to the
+    /// slaves' memory (KV-degraded) and are computed hourly.
+    pub fn skip_window(&mut self, end_ms: i64) {
+        self.next_window_ms = self.next_window_ms.max(end_ms);
+    }
+
+    /// Plans (or widens) the hour-to-date task of `slave` for hour `[hour, end)`.
+    /// An open one is widened, not duplicated: the next attempt covers more.
+    pub fn plan_hour(&mut self, hour_ms: i64, end_ms: i64, slave: &str, events: u64) {
+        let key = TaskKey {
+            kind: Kind::Hour,
+            start_ms: hour_ms,
+            partition: 0,
+            pinned: Some(slave.to_owned()),
+        };
+        match self.tasks.get_mut(&key) {
+            Some(task) => {
+                task.planned.end_ms = task.planned.end_ms.max(end_ms);
+                task.planned.events = events;
+            }
+            None => {
+                let planned = Planned {
+                    key: key.clone(),
+                    end_ms,
+                    partitions: 1,
+                    events,
+                };
+                self.tasks.insert(key, Task::new(planned));
+            }
+        }
+    }
+
+    fn next_version(&mut self) -> u64 {
+        self.counter += 1;
+        let version =
+            ((self.term & 0xFFFF_FFFF) << 32 | (self.counter & 0xFFFF_FFFF)).max(self.last_version + 1);
+        self.last_version = version;
+        version
+    }
+
+    /// The load views of `loads` with this master's outstanding tasks added.
+    fn views(&self, loads: &BTreeMap<String, SlaveView>) -> BTreeMap<String, SlaveView> {
+        let mut views = loads.clone();
+        for task in self.tasks.values() {
+            if let Phase::Running {
+                slave, estimate_ms, ..
+            } = &task.phase
+                && let Some(view) = views.get_mut(slave)
+            {
+                view.outstanding_ms += estimate_ms;
+                view.outstanding += 1;
+            }
+        }
+        views
+    }
+
+    /// Sends pending tasks (oldest first) to the slaves of `loads` (the live
+    /// ones), each to the one with the earliest expected finish, until
+    /// `max_in_flight` tasks run; delayed tasks whose time came are pending again.
+    pub fn dispatch(
+        &mut self,
+        now_ms: i64,
+        loads: &BTreeMap<String, SlaveView>,
+        estimator: &Estimator,
+        sql: u64,
+        max_in_flight: usize,
+    ) -> Vec<Dispatch> {
+        for task in self.tasks.values_mut() {
+            if let Phase::Delayed { until_ms } = task.phase
+                && until_ms <= now_ms
+            {
+                task.failures.clear();
+                task.rounds += 1;
+                task.phase = Phase::Pending {
+                    only: None,
+                    exclude: BTreeSet::new(),
+                };
+            }
+        }
+        let mut views = self.views(loads);
+        let mut in_flight = self.in_flight();
+        let typical = estimator.estimate(sql, 0).max(1.0);
+        let pending: Vec<TaskKey> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| matches!(t.phase, Phase::Pending { .. }))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut out = Vec::new();
+        for key in pending {
+            if in_flight >= max_in_flight {
+                break;
+            }
+            let Some(task) = self.tasks.get(&key) else {
+                continue;
+            };
+            let estimate_ms = estimator.estimate(sql, task.events());
+            let Phase::Pending { only, exclude } = &task.phase else {
+                continue;
+            };
+            let target = match only.as_ref().or(key.pinned.as_ref()) {
+                Some(slave) => views.contains_key(slave).then(|| slave.clone()),
+                None => schedule::choose(&views, estimate_ms, typical, exclude).map(str::to_owned),
+            };
+            let Some(slave) = target else { continue };
+            let version = self.next_version();
+            let Some(task) = self.tasks.get_mut(&key) else {
+                continue;
+            };
+            task.version = version;
+            task.phase = Phase::Running {
+                slave: slave.clone(),
+                started_ms: now_ms,
+                estimate_ms,
+            };
+            if let Some(view) = views.get_mut(&slave) {
+                view.outstanding_ms += estimate_ms;
+                view.outstanding += 1;
+            }
+            in_flight += 1;
+            out.push(Dispatch {
+                planned: task.planned.clone(),
+                version,
+                slave,
+                estimate_ms,
+            });
+        }
+        out
+    }
+
+    /// Records the end of attempt `version` of `key` on `slave`.
+    pub fn completed(
+        &mut self,
+        key: &TaskKey,
+        version: u64,
+        result: Result<(), Failure>,
+        live_slaves: usize,
+        now_ms: i64,
+    ) -> Outcome {
+        let Some(task) = self.tasks.get_mut(key) else {
+            return Outcome::Stale;
+        };
+        let slave = match &task.phase {
+            Phase::Running { slave, .. } if task.version == version => slave.clone(),
+            _ => return Outcome::Stale,
+        };
+        let failure = match result {
+            Ok(()) => {
+                self.tasks.remove(key);
+                return Outcome::Done;
+            }
+            Err(failure) => failure,
+        };
+        *task.failures.entry(slave.clone()).or_default() += 1;
+        let failed = Failed {
+            failures: &task.failures,
+            slave: &slave,
+            failure,
+            pinned: key.pinned.is_some(),
+            live_slaves,
+            rounds: task.rounds,
+        };
+        let (phase, outcome) = match faults::on_failure(&self.policy, &failed, now_ms) {
+            Action::Retry => (
+                Phase::Pending {
+                    only: Some(slave),
+                    exclude: BTreeSet::new(),
+                },
+                Outcome::Retried,
+            ),
+            Action::Reassign { exclude } => (Phase::Pending { only: None, exclude }, Outcome::Reassigned),
+            Action::Delay { until_ms } => (Phase::Delayed { until_ms }, Outcome::Delayed),
+        };
+        task.phase = phase;
+        outcome
+    }
+
+    /// Moves tasks off slaves that left `live`, and off slaves where they hang;
+    /// each will run elsewhere under a new version, so a late write from the
+    /// old attempt is refused by the fence.
+    pub fn watchdog(&mut self, now_ms: i64, live: &BTreeSet<String>) -> Vec<(TaskKey, Outcome)> {
+        let mut out = Vec::new();
+        for (key, task) in &mut self.tasks {
+            let Phase::Running {
+                slave,
+                started_ms,
+                estimate_ms,
+            } = &task.phase
+            else {
+                continue;
+            };
+            let outcome = if !live.contains(slave) {
+                Outcome::SlaveGone
+            } else if faults::is_hung(&self.policy, *started_ms, *estimate_ms, now_ms) {
+                Outcome::Hung
+            } else {
+                continue;
+            };
+            // A pinned task's data is only on its slave: it waits for it to return.
+            let exclude = if key.pinned.is_some() {
+                BTreeSet::new()
+            } else {
+                BTreeSet::from([slave.clone()])
+            };
+            task.phase = Phase::Pending { only: None, exclude };
+            out.push((key.clone(), outcome));
+        }
+        out
+    }
+
+    /// Tasks running now.
+    pub fn in_flight(&self) -> usize {
+        self.tasks
+            .values()
+            .filter(|t| matches!(t.phase, Phase::Running { .. }))
+            .count()
+    }
+
+    /// Tasks planned and not finished.
+    pub fn open(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// Tasks in the delay queue.
+    pub fn delayed(&self) -> usize {
+        self.tasks
+            .values()
+            .filter(|t| matches!(t.phase, Phase::Delayed { .. }))
+            .count()
+    }
+
+    /// Start of the oldest unfinished window (or the next to plan): how far behind the master is.
+    pub fn oldest_open_ms(&self) -> i64 {
+        self.tasks
+            .keys()
+            .filter(|k| k.kind == Kind::Window)
+            .map(|k| k.start_ms)
+            .min()
+            .unwrap_or(self.next_window_ms)
+    }
+
+    /// Hour tasks of `slave` still open.
+    pub fn hour_open(&self, hour_ms: i64, slave: &str) -> bool {
+        self.tasks
+            .keys()
+            .any(|k| k.kind == Kind::Hour && k.start_ms == hour_ms && k.pinned.as_deref() == Some(slave))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,308 @@
+//! The compute path against the local stack's real servers: binlog → Kafka →
+//! intake → KV → active master → slaves (DataFusion) → hot MySQL + cache, with
+//! results compared to the golden expectation MariaDB computes over the raw
+//! rows — through a master failover, a hung slave that wakes and writes late,
+//! a slave killed mid-task, and a task that fails on every slave until its data is fixed.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use ballast_e2e::orders::{self, Metrics, Orders};
+use ballast_e2e::scenario::{self, eventually, free_port, until_logged};
+use ballast_e2e::{KillOnDrop, Stack};
+use ballast_worker::results::cache::ResultCache;
+use ballast_worker::results::hot::HotStore;
+use ballast_worker::results::{Granularity, Slot};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::Api;
+use serde_json::json;
+
+const WINDOW_MS: i64 = 2_000;
+
+/// The tests here share the source table and the servers' CPU: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A running pipeline: its worker processes by pod name, with their metrics ports.
+struct Running {
+    stack: Stack,
+    client: kube::Client,
+    ns: String,
+    pipeline: String,
+    workers: BTreeMap<String, (KillOnDrop, u16)>,
+}
+
+impl Running {
+    async fn start(prefix: &str) -> anyhow::Result<Self> {
+        let stack = Stack::discover();
+        let client = stack.kube_client().await?;
+        let patch = json!({"compute": {"windowSeconds": WINDOW_MS / 1000}});
+        let (ns, pipeline) = stack
+            .pipeline_fixture_with(&client, prefix, json!({}), patch)
+            .await?;
+        // The table (and its columns) before the collector reads its schema.
+        drop(stack.source_orders().await?);
+        let mut running = Self {
+            stack,
+            client,
+            ns,
+            pipeline,
+            workers: BTreeMap::new(),
+        };
+        for (pod, role) in [
+            ("slave-0", "slave"),
+            ("slave-1", "slave"),
+            ("intake-0", "intake"),
+            ("master-0", "master"),
+            ("master-1", "master"),
+            ("collector-0", "collector"),
+        ] {
+            running.spawn(pod, role)?;
+        }
+        until_logged(&running.log("collector-0"), "tailing the binlog", 60).await?;
+        eventually("both slaves in the membership", 30, || running.slaves_ready()).await?;
+        Ok(running)
+    }
+
+    fn log(&self, pod: &str) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("ballast-{}-{pod}.log", self.ns))
+    }
+
+    fn spawn(&mut self, pod: &str, role: &str) -> anyhow::Result<()> {
+        let port = free_port()?;
+        let metrics = format!("127.0.0.1:{port}");
+        let env = [
+            ("BALLAST_METRICS_ADDR", metrics.as_str()),
+            ("BALLAST_LEASE", if role == "master" { "3s" } else { "15s" }),
+            ("BALLAST_WINDOW_GRACE", "1s"),
+            ("BALLAST_HUNG_AFTER", "2s"),
+            ("BALLAST_DELAY_BASE", "2s"),
+            ("RUST_LOG", "info"),
+        ];
+        let worker = Path::new(env!("CARGO_BIN_EXE_ballast-worker"));
+        let child = self
+            .stack
+            .worker_with(worker, &[role], &self.ns, &self.pipeline, pod, &env)?;
+        self.workers.insert(pod.to_owned(), (child, port));
+        Ok(())
+    }
+
+    fn signal(&self, pod: &str, signal: &str) -> anyhow::Result<()> {
+        let pid = self
+            .workers
+            .get(pod)
+            .map(|(c, _)| c.0.id())
+            .ok_or_else(|| anyhow::anyhow!("no {pod}"))?;
+        let status = Command::new("kill").args([signal, &pid.to_string()]).status()?;
+        anyhow::ensure!(status.success(), "kill {signal} {pod}");
+        Ok(())
+    }
+
+    async fn metric(&self, pod: &str, series: &str) -> anyhow::Result<f64> {
+        let port = self
+            .workers
+            .get(pod)
+            .map(|(_, p)| *p)
+            .ok_or_else(|| anyhow::anyhow!("no {pod}"))?;
+        Ok(scenario::metric(port, series).await?.unwrap_or(0.0))
+    }
+
+    async fn slaves_ready(&self) -> anyhow::Result<Option<()>> {
+        let leases: Api<Lease> = Api::namespaced(self.client.clone(), &self.ns);
+        let selector = ballast_worker::membership::selector(&self.pipeline, "slave");
+        let list = leases
+            .list(&kube::api::ListParams::default().labels(&selector))
+            .await?;
+        let ready =
+            ballast_worker::membership::ready_members(&list.items, k8s_openapi::jiff::Timestamp::now());
+        Ok((ready.len() == 2).then_some(()))
+    }
+
+    async fn active_master(&self) -> anyhow::Result<Option<String>> {
+        let leases: Api<Lease> = Api::namespaced(self.client.clone(), &self.ns);
+        let lease = leases.get_opt(&format!("{}-master", self.pipeline)).await?;
+        Ok(lease.and_then(|l| l.spec?.holder_identity))
+    }
+
+    /// Waits until the hot MySQL and the cache hold exactly the golden
+    /// expectation for every (window, merchant) of `prefix`.
+    async fn until_golden(&self, prefix: &str, secs: u64) -> anyhow::Result<usize> {
+        let mut source = self.stack.source_orders().await?;
+        let want = orders::expected(&mut source, prefix, WINDOW_MS, "TRUE").await?;
+        anyhow::ensure!(!want.is_empty(), "no orders of {prefix} in the source");
+        let pool = mysql_async::Pool::new(mysql_async::Opts::from_url(
+            &self.stack.get("BALLAST_MYSQL_HOT_URL")?,
+        )?);
+        let hot = HotStore::new(pool, "ballast", 2, 4);
+        let conn = redis::Client::open(self.stack.get("BALLAST_REDIS_CACHE_URL")?.as_str())?
+            .get_connection_manager()
+            .await?;
+        let cache = ResultCache::new(conn);
+        let windows: Vec<i64> = want
+            .keys()
+            .map(|(w, _)| *w)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        eventually(&format!("golden results of {prefix}"), secs, || {
+            let (hot, mut cache, want, windows) = (&hot, cache.clone(), &want, &windows);
+            async move {
+                let mut mismatches = Vec::new();
+                for w in windows {
+                    let slot = Slot {
+                        pipeline: self.pipeline.clone(),
+                        granularity: Granularity::Window,
+                        window_start_ms: *w,
+                    };
+                    let in_hot = hot.read(&slot).await?;
+                    let in_cache = cache.read(&slot).await?;
+                    for ((_, merchant), expected) in want.range((*w, String::new())..(*w + 1, String::new()))
+                    {
+                        for (store, got) in
+                            [("mysql", in_hot.get(merchant)), ("cache", in_cache.get(merchant))]
+                        {
+                            let got = got.and_then(|s| Metrics::from_json(&s.metrics));
+                            if !got.as_ref().is_some_and(|g| g.matches(expected)) {
+                                mismatches.push(format!("{store} {w} {merchant}: {got:?} != {expected:?}"));
+                            }
+                        }
+                    }
+                }
+                if let Some(first) = mismatches.first() {
+                    anyhow::bail!("{} mismatches, first: {first}", mismatches.len());
+                }
+                Ok(Some(want.len()))
+            }
+        })
+        .await
+        .map_err(Into::into)
+    }
+}
+
+/// Feeds `batches` batches of orders, one every `every`.
+async fn feed(stack: &Stack, orders: &mut Orders, batches: usize, every: Duration) -> anyhow::Result<()> {
+    let mut db = stack.source_orders().await?;
+    for _ in 0..batches {
+        orders::insert(&mut db, &orders.batch(40)).await?;
+        tokio::time::sleep(every).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn results_equal_the_golden_expectation_across_a_master_failover() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mut running = Running::start("gm").await?;
+    let prefix = running.pipeline.clone();
+    let mut orders = Orders::new(&prefix, 25, 1);
+    let active = eventually("an active master", 30, || running.active_master()).await?;
+
+    feed(&running.stack, &mut orders, 8, Duration::from_millis(500)).await?;
+    // The active master dies mid-stream: the standby takes over within the lease (3 s).
+    running.workers.remove(&active);
+    let standby = if active == "master-0" {
+        "master-1"
+    } else {
+        "master-0"
+    };
+    feed(&running.stack, &mut orders, 8, Duration::from_millis(500)).await?;
+    let taken = eventually("the standby holding the lease", 10, || async {
+        Ok::<_, anyhow::Error>(running.active_master().await?.filter(|h| h == standby))
+    })
+    .await?;
+    assert_eq!(taken, standby);
+
+    let pairs = running.until_golden(&prefix, 60).await?;
+    assert!(pairs >= 25, "only {pairs} merchant windows computed");
+    assert_eq!(running.metric(standby, "ballast_master_active").await?, 1.0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn results_stay_golden_through_a_hung_slave_a_killed_slave_and_a_twice_failing_task()
+-> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let running = Running::start("gf").await?;
+    let prefix = running.pipeline.clone();
+    let mut orders = Orders::new(&prefix, 25, 2);
+    eventually("an active master", 30, || running.active_master()).await?;
+
+    // A task that fails wherever it runs: an undecodable event in a window
+    // that has not closed yet. It goes round the slaves, then to the delay queue.
+    let now = k8s_openapi::jiff::Timestamp::now().as_millisecond();
+    let poisoned = (now / WINDOW_MS + 2) * WINDOW_MS;
+    let layout = ballast_worker::kv::Layout::new(&running.pipeline, WINDOW_MS);
+    let mut kv = redis::Client::open(running.stack.get("BALLAST_REDIS_KV_URL")?.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let merchant = format!("{prefix}-poison");
+    let hash = layout.merchant_key(poisoned, &merchant);
+    redis::pipe()
+        .cmd("HSET")
+        .arg(&hash)
+        .arg("bad")
+        .arg(&[0xff_u8, 0xff][..])
+        .ignore()
+        .cmd("SADD")
+        .arg(layout.window_key(poisoned))
+        .arg(&merchant)
+        .ignore()
+        .cmd("EXPIRE")
+        .arg(&hash)
+        .arg(600)
+        .ignore()
+        .exec_async(&mut kv)
+        .await?;
+    feed(&running.stack, &mut orders, 4, Duration::from_millis(500)).await?;
+    let failures = |pod: &'static str| {
+        let running = &running;
+        async move {
+            let failed = running
+                .metric(pod, "ballast_slave_tasks_total{result=\"failed\"}")
+                .await?;
+            Ok::<_, anyhow::Error>(failed)
+        }
+    };
+    eventually("the poisoned task failing at least twice", 30, || async {
+        let n = failures("slave-0").await? + failures("slave-1").await?;
+        Ok::<_, anyhow::Error>((n >= 2.0).then_some(()))
+    })
+    .await?;
+    // The data is repaired: a later attempt (after the delay) succeeds.
+    redis::cmd("HDEL")
+        .arg(&hash)
+        .arg("bad")
+        .exec_async(&mut kv)
+        .await?;
+
+    // A slave hangs (stopped) while tasks are sent to it: they are called hung
+    // after 2 s and recomputed elsewhere under new versions...
+    running.signal("slave-0", "-STOP")?;
+    feed(&running.stack, &mut orders, 8, Duration::from_millis(500)).await?;
+    // ...and when it wakes, its late writes are refused by the version fence.
+    running.signal("slave-0", "-CONT")?;
+    eventually("slave-0's late results refused", 30, || async {
+        let refused = running
+            .metric("slave-0", "ballast_slave_results_refused_total{store=\"mysql\"}")
+            .await?;
+        Ok::<_, anyhow::Error>((refused > 0.0).then_some(refused))
+    })
+    .await?;
+
+    // A slave dies with a task in flight: it is reassigned.
+    running.signal("slave-0", "-STOP")?;
+    feed(&running.stack, &mut orders, 3, Duration::from_millis(500)).await?;
+    running.signal("slave-0", "-KILL")?;
+    feed(&running.stack, &mut orders, 4, Duration::from_millis(500)).await?;
+
+    running.until_golden(&prefix, 90).await?;
+    let hung = running
+        .metric(
+            &running.active_master().await?.unwrap_or_default(),
+            "ballast_master_tasks_total{outcome=\"hung\"}",
+        )
+        .await?;
+    assert!(hung >= 1.0, "no task was called hung");
+    Ok(())
+}
