@@ -315,22 +315,6 @@ impl Table {
         version
     }
 
-    /// The load views of `loads` with this master's outstanding tasks added.
-    fn views(&self, loads: &BTreeMap<String, SlaveView>) -> BTreeMap<String, SlaveView> {
-        let mut views = loads.clone();
-        for task in self.tasks.values() {
-            if let Phase::Running {
-                slave, estimate_ms, ..
-            } = &task.phase
-                && let Some(view) = views.get_mut(slave)
-            {
-                view.outstanding_ms += estimate_ms;
-                view.outstanding += 1;
-            }
-        }
-        views
-    }
-
     /// Sends pending tasks (oldest first) to the slaves of `loads` (the live
     /// ones), each to the one with the earliest expected finish, until
     /// `max_in_flight` tasks run; delayed tasks whose time came are pending again.
@@ -342,7 +326,13 @@ impl Table {
         sql: u64,
         max_in_flight: usize,
     ) -> Vec<Dispatch> {
-        for task in self.tasks.values_mut() {
+        // One pass: delayed tasks whose time came are pending again; this
+        // master's outstanding work per slave; the oldest pending tasks, a few
+        // more than may be sent now (some may wait for a particular slave).
+        let mut views = loads.clone();
+        let mut in_flight = 0;
+        let mut pending: Vec<TaskKey> = Vec::new();
+        for (key, task) in &mut self.tasks {
             if let Phase::Delayed { until_ms } = task.phase
                 && until_ms <= now_ms
             {
@@ -353,16 +343,21 @@ impl Table {
                     exclude: BTreeSet::new(),
                 };
             }
+            match &task.phase {
+                Phase::Running {
+                    slave, estimate_ms, ..
+                } => {
+                    in_flight += 1;
+                    if let Some(view) = views.get_mut(slave) {
+                        view.outstanding_ms += estimate_ms;
+                        view.outstanding += 1;
+                    }
+                }
+                Phase::Pending { .. } if pending.len() < max_in_flight + 64 => pending.push(key.clone()),
+                _ => {}
+            }
         }
-        let mut views = self.views(loads);
-        let mut in_flight = self.in_flight();
         let typical = estimator.estimate(sql, 0).max(1.0);
-        let pending: Vec<TaskKey> = self
-            .tasks
-            .iter()
-            .filter(|(_, t)| matches!(t.phase, Phase::Pending { .. }))
-            .map(|(k, _)| k.clone())
-            .collect();
         let mut out = Vec::new();
         for key in pending {
             if in_flight >= max_in_flight {
