@@ -114,17 +114,33 @@ impl Intake for Echo {
     }
 }
 
+/// Collectors send concurrently: `STREAMS` clients, each its share of the batches in order.
+const STREAMS: usize = 4;
+
 async fn ingest_all(address: &str, tag: &str) -> anyhow::Result<Duration> {
-    let mut client = IntakeClient::connect(format!("http://{address}")).await?;
     let all = events(tag, ROWS);
+    let mut clients = Vec::new();
+    for _ in 0..STREAMS {
+        clients.push(IntakeClient::connect(format!("http://{address}")).await?);
+    }
+    let batches: Vec<&[ChangeEvent]> = all.chunks(BATCH).collect();
     let started = Instant::now();
-    for chunk in all.chunks(BATCH) {
-        client
-            .ingest(EventBatch {
-                events: chunk.to_vec(),
-                epoch: 0,
-            })
-            .await?;
+    let streams = clients.into_iter().enumerate().map(|(i, mut client)| {
+        let mine: Vec<Vec<ChangeEvent>> = batches
+            .iter()
+            .skip(i)
+            .step_by(STREAMS)
+            .map(|b| b.to_vec())
+            .collect();
+        async move {
+            for events in mine {
+                client.ingest(EventBatch { events, epoch: 0 }).await?;
+            }
+            Ok::<_, tonic::Status>(())
+        }
+    });
+    for result in futures::future::join_all(streams).await {
+        result?;
     }
     Ok(started.elapsed())
 }

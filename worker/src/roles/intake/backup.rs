@@ -64,7 +64,21 @@ impl Intake for Backup {
             Status::resource_exhausted(over.to_string())
         })?;
         self.metrics.shed_events.inc_by(u64::from(admitted.shed));
-        let stored = self.sink.lock().await.store(&admitted.keep).await.map_err(|e| {
+        // On the KV route concurrent calls write in parallel on clones of one
+        // multiplexed connection; routing to slaves stays serialized in the sink.
+        let kv = self.sink.lock().await.kv_route();
+        let stored = match kv {
+            Some(mut kv) => kv
+                .write(&admitted.keep)
+                .await
+                .map(|w| Stored::Kv {
+                    new: w.new,
+                    duplicates: w.duplicates,
+                })
+                .map_err(|e| e.to_string()),
+            None => self.sink.lock().await.store(&admitted.keep).await,
+        }
+        .map_err(|e| {
             Status::unavailable(format!(
                 "storing the batch failed, nothing of it is acknowledged: {e}"
             ))

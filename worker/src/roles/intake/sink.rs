@@ -56,6 +56,17 @@ impl Sink {
         }
     }
 
+    /// The KV store, when it is the current route: writers may then store
+    /// concurrently on their own clone instead of queueing behind this sink.
+    pub fn kv_route(&mut self) -> Option<KvStore> {
+        let (kv_mode, epoch) = self.mode.borrow().get(Dependency::Kv);
+        let current = route::route(kv_mode, epoch, &self.slaves.borrow());
+        matches!(current, Route::Kv).then(|| {
+            self.held.clear();
+            self.kv.clone()
+        })
+    }
+
     /// Stores a batch on the current route; an error means nothing is acknowledged.
     pub async fn store(&mut self, events: &[ChangeEvent]) -> Result<Stored, String> {
         let (kv_mode, epoch) = self.mode.borrow().get(Dependency::Kv);
