@@ -53,6 +53,8 @@ enum Values {
 /// One JSON column of a chunk being built; `len` counts rows filled, nulls included.
 pub(crate) struct Column {
     pub(crate) name: String,
+    /// Whether the name can be matched on raw JSON bytes ([`super::json::plain`]).
+    plain: bool,
     values: Values,
     len: usize,
 }
@@ -62,9 +64,15 @@ impl Column {
     pub(crate) fn new(name: &str) -> Self {
         Self {
             name: name.to_owned(),
+            plain: super::json::plain(name),
             values: Values::Empty,
             len: 0,
         }
+    }
+
+    /// The name, as a hint for [`super::json::Scanner::member`], when it is plain.
+    pub(crate) fn hint(&self) -> Option<&str> {
+        self.plain.then_some(self.name.as_str())
     }
 
     /// Rows filled so far, nulls included.
@@ -141,7 +149,8 @@ impl Column {
                 self.values = Values::Bool(b);
             }
             (Values::Empty, Val::Str(s) | Val::Nested(s)) => {
-                let mut b = StringBuilder::with_capacity(rows, rows * 8);
+                // The first value's length sizes the buffer: one table's values are alike.
+                let mut b = StringBuilder::with_capacity(rows, rows * s.len().clamp(4, 64));
                 b.append_nulls(len);
                 b.append_value(s);
                 self.values = Values::Text(b);

@@ -25,8 +25,11 @@ use super::{ComputeError, MerchantResult, frame};
 use crate::routing::stable_hash;
 use crate::wire::ChangeEvent;
 
-/// Rows per batch handed to DataFusion (its default batch size).
-const BATCH_ROWS: usize = 8192;
+/// Rows per batch, in the tables and as DataFusion's batch size. Measured with
+/// the sample SQL over a million rows on two cores: 64 Ki rows ran the SQL
+/// about 1.4x as fast as DataFusion's default of 8 Ki (fewer, larger batches
+/// through aggregation and repartitioning); 128-256 Ki were no faster.
+pub const BATCH_ROWS: usize = 65_536;
 
 /// A pipeline's SQL: statements separated by `;`, run in order; the last one's
 /// output is the result (earlier ones are typically `CREATE VIEW ... AS`).
@@ -63,6 +66,10 @@ impl Sql {
 
 /// Runs `sql` over a window's `events`: one result per merchant, sorted by
 /// merchant. No events → no results, without running the SQL.
+///
+/// CPU-bound throughout: the tables are built on scoped threads while the
+/// calling task's thread waits, then DataFusion runs on the Tokio runtime with
+/// one partition per CPU. Run it where that is acceptable (a slave's task).
 pub async fn run(sql: &Sql, events: &[ChangeEvent]) -> Result<Vec<MerchantResult>, ComputeError> {
     if events.is_empty() {
         return Ok(Vec::new());

@@ -23,13 +23,14 @@ use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::record_batch::RecordBatch;
 
 use super::column::{Column, Kind};
-use super::json::Scanner;
+use super::json::{Key, Scanner, plain};
 use crate::wire::{ChangeEvent, Operation};
 
 /// The meta columns every table starts with, in order.
 pub const META_COLUMNS: [&str; 3] = ["_event_id", "_op", "_event_time_ms"];
 
-/// Tables with fewer rows than this are built on the calling thread alone.
+/// The fewest rows a chunk built on a thread of its own gets: below that, the
+/// thread costs more than it saves.
 const MIN_PARALLEL_ROWS: usize = 50_000;
 
 /// Why events could not be turned into tables.
@@ -153,29 +154,25 @@ fn build_chunk(events: &[&ChangeEvent]) -> Result<Chunk, FrameError> {
             .start(&event.columns)
             .map_err(|e| columns_error(event, e))?;
         let mut position = 0;
-        while let Some((key, value)) = scanner.member().map_err(|e| columns_error(event, e))? {
+        loop {
             // Rows of one table nearly always list the same keys in the same
-            // order: try the column at this position before hashing the key.
-            let at = match columns.get(position) {
-                Some(column) if column.name == key => position,
-                _ => match index.get(key) {
-                    Some(&at) => at,
-                    None => {
-                        if META_COLUMNS.contains(&key) {
-                            let reason = format!("column `{key}` is reserved for the meta columns");
-                            return Err(columns_error(event, reason));
-                        }
-                        index.insert(key.to_owned(), columns.len());
-                        columns.push(Column::new(key));
-                        columns.len() - 1
-                    }
-                },
+            // order: the column at this position is the likely next one, and
+            // when its name matches the raw bytes the key is neither scanned
+            // nor hashed.
+            let hint = columns.get(position).and_then(Column::hint);
+            let Some((key, value)) = scanner.member(hint).map_err(|e| columns_error(event, e))? else {
+                break;
+            };
+            let at = match key {
+                Key::Hint => position,
+                Key::Name(key) => column_at(&mut columns, &mut index, key, event)?,
             };
             let Some(column) = columns.get_mut(at) else {
-                return Err(columns_error(event, format!("column `{key}` lost its builder")));
+                return Err(columns_error(event, format!("column {at} lost its builder")));
             };
             if column.len() > row {
-                return Err(columns_error(event, format!("column `{key}` appears twice")));
+                let reason = format!("column `{}` appears twice", column.name);
+                return Err(columns_error(event, reason));
             }
             column.pad(row);
             column.push(value, rows);
@@ -196,6 +193,25 @@ fn build_chunk(events: &[&ChangeEvent]) -> Result<Chunk, FrameError> {
     })
 }
 
+/// The index of the column named `key`, added (in first-seen order) when new.
+fn column_at(
+    columns: &mut Vec<Column>,
+    index: &mut HashMap<String, usize>,
+    key: &str,
+    event: &ChangeEvent,
+) -> Result<usize, FrameError> {
+    if let Some(&at) = index.get(key) {
+        return Ok(at);
+    }
+    if META_COLUMNS.contains(&key) {
+        let reason = format!("column `{key}` is reserved for the meta columns");
+        return Err(columns_error(event, reason));
+    }
+    index.insert(key.to_owned(), columns.len());
+    columns.push(Column::new(key));
+    Ok(columns.len() - 1)
+}
+
 /// One column of `events` as text: each value's source text (mixed columns).
 fn text_column(events: &[&ChangeEvent], name: &str) -> Result<ArrayRef, FrameError> {
     let mut out = StringBuilder::with_capacity(events.len(), events.len() * 8);
@@ -206,8 +222,9 @@ fn text_column(events: &[&ChangeEvent], name: &str) -> Result<ArrayRef, FrameErr
             .map_err(|e| columns_error(event, e))?;
         // The first pass validated every event: stop at the member sought.
         let mut found = false;
-        while let Some((key, value)) = scanner.member().map_err(|e| columns_error(event, e))? {
-            if key == name {
+        let hint = Some(name).filter(|n| plain(n));
+        while let Some((key, value)) = scanner.member(hint).map_err(|e| columns_error(event, e))? {
+            if key == Key::Hint || key == Key::Name(name) {
                 out.append_option(value.as_text());
                 found = true;
                 break;

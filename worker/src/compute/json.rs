@@ -59,10 +59,25 @@ enum Raw<'a> {
     Nested,
 }
 
+/// A member's name: the hint given to [`Scanner::member`], or another one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Key<'s> {
+    /// The name is the hint.
+    Hint,
+    /// Another name, unescaped.
+    Name(&'s str),
+}
+
+/// Whether `name` can be matched against a member name's raw bytes: it has
+/// nothing JSON writes escaped.
+pub(crate) fn plain(name: &str) -> bool {
+    !name.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20)
+}
+
 /// Scans one JSON object at a time; reuse it across objects to reuse its buffers.
 #[derive(Default)]
 pub(crate) struct Scanner<'a> {
-    bytes: &'a [u8],
+    text: &'a str,
     pos: usize,
     first: bool,
     key_buffer: String,
@@ -70,9 +85,12 @@ pub(crate) struct Scanner<'a> {
 }
 
 impl<'a> Scanner<'a> {
-    /// Starts on `bytes`, which must hold one JSON object.
+    /// Starts on `bytes`, which must hold one JSON object. The whole input is
+    /// checked to be UTF-8 once here (fast on ASCII), so strings need no check
+    /// of their own.
     pub(crate) fn start(&mut self, bytes: &'a [u8]) -> Result<(), String> {
-        self.bytes = bytes;
+        self.text =
+            std::str::from_utf8(bytes).map_err(|e| format!("invalid UTF-8 at byte {}", e.valid_up_to()))?;
         self.pos = 0;
         self.first = true;
         self.skip_whitespace();
@@ -83,14 +101,17 @@ impl<'a> Scanner<'a> {
         Ok(())
     }
 
-    /// The next member, or `None` after the closing brace (which must end the input).
-    pub(crate) fn member(&mut self) -> Result<Option<(&str, Val<'_>)>, String> {
+    /// The next member, or `None` after the closing brace (which must end the
+    /// input). `hint` is the name the member probably has (the same position
+    /// in the previous row): when its raw bytes match, the name is not scanned
+    /// (a [`plain`] hint only).
+    pub(crate) fn member(&mut self, hint: Option<&str>) -> Result<Option<(Key<'_>, Val<'_>)>, String> {
         self.skip_whitespace();
         match (self.first, self.peek()) {
             (_, Some(b'}')) => {
                 self.pos += 1;
                 self.skip_whitespace();
-                if self.pos != self.bytes.len() {
+                if self.pos != self.text.len() {
                     return Err(self.fail("unexpected text after the object"));
                 }
                 return Ok(None);
@@ -105,7 +126,13 @@ impl<'a> Scanner<'a> {
         if self.peek() != Some(b'"') {
             return Err(self.fail("expected a member name"));
         }
-        let key = self.string(true)?;
+        let key = match hint {
+            Some(hint) if self.raw_name_is(hint) => {
+                self.pos += hint.len() + 2;
+                None
+            }
+            _ => Some(self.string(true)?),
+        };
         self.skip_whitespace();
         if self.peek() != Some(b':') {
             return Err(self.fail("expected `:`"));
@@ -122,7 +149,28 @@ impl<'a> Scanner<'a> {
             Raw::Str(text) => Val::Str(self.resolve(text)),
             Raw::Nested => Val::Nested(&self.value_buffer),
         };
-        Ok(Some((self.resolve(key), value)))
+        let key = match key {
+            None => Key::Hint,
+            Some(text) => Key::Name(self.resolve(text)),
+        };
+        Ok(Some((key, value)))
+    }
+
+    /// Whether the name at the opening quote under the cursor is exactly `name`.
+    fn raw_name_is(&self, name: &str) -> bool {
+        let start = self.pos + 1;
+        let end = start + name.len();
+        self.bytes().get(start..end) == Some(name.as_bytes()) && self.bytes().get(end) == Some(&b'"')
+    }
+
+    fn bytes(&self) -> &'a [u8] {
+        self.text.as_bytes()
+    }
+
+    fn slice(&self, start: usize, end: usize) -> Result<&'a str, String> {
+        self.text
+            .get(start..end)
+            .ok_or_else(|| format!("bytes {start}..{end} split a character"))
     }
 
     fn resolve(&self, text: Text<'a>) -> &str {
@@ -134,7 +182,7 @@ impl<'a> Scanner<'a> {
     }
 
     fn peek(&self) -> Option<u8> {
-        self.bytes.get(self.pos).copied()
+        self.bytes().get(self.pos).copied()
     }
 
     fn fail(&self, what: &str) -> String {
@@ -160,7 +208,7 @@ impl<'a> Scanner<'a> {
     }
 
     fn literal(&mut self, word: &[u8], value: Raw<'a>) -> Result<Raw<'a>, String> {
-        if self.bytes.get(self.pos..self.pos + word.len()) == Some(word) {
+        if self.bytes().get(self.pos..self.pos + word.len()) == Some(word) {
             self.pos += word.len();
             Ok(value)
         } else {
@@ -176,15 +224,24 @@ impl<'a> Scanner<'a> {
         self.pos - start
     }
 
+    /// A number. Integers are accumulated while scanned (negatively, so that
+    /// `i64::MIN` fits); only fractions and exponents go through `f64` parsing.
     fn number(&mut self) -> Result<Raw<'a>, String> {
         let start = self.pos;
-        if self.peek() == Some(b'-') {
+        let negative = self.peek() == Some(b'-');
+        if negative {
             self.pos += 1;
         }
+        let mut value: Option<i64> = Some(0);
         match self.peek() {
             Some(b'0') => self.pos += 1,
             Some(b'1'..=b'9') => {
-                self.digits();
+                while let Some(d @ b'0'..=b'9') = self.peek() {
+                    value = value
+                        .and_then(|v| v.checked_mul(10))
+                        .and_then(|v| v.checked_sub(i64::from(d - b'0')));
+                    self.pos += 1;
+                }
             }
             _ => return Err(self.fail("expected a digit")),
         }
@@ -206,40 +263,38 @@ impl<'a> Scanner<'a> {
             }
             float = true;
         }
-        let bytes: &'a [u8] = self.bytes;
-        let text = bytes
-            .get(start..self.pos)
-            .and_then(|b| std::str::from_utf8(b).ok())
-            .ok_or_else(|| self.fail("invalid number"))?;
+        let text = self.slice(start, self.pos)?;
         if float {
             let v = text.parse::<f64>().map_err(|_| self.fail("invalid number"))?;
             return Ok(Raw::Float(v, text));
         }
-        Ok(match text.parse::<i64>() {
-            Ok(v) => Raw::Int(v, text),
-            Err(_) => Raw::Big(text),
+        let value = if negative {
+            value
+        } else {
+            value.and_then(i64::checked_neg)
+        };
+        Ok(match value {
+            Some(v) => Raw::Int(v, text),
+            None => Raw::Big(text),
         })
     }
 
     /// A string starting at the opening quote. The common case (no escape)
     /// borrows the input; otherwise it is decoded into one of the buffers.
     fn string(&mut self, key: bool) -> Result<Text<'a>, String> {
-        let bytes: &'a [u8] = self.bytes;
+        let bytes = self.bytes();
         self.pos += 1;
         let start = self.pos;
-        let mut i = start;
-        loop {
-            match bytes.get(i) {
-                Some(b'"') => {
-                    let text = utf8(bytes.get(start..i), start)?;
-                    self.pos = i + 1;
-                    return Ok(Text::Input(text));
-                }
-                Some(b'\\') => break,
-                Some(&b) if b < 0x20 => return Err(format!("control character in a string at byte {i}")),
-                Some(_) => i += 1,
-                None => return Err(format!("unterminated string at byte {start}")),
+        let i = start + plain_run(bytes.get(start..).unwrap_or_default());
+        match bytes.get(i) {
+            Some(b'"') => {
+                let text = self.slice(start, i)?;
+                self.pos = i + 1;
+                return Ok(Text::Input(text));
             }
+            Some(b'\\') => {}
+            Some(_) => return Err(format!("control character in a string at byte {i}")),
+            None => return Err(format!("unterminated string at byte {start}")),
         }
         let mut out = std::mem::take(if key {
             &mut self.key_buffer
@@ -247,8 +302,10 @@ impl<'a> Scanner<'a> {
             &mut self.value_buffer
         });
         out.clear();
-        out.push_str(utf8(bytes.get(start..i), start)?);
-        let result = self.escaped(bytes, i, &mut out);
+        let result = self
+            .slice(start, i)
+            .map(|s| out.push_str(s))
+            .and_then(|()| self.escaped(i, &mut out));
         if key {
             self.key_buffer = out;
         } else {
@@ -259,16 +316,9 @@ impl<'a> Scanner<'a> {
     }
 
     /// The rest of a string from its first backslash at `i`, decoded into `out`.
-    fn escaped(&mut self, bytes: &'a [u8], mut i: usize, out: &mut String) -> Result<(), String> {
+    fn escaped(&mut self, mut i: usize, out: &mut String) -> Result<(), String> {
+        let bytes = self.bytes();
         loop {
-            let run = i;
-            while let Some(&b) = bytes.get(i) {
-                if b == b'"' || b == b'\\' || b < 0x20 {
-                    break;
-                }
-                i += 1;
-            }
-            out.push_str(utf8(bytes.get(run..i), run)?);
             match bytes.get(i) {
                 Some(b'"') => {
                     self.pos = i + 1;
@@ -282,11 +332,14 @@ impl<'a> Scanner<'a> {
                 Some(_) => return Err(format!("control character in a string at byte {i}")),
                 None => return Err(format!("unterminated string at byte {i}")),
             }
+            let run = i + plain_run(bytes.get(i..).unwrap_or_default());
+            out.push_str(self.slice(i, run)?);
+            i = run;
         }
     }
 
     fn nested(&mut self) -> Result<Raw<'a>, String> {
-        let rest = self.bytes.get(self.pos..).unwrap_or_default();
+        let rest = self.bytes().get(self.pos..).unwrap_or_default();
         let mut stream = serde_json::Deserializer::from_slice(rest).into_iter::<serde_json::Value>();
         match stream.next() {
             Some(Ok(value)) => {
@@ -301,10 +354,34 @@ impl<'a> Scanner<'a> {
     }
 }
 
-fn utf8(bytes: Option<&[u8]>, at: usize) -> Result<&str, String> {
-    bytes
-        .and_then(|b| std::str::from_utf8(b).ok())
-        .ok_or_else(|| format!("invalid UTF-8 in a string at byte {at}"))
+/// How many bytes from the start of `bytes` need no attention inside a string
+/// (not a quote, backslash or control character). Eight bytes at a time while
+/// none does: strings are mostly such runs.
+fn plain_run(bytes: &[u8]) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let has_zero_byte = |x: u64| x.wrapping_sub(ONES) & !x & HIGHS;
+    let mut words = bytes.chunks_exact(8);
+    let mut n = 0;
+    for word in words.by_ref() {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(word);
+        let w = u64::from_le_bytes(w);
+        let special = has_zero_byte(w ^ (ONES * u64::from(b'"')))
+            | has_zero_byte(w ^ (ONES * u64::from(b'\\')))
+            // Bytes below 0x20 (valid for thresholds up to 0x80).
+            | (w.wrapping_sub(ONES * 0x20) & !w & HIGHS);
+        if special != 0 {
+            break;
+        }
+        n += 8;
+    }
+    n + bytes
+        .get(n..)
+        .unwrap_or_default()
+        .iter()
+        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+        .unwrap_or(bytes.len() - n)
 }
 
 /// The character of the escape at `bytes[i]` (a backslash) and where the string goes on.
@@ -358,7 +435,10 @@ mod tests {
         let mut scanner = Scanner::default();
         scanner.start(input.as_bytes())?;
         let mut out = Vec::new();
-        while let Some((key, value)) = scanner.member()? {
+        while let Some((key, value)) = scanner.member(None)? {
+            let Key::Name(key) = key else {
+                return Err("no hint was given".into());
+            };
             let shown = match value {
                 Val::Null => "null".to_owned(),
                 Val::Bool(b) => format!("bool {b}"),
@@ -463,8 +543,48 @@ mod tests {
             );
         }
         let mut scanner = Scanner::default();
-        assert!(scanner.start(b"{\"a\":\"\xff\"}").is_ok());
-        assert!(scanner.member().is_err(), "invalid UTF-8 is an error");
+        assert!(
+            scanner.start(b"{\"a\":\"\xff\"}").is_err(),
+            "invalid UTF-8 is an error"
+        );
+    }
+
+    #[test]
+    fn a_matching_hint_skips_the_name_and_others_are_read() -> Result<(), String> {
+        let input = r#"{"amount":1,"amounts":2,"x\"y":3,"":4}"#;
+        let mut scanner = Scanner::default();
+        scanner.start(input.as_bytes())?;
+        let mut got = Vec::new();
+        for hint in ["amount", "amount", "x\"y", ""] {
+            let hint = Some(hint).filter(|h| plain(h));
+            match scanner.member(hint)? {
+                Some((Key::Hint, Val::Int(v, _))) => got.push(format!("hint {v}")),
+                Some((Key::Name(name), Val::Int(v, _))) => got.push(format!("{name} {v}")),
+                other => return Err(format!("unexpected {other:?}")),
+            }
+        }
+        assert_eq!(scanner.member(None)?, None);
+        assert_eq!(got, ["hint 1", "amounts 2", "x\"y 3", "hint 4"]);
+        Ok(())
+    }
+
+    #[test]
+    fn plain_runs_stop_at_quotes_backslashes_and_control_characters() {
+        let cases = [
+            ("", 0),
+            ("abc", 3),
+            ("abcdefgh", 8),
+            ("abcdefghij\"", 10),
+            ("abcdefgh\"", 8),
+            ("abcdefg\"", 7),
+            ("abcdefghijklmno\\x", 15),
+            ("abcdefghijklmnopq\n", 17),
+            ("ééééé\"", 10),
+            ("\u{7f}\u{80}abcdefgh\t", 11),
+        ];
+        for (text, want) in cases {
+            assert_eq!(plain_run(text.as_bytes()), want, "{text:?}");
+        }
     }
 
     #[test]
