@@ -105,6 +105,8 @@ impl From<TaskError> for Status {
     fn from(error: TaskError) -> Self {
         let message = error.to_string();
         match error {
+            // The engine itself failing (e.g. out of memory) may pass on a retry.
+            TaskError::Compute(ComputeError::Engine(_)) => Status::unavailable(message),
             TaskError::Compute(_) => Status::invalid_argument(message),
             TaskError::Malformed(_) => Status::invalid_argument(message),
             TaskError::Kv(KvError::Corrupt { .. }) => Status::data_loss(message),
