@@ -1,18 +1,20 @@
 //! The whole pipeline run by the operator (workloads through the e2e stand-in
-//! kubelet) while the KV store fails: window results before, hourly results
-//! from the slaves' memory while it is down, window results again after —
-//! each equal to MariaDB's expectation over the raw rows of its period.
+//! kubelet) while a store fails, with results equal to MariaDB's expectation
+//! over the raw rows of each period: while the KV store is down, hourly
+//! results from the slaves' memory; while the hot MySQL is down, results in
+//! the cache only; window results in MySQL again after each.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use ballast_crds::{AnalyticsPipeline, Mode};
+use ballast_crds::{AnalyticsPipeline, Dependency, Mode};
 use ballast_e2e::kubelet::{Kubelet, Settings};
 use ballast_e2e::orders::{self, Metrics, Orders};
 use ballast_e2e::scenario;
 use ballast_e2e::{Stack, stack_script};
+use ballast_worker::results::cache::ResultCache;
 use ballast_worker::results::hot::HotStore;
-use ballast_worker::results::{Granularity, Slot};
+use ballast_worker::results::{Granularity, Slot, Stored};
 use kube::api::Api;
 use mysql_async::prelude::Queryable;
 use serde_json::json;
@@ -37,14 +39,6 @@ where
     Ok(scenario::eventually(what, secs, check).await?)
 }
 
-async fn kv_mode(aps: &Api<AnalyticsPipeline>, name: &str) -> anyhow::Result<Mode> {
-    let ap = aps.get(name).await?;
-    Ok(ap
-        .status
-        .and_then(|s| s.dependencies.kv)
-        .map_or(Mode::Normal, |kv| kv.mode))
-}
-
 /// The highest order id now: rows after it are the next period's.
 async fn last_id(db: &mut mysql_async::Conn) -> anyhow::Result<i64> {
     Ok(db
@@ -53,12 +47,28 @@ async fn last_id(db: &mut mysql_async::Conn) -> anyhow::Result<i64> {
         .unwrap_or(0))
 }
 
-/// Waits until every (period, merchant) of `want` is in the hot MySQL at `granularity`, equal.
+/// Where results are read from.
+#[derive(Clone)]
+enum Store {
+    Hot(HotStore),
+    Cache(ResultCache),
+}
+
+impl Store {
+    async fn read(&self, slot: &Slot) -> anyhow::Result<BTreeMap<String, Stored>> {
+        Ok(match self {
+            Self::Hot(hot) => hot.read(slot).await?,
+            Self::Cache(cache) => cache.clone().read(slot).await?,
+        })
+    }
+}
+
+/// Waits until every (period, merchant) of `want` is in `store` at `granularity`, equal.
 async fn until_equal(
-    hot: &HotStore,
+    store: &Store,
     pipeline: &str,
     granularity: Granularity,
-    want: &std::collections::BTreeMap<(i64, String), Metrics>,
+    want: &BTreeMap<(i64, String), Metrics>,
     secs: u64,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(!want.is_empty(), "nothing expected");
@@ -74,7 +84,7 @@ async fn until_equal(
                     granularity,
                     window_start_ms: *period,
                 };
-                let got = hot.read(&slot).await?;
+                let got = store.read(&slot).await?;
                 for ((_, merchant), expected) in
                     want.range((*period, String::new())..(*period + 1, String::new()))
                 {
@@ -93,89 +103,162 @@ async fn until_equal(
     .await
 }
 
+/// The tests here stop servers and each runs an operator (which watches every namespace): one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A pipeline on the stack with its operator and workers running.
+struct Running {
+    aps: Api<AnalyticsPipeline>,
+    pipeline: String,
+    db: mysql_async::Conn,
+    hot: Store,
+    cache: Store,
+    _operator: ballast_e2e::KillOnDrop,
+    _kubelet: Kubelet,
+}
+
+impl Running {
+    async fn start(prefix: &str) -> anyhow::Result<Self> {
+        let stack = Stack::discover();
+        let client = stack.kube_client().await?;
+        let probe =
+            json!({"periodSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 2, "successThreshold": 2});
+        let policy = json!({
+            "mq": {"probe": probe},
+            "kv": {"probe": probe, "slaveScaleFactor": 2, "retentionSeconds": 30, "readinessTimeoutSeconds": 120},
+            "mysql": {"probe": probe}, "cache": {"probe": probe}, "cold": {"probe": probe},
+        });
+        let patch =
+            json!({"compute": {"windowSeconds": WINDOW_MS / 1000}, "roles": {"master": {"replicas": 2}}});
+        let (ns, pipeline) = stack
+            .pipeline_fixture_with(&client, prefix, policy, patch)
+            .await?;
+        let db = stack.source_orders().await?;
+        let operator = Path::new(env!("CARGO_BIN_EXE_ballast-operator"));
+        let operator = stack.operator(operator, &ns)?;
+        let logs = std::env::temp_dir().join(format!("ballast-{ns}"));
+        let env = [("BALLAST_WINDOW_GRACE", "1s"), ("BALLAST_LEASE", "5s")];
+        let kubelet = Kubelet::start(
+            client.clone(),
+            Settings {
+                namespace: ns.clone(),
+                worker: ballast_e2e::worker_binary()?,
+                kubeconfig: stack.get("KUBECONFIG")?,
+                roles: ["collector", "intake", "master", "slave"]
+                    .map(String::from)
+                    .to_vec(),
+                logs: logs.clone(),
+                env: env
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            },
+        );
+        let collector_log = logs.join(format!("{pipeline}-collector-0.log"));
+        scenario::until_logged(&collector_log, "tailing the binlog", 90).await?;
+        let hot = HotStore::new(
+            mysql_async::Pool::new(mysql_async::Opts::from_url(&stack.get("BALLAST_MYSQL_HOT_URL")?)?),
+            "ballast",
+            2,
+            4,
+        );
+        let cache = redis::Client::open(stack.get("BALLAST_REDIS_CACHE_URL")?.as_str())?
+            .get_connection_manager()
+            .await?;
+        Ok(Self {
+            aps: Api::namespaced(client, &ns),
+            pipeline,
+            db,
+            hot: Store::Hot(hot),
+            cache: Store::Cache(ResultCache::new(cache)),
+            _operator: operator,
+            _kubelet: kubelet,
+        })
+    }
+
+    async fn until_mode(&self, dependency: Dependency, mode: Mode) -> anyhow::Result<()> {
+        eventually(&format!("{dependency:?} {mode:?}"), 120, || async {
+            let ap = self.aps.get(&self.pipeline).await?;
+            let now = ap
+                .status
+                .and_then(|s| s.dependencies.get(dependency).map(|d| d.mode))
+                .unwrap_or(Mode::Normal);
+            Ok((now == mode).then_some(()))
+        })
+        .await
+    }
+
+    /// Inserts a few batches of orders over ~2 s; returns the SQL condition selecting them.
+    async fn feed(&mut self, orders: &mut Orders) -> anyhow::Result<String> {
+        let before = last_id(&mut self.db).await?;
+        for _ in 0..4 {
+            orders::insert(&mut self.db, &orders.batch(30)).await?;
+            tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        }
+        Ok(format!("id > {before}"))
+    }
+
+    async fn expect(
+        &mut self,
+        period_ms: i64,
+        rows: &str,
+    ) -> anyhow::Result<BTreeMap<(i64, String), Metrics>> {
+        Ok(orders::expected(&mut self.db, &self.pipeline, period_ms, rows).await?)
+    }
+}
+
 #[tokio::test]
 async fn kv_failure_keeps_hourly_results_from_slave_memory_and_windows_resume_after() -> anyhow::Result<()> {
-    let stack = Stack::discover();
-    let client = stack.kube_client().await?;
-    let probe =
-        json!({"periodSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 2, "successThreshold": 2});
-    let policy = json!({
-        "mq": {"probe": probe},
-        "kv": {"probe": probe, "slaveScaleFactor": 2, "retentionSeconds": 30, "readinessTimeoutSeconds": 120},
-        "mysql": {"probe": probe}, "cache": {"probe": probe}, "cold": {"probe": probe},
-    });
-    let patch = json!({"compute": {"windowSeconds": WINDOW_MS / 1000}, "roles": {"master": {"replicas": 2}}});
-    let (ns, pipeline) = stack.pipeline_fixture_with(&client, "kd", policy, patch).await?;
+    let _serial = SERIAL.lock().await;
+    let mut p = Running::start("kd").await?;
     let _restore = RestoreStack;
-    let mut db = stack.source_orders().await?;
-    let operator = Path::new(env!("CARGO_BIN_EXE_ballast-operator"));
-    let _operator = stack.operator(operator, &ns)?;
-    let logs = std::env::temp_dir().join(format!("ballast-{ns}"));
-    let env = [("BALLAST_WINDOW_GRACE", "1s"), ("BALLAST_LEASE", "5s")];
-    let _kubelet = Kubelet::start(
-        client.clone(),
-        Settings {
-            namespace: ns.clone(),
-            worker: ballast_e2e::worker_binary()?,
-            kubeconfig: stack.get("KUBECONFIG")?,
-            roles: ["collector", "intake", "master", "slave"]
-                .map(String::from)
-                .to_vec(),
-            logs: logs.clone(),
-            env: env
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-        },
-    );
-    let collector_log = logs.join(format!("{pipeline}-collector-0.log"));
-    scenario::until_logged(&collector_log, "tailing the binlog", 90).await?;
-    let aps: Api<AnalyticsPipeline> = Api::namespaced(client.clone(), &ns);
-    let hot = HotStore::new(
-        mysql_async::Pool::new(mysql_async::Opts::from_url(&stack.get("BALLAST_MYSQL_HOT_URL")?)?),
-        "ballast",
-        2,
-        4,
-    );
-    let prefix = pipeline.clone();
-    let mut stream = Orders::new(&prefix, 20, 3);
+    let mut stream = Orders::new(&p.pipeline.clone(), 20, 3);
 
     // Normal: window results.
-    let before = last_id(&mut db).await?;
-    for _ in 0..4 {
-        orders::insert(&mut db, &stream.batch(30)).await?;
-        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
-    }
-    let want = orders::expected(&mut db, &prefix, WINDOW_MS, &format!("id > {before}")).await?;
-    until_equal(&hot, &pipeline, Granularity::Window, &want, 90).await?;
+    let rows = p.feed(&mut stream).await?;
+    let want = p.expect(WINDOW_MS, &rows).await?;
+    until_equal(&p.hot, &p.pipeline, Granularity::Window, &want, 90).await?;
 
     // The KV store fails: the operator scales the slaves out, then switches;
     // events go to the slaves' memory and the master computes hour-to-date there.
     stack_script(&["stop", "redis-kv"])?;
-    eventually("kv Degraded", 120, || async {
-        Ok((kv_mode(&aps, &pipeline).await? == Mode::Degraded).then_some(()))
-    })
-    .await?;
-    let degraded_from = last_id(&mut db).await?;
-    for _ in 0..4 {
-        orders::insert(&mut db, &stream.batch(30)).await?;
-        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
-    }
-    let want = orders::expected(&mut db, &prefix, HOUR_MS, &format!("id > {degraded_from}")).await?;
-    until_equal(&hot, &pipeline, Granularity::Hour, &want, 90).await?;
+    p.until_mode(Dependency::Kv, Mode::Degraded).await?;
+    let rows = p.feed(&mut stream).await?;
+    let want = p.expect(HOUR_MS, &rows).await?;
+    until_equal(&p.hot, &p.pipeline, Granularity::Hour, &want, 90).await?;
 
     // Back: windows from the KV store again.
     stack_script(&["up"])?;
-    eventually("kv Normal", 120, || async {
-        Ok((kv_mode(&aps, &pipeline).await? == Mode::Normal).then_some(()))
-    })
-    .await?;
-    let after = last_id(&mut db).await?;
-    for _ in 0..4 {
-        orders::insert(&mut db, &stream.batch(30)).await?;
-        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
-    }
-    let want = orders::expected(&mut db, &prefix, WINDOW_MS, &format!("id > {after}")).await?;
-    until_equal(&hot, &pipeline, Granularity::Window, &want, 90).await?;
+    p.until_mode(Dependency::Kv, Mode::Normal).await?;
+    let rows = p.feed(&mut stream).await?;
+    let want = p.expect(WINDOW_MS, &rows).await?;
+    until_equal(&p.hot, &p.pipeline, Granularity::Window, &want, 90).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn mysql_failure_writes_results_to_the_cache_only_until_it_returns() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mut p = Running::start("md").await?;
+    let _restore = RestoreStack;
+    let mut stream = Orders::new(&p.pipeline.clone(), 20, 4);
+
+    let rows = p.feed(&mut stream).await?;
+    let want = p.expect(WINDOW_MS, &rows).await?;
+    until_equal(&p.hot, &p.pipeline, Granularity::Window, &want, 90).await?;
+
+    // The hot MySQL fails: slaves keep computing and write the cache only.
+    stack_script(&["stop", "mysql-hot"])?;
+    p.until_mode(Dependency::Mysql, Mode::Degraded).await?;
+    let rows = p.feed(&mut stream).await?;
+    let want = p.expect(WINDOW_MS, &rows).await?;
+    until_equal(&p.cache, &p.pipeline, Granularity::Window, &want, 90).await?;
+
+    // Back: results in MySQL again.
+    stack_script(&["up"])?;
+    p.until_mode(Dependency::Mysql, Mode::Normal).await?;
+    let rows = p.feed(&mut stream).await?;
+    let want = p.expect(WINDOW_MS, &rows).await?;
+    until_equal(&p.hot, &p.pipeline, Granularity::Window, &want, 90).await?;
     Ok(())
 }
