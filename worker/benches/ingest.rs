@@ -24,7 +24,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 const WINDOW_MS: i64 = 60_000;
-const ROWS: usize = 100_000;
+const ROWS: usize = 500_000;
 const BATCH: usize = 1_000;
 
 fn rate(n: usize, elapsed: Duration) -> f64 {

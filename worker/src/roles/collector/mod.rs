@@ -350,6 +350,9 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         .set("enable.idempotence", "true")
         // A dead Kafka fails a batch within seconds, so the switch to the backup intake is quick.
         .set("message.timeout.ms", "3000")
+        // A transaction's events are queued at once and awaited together: waiting
+        // longer for more only delays the acknowledgement the next one waits on.
+        .set("linger.ms", "1")
         .create()?;
     let mut sender = Sender {
         path: Path::Kafka,

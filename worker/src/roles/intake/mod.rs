@@ -315,7 +315,12 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         for ((t, partition), offset) in &batch.offsets {
             commit.add_partition_offset(t, *partition, Offset::Offset(offset + 1))?;
         }
-        consumer.commit(&commit, CommitMode::Sync)?;
+        // Asynchronous: these offsets are of stored events only, so a commit that
+        // is lost (Kafka down, a rebalance) means a redelivery the event ids make
+        // harmless; waiting for each commit would halve the throughput.
+        if let Err(error) = consumer.commit(&commit, CommitMode::Async) {
+            tracing::warn!(%error, "committing offsets failed; the stored events may be redelivered");
+        }
     }
     // Drain: not ready, leave the membership, let the servers finish.
     let _ = ready_tx.send(false);
