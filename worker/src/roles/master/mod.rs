@@ -321,6 +321,11 @@ impl Active<'_> {
 
             let kv_mode = modes.borrow().get(Dependency::Kv).0;
             self.plan(&mut table, &mut kv, &slaves, kv_mode, now).await;
+            if modes.borrow().get(Dependency::Mysql).0 == Mode::Degraded {
+                table.hot_gap_opens();
+            } else if kv_mode != Mode::Degraded {
+                self.fill_hot_gap(&mut table, &mut kv).await;
+            }
             if kv_mode != Mode::Degraded && last_recheck.elapsed() >= Duration::from_secs(1) {
                 last_recheck = tokio::time::Instant::now();
                 self.recheck(&mut table, &mut kv, now).await;
@@ -455,6 +460,41 @@ impl Active<'_> {
                     return;
                 }
             }
+        }
+    }
+
+    /// After a MySQL outage: plans again the windows whose results reached the
+    /// cache only, so that the hot MySQL gets them too (the KV store still has
+    /// their events).
+    async fn fill_hot_gap(&self, table: &mut Table, kv: &mut Option<KvStore>) {
+        let Some((from, to)) = table.hot_gap_closes() else {
+            return;
+        };
+        let Some(store) = kv.as_mut() else {
+            // No KV connection yet: try again on the next pass.
+            table.hot_gap_opens_at(from);
+            return;
+        };
+        tracing::info!(
+            from,
+            to,
+            "the hot MySQL is back: computing the windows it missed again"
+        );
+        let mut start = from;
+        while start < to {
+            match store.count(start).await {
+                Ok(events) => {
+                    let partitions = plan::partitions(events, self.config.events_per_task, 64);
+                    table.plan_window(start, start + self.window_ms, events, partitions);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "recounting the windows MySQL missed failed; retrying");
+                    table.hot_gap_opens_at(start);
+                    *kv = None;
+                    return;
+                }
+            }
+            start += self.window_ms;
         }
     }
 

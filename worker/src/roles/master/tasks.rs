@@ -92,6 +92,10 @@ pub struct Snapshot {
     /// that gains late events within the lateness horizon is computed again.
     #[serde(default)]
     pub recent: BTreeMap<i64, u64>,
+    /// While the hot MySQL is down results reach the cache only: windows from
+    /// this one on are computed again when it returns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hot_gap_from_ms: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -180,6 +184,7 @@ pub struct Table {
     last_version: u64,
     next_window_ms: i64,
     recent: BTreeMap<i64, u64>,
+    hot_gap_from_ms: Option<i64>,
     policy: FaultPolicy,
 }
 
@@ -200,6 +205,7 @@ impl Table {
             last_version: snapshot.last_version,
             next_window_ms: snapshot.next_window_ms.unwrap_or(first_window_ms),
             recent: snapshot.recent,
+            hot_gap_from_ms: snapshot.hot_gap_from_ms,
             policy,
         }
     }
@@ -222,6 +228,7 @@ impl Table {
                 })
                 .collect(),
             recent: self.recent.clone(),
+            hot_gap_from_ms: self.hot_gap_from_ms,
         }
     }
 
@@ -273,6 +280,26 @@ impl Table {
     /// Stops watching windows that started before `horizon_ms`.
     pub fn forget_before(&mut self, horizon_ms: i64) {
         self.recent = self.recent.split_off(&horizon_ms);
+    }
+
+    /// The hot MySQL is down: remembers the oldest window whose results may
+    /// now reach the cache only (kept if already set).
+    pub fn hot_gap_opens(&mut self) {
+        if self.hot_gap_from_ms.is_none() {
+            self.hot_gap_from_ms = Some(self.oldest_open_ms());
+        }
+    }
+
+    /// Reopens the gap from `from_ms` (handing it back failed half way).
+    pub fn hot_gap_opens_at(&mut self, from_ms: i64) {
+        self.hot_gap_from_ms = Some(self.hot_gap_from_ms.map_or(from_ms, |f| f.min(from_ms)));
+    }
+
+    /// The hot MySQL is back: the windows `[from, to)` whose results reached
+    /// the cache only, to plan again so that MySQL gets them too.
+    pub fn hot_gap_closes(&mut self) -> Option<(i64, i64)> {
+        let from = self.hot_gap_from_ms.take()?;
+        Some((from, self.next_window_ms))
     }
 
     /// Passes window `[start, end)` without a task: its events went to the

@@ -194,3 +194,21 @@ fn a_window_that_gains_late_events_is_computed_again_within_the_horizon() {
     assert!(t.recent_windows().is_empty());
     assert!(!t.recheck(0, W, 99, 1), "too late: past the horizon");
 }
+
+#[test]
+fn windows_computed_while_mysql_was_down_are_handed_back_when_it_returns() {
+    let mut t = table(1);
+    t.plan_window(0, W, 10, 1);
+    assert_eq!(t.hot_gap_closes(), None, "no gap without an outage");
+    t.hot_gap_opens();
+    t.plan_window(W, 2 * W, 10, 1);
+    t.hot_gap_opens();
+    assert_eq!(
+        t.snapshot().hot_gap_from_ms,
+        Some(0),
+        "from the oldest open window, kept"
+    );
+    t.plan_window(2 * W, 3 * W, 10, 1);
+    assert_eq!(t.hot_gap_closes(), Some((0, 3 * W)));
+    assert_eq!(t.hot_gap_closes(), None, "handed back once");
+}
