@@ -22,6 +22,8 @@ demo:
 
 ## test: start the local stack if needed, then run all unit and integration tests
 test: stack-up
+	@# Namespaces left by earlier runs would give every operator under test old pipelines to reconcile.
+	$(WITH_STACK) "$(BALLAST_CACHE)/bin/kubectl" delete namespace -l ballast.dev/fixture --wait=false >/dev/null
 	$(WITH_STACK) cargo test --workspace --locked
 
 ## bench: operator detection and memory; ingestion, compute and dispatch throughput; master failover (each beside a baseline)
