@@ -208,12 +208,20 @@ pub async fn delete_fixtures(client: &kube::Client) -> Result<usize, StackError>
     use kube::api::{Api, DeleteParams, ListParams};
     let api = Api::<Namespace>::all(client.clone());
     let old = api.list(&ListParams::default().labels(FIXTURE_LABEL)).await?;
+    let mut deleted = 0;
     for ns in &old.items {
-        if let Some(name) = &ns.metadata.name {
-            api.delete(name, &DeleteParams::background()).await?;
+        let terminating = ns.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Terminating");
+        let Some(name) = ns.metadata.name.as_ref().filter(|_| !terminating) else {
+            continue;
+        };
+        match api.delete(name, &DeleteParams::background()).await {
+            Ok(_) => deleted += 1,
+            // Gone meanwhile: what we wanted.
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
         }
     }
-    Ok(old.items.len())
+    Ok(deleted)
 }
 
 /// Creates a namespace for one test, holding the Secret `mysql` that
