@@ -20,6 +20,9 @@ pub struct FaultPolicy {
     pub hung_factor: f64,
     /// ...but never before this long.
     pub hung_floor_ms: i64,
+    /// A slave that could not be reached gets no new task for this long
+    /// (its Lease may take longer to lapse).
+    pub quarantine_ms: i64,
 }
 
 impl Default for FaultPolicy {
@@ -31,6 +34,7 @@ impl Default for FaultPolicy {
             delay_max_ms: 300_000,
             hung_factor: 10.0,
             hung_floor_ms: 5_000,
+            quarantine_ms: 5_000,
         }
     }
 }

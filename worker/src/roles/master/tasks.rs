@@ -185,6 +185,8 @@ pub struct Table {
     next_window_ms: i64,
     recent: BTreeMap<i64, u64>,
     hot_gap_from_ms: Option<i64>,
+    /// Slaves that could not be reached, and until when they get no new task.
+    quarantine: BTreeMap<String, i64>,
     policy: FaultPolicy,
 }
 
@@ -206,6 +208,7 @@ impl Table {
             next_window_ms: snapshot.next_window_ms.unwrap_or(first_window_ms),
             recent: snapshot.recent,
             hot_gap_from_ms: snapshot.hot_gap_from_ms,
+            quarantine: BTreeMap::new(),
             policy,
         }
     }
@@ -356,7 +359,9 @@ impl Table {
         // One pass: delayed tasks whose time came are pending again; this
         // master's outstanding work per slave; the oldest pending tasks, a few
         // more than may be sent now (some may wait for a particular slave).
+        self.quarantine.retain(|_, until| *until > now_ms);
         let mut views = loads.clone();
+        views.retain(|slave, _| !self.quarantine.contains_key(slave));
         let mut in_flight = 0;
         let mut pending: Vec<TaskKey> = Vec::new();
         for (key, task) in &mut self.tasks {
@@ -451,6 +456,10 @@ impl Table {
             Err(failure) => failure,
         };
         *task.failures.entry(slave.clone()).or_default() += 1;
+        if failure == Failure::Unreachable {
+            self.quarantine
+                .insert(slave.clone(), now_ms + self.policy.quarantine_ms);
+        }
         let failed = Failed {
             failures: &task.failures,
             slave: &slave,

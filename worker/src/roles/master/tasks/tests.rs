@@ -212,3 +212,31 @@ fn windows_computed_while_mysql_was_down_are_handed_back_when_it_returns() {
     assert_eq!(t.hot_gap_closes(), Some((0, 3 * W)));
     assert_eq!(t.hot_gap_closes(), None, "handed back once");
 }
+
+#[test]
+fn an_unreachable_slave_gets_no_new_task_for_a_while() {
+    let mut t = table(1);
+    for w in 0..3 {
+        t.plan_window(w * W, (w + 1) * W, 10, 1);
+    }
+    let est = Estimator::default();
+    let slaves = loads(&["a", "b"]);
+    let first = t.dispatch(0, &slaves, &est, 1, 1).remove(0);
+    assert_eq!(first.slave, "a");
+    let outcome = t.completed(
+        &first.planned.key,
+        first.version,
+        Err(Failure::Unreachable),
+        2,
+        10,
+    );
+    assert_eq!(outcome, Outcome::Reassigned);
+    let sent = t.dispatch(20, &slaves, &est, 1, 10);
+    assert!(sent.iter().all(|d| d.slave == "b"), "a is quarantined: {sent:?}");
+    for d in &sent {
+        t.completed(&d.planned.key, d.version, Ok(()), 2, 30);
+    }
+    t.plan_window(3 * W, 4 * W, 10, 1);
+    let later = t.dispatch(5_011, &slaves, &est, 1, 10);
+    assert_eq!(later[0].slave, "a", "eligible again after the quarantine");
+}
