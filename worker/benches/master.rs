@@ -13,8 +13,8 @@ use ballast_e2e::Stack;
 use ballast_worker::roles::master::dispatch::{self, Slaves};
 use ballast_worker::roles::master::faults::FaultPolicy;
 use ballast_worker::roles::master::schedule::{Estimator, SlaveView};
-use ballast_worker::roles::master::tasks::{Dispatch, Snapshot, Table};
-use ballast_worker::wire::{ComputeTask, DataSource, Granularity, LoadRequest};
+use ballast_worker::roles::master::tasks::{Snapshot, Table};
+use ballast_worker::wire::LoadRequest;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams};
@@ -28,19 +28,6 @@ const LEASE_SECONDS: u64 = 3;
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     xs[xs.len() / 2]
-}
-
-fn task_of(d: &Dispatch) -> ComputeTask {
-    ComputeTask {
-        task_id: d.planned.key.id(),
-        window_start_ms: d.planned.key.start_ms,
-        window_end_ms: d.planned.end_ms,
-        version: d.version,
-        granularity: Granularity::Window.into(),
-        source: DataSource::Kv.into(),
-        partition: d.planned.key.partition,
-        partitions: d.planned.partitions,
-    }
 }
 
 /// The master's loop without persistence: plan, dispatch to the earliest
@@ -75,7 +62,7 @@ async fn dispatch_run(slaves: &Slaves, members: &BTreeMap<String, String>) -> an
                 .ok_or_else(|| anyhow::anyhow!("no client for {}", d.slave))?;
             let tx = tx.clone();
             let (key, version) = (d.planned.key.clone(), d.version);
-            let task = task_of(&d);
+            let task = dispatch::task_of(&d);
             tokio::spawn(async move {
                 let result = dispatch::compute(client, task, Duration::from_secs(30)).await;
                 let _ = tx.send((key, version, result));

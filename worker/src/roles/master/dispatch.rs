@@ -10,9 +10,13 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
+use super::faults::Failure;
 use super::schedule::SlaveView;
+use super::tasks::{Dispatch, Kind};
 use crate::wire::slave_client::SlaveClient;
-use crate::wire::{ComputeTask, HoldingsRequest, LoadRequest, TaskReport, WindowHolding};
+use crate::wire::{
+    ComputeTask, DataSource, Granularity, HoldingsRequest, LoadRequest, TaskReport, WindowHolding,
+};
 
 /// A slave's address and its client.
 type Connection = (String, SlaveClient<Channel>);
@@ -137,4 +141,58 @@ pub fn poll_loads(
         }
     });
     rx
+}
+
+/// How a failed call counts: a slave that could not be reached ran nothing.
+/// Pure.
+pub fn classify(status: &tonic::Status) -> Failure {
+    // Statuses the slave itself returns carry no source; transport failures do.
+    if std::error::Error::source(status).is_some() {
+        Failure::Unreachable
+    } else {
+        Failure::Failed
+    }
+}
+
+/// The task a dispatch sends.
+pub fn task_of(d: &Dispatch) -> ComputeTask {
+    let p = &d.planned;
+    let (granularity, source) = match p.key.kind {
+        Kind::Window => (Granularity::Window, DataSource::Kv),
+        Kind::Hour => (Granularity::Hour, DataSource::Memory),
+    };
+    ComputeTask {
+        task_id: p.key.id(),
+        window_start_ms: p.key.start_ms,
+        window_end_ms: p.end_ms,
+        version: d.version,
+        granularity: granularity.into(),
+        source: source.into(),
+        partition: p.key.partition,
+        partitions: p.partitions,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_transport_failures_count_as_unreachable() {
+        let transport = tonic::Status::from_error(Box::new(std::io::Error::other("connection refused")));
+        let cases = [
+            (transport, Failure::Unreachable),
+            (
+                tonic::Status::unavailable("KV store: connection refused"),
+                Failure::Failed,
+            ),
+            (
+                tonic::Status::invalid_argument("statement 2 failed"),
+                Failure::Failed,
+            ),
+        ];
+        for (status, want) in cases {
+            assert_eq!(classify(&status), want, "{status:?}");
+        }
+    }
 }

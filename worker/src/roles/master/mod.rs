@@ -26,17 +26,17 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use self::dispatch::Slaves;
-use self::faults::{Failure, FaultPolicy};
+use self::faults::FaultPolicy;
 use self::schedule::{Estimator, SlaveView};
 use self::state::{StateError, StateStore};
-use self::tasks::{Dispatch, Kind, Outcome, Snapshot, Table, TaskKey};
+use self::tasks::{Dispatch, Outcome, Table, TaskKey};
 use super::Deps;
 use super::startup::{self, StartupError};
 use crate::health::{counter, gauge};
 use crate::kv::{KvStore, Layout};
 use crate::leader::{self, Election};
 use crate::routing::stable_hash;
-use crate::wire::{ComputeTask, DataSource, Granularity, TaskReport};
+use crate::wire::TaskReport;
 
 /// Settings of a master process.
 #[derive(Clone, Debug)]
@@ -148,36 +148,6 @@ struct Finished {
     result: Result<TaskReport, tonic::Status>,
 }
 
-/// How a failed call counts: a slave that could not be reached ran nothing.
-/// Pure.
-pub fn classify(status: &tonic::Status) -> Failure {
-    // Statuses the slave itself returns carry no source; transport failures do.
-    if std::error::Error::source(status).is_some() {
-        Failure::Unreachable
-    } else {
-        Failure::Failed
-    }
-}
-
-/// The task a dispatch sends.
-fn task_of(d: &Dispatch) -> ComputeTask {
-    let p = &d.planned;
-    let (granularity, source) = match p.key.kind {
-        Kind::Window => (Granularity::Window, DataSource::Kv),
-        Kind::Hour => (Granularity::Hour, DataSource::Memory),
-    };
-    ComputeTask {
-        task_id: p.key.id(),
-        window_start_ms: p.key.start_ms,
-        window_end_ms: p.end_ms,
-        version: d.version,
-        granularity: granularity.into(),
-        source: source.into(),
-        partition: p.key.partition,
-        partitions: p.partitions,
-    }
-}
-
 /// Runs the master until `shutdown`: waits as a standby until it holds the
 /// leader Lease, then acts until it loses it.
 #[tracing::instrument(skip_all, fields(pipeline = %config.pipeline, identity = %config.identity))]
@@ -271,7 +241,7 @@ impl Active<'_> {
             "resuming the persisted task state"
         );
         let (save_tx, save_rx) = watch::channel(table.snapshot());
-        let mut saver = tokio::spawn(persist(store, save_rx, stop.clone()));
+        let mut saver = tokio::spawn(state::persist(store, save_rx, stop.clone()));
 
         let modes = crate::modes::follow(
             self.deps.client.clone(),
@@ -302,7 +272,7 @@ impl Active<'_> {
                 () = lost.cancelled() => break,
                 // The saver only stops early on an error: another master wrote the state.
                 saved = &mut saver => return Err(match saved {
-                    Ok(Err(error)) => error,
+                    Ok(Err(error)) => error.into(),
                     _ => Error::LostLeadership,
                 }),
                 Some(f) = done_rx.recv() => finished.push(f),
@@ -369,7 +339,7 @@ impl Active<'_> {
         let _ = save_tx.send(table.snapshot());
         stop.cancel();
         match saver.await {
-            Ok(result) => result,
+            Ok(result) => result.map_err(Error::from),
             Err(_) => Ok(()),
         }
     }
@@ -383,7 +353,7 @@ impl Active<'_> {
                 }
                 Ok(())
             }
-            Err(status) => Err(classify(status)),
+            Err(status) => Err(dispatch::classify(status)),
         };
         let outcome = table.completed(&f.key, f.version, result, live, now);
         match (&f.result, &outcome) {
@@ -548,7 +518,7 @@ impl Active<'_> {
             ))));
             return;
         };
-        let task = task_of(&d);
+        let task = dispatch::task_of(&d);
         // A hung call is not cancelled: the slave may still finish and write, and
         // the fence decides. It is bounded far beyond the hang detection.
         let timeout = Duration::from_secs(600);
@@ -564,74 +534,4 @@ impl Active<'_> {
 async fn connect(url: &str, layout: Layout) -> Result<KvStore, redis::RedisError> {
     let conn = redis::Client::open(url)?.get_connection_manager().await?;
     Ok(KvStore::new(conn, layout, 2 * 86_400))
-}
-
-/// Saves one snapshot, retrying API failures with back-off; once stopping,
-/// gives up after a few attempts so that shutdown is never held up.
-async fn save(store: &mut StateStore, snapshot: &Snapshot, stop: &CancellationToken) -> Result<(), Error> {
-    let mut delay = Duration::from_millis(200);
-    for attempt in 1.. {
-        match store.save(snapshot).await {
-            Ok(()) => return Ok(()),
-            Err(StateError::Api { name, source }) => {
-                tracing::warn!(%name, error = %source, attempt, "saving the master state failed; retrying");
-                if stop.is_cancelled() && attempt >= 3 {
-                    return Ok(());
-                }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-            Err(other) => return Err(other.into()),
-        }
-    }
-    Ok(())
-}
-
-/// Saves each new snapshot; stops with `Deposed` when another master wrote.
-async fn persist(
-    mut store: StateStore,
-    mut snapshots: watch::Receiver<Snapshot>,
-    stop: CancellationToken,
-) -> Result<(), Error> {
-    loop {
-        let snapshot = snapshots.borrow_and_update().clone();
-        save(&mut store, &snapshot, &stop).await?;
-        tokio::select! {
-            () = stop.cancelled() => {
-                // The final snapshot, if one arrived since.
-                if snapshots.has_changed().unwrap_or(false) {
-                    let last = snapshots.borrow_and_update().clone();
-                    save(&mut store, &last, &stop).await?;
-                }
-                return Ok(());
-            }
-            changed = snapshots.changed() => if changed.is_err() { return Ok(()) },
-        }
-        // Coalesce: at most a few saves a second.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_transport_failures_count_as_unreachable() {
-        let transport = tonic::Status::from_error(Box::new(std::io::Error::other("connection refused")));
-        let cases = [
-            (transport, Failure::Unreachable),
-            (
-                tonic::Status::unavailable("KV store: connection refused"),
-                Failure::Failed,
-            ),
-            (
-                tonic::Status::invalid_argument("statement 2 failed"),
-                Failure::Failed,
-            ),
-        ];
-        for (status, want) in cases {
-            assert_eq!(classify(&status), want, "{status:?}");
-        }
-    }
 }

@@ -3,8 +3,12 @@
 //! compare-and-swap on the resourceVersion, so a deposed master that still
 //! believes it leads fails its next save and stops.
 
+use std::time::Duration;
+
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ObjectMeta, PostParams};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use super::tasks::Snapshot;
 
@@ -121,5 +125,55 @@ impl StateStore {
             }),
             Err(e) => Err(self.api_error()(e)),
         }
+    }
+}
+
+/// Saves one snapshot, retrying API failures with back-off; once stopping,
+/// gives up after a few attempts so that shutdown is never held up.
+async fn save(
+    store: &mut StateStore,
+    snapshot: &Snapshot,
+    stop: &CancellationToken,
+) -> Result<(), StateError> {
+    let mut delay = Duration::from_millis(200);
+    for attempt in 1.. {
+        match store.save(snapshot).await {
+            Ok(()) => return Ok(()),
+            Err(StateError::Api { name, source }) => {
+                tracing::warn!(%name, error = %source, attempt, "saving the master state failed; retrying");
+                if stop.is_cancelled() && attempt >= 3 {
+                    return Ok(());
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(other) => return Err(other),
+        }
+    }
+    Ok(())
+}
+
+/// Saves each new snapshot; stops with `Deposed` when another master wrote.
+pub async fn persist(
+    mut store: StateStore,
+    mut snapshots: watch::Receiver<Snapshot>,
+    stop: CancellationToken,
+) -> Result<(), StateError> {
+    loop {
+        let snapshot = snapshots.borrow_and_update().clone();
+        save(&mut store, &snapshot, &stop).await?;
+        tokio::select! {
+            () = stop.cancelled() => {
+                // The final snapshot, if one arrived since.
+                if snapshots.has_changed().unwrap_or(false) {
+                    let last = snapshots.borrow_and_update().clone();
+                    save(&mut store, &last, &stop).await?;
+                }
+                return Ok(());
+            }
+            changed = snapshots.changed() => if changed.is_err() { return Ok(()) },
+        }
+        // Coalesce: at most a few saves a second.
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
