@@ -301,5 +301,28 @@ async fn main() -> anyhow::Result<()> {
     Api::<k8s_openapi::api::core::v1::Namespace>::all(client)
         .delete(&ns, &Default::default())
         .await?;
+    // Half a million events a run would fill the stack's KV Redis within a few
+    // runs (their TTL is two days): the bench removes what it wrote.
+    let mut conn = redis::Client::open(stack.get("BALLAST_REDIS_KV_URL")?.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("ballast:{pipeline}:*"))
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(&mut conn)
+            .await?;
+        if !keys.is_empty() {
+            redis::cmd("UNLINK").arg(&keys).exec_async(&mut conn).await?;
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
     Ok(())
 }

@@ -10,7 +10,8 @@
 //!
 //! Every key expires after the retention, renewed by each write.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use prost::Message;
 use redis::aio::ConnectionManager;
@@ -75,12 +76,39 @@ impl Layout {
     }
 }
 
+/// Hash keys whose TTL this process renewed lately, and when (seconds).
+/// Renewing one again within half the TTL only costs the KV store work: an
+/// EXPIRE per merchant per batch was as much as the writes themselves.
+#[derive(Clone, Debug, Default)]
+pub struct Renewals {
+    at: HashMap<String, i64>,
+}
+
+/// Keys remembered before old ones are forgotten.
+const RENEWALS_KEPT: usize = 200_000;
+
+impl Renewals {
+    /// Whether `key` needs its TTL renewed at `now_s`; if so it counts as renewed. Pure.
+    pub fn due(&mut self, key: &str, now_s: i64, ttl_seconds: i64) -> bool {
+        let fresh = ttl_seconds / 2;
+        if self.at.get(key).is_some_and(|t| now_s - t < fresh) {
+            return false;
+        }
+        if self.at.len() >= RENEWALS_KEPT {
+            self.at.retain(|_, t| now_s - *t < fresh);
+        }
+        self.at.insert(key.to_owned(), now_s);
+        true
+    }
+}
+
 /// Reads and writes events in the KV store.
 #[derive(Clone)]
 pub struct KvStore {
     layout: Layout,
     ttl_seconds: i64,
     conn: ConnectionManager,
+    renewals: Arc<Mutex<Renewals>>,
 }
 
 impl KvStore {
@@ -90,6 +118,7 @@ impl KvStore {
             layout,
             ttl_seconds: ttl_seconds.max(1),
             conn,
+            renewals: Arc::default(),
         }
     }
 
@@ -109,14 +138,21 @@ impl KvStore {
         }
         let mut windows: BTreeMap<i64, Vec<&str>> = BTreeMap::new();
         let mut pipe = redis::pipe();
-        for ((window, merchant), group) in &hashes {
-            let hash = self.layout.merchant_key(*window, merchant);
-            let hset = pipe.cmd("HSET").arg(&hash);
-            for event in group {
-                hset.arg(&event.event_id).arg(event.encode_to_vec());
+        let now_s = k8s_openapi::jiff::Timestamp::now().as_second();
+        {
+            let mut renewals = self.renewals.lock().unwrap_or_else(PoisonError::into_inner);
+            for ((window, merchant), group) in &hashes {
+                let hash = self.layout.merchant_key(*window, merchant);
+                let hset = pipe.cmd("HSET").arg(&hash);
+                for event in group {
+                    hset.arg(&event.event_id).arg(event.encode_to_vec());
+                }
+                // A key recreated after a KV restart lacks a TTL only until its renewal is due again.
+                if renewals.due(&hash, now_s, self.ttl_seconds) {
+                    pipe.cmd("EXPIRE").arg(&hash).arg(self.ttl_seconds).ignore();
+                }
+                windows.entry(*window).or_default().push(merchant);
             }
-            pipe.cmd("EXPIRE").arg(&hash).arg(self.ttl_seconds).ignore();
-            windows.entry(*window).or_default().push(merchant);
         }
         for (window, merchants) in &windows {
             let set = self.layout.window_key(*window);
@@ -235,6 +271,22 @@ mod tests {
         );
         assert_eq!(layout.window_key(120_000), "ballast:shop:w:120000");
         assert_eq!(layout.merchant_key(120_000, "m-7"), "ballast:shop:w:120000:m:m-7");
+    }
+
+    #[test]
+    fn a_ttl_is_renewed_once_per_half_ttl_per_key() {
+        let mut r = Renewals::default();
+        let cases = [
+            ("a", 0, true),
+            ("a", 10, false),
+            ("b", 10, true),
+            ("a", 49, false),
+            ("a", 50, true),
+            ("a", 60, false),
+        ];
+        for (key, now, want) in cases {
+            assert_eq!(r.due(key, now, 100), want, "{key} at {now}");
+        }
     }
 
     #[test]
