@@ -119,11 +119,20 @@ async fn run(
             .filter(|w| role(&w.template).is_some_and(|r| settings.roles.contains(&r)))
             .flat_map(|w| w.pods.into_iter().map(move |pod| (pod, w.template.clone())))
             .collect();
-        // Secret values as the kubelet injects them (`valueFrom.secretKeyRef`).
-        let mut resolved = Vec::with_capacity(wanted.len());
-        for (pod, template) in wanted {
-            let env = secret_env(&secrets, &template).await;
-            resolved.push((pod, template, env));
+        // Secret values as the kubelet injects them (`valueFrom.secretKeyRef`),
+        // read only for the pods about to start, not on every pass.
+        let starting: Vec<String> = {
+            let mut running = pods.lock().unwrap_or_else(PoisonError::into_inner);
+            reap(&mut running);
+            wanted
+                .iter()
+                .filter(|(pod, _)| !running.contains_key(pod))
+                .map(|(pod, _)| pod.clone())
+                .collect()
+        };
+        let mut secret_envs = BTreeMap::new();
+        for (pod, template) in wanted.iter().filter(|(pod, _)| starting.contains(pod)) {
+            secret_envs.insert(pod.clone(), secret_env(&secrets, template).await);
         }
         let mut running = pods.lock().unwrap_or_else(PoisonError::into_inner);
         // Dropping the harness cancels, then kills under this lock: nothing may start after.
@@ -133,7 +142,7 @@ async fn run(
         reap(&mut running);
         let stale: Vec<String> = running
             .keys()
-            .filter(|p| !resolved.iter().any(|(w, _, _)| w == *p))
+            .filter(|p| !wanted.iter().any(|(w, _)| w == *p))
             .cloned()
             .collect();
         for pod in stale {
@@ -141,11 +150,12 @@ async fn run(
                 terminate(child);
             }
         }
-        for (pod, template, secret_env) in resolved {
-            if running.contains_key(&pod) {
+        for (pod, template) in wanted {
+            // A pod that exited since the check above starts on the next pass.
+            let (false, Some(secret_env)) = (running.contains_key(&pod), secret_envs.get(&pod)) else {
                 continue;
-            }
-            match spawn(&settings, &pod, &template, &secret_env) {
+            };
+            match spawn(&settings, &pod, &template, secret_env) {
                 Ok(child) => {
                     running.insert(pod, child);
                 }

@@ -196,14 +196,7 @@ async fn main() -> anyhow::Result<()> {
     let _intake = stack.worker(worker, "intake", &ns, &pipeline, "intake-0")?;
     let collector_log = std::env::temp_dir().join(format!("ballast-{ns}-collector-0.log"));
     let _collector = stack.worker(worker, "collector", &ns, &pipeline, "collector-0")?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !std::fs::read_to_string(&collector_log)
-        .unwrap_or_default()
-        .contains("tailing the binlog")
-    {
-        anyhow::ensure!(Instant::now() < deadline, "collector did not start");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    ballast_e2e::scenario::until_logged(&collector_log, "tailing the binlog", 30).await?;
     let intakes = wait_for("intake", 1).await?;
     let now = Timestamp::now().as_millisecond();
     let started = Instant::now();

@@ -18,6 +18,11 @@ use redis::aio::ConnectionManager;
 
 use crate::wire::ChangeEvent;
 
+/// How long the roles keep window buckets after their last write: long past a
+/// day of windows, since the compute side reads them after a window closes
+/// (and again after a MySQL outage).
+pub const BUCKET_TTL_SECONDS: i64 = 2 * 86_400;
+
 /// Errors of the KV store.
 #[derive(Debug, thiserror::Error)]
 pub enum KvError {

@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use ballast_e2e::scenario::until_logged;
 use ballast_e2e::{Stack, stack_script};
 use ballast_worker::kv::{KvStore, Layout};
 use k8s_openapi::jiff::Timestamp;
@@ -64,19 +65,6 @@ async fn until_stored(kv: &mut KvStore, around: i64, want: usize, secs: u64) -> 
     }
 }
 
-async fn until_logged(path: &std::path::Path, words: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !std::fs::read_to_string(path).unwrap_or_default().contains(words) {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "{} never logged {words:?}",
-            path.display()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(())
-}
-
 #[tokio::test]
 async fn orders_reach_the_kv_store_exactly_once_across_a_crash_and_a_kafka_outage() -> anyhow::Result<()> {
     let stack = Stack::discover();
@@ -97,7 +85,7 @@ async fn orders_reach_the_kv_store_exactly_once_across_a_crash_and_a_kafka_outag
     let log = std::env::temp_dir().join(format!("ballast-{ns}-collector-0.log"));
     let _intake = stack.worker(worker, "intake", &ns, &pipeline, "intake-0")?;
     let collector = stack.worker(worker, "collector", &ns, &pipeline, "collector-0")?;
-    until_logged(&log, "tailing the binlog").await?;
+    until_logged(&log, "tailing the binlog", 30).await?;
 
     insert(&mut db, "orders", 0, 100).await?;
     until_stored(&mut kv, now, 100, 60).await?;
@@ -107,7 +95,7 @@ async fn orders_reach_the_kv_store_exactly_once_across_a_crash_and_a_kafka_outag
     insert(&mut db, "orders", 100, 100).await?;
     std::fs::remove_file(&log)?;
     let _collector = stack.worker(worker, "collector", &ns, &pipeline, "collector-0")?;
-    until_logged(&log, "tailing the binlog").await?;
+    until_logged(&log, "tailing the binlog", 30).await?;
     until_stored(&mut kv, now, 200, 60).await?;
 
     // Kafka down: after the policy's retries the collector goes to the backup intake.

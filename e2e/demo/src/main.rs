@@ -108,14 +108,13 @@ fn binary(name: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// Inserts orders at a steady rate until stopped; counts them.
-fn feed(stack: &Stack, inserted: Arc<AtomicU64>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
-    let url = stack.get("BALLAST_MYSQL_SOURCE_URL").unwrap_or_default();
+fn feed(
+    pool: mysql_async::Pool,
+    inserted: Arc<AtomicU64>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut stream = Orders::new("demo", MERCHANTS, 42);
-        let Ok(opts) = mysql_async::Opts::from_url(&url) else {
-            return;
-        };
-        let pool = mysql_async::Pool::new(opts);
         let mut tick = tokio::time::interval(Duration::from_millis(1000 / BATCHES_PER_SECOND));
         while !stop.is_cancelled() {
             tick.tick().await;
@@ -176,7 +175,10 @@ async fn run() -> anyhow::Result<String> {
 
     let inserted = Arc::new(AtomicU64::new(0));
     let stop = CancellationToken::new();
-    let feeder = feed(&stack, inserted.clone(), stop.clone());
+    let source = mysql_async::Pool::new(mysql_async::Opts::from_url(
+        &stack.get("BALLAST_MYSQL_SOURCE_URL")?,
+    )?);
+    let feeder = feed(source, inserted.clone(), stop.clone());
     let hot_url = stack.get("BALLAST_MYSQL_HOT_URL")?;
     let pool = mysql_async::Pool::new(mysql_async::Opts::from_url(&hot_url)?);
     let observer = Observer {

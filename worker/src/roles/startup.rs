@@ -92,6 +92,11 @@ pub fn redis_url(redis: &RedisRef, password: Option<&str>) -> String {
     format!("redis://{auth}{}/{}", redis.address, redis.database)
 }
 
+/// A self-reconnecting connection to the Redis server at `url`.
+pub async fn redis_connection(url: &str) -> Result<redis::aio::ConnectionManager, redis::RedisError> {
+    redis::Client::open(url)?.get_connection_manager().await
+}
+
 /// The URL of a MySQL database of the spec, with the password from the pod's environment.
 pub fn mysql_url(mysql: &MysqlRef, password: Option<&str>) -> String {
     let auth = password.map(|p| format!(":{p}")).unwrap_or_default();

@@ -35,7 +35,7 @@ use self::backup::Backup;
 use self::sink::{Sink, Stored};
 use super::Deps;
 use super::startup::{self, StartupError};
-use crate::kv::{KvStore, Layout};
+use crate::kv::{BUCKET_TTL_SECONDS, KvStore, Layout};
 use crate::membership::{self, Member};
 use crate::wire::ChangeEvent;
 use crate::wire::intake_server::IntakeServer;
@@ -191,12 +191,9 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
     .map_err(startup::bind_error(config.metrics))?;
 
     let kv_url = startup::redis_url(&spec.kv, config.kv_password.as_deref());
-    let conn = redis::Client::open(kv_url.as_str())?
-        .get_connection_manager()
-        .await?;
-    // Buckets outlive a day of windows: the compute side reads them after the window closes.
+    let conn = startup::redis_connection(&kv_url).await?;
     let layout = Layout::new(&config.pipeline, i64::from(spec.compute.window_seconds) * 1000);
-    let kv = KvStore::new(conn, layout, 2 * 86_400);
+    let kv = KvStore::new(conn, layout, BUCKET_TTL_SECONDS);
     let mode = crate::modes::follow(
         deps.client.clone(),
         &config.namespace,

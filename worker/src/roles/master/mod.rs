@@ -33,7 +33,7 @@ use self::tasks::{Dispatch, Outcome, Table, TaskKey};
 use super::Deps;
 use super::startup::{self, StartupError};
 use crate::health::{counter, gauge};
-use crate::kv::{KvStore, Layout};
+use crate::kv::{BUCKET_TTL_SECONDS, KvError, KvStore, Layout};
 use crate::leader::{self, Election};
 use crate::routing::stable_hash;
 use crate::wire::TaskReport;
@@ -330,9 +330,13 @@ impl Active<'_> {
                 .set(i64::try_from(table.delayed()).unwrap_or(i64::MAX));
             let lag = (now - table.oldest_open_ms() - self.window_ms).max(0) / 1000;
             self.metrics.lag_seconds.set(lag);
+            let snapshot = table.snapshot();
             save_tx.send_if_modified(|current| {
-                let next = table.snapshot();
-                std::mem::replace(current, next.clone()) != next
+                let changed = *current != snapshot;
+                if changed {
+                    *current = snapshot;
+                }
+                changed
             });
         }
         // A last save, so the standby starts from the freshest state.
@@ -419,10 +423,9 @@ impl Active<'_> {
                     }
                 },
             };
-            match store.count(start).await {
-                Ok(events) => {
-                    let partitions = plan::partitions(events, self.config.events_per_task, 64);
-                    table.plan_window(start, start + self.window_ms, events, partitions);
+            match self.count(store, start).await {
+                Ok((events, partitions)) => {
+                    table.plan_window(start, start + self.window_ms, events, partitions)
                 }
                 Err(error) => {
                     tracing::warn!(%error, window = start, "counting the window's events failed; planning waits");
@@ -431,6 +434,12 @@ impl Active<'_> {
                 }
             }
         }
+    }
+
+    /// The events window `start` holds now, and the tasks it is cut into.
+    async fn count(&self, store: &mut KvStore, start: i64) -> Result<(u64, u32), KvError> {
+        let events = store.count(start).await?;
+        Ok((events, plan::partitions(events, self.config.events_per_task, 64)))
     }
 
     /// After a MySQL outage: plans again the windows whose results reached the
@@ -452,10 +461,9 @@ impl Active<'_> {
         );
         let mut start = from;
         while start < to {
-            match store.count(start).await {
-                Ok(events) => {
-                    let partitions = plan::partitions(events, self.config.events_per_task, 64);
-                    table.plan_window(start, start + self.window_ms, events, partitions);
+            match self.count(store, start).await {
+                Ok((events, partitions)) => {
+                    table.plan_window(start, start + self.window_ms, events, partitions)
                 }
                 Err(error) => {
                     tracing::warn!(%error, "recounting the windows MySQL missed failed; retrying");
@@ -475,9 +483,8 @@ impl Active<'_> {
         table.forget_before(now.saturating_sub(lateness + self.window_ms));
         let Some(store) = kv.as_mut() else { return };
         for start in table.recent_windows() {
-            match store.count(start).await {
-                Ok(events) => {
-                    let partitions = plan::partitions(events, self.config.events_per_task, 64);
+            match self.count(store, start).await {
+                Ok((events, partitions)) => {
                     if table.recheck(start, start + self.window_ms, events, partitions) {
                         tracing::info!(
                             window = start,
@@ -532,6 +539,6 @@ impl Active<'_> {
 }
 
 async fn connect(url: &str, layout: Layout) -> Result<KvStore, redis::RedisError> {
-    let conn = redis::Client::open(url)?.get_connection_manager().await?;
-    Ok(KvStore::new(conn, layout, 2 * 86_400))
+    let conn = startup::redis_connection(url).await?;
+    Ok(KvStore::new(conn, layout, BUCKET_TTL_SECONDS))
 }

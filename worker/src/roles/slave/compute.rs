@@ -21,11 +21,12 @@ use super::store::Store;
 use crate::compute::engine::{self, Sql};
 use crate::compute::{ComputeError, MerchantResult};
 use crate::health::counter;
-use crate::kv::{KvError, KvStore, Layout};
+use crate::kv::{BUCKET_TTL_SECONDS, KvError, KvStore, Layout};
 use crate::modes::Modes;
 use crate::results::cache::ResultCache;
 use crate::results::hot::HotStore;
 use crate::results::{Fenced, Granularity, ResultsError, Slot};
+use crate::roles::startup;
 use crate::wire::{ComputeTask, DataSource, SlaveLoad, TaskReport};
 
 /// The compute side's metrics (`ballast_slave_*`).
@@ -223,17 +224,12 @@ impl Computer {
     }
 
     async fn read_kv(&self, task: &ComputeTask) -> Result<Vec<crate::wire::ChangeEvent>, TaskError> {
-        let mut kv = self.kv.lock().await;
-        if kv.is_none() {
-            let conn = connect(&self.stores.kv_url).await.map_err(TaskError::KvConnect)?;
-            *kv = Some(KvStore::new(conn, self.stores.layout.clone(), 2 * 86_400));
-        }
-        let Some(store) = kv.as_mut() else {
-            return Ok(Vec::new());
-        };
-        // A clone of the manager: reads of concurrent tasks do not queue behind this lock.
-        let mut store = store.clone();
-        drop(kv);
+        let layout = &self.stores.layout;
+        let mut store = connected(&self.kv, &self.stores.kv_url, |conn| {
+            KvStore::new(conn, layout.clone(), BUCKET_TTL_SECONDS)
+        })
+        .await
+        .map_err(TaskError::KvConnect)?;
         Ok(store
             .partition(task.window_start_ms, task.partition, task.partitions)
             .await?)
@@ -269,18 +265,9 @@ impl Computer {
         if self.modes.borrow().get(Dependency::Cache).0 == Mode::Degraded {
             return Ok(Fenced::default());
         }
-        let mut guard = self.cache.lock().await;
-        if guard.is_none() {
-            let conn = connect(&self.stores.cache_url)
-                .await
-                .map_err(TaskError::CacheConnect)?;
-            *guard = Some(ResultCache::new(conn));
-        }
-        let Some(cache) = guard.as_mut() else {
-            return Ok(Fenced::default());
-        };
-        let mut cache = cache.clone();
-        drop(guard);
+        let mut cache = connected(&self.cache, &self.stores.cache_url, ResultCache::new)
+            .await
+            .map_err(TaskError::CacheConnect)?;
         let fenced = cache.write(slot, version, results).await?;
         if fenced.refused > 0 {
             self.metrics
@@ -292,8 +279,20 @@ impl Computer {
     }
 }
 
-async fn connect(url: &str) -> Result<redis::aio::ConnectionManager, redis::RedisError> {
-    redis::Client::open(url)?.get_connection_manager().await
+/// The client kept in `slot`, connected to `url` on first use. A clone is
+/// handed out, so concurrent tasks do not queue behind the lock.
+async fn connected<T: Clone>(
+    slot: &tokio::sync::Mutex<Option<T>>,
+    url: &str,
+    make: impl FnOnce(redis::aio::ConnectionManager) -> T,
+) -> Result<T, redis::RedisError> {
+    let mut slot = slot.lock().await;
+    if let Some(client) = slot.as_ref() {
+        return Ok(client.clone());
+    }
+    let client = make(startup::redis_connection(url).await?);
+    *slot = Some(client.clone());
+    Ok(client)
 }
 
 /// CPU seconds (user + system) from the text of `/proc/self/stat`. Pure.
