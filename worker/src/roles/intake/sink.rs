@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use ballast_crds::Dependency;
+use ballast_crds::{Dependency, Mode};
 use k8s_openapi::jiff::Timestamp;
 use tokio::sync::watch;
 
@@ -42,7 +42,12 @@ pub struct Sink {
     clients: HashMap<String, SlaveClient<tonic::transport::Channel>>,
     /// Events delivered to each slave since the KV store went down, and since when.
     held: BTreeMap<String, (u64, Timestamp)>,
+    /// The KV-degraded epoch whose membership view is known fresh.
+    settled_epoch: Option<i64>,
 }
+
+/// Longer than the membership's refresh period (`membership::follow`, 1 s).
+const MEMBERSHIP_SETTLE: std::time::Duration = std::time::Duration::from_millis(1_500);
 
 impl Sink {
     /// A sink following the published KV `mode` and the slave membership.
@@ -53,6 +58,7 @@ impl Sink {
             slaves,
             clients: HashMap::new(),
             held: BTreeMap::new(),
+            settled_epoch: None,
         }
     }
 
@@ -70,6 +76,14 @@ impl Sink {
     /// Stores a batch on the current route; an error means nothing is acknowledged.
     pub async fn store(&mut self, events: &[ChangeEvent]) -> Result<Stored, String> {
         let (kv_mode, epoch) = self.mode.borrow().get(Dependency::Kv);
+        if kv_mode == Mode::Degraded && self.settled_epoch != Some(epoch) {
+            // The operator publishes Degraded once the scaled-out slaves are
+            // ready, but this intake's view of the membership may be a poll
+            // older: hashing over it would split merchants between slaves.
+            // Wait for a view listed after the switch before the first route.
+            tokio::time::sleep(MEMBERSHIP_SETTLE).await;
+            self.settled_epoch = Some(epoch);
+        }
         let current = route::route(kv_mode, epoch, &self.slaves.borrow());
         match current {
             Route::Kv => {
