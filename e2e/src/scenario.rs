@@ -1,10 +1,20 @@
 //! What scenario tests and the demo wait on: a condition polled until a
 //! deadline, a line in a worker's log, a free port, and a metric scraped from
-//! a worker's `/metrics`.
+//! a worker's `/metrics`; and the guard that restarts servers a scenario stopped.
 
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Restarts (`stack.sh up`) any server a scenario stopped when dropped,
+/// whatever happened: a failed assertion must not leave the stack half down.
+pub struct RestoreStack;
+
+impl Drop for RestoreStack {
+    fn drop(&mut self) {
+        let _ = crate::stack_script(&["up"]);
+    }
+}
 
 /// Why waiting failed.
 #[derive(Debug, thiserror::Error)]

@@ -4,6 +4,8 @@
 //! results from the slaves' memory; while the hot MySQL is down, results in
 //! the cache only; window results in MySQL again after each.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
@@ -11,33 +13,18 @@ use ballast_crds::{AnalyticsPipeline, Dependency, Mode};
 use ballast_e2e::kubelet::{Kubelet, Settings};
 use ballast_e2e::orders::{self, Metrics, Orders};
 use ballast_e2e::scenario;
+
 use ballast_e2e::{Stack, stack_script};
 use ballast_worker::results::cache::ResultCache;
 use ballast_worker::results::hot::HotStore;
 use ballast_worker::results::{Granularity, Slot, Stored};
+use common::eventually;
 use kube::api::Api;
 use mysql_async::prelude::Queryable;
 use serde_json::json;
 
 const WINDOW_MS: i64 = 2_000;
 const HOUR_MS: i64 = 3_600_000;
-
-/// Restores the stack's servers a failed assertion may have left stopped.
-struct RestoreStack;
-
-impl Drop for RestoreStack {
-    fn drop(&mut self) {
-        let _ = stack_script(&["up"]);
-    }
-}
-
-async fn eventually<T, F, Fut>(what: &str, secs: u64, check: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
-{
-    Ok(scenario::eventually(what, secs, check).await?)
-}
 
 /// The highest order id now: rows after it are the next period's.
 async fn last_id(db: &mut mysql_async::Conn) -> anyhow::Result<i64> {
@@ -211,7 +198,7 @@ impl Running {
 async fn kv_failure_keeps_hourly_results_from_slave_memory_and_windows_resume_after() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let mut p = Running::start("kd").await?;
-    let _restore = RestoreStack;
+    let _restore = scenario::RestoreStack;
     let mut stream = Orders::new(&p.pipeline.clone(), 20, 3);
 
     // Normal: window results.
@@ -240,7 +227,7 @@ async fn kv_failure_keeps_hourly_results_from_slave_memory_and_windows_resume_af
 async fn mysql_failure_writes_results_to_the_cache_only_until_it_returns() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let mut p = Running::start("md").await?;
-    let _restore = RestoreStack;
+    let _restore = scenario::RestoreStack;
     let mut stream = Orders::new(&p.pipeline.clone(), 20, 4);
 
     let rows = p.feed(&mut stream).await?;

@@ -7,10 +7,14 @@
 //! stand-in kubelet from the StatefulSet the operator scales; they join the
 //! membership with their Leases, as slave pods do.
 
+mod common;
+
 use ballast_crds::{AnalyticsPipeline, DegradationPolicy, Mode};
 use ballast_e2e::kubelet::{Kubelet, Settings};
 use ballast_e2e::scenario;
+
 use ballast_e2e::{KillOnDrop, Stack, stack_script};
+use common::eventually;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Event, Namespace};
@@ -18,27 +22,9 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
-/// Restores the stack's servers a failed assertion may have left stopped.
-struct RestoreStack;
-
-impl Drop for RestoreStack {
-    fn drop(&mut self) {
-        let _ = stack_script(&["up"]);
-    }
-}
-
 fn start_operator(ns: &str) -> anyhow::Result<KillOnDrop> {
     let binary = std::path::Path::new(env!("CARGO_BIN_EXE_ballast-operator"));
     Ok(Stack::discover().operator(binary, ns)?)
-}
-
-/// Polls `check` until it yields a value or `secs` pass.
-async fn eventually<T, F, Fut>(what: &str, secs: u64, check: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
-{
-    Ok(scenario::eventually(what, secs, check).await?)
 }
 
 fn policy() -> serde_json::Value {
@@ -78,7 +64,7 @@ async fn operator_reconciles_and_switches_modes_against_real_servers() -> anyhow
     let kubeconfig = stack.get("KUBECONFIG")?;
     let client: Client = stack.kube_client().await?;
     ballast_e2e::install_crds(&client).await?;
-    let _restore = RestoreStack;
+    let _restore = scenario::RestoreStack;
 
     let ns = ballast_e2e::pipeline_namespace(&client, "failover").await?;
     let namespaces: Api<Namespace> = Api::all(client.clone());

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use ballast_e2e::scenario::until_logged;
+use ballast_e2e::scenario::{self, until_logged};
 use ballast_e2e::{Stack, stack_script};
 use ballast_worker::kv::{KvStore, Layout};
 use k8s_openapi::jiff::Timestamp;
@@ -13,15 +13,6 @@ use mysql_async::prelude::Queryable;
 use serde_json::json;
 
 const WINDOW_MS: i64 = 60_000;
-
-/// Restarts what a failed assertion may have left stopped.
-struct RestoreStack;
-
-impl Drop for RestoreStack {
-    fn drop(&mut self) {
-        let _ = stack_script(&["up"]);
-    }
-}
 
 async fn insert(conn: &mut mysql_async::Conn, table: &str, from: usize, n: usize) -> anyhow::Result<()> {
     // Ten rows per transaction: the collector checkpoints at each commit.
@@ -71,7 +62,7 @@ async fn orders_reach_the_kv_store_exactly_once_across_a_crash_and_a_kafka_outag
     let client = stack.kube_client().await?;
     let policy = json!({"mq": {"produceRetries": 1}});
     let (ns, pipeline) = stack.pipeline_fixture(&client, "co", policy).await?;
-    let _restore = RestoreStack;
+    let _restore = scenario::RestoreStack;
 
     // The fixture pipeline tracks table `orders` of database `ballast`.
     let mut db = stack.source_orders().await?;

@@ -72,15 +72,6 @@ fn script(phase_seconds: u64) -> Vec<Step> {
     ]
 }
 
-/// Restarts any server the demo stopped, whatever happens.
-struct RestoreStack;
-
-impl Drop for RestoreStack {
-    fn drop(&mut self) {
-        let _ = stack_script(&["up"]);
-    }
-}
-
 /// Time spent in each mode, per dependency.
 #[derive(Default)]
 struct ModeClock(BTreeMap<(&'static str, String), Duration>);
@@ -152,7 +143,7 @@ async fn run() -> anyhow::Result<String> {
     let spec = json!({"compute": {"windowSeconds": 5}, "roles": {"master": {"replicas": 2}, "slave": {"replicas": 2}}});
     let (ns, pipeline) = stack.pipeline_fixture_with(&client, "demo", policy, spec).await?;
     drop(stack.source_orders().await?);
-    let _restore = RestoreStack;
+    let _restore = scenario::RestoreStack;
 
     println!("Starting the operator and the workers (namespace {ns})...");
     let operator = stack.operator(&operator_bin, &ns)?;
