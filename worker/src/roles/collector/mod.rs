@@ -30,7 +30,7 @@ use crate::health::counter;
 use prost::Message as _;
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use self::checkpoint::{Checkpoints, Position};
@@ -202,21 +202,26 @@ impl Sender {
     }
 
     async fn produce(&self, events: &[ChangeEvent]) -> Result<(), String> {
-        let sends = events.iter().map(|event| {
+        // Everything is queued first and awaited after: librdkafka batches what
+        // is queued together, and the group is acknowledged as a whole.
+        let mut deliveries = Vec::with_capacity(events.len());
+        for event in events {
             let payload = event.encode_to_vec();
-            let producer = self.producer.clone();
-            let topic = self.topic.clone();
-            let key = event.merchant_id.clone();
-            async move {
-                let record = FutureRecord::to(&topic).key(&key).payload(&payload);
-                producer
-                    .send(record, Duration::from_secs(0))
-                    .await
-                    .map_err(|(e, _)| e.to_string())
+            let record = FutureRecord::to(&self.topic)
+                .key(&event.merchant_id)
+                .payload(&payload);
+            let delivery = self
+                .producer
+                .send_result(record)
+                .map_err(|(error, _)| error.to_string())?;
+            deliveries.push(delivery);
+        }
+        for delivery in deliveries {
+            match delivery.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((error, _))) => return Err(error.to_string()),
+                Err(_) => return Err("the producer dropped a delivery report".into()),
             }
-        });
-        for result in futures::future::join_all(sends).await {
-            result?;
         }
         self.metrics.to_kafka.inc_by(events.len() as u64);
         Ok(())
@@ -287,6 +292,59 @@ async fn save(checkpoints: &Checkpoints, position: Option<Position>) {
     }
 }
 
+/// One source transaction of the binlog: its events, its rows that could not
+/// become events, and the binlog position just after it.
+struct Txn {
+    events: Vec<ChangeEvent>,
+    dead: Vec<(String, String)>,
+    end: Position,
+}
+
+/// Most events delivered as one group. Transactions that queued up while a
+/// group was being acknowledged are sent together, so one-row transactions
+/// cost one round trip per group, not one each.
+const GROUP_EVENTS: usize = 10_000;
+
+/// Transactions read ahead of the delivered ones: the binlog is parsed while
+/// the previous group waits for its acknowledgement.
+const READ_AHEAD: usize = 64;
+
+/// How long a stopping collector keeps delivering what it had read.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// Delivers transactions in binlog order, in groups, and checkpoints the
+/// position after the last one acknowledged. Returns at shutdown or when the
+/// reader is gone; what was not acknowledged is re-read after a restart.
+async fn deliver(
+    mut sender: Sender,
+    mut txns: mpsc::Receiver<Txn>,
+    checkpoints: Checkpoints,
+    shutdown: CancellationToken,
+) {
+    let mut acked: Option<Position> = None;
+    let mut last_save = tokio::time::Instant::now();
+    while let Some(mut group) = txns.recv().await {
+        while group.events.len() < GROUP_EVENTS {
+            let Ok(next) = txns.try_recv() else { break };
+            group.events.extend(next.events);
+            group.dead.extend(next.dead);
+            group.end = next.end;
+        }
+        let nothing = group.events.is_empty() && group.dead.is_empty();
+        if !nothing && !sender.send(&group.events, &group.dead, &shutdown).await {
+            break; // shutting down: the group is re-read from the checkpoint
+        }
+        acked = Some(group.end);
+        // At most a couple of saves a second: a restart re-reads the rest,
+        // and the event ids make that harmless.
+        if last_save.elapsed() >= CHECKPOINT_EVERY {
+            save(&checkpoints, acked.take()).await;
+            last_save = tokio::time::Instant::now();
+        }
+    }
+    save(&checkpoints, acked).await;
+}
+
 /// Column names of the tracked tables, in ordinal order.
 async fn columns(
     conn: &mut Conn,
@@ -354,7 +412,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         // longer for more only delays the acknowledgement the next one waits on.
         .set("linger.ms", "1")
         .create()?;
-    let mut sender = Sender {
+    let sender = Sender {
         path: Path::Kafka,
         producer,
         dead_letter_topic: ap
@@ -389,11 +447,34 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         .with_filename(start.file.as_bytes())
         .with_pos(start.pos);
     let mut stream = Conn::new(opts).await?.get_binlog_stream(request).await?;
+    let (txns, queued) = mpsc::channel(READ_AHEAD);
+    // Its own token: at shutdown what was read is still delivered, until the drain deadline.
+    let delivering = CancellationToken::new();
+    let mut delivery = tokio::spawn(deliver(sender, queued, checkpoints, delivering.clone()));
     let _ = ready_tx.send(true);
 
-    let mut file = start.file.clone();
-    let mut acked: Option<Position> = None;
-    let mut last_save = tokio::time::Instant::now();
+    let read = read(&mut stream, source, &schema, start.file.clone(), &txns, &shutdown).await;
+    // Whatever stopped the reading, what was read is delivered or left for
+    // the checkpoint before returning.
+    drop(txns);
+    if tokio::time::timeout(DRAIN, &mut delivery).await.is_err() {
+        delivering.cancel();
+        let _ = delivery.await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), health).await;
+    read
+}
+
+/// Reads the binlog from `stream` until `shutdown`, the end of the stream or an
+/// error, queueing each transaction of the tracked tables on `txns`.
+async fn read(
+    stream: &mut mysql_async::BinlogStream,
+    source: &ballast_crds::analytics_pipeline::SourceSpec,
+    schema: &HashMap<String, Vec<String>>,
+    mut file: String,
+    txns: &mpsc::Sender<Txn>,
+    shutdown: &CancellationToken,
+) -> Result<(), Error> {
     let mut pending: Vec<ChangeEvent> = Vec::new();
     let mut dead: Vec<(String, String)> = Vec::new();
     loop {
@@ -451,27 +532,20 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
                 }
             }
             Some(EventData::XidEvent(_)) => {
-                let nothing = pending.is_empty() && dead.is_empty();
-                if !nothing && !sender.send(&pending, &dead, &shutdown).await {
-                    break; // shutting down: the transaction will be re-read from the checkpoint
-                }
-                pending.clear();
-                dead.clear();
-                acked = Some(Position {
-                    file: file.clone(),
-                    pos: u64::from(header.log_pos()),
-                });
-                // At most a couple of saves a second: a restart re-reads the rest,
-                // and the event ids make that harmless.
-                if last_save.elapsed() >= CHECKPOINT_EVERY {
-                    save(&checkpoints, acked.take()).await;
-                    last_save = tokio::time::Instant::now();
+                let txn = Txn {
+                    events: std::mem::take(&mut pending),
+                    dead: std::mem::take(&mut dead),
+                    end: Position {
+                        file: file.clone(),
+                        pos: u64::from(header.log_pos()),
+                    },
+                };
+                if txns.send(txn).await.is_err() {
+                    break; // delivery stopped (shutdown)
                 }
             }
             _ => {}
         }
     }
-    save(&checkpoints, acked).await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), health).await;
     Ok(())
 }

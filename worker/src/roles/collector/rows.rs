@@ -1,7 +1,7 @@
 //! Turning binlog row images into change events. Pure.
 
 use mysql_async::Value;
-use serde_json::{Map, Value as Json};
+use serde_json::Value as Json;
 
 use crate::wire::{ChangeEvent, Operation};
 
@@ -72,6 +72,37 @@ pub struct RowPosition<'a> {
     pub index: usize,
 }
 
+/// One MySQL value written as JSON exactly as [`to_json`] renders it, without
+/// building the intermediate tree: the collector does this for every column of
+/// every row.
+struct Cell<'a>(&'a Value);
+
+impl serde::Serialize for Cell<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Value::NULL => s.serialize_unit(),
+            Value::Int(i) => s.serialize_i64(*i),
+            Value::UInt(u) => s.serialize_u64(*u),
+            Value::Float(f) => s.serialize_f64(f64::from(*f)),
+            Value::Double(d) => s.serialize_f64(*d),
+            Value::Bytes(bytes) => match std::str::from_utf8(bytes) {
+                Ok(text) => s.serialize_str(text),
+                Err(_) => s.serialize_str(&String::from_utf8_lossy(bytes)),
+            },
+            other => to_json(other).serialize(s),
+        }
+    }
+}
+
+/// The merchant id in a value: non-empty text or a number.
+fn merchant_of(value: &Value) -> Option<String> {
+    match to_json(value) {
+        Json::String(s) if !s.is_empty() => Some(s),
+        Json::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
 /// One row image of `table` as a change event.
 pub fn event(
     table: &str,
@@ -82,6 +113,8 @@ pub fn event(
     time_ms: i64,
     at: &RowPosition<'_>,
 ) -> Result<ChangeEvent, RowError> {
+    use serde::ser::{SerializeMap, Serializer as _};
+
     if values.len() < columns.len() {
         return Err(RowError::Shape {
             table: table.to_owned(),
@@ -89,24 +122,30 @@ pub fn event(
             columns: columns.len(),
         });
     }
-    let object: Map<String, Json> = columns.iter().cloned().zip(values.iter().map(to_json)).collect();
-    let merchant = match object.get(merchant_column) {
-        Some(Json::String(s)) if !s.is_empty() => s.clone(),
-        Some(Json::Number(n)) => n.to_string(),
-        _ => {
-            return Err(RowError::NoMerchant {
-                table: table.to_owned(),
-                column: merchant_column.to_owned(),
-            });
+    let merchant = columns
+        .iter()
+        .position(|c| c == merchant_column)
+        .and_then(|i| merchant_of(&values[i]))
+        .ok_or_else(|| RowError::NoMerchant {
+            table: table.to_owned(),
+            column: merchant_column.to_owned(),
+        })?;
+    let mut json = Vec::with_capacity(16 * columns.len());
+    let mut serializer = serde_json::Serializer::new(&mut json);
+    // Writing into a Vec cannot fail, and every key is a string.
+    if let Ok(mut map) = serializer.serialize_map(Some(columns.len())) {
+        for (name, value) in columns.iter().zip(values) {
+            let _ = map.serialize_entry(name, &Cell(value));
         }
-    };
+        let _ = map.end();
+    }
     Ok(ChangeEvent {
         event_id: format!("{}:{}:{}", at.file, at.pos, at.index),
         merchant_id: merchant,
         table: table.to_owned(),
         op: op.into(),
         event_time_ms: time_ms,
-        columns: serde_json::to_vec(&object).unwrap_or_default(),
+        columns: json,
     })
 }
 
@@ -188,6 +227,30 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn every_kind_of_value_is_written_as_to_json_renders_it() {
+        let names: Vec<String> = ["i", "u", "f", "d", "m", "lossy", "null", "date", "time"]
+            .map(String::from)
+            .to_vec();
+        let values = [
+            Value::Int(-3),
+            Value::UInt(u64::MAX),
+            Value::Float(1.5),
+            Value::Double(f64::NAN),
+            Value::Bytes(b"m \"quoted\"".to_vec()),
+            Value::Bytes(vec![0xff, b'a']),
+            Value::NULL,
+            Value::Date(2026, 11, 21, 9, 5, 0, 7),
+            Value::Time(false, 0, 1, 2, 3, 0),
+        ];
+        let e = event("t", &names, &values, "m", Operation::Update, 0, &at()).expect("event");
+        let written: Json = serde_json::from_slice(&e.columns).expect("valid JSON");
+        let expected: serde_json::Map<String, Json> =
+            names.iter().cloned().zip(values.iter().map(to_json)).collect();
+        assert_eq!(written, Json::Object(expected));
+        assert_eq!(e.merchant_id, "m \"quoted\"");
     }
 
     #[test]
