@@ -64,25 +64,13 @@ impl Intake for Backup {
             Status::resource_exhausted(over.to_string())
         })?;
         self.metrics.shed_events.inc_by(u64::from(admitted.shed));
-        // On the KV route concurrent calls write in parallel on clones of one
-        // multiplexed connection; routing to slaves stays serialized in the sink.
-        let kv = self.sink.lock().await.kv_route();
-        let stored = match kv {
-            Some(mut kv) => kv
-                .write(&admitted.keep)
-                .await
-                .map(|w| Stored::Kv {
-                    new: w.new,
-                    duplicates: w.duplicates,
-                })
-                .map_err(|e| e.to_string()),
-            None => self.sink.lock().await.store(&admitted.keep).await,
-        }
-        .map_err(|e| {
-            Status::unavailable(format!(
-                "storing the batch failed, nothing of it is acknowledged: {e}"
-            ))
-        })?;
+        let stored = Sink::store_shared(&self.sink, &admitted.keep)
+            .await
+            .map_err(|e| {
+                Status::unavailable(format!(
+                    "storing the batch failed, nothing of it is acknowledged: {e}"
+                ))
+            })?;
         let (accepted, duplicates) = match stored {
             Stored::Kv { new, duplicates } => (new, duplicates),
             Stored::Slaves { accepted, .. } => (accepted, admitted.keep.len() as u64 - accepted),

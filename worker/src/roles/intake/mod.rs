@@ -13,7 +13,7 @@ pub mod message;
 pub mod route;
 pub mod sink;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,6 +28,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use self::admission::Admission;
@@ -77,6 +78,14 @@ pub enum Error {
     /// The KV Redis client could not be created.
     #[error("KV store: {0}")]
     Redis(#[from] redis::RedisError),
+    /// A batch write stopped without storing (a panic, or the intake stopping
+    /// while the store is down): nothing after it is committed, so Kafka
+    /// redelivers from there.
+    #[error("a batch write did not finish: {0}")]
+    Write(#[from] tokio::task::JoinError),
+    /// A batch was not stored before the intake stopped; it is redelivered.
+    #[error("a batch was not stored before the intake stopped; it will be redelivered")]
+    Unstored,
     /// The backup intake's gRPC server failed.
     #[error("backup intake server: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -157,12 +166,93 @@ async fn report_shedding(
     }
 }
 
+/// The last offset consumed per topic partition.
+type Offsets = BTreeMap<(String, i32), i64>;
+
 /// One decoded batch, with the offsets to commit once it is stored.
 #[derive(Default)]
 struct Batch {
     events: Vec<ChangeEvent>,
     dead: Vec<(Vec<u8>, String)>,
-    offsets: BTreeMap<(String, i32), i64>,
+    offsets: Offsets,
+}
+
+/// Batches being stored while the next is consumed.
+const WRITES_IN_FLIGHT: usize = 3;
+
+/// How long an idle consumer waits before the loop looks at finished writes again.
+const IDLE: Duration = Duration::from_millis(100);
+
+/// Stores a batch, retrying until it is acknowledged (its offsets wait for
+/// this) or the intake stops, then writes its dead letters. Whether it stored.
+async fn store(
+    sink: Arc<tokio::sync::Mutex<Sink>>,
+    producer: FutureProducer,
+    dead_letter_topic: String,
+    metrics: Arc<Metrics>,
+    events: Vec<ChangeEvent>,
+    dead: Vec<(Vec<u8>, String)>,
+    shutdown: CancellationToken,
+) -> bool {
+    loop {
+        match Sink::store_shared(&sink, &events).await {
+            Ok(Stored::Kv { new, duplicates }) => {
+                metrics.to_kv.inc_by(new);
+                metrics.duplicates.inc_by(duplicates);
+                break;
+            }
+            Ok(Stored::Slaves { accepted, lost }) => {
+                metrics.to_slaves.inc_by(accepted);
+                metrics.lost.inc_by(lost);
+                break;
+            }
+            Err(error) => {
+                metrics.write_failures.inc();
+                if shutdown.is_cancelled() {
+                    tracing::warn!(%error, "storing a batch failed while stopping; it will be redelivered");
+                    return false;
+                }
+                tracing::warn!(%error, "storing a batch failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    for (payload, reason) in &dead {
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "ballast-reason",
+            value: Some(reason.as_str()),
+        });
+        let record = FutureRecord::<(), _>::to(&dead_letter_topic)
+            .payload(payload)
+            .headers(headers);
+        if let Err((error, _)) = producer.send(record, Duration::from_secs(30)).await {
+            tracing::error!(%error, "dead-letter write failed; the message will be redelivered");
+            continue;
+        }
+        metrics.dead_letters.inc();
+    }
+    true
+}
+
+/// Commits `offsets` once `write` has stored its batch. A batch that was not
+/// stored stops the commits: committing a later offset would skip it.
+async fn commit(consumer: &StreamConsumer, write: JoinHandle<bool>, offsets: &Offsets) -> Result<(), Error> {
+    if !write.await? {
+        return Err(Error::Unstored);
+    }
+    let mut commit = TopicPartitionList::new();
+    for ((topic, partition), offset) in offsets {
+        if let Err(error) = commit.add_partition_offset(topic, *partition, Offset::Offset(offset + 1)) {
+            tracing::warn!(%error, topic, partition, "cannot commit this offset");
+        }
+    }
+    // Asynchronous: these offsets are of stored events only, so a commit that
+    // is lost (Kafka down, a rebalance) means a redelivery the event ids make
+    // harmless; waiting for each commit would halve the throughput.
+    if let Err(error) = consumer.commit(&commit, CommitMode::Async) {
+        tracing::warn!(%error, "committing offsets failed; the stored events may be redelivered");
+    }
+    Ok(())
 }
 
 /// Runs the intake until `shutdown`; the batch in hand is stored and committed before it returns.
@@ -224,7 +314,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         metrics: backup_metrics,
     };
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
+        crate::grpc::server()
             .add_service(IntakeServer::new(backup))
             .serve_with_incoming_shutdown(
                 crate::grpc::incoming(listener),
@@ -269,54 +359,41 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         .create()?;
     let _ = ready_tx.send(true);
 
-    while !shutdown.is_cancelled() {
+    // Batches are stored while the next ones are consumed; offsets are
+    // committed in consumption order, each once its own batch is stored.
+    let mut writes: VecDeque<(JoinHandle<bool>, Offsets)> = VecDeque::new();
+    let mut outcome = Ok(());
+    'consume: while !shutdown.is_cancelled() {
         let batch = collect(&consumer, &config, &ap.spec.source.tables, &shutdown).await;
-        if batch.offsets.is_empty() {
-            continue;
+        if !batch.offsets.is_empty() {
+            let write = tokio::spawn(store(
+                sink.clone(),
+                producer.clone(),
+                dead_letter_topic.clone(),
+                metrics.clone(),
+                batch.events,
+                batch.dead,
+                shutdown.clone(),
+            ));
+            writes.push_back((write, batch.offsets));
         }
-        // Store, retrying until it is acknowledged: the offsets wait for it.
-        loop {
-            match sink.lock().await.store(&batch.events).await {
-                Ok(Stored::Kv { new, duplicates }) => {
-                    metrics.to_kv.inc_by(new);
-                    metrics.duplicates.inc_by(duplicates);
-                    break;
-                }
-                Ok(Stored::Slaves { accepted, lost }) => {
-                    metrics.to_slaves.inc_by(accepted);
-                    metrics.lost.inc_by(lost);
-                    break;
-                }
-                Err(error) => {
-                    metrics.write_failures.inc();
-                    tracing::warn!(%error, "storing a batch failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+        while let Some((write, _)) = writes.front() {
+            if writes.len() < WRITES_IN_FLIGHT && !write.is_finished() {
+                break;
+            }
+            if let Some((write, offsets)) = writes.pop_front() {
+                outcome = commit(&consumer, write, &offsets).await;
+                if outcome.is_err() {
+                    break 'consume;
                 }
             }
         }
-        for (payload, reason) in &batch.dead {
-            let headers = OwnedHeaders::new().insert(Header {
-                key: "ballast-reason",
-                value: Some(reason.as_str()),
-            });
-            let record = FutureRecord::<(), _>::to(&dead_letter_topic)
-                .payload(payload)
-                .headers(headers);
-            if let Err((error, _)) = producer.send(record, Duration::from_secs(30)).await {
-                tracing::error!(%error, "dead-letter write failed; the message will be redelivered");
-                continue;
-            }
-            metrics.dead_letters.inc();
-        }
-        let mut commit = TopicPartitionList::new();
-        for ((t, partition), offset) in &batch.offsets {
-            commit.add_partition_offset(t, *partition, Offset::Offset(offset + 1))?;
-        }
-        // Asynchronous: these offsets are of stored events only, so a commit that
-        // is lost (Kafka down, a rebalance) means a redelivery the event ids make
-        // harmless; waiting for each commit would halve the throughput.
-        if let Err(error) = consumer.commit(&commit, CommitMode::Async) {
-            tracing::warn!(%error, "committing offsets failed; the stored events may be redelivered");
+    }
+    for (write, offsets) in writes {
+        if outcome.is_ok() {
+            outcome = commit(&consumer, write, &offsets).await;
+        } else {
+            write.abort();
         }
     }
     // Drain: not ready, leave the membership, let the servers finish.
@@ -325,6 +402,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
     let _ = tokio::time::timeout(Duration::from_secs(5), membership).await;
     let served = tokio::time::timeout(Duration::from_secs(5), server).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), health).await;
+    outcome?;
     match served {
         Ok(Ok(result)) => result.map_err(Error::from),
         _ => Ok(()),
@@ -346,6 +424,9 @@ async fn collect(
         let next = tokio::select! {
             () = shutdown.cancelled() => break,
             () = &mut deadline, if started => break,
+            // Nothing consumed yet: leaving now loses nothing, and lets the
+            // caller commit writes that finished meanwhile.
+            () = tokio::time::sleep(IDLE), if !started => break,
             next = consumer.recv() => next,
         };
         let record = match next {

@@ -73,6 +73,26 @@ impl Sink {
         })
     }
 
+    /// Stores a batch through a shared sink: on the KV route concurrent callers
+    /// write in parallel on clones of one multiplexed connection; routing to
+    /// slaves stays serialized in the sink. An error means nothing is acknowledged.
+    pub async fn store_shared(
+        sink: &tokio::sync::Mutex<Self>,
+        events: &[ChangeEvent],
+    ) -> Result<Stored, String> {
+        let kv = sink.lock().await.kv_route();
+        match kv {
+            Some(mut kv) => {
+                let written = kv.write(events).await.map_err(|e| e.to_string())?;
+                Ok(Stored::Kv {
+                    new: written.new,
+                    duplicates: written.duplicates,
+                })
+            }
+            None => sink.lock().await.store(events).await,
+        }
+    }
+
     /// Stores a batch on the current route; an error means nothing is acknowledged.
     pub async fn store(&mut self, events: &[ChangeEvent]) -> Result<Stored, String> {
         let (kv_mode, epoch) = self.mode.borrow().get(Dependency::Kv);
@@ -152,7 +172,8 @@ async fn deliver(
             .ok_or("no live slave to route to")?;
         by_slave.entry(owner).or_default().push(event.clone());
     }
-    let mut accepted = BTreeMap::new();
+    // Every slave's share is sent at once: the slaves store in parallel.
+    let mut calls = Vec::with_capacity(by_slave.len());
     for (slave, events) in by_slave {
         let address = addresses
             .get(slave)
@@ -163,17 +184,29 @@ async fn deliver(
                 .map_err(|e| format!("{slave}: {e}"))?;
             clients.insert(address.clone(), client);
         }
-        let client = clients.get_mut(address).ok_or("client vanished")?;
-        match client.deliver(EventBatch { events, epoch }).await {
+        let mut client = clients.get(address).ok_or("client vanished")?.clone();
+        calls.push(async move {
+            let reply = client.deliver(EventBatch { events, epoch }).await;
+            (slave, address, reply)
+        });
+    }
+    let mut accepted = BTreeMap::new();
+    let mut failed = None;
+    for (slave, address, reply) in futures::future::join_all(calls).await {
+        match reply {
             Ok(reply) => {
                 accepted.insert(slave.to_owned(), u64::from(reply.into_inner().accepted));
             }
             Err(status) => {
-                // A slave that went away is dropped; the retry re-routes over the new membership.
+                // A slave that went away is dropped; the retry re-routes over the
+                // new membership (the others' shares are stored again as duplicates).
                 clients.remove(address);
-                return Err(format!("{slave}: {status}"));
+                failed = Some(format!("{slave}: {status}"));
             }
         }
+    }
+    if let Some(error) = failed {
+        return Err(error);
     }
     Ok(accepted)
 }
