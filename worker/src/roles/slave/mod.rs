@@ -283,7 +283,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
     let incoming = crate::grpc::incoming(listener);
     // Ready once the server accepts connections.
     let _ = ready_tx.send(true);
-    let served = tonic::transport::Server::builder()
+    let served = crate::grpc::server()
         .add_service(SlaveServer::new(service))
         .serve_with_incoming_shutdown(incoming, {
             let shutdown = shutdown.clone();
