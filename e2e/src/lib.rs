@@ -426,6 +426,23 @@ impl Stack {
 /// A child process killed (and reaped) when dropped, whatever the test's outcome.
 pub struct KillOnDrop(pub std::process::Child);
 
+impl KillOnDrop {
+    /// Sends `signal` (as `kill` spells it: `-STOP`, `-CONT`, `-KILL`) to the process.
+    pub fn signal(&self, signal: &str) -> std::io::Result<()> {
+        let status = std::process::Command::new("kill")
+            .args([signal, &self.0.id().to_string()])
+            .status()?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!(
+                "kill {signal} {} failed",
+                self.0.id()
+            )))
+        }
+    }
+}
+
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         // Already exited is fine: the point is that nothing outlives the test.

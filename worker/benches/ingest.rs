@@ -23,6 +23,11 @@ use mysql_async::prelude::Queryable;
 use serde_json::json;
 use tokio::sync::watch;
 
+/// The same allocator as the worker's, so that the in-process baselines (the
+/// echo server, the direct slave client) are not handicapped against it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const WINDOW_MS: i64 = 60_000;
 const ROWS: usize = 300_000;
 const BATCH: usize = 1_000;
@@ -153,6 +158,74 @@ async fn kv_total(kv: &mut KvStore, around: i64) -> anyhow::Result<u64> {
     Ok(n)
 }
 
+/// Inserts `ROWS` orders into the source database, `BATCH` rows per transaction.
+async fn insert_orders(db: &mut mysql_async::Conn) -> anyhow::Result<()> {
+    for chunk in 0..ROWS / BATCH {
+        let values: Vec<String> = (0..BATCH)
+            .map(|i| format!("('m{}', {})", (chunk * BATCH + i) % 5_000, i))
+            .collect();
+        db.query_drop(format!(
+            "INSERT INTO orders (merchant_id, amount) VALUES {}",
+            values.join(",")
+        ))
+        .await?;
+    }
+    Ok(())
+}
+
+/// Waits until the intake has stored `n` new events in all (its own counter,
+/// read over HTTP: counting the KV store itself every few milliseconds would
+/// load the Redis under test).
+async fn wait_for_stored(port: u16, n: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let stored = ballast_e2e::scenario::metric(port, "ballast_intake_events_to_kv_total")
+            .await?
+            .unwrap_or(0.0);
+        if stored >= n as f64 {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the intake stored only {stored} of {n} events"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Checks that the KV store holds exactly `n` events in the windows around `around`.
+async fn verify_kv(kv: &mut KvStore, around: i64, n: usize) -> anyhow::Result<()> {
+    let held = kv_total(kv, around).await?;
+    anyhow::ensure!(held == n as u64, "the KV store holds {held} events, not {n}");
+    Ok(())
+}
+
+/// Removes the pipeline's keys from the KV store: each run writes about 150 MB
+/// to the stack's 256 MB KV Redis, to be kept for two days.
+async fn remove_keys(stack: &Stack, pipeline: &str) -> anyhow::Result<()> {
+    let mut conn = redis::Client::open(stack.get("BALLAST_REDIS_KV_URL")?.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("ballast:{pipeline}:*"))
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(&mut conn)
+            .await?;
+        if !keys.is_empty() {
+            redis::cmd("UNLINK").arg(&keys).exec_async(&mut conn).await?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let stack = Stack::discover();
@@ -191,45 +264,64 @@ async fn main() -> anyhow::Result<()> {
         }
     };
 
-    // (a) collector -> Kafka -> intake -> KV.
+    // (a) collector -> Kafka -> intake -> KV, two ways:
+    // - live: the rows are inserted while the pipeline runs, so MariaDB's own
+    //   inserting shares the two cores and paces the binlog;
+    // - catch-up: the collector is paused while the rows are inserted, then
+    //   drains the backlog. That is the pipeline's own rate, as the perf
+    //   tool's figure is the producer's own (it makes its records in memory).
     let mut db = stack.source_orders().await?;
-    let _intake = stack.worker(worker, "intake", &ns, &pipeline, "intake-0")?;
+    let intake_port = ballast_e2e::scenario::free_port()?;
+    let intake_metrics = format!("127.0.0.1:{intake_port}");
+    let _intake = stack.worker_with(
+        worker,
+        &["intake"],
+        &ns,
+        &pipeline,
+        "intake-0",
+        &[("BALLAST_METRICS_ADDR", intake_metrics.as_str())],
+    )?;
     let collector_log = std::env::temp_dir().join(format!("ballast-{ns}-collector-0.log"));
-    let _collector = stack.worker(worker, "collector", &ns, &pipeline, "collector-0")?;
+    let collector = stack.worker(worker, "collector", &ns, &pipeline, "collector-0")?;
     ballast_e2e::scenario::until_logged(&collector_log, "tailing the binlog", 30).await?;
     let intakes = wait_for("intake", 1).await?;
+
     let now = Timestamp::now().as_millisecond();
     let started = Instant::now();
-    for chunk in 0..ROWS / BATCH {
-        let values: Vec<String> = (0..BATCH)
-            .map(|i| format!("('m{}', {})", (chunk * BATCH + i) % 5_000, i))
-            .collect();
-        db.query_drop(format!(
-            "INSERT INTO orders (merchant_id, amount) VALUES {}",
-            values.join(",")
-        ))
-        .await?;
-    }
+    insert_orders(&mut db).await?;
     let inserted = started.elapsed();
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while kv_total(&mut kv, now).await? < ROWS as u64 {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "only {} of {ROWS} events reached the KV store",
-            kv_total(&mut kv, now).await?
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let end_to_end = started.elapsed();
+    wait_for_stored(intake_port, ROWS).await?;
+    let live = started.elapsed();
+    verify_kv(&mut kv, now, ROWS).await?;
+    remove_keys(&stack, &pipeline).await?;
+
+    collector.signal("-STOP")?;
+    let now = Timestamp::now().as_millisecond();
+    let inserting = Instant::now();
+    insert_orders(&mut db).await?;
+    let inserted_paused = inserting.elapsed();
+    let started = Instant::now();
+    collector.signal("-CONT")?;
+    wait_for_stored(intake_port, 2 * ROWS).await?;
+    let catch_up = started.elapsed();
+    verify_kv(&mut kv, now, ROWS).await?;
+    remove_keys(&stack, &pipeline).await?;
+
     let perf = kafka_perf_tool(&bootstrap, &format!("{pipeline}-perf"))?;
     println!("ingestion on loopback, {ROWS} events, batches of {BATCH}:");
     println!(
-        "  (inserting the rows into MariaDB took {:.2} s of it)",
-        inserted.as_secs_f64()
+        "  (inserting the rows into MariaDB took {:.2} s of the live run; {:.2} s while the collector was paused)",
+        inserted.as_secs_f64(),
+        inserted_paused.as_secs_f64()
     );
     line(
-        "(a) collector -> Kafka -> intake -> KV",
-        rate(ROWS, end_to_end),
+        "(a) collector -> Kafka -> intake -> KV, live",
+        rate(ROWS, live),
+        perf,
+    );
+    line(
+        "(a) collector -> Kafka -> intake -> KV, catch-up",
+        rate(ROWS, catch_up),
         perf,
     );
 
@@ -237,7 +329,7 @@ async fn main() -> anyhow::Result<()> {
     let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let echo_addr = echo.local_addr()?.to_string();
     tokio::spawn(
-        tonic::transport::Server::builder()
+        ballast_worker::grpc::server()
             .add_service(IntakeServer::new(Echo))
             .serve_with_incoming(ballast_worker::grpc::incoming(echo)),
     );
@@ -267,6 +359,11 @@ async fn main() -> anyhow::Result<()> {
         mode,
         members,
     );
+    // One batch each before the clock starts: connecting, and the sink's
+    // one-off membership settle on a new Degraded epoch, are per epoch, not per event.
+    sink.store(&events("c-warm", BATCH))
+        .await
+        .map_err(anyhow::Error::msg)?;
     let all = events("c", ROWS);
     let started = Instant::now();
     for chunk in all.chunks(BATCH) {
@@ -275,6 +372,12 @@ async fn main() -> anyhow::Result<()> {
     let distributed = started.elapsed();
     let (_, one) = slaves.iter().next().ok_or_else(|| anyhow::anyhow!("no slave"))?;
     let mut direct = SlaveClient::connect(format!("http://{one}")).await?;
+    direct
+        .deliver(EventBatch {
+            events: events("direct-warm", BATCH),
+            epoch: 1,
+        })
+        .await?;
     let all = events("direct", ROWS);
     let started = Instant::now();
     for chunk in all.chunks(BATCH) {
@@ -294,28 +397,6 @@ async fn main() -> anyhow::Result<()> {
     Api::<k8s_openapi::api::core::v1::Namespace>::all(client)
         .delete(&ns, &Default::default())
         .await?;
-    // A run writes about 150 MB to the stack's 256 MB KV Redis, for two days:
-    // the bench removes what it wrote.
-    let mut conn = redis::Client::open(stack.get("BALLAST_REDIS_KV_URL")?.as_str())?
-        .get_multiplexed_async_connection()
-        .await?;
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("ballast:{pipeline}:*"))
-            .arg("COUNT")
-            .arg(10_000)
-            .query_async(&mut conn)
-            .await?;
-        if !keys.is_empty() {
-            redis::cmd("UNLINK").arg(&keys).exec_async(&mut conn).await?;
-        }
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
+    remove_keys(&stack, &pipeline).await?;
     Ok(())
 }

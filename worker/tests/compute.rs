@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use ballast_e2e::orders::{self, Metrics, Orders};
@@ -89,13 +88,8 @@ impl Running {
     }
 
     fn signal(&self, pod: &str, signal: &str) -> anyhow::Result<()> {
-        let pid = self
-            .workers
-            .get(pod)
-            .map(|(c, _)| c.0.id())
-            .ok_or_else(|| anyhow::anyhow!("no {pod}"))?;
-        let status = Command::new("kill").args([signal, &pid.to_string()]).status()?;
-        anyhow::ensure!(status.success(), "kill {signal} {pod}");
+        let (child, _) = self.workers.get(pod).ok_or_else(|| anyhow::anyhow!("no {pod}"))?;
+        child.signal(signal)?;
         Ok(())
     }
 

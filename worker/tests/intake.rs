@@ -248,9 +248,7 @@ async fn intake_stores_each_event_once_dead_letters_garbage_and_follows_the_kv_m
     .await?;
     // A slave leaves mid-stream: its merchants go to the others, and the events it
     // held are reported lost in the intake's log (and metric), not hidden.
-    std::process::Command::new("kill")
-        .args(["-TERM", &slaves[0].0.id().to_string()])
-        .status()?;
+    slaves[0].signal("-TERM")?;
     until("s-0 left", 30, async || Ok(!members().await?.contains_key("s-0"))).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = held(&members().await?).await?;

@@ -2,7 +2,6 @@
 //! it joins the membership, stores routed events (deduplicated) within its
 //! memory bound, reports its holdings, and leaves the membership on SIGTERM.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ballast_e2e::Stack;
@@ -115,9 +114,7 @@ async fn slave_joins_stores_routed_events_and_leaves_on_sigterm() -> anyhow::Res
     assert_eq!(after.windows[0].events, 2 + 5 * 3);
 
     // SIGTERM: the slave drains and leaves the membership.
-    Command::new("kill")
-        .args(["-TERM", &slave.0.id().to_string()])
-        .status()?;
+    slave.signal("-TERM")?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while lease(&leases, "shop-slave-0").await?.is_some() {
         anyhow::ensure!(
