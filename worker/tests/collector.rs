@@ -1,7 +1,8 @@
 //! `ballast-worker collector` with an intake, against the local stack's real
 //! MariaDB binlog, Kafka, KV Redis and API server: N inserted orders become
 //! exactly N events in the KV store, across a collector crash, and across a
-//! Kafka outage (the collector switches to the backup intake and back).
+//! Kafka outage (the collector switches to the backup intake, paces its calls
+//! under the intake's rate budget, and goes back).
 
 use std::time::{Duration, Instant};
 
@@ -60,7 +61,10 @@ async fn until_stored(kv: &mut KvStore, around: i64, want: usize, secs: u64) -> 
 async fn orders_reach_the_kv_store_exactly_once_across_a_crash_and_a_kafka_outage() -> anyhow::Result<()> {
     let stack = Stack::discover();
     let client = stack.kube_client().await?;
-    let policy = json!({"mq": {"produceRetries": 1}});
+    // A backup budget below what queues up during the outage: the collector
+    // must pace its calls under it, not retry one oversized call for ever.
+    // No shedding, so every order must arrive.
+    let policy = json!({"mq": {"produceRetries": 1, "backupIntakeRatePerSecond": 20, "maxShedPercent": 0}});
     let (ns, pipeline) = stack.pipeline_fixture(&client, "co", policy).await?;
     let _restore = scenario::RestoreStack;
 

@@ -125,6 +125,10 @@ struct Sender {
     clients: HashMap<String, IntakeClient<tonic::transport::Channel>>,
     metrics: Arc<Metrics>,
     last_kafka_check: tokio::time::Instant,
+    /// Most events per backup intake call: a tenth of its rate budget, so
+    /// that a call always fits a second's budget and a large group is paced
+    /// over several seconds instead of refused whole, again and again.
+    backup_chunk: usize,
 }
 
 /// How often a collector on the backup intake checks whether Kafka answers again.
@@ -138,13 +142,50 @@ impl Sender {
         dead: &[(String, String)],
         shutdown: &CancellationToken,
     ) -> bool {
+        // Events of the group acknowledged so far: a retry resumes after them.
+        let mut sent = 0;
+        let mut failures = 0;
+        while !shutdown.is_cancelled() {
+            self.follow_mode().await;
+            let rest = &events[sent..];
+            let result = match self.path {
+                Path::Kafka => self.produce(rest).await.map_err(|error| (0, error)),
+                Path::Backup => self.ingest(rest).await,
+            };
+            match result {
+                Ok(()) => {
+                    self.dead_letters(dead).await;
+                    return true;
+                }
+                Err((acknowledged, error)) if self.path == Path::Kafka => {
+                    sent += acknowledged;
+                    failures += 1;
+                    tracing::warn!(%error, failures, "producing to Kafka failed");
+                    if failures > self.retries {
+                        self.switch(Path::Backup, "Kafka refused the batch after the policy's retries");
+                    }
+                }
+                Err((acknowledged, error)) => {
+                    sent += acknowledged;
+                    tracing::warn!(%error, "backup intake refused the batch; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        false
+    }
+
+    /// Switches path as the published MQ mode says: to the backup intake when
+    /// it is Degraded; back to Kafka once it is Normal and Kafka answers again
+    /// (checked at most every few seconds, so a local trip does not bounce on
+    /// every batch). Checked before every attempt, so a collector waiting on a
+    /// refusing backup intake still goes back to Kafka when it returns.
+    async fn follow_mode(&mut self) {
         let mq = self.modes.borrow().get(Dependency::Mq).0;
         match (self.path, mq) {
             (Path::Kafka, Mode::Degraded) => {
                 self.switch(Path::Backup, "the operator published the MQ as Degraded")
             }
-            // Back to Kafka once the MQ is Normal and Kafka answers again (checked at
-            // most every few seconds, so a local trip does not bounce on every batch).
             (Path::Backup, Mode::Normal) if self.last_kafka_check.elapsed() >= KAFKA_RECHECK => {
                 self.last_kafka_check = tokio::time::Instant::now();
                 if self.kafka_answers().await {
@@ -153,31 +194,6 @@ impl Sender {
             }
             _ => {}
         }
-        let mut failures = 0;
-        while !shutdown.is_cancelled() {
-            let result = match self.path {
-                Path::Kafka => self.produce(events).await,
-                Path::Backup => self.ingest(events).await,
-            };
-            match result {
-                Ok(()) => {
-                    self.dead_letters(dead).await;
-                    return true;
-                }
-                Err(error) if self.path == Path::Kafka => {
-                    failures += 1;
-                    tracing::warn!(%error, failures, "producing to Kafka failed");
-                    if failures > self.retries {
-                        self.switch(Path::Backup, "Kafka refused the batch after the policy's retries");
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "backup intake refused the batch; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-        }
-        false
     }
 
     /// Whether a Kafka broker answers a metadata request for the topic.
@@ -227,7 +243,20 @@ impl Sender {
         Ok(())
     }
 
-    async fn ingest(&mut self, events: &[ChangeEvent]) -> Result<(), String> {
+    /// Sends `events` to the backup intake in calls of at most `backup_chunk`
+    /// events, in order. On a refusal, how many were acknowledged before it.
+    async fn ingest(&mut self, events: &[ChangeEvent]) -> Result<(), (usize, String)> {
+        let mut acknowledged = 0;
+        for chunk in events.chunks(self.backup_chunk) {
+            self.ingest_call(chunk)
+                .await
+                .map_err(|error| (acknowledged, error))?;
+            acknowledged += chunk.len();
+        }
+        Ok(())
+    }
+
+    async fn ingest_call(&mut self, events: &[ChangeEvent]) -> Result<(), String> {
         let intakes = self.intakes.borrow().clone();
         let (_, address) = intakes
             .iter()
@@ -280,6 +309,11 @@ impl Sender {
             }
         }
     }
+}
+
+/// Most events per backup intake call for a budget of `rate` events/s. Pure.
+fn backup_chunk(rate: i32) -> usize {
+    usize::try_from(rate / 10).unwrap_or(1).clamp(1, 1000)
 }
 
 /// How often the acknowledged position is saved.
@@ -439,6 +473,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         clients: HashMap::new(),
         metrics: metrics.clone(),
         last_kafka_check: tokio::time::Instant::now(),
+        backup_chunk: backup_chunk(policy.spec.mq.backup_intake_rate_per_second),
     };
 
     let server_id = 100_000
@@ -548,4 +583,23 @@ async fn read(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backup_call_is_a_tenth_of_the_budget_within_bounds() {
+        for (rate, chunk) in [
+            (300, 30),
+            (5, 1),
+            (0, 1),
+            (-3, 1),
+            (100_000, 1000),
+            (10_000, 1000),
+        ] {
+            assert_eq!(backup_chunk(rate), chunk, "rate {rate}");
+        }
+    }
 }
