@@ -358,9 +358,10 @@ async fn main() -> anyhow::Result<()> {
         KvStore::new(kv_conn, Layout::new(&pipeline, WINDOW_MS), 600),
         mode,
         members,
+        None,
     );
-    // One batch each before the clock starts: connecting, and the sink's
-    // one-off membership settle on a new Degraded epoch, are per epoch, not per event.
+    // One batch each before the clock starts: connecting to the slaves is once
+    // per epoch, not per event.
     sink.store(&events("c-warm", BATCH))
         .await
         .map_err(anyhow::Error::msg)?;

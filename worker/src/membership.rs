@@ -151,15 +151,56 @@ pub fn follow(
     role: &str,
     shutdown: CancellationToken,
 ) -> watch::Receiver<BTreeMap<String, String>> {
+    follow_refreshable(client, namespace, pipeline, role, shutdown).0
+}
+
+/// Asks a membership follower for a view listed after the asking: what a
+/// worker needs when another component (the operator) acted on Leases it had
+/// already seen, and a view up to a second old may predate them.
+#[derive(Clone, Debug)]
+pub struct Refresh {
+    requests: std::sync::Arc<watch::Sender<u64>>,
+    served: watch::Receiver<u64>,
+}
+
+impl Refresh {
+    /// Waits until the followed view comes from a listing started after this
+    /// call; `false` if none completed within `timeout` (the view is then the last one).
+    pub async fn fresh(&mut self, timeout: Duration) -> bool {
+        let mut asked = 0;
+        self.requests.send_modify(|r| {
+            *r += 1;
+            asked = *r;
+        });
+        let listed = self.served.wait_for(|served| *served >= asked);
+        matches!(tokio::time::timeout(timeout, listed).await, Ok(Ok(_)))
+    }
+}
+
+/// [`follow`], with a [`Refresh`] that asks for a listing at once.
+pub fn follow_refreshable(
+    client: kube::Client,
+    namespace: &str,
+    pipeline: &str,
+    role: &str,
+    shutdown: CancellationToken,
+) -> (watch::Receiver<BTreeMap<String, String>>, Refresh) {
     let (tx, rx) = watch::channel(BTreeMap::new());
+    let (requests, mut asked) = watch::channel(0_u64);
+    let (served_tx, served) = watch::channel(0_u64);
     let api: Api<Lease> = Api::namespaced(client, namespace);
     let selector = kube::api::ListParams::default().labels(&selector(pipeline, role));
     tokio::spawn(async move {
+        let mut askers = true;
         loop {
+            // Read before listing: this listing serves the requests made so far.
+            let serving = *asked.borrow_and_update();
             match api.list(&selector).await {
                 Ok(list) => {
                     let members = ready_members(&list.items, Timestamp::now());
                     tx.send_if_modified(|current| std::mem::replace(current, members.clone()) != members);
+                    // After the members: whoever sees this number reads this listing or a later one.
+                    served_tx.send_replace(serving);
                 }
                 Err(error) => {
                     tracing::warn!(%error, "listing member leases failed; keeping the last membership")
@@ -168,10 +209,15 @@ pub fn follow(
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                changed = asked.changed(), if askers => askers = changed.is_ok(),
             }
         }
     });
-    rx
+    let refresh = Refresh {
+        requests: std::sync::Arc::new(requests),
+        served,
+    };
+    (rx, refresh)
 }
 
 /// Keeps the member's Lease renewed (and its readiness current) until

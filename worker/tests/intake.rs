@@ -275,3 +275,49 @@ async fn intake_stores_each_event_once_dead_letters_garbage_and_follows_the_kv_m
     );
     Ok(())
 }
+
+/// The intake's handshake on a switch to the slaves: a slave whose Lease the
+/// operator already saw ready is in the view a `Refresh` waits for, although
+/// the periodic listing (every second) has not run since it appeared.
+#[tokio::test]
+async fn a_fresh_membership_view_includes_a_lease_made_just_before() -> anyhow::Result<()> {
+    use ballast_worker::membership::{self, Member};
+    use tokio_util::sync::CancellationToken;
+
+    let stack = Stack::discover();
+    let client = stack.kube_client().await?;
+    let (ns, pipeline) = stack.pipeline_fixture(&client, "mf", json!({})).await?;
+    let stop = CancellationToken::new();
+    let _stop = stop.clone().drop_guard();
+    let (view, mut refresh) =
+        membership::follow_refreshable(client.clone(), &ns, &pipeline, "slave", stop.clone());
+    // A listing has just completed: the next periodic one is about a second away.
+    anyhow::ensure!(refresh.fresh(Duration::from_secs(10)).await, "no first listing");
+    anyhow::ensure!(view.borrow().is_empty(), "members before any Lease");
+
+    let member = Member {
+        namespace: ns.clone(),
+        pipeline: pipeline.clone(),
+        role: "slave".into(),
+        identity: "s-new".into(),
+        address: "127.0.0.1:1".into(),
+        duration: Duration::from_secs(30),
+    };
+    Api::<Lease>::namespaced(client.clone(), &ns)
+        .patch(
+            "s-new",
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(&member.lease(true, Timestamp::now())),
+        )
+        .await?;
+    anyhow::ensure!(refresh.fresh(Duration::from_secs(10)).await, "no fresh listing");
+    assert_eq!(
+        view.borrow().get("s-new").map(String::as_str),
+        Some("127.0.0.1:1"),
+        "the fresh view lacks the Lease made before asking"
+    );
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(client)
+        .delete(&ns, &Default::default())
+        .await?;
+    Ok(())
+}

@@ -290,14 +290,19 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         &config.pipeline,
         shutdown.clone(),
     );
-    let slaves = membership::follow(
+    let (slaves, refresh) = membership::follow_refreshable(
         deps.client.clone(),
         &config.namespace,
         &config.pipeline,
         "slave",
         shutdown.clone(),
     );
-    let sink = Arc::new(tokio::sync::Mutex::new(Sink::new(kv, mode, slaves)));
+    let sink = Arc::new(tokio::sync::Mutex::new(Sink::new(
+        kv,
+        mode,
+        slaves,
+        Some(refresh),
+    )));
 
     // The backup intake, and the membership Lease that tells collectors where it is.
     let (listener, port) = startup::bind(config.listen).await?;

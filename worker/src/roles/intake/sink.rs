@@ -9,6 +9,7 @@ use tokio::sync::watch;
 
 use super::route::{self, Route, Slaves};
 use crate::kv::KvStore;
+use crate::membership::Refresh;
 use crate::modes::Modes;
 use crate::routing::Ring;
 use crate::wire::slave_client::SlaveClient;
@@ -42,22 +43,33 @@ pub struct Sink {
     clients: HashMap<String, SlaveClient<tonic::transport::Channel>>,
     /// Events delivered to each slave since the KV store went down, and since when.
     held: BTreeMap<String, (u64, Timestamp)>,
+    /// Asks for a slave view listed after a switch; `None` when the view is
+    /// given and exact (benches).
+    refresh: Option<Refresh>,
     /// The KV-degraded epoch whose membership view is known fresh.
     settled_epoch: Option<i64>,
 }
 
-/// Longer than the membership's refresh period (`membership::follow`, 1 s).
-const MEMBERSHIP_SETTLE: std::time::Duration = std::time::Duration::from_millis(1_500);
+/// Longest wait for a fresh slave listing before routing over the last view
+/// (an API server that does not answer must not stop the data plane).
+const FRESH_VIEW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Sink {
-    /// A sink following the published KV `mode` and the slave membership.
-    pub fn new(kv: KvStore, mode: watch::Receiver<Modes>, slaves: watch::Receiver<Slaves>) -> Self {
+    /// A sink following the published KV `mode` and the slave membership
+    /// (`refresh` asks that membership for a fresh view).
+    pub fn new(
+        kv: KvStore,
+        mode: watch::Receiver<Modes>,
+        slaves: watch::Receiver<Slaves>,
+        refresh: Option<Refresh>,
+    ) -> Self {
         Self {
             kv,
             mode,
             slaves,
             clients: HashMap::new(),
             held: BTreeMap::new(),
+            refresh,
             settled_epoch: None,
         }
     }
@@ -97,11 +109,18 @@ impl Sink {
     pub async fn store(&mut self, events: &[ChangeEvent]) -> Result<Stored, String> {
         let (kv_mode, epoch) = self.mode.borrow().get(Dependency::Kv);
         if kv_mode == Mode::Degraded && self.settled_epoch != Some(epoch) {
-            // The operator publishes Degraded once the scaled-out slaves are
-            // ready, but this intake's view of the membership may be a poll
-            // older: hashing over it would split merchants between slaves.
-            // Wait for a view listed after the switch before the first route.
-            tokio::time::sleep(MEMBERSHIP_SETTLE).await;
+            // The operator publishes Degraded only once the scaled-out slaves'
+            // Leases are ready, but this intake's view may be a poll older:
+            // hashing over it would split merchants between slaves. A listing
+            // started after this intake saw the epoch includes them.
+            if let Some(refresh) = &mut self.refresh
+                && !refresh.fresh(FRESH_VIEW_TIMEOUT).await
+            {
+                tracing::warn!(
+                    epoch,
+                    "no fresh slave listing in time; routing over the last membership view"
+                );
+            }
             self.settled_epoch = Some(epoch);
         }
         let current = route::route(kv_mode, epoch, &self.slaves.borrow());
