@@ -1,0 +1,304 @@
+//! Delivery of what the collector read: transactions grouped and sent, in
+//! binlog order, to Kafka or — while the MQ is down — synchronously to the
+//! backup intake, with the position after each acknowledged group checkpointed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ballast_crds::{Dependency, Mode};
+use prost::Message as _;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::Metrics;
+use super::checkpoint::{Checkpoints, Position};
+use crate::modes::Modes;
+use crate::wire::intake_client::IntakeClient;
+use crate::wire::{ChangeEvent, EventBatch};
+
+/// Where batches go now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Path {
+    Kafka,
+    Backup,
+}
+
+/// Sends acknowledged batches to Kafka or the backup intake.
+pub(super) struct Sender {
+    pub(super) path: Path,
+    pub(super) producer: FutureProducer,
+    pub(super) topic: String,
+    pub(super) dead_letter_topic: String,
+    pub(super) retries: u32,
+    pub(super) modes: watch::Receiver<Modes>,
+    pub(super) intakes: watch::Receiver<BTreeMap<String, String>>,
+    pub(super) clients: HashMap<String, IntakeClient<tonic::transport::Channel>>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) last_kafka_check: tokio::time::Instant,
+    /// Most events per backup intake call: a tenth of its rate budget, so
+    /// that a call always fits a second's budget and a large group is paced
+    /// over several seconds instead of refused whole, again and again.
+    pub(super) backup_chunk: usize,
+}
+
+/// How often a collector on the backup intake checks whether Kafka answers again.
+const KAFKA_RECHECK: Duration = Duration::from_secs(3);
+
+impl Sender {
+    /// Delivers `events` (and dead letters); returns once all are acknowledged.
+    async fn send(
+        &mut self,
+        events: &[ChangeEvent],
+        dead: &[(String, String)],
+        shutdown: &CancellationToken,
+    ) -> bool {
+        // Events of the group acknowledged so far: a retry resumes after them.
+        let mut sent = 0;
+        let mut failures = 0;
+        while !shutdown.is_cancelled() {
+            self.follow_mode().await;
+            let rest = &events[sent..];
+            let result = match self.path {
+                Path::Kafka => self.produce(rest).await.map_err(|error| (0, error)),
+                Path::Backup => self.ingest(rest).await,
+            };
+            match result {
+                Ok(()) => {
+                    self.dead_letters(dead).await;
+                    return true;
+                }
+                Err((acknowledged, error)) if self.path == Path::Kafka => {
+                    sent += acknowledged;
+                    failures += 1;
+                    tracing::warn!(%error, failures, "producing to Kafka failed");
+                    if failures > self.retries {
+                        self.switch(Path::Backup, "Kafka refused the batch after the policy's retries");
+                    }
+                }
+                Err((acknowledged, error)) => {
+                    sent += acknowledged;
+                    tracing::warn!(%error, "backup intake refused the batch; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        false
+    }
+
+    /// Switches path as the published MQ mode says: to the backup intake when
+    /// it is Degraded; back to Kafka once it is Normal and Kafka answers again
+    /// (checked at most every few seconds, so a local trip does not bounce on
+    /// every batch). Checked before every attempt, so a collector waiting on a
+    /// refusing backup intake still goes back to Kafka when it returns.
+    async fn follow_mode(&mut self) {
+        let mq = self.modes.borrow().get(Dependency::Mq).0;
+        match (self.path, mq) {
+            (Path::Kafka, Mode::Degraded) => {
+                self.switch(Path::Backup, "the operator published the MQ as Degraded")
+            }
+            (Path::Backup, Mode::Normal) if self.last_kafka_check.elapsed() >= KAFKA_RECHECK => {
+                self.last_kafka_check = tokio::time::Instant::now();
+                if self.kafka_answers().await {
+                    self.switch(Path::Kafka, "the MQ is Normal and Kafka answers again");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether a Kafka broker answers a metadata request for the topic.
+    async fn kafka_answers(&self) -> bool {
+        use rdkafka::producer::Producer;
+        let producer = self.producer.clone();
+        let topic = self.topic.clone();
+        // librdkafka's metadata call blocks; keep it off the async threads.
+        let check = tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(Some(&topic), Duration::from_secs(1))
+                .is_ok()
+        });
+        check.await.unwrap_or(false)
+    }
+
+    fn switch(&mut self, to: Path, why: &str) {
+        tracing::warn!(from = ?self.path, to = ?to, reason = why, "collector switches path");
+        self.metrics.switches.inc();
+        self.path = to;
+    }
+
+    async fn produce(&self, events: &[ChangeEvent]) -> Result<(), String> {
+        // Everything is queued first and awaited after: librdkafka batches what
+        // is queued together, and the group is acknowledged as a whole.
+        let mut deliveries = Vec::with_capacity(events.len());
+        for event in events {
+            let payload = event.encode_to_vec();
+            let record = FutureRecord::to(&self.topic)
+                .key(&event.merchant_id)
+                .payload(&payload);
+            let delivery = self
+                .producer
+                .send_result(record)
+                .map_err(|(error, _)| error.to_string())?;
+            deliveries.push(delivery);
+        }
+        for delivery in deliveries {
+            match delivery.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((error, _))) => return Err(error.to_string()),
+                Err(_) => return Err("the producer dropped a delivery report".into()),
+            }
+        }
+        self.metrics.to_kafka.inc_by(events.len() as u64);
+        Ok(())
+    }
+
+    /// Sends `events` to the backup intake in calls of at most `backup_chunk`
+    /// events, in order. On a refusal, how many were acknowledged before it.
+    async fn ingest(&mut self, events: &[ChangeEvent]) -> Result<(), (usize, String)> {
+        let mut acknowledged = 0;
+        for chunk in events.chunks(self.backup_chunk) {
+            self.ingest_call(chunk)
+                .await
+                .map_err(|error| (acknowledged, error))?;
+            acknowledged += chunk.len();
+        }
+        Ok(())
+    }
+
+    async fn ingest_call(&mut self, events: &[ChangeEvent]) -> Result<(), String> {
+        let intakes = self.intakes.borrow().clone();
+        let (_, address) = intakes
+            .iter()
+            .next()
+            .ok_or("no backup intake in the membership")?;
+        if !self.clients.contains_key(address) {
+            let client = IntakeClient::connect(format!("http://{address}"))
+                .await
+                .map_err(|e| e.to_string())?;
+            self.clients.insert(address.clone(), client);
+        }
+        let client = self.clients.get_mut(address).ok_or("client vanished")?;
+        match client
+            .ingest(EventBatch {
+                events: events.to_vec(),
+                epoch: 0,
+            })
+            .await
+        {
+            Ok(reply) => {
+                let reply = reply.into_inner();
+                self.metrics
+                    .to_backup
+                    .inc_by(u64::from(reply.accepted) + u64::from(reply.duplicates));
+                self.metrics.shed.inc_by(u64::from(reply.shed));
+                Ok(())
+            }
+            Err(status) => {
+                if status.code() != tonic::Code::ResourceExhausted {
+                    self.clients.remove(address);
+                }
+                Err(status.to_string())
+            }
+        }
+    }
+
+    /// Dead letters go to Kafka when it is reachable; otherwise they are counted and logged.
+    async fn dead_letters(&self, dead: &[(String, String)]) {
+        for (row, reason) in dead {
+            self.metrics.dead_letters.inc();
+            let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+                key: "ballast-reason",
+                value: Some(reason.as_str()),
+            });
+            let record = FutureRecord::<(), _>::to(&self.dead_letter_topic)
+                .payload(row)
+                .headers(headers);
+            if let Err((error, _)) = self.producer.send(record, Duration::from_secs(0)).await {
+                tracing::error!(%error, %reason, row, "dead letter could not be written");
+            }
+        }
+    }
+}
+
+/// Most events per backup intake call for a budget of `rate` events/s. Pure.
+pub(super) fn backup_chunk(rate: i32) -> usize {
+    usize::try_from(rate / 10).unwrap_or(1).clamp(1, 1000)
+}
+
+/// How often the acknowledged position is saved.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+async fn save(checkpoints: &Checkpoints, position: Option<Position>) {
+    let Some(position) = position else { return };
+    if let Err(error) = checkpoints.save(&position).await {
+        tracing::warn!(%error, "saving the checkpoint failed; a restart re-reads a little more");
+    }
+}
+
+/// One source transaction of the binlog: its events, its rows that could not
+/// become events, and the binlog position just after it.
+pub(super) struct Txn {
+    pub(super) events: Vec<ChangeEvent>,
+    pub(super) dead: Vec<(String, String)>,
+    pub(super) end: Position,
+}
+
+/// Most events delivered as one group. Transactions that queued up while a
+/// group was being acknowledged are sent together, so one-row transactions
+/// cost one round trip per group, not one each.
+const GROUP_EVENTS: usize = 10_000;
+
+/// Delivers transactions in binlog order, in groups, and checkpoints the
+/// position after the last one acknowledged. Returns at shutdown or when the
+/// reader is gone; what was not acknowledged is re-read after a restart.
+pub(super) async fn deliver(
+    mut sender: Sender,
+    mut txns: mpsc::Receiver<Txn>,
+    checkpoints: Checkpoints,
+    shutdown: CancellationToken,
+) {
+    let mut acked: Option<Position> = None;
+    let mut last_save = tokio::time::Instant::now();
+    while let Some(mut group) = txns.recv().await {
+        while group.events.len() < GROUP_EVENTS {
+            let Ok(next) = txns.try_recv() else { break };
+            group.events.extend(next.events);
+            group.dead.extend(next.dead);
+            group.end = next.end;
+        }
+        let nothing = group.events.is_empty() && group.dead.is_empty();
+        if !nothing && !sender.send(&group.events, &group.dead, &shutdown).await {
+            break; // shutting down: the group is re-read from the checkpoint
+        }
+        acked = Some(group.end);
+        // At most a couple of saves a second: a restart re-reads the rest,
+        // and the event ids make that harmless.
+        if last_save.elapsed() >= CHECKPOINT_EVERY {
+            save(&checkpoints, acked.take()).await;
+            last_save = tokio::time::Instant::now();
+        }
+    }
+    save(&checkpoints, acked).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backup_call_is_a_tenth_of_the_budget_within_bounds() {
+        for (rate, chunk) in [
+            (300, 30),
+            (5, 1),
+            (0, 1),
+            (-3, 1),
+            (100_000, 1000),
+            (10_000, 1000),
+        ] {
+            assert_eq!(backup_chunk(rate), chunk, "rate {rate}");
+        }
+    }
+}
