@@ -81,28 +81,41 @@ impl Layout {
     }
 }
 
-/// Hash keys whose TTL this process renewed lately, and when (seconds).
-/// Renewing one again within half the TTL only costs the KV store work: an
-/// EXPIRE per merchant per batch was as much as the writes themselves.
+/// Merchant hashes whose TTL this process renewed lately, and when (seconds),
+/// by window. Renewing one again within half the TTL only costs the KV store
+/// work: an EXPIRE per merchant per batch was as much as the writes themselves.
+/// Looked up by window, then merchant, before any key is built: this runs for
+/// every merchant of every batch.
 #[derive(Clone, Debug, Default)]
 pub struct Renewals {
-    at: HashMap<String, i64>,
+    at: HashMap<i64, HashMap<String, i64>>,
+    len: usize,
 }
 
 /// Keys remembered before old ones are forgotten.
 const RENEWALS_KEPT: usize = 200_000;
 
 impl Renewals {
-    /// Whether `key` needs its TTL renewed at `now_s`; if so it counts as renewed. Pure.
-    pub fn due(&mut self, key: &str, now_s: i64, ttl_seconds: i64) -> bool {
+    /// Whether the hash of `merchant` in `window` needs its TTL renewed at
+    /// `now_s`; if so it counts as renewed. Pure.
+    pub fn due(&mut self, window: i64, merchant: &str, now_s: i64, ttl_seconds: i64) -> bool {
         let fresh = ttl_seconds / 2;
-        if self.at.get(key).is_some_and(|t| now_s - t < fresh) {
+        if let Some(t) = self.at.get(&window).and_then(|m| m.get(merchant))
+            && now_s - t < fresh
+        {
             return false;
         }
-        if self.at.len() >= RENEWALS_KEPT {
-            self.at.retain(|_, t| now_s - *t < fresh);
+        if self.len >= RENEWALS_KEPT {
+            for merchants in self.at.values_mut() {
+                merchants.retain(|_, t| now_s - *t < fresh);
+            }
+            self.at.retain(|_, merchants| !merchants.is_empty());
+            self.len = self.at.values().map(HashMap::len).sum();
         }
-        self.at.insert(key.to_owned(), now_s);
+        let merchants = self.at.entry(window).or_default();
+        if merchants.insert(merchant.to_owned(), now_s).is_none() {
+            self.len += 1;
+        }
         true
     }
 }
@@ -153,7 +166,7 @@ impl KvStore {
                     hset.arg(&event.event_id).arg(event.encode_to_vec());
                 }
                 // A key recreated after a KV restart lacks a TTL only until its renewal is due again.
-                if renewals.due(&hash, now_s, self.ttl_seconds) {
+                if renewals.due(*window, merchant, now_s, self.ttl_seconds) {
                     pipe.cmd("EXPIRE").arg(&hash).arg(self.ttl_seconds).ignore();
                 }
                 windows.entry(*window).or_default().push(merchant);
@@ -282,16 +295,30 @@ mod tests {
     fn a_ttl_is_renewed_once_per_half_ttl_per_key() {
         let mut r = Renewals::default();
         let cases = [
-            ("a", 0, true),
-            ("a", 10, false),
-            ("b", 10, true),
-            ("a", 49, false),
-            ("a", 50, true),
-            ("a", 60, false),
+            (0, "a", 0, true),
+            (0, "a", 10, false),
+            (0, "b", 10, true),
+            (60, "a", 10, true),
+            (0, "a", 49, false),
+            (0, "a", 50, true),
+            (0, "a", 60, false),
+            (60, "a", 59, false),
         ];
-        for (key, now, want) in cases {
-            assert_eq!(r.due(key, now, 100), want, "{key} at {now}");
+        for (window, merchant, now, want) in cases {
+            assert_eq!(r.due(window, merchant, now, 100), want, "{merchant} of {window} at {now}");
         }
+    }
+
+    #[test]
+    fn a_full_renewal_memory_forgets_only_what_is_due_again() {
+        let mut r = Renewals::default();
+        for m in 0..RENEWALS_KEPT {
+            assert!(r.due(0, &format!("m{m}"), 0, 100));
+        }
+        assert!(r.due(60, "late", 60, 100), "new key at the bound");
+        assert_eq!(r.len, 1, "everything renewed at 0 is due again at 60 and forgotten");
+        assert!(!r.due(60, "late", 61, 100), "kept");
+        assert!(r.due(0, "m0", 61, 100), "forgotten, so due");
     }
 
     #[test]
