@@ -305,7 +305,11 @@ mod tests {
             (60, "a", 59, false),
         ];
         for (window, merchant, now, want) in cases {
-            assert_eq!(r.due(window, merchant, now, 100), want, "{merchant} of {window} at {now}");
+            assert_eq!(
+                r.due(window, merchant, now, 100),
+                want,
+                "{merchant} of {window} at {now}"
+            );
         }
     }
 
@@ -316,7 +320,10 @@ mod tests {
             assert!(r.due(0, &format!("m{m}"), 0, 100));
         }
         assert!(r.due(60, "late", 60, 100), "new key at the bound");
-        assert_eq!(r.len, 1, "everything renewed at 0 is due again at 60 and forgotten");
+        assert_eq!(
+            r.len, 1,
+            "everything renewed at 0 is due again at 60 and forgotten"
+        );
         assert!(!r.due(60, "late", 61, 100), "kept");
         assert!(r.due(0, "m0", 61, 100), "forgotten, so due");
     }
