@@ -9,6 +9,24 @@ const STREAM_WINDOW: u32 = 1 << 20;
 /// Flow-control window of one connection, shared by its concurrent calls.
 const CONNECTION_WINDOW: u32 = 4 << 20;
 
+/// Metadata key of a refusal over budget (RESOURCE_EXHAUSTED): milliseconds
+/// until the budget renews. A caller that waits that long, not less, does not
+/// re-offer the same events within the interval that refused them (which the
+/// backup intake would count as load and shed more merchants for).
+pub const RETRY_AFTER_MS: &str = "retry-after-ms";
+
+/// The wait a refusal asks for, if it carries one. Pure.
+pub fn retry_after(status: &tonic::Status) -> Option<std::time::Duration> {
+    let millis: u64 = status
+        .metadata()
+        .get(RETRY_AFTER_MS)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()?;
+    Some(std::time::Duration::from_millis(millis))
+}
+
 /// The server every role builds its gRPC service on.
 pub fn server() -> tonic::transport::Server {
     tonic::transport::Server::builder()
@@ -29,4 +47,21 @@ pub fn incoming(
         });
         Some((accepted, listener))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_carries_its_retry_delay_or_none() {
+        let mut status = tonic::Status::resource_exhausted("over budget");
+        assert_eq!(retry_after(&status), None);
+        status.metadata_mut().insert(RETRY_AFTER_MS, 250_i64.into());
+        assert_eq!(retry_after(&status), Some(std::time::Duration::from_millis(250)));
+        status
+            .metadata_mut()
+            .insert(RETRY_AFTER_MS, "soon".parse().expect("ascii"));
+        assert_eq!(retry_after(&status), None, "an unreadable value is ignored");
+    }
 }

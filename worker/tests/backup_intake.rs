@@ -92,6 +92,10 @@ async fn backup_intake_at_three_times_its_budget_sheds_whole_merchants_only() ->
                     pending.clear();
                 }
                 Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                    // The refusal says when the budget renews (a collector waits that long).
+                    let wait = ballast_worker::grpc::retry_after(&status)
+                        .ok_or_else(|| anyhow::anyhow!("a refusal without a retry delay: {status}"))?;
+                    anyhow::ensure!(wait <= Duration::from_secs(1), "retry after {wait:?}");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 Err(status) => anyhow::bail!("ingest failed: {status}"),

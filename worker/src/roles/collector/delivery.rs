@@ -43,6 +43,16 @@ pub(super) struct Sender {
     pub(super) backup_chunk: usize,
 }
 
+/// A failed delivery: events of the group acknowledged before it, why, and
+/// the wait the backup intake asked for.
+type Refused = (usize, String, Option<Duration>);
+
+/// Wait before retrying the backup intake when it named none.
+const BACKUP_RETRY: Duration = Duration::from_millis(200);
+/// Bounds on the wait a refusal asks for.
+const MIN_RETRY: Duration = Duration::from_millis(10);
+const MAX_RETRY: Duration = Duration::from_secs(1);
+
 /// How often a collector on the backup intake checks whether Kafka answers again.
 const KAFKA_RECHECK: Duration = Duration::from_secs(3);
 
@@ -61,7 +71,7 @@ impl Sender {
             self.follow_mode().await;
             let rest = &events[sent..];
             let result = match self.path {
-                Path::Kafka => self.produce(rest).await.map_err(|error| (0, error)),
+                Path::Kafka => self.produce(rest).await.map_err(|error| (0, error, None)),
                 Path::Backup => self.ingest(rest).await,
             };
             match result {
@@ -69,7 +79,7 @@ impl Sender {
                     self.dead_letters(dead).await;
                     return true;
                 }
-                Err((acknowledged, error)) if self.path == Path::Kafka => {
+                Err((acknowledged, error, _)) if self.path == Path::Kafka => {
                     sent += acknowledged;
                     failures += 1;
                     tracing::warn!(%error, failures, "producing to Kafka failed");
@@ -77,10 +87,11 @@ impl Sender {
                         self.switch(Path::Backup, "Kafka refused the batch after the policy's retries");
                     }
                 }
-                Err((acknowledged, error)) => {
+                Err((acknowledged, error, retry_after)) => {
                     sent += acknowledged;
                     tracing::warn!(%error, "backup intake refused the batch; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let wait = retry_after.unwrap_or(BACKUP_RETRY).clamp(MIN_RETRY, MAX_RETRY);
+                    tokio::time::sleep(wait).await;
                 }
             }
         }
@@ -156,31 +167,35 @@ impl Sender {
     }
 
     /// Sends `events` to the backup intake in calls of at most `backup_chunk`
-    /// events, in order. On a refusal, how many were acknowledged before it.
-    async fn ingest(&mut self, events: &[ChangeEvent]) -> Result<(), (usize, String)> {
+    /// events, in order. On a refusal: how many were acknowledged before it,
+    /// why, and how long the intake asked to wait.
+    async fn ingest(&mut self, events: &[ChangeEvent]) -> Result<(), Refused> {
         let mut acknowledged = 0;
         for chunk in events.chunks(self.backup_chunk) {
             self.ingest_call(chunk)
                 .await
-                .map_err(|error| (acknowledged, error))?;
+                .map_err(|(error, retry_after)| (acknowledged, error, retry_after))?;
             acknowledged += chunk.len();
         }
         Ok(())
     }
 
-    async fn ingest_call(&mut self, events: &[ChangeEvent]) -> Result<(), String> {
+    async fn ingest_call(&mut self, events: &[ChangeEvent]) -> Result<(), (String, Option<Duration>)> {
         let intakes = self.intakes.borrow().clone();
         let (_, address) = intakes
             .iter()
             .next()
-            .ok_or("no backup intake in the membership")?;
+            .ok_or(("no backup intake in the membership".to_owned(), None))?;
         if !self.clients.contains_key(address) {
             let client = IntakeClient::connect(format!("http://{address}"))
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| (e.to_string(), None))?;
             self.clients.insert(address.clone(), client);
         }
-        let client = self.clients.get_mut(address).ok_or("client vanished")?;
+        let client = self
+            .clients
+            .get_mut(address)
+            .ok_or(("client vanished".to_owned(), None))?;
         match client
             .ingest(EventBatch {
                 events: events.to_vec(),
@@ -200,7 +215,7 @@ impl Sender {
                 if status.code() != tonic::Code::ResourceExhausted {
                     self.clients.remove(address);
                 }
-                Err(status.to_string())
+                Err((status.to_string(), crate::grpc::retry_after(&status)))
             }
         }
     }

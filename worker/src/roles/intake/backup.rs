@@ -61,7 +61,11 @@ impl Intake for Backup {
         };
         let admitted = admitted.map_err(|over| {
             self.metrics.refused.inc();
-            Status::resource_exhausted(over.to_string())
+            let mut status = Status::resource_exhausted(over.to_string());
+            status
+                .metadata_mut()
+                .insert(crate::grpc::RETRY_AFTER_MS, over.retry_after_ms.into());
+            status
         })?;
         self.metrics.shed_events.inc_by(u64::from(admitted.shed));
         let stored = Sink::store_shared(&self.sink, &admitted.keep)
