@@ -36,10 +36,29 @@ fn rate(n: usize, elapsed: Duration) -> f64 {
     n as f64 / elapsed.as_secs_f64()
 }
 
-fn line(label: &str, ours: f64, baseline: f64) {
+/// Runs of each measurement: the machine is noisy, so medians are reported.
+const RUNS: usize = 3;
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn range(values: &[f64]) -> String {
+    let low = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let high = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{low:.0}-{high:.0}")
+}
+
+/// One result line: medians of `ours` and `baseline` (events/s), their ratio, and the ranges.
+fn line(label: &str, ours: &[f64], baseline: &[f64]) {
+    let (o, b) = (median(ours), median(baseline));
     println!(
-        "{label:<46} {ours:>10.0} events/s   baseline {baseline:>10.0}/s   ratio {:.2}",
-        ours / baseline
+        "{label:<46} {o:>10.0} events/s   baseline {b:>10.0}/s   ratio {:.2}   (ranges {} / {})",
+        o / b,
+        range(ours),
+        range(baseline)
     );
 }
 
@@ -316,20 +335,27 @@ async fn main() -> anyhow::Result<()> {
     verify_kv(&mut kv, now, ROWS).await?;
     remove_keys(&stack, &pipeline).await?;
 
-    collector.signal("-STOP")?;
-    let now = Timestamp::now().as_millisecond();
-    let inserting = Instant::now();
-    insert_orders(&mut db).await?;
-    let inserted_paused = inserting.elapsed();
-    let started = Instant::now();
-    collector.signal("-CONT")?;
-    wait_for_stored(intake_port, 2 * ROWS).await?;
-    let catch_up = started.elapsed();
-    verify_kv(&mut kv, now, ROWS).await?;
-    remove_keys(&stack, &pipeline).await?;
+    let mut catch_up = Vec::new();
+    let mut inserted_paused = Duration::ZERO;
+    for run in 0..RUNS {
+        collector.signal("-STOP")?;
+        let now = Timestamp::now().as_millisecond();
+        let inserting = Instant::now();
+        insert_orders(&mut db).await?;
+        inserted_paused = inserting.elapsed();
+        let started = Instant::now();
+        collector.signal("-CONT")?;
+        wait_for_stored(intake_port, (run + 2) * ROWS).await?;
+        catch_up.push(rate(ROWS, started.elapsed()));
+        verify_kv(&mut kv, now, ROWS).await?;
+        remove_keys(&stack, &pipeline).await?;
+    }
 
-    let perf = kafka_perf_tool(&bootstrap, &format!("{pipeline}-perf"))?;
-    println!("ingestion on loopback, {ROWS} events, batches of {BATCH}:");
+    let mut perf = Vec::new();
+    for _ in 0..RUNS {
+        perf.push(kafka_perf_tool(&bootstrap, &format!("{pipeline}-perf"))?);
+    }
+    println!("ingestion on loopback, {ROWS} events, batches of {BATCH}, medians of {RUNS} runs:");
     println!(
         "  (inserting the rows into MariaDB took {:.2} s of the live run; {:.2} s while the collector was paused)",
         inserted.as_secs_f64(),
@@ -337,13 +363,13 @@ async fn main() -> anyhow::Result<()> {
     );
     line(
         "(a) collector -> Kafka -> intake -> KV, live",
-        rate(ROWS, live),
-        perf,
+        &[rate(ROWS, live)],
+        &perf,
     );
     line(
         "(a) collector -> Kafka -> intake -> KV, catch-up",
-        rate(ROWS, catch_up),
-        perf,
+        &catch_up,
+        &perf,
     );
 
     // (b) backup intake ingest vs a bare tonic echo.
@@ -358,21 +384,25 @@ async fn main() -> anyhow::Result<()> {
         .iter()
         .next()
         .ok_or_else(|| anyhow::anyhow!("no intake"))?;
-    let ours = ingest_all(intake_addr, "b").await?;
-    let baseline = ingest_all(&echo_addr, "echo").await?;
-    line(
-        "(b) backup intake gRPC ingest (to KV)",
-        rate(ROWS, ours),
-        rate(ROWS, baseline),
-    );
-    // Not a target: the KV store's own ceiling for these writes (the same
-    // batches, STREAMS writers, straight from this process, no gRPC), which
-    // bounds (b) whatever the intake does.
-    let kv_only = write_kv_directly(&kv, "kv-only").await?;
+    let (mut ours, mut echoed, mut kv_only) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..RUNS {
+        ours.push(rate(ROWS, ingest_all(intake_addr, &format!("b{run}")).await?));
+        echoed.push(rate(ROWS, ingest_all(&echo_addr, &format!("echo{run}")).await?));
+        // Not a target: the KV store's own ceiling for these writes (the same
+        // batches, STREAMS writers, straight from this process, no gRPC),
+        // which bounds (b) whatever the intake does.
+        kv_only.push(rate(
+            ROWS,
+            write_kv_directly(&kv, &format!("kv-only{run}")).await?,
+        ));
+        remove_keys(&stack, &pipeline).await?;
+    }
+    line("(b) backup intake gRPC ingest (to KV)", &ours, &echoed);
     println!(
-        "  (the same batches written straight to the KV Redis: {:.0} events/s, {:.2} of the echo)",
-        rate(ROWS, kv_only),
-        baseline.as_secs_f64() / kv_only.as_secs_f64()
+        "  (the same batches written straight to the KV Redis: {:.0} events/s, {:.2} of the echo; ours is {:.2} of it)",
+        median(&kv_only),
+        median(&kv_only) / median(&echoed),
+        median(&ours) / median(&kv_only)
     );
 
     // (c) intake -> slave hash distribution vs the same batches to one slave.
@@ -395,12 +425,6 @@ async fn main() -> anyhow::Result<()> {
     sink.store(&events("c-warm", BATCH))
         .await
         .map_err(anyhow::Error::msg)?;
-    let all = events("c", ROWS);
-    let started = Instant::now();
-    for chunk in all.chunks(BATCH) {
-        sink.store(chunk).await.map_err(anyhow::Error::msg)?;
-    }
-    let distributed = started.elapsed();
     let (_, one) = slaves.iter().next().ok_or_else(|| anyhow::anyhow!("no slave"))?;
     let mut direct = SlaveClient::connect(format!("http://{one}")).await?;
     direct
@@ -409,21 +433,27 @@ async fn main() -> anyhow::Result<()> {
             epoch: 1,
         })
         .await?;
-    let all = events("direct", ROWS);
-    let started = Instant::now();
-    for chunk in all.chunks(BATCH) {
-        direct
-            .deliver(EventBatch {
-                events: chunk.to_vec(),
-                epoch: 1,
-            })
-            .await?;
+    let (mut distributed, mut single) = (Vec::new(), Vec::new());
+    for run in 0..RUNS {
+        let all = events(&format!("c{run}"), ROWS);
+        let started = Instant::now();
+        for chunk in all.chunks(BATCH) {
+            sink.store(chunk).await.map_err(anyhow::Error::msg)?;
+        }
+        distributed.push(rate(ROWS, started.elapsed()));
+        let all = events(&format!("direct{run}"), ROWS);
+        let started = Instant::now();
+        for chunk in all.chunks(BATCH) {
+            direct
+                .deliver(EventBatch {
+                    events: chunk.to_vec(),
+                    epoch: 1,
+                })
+                .await?;
+        }
+        single.push(rate(ROWS, started.elapsed()));
     }
-    line(
-        "(c) intake -> 3 slaves, hash-distributed",
-        rate(ROWS, distributed),
-        rate(ROWS, started.elapsed()),
-    );
+    line("(c) intake -> 3 slaves, hash-distributed", &distributed, &single);
     drop(mode_tx);
     Api::<k8s_openapi::api::core::v1::Namespace>::all(client)
         .delete(&ns, &Default::default())
