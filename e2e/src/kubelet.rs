@@ -182,9 +182,7 @@ fn reap(running: &mut BTreeMap<String, Child>) {
 
 /// SIGTERM, as the kubelet sends, so that the worker drains; reaped in the background.
 fn terminate(mut child: Child) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
+    let _ = crate::signal(child.id(), "-TERM");
     std::thread::spawn(move || {
         for _ in 0..100 {
             if matches!(child.try_wait(), Ok(Some(_))) {

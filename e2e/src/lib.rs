@@ -427,19 +427,21 @@ impl Stack {
 pub struct KillOnDrop(pub std::process::Child);
 
 impl KillOnDrop {
-    /// Sends `signal` (as `kill` spells it: `-STOP`, `-CONT`, `-KILL`) to the process.
+    /// Sends `signal` to the process (see [`signal`]).
     pub fn signal(&self, signal: &str) -> std::io::Result<()> {
-        let status = std::process::Command::new("kill")
-            .args([signal, &self.0.id().to_string()])
-            .status()?;
-        if status.success() {
-            Ok(())
-        } else {
-            Err(std::io::Error::other(format!(
-                "kill {signal} {} failed",
-                self.0.id()
-            )))
-        }
+        crate::signal(self.0.id(), signal)
+    }
+}
+
+/// Sends `signal` (as `kill` spells it: `-TERM`, `-STOP`, `-CONT`, `-KILL`) to process `pid`.
+pub fn signal(pid: u32, signal: &str) -> std::io::Result<()> {
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!("kill {signal} {pid} failed")))
     }
 }
 

@@ -150,12 +150,7 @@ async fn ingest_all(address: &str, tag: &str) -> anyhow::Result<Duration> {
     let batches: Vec<&[ChangeEvent]> = all.chunks(BATCH).collect();
     let started = Instant::now();
     let streams = clients.into_iter().enumerate().map(|(i, mut client)| {
-        let mine: Vec<Vec<ChangeEvent>> = batches
-            .iter()
-            .skip(i)
-            .step_by(STREAMS)
-            .map(|b| b.to_vec())
-            .collect();
+        let mine: Vec<Vec<ChangeEvent>> = share(&batches, i).into_iter().map(<[_]>::to_vec).collect();
         async move {
             for events in mine {
                 client.ingest(EventBatch { events, epoch: 0 }).await?;
@@ -169,6 +164,11 @@ async fn ingest_all(address: &str, tag: &str) -> anyhow::Result<Duration> {
     Ok(started.elapsed())
 }
 
+/// The batches stream `i` of `STREAMS` sends, in order: every `STREAMS`-th from the `i`-th.
+fn share<'a>(batches: &[&'a [ChangeEvent]], i: usize) -> Vec<&'a [ChangeEvent]> {
+    batches.iter().skip(i).step_by(STREAMS).copied().collect()
+}
+
 /// Writes `ROWS` events to the KV store in `BATCH`es from `STREAMS` concurrent writers.
 async fn write_kv_directly(kv: &KvStore, tag: &str) -> anyhow::Result<Duration> {
     let all = events(tag, ROWS);
@@ -176,7 +176,7 @@ async fn write_kv_directly(kv: &KvStore, tag: &str) -> anyhow::Result<Duration> 
     let started = Instant::now();
     let writers = (0..STREAMS).map(|i| {
         let mut kv = kv.clone();
-        let mine: Vec<&[ChangeEvent]> = batches.iter().skip(i).step_by(STREAMS).copied().collect();
+        let mine = share(&batches, i);
         async move {
             for batch in mine {
                 kv.write(batch).await?;

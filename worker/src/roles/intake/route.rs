@@ -26,15 +26,24 @@ pub enum Route {
     },
 }
 
+/// Whether a published KV mode routes to the KV store (Normal and
+/// Recovering) rather than to the slaves (Degraded).
+pub fn to_kv(kv_mode: Mode) -> bool {
+    match kv_mode {
+        Mode::Degraded => false,
+        Mode::Normal | Mode::Recovering => true,
+    }
+}
+
 /// The route for a published KV mode and the current membership.
 pub fn route(kv_mode: Mode, epoch: i64, slaves: &Slaves) -> Route {
-    match kv_mode {
-        Mode::Degraded => Route::Slaves {
-            ring: Ring::new(slaves.keys().cloned()),
-            addresses: slaves.clone(),
-            epoch,
-        },
-        Mode::Normal | Mode::Recovering => Route::Kv,
+    if to_kv(kv_mode) {
+        return Route::Kv;
+    }
+    Route::Slaves {
+        ring: Ring::new(slaves.keys().cloned()),
+        addresses: slaves.clone(),
+        epoch,
     }
 }
 

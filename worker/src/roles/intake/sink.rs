@@ -76,10 +76,10 @@ impl Sink {
 
     /// The KV store, when it is the current route: writers may then store
     /// concurrently on their own clone instead of queueing behind this sink.
-    pub fn kv_route(&mut self) -> Option<KvStore> {
-        let (kv_mode, epoch) = self.mode.borrow().get(Dependency::Kv);
-        let current = route::route(kv_mode, epoch, &self.slaves.borrow());
-        matches!(current, Route::Kv).then(|| {
+    fn kv_route(&mut self) -> Option<KvStore> {
+        let (kv_mode, _) = self.mode.borrow().get(Dependency::Kv);
+        route::to_kv(kv_mode).then(|| {
+            // Back on the KV store: what the slaves held is no longer the only copy to track.
             self.held.clear();
             self.kv.clone()
         })
@@ -94,13 +94,7 @@ impl Sink {
     ) -> Result<Stored, String> {
         let kv = sink.lock().await.kv_route();
         match kv {
-            Some(mut kv) => {
-                let written = kv.write(events).await.map_err(|e| e.to_string())?;
-                Ok(Stored::Kv {
-                    new: written.new,
-                    duplicates: written.duplicates,
-                })
-            }
+            Some(mut kv) => write_kv(&mut kv, events).await,
             None => sink.lock().await.store(events).await,
         }
     }
@@ -128,11 +122,7 @@ impl Sink {
             Route::Kv => {
                 // Back on the KV store: what the slaves held is no longer the only copy to track.
                 self.held.clear();
-                let written = self.kv.write(events).await.map_err(|e| e.to_string())?;
-                Ok(Stored::Kv {
-                    new: written.new,
-                    duplicates: written.duplicates,
-                })
+                write_kv(&mut self.kv, events).await
             }
             Route::Slaves {
                 ring,
@@ -174,6 +164,15 @@ impl Sink {
         }
         lost
     }
+}
+
+/// Writes a batch to the KV store.
+async fn write_kv(kv: &mut KvStore, events: &[ChangeEvent]) -> Result<Stored, String> {
+    let written = kv.write(events).await.map_err(|e| e.to_string())?;
+    Ok(Stored::Kv {
+        new: written.new,
+        duplicates: written.duplicates,
+    })
 }
 
 /// Sends each event to the slave owning its merchant; returns how many were accepted.
