@@ -8,7 +8,10 @@
 //!   events in the window, so "all events of window W" is one `SMEMBERS` and a
 //!   pipelined `HGETALL` per merchant.
 //!
-//! Every key expires after the retention, renewed by each write.
+//! Every key expires after the retention, renewed by the writes. A writer
+//! skips renewing a key it renewed lately over the same connection; after a
+//! reconnect (the store may have restarted and lost every key and TTL) it
+//! renews each key again at its next write.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -81,15 +84,28 @@ impl Layout {
     }
 }
 
-/// Merchant hashes whose TTL this process renewed lately, and when (seconds),
-/// by window. Renewing one again within half the TTL only costs the KV store
-/// work: an EXPIRE per merchant per batch was as much as the writes themselves.
-/// Looked up by window, then merchant, before any key is built: this runs for
-/// every merchant of every batch.
+/// Merchant hashes whose TTL this process renewed lately, when (seconds) and
+/// over which connection, by window. Renewing one again within half the TTL
+/// only costs the KV store work: an EXPIRE per merchant per batch was as much
+/// as the writes themselves. Looked up by window, then merchant, before any
+/// key is built: this runs for every merchant of every batch.
+///
+/// A connection is named by its Redis client id. A renewal made over another
+/// connection than the current one proves nothing: the store may have
+/// restarted in between, without persistence, and recreated the key bare.
 #[derive(Clone, Debug, Default)]
 pub struct Renewals {
-    at: HashMap<i64, HashMap<String, i64>>,
+    at: HashMap<i64, HashMap<String, Renewed>>,
     len: usize,
+    /// The client id of the connection the last write went over.
+    connection: i64,
+}
+
+/// When a key's TTL was renewed, and over which connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Renewed {
+    at_s: i64,
+    connection: i64,
 }
 
 /// Keys remembered before old ones are forgotten.
@@ -98,26 +114,50 @@ const RENEWALS_KEPT: usize = 200_000;
 impl Renewals {
     /// Whether the hash of `merchant` in `window` needs its TTL renewed at
     /// `now_s`; if so it counts as renewed. Pure.
-    pub fn due(&mut self, window: i64, merchant: &str, now_s: i64, ttl_seconds: i64) -> bool {
+    /// `Skip` carries the connection the last renewal went over, for
+    /// [`Renewals::stale`] once the write's own connection is known.
+    pub fn due(&mut self, window: i64, merchant: &str, now_s: i64, ttl_seconds: i64) -> Due {
         let fresh = ttl_seconds / 2;
-        if let Some(t) = self.at.get(&window).and_then(|m| m.get(merchant))
-            && now_s - t < fresh
+        if let Some(r) = self.at.get(&window).and_then(|m| m.get(merchant))
+            && now_s - r.at_s < fresh
+            && r.connection == self.connection
         {
-            return false;
+            return Due::Skip(r.connection);
         }
         if self.len >= RENEWALS_KEPT {
             for merchants in self.at.values_mut() {
-                merchants.retain(|_, t| now_s - *t < fresh);
+                merchants.retain(|_, r| now_s - r.at_s < fresh);
             }
             self.at.retain(|_, merchants| !merchants.is_empty());
             self.len = self.at.values().map(HashMap::len).sum();
         }
+        let renewed = Renewed {
+            at_s: now_s,
+            connection: self.connection,
+        };
         let merchants = self.at.entry(window).or_default();
-        if merchants.insert(merchant.to_owned(), now_s).is_none() {
+        if merchants.insert(merchant.to_owned(), renewed).is_none() {
             self.len += 1;
         }
-        true
+        Due::Renew
     }
+
+    /// Records that a write went over `connection`, and whether a key it
+    /// skipped (as renewed over `skipped_over`) must be renewed after all:
+    /// when the connection changed in between. Pure.
+    pub fn stale(&mut self, connection: i64, skipped_over: i64) -> bool {
+        self.connection = connection;
+        skipped_over != connection
+    }
+}
+
+/// Whether a write renews a key's TTL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Due {
+    /// Renew it (and it now counts as renewed).
+    Renew,
+    /// It was renewed lately over this connection (a Redis client id).
+    Skip(i64),
 }
 
 /// Reads and writes events in the KV store.
@@ -155,7 +195,11 @@ impl KvStore {
                 .push(event);
         }
         let mut windows: BTreeMap<i64, Vec<&str>> = BTreeMap::new();
+        // Keys whose renewal was skipped, with the connection it went over.
+        let mut skipped: Vec<(i64, &str, i64)> = Vec::new();
         let mut pipe = redis::pipe();
+        // Which connection this write goes over: answered in order with the writes.
+        pipe.cmd("CLIENT").arg("ID");
         let now_s = k8s_openapi::jiff::Timestamp::now().as_second();
         {
             let mut renewals = self.renewals.lock().unwrap_or_else(PoisonError::into_inner);
@@ -165,9 +209,11 @@ impl KvStore {
                 for event in group {
                     hset.arg(&event.event_id).arg(event.encode_to_vec());
                 }
-                // A key recreated after a KV restart lacks a TTL only until its renewal is due again.
-                if renewals.due(*window, merchant, now_s, self.ttl_seconds) {
-                    pipe.cmd("EXPIRE").arg(&hash).arg(self.ttl_seconds).ignore();
+                match renewals.due(*window, merchant, now_s, self.ttl_seconds) {
+                    Due::Renew => {
+                        pipe.cmd("EXPIRE").arg(&hash).arg(self.ttl_seconds).ignore();
+                    }
+                    Due::Skip(connection) => skipped.push((*window, merchant, connection)),
                 }
                 windows.entry(*window).or_default().push(merchant);
             }
@@ -177,12 +223,48 @@ impl KvStore {
             pipe.cmd("SADD").arg(&set).arg(merchants).ignore();
             pipe.cmd("EXPIRE").arg(&set).arg(self.ttl_seconds).ignore();
         }
-        let added: Vec<u64> = pipe.query_async(&mut self.conn).await?;
-        let new: u64 = added.iter().sum();
+        let replies: Vec<i64> = pipe.query_async(&mut self.conn).await?;
+        let (connection, added) = replies.split_first().map_or((0, &[][..]), |(c, a)| (*c, a));
+        self.renew_skipped_after_reconnect(connection, &skipped, now_s)
+            .await?;
+        let new = added.iter().map(|n| n.unsigned_abs()).sum::<u64>();
         Ok(Written {
             new,
             duplicates: events.len() as u64 - new,
         })
+    }
+
+    /// Renews the TTL of the keys `write` skipped as renewed lately, if that was
+    /// over another connection than the write's own: the store may have
+    /// restarted in between and lost them.
+    async fn renew_skipped_after_reconnect(
+        &mut self,
+        connection: i64,
+        skipped: &[(i64, &str, i64)],
+        now_s: i64,
+    ) -> Result<(), KvError> {
+        let mut pipe = redis::pipe();
+        let mut stale = 0_usize;
+        {
+            let mut renewals = self.renewals.lock().unwrap_or_else(PoisonError::into_inner);
+            for (window, merchant, over) in skipped {
+                if renewals.stale(connection, *over) {
+                    renewals.due(*window, merchant, now_s, self.ttl_seconds);
+                    pipe.cmd("EXPIRE")
+                        .arg(self.layout.merchant_key(*window, merchant))
+                        .arg(self.ttl_seconds)
+                        .ignore();
+                    stale += 1;
+                }
+            }
+            // Also when nothing was skipped: later writes compare against it.
+            renewals.stale(connection, connection);
+        }
+        if stale > 0 {
+            tracing::info!(stale, "renewing TTLs last renewed over an earlier KV connection");
+            pipe.query_async::<()>(&mut self.conn).await?;
+        }
+        Ok(())
     }
 
     /// One merchant's events of one window, in event-id order.
@@ -306,7 +388,7 @@ mod tests {
         ];
         for (window, merchant, now, want) in cases {
             assert_eq!(
-                r.due(window, merchant, now, 100),
+                r.due(window, merchant, now, 100) == Due::Renew,
                 want,
                 "{merchant} of {window} at {now}"
             );
@@ -314,18 +396,33 @@ mod tests {
     }
 
     #[test]
+    fn a_renewal_over_an_earlier_connection_is_renewed_again() {
+        let mut r = Renewals::default();
+        assert!(!r.stale(7, 7), "the first write learns its connection");
+        assert_eq!(r.due(0, "a", 0, 100), Due::Renew);
+        assert_eq!(r.due(0, "a", 1, 100), Due::Skip(7));
+        // The next write went over connection 8 (a reconnect, maybe to a
+        // restarted store): what it skipped is stale and renewed...
+        assert!(r.stale(8, 7));
+        assert_eq!(r.due(0, "a", 2, 100), Due::Renew);
+        // ...and skipped again only over the same connection.
+        assert_eq!(r.due(0, "a", 3, 100), Due::Skip(8));
+        assert!(!r.stale(8, 8));
+    }
+
+    #[test]
     fn a_full_renewal_memory_forgets_only_what_is_due_again() {
         let mut r = Renewals::default();
         for m in 0..RENEWALS_KEPT {
-            assert!(r.due(0, &format!("m{m}"), 0, 100));
+            assert_eq!(r.due(0, &format!("m{m}"), 0, 100), Due::Renew);
         }
-        assert!(r.due(60, "late", 60, 100), "new key at the bound");
+        assert_eq!(r.due(60, "late", 60, 100), Due::Renew, "new key at the bound");
         assert_eq!(
             r.len, 1,
             "everything renewed at 0 is due again at 60 and forgotten"
         );
-        assert!(!r.due(60, "late", 61, 100), "kept");
-        assert!(r.due(0, "m0", 61, 100), "forgotten, so due");
+        assert_eq!(r.due(60, "late", 61, 100), Due::Skip(0), "kept");
+        assert_eq!(r.due(0, "m0", 61, 100), Due::Renew, "forgotten, so due");
     }
 
     #[test]
