@@ -190,6 +190,7 @@ pub fn follow_refreshable(
     let (served_tx, served) = watch::channel(0_u64);
     let api: Api<Lease> = Api::namespaced(client, namespace);
     let selector = kube::api::ListParams::default().labels(&selector(pipeline, role));
+    let role = role.to_owned();
     tokio::spawn(async move {
         let mut askers = true;
         loop {
@@ -198,7 +199,15 @@ pub fn follow_refreshable(
             match api.list(&selector).await {
                 Ok(list) => {
                     let members = ready_members(&list.items, Timestamp::now());
-                    tx.send_if_modified(|current| std::mem::replace(current, members.clone()) != members);
+                    tx.send_if_modified(|current| {
+                        let changed = *current != members;
+                        if changed {
+                            let names: Vec<&str> = members.keys().map(String::as_str).collect();
+                            tracing::info!(%role, members = %names.join(","), "membership changed");
+                            *current = members;
+                        }
+                        changed
+                    });
                     // After the members: whoever sees this number reads this listing or a later one.
                     served_tx.send_replace(serving);
                 }

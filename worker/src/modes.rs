@@ -40,7 +40,19 @@ impl Modes {
     }
 }
 
-/// Watches `pipeline` in `namespace` until `shutdown`; the receiver holds its latest modes.
+/// `kv=Degraded@3 mq=Normal@0`: each published mode with its epoch.
+impl std::fmt::Display for Modes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (dependency, mode, epoch)) in self.0.iter().enumerate() {
+            let sep = if i == 0 { "" } else { " " };
+            write!(f, "{sep}{}={mode:?}@{epoch}", dependency.as_str())?;
+        }
+        Ok(())
+    }
+}
+
+/// Watches `pipeline` in `namespace` until `shutdown`; the receiver holds its
+/// latest modes. Each change is logged: it is when this worker switches paths.
 pub fn follow(
     client: kube::Client,
     namespace: &str,
@@ -59,7 +71,12 @@ pub fn follow(
                     Ok(Some(ap)) => {
                         tx.send_if_modified(|current| {
                             let modes = Modes::of(&ap);
-                            std::mem::replace(current, modes.clone()) != modes
+                            let changed = *current != modes;
+                            if changed {
+                                tracing::info!(%modes, "following the published modes");
+                                *current = modes;
+                            }
+                            changed
                         });
                     }
                     Ok(None) => return,
@@ -69,4 +86,19 @@ pub fn follow(
         }
     });
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_display_as_dependency_mode_and_epoch() {
+        let modes =
+            Modes::default()
+                .with(Dependency::Kv, Mode::Degraded, 3)
+                .with(Dependency::Mq, Mode::Normal, 0);
+        assert_eq!(modes.to_string(), "kv=Degraded@3 mq=Normal@0");
+        assert_eq!(Modes::default().to_string(), "");
+    }
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use ballast_crds::AnalyticsPipeline;
 use ballast_e2e::Stack;
+use ballast_e2e::scenario::until_logged;
 use ballast_worker::kv::{KvStore, Layout};
 use ballast_worker::routing::Ring;
 use ballast_worker::wire::slave_client::SlaveClient;
@@ -68,6 +69,7 @@ async fn intake_stores_each_event_once_dead_letters_garbage_and_follows_the_kv_m
     let aps: Api<AnalyticsPipeline> = Api::namespaced(client.clone(), &ns);
     let worker = std::path::Path::new(env!("CARGO_BIN_EXE_ballast-worker"));
     let spawn = |role: &str, pod: &str| stack.worker(worker, role, &ns, &pipeline, pod);
+    let intake_log = std::env::temp_dir().join(format!("ballast-{ns}-intake-0.log"));
 
     let bootstrap = stack.get("BALLAST_KAFKA_BOOTSTRAP")?;
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
@@ -181,7 +183,8 @@ async fn intake_stores_each_event_once_dead_letters_garbage_and_follows_the_kv_m
     let status = json!({"status": {"dependencies": {"kv": {"mode": "Degraded", "since": Timestamp::now().to_string(), "epoch": 1}}}});
     aps.patch_status(&pipeline, &PatchParams::default(), &Patch::Merge(&status))
         .await?;
-    tokio::time::sleep(Duration::from_secs(2)).await; // the intake's watch and membership refresh
+    // The intake follows the published mode (a watch), not this test's clock.
+    until_logged(&intake_log, "modes=kv=Degraded@1", 30).await?;
 
     let held = async |addresses: &BTreeMap<String, String>| -> anyhow::Result<BTreeMap<String, u64>> {
         let mut out = BTreeMap::new();
@@ -226,7 +229,7 @@ async fn intake_stores_each_event_once_dead_letters_garbage_and_follows_the_kv_m
     // A fourth slave joins: about a quarter of the merchants move, all to it.
     slaves.push(spawn("slave", "s-3")?);
     until("4 slaves joined", 30, async || Ok(members().await?.len() == 4)).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    until_logged(&intake_log, "members=s-0,s-1,s-2,s-3", 30).await?;
     let four = Ring::new(["s-0", "s-1", "s-2", "s-3"]);
     let moved = (0..100)
         .filter(|m| three.owner(&format!("m{m}")) != four.owner(&format!("m{m}")))
@@ -250,7 +253,7 @@ async fn intake_stores_each_event_once_dead_letters_garbage_and_follows_the_kv_m
     // held are reported lost in the intake's log (and metric), not hidden.
     slaves[0].signal("-TERM")?;
     until("s-0 left", 30, async || Ok(!members().await?.contains_key("s-0"))).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    until_logged(&intake_log, "members=s-1,s-2,s-3", 30).await?;
     let before = held(&members().await?).await?;
     produce(&producer, &topic, &batch("after-leave")).await?;
     let remaining = Ring::new(["s-1", "s-2", "s-3"]);
@@ -263,7 +266,7 @@ async fn intake_stores_each_event_once_dead_letters_garbage_and_follows_the_kv_m
         Ok(held(&addresses).await? == want)
     })
     .await?;
-    let log = std::fs::read_to_string(std::env::temp_dir().join(format!("ballast-{ns}-intake-0.log")))?;
+    let log = std::fs::read_to_string(&intake_log)?;
     assert!(
         log.contains("slave left while the KV store is down"),
         "the loss was not reported"
