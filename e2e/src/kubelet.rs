@@ -241,6 +241,12 @@ fn spawn(
         .env("RUST_LOG", "info")
         .envs(secret_env.iter().map(|(k, v)| (k, v)))
         .envs(settings.env.iter().map(|(k, v)| (k, v)));
+    // The pod's identity, as its mounted token would give it: the workers then
+    // have exactly the Role the operator granted their ServiceAccount.
+    if let Some(account) = template.spec.as_ref().and_then(|s| s.service_account_name.as_ref()) {
+        let user = format!("system:serviceaccount:{}:{account}", settings.namespace);
+        command.env("KUBE_RS_DEBUG_IMPERSONATE_USER", user);
+    }
     std::fs::create_dir_all(&settings.logs)?;
     // Appended, as a kubelet keeps a restarted container's previous log.
     let log = std::fs::OpenOptions::new()

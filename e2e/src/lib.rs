@@ -34,6 +34,14 @@ pub enum StackError {
     /// A CRD was not established in time.
     #[error("CRD {0} not established within 30 s")]
     CrdNotEstablished(String),
+    /// A shipped manifest cannot be read as Kubernetes objects.
+    #[error("manifest {path}: {message}")]
+    Manifest {
+        /// The manifest's path in the repository.
+        path: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
     /// The stack script failed.
     #[error("e2e/stack/stack.sh {command}: {message}")]
     Script {
@@ -122,6 +130,53 @@ pub async fn install_crds(client: &kube::Client) -> Result<(), StackError> {
             Ok(Ok(_)) => {}
             _ => return Err(StackError::CrdNotEstablished(name)),
         }
+    }
+    Ok(())
+}
+
+/// The operator's RBAC as shipped: what a deployment grants it.
+const OPERATOR_RBAC: (&str, &str) = (
+    "manifests/operator/rbac.yaml",
+    include_str!("../../manifests/operator/rbac.yaml"),
+);
+
+/// The user the scenarios run the operator as: the shipped ServiceAccount, so
+/// that a permission missing from its RBAC fails them as it would a deployment.
+pub const OPERATOR_USER: &str = "system:serviceaccount:ballast-system:ballast-operator";
+
+/// Applies the operator's shipped ServiceAccount, ClusterRole and binding
+/// (server-side, with their namespace), as a deployment would.
+pub async fn install_operator_rbac(client: &kube::Client) -> Result<(), StackError> {
+    apply_manifest(client, OPERATOR_RBAC).await
+}
+
+/// Server-side applies every object of a multi-document YAML manifest,
+/// creating the namespaces its namespaced objects name.
+async fn apply_manifest(client: &kube::Client, (path, text): (&'static str, &str)) -> Result<(), StackError> {
+    use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+    use serde::Deserialize as _;
+    let invalid = |message: String| StackError::Manifest { path, message };
+    let params = PatchParams::apply("ballast-e2e").force();
+    for document in serde_yaml::Deserializer::from_str(text) {
+        let object = DynamicObject::deserialize(document).map_err(|e| invalid(e.to_string()))?;
+        let types = object
+            .types
+            .clone()
+            .ok_or_else(|| invalid("an object without apiVersion and kind".into()))?;
+        let gvk = GroupVersionKind::try_from(&types).map_err(|e| invalid(e.to_string()))?;
+        let resource = ApiResource::from_gvk(&gvk);
+        let name = object.metadata.name.clone().unwrap_or_default();
+        let api: Api<DynamicObject> = match &object.metadata.namespace {
+            Some(ns) => {
+                let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+                let namespace =
+                    serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
+                namespaces.patch(ns, &params, &Patch::Apply(&namespace)).await?;
+                Api::namespaced_with(client.clone(), ns, &resource)
+            }
+            None => Api::all_with(client.clone(), &resource),
+        };
+        api.patch(&name, &params, &Patch::Apply(&object)).await?;
     }
     Ok(())
 }
@@ -397,7 +452,9 @@ impl Stack {
 impl Stack {
     /// Runs the `ballast-operator` at `binary` against this stack, its leader
     /// Lease in `ns`, on a free metrics port; its log goes to the temp directory.
-    pub fn operator(&self, binary: &std::path::Path, ns: &str) -> Result<KillOnDrop, StackError> {
+    /// It runs as its ServiceAccount ([`OPERATOR_USER`]) with the shipped RBAC.
+    pub async fn operator(&self, binary: &std::path::Path, ns: &str) -> Result<KillOnDrop, StackError> {
+        install_operator_rbac(&self.kube_client().await?).await?;
         let failed = |e: std::io::Error| StackError::Script {
             command: "ballast-operator".into(),
             message: e.to_string(),
@@ -414,6 +471,9 @@ impl Stack {
                 "10",
             ])
             .env("KUBECONFIG", self.get("KUBECONFIG")?)
+            // kube-rs honours this in `Client::try_default`: the admin
+            // kubeconfig then acts as the operator's ServiceAccount.
+            .env("KUBE_RS_DEBUG_IMPERSONATE_USER", OPERATOR_USER)
             .env("RUST_LOG", "info,ballast_operator=debug")
             .stdout(std::process::Stdio::from(log.try_clone().map_err(failed)?))
             .stderr(std::process::Stdio::from(log))
@@ -508,5 +568,24 @@ mod tests {
             .to_string();
         assert!(err.contains("BALLAST_TEST_SURELY_UNSET_KEY"), "{err}");
         assert!(err.contains("make stack-up"), "{err}");
+    }
+
+    /// The objects of a multi-document YAML manifest, comments dropped.
+    fn objects(text: &str) -> Vec<serde_yaml::Value> {
+        use serde::Deserialize as _;
+        serde_yaml::Deserializer::from_str(text)
+            .map(|d| serde_yaml::Value::deserialize(d).expect("valid YAML"))
+            .collect()
+    }
+
+    #[test]
+    fn the_chart_grants_the_operator_exactly_what_the_manifests_grant() {
+        // The scenarios run the operator with the manifests' RBAC; the chart
+        // must not drift from it.
+        let chart = include_str!("../../charts/ballast/templates/rbac.yaml")
+            .replace("{{ .Release.Namespace }}", "ballast-system");
+        let manifests = objects(OPERATOR_RBAC.1);
+        assert_eq!(manifests.len(), 3, "ServiceAccount, ClusterRole, binding");
+        assert_eq!(objects(&chart), manifests);
     }
 }

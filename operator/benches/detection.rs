@@ -110,6 +110,7 @@ async fn main() -> anyhow::Result<()> {
     let stack = Stack::discover();
     let client = stack.kube_client().await?;
     ballast_e2e::install_crds(&client).await?;
+    ballast_e2e::install_operator_rbac(&client).await?;
     let ns = ballast_e2e::pipeline_namespace(&client, "bench").await?;
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let aps: Api<AnalyticsPipeline> = Api::namespaced(client.clone(), &ns);
@@ -124,6 +125,7 @@ async fn main() -> anyhow::Result<()> {
         Command::new(env!("CARGO_BIN_EXE_ballast-operator"))
             .args(["--metrics-addr", "127.0.0.1:0", "--lease-namespace", &ns])
             .env("KUBECONFIG", stack.get("KUBECONFIG")?)
+            .env("KUBE_RS_DEBUG_IMPERSONATE_USER", ballast_e2e::OPERATOR_USER)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()?,

@@ -122,7 +122,7 @@ impl Running {
             .await?;
         let db = stack.source_orders().await?;
         let operator = Path::new(env!("CARGO_BIN_EXE_ballast-operator"));
-        let operator = stack.operator(operator, &ns)?;
+        let operator = stack.operator(operator, &ns).await?;
         let logs = std::env::temp_dir().join(format!("ballast-{ns}"));
         let env = [("BALLAST_WINDOW_GRACE", "1s"), ("BALLAST_LEASE", "5s")];
         let kubelet = Kubelet::start(

@@ -22,9 +22,9 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
-fn start_operator(ns: &str) -> anyhow::Result<KillOnDrop> {
+async fn start_operator(ns: &str) -> anyhow::Result<KillOnDrop> {
     let binary = std::path::Path::new(env!("CARGO_BIN_EXE_ballast-operator"));
-    Ok(Stack::discover().operator(binary, ns)?)
+    Ok(Stack::discover().operator(binary, ns).await?)
 }
 
 fn policy() -> serde_json::Value {
@@ -68,7 +68,7 @@ async fn operator_reconciles_and_switches_modes_against_real_servers() -> anyhow
 
     let ns = ballast_e2e::pipeline_namespace(&client, "failover").await?;
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    let _operator = start_operator(&ns)?;
+    let _operator = start_operator(&ns).await?;
 
     let aps: Api<AnalyticsPipeline> = Api::namespaced(client.clone(), &ns);
     let dps: Api<DegradationPolicy> = Api::namespaced(client.clone(), &ns);

@@ -146,7 +146,7 @@ async fn run() -> anyhow::Result<String> {
     let _restore = scenario::RestoreStack;
 
     println!("Starting the operator and the workers (namespace {ns})...");
-    let operator = stack.operator(&operator_bin, &ns)?;
+    let operator = stack.operator(&operator_bin, &ns).await?;
     let logs = std::env::temp_dir().join(format!("ballast-{ns}"));
     let kubelet = Kubelet::start(
         client.clone(),
