@@ -243,7 +243,11 @@ fn spawn(
         .envs(settings.env.iter().map(|(k, v)| (k, v)));
     // The pod's identity, as its mounted token would give it: the workers then
     // have exactly the Role the operator granted their ServiceAccount.
-    if let Some(account) = template.spec.as_ref().and_then(|s| s.service_account_name.as_ref()) {
+    if let Some(account) = template
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.as_ref())
+    {
         let user = format!("system:serviceaccount:{}:{account}", settings.namespace);
         command.env("KUBE_RS_DEBUG_IMPERSONATE_USER", user);
     }

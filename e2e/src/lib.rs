@@ -147,16 +147,28 @@ pub const OPERATOR_USER: &str = "system:serviceaccount:ballast-system:ballast-op
 /// Applies the operator's shipped ServiceAccount, ClusterRole and binding
 /// (server-side, with their namespace), as a deployment would.
 pub async fn install_operator_rbac(client: &kube::Client) -> Result<(), StackError> {
-    apply_manifest(client, OPERATOR_RBAC).await
+    let (path, text) = OPERATOR_RBAC;
+    apply_manifest(client, path, text, false).await
 }
 
-/// Server-side applies every object of a multi-document YAML manifest,
-/// creating the namespaces its namespaced objects name.
-async fn apply_manifest(client: &kube::Client, (path, text): (&'static str, &str)) -> Result<(), StackError> {
+/// Server-side applies every object of the multi-document YAML manifest `text`
+/// (read from `path`), creating the namespaces its namespaced objects name.
+/// With `dry_run` the API server validates each object and stores none.
+pub async fn apply_manifest(
+    client: &kube::Client,
+    path: &'static str,
+    text: &str,
+    dry_run: bool,
+) -> Result<(), StackError> {
     use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
     use serde::Deserialize as _;
     let invalid = |message: String| StackError::Manifest { path, message };
     let params = PatchParams::apply("ballast-e2e").force();
+    let object_params = if dry_run {
+        params.clone().dry_run()
+    } else {
+        params.clone()
+    };
     for document in serde_yaml::Deserializer::from_str(text) {
         let object = DynamicObject::deserialize(document).map_err(|e| invalid(e.to_string()))?;
         let types = object
@@ -176,7 +188,7 @@ async fn apply_manifest(client: &kube::Client, (path, text): (&'static str, &str
             }
             None => Api::all_with(client.clone(), &resource),
         };
-        api.patch(&name, &params, &Patch::Apply(&object)).await?;
+        api.patch(&name, &object_params, &Patch::Apply(&object)).await?;
     }
     Ok(())
 }
