@@ -100,11 +100,27 @@ build_kube() {
   echo "$want" >"$stamp"
 }
 
+build_helm() {
+  local src=$here/helm stamp=$bin/.helm.stamp want
+  want=$(stamp_of "$src/go.mod" "$src/go.sum" "$src/tools.go")
+  if [ -x "$bin/helm" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+    return 0
+  fi
+  need_tool go "building helm from the Go module proxy"
+  mkdir -p "$bin" "$logs"
+  say "building helm for the chart tests (cold: a few minutes on 2 cores; cached after)"
+  (cd "$src" && GOFLAGS=-mod=readonly GONOSUMDB='*' \
+    go build -ldflags="-s -w" -o "$bin/" helm.sh/helm/v3/cmd/helm) >"$logs/helm-build.log" 2>&1 ||
+    die "building helm failed (see $logs/helm-build.log)"
+  echo "$want" >"$stamp"
+}
+
 install_all() {
   need_tool java "running Kafka and Elasticsearch"
   need_tool mvn "fetching Kafka and Elasticsearch jars from Maven Central"
   install_packages
   build_kube
+  build_helm
   "$here/kafka/build.sh"
   "$here/elasticsearch/build.sh"
 }
@@ -348,6 +364,7 @@ write_env() {
   cat >"$state/stack.env" <<EOF
 # Written by e2e/stack/stack.sh up: where the local stack's servers are.
 KUBECONFIG=$state/kube/admin.kubeconfig
+BALLAST_HELM=$bin/helm
 BALLAST_KAFKA_BOOTSTRAP=$host:$BALLAST_PORT_KAFKA
 BALLAST_MYSQL_SOURCE_URL=$url:$BALLAST_PORT_MYSQL_SOURCE/ballast
 BALLAST_MYSQL_HOT_URL=$url:$BALLAST_PORT_MYSQL_HOT/ballast

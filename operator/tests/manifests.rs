@@ -1,8 +1,13 @@
 //! The shipped deployment manifests against the local stack's real API server:
-//! the operator's Namespace, Deployment and RBAC are accepted as written (a server-side dry run checks the schema, field
-//! names and values, and stores nothing).
+//! the operator's Namespace, Deployment and RBAC, as plain manifests and as
+//! the Helm chart renders them, are accepted as written (a server-side dry run
+//! checks the schema, field names and values, and stores nothing).
+
+use std::process::Command;
 
 use ballast_e2e::{Stack, apply_manifest};
+
+const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/ballast");
 
 #[tokio::test]
 async fn the_shipped_operator_manifests_pass_a_server_side_dry_run() -> anyhow::Result<()> {
@@ -21,5 +26,50 @@ async fn the_shipped_operator_manifests_pass_a_server_side_dry_run() -> anyhow::
     for (path, text) in manifests {
         apply_manifest(&client, path, text, true).await?;
     }
+    Ok(())
+}
+
+/// Runs the stack's helm with `args`; its stdout, or an error with its stderr.
+fn helm(stack: &Stack, args: &[&str]) -> anyhow::Result<String> {
+    let binary = stack.get("BALLAST_HELM")?;
+    let out = Command::new(&binary).args(args).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "helm {}: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+#[tokio::test]
+async fn the_chart_lints_and_renders_objects_the_api_server_accepts() -> anyhow::Result<()> {
+    let stack = Stack::discover();
+    let client = stack.kube_client().await?;
+    helm(&stack, &["lint", "--strict", CHART])?;
+    let rendered = helm(
+        &stack,
+        &[
+            "template",
+            "ballast",
+            CHART,
+            "--namespace",
+            "ballast-system",
+            "--include-crds",
+        ],
+    )?;
+    for kind in [
+        "CustomResourceDefinition",
+        "ServiceAccount",
+        "ClusterRole",
+        "Deployment",
+    ] {
+        anyhow::ensure!(
+            rendered.contains(&format!("kind: {kind}\n")),
+            "the chart renders no {kind}"
+        );
+    }
+    apply_manifest(&client, "charts/ballast (helm template)", &rendered, true).await?;
     Ok(())
 }
