@@ -1,17 +1,13 @@
 //! Admission to the backup intake: the rate budget, and merchant shedding when
 //! over it. Pure: time comes in as an argument.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
 
 use crate::shedding::{self, Load};
 use crate::wire::ChangeEvent;
 
 /// Length of one budget interval.
 const INTERVAL_MS: i64 = 1000;
-
-/// Refused event ids remembered per interval, in budgets: past it, a retried
-/// event counts as new load again (the shed share errs on the large side).
-const REFUSED_KEPT_BUDGETS: u64 = 4;
 
 /// Why a batch was not admitted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -46,9 +42,6 @@ pub struct Admission {
     offered: u64,
     accepted: u64,
     shed_merchants: BTreeSet<String>,
-    /// Ids of the events refused this interval: a client that retries them
-    /// before the retry hint offers no new load, and must not raise the shed share.
-    refused: HashSet<String>,
 }
 
 impl Admission {
@@ -62,7 +55,6 @@ impl Admission {
             offered: 0,
             accepted: 0,
             shed_merchants: BTreeSet::new(),
-            refused: HashSet::new(),
         }
     }
 
@@ -92,7 +84,6 @@ impl Admission {
         self.offered = 0;
         self.accepted = 0;
         self.shed_merchants.clear();
-        self.refused.clear();
     }
 
     /// Admits a batch: events of shed merchants are dropped; the rest is admitted
@@ -105,18 +96,8 @@ impl Admission {
         self.shed_merchants
             .extend(shed.iter().map(|e| e.merchant_id.clone()));
         let n = keep.len() as u64;
-        // Most of the time nothing was refused: no lookups on that path.
-        let retried = if self.refused.is_empty() {
-            0
-        } else {
-            keep.iter().filter(|e| self.refused.contains(&e.event_id)).count() as u64
-        };
-        self.offered += n - retried;
+        self.offered += n;
         if self.accepted + n > self.budget {
-            let room = (self.budget * REFUSED_KEPT_BUDGETS).saturating_sub(self.refused.len() as u64);
-            let room = usize::try_from(room).unwrap_or(usize::MAX);
-            self.refused
-                .extend(keep.into_iter().take(room).map(|e| e.event_id));
             return Err(OverBudget {
                 budget: self.budget,
                 max_level: self.max_level,
@@ -190,30 +171,6 @@ mod tests {
                 "{merchant}"
             );
         }
-    }
-
-    #[test]
-    fn a_batch_retried_within_its_interval_is_offered_load_once() {
-        let max = 10_000;
-        let mut a = Admission::new(100, 100, 0);
-        a.admit(batch(0..80, 0), 0).expect("fits");
-        let refused = batch(100..150, 0);
-        // A client ignoring the retry hint offers the same events again and again.
-        for at in [10, 20, 30, 40, 50] {
-            a.admit(refused.clone(), at).expect_err("over budget");
-        }
-        // Plus 21 new events, also refused: 80 + 50 + 21 = 151 offered, not 381.
-        a.admit(batch(200..221, 0), 60).expect_err("over budget");
-        let _ = a.admit(Vec::new(), 1000);
-        let want = shedding::next_level(
-            0,
-            Load {
-                admitted: 151,
-                budget: 100,
-            },
-            max,
-        );
-        assert_eq!(a.level(), want, "a third of the merchants, not most of them");
     }
 
     #[test]
