@@ -1,0 +1,107 @@
+//! What the tests apply to the API server: Ballast's CRDs, the operator's
+//! shipped RBAC, and any shipped multi-document manifest.
+
+use crate::StackError;
+
+/// Applies Ballast's CRDs (as generated from the Rust types) and waits until
+/// the API server serves them.
+pub async fn install_crds(client: &kube::Client) -> Result<(), StackError> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{Api, Patch, PatchParams};
+    use kube::runtime::wait::{await_condition, conditions};
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let params = PatchParams::apply("ballast-e2e").force();
+    for (_, crd) in ballast_crds::all() {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        crds.patch(&name, &params, &Patch::Apply(&crd)).await?;
+        let established = await_condition(crds.clone(), &name, conditions::is_crd_established());
+        match tokio::time::timeout(std::time::Duration::from_secs(30), established).await {
+            Ok(Ok(_)) => {}
+            _ => return Err(StackError::CrdNotEstablished(name)),
+        }
+    }
+    Ok(())
+}
+
+/// The operator's RBAC as shipped: what a deployment grants it.
+const OPERATOR_RBAC: (&str, &str) = (
+    "manifests/operator/rbac.yaml",
+    include_str!("../../manifests/operator/rbac.yaml"),
+);
+
+/// The user the scenarios run the operator as: the shipped ServiceAccount, so
+/// that a permission missing from its RBAC fails them as it would a deployment.
+pub const OPERATOR_USER: &str = "system:serviceaccount:ballast-system:ballast-operator";
+
+/// Applies the operator's shipped ServiceAccount, ClusterRole and binding
+/// (server-side, with their namespace), as a deployment would.
+pub async fn install_operator_rbac(client: &kube::Client) -> Result<(), StackError> {
+    let (path, text) = OPERATOR_RBAC;
+    apply_manifest(client, path, text, false).await
+}
+
+/// Server-side applies every object of the multi-document YAML manifest `text`
+/// (read from `path`), creating the namespaces its namespaced objects name.
+/// With `dry_run` the API server validates each object and stores none.
+pub async fn apply_manifest(
+    client: &kube::Client,
+    path: &'static str,
+    text: &str,
+    dry_run: bool,
+) -> Result<(), StackError> {
+    use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+    use serde::Deserialize as _;
+    let invalid = |message: String| StackError::Manifest { path, message };
+    let params = PatchParams::apply("ballast-e2e").force();
+    let object_params = if dry_run {
+        params.clone().dry_run()
+    } else {
+        params.clone()
+    };
+    for document in serde_yaml::Deserializer::from_str(text) {
+        let object = DynamicObject::deserialize(document).map_err(|e| invalid(e.to_string()))?;
+        let types = object
+            .types
+            .clone()
+            .ok_or_else(|| invalid("an object without apiVersion and kind".into()))?;
+        let gvk = GroupVersionKind::try_from(&types).map_err(|e| invalid(e.to_string()))?;
+        let resource = ApiResource::from_gvk(&gvk);
+        let name = object.metadata.name.clone().unwrap_or_default();
+        let api: Api<DynamicObject> = match &object.metadata.namespace {
+            Some(ns) => {
+                let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+                let namespace =
+                    serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
+                namespaces.patch(ns, &params, &Patch::Apply(&namespace)).await?;
+                Api::namespaced_with(client.clone(), ns, &resource)
+            }
+            None => Api::all_with(client.clone(), &resource),
+        };
+        api.patch(&name, &object_params, &Patch::Apply(&object)).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The objects of a multi-document YAML manifest, comments dropped.
+    fn objects(text: &str) -> Vec<serde_yaml::Value> {
+        use serde::Deserialize as _;
+        serde_yaml::Deserializer::from_str(text)
+            .map(|d| serde_yaml::Value::deserialize(d).expect("valid YAML"))
+            .collect()
+    }
+
+    #[test]
+    fn the_chart_grants_the_operator_exactly_what_the_manifests_grant() {
+        // The scenarios run the operator with the manifests' RBAC; the chart
+        // must not drift from it.
+        let chart = include_str!("../../charts/ballast/templates/rbac.yaml")
+            .replace("{{ .Release.Namespace }}", "ballast-system");
+        let manifests = objects(OPERATOR_RBAC.1);
+        assert_eq!(manifests.len(), 3, "ServiceAccount, ClusterRole, binding");
+        assert_eq!(objects(&chart), manifests);
+    }
+}
