@@ -15,6 +15,7 @@ use ballast_worker::results::cache::ResultCache;
 use ballast_worker::results::hot::HotStore;
 use ballast_worker::results::{Granularity, Slot};
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::Api;
 use serde_json::json;
 
@@ -210,6 +211,33 @@ async fn results_equal_the_golden_expectation_across_a_master_failover() -> anyh
     let pairs = running.until_golden(&prefix, 60).await?;
     assert!(pairs >= 25, "only {pairs} merchant windows computed");
     assert_eq!(running.metric(standby, "ballast_master_active").await?, 1.0);
+
+    // The task state belongs to the pipeline: deleting the pipeline deletes it,
+    // so a pipeline made again under the name does not resume this one's windows.
+    running.workers.clear();
+    let pipelines: Api<ballast_crds::AnalyticsPipeline> =
+        Api::namespaced(running.client.clone(), &running.ns);
+    let uid = pipelines.get(&running.pipeline).await?.metadata.uid;
+    let states: Api<ConfigMap> = Api::namespaced(running.client.clone(), &running.ns);
+    let state = ballast_worker::roles::master::state::name(&running.pipeline);
+    let owners = states
+        .get(&state)
+        .await?
+        .metadata
+        .owner_references
+        .unwrap_or_default();
+    assert_eq!(
+        owners.iter().map(|o| Some(&o.uid)).collect::<Vec<_>>(),
+        [uid.as_ref()],
+        "the state ConfigMap is owned by its pipeline"
+    );
+    pipelines
+        .delete(&running.pipeline, &kube::api::DeleteParams::default())
+        .await?;
+    eventually("the master state deleted with the pipeline", 60, || async {
+        Ok::<_, anyhow::Error>(states.get_opt(&state).await?.is_none().then_some(()))
+    })
+    .await?;
     Ok(())
 }
 

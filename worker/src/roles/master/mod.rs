@@ -18,6 +18,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ballast_crds::{Dependency, Mode};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::Resource as _;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -161,6 +163,9 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         .await
         .map_err(startup::bind_error(config.metrics))?;
 
+    // Unlike the state ConfigMap, the Lease is not owned by the pipeline: its
+    // term must keep growing if the pipeline is made again under this name, so
+    // that new versions still fence results stored under the old one.
     let election = Election {
         namespace: config.namespace.clone(),
         name: format!("{}-master", config.pipeline),
@@ -186,6 +191,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
 
     let window_ms = i64::from(ap.spec.compute.window_seconds) * 1000;
     let active = Active {
+        owner: ap.owner_ref(&()),
         kv_url: startup::redis_url(&ap.spec.kv, config.kv_password.as_deref()),
         layout: Layout::new(&config.pipeline, window_ms),
         window_ms,
@@ -212,6 +218,8 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
 /// The active master's loop and what it works with.
 struct Active<'a> {
     config: &'a Config,
+    /// The pipeline, as the owner of the state ConfigMap.
+    owner: Option<OwnerReference>,
     deps: &'a Deps,
     metrics: Arc<Metrics>,
     kv_url: String,
@@ -231,7 +239,12 @@ impl Active<'_> {
         let config = self.config;
         let stop = CancellationToken::new();
         let _stop_guard = stop.clone().drop_guard();
-        let mut store = StateStore::new(self.deps.client.clone(), &config.namespace, &config.pipeline);
+        let mut store = StateStore::new(
+            self.deps.client.clone(),
+            &config.namespace,
+            &config.pipeline,
+            self.owner.clone(),
+        );
         let snapshot = store.load().await?;
         let first = plan::first_window(now_ms(), self.window_ms);
         let mut table = Table::restore(snapshot, term, first, config.faults);

@@ -1,11 +1,14 @@
 //! Where the active master keeps its task state: a ConfigMap
 //! `<pipeline>-master-state` holding the snapshot as JSON. Every save is a
 //! compare-and-swap on the resourceVersion, so a deposed master that still
-//! believes it leads fails its next save and stops.
+//! believes it leads fails its next save and stops. The pipeline owns it: it
+//! goes with the pipeline, and a pipeline created again under the same name
+//! starts planning afresh instead of resuming a deleted one's windows.
 
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, ObjectMeta, PostParams};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -53,15 +56,18 @@ pub struct StateStore {
     api: Api<ConfigMap>,
     name: String,
     resource_version: Option<String>,
+    owner: Option<OwnerReference>,
 }
 
 impl StateStore {
-    /// The store of `pipeline` in `namespace`.
-    pub fn new(client: kube::Client, namespace: &str, pipeline: &str) -> Self {
+    /// The store of `pipeline` in `namespace`; `owner` (the pipeline) is set
+    /// on the ConfigMap so that it is deleted with it.
+    pub fn new(client: kube::Client, namespace: &str, pipeline: &str, owner: Option<OwnerReference>) -> Self {
         Self {
             api: Api::namespaced(client, namespace),
             name: name(pipeline),
             resource_version: None,
+            owner,
         }
     }
 
@@ -105,6 +111,7 @@ impl StateStore {
                     )]
                     .into(),
                 ),
+                owner_references: self.owner.clone().map(|o| vec![o]),
                 ..ObjectMeta::default()
             },
             data: Some([(KEY.to_owned(), json)].into()),
