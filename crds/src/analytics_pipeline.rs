@@ -243,7 +243,80 @@ pub struct AnalyticsPipelineStatus {
     /// (10000 = all): the shed ones are those whose hash rank is below it.
     #[serde(default)]
     pub shed_level: i32,
+    /// The last day the backup intake shed merchants, and the most it shed
+    /// that day: it outlives the shedding, so the query service can still mark
+    /// that day incomplete for them afterwards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_shed_day: Option<ShedDay>,
     /// Events sent to the dead-letter topic since the pipeline was created.
     #[serde(default)]
     pub dead_lettered_events: i64,
+}
+
+/// The most merchants the backup intake shed on one day.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShedDay {
+    /// The day, in UTC, as `YYYY-MM-DD`.
+    pub day: String,
+    /// The highest shed level of the day, in basis points: merchants whose hash
+    /// rank is below it may miss events of that day.
+    pub max_level: i32,
+}
+
+impl ShedDay {
+    /// Two records as one: the later day wins, and the same day keeps the
+    /// higher level. Pure.
+    pub fn merge(a: Option<ShedDay>, b: Option<ShedDay>) -> Option<ShedDay> {
+        match (a, b) {
+            (Some(a), Some(b)) => Some(match a.day.cmp(&b.day) {
+                std::cmp::Ordering::Less => b,
+                std::cmp::Ordering::Greater => a,
+                std::cmp::Ordering::Equal => ShedDay {
+                    max_level: a.max_level.max(b.max_level),
+                    ..a
+                },
+            }),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn day(day: &str, max_level: i32) -> Option<ShedDay> {
+        Some(ShedDay {
+            day: day.into(),
+            max_level,
+        })
+    }
+
+    #[test]
+    fn shed_days_merge_to_the_later_day_and_the_higher_level() {
+        let cases = [
+            (None, None, None),
+            (day("2026-11-20", 900), None, day("2026-11-20", 900)),
+            (None, day("2026-11-21", 100), day("2026-11-21", 100)),
+            (
+                day("2026-11-20", 900),
+                day("2026-11-21", 100),
+                day("2026-11-21", 100),
+            ),
+            (
+                day("2026-11-21", 100),
+                day("2026-11-20", 900),
+                day("2026-11-21", 100),
+            ),
+            (
+                day("2026-11-21", 100),
+                day("2026-11-21", 6_667),
+                day("2026-11-21", 6_667),
+            ),
+        ];
+        for (i, (a, b, want)) in cases.into_iter().enumerate() {
+            assert_eq!(ShedDay::merge(a, b), want, "case {i}");
+        }
+    }
 }

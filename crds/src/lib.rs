@@ -11,7 +11,7 @@ pub mod member_store;
 pub mod mode;
 pub mod refs;
 
-pub use analytics_pipeline::{AnalyticsPipeline, AnalyticsPipelineSpec, AnalyticsPipelineStatus};
+pub use analytics_pipeline::{AnalyticsPipeline, AnalyticsPipelineSpec, AnalyticsPipelineStatus, ShedDay};
 pub use degradation_policy::{DegradationPolicy, DegradationPolicySpec, DegradationPolicyStatus};
 pub use member_store::{MemberStore, MemberStoreSpec, MemberStoreStatus};
 pub use mode::{Dependency, DependencyModes, DependencyStatus, ForcedMode, Mode};

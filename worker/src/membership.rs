@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use ballast_crds::ShedDay;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
@@ -28,18 +29,41 @@ pub const READY_ANNOTATION: &str = "ballast.dev/ready";
 pub const SHED_MERCHANTS_ANNOTATION: &str = "ballast.dev/shed-merchants";
 /// Annotation of a backup intake: its shed level, in basis points.
 pub const SHED_LEVEL_ANNOTATION: &str = "ballast.dev/shed-level";
+/// Annotation of a backup intake: the last day it shed and its highest level
+/// that day, as `YYYY-MM-DD=level`.
+pub const SHED_DAY_ANNOTATION: &str = "ballast.dev/shed-day";
 
-/// Shedding reported by a pipeline's backup intakes, from their Leases: the
-/// merchants shed (summed) and the highest level. Pure.
-pub fn shedding(leases: &[Lease]) -> (i64, i32) {
+/// Shedding reported by a pipeline's backup intakes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Shedding {
+    /// Merchants shed in the last second, summed over the intakes.
+    pub merchants: i64,
+    /// The highest shed level now, in basis points.
+    pub level: i32,
+    /// The latest day any intake shed, with the highest level of that day.
+    pub day: Option<ShedDay>,
+}
+
+/// `YYYY-MM-DD=level`, as an intake reports its shed day. Pure.
+pub fn shed_day_annotation(day: &ShedDay) -> String {
+    format!("{}={}", day.day, day.max_level)
+}
+
+fn parse_shed_day(value: &str) -> Option<ShedDay> {
+    let (day, level) = value.split_once('=')?;
+    Some(ShedDay {
+        day: day.to_owned(),
+        max_level: level.parse().ok()?,
+    })
+}
+
+/// Shedding reported by a pipeline's backup intakes, from their Leases. Pure.
+pub fn shedding(leases: &[Lease]) -> Shedding {
+    let annotation = |lease: &Lease, key: &str| -> Option<String> {
+        lease.metadata.annotations.as_ref()?.get(key).cloned()
+    };
     let value = |lease: &Lease, key: &str| -> i64 {
-        lease
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(key))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+        annotation(lease, key).and_then(|v| v.parse().ok()).unwrap_or(0)
     };
     let merchants = leases.iter().map(|l| value(l, SHED_MERCHANTS_ANNOTATION)).sum();
     let level = leases
@@ -47,7 +71,15 @@ pub fn shedding(leases: &[Lease]) -> (i64, i32) {
         .map(|l| value(l, SHED_LEVEL_ANNOTATION))
         .max()
         .unwrap_or(0);
-    (merchants, i32::try_from(level).unwrap_or(i32::MAX))
+    let day = leases
+        .iter()
+        .filter_map(|l| annotation(l, SHED_DAY_ANNOTATION).and_then(|v| parse_shed_day(&v)))
+        .fold(None, |merged, day| ShedDay::merge(merged, Some(day)));
+    Shedding {
+        merchants,
+        level: i32::try_from(level).unwrap_or(i32::MAX),
+        day,
+    }
 }
 
 /// Publishes shedding figures on the member's Lease, under a field manager of
@@ -57,15 +89,19 @@ pub async fn report_shedding(
     member: &Member,
     merchants: u64,
     level: u32,
+    day: Option<&ShedDay>,
 ) -> Result<(), kube::Error> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), &member.namespace);
+    let mut annotations = serde_json::Map::new();
+    annotations.insert(SHED_MERCHANTS_ANNOTATION.into(), merchants.to_string().into());
+    annotations.insert(SHED_LEVEL_ANNOTATION.into(), level.to_string().into());
+    if let Some(day) = day {
+        annotations.insert(SHED_DAY_ANNOTATION.into(), shed_day_annotation(day).into());
+    }
     let patch = json!({
         "apiVersion": "coordination.k8s.io/v1",
         "kind": "Lease",
-        "metadata": {"name": member.identity, "annotations": {
-            SHED_MERCHANTS_ANNOTATION: merchants.to_string(),
-            SHED_LEVEL_ANNOTATION: level.to_string(),
-        }},
+        "metadata": {"name": member.identity, "annotations": annotations},
     });
     leases
         .patch(
@@ -277,11 +313,29 @@ mod tests {
             .expect("lease")
         };
         let none: Lease = serde_json::from_value(json!({"metadata": {}})).expect("lease");
+        let with_day = |day: &str| -> Lease {
+            serde_json::from_value(json!({"metadata": {"annotations": {SHED_DAY_ANNOTATION: day}}}))
+                .expect("lease")
+        };
+        let reported = shedding(&[
+            lease("12", "400"),
+            lease("30", "900"),
+            none,
+            with_day("2026-11-20=9000"),
+            with_day("2026-11-21=300"),
+            with_day("2026-11-21=700"),
+            with_day("garbage"),
+        ]);
+        assert_eq!((reported.merchants, reported.level), (42, 900));
         assert_eq!(
-            shedding(&[lease("12", "400"), lease("30", "900"), none]),
-            (42, 900)
+            reported.day,
+            Some(ShedDay {
+                day: "2026-11-21".into(),
+                max_level: 700
+            }),
+            "the latest day, at its highest level"
         );
-        assert_eq!(shedding(&[]), (0, 0));
+        assert_eq!(shedding(&[]), Shedding::default());
     }
 
     #[test]

@@ -117,22 +117,21 @@ async fn backup_intake_at_three_times_its_budget_sheds_whole_merchants_only() ->
     // The intake reports its shedding on its Lease, where the operator sums it into status.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let annotations = leases
-            .get("intake-0")
-            .await?
-            .metadata
-            .annotations
-            .unwrap_or_default();
-        let reported: u32 = annotations
-            .get("ballast.dev/shed-level")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        if reported > 0 {
-            assert!(
-                annotations
-                    .get("ballast.dev/shed-merchants")
-                    .is_some_and(|v| v.parse::<u64>().is_ok_and(|n| n > 0))
-            );
+        let lease = leases.get("intake-0").await?;
+        let reported = ballast_worker::membership::shedding(std::slice::from_ref(&lease));
+        let annotations = lease.metadata.annotations.unwrap_or_default();
+        if reported.level > 0 {
+            assert!(reported.merchants > 0, "{annotations:?}");
+            // The day outlives the shedding, for the query side to mark it incomplete.
+            let day = reported
+                .day
+                .ok_or_else(|| anyhow::anyhow!("no shed day: {annotations:?}"))?;
+            // (Either side of midnight UTC, should the test run across it.)
+            let utc_day = |t: Timestamp| t.strftime("%Y-%m-%d").to_string();
+            let now = Timestamp::now();
+            let minute_ago = now - k8s_openapi::jiff::SignedDuration::from_secs(60);
+            assert!([utc_day(now), utc_day(minute_ago)].contains(&day.day), "{day:?}");
+            assert!(day.max_level >= reported.level, "{day:?} below the level now");
             break;
         }
         anyhow::ensure!(

@@ -2,7 +2,8 @@
 //! one patch, with an Event for every published transition.
 
 use ballast_crds::conditions::{self, Desired};
-use ballast_crds::{AnalyticsPipeline, AnalyticsPipelineStatus, Mode};
+use ballast_crds::{AnalyticsPipeline, AnalyticsPipelineStatus, Mode, ShedDay};
+use ballast_worker::membership::Shedding;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
@@ -25,8 +26,8 @@ pub enum Outcome {
         publication: Box<Publication>,
         /// Slaves whose Leases say ready.
         ready_slaves: i32,
-        /// Merchants the backup intakes shed now, and their highest shed level.
-        shedding: (i64, i32),
+        /// What the backup intakes shed now, and the last day they shed.
+        shedding: Shedding,
     },
 }
 
@@ -51,7 +52,9 @@ pub fn compute(ap: &AnalyticsPipeline, outcome: &Outcome, now: Timestamp) -> Ana
             ready_slaves,
             shedding,
         } => {
-            (status.shed_merchants, status.shed_level) = *shedding;
+            (status.shed_merchants, status.shed_level) = (shedding.merchants, shedding.level);
+            // A restarted intake forgets its day: the status keeps it.
+            status.last_shed_day = ShedDay::merge(previous.last_shed_day.clone(), shedding.day.clone());
             status.dependencies = publication.modes.clone();
             status.summary = Some(publication.modes.summary());
             status.slaves = Some(format!("{ready_slaves}/{}", publication.slave_replicas));
@@ -204,6 +207,55 @@ mod tests {
     }
 
     #[test]
+    fn the_last_shed_day_outlives_the_shedding_and_an_intake_restart() {
+        let day = |day: &str, max_level: i32| {
+            Some(ShedDay {
+                day: day.into(),
+                max_level,
+            })
+        };
+        let reconciled = |day: Option<ShedDay>| Outcome::Reconciled {
+            publication: Box::new(Publication {
+                modes: DependencyModes::default(),
+                slave_replicas: 2,
+                conditions: vec![],
+                progressing: None,
+                changes: vec![],
+            }),
+            ready_slaves: 2,
+            shedding: Shedding {
+                merchants: 0,
+                level: 0,
+                day,
+            },
+        };
+        // (stored, reported by the intakes, stored after)
+        let cases = [
+            (None, day("2026-11-21", 300), day("2026-11-21", 300)),
+            (
+                day("2026-11-21", 6_667),
+                day("2026-11-21", 300),
+                day("2026-11-21", 6_667),
+            ),
+            (day("2026-11-21", 6_667), None, day("2026-11-21", 6_667)),
+            (
+                day("2026-11-20", 9_000),
+                day("2026-11-21", 300),
+                day("2026-11-21", 300),
+            ),
+        ];
+        for (i, (stored, reported, want)) in cases.into_iter().enumerate() {
+            let mut ap = pipeline();
+            ap.status = Some(AnalyticsPipelineStatus {
+                last_shed_day: stored,
+                ..AnalyticsPipelineStatus::default()
+            });
+            let status = compute(&ap, &reconciled(reported), at(5));
+            assert_eq!(status.last_shed_day, want, "case {i}");
+        }
+    }
+
+    #[test]
     fn degraded_dependency_shows_in_summary_and_condition() {
         let mut modes = DependencyModes::default();
         modes.set(
@@ -229,13 +281,18 @@ mod tests {
             &Outcome::Reconciled {
                 publication: Box::new(publication),
                 ready_slaves: 6,
-                shedding: (12, 900),
+                shedding: Shedding {
+                    merchants: 12,
+                    level: 900,
+                    day: None,
+                },
             },
             at(2),
         );
         assert_eq!(status.summary.as_deref(), Some("Degraded(kv)"));
         assert_eq!(status.slaves.as_deref(), Some("6/6"));
         assert_eq!((status.shed_merchants, status.shed_level), (12, 900));
+        assert_eq!(status.last_shed_day, None);
         let degraded = status
             .conditions
             .iter()

@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ballast_crds::ShedDay;
 use k8s_openapi::jiff::Timestamp;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
@@ -137,8 +138,9 @@ impl Metrics {
     }
 }
 
-/// Publishes the backup intake's shedding on its Lease every second while it changes,
-/// so that the operator can report it in the pipeline's status.
+/// Publishes the backup intake's shedding on its Lease every second while it
+/// changes, so that the operator can report it in the pipeline's status: what
+/// it sheds now, and the last day it shed with that day's highest level.
 async fn report_shedding(
     client: kube::Client,
     member: Member,
@@ -146,19 +148,28 @@ async fn report_shedding(
     stop: CancellationToken,
 ) {
     let mut last = None;
+    let mut day: Option<ShedDay> = None;
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
-        let now = {
+        let (merchants, level) = {
             let admission = admission
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             (admission.shed_merchants().len() as u64, admission.level())
         };
-        if last != Some(now) {
-            match membership::report_shedding(&client, &member, now.0, now.1).await {
+        if level > 0 {
+            let today = ShedDay {
+                day: Timestamp::now().strftime("%Y-%m-%d").to_string(),
+                max_level: i32::try_from(level).unwrap_or(i32::MAX),
+            };
+            day = ShedDay::merge(day, Some(today));
+        }
+        let now = (merchants, level, day.clone());
+        if last.as_ref() != Some(&now) {
+            match membership::report_shedding(&client, &member, merchants, level, day.as_ref()).await {
                 Ok(()) => last = Some(now),
                 Err(error) => tracing::warn!(%error, "reporting shedding failed; retrying"),
             }
