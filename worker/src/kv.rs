@@ -113,16 +113,15 @@ const RENEWALS_KEPT: usize = 200_000;
 
 impl Renewals {
     /// Whether the hash of `merchant` in `window` needs its TTL renewed at
-    /// `now_s`; if so it counts as renewed. Pure.
-    /// `Skip` carries the connection the last renewal went over, for
-    /// [`Renewals::stale`] once the write's own connection is known.
-    pub fn due(&mut self, window: i64, merchant: &str, now_s: i64, ttl_seconds: i64) -> Due {
+    /// `now_s`, over the connection last written over; if so it counts as
+    /// renewed. Pure.
+    pub fn due(&mut self, window: i64, merchant: &str, now_s: i64, ttl_seconds: i64) -> bool {
         let fresh = ttl_seconds / 2;
         if let Some(r) = self.at.get(&window).and_then(|m| m.get(merchant))
             && now_s - r.at_s < fresh
             && r.connection == self.connection
         {
-            return Due::Skip(r.connection);
+            return false;
         }
         if self.len >= RENEWALS_KEPT {
             for merchants in self.at.values_mut() {
@@ -139,25 +138,21 @@ impl Renewals {
         if merchants.insert(merchant.to_owned(), renewed).is_none() {
             self.len += 1;
         }
-        Due::Renew
+        true
     }
 
-    /// Records that a write went over `connection`, and whether a key it
-    /// skipped (as renewed over `skipped_over`) must be renewed after all:
-    /// when the connection changed in between. Pure.
-    pub fn stale(&mut self, connection: i64, skipped_over: i64) -> bool {
+    /// The connection (a Redis client id) writes are known to go over.
+    pub fn connection(&self) -> i64 {
+        self.connection
+    }
+
+    /// Records that a write went over `connection`. Whether it differs from
+    /// `known`, the one the write's skipped renewals were judged by: then
+    /// they prove nothing and must be made after all. Pure.
+    pub fn went_over(&mut self, connection: i64, known: i64) -> bool {
         self.connection = connection;
-        skipped_over != connection
+        connection != known
     }
-}
-
-/// Whether a write renews a key's TTL.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Due {
-    /// Renew it (and it now counts as renewed).
-    Renew,
-    /// It was renewed lately over this connection (a Redis client id).
-    Skip(i64),
 }
 
 /// Reads and writes events in the KV store.
@@ -195,25 +190,26 @@ impl KvStore {
                 .push(event);
         }
         let mut windows: BTreeMap<i64, Vec<&str>> = BTreeMap::new();
-        // Keys whose renewal was skipped, with the connection it went over.
-        let mut skipped: Vec<(i64, &str, i64)> = Vec::new();
+        // Keys whose renewal was skipped as made lately over the `known` connection.
+        let mut skipped: Vec<(i64, &str)> = Vec::new();
+        let known;
         let mut pipe = redis::pipe();
         // Which connection this write goes over: answered in order with the writes.
         pipe.cmd("CLIENT").arg("ID");
         let now_s = k8s_openapi::jiff::Timestamp::now().as_second();
         {
             let mut renewals = self.renewals.lock().unwrap_or_else(PoisonError::into_inner);
+            known = renewals.connection();
             for ((window, merchant), group) in &hashes {
                 let hash = self.layout.merchant_key(*window, merchant);
                 let hset = pipe.cmd("HSET").arg(&hash);
                 for event in group {
                     hset.arg(&event.event_id).arg(event.encode_to_vec());
                 }
-                match renewals.due(*window, merchant, now_s, self.ttl_seconds) {
-                    Due::Renew => {
-                        pipe.cmd("EXPIRE").arg(&hash).arg(self.ttl_seconds).ignore();
-                    }
-                    Due::Skip(connection) => skipped.push((*window, merchant, connection)),
+                if renewals.due(*window, merchant, now_s, self.ttl_seconds) {
+                    pipe.cmd("EXPIRE").arg(&hash).arg(self.ttl_seconds).ignore();
+                } else {
+                    skipped.push((*window, merchant));
                 }
                 windows.entry(*window).or_default().push(merchant);
             }
@@ -225,7 +221,7 @@ impl KvStore {
         }
         let replies: Vec<i64> = pipe.query_async(&mut self.conn).await?;
         let (connection, added) = replies.split_first().map_or((0, &[][..]), |(c, a)| (*c, a));
-        self.renew_skipped_after_reconnect(connection, &skipped, now_s)
+        self.renew_skipped_after_reconnect(connection, known, &skipped, now_s)
             .await?;
         let new = added.iter().map(|n| n.unsigned_abs()).sum::<u64>();
         Ok(Written {
@@ -234,36 +230,36 @@ impl KvStore {
         })
     }
 
-    /// Renews the TTL of the keys `write` skipped as renewed lately, if that was
-    /// over another connection than the write's own: the store may have
+    /// Renews the TTL of the keys `write` skipped as renewed lately over the
+    /// `known` connection, if the write went over another: the store may have
     /// restarted in between and lost them.
     async fn renew_skipped_after_reconnect(
         &mut self,
         connection: i64,
-        skipped: &[(i64, &str, i64)],
+        known: i64,
+        skipped: &[(i64, &str)],
         now_s: i64,
     ) -> Result<(), KvError> {
         let mut pipe = redis::pipe();
-        let mut stale = 0_usize;
         {
             let mut renewals = self.renewals.lock().unwrap_or_else(PoisonError::into_inner);
-            for (window, merchant, over) in skipped {
-                if renewals.stale(connection, *over) {
-                    renewals.due(*window, merchant, now_s, self.ttl_seconds);
-                    pipe.cmd("EXPIRE")
-                        .arg(self.layout.merchant_key(*window, merchant))
-                        .arg(self.ttl_seconds)
-                        .ignore();
-                    stale += 1;
-                }
+            if !renewals.went_over(connection, known) || skipped.is_empty() {
+                return Ok(());
             }
-            // Also when nothing was skipped: later writes compare against it.
-            renewals.stale(connection, connection);
+            for (window, merchant) in skipped {
+                // Made over an earlier connection, the renewal is due now.
+                renewals.due(*window, merchant, now_s, self.ttl_seconds);
+                pipe.cmd("EXPIRE")
+                    .arg(self.layout.merchant_key(*window, merchant))
+                    .arg(self.ttl_seconds)
+                    .ignore();
+            }
         }
-        if stale > 0 {
-            tracing::info!(stale, "renewing TTLs last renewed over an earlier KV connection");
-            pipe.query_async::<()>(&mut self.conn).await?;
-        }
+        tracing::info!(
+            stale = skipped.len(),
+            "renewing TTLs last renewed over an earlier KV connection"
+        );
+        pipe.query_async::<()>(&mut self.conn).await?;
         Ok(())
     }
 
@@ -388,7 +384,7 @@ mod tests {
         ];
         for (window, merchant, now, want) in cases {
             assert_eq!(
-                r.due(window, merchant, now, 100) == Due::Renew,
+                r.due(window, merchant, now, 100),
                 want,
                 "{merchant} of {window} at {now}"
             );
@@ -398,31 +394,36 @@ mod tests {
     #[test]
     fn a_renewal_over_an_earlier_connection_is_renewed_again() {
         let mut r = Renewals::default();
-        assert!(!r.stale(7, 7), "the first write learns its connection");
-        assert_eq!(r.due(0, "a", 0, 100), Due::Renew);
-        assert_eq!(r.due(0, "a", 1, 100), Due::Skip(7));
+        assert!(
+            r.went_over(7, 0),
+            "the first write learns its connection (it skipped nothing)"
+        );
+        assert!(r.due(0, "a", 0, 100));
+        assert!(!r.due(0, "a", 1, 100));
+        assert_eq!(r.connection(), 7, "skipped as renewed over 7");
         // The next write went over connection 8 (a reconnect, maybe to a
         // restarted store): what it skipped is stale and renewed...
-        assert!(r.stale(8, 7));
-        assert_eq!(r.due(0, "a", 2, 100), Due::Renew);
+        assert!(r.went_over(8, 7));
+        assert!(r.due(0, "a", 2, 100));
         // ...and skipped again only over the same connection.
-        assert_eq!(r.due(0, "a", 3, 100), Due::Skip(8));
-        assert!(!r.stale(8, 8));
+        assert!(!r.due(0, "a", 3, 100));
+        assert_eq!(r.connection(), 8, "skipped as renewed over 8");
+        assert!(!r.went_over(8, 8));
     }
 
     #[test]
     fn a_full_renewal_memory_forgets_only_what_is_due_again() {
         let mut r = Renewals::default();
         for m in 0..RENEWALS_KEPT {
-            assert_eq!(r.due(0, &format!("m{m}"), 0, 100), Due::Renew);
+            assert!(r.due(0, &format!("m{m}"), 0, 100));
         }
-        assert_eq!(r.due(60, "late", 60, 100), Due::Renew, "new key at the bound");
+        assert!(r.due(60, "late", 60, 100), "new key at the bound");
         assert_eq!(
             r.len, 1,
             "everything renewed at 0 is due again at 60 and forgotten"
         );
-        assert_eq!(r.due(60, "late", 61, 100), Due::Skip(0), "kept");
-        assert_eq!(r.due(0, "m0", 61, 100), Due::Renew, "forgotten, so due");
+        assert!(!r.due(60, "late", 61, 100), "kept");
+        assert!(r.due(0, "m0", 61, 100), "forgotten, so due");
     }
 
     #[test]
