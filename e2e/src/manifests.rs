@@ -23,8 +23,8 @@ pub async fn install_crds(client: &kube::Client) -> Result<(), StackError> {
     Ok(())
 }
 
-/// The operator's RBAC as shipped: what a deployment grants it.
-const OPERATOR_RBAC: (&str, &str) = (
+/// The operator's RBAC as shipped (path, text): what a deployment grants it.
+pub const OPERATOR_RBAC: (&str, &str) = (
     "manifests/operator/rbac.yaml",
     include_str!("../../manifests/operator/rbac.yaml"),
 );

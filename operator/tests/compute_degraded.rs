@@ -13,7 +13,6 @@ use ballast_crds::{AnalyticsPipeline, Dependency, Mode};
 use ballast_e2e::kubelet::{Kubelet, Settings};
 use ballast_e2e::orders::{self, Metrics, Orders};
 use ballast_e2e::scenario;
-
 use ballast_e2e::{Stack, stack_script};
 use ballast_worker::results::cache::ResultCache;
 use ballast_worker::results::hot::HotStore;

@@ -12,7 +12,6 @@ mod common;
 use ballast_crds::{AnalyticsPipeline, DegradationPolicy, Mode};
 use ballast_e2e::kubelet::{Kubelet, Settings};
 use ballast_e2e::scenario;
-
 use ballast_e2e::{KillOnDrop, Stack, stack_script};
 use common::eventually;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};

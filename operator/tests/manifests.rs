@@ -18,10 +18,7 @@ async fn the_shipped_operator_manifests_pass_a_server_side_dry_run() -> anyhow::
             "manifests/operator/deployment.yaml",
             include_str!("../../manifests/operator/deployment.yaml"),
         ),
-        (
-            "manifests/operator/rbac.yaml",
-            include_str!("../../manifests/operator/rbac.yaml"),
-        ),
+        ballast_e2e::manifests::OPERATOR_RBAC,
     ];
     for (path, text) in manifests {
         apply_manifest(&client, path, text, true).await?;
