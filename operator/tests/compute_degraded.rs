@@ -1,7 +1,8 @@
 //! The whole pipeline run by the operator (workloads through the e2e stand-in
 //! kubelet) while a store fails, with results equal to MariaDB's expectation
 //! over the raw rows of each period: while the KV store is down, hourly
-//! results from the slaves' memory; while the hot MySQL is down, results in
+//! results from the slaves' memory (whole although slaves join meanwhile);
+//! while the hot MySQL is down, results in
 //! the cache only; window results in MySQL again after each.
 
 mod common;
@@ -18,7 +19,9 @@ use ballast_worker::results::cache::ResultCache;
 use ballast_worker::results::hot::HotStore;
 use ballast_worker::results::{Granularity, Slot, Stored};
 use common::eventually;
-use kube::api::Api;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use mysql_async::prelude::Queryable;
 use serde_json::json;
 
@@ -95,6 +98,7 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// A pipeline on the stack with its operator and workers running.
 struct Running {
     aps: Api<AnalyticsPipeline>,
+    leases: Api<Lease>,
     pipeline: String,
     db: mysql_async::Conn,
     hot: Store,
@@ -111,7 +115,7 @@ impl Running {
             json!({"periodSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 2, "successThreshold": 2});
         let policy = json!({
             "mq": {"probe": probe},
-            "kv": {"probe": probe, "slaveScaleFactor": 2, "retentionSeconds": 30, "readinessTimeoutSeconds": 120},
+            "kv": {"probe": probe, "slaveScaleFactor": 2, "retentionSeconds": 600, "readinessTimeoutSeconds": 120},
             "mysql": {"probe": probe}, "cache": {"probe": probe}, "cold": {"probe": probe},
         });
         let patch =
@@ -152,7 +156,8 @@ impl Running {
             .get_connection_manager()
             .await?;
         Ok(Self {
-            aps: Api::namespaced(client, &ns),
+            aps: Api::namespaced(client.clone(), &ns),
+            leases: Api::namespaced(client, &ns),
             pipeline,
             db,
             hot: Store::Hot(hot),
@@ -170,6 +175,17 @@ impl Running {
                 .and_then(|s| s.dependencies.get(dependency).map(|d| d.mode))
                 .unwrap_or(Mode::Normal);
             Ok((now == mode).then_some(()))
+        })
+        .await
+    }
+
+    /// Waits until `n` slaves hold ready Leases.
+    async fn until_slaves(&self, n: usize) -> anyhow::Result<()> {
+        let selector = ballast_worker::membership::selector(&self.pipeline, "slave");
+        eventually(&format!("{n} ready slaves"), 120, || async {
+            let list = self.leases.list(&ListParams::default().labels(&selector)).await?;
+            let ready = ballast_worker::membership::ready_members(&list.items, Timestamp::now());
+            Ok((ready.len() == n).then_some(()))
         })
         .await
     }
@@ -210,6 +226,19 @@ async fn kv_failure_keeps_hourly_results_from_slave_memory_and_windows_resume_af
     stack_script(&["stop", "redis-kv"])?;
     p.until_mode(Dependency::Kv, Mode::Degraded).await?;
     let rows = p.feed(&mut stream).await?;
+    let want = p.expect(HOUR_MS, &rows).await?;
+    until_equal(&p.hot, &p.pipeline, Granularity::Hour, &want, 90).await?;
+
+    // Two more slaves join while it is down (the base grows from 2 to 3, times
+    // the scale factor): the merchants the ring now gives them are handed over
+    // with the events already held, so each hour-to-date still covers all of
+    // its merchant's events, not just those routed after the join.
+    let grow = json!({"spec": {"roles": {"slave": {"replicas": 3}}}});
+    p.aps
+        .patch(&p.pipeline, &PatchParams::default(), &Patch::Merge(&grow))
+        .await?;
+    p.until_slaves(6).await?;
+    p.feed(&mut stream).await?;
     let want = p.expect(HOUR_MS, &rows).await?;
     until_equal(&p.hot, &p.pipeline, Granularity::Hour, &want, 90).await?;
 

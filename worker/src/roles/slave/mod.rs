@@ -2,9 +2,12 @@
 //! compute tasks the master sends (`Compute`, see `compute`) and reports its
 //! load (`Load`); and, while the KV store is down, receives the events the
 //! intake routes to it (`Deliver`), holds them in memory for the policy's
-//! retention under a hard memory bound, and reports what it holds (`Holdings`).
+//! retention under a hard memory bound, and reports what it holds (`Holdings`);
+//! when the membership gives some of its merchants to another slave, it hands
+//! their events over (`handoff`).
 
 pub mod compute;
+pub mod handoff;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -87,6 +90,7 @@ struct Metrics {
     expired: Counter,
     refused: Counter,
     held_bytes: Gauge,
+    handoff: handoff::Metrics,
 }
 
 impl Metrics {
@@ -102,6 +106,18 @@ impl Metrics {
             ),
             refused: counter(r, "batches_refused", "Batches refused at the memory bound"),
             held_bytes: gauge(r, "held_bytes", "Estimated bytes of events held in memory"),
+            handoff: handoff::Metrics {
+                handed_off: counter(
+                    r,
+                    "events_handed_off",
+                    "Events handed to the slave that now owns their merchant, then dropped here",
+                ),
+                failures: counter(
+                    r,
+                    "handoff_failures",
+                    "Hand-off deliveries that failed (the events stay and are offered again)",
+                ),
+            },
         }
     }
 }
@@ -228,7 +244,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         sql,
         stores,
         store.clone(),
-        modes,
+        modes.clone(),
         config.slots,
         compute_metrics,
     ));
@@ -259,6 +275,21 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         member,
         ready,
         leaving.clone(),
+    ));
+
+    let handoff = tokio::spawn(handoff::run(
+        config.identity.clone(),
+        store.clone(),
+        membership::follow(
+            deps.client.clone(),
+            &config.namespace,
+            &config.pipeline,
+            "slave",
+            shutdown.clone(),
+        ),
+        modes,
+        metrics.handoff.clone(),
+        shutdown.clone(),
     ));
 
     let expiry = {
@@ -296,6 +327,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
     leaving.cancel();
     let _ = tokio::time::timeout(config.drain, membership).await;
     expiry.abort();
+    handoff.abort();
     let _ = tokio::time::timeout(config.drain, health).await;
     result.map_err(Error::from)
 }

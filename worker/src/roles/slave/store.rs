@@ -2,7 +2,7 @@
 //! by window and merchant, deduplicated by event id, kept for the retention,
 //! under a hard memory bound. Pure: time comes in as an argument.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::wire::ChangeEvent;
 
@@ -178,6 +178,69 @@ impl Store {
             .map_or(&[], Vec::as_slice)
     }
 
+    /// Every merchant with events held, in any window.
+    pub fn merchants(&self) -> BTreeSet<&str> {
+        self.windows
+            .values()
+            .flat_map(|w| w.by_merchant.keys().map(String::as_str))
+            .collect()
+    }
+
+    /// Copies of every held event of `merchants`, oldest window first.
+    pub fn events_of(&self, merchants: &BTreeSet<String>) -> Vec<ChangeEvent> {
+        self.windows
+            .values()
+            .flat_map(|w| merchants.iter().filter_map(|m| w.by_merchant.get(m)).flatten())
+            .cloned()
+            .collect()
+    }
+
+    /// Removes `events` (matched by window, merchant and id), freeing their
+    /// bytes; returns how many of them were held.
+    pub fn remove(&mut self, events: &[ChangeEvent]) -> u64 {
+        let mut places: BTreeMap<(i64, &str), HashSet<&str>> = BTreeMap::new();
+        for event in events {
+            places
+                .entry((self.window_of(event.event_time_ms), event.merchant_id.as_str()))
+                .or_default()
+                .insert(event.event_id.as_str());
+        }
+        let mut removed = 0;
+        for ((start, merchant), gone) in places {
+            let Some(window) = self.windows.get_mut(&start) else {
+                continue;
+            };
+            let Window {
+                by_merchant,
+                ids,
+                events,
+                bytes,
+            } = window;
+            let Some(held) = by_merchant.get_mut(merchant) else {
+                continue;
+            };
+            held.retain(|event| {
+                let keep = !gone.contains(event.event_id.as_str());
+                if !keep {
+                    ids.remove(&event.event_id);
+                    let size = size_of(event);
+                    *bytes -= size;
+                    self.bytes -= size;
+                    *events -= 1;
+                    removed += 1;
+                }
+                keep
+            });
+            if held.is_empty() {
+                by_merchant.remove(merchant);
+            }
+            if *events == 0 {
+                self.windows.remove(&start);
+            }
+        }
+        removed
+    }
+
     /// Estimated bytes held.
     pub fn bytes(&self) -> u64 {
         self.bytes
@@ -263,6 +326,36 @@ mod tests {
         // Events older than the retention are refused on arrival, but acknowledged as expired.
         let late = store.insert(vec![event("c", "m", 0)], 3 * MIN).expect("fits");
         assert_eq!((late.accepted, late.expired), (0, 1));
+    }
+
+    #[test]
+    fn a_merchant_handed_away_leaves_nothing_behind() {
+        let mut store = Store::new(MIN, 60 * MIN, 1 << 20);
+        let batch = vec![
+            event("a", "m1", 10),
+            event("b", "m2", 20),
+            event("c", "m1", MIN + 5),
+        ];
+        store.insert(batch, MIN + 10).expect("fits");
+        let full = store.bytes();
+        assert_eq!(store.merchants(), BTreeSet::from(["m1", "m2"]));
+        let m1 = store.events_of(&BTreeSet::from(["m1".to_owned()]));
+        let ids: Vec<&str> = m1.iter().map(|e| e.event_id.as_str()).collect();
+        assert_eq!(ids, ["a", "c"], "every window, oldest first");
+        // An event stored since the copy was taken stays: only what was handed over goes.
+        store.insert(vec![event("d", "m1", 30)], MIN + 10).expect("fits");
+        assert_eq!(store.remove(&m1), 2);
+        assert_eq!(store.merchants(), BTreeSet::from(["m1", "m2"]));
+        assert_eq!(store.merchant(0, "m1").len(), 1);
+        assert_eq!(store.holdings().len(), 1, "the emptied window is gone");
+        assert_eq!(
+            store.bytes(),
+            full - size_of(&m1[0]) - size_of(&m1[1]) + size_of(&event("d", "m1", 30))
+        );
+        assert_eq!(store.remove(&m1), 0, "removing twice removes nothing");
+        // A handed-over event may come back (ownership moved again): it is not a duplicate.
+        let back = store.insert(vec![event("a", "m1", 10)], MIN + 10).expect("fits");
+        assert_eq!(back.accepted, 1);
     }
 
     #[test]

@@ -1,0 +1,201 @@
+//! Hands the events of merchants this slave no longer owns to the slave that
+//! does. When a slave joins while the KV store is down, the intake routes a
+//! quarter of the merchants to it from then on; without the hand-off each of
+//! those merchants' hour-to-date would be computed twice, over two halves of
+//! its events, and the later write would silently replace the other half.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ballast_crds::Dependency;
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::lock;
+use super::store::Store;
+use crate::modes::Modes;
+use crate::routing::Ring;
+use crate::wire::EventBatch;
+use crate::wire::slave_client::SlaveClient;
+
+/// The live, ready slaves: identity → address.
+pub type Members = BTreeMap<String, String>;
+
+/// How often the held merchants are checked against the membership.
+const EVERY: Duration = Duration::from_secs(1);
+
+/// Events per `Deliver` call: the intake's batch size, well inside the gRPC window.
+const BATCH: usize = 1_000;
+
+/// Which held merchants another live slave owns now: owner → merchants. Pure.
+///
+/// Nothing moves while this slave is missing from `members` (not ready yet,
+/// or leaving): a ring without it would give every merchant away.
+pub fn misplaced<'a>(
+    held: impl IntoIterator<Item = &'a str>,
+    members: &Members,
+    me: &str,
+) -> BTreeMap<String, BTreeSet<String>> {
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    if !members.contains_key(me) {
+        return out;
+    }
+    let ring = Ring::new(members.keys().cloned());
+    for merchant in held {
+        match ring.owner(merchant) {
+            Some(owner) if owner != me => {
+                out.entry(owner.to_owned())
+                    .or_default()
+                    .insert(merchant.to_owned());
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The hand-off's counters (`ballast_slave_*`).
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    /// Events the new owner acknowledged, then dropped here.
+    pub handed_off: Counter,
+    /// `Deliver` calls to a new owner that failed (the events stay here and are offered again).
+    pub failures: Counter,
+}
+
+/// The hand-off loop of slave `me`: every second, the events of merchants
+/// that `members` gives to another slave are delivered to it and, once it
+/// acknowledged them, dropped here. A failed delivery keeps them for the next
+/// round, so nothing is lost in between (at worst both slaves hold them for a while).
+#[tracing::instrument(skip_all, fields(identity = %me))]
+pub async fn run(
+    me: String,
+    store: Arc<Mutex<Store>>,
+    members: watch::Receiver<Members>,
+    modes: watch::Receiver<Modes>,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) {
+    let mut clients: HashMap<String, SlaveClient<tonic::transport::Channel>> = HashMap::new();
+    let mut ticker = tokio::time::interval(EVERY);
+    while tokio::select! { () = shutdown.cancelled() => false, _ = ticker.tick() => true } {
+        let view = members.borrow().clone();
+        let plan = misplaced(lock(&store).merchants(), &view, &me);
+        let epoch = modes.borrow().get(Dependency::Kv).1;
+        for (owner, merchants) in plan {
+            let Some(address) = view.get(&owner) else { continue };
+            let events = lock(&store).events_of(&merchants);
+            let mut moved = 0;
+            for chunk in events.chunks(BATCH) {
+                match deliver(&mut clients, address, chunk, epoch).await {
+                    Ok(()) => moved += lock(&store).remove(chunk),
+                    Err(error) => {
+                        metrics.failures.inc();
+                        clients.remove(address);
+                        tracing::warn!(to = %owner, %error, "handing off events failed; they stay here until the next round");
+                        break;
+                    }
+                }
+            }
+            if moved > 0 {
+                metrics.handed_off.inc_by(moved);
+                tracing::info!(
+                    to = %owner, merchants = merchants.len(), events = moved,
+                    "handed off the events of merchants the ring now gives to another slave"
+                );
+            }
+        }
+    }
+}
+
+/// Delivers one chunk to the slave at `address`, connecting on first use.
+async fn deliver(
+    clients: &mut HashMap<String, SlaveClient<tonic::transport::Channel>>,
+    address: &str,
+    events: &[crate::wire::ChangeEvent],
+    epoch: i64,
+) -> Result<(), String> {
+    if !clients.contains_key(address) {
+        let client = SlaveClient::connect(format!("http://{address}"))
+            .await
+            .map_err(|e| e.to_string())?;
+        clients.insert(address.to_owned(), client);
+    }
+    let client = clients.get_mut(address).ok_or("client vanished")?;
+    client
+        .deliver(EventBatch {
+            events: events.to_vec(),
+            epoch,
+        })
+        .await
+        .map(drop)
+        .map_err(|status| format!("{}: {}", status.code(), status.message()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn members(names: &[&str]) -> Members {
+        names
+            .iter()
+            .map(|n| ((*n).to_owned(), format!("{n}:1")))
+            .collect()
+    }
+
+    #[test]
+    fn only_merchants_another_live_slave_owns_move_and_only_to_it() {
+        let held: Vec<String> = (0..200).map(|m| format!("m{m}")).collect();
+        let three = members(&["s-0", "s-1", "s-2"]);
+        let four = members(&["s-0", "s-1", "s-2", "s-3"]);
+        let without_me = members(&["s-1", "s-2", "s-3"]);
+        let ring3 = Ring::new(three.keys().cloned());
+        let ring4 = Ring::new(four.keys().cloned());
+        // s-0 holds the merchants the three-slave ring gave it.
+        let mine: Vec<&str> = held
+            .iter()
+            .map(String::as_str)
+            .filter(|m| ring3.owner(m) == Some("s-0"))
+            .collect();
+        // (members, me, expected owners → merchant count)
+        let cases: Vec<(&Members, &str, BTreeMap<String, usize>)> = vec![
+            // Same membership: everything is where it belongs.
+            (&three, "s-0", BTreeMap::new()),
+            // s-3 joined: exactly the merchants the new ring gives it move, all to it.
+            (
+                &four,
+                "s-0",
+                BTreeMap::from([(
+                    "s-3".to_owned(),
+                    mine.iter().filter(|m| ring4.owner(m) == Some("s-3")).count(),
+                )]),
+            ),
+            // This slave is not in its own view (not ready, or leaving): nothing moves.
+            (&without_me, "s-0", BTreeMap::new()),
+        ];
+        for (i, (view, me, want)) in cases.into_iter().enumerate() {
+            let got: BTreeMap<String, usize> = misplaced(mine.iter().copied(), view, me)
+                .into_iter()
+                .map(|(owner, merchants)| (owner, merchants.len()))
+                .collect();
+            assert_eq!(got, want, "case {i}");
+        }
+        let moving = misplaced(mine.iter().copied(), &four, "s-0");
+        assert!(moving.values().flatten().all(|m| ring4.owner(m) == Some("s-3")));
+        assert!(!moving.is_empty(), "200 merchants and a fourth slave: some move");
+    }
+
+    #[test]
+    fn a_slave_that_left_takes_nothing_and_its_merchants_stay_put_elsewhere() {
+        // s-1 holds its own merchants; s-0 leaves the view: s-1 still owns them all.
+        let ring = Ring::new(["s-0", "s-1", "s-2"]);
+        let held: Vec<String> = (0..200)
+            .map(|m| format!("m{m}"))
+            .filter(|m| ring.owner(m) == Some("s-1"))
+            .collect();
+        let plan = misplaced(held.iter().map(String::as_str), &members(&["s-1", "s-2"]), "s-1");
+        assert!(plan.is_empty(), "{plan:?}");
+    }
+}
