@@ -1,12 +1,13 @@
 //! `ballast-worker slave` as a process against the local stack's API server:
 //! it joins the membership, stores routed events (deduplicated) within its
-//! memory bound, reports its holdings, and leaves the membership on SIGTERM.
+//! memory bound, reports its holdings, and leaves the membership on SIGTERM;
+//! it refuses to compute a span whose events have partly aged out of memory.
 
 use std::time::{Duration, Instant};
 
 use ballast_e2e::Stack;
 use ballast_worker::wire::slave_client::SlaveClient;
-use ballast_worker::wire::{ChangeEvent, EventBatch, HoldingsRequest};
+use ballast_worker::wire::{ChangeEvent, ComputeTask, DataSource, EventBatch, Granularity, HoldingsRequest};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams};
@@ -18,6 +19,26 @@ fn event(id: &str, merchant: &str, time_ms: i64, columns: Vec<u8>) -> ChangeEven
 
 async fn lease(leases: &Api<Lease>, name: &str) -> anyhow::Result<Option<Lease>> {
     Ok(leases.get_opt(name).await?)
+}
+
+/// Waits until `name`'s Lease says ready; returns the address it advertises.
+async fn joined(leases: &Api<Lease>, name: &str) -> anyhow::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let found = lease(leases, name).await?;
+        let annotations = found.and_then(|l| l.metadata.annotations).unwrap_or_default();
+        if annotations.get("ballast.dev/ready").map(String::as_str) == Some("true") {
+            return Ok(annotations
+                .get("ballast.dev/address")
+                .cloned()
+                .unwrap_or_default());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "slave did not join the membership within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test]
@@ -36,22 +57,7 @@ async fn slave_joins_stores_routed_events_and_leaves_on_sigterm() -> anyhow::Res
 
     // It joins: a ready Lease naming its address.
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let address = loop {
-        let found = lease(&leases, "shop-slave-0").await?;
-        let annotations = found.and_then(|l| l.metadata.annotations).unwrap_or_default();
-        if annotations.get("ballast.dev/ready").map(String::as_str) == Some("true") {
-            break annotations
-                .get("ballast.dev/address")
-                .cloned()
-                .unwrap_or_default();
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "slave did not join the membership within 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let address = joined(&leases, "shop-slave-0").await?;
     assert_eq!(
         leases
             .get("shop-slave-0")
@@ -124,6 +130,72 @@ async fn slave_joins_stores_routed_events_and_leaves_on_sigterm() -> anyhow::Res
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     drop(slave);
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(client)
+        .delete(&ns, &DeleteParams::default())
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_memory_task_reaching_back_before_the_retention_is_refused_not_computed_partially()
+-> anyhow::Result<()> {
+    let stack = Stack::discover();
+    let client = stack.kube_client().await?;
+    let (ns, pipeline) = stack
+        .pipeline_fixture_with(
+            &client,
+            "slave-aged",
+            json!({"kv": {"retentionSeconds": 10}}),
+            json!({"compute": {"windowSeconds": 1}}),
+        )
+        .await?;
+    let worker = std::path::Path::new(env!("CARGO_BIN_EXE_ballast-worker"));
+    let _slave = stack.worker(worker, "slave", &ns, &pipeline, "aged-slave-0")?;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let mut grpc = SlaveClient::connect(format!("http://{}", joined(&leases, "aged-slave-0").await?)).await?;
+
+    // Events 8 s old: inside the 10 s retention on arrival, outside it seconds later.
+    let then = Timestamp::now().as_millisecond() - 8_000;
+    let events = vec![event("old-1", "m1", then, b"{}".to_vec())];
+    let reply = grpc.deliver(EventBatch { events, epoch: 1 }).await?.into_inner();
+    assert_eq!(reply.accepted, 1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !grpc
+        .holdings(HoldingsRequest {})
+        .await?
+        .into_inner()
+        .windows
+        .is_empty()
+    {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the aged window was not dropped within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // An hour-to-date task from before the drop would compute over what is
+    // left, and replace the result computed while the span was whole.
+    let start = then - then.rem_euclid(3_600_000);
+    let status = grpc
+        .compute(ComputeTask {
+            task_id: format!("hour/{start}/aged-slave-0"),
+            window_start_ms: start,
+            window_end_ms: start + 3_600_000,
+            version: 1,
+            granularity: Granularity::Hour.into(),
+            source: DataSource::Memory.into(),
+            partition: 0,
+            partitions: 1,
+        })
+        .await
+        .expect_err("a span partly aged out must not be computed");
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{}", status.message());
+    assert!(
+        status.message().contains("expired from memory"),
+        "{}",
+        status.message()
+    );
     Api::<k8s_openapi::api::core::v1::Namespace>::all(client)
         .delete(&ns, &DeleteParams::default())
         .await?;

@@ -149,6 +149,8 @@ pub fn classify(status: &tonic::Status) -> Failure {
     // Statuses the slave itself returns carry no source; transport failures do.
     if std::error::Error::source(status).is_some() {
         Failure::Unreachable
+    } else if status.code() == tonic::Code::OutOfRange {
+        Failure::Expired
     } else {
         Failure::Failed
     }

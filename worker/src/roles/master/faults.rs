@@ -46,6 +46,10 @@ pub enum Failure {
     Unreachable,
     /// The slave ran the task and it failed (a store, the SQL, the data).
     Failed,
+    /// The task's data is no longer whole (events aged out of a slave's
+    /// memory): no attempt anywhere can succeed, and a partial result would
+    /// replace the one computed while it was whole.
+    Expired,
 }
 
 /// What to do with a failed task.
@@ -63,6 +67,8 @@ pub enum Action {
         /// When it is tried again.
         until_ms: i64,
     },
+    /// Give it up: its last stored result stands.
+    Drop,
 }
 
 /// A failed attempt and what the master knows of the task's history.
@@ -92,6 +98,9 @@ pub fn on_failure(policy: &FaultPolicy, failed: &Failed<'_>, now_ms: i64) -> Act
         live_slaves,
         rounds,
     } = *failed;
+    if failure == Failure::Expired {
+        return Action::Drop;
+    }
     let exhausted: BTreeSet<String> = failures
         .iter()
         .filter(|(name, n)| {
@@ -216,6 +225,23 @@ mod tests {
                 Action::Delay {
                     until_ms: 1_000 + 5_000,
                 },
+            ),
+            // Data aged out of memory is given up at the first attempt, pinned or not.
+            (
+                failures(&[("a", 1)]),
+                "a",
+                Failure::Expired,
+                true,
+                3,
+                Action::Drop,
+            ),
+            (
+                failures(&[("a", 1)]),
+                "a",
+                Failure::Expired,
+                false,
+                3,
+                Action::Drop,
             ),
         ];
         for (i, (failures, slave, failure, pinned, live_slaves, want)) in cases.into_iter().enumerate() {

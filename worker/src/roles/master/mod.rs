@@ -101,7 +101,7 @@ impl Metrics {
         let tasks = Family::default();
         r.register(
             "tasks",
-            "Task events by outcome: dispatched, done, stale, retried, reassigned, delayed, slave_gone, hung, recomputed",
+            "Task events by outcome: dispatched, done, stale, retried, reassigned, delayed, slave_gone, hung, expired, recomputed",
             tasks.clone(),
         );
         Self {
@@ -132,6 +132,7 @@ impl Metrics {
             Outcome::Delayed => "delayed",
             Outcome::SlaveGone => "slave_gone",
             Outcome::Hung => "hung",
+            Outcome::Expired => "expired",
         };
         self.tasks.get_or_create(&[("outcome", label)]).inc();
     }

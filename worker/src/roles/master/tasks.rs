@@ -173,6 +173,8 @@ pub enum Outcome {
     SlaveGone,
     /// Ran far beyond its estimate: it will run elsewhere under a new version.
     Hung,
+    /// Its data aged out of memory: given up, its last stored result stands.
+    Expired,
 }
 
 /// The task table of the active master.
@@ -469,6 +471,10 @@ impl Table {
             rounds: task.rounds,
         };
         let (phase, outcome) = match faults::on_failure(&self.policy, &failed, now_ms) {
+            Action::Drop => {
+                self.tasks.remove(key);
+                return Outcome::Expired;
+            }
             Action::Retry => (
                 Phase::Pending {
                     only: Some(slave),

@@ -17,7 +17,7 @@ use tokio::sync::{Semaphore, watch};
 use tonic::Status;
 
 use super::lock;
-use super::store::Store;
+use super::store::{SpanExpired, Store};
 use crate::compute::engine::{self, Sql};
 use crate::compute::{ComputeError, MerchantResult};
 use crate::health::counter;
@@ -100,6 +100,8 @@ enum TaskError {
     CacheConnect(redis::RedisError),
     #[error("task {0} has no valid granularity or source")]
     Malformed(String),
+    #[error(transparent)]
+    Expired(#[from] SpanExpired),
 }
 
 impl From<TaskError> for Status {
@@ -111,6 +113,8 @@ impl From<TaskError> for Status {
             TaskError::Compute(_) => Status::invalid_argument(message),
             TaskError::Malformed(_) => Status::invalid_argument(message),
             TaskError::Kv(KvError::Corrupt { .. }) => Status::data_loss(message),
+            // Not retryable: the data will never be whole again here.
+            TaskError::Expired(_) => Status::out_of_range(message),
             _ => Status::unavailable(message),
         }
     }
@@ -201,7 +205,7 @@ impl Computer {
         };
         let events = match DataSource::try_from(task.source) {
             Ok(DataSource::Kv) => self.read_kv(task).await?,
-            Ok(DataSource::Memory) => lock(&self.memory).span(task.window_start_ms, task.window_end_ms),
+            Ok(DataSource::Memory) => lock(&self.memory).span(task.window_start_ms, task.window_end_ms)?,
             _ => return Err(malformed()),
         };
         self.metrics.events.inc_by(events.len() as u64);

@@ -21,6 +21,20 @@ pub enum StoreError {
     },
 }
 
+/// A span reaching back before what the retention kept: computed over what is
+/// left, it would be partial, and would replace a result computed while whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "events before {expired_until_ms} have expired from memory (the policy's retention), \
+     so the span from {start_ms} is no longer whole; the result computed while it was stands"
+)]
+pub struct SpanExpired {
+    /// Start of the span asked for.
+    pub start_ms: i64,
+    /// Windows starting before this were dropped for age.
+    pub expired_until_ms: i64,
+}
+
 /// What one stored batch did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Stored {
@@ -60,6 +74,8 @@ pub struct Store {
     max_bytes: u64,
     windows: BTreeMap<i64, Window>,
     bytes: u64,
+    /// Windows starting before this were dropped for age.
+    expired_until_ms: i64,
 }
 
 /// Estimated memory of one event: its strings and columns plus a fixed overhead.
@@ -77,6 +93,7 @@ impl Store {
             max_bytes,
             windows: BTreeMap::new(),
             bytes: 0,
+            expired_until_ms: i64::MIN,
         }
     }
 
@@ -132,8 +149,12 @@ impl Store {
 
     /// Drops windows older than the retention; returns how many events went.
     pub fn expire(&mut self, now_ms: i64) -> u64 {
-        let keep = self.windows.split_off(&self.horizon(now_ms));
+        let horizon = self.horizon(now_ms);
+        let keep = self.windows.split_off(&horizon);
         let dropped = std::mem::replace(&mut self.windows, keep);
+        if !dropped.is_empty() {
+            self.expired_until_ms = self.expired_until_ms.max(horizon);
+        }
         let (events, bytes) = dropped
             .values()
             .fold((0, 0), |(e, b), w| (e + w.events, b + w.bytes));
@@ -161,13 +182,21 @@ impl Store {
             .flat_map(|w| w.by_merchant.values().flatten())
     }
 
-    /// Events of the windows starting in `[start_ms, end_ms)`, all merchants, cloned.
-    pub fn span(&self, start_ms: i64, end_ms: i64) -> Vec<ChangeEvent> {
-        self.windows
+    /// Events of the windows starting in `[start_ms, end_ms)`, all merchants,
+    /// cloned; refused when windows of the span were already dropped for age.
+    pub fn span(&self, start_ms: i64, end_ms: i64) -> Result<Vec<ChangeEvent>, SpanExpired> {
+        if start_ms < self.expired_until_ms {
+            return Err(SpanExpired {
+                start_ms,
+                expired_until_ms: self.expired_until_ms,
+            });
+        }
+        Ok(self
+            .windows
             .range(start_ms..end_ms.max(start_ms))
             .flat_map(|(_, w)| w.by_merchant.values().flatten())
             .cloned()
-            .collect()
+            .collect())
     }
 
     /// Events of one window for one merchant.
@@ -275,10 +304,10 @@ mod tests {
         assert_eq!(store.merchant(0, "m1").len(), 1);
         assert_eq!(store.window(0).count(), 2);
         assert_eq!(store.merchant(MIN, "m1")[0].event_id, "c");
-        assert_eq!(store.span(0, 2 * MIN).len(), 3, "both windows");
+        assert_eq!(store.span(0, 2 * MIN).map(|s| s.len()), Ok(3), "both windows");
         assert_eq!(
-            store.span(MIN, 2 * MIN).len(),
-            1,
+            store.span(MIN, 2 * MIN).map(|s| s.len()),
+            Ok(1),
             "end is exclusive of earlier windows"
         );
         let held = store.holdings();
@@ -320,9 +349,23 @@ mod tests {
         assert_eq!(store.holdings().len(), 2);
         let before = store.bytes();
         // ...a minute later the first has aged out.
+        assert_eq!(store.span(0, 3 * MIN).map(|s| s.len()), Ok(2));
         assert_eq!(store.expire(3 * MIN), 1);
         assert_eq!(store.holdings().len(), 1);
         assert!(store.bytes() < before);
+        // A span reaching back into it is no longer whole: refused, not computed partially.
+        assert_eq!(
+            store.span(0, 3 * MIN),
+            Err(SpanExpired {
+                start_ms: 0,
+                expired_until_ms: MIN
+            })
+        );
+        assert_eq!(
+            store.span(MIN, 3 * MIN).map(|s| s.len()),
+            Ok(1),
+            "what is whole still is"
+        );
         // Events older than the retention are refused on arrival, but acknowledged as expired.
         let late = store.insert(vec![event("c", "m", 0)], 3 * MIN).expect("fits");
         assert_eq!((late.accepted, late.expired), (0, 1));

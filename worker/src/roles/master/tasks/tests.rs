@@ -176,6 +176,17 @@ fn an_hour_task_stays_pinned_to_the_slave_holding_its_data_and_widens() {
 }
 
 #[test]
+fn an_hour_task_whose_data_aged_out_is_given_up_not_retried() {
+    let mut t = table(1);
+    t.plan_hour(0, W, "b", 5);
+    let sent = t.dispatch(0, &loads(&["a", "b"]), &Estimator::default(), 1, 10);
+    let key = sent[0].planned.key.clone();
+    let outcome = t.completed(&key, sent[0].version, Err(Failure::Expired), 2, 0);
+    assert_eq!(outcome, Outcome::Expired);
+    assert_eq!(t.open(), 0, "its last stored result stands");
+}
+
+#[test]
 fn a_window_that_gains_late_events_is_computed_again_within_the_horizon() {
     let mut t = table(1);
     t.plan_window(0, W, 10, 1);
