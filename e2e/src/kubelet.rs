@@ -62,6 +62,20 @@ impl Kubelet {
             .cloned()
             .collect()
     }
+
+    /// Kills `pod`'s process outright (SIGKILL: a crash, no draining); it is
+    /// started again like any exited container. `false` if it was not running.
+    pub fn crash(&self, pod: &str) -> std::io::Result<bool> {
+        let mut pods = self.pods.lock().unwrap_or_else(PoisonError::into_inner);
+        match pods.get_mut(pod) {
+            Some(child) => {
+                child.kill()?;
+                child.wait()?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
 }
 
 impl Drop for Kubelet {

@@ -1,7 +1,8 @@
 //! The whole pipeline run by the operator (workloads through the e2e stand-in
 //! kubelet) while a store fails, with results equal to MariaDB's expectation
 //! over the raw rows of each period: while the KV store is down, hourly
-//! results from the slaves' memory (whole although slaves join meanwhile);
+//! results from the slaves' memory (whole although slaves join meanwhile,
+//! and a slave's crash reported by the master with what it held);
 //! while the hot MySQL is down, results in
 //! the cache only; window results in MySQL again after each.
 
@@ -18,6 +19,8 @@ use ballast_e2e::{Stack, stack_script};
 use ballast_worker::results::cache::ResultCache;
 use ballast_worker::results::hot::HotStore;
 use ballast_worker::results::{Granularity, Slot, Stored};
+use ballast_worker::wire::HoldingsRequest;
+use ballast_worker::wire::slave_client::SlaveClient;
 use common::eventually;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::Timestamp;
@@ -104,7 +107,8 @@ struct Running {
     hot: Store,
     cache: Store,
     _operator: ballast_e2e::KillOnDrop,
-    _kubelet: Kubelet,
+    kubelet: Kubelet,
+    logs: std::path::PathBuf,
 }
 
 impl Running {
@@ -163,7 +167,8 @@ impl Running {
             hot: Store::Hot(hot),
             cache: Store::Cache(ResultCache::new(cache)),
             _operator: operator,
-            _kubelet: kubelet,
+            kubelet,
+            logs,
         })
     }
 
@@ -186,6 +191,34 @@ impl Running {
             let list = self.leases.list(&ListParams::default().labels(&selector)).await?;
             let ready = ballast_worker::membership::ready_members(&list.items, Timestamp::now());
             Ok((ready.len() == n).then_some(()))
+        })
+        .await
+    }
+
+    /// The ready slave holding the most events in memory, and how many.
+    async fn fullest_slave(&self) -> anyhow::Result<(String, u64)> {
+        let selector = ballast_worker::membership::selector(&self.pipeline, "slave");
+        let list = self.leases.list(&ListParams::default().labels(&selector)).await?;
+        let mut fullest = (String::new(), 0);
+        for (slave, address) in ballast_worker::membership::ready_members(&list.items, Timestamp::now()) {
+            let mut client = SlaveClient::connect(format!("http://{address}")).await?;
+            let windows = client.holdings(HoldingsRequest {}).await?.into_inner().windows;
+            let events = windows.iter().map(|w| w.events).sum::<u64>();
+            if events > fullest.1 {
+                fullest = (slave, events);
+            }
+        }
+        Ok(fullest)
+    }
+
+    /// Waits until either master's log has `words`.
+    async fn until_master_logged(&self, words: &str, secs: u64) -> anyhow::Result<()> {
+        eventually(&format!("a master logging {words:?}"), secs, || async {
+            let logged = ["master-0", "master-1"].iter().any(|m| {
+                let path = self.logs.join(format!("{}-{m}.log", self.pipeline));
+                std::fs::read_to_string(path).unwrap_or_default().contains(words)
+            });
+            Ok(logged.then_some(()))
         })
         .await
     }
@@ -241,6 +274,15 @@ async fn kv_failure_keeps_hourly_results_from_slave_memory_and_windows_resume_af
     p.feed(&mut stream).await?;
     let want = p.expect(HOUR_MS, &rows).await?;
     until_equal(&p.hot, &p.pipeline, Granularity::Hour, &want, 90).await?;
+
+    // A slave crashes (killed outright; the kubelet starts it again as a new
+    // process): what it held is gone, and the master says exactly how much,
+    // from what that slave last reported holding.
+    let (victim, held) = p.fullest_slave().await?;
+    anyhow::ensure!(held > 0, "no slave holds events");
+    anyhow::ensure!(p.kubelet.crash(&victim)?, "{victim} was not running");
+    p.until_master_logged(&format!("slave={victim} events={held}"), 60)
+        .await?;
 
     // Back: windows from the KV store again.
     stack_script(&["up"])?;

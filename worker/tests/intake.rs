@@ -248,8 +248,9 @@ async fn intake_stores_each_event_once_dead_letters_garbage_and_follows_the_kv_m
         Ok(held(&addresses).await? == want)
     })
     .await?;
-    // A slave leaves mid-stream: its merchants go to the others, and the events it
-    // held are reported lost in the intake's log (and metric), not hidden.
+    // A slave leaves mid-stream: its merchants go to the others, and the rest
+    // stay where they are. (What it held is lost with it; the master reports
+    // that, from what the slaves report holding: see the degraded scenario.)
     slaves[0].signal("-TERM")?;
     until("s-0 left", 30, async || Ok(!members().await?.contains_key("s-0"))).await?;
     until_logged(&intake_log, "members=s-1,s-2,s-3", 30).await?;
@@ -265,11 +266,6 @@ async fn intake_stores_each_event_once_dead_letters_garbage_and_follows_the_kv_m
         Ok(held(&addresses).await? == want)
     })
     .await?;
-    let log = std::fs::read_to_string(&intake_log)?;
-    assert!(
-        log.contains("slave left while the KV store is down"),
-        "the loss was not reported"
-    );
     assert_eq!(
         kv_count(&mut kv, &windows).await?,
         400,

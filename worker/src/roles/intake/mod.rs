@@ -99,7 +99,6 @@ struct Metrics {
     duplicates: Counter,
     dead_letters: Counter,
     write_failures: Counter,
-    lost: Counter,
 }
 
 impl Metrics {
@@ -115,11 +114,6 @@ impl Metrics {
             duplicates: counter(r, "events_duplicate", "Redelivered events already stored"),
             dead_letters: counter(r, "dead_letters", "Messages sent to the dead-letter topic"),
             write_failures: counter(r, "write_failures", "Batch writes that failed and were retried"),
-            lost: counter(
-                r,
-                "events_lost",
-                "Events held by slaves that left while the KV store was down",
-            ),
         }
     }
 
@@ -212,9 +206,8 @@ async fn store(
                 metrics.duplicates.inc_by(duplicates);
                 break;
             }
-            Ok(Stored::Slaves { accepted, lost }) => {
+            Ok(Stored::Slaves { accepted }) => {
                 metrics.to_slaves.inc_by(accepted);
-                metrics.lost.inc_by(lost);
                 break;
             }
             Err(error) => {

@@ -4,7 +4,6 @@
 use std::collections::{BTreeMap, HashMap};
 
 use ballast_crds::{Dependency, Mode};
-use k8s_openapi::jiff::Timestamp;
 use tokio::sync::watch;
 
 use super::route::{self, Route, Slaves};
@@ -25,13 +24,11 @@ pub enum Stored {
         /// Events it already held.
         duplicates: u64,
     },
-    /// To the slaves: events they accepted.
+    /// To the slaves: events they accepted. (What a slave holds is lost if it
+    /// goes: the master accounts for that from what each slave reports.)
     Slaves {
         /// Events accepted.
         accepted: u64,
-        /// Events held by slaves that left the membership since the last batch:
-        /// lost with them (reported, not hidden).
-        lost: u64,
     },
 }
 
@@ -41,8 +38,6 @@ pub struct Sink {
     mode: watch::Receiver<Modes>,
     slaves: watch::Receiver<Slaves>,
     clients: HashMap<String, SlaveClient<tonic::transport::Channel>>,
-    /// Events delivered to each slave since the KV store went down, and since when.
-    held: BTreeMap<String, (u64, Timestamp)>,
     /// Asks for a slave view listed after a switch; `None` when the view is
     /// given and exact (benches).
     refresh: Option<Refresh>,
@@ -68,7 +63,6 @@ impl Sink {
             mode,
             slaves,
             clients: HashMap::new(),
-            held: BTreeMap::new(),
             refresh,
             settled_epoch: None,
         }
@@ -78,11 +72,7 @@ impl Sink {
     /// concurrently on their own clone instead of queueing behind this sink.
     fn kv_route(&mut self) -> Option<KvStore> {
         let (kv_mode, _) = self.mode.borrow().get(Dependency::Kv);
-        route::to_kv(kv_mode).then(|| {
-            // Back on the KV store: what the slaves held is no longer the only copy to track.
-            self.held.clear();
-            self.kv.clone()
-        })
+        route::to_kv(kv_mode).then(|| self.kv.clone())
     }
 
     /// Stores a batch through a shared sink: on the KV route concurrent callers
@@ -119,50 +109,16 @@ impl Sink {
         }
         let current = route::route(kv_mode, epoch, &self.slaves.borrow());
         match current {
-            Route::Kv => {
-                // Back on the KV store: what the slaves held is no longer the only copy to track.
-                self.held.clear();
-                write_kv(&mut self.kv, events).await
-            }
+            Route::Kv => write_kv(&mut self.kv, events).await,
             Route::Slaves {
                 ring,
                 addresses,
                 epoch,
             } => {
-                let lost = self.report_departures(&addresses);
                 let accepted = deliver(events, &ring, &addresses, epoch, &mut self.clients).await?;
-                let now = Timestamp::now();
-                for (slave, n) in &accepted {
-                    self.held.entry(slave.clone()).or_insert((0, now)).0 += n;
-                }
-                Ok(Stored::Slaves {
-                    accepted: accepted.values().sum(),
-                    lost,
-                })
+                Ok(Stored::Slaves { accepted })
             }
         }
-    }
-
-    /// Slaves that left while holding events: their merchants are re-hashed to
-    /// the others by the ring; the events they held are lost, and said so.
-    fn report_departures(&mut self, live: &Slaves) -> u64 {
-        let gone: Vec<String> = self
-            .held
-            .keys()
-            .filter(|s| !live.contains_key(*s))
-            .cloned()
-            .collect();
-        let mut lost = 0;
-        for slave in gone {
-            if let Some((events, since)) = self.held.remove(&slave) {
-                tracing::error!(
-                    %slave, events, since = %since,
-                    "slave left while the KV store is down: the events routed to it since then are lost"
-                );
-                lost += events;
-            }
-        }
-        lost
     }
 }
 
@@ -182,7 +138,7 @@ async fn deliver(
     addresses: &Slaves,
     epoch: i64,
     clients: &mut HashMap<String, SlaveClient<tonic::transport::Channel>>,
-) -> Result<BTreeMap<String, u64>, String> {
+) -> Result<u64, String> {
     let mut by_slave: BTreeMap<&str, Vec<ChangeEvent>> = BTreeMap::new();
     for event in events {
         let owner = ring
@@ -208,12 +164,12 @@ async fn deliver(
             (slave, address, reply)
         });
     }
-    let mut accepted = BTreeMap::new();
+    let mut accepted = 0;
     let mut failed = None;
     for (slave, address, reply) in futures::future::join_all(calls).await {
         match reply {
             Ok(reply) => {
-                accepted.insert(slave.to_owned(), u64::from(reply.into_inner().accepted));
+                accepted += u64::from(reply.into_inner().accepted);
             }
             Err(status) => {
                 // A slave that went away is dropped; the retry re-routes over the

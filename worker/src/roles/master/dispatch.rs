@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
 use super::faults::Failure;
+use super::losses::Memory;
 use super::schedule::SlaveView;
 use super::tasks::{Dispatch, Kind};
 use crate::wire::slave_client::SlaveClient;
@@ -92,13 +93,23 @@ pub async fn compute(
     client.compute(request).await.map(tonic::Response::into_inner)
 }
 
+/// What one slave answered to `Load`: its view for the scheduler, and the
+/// memory it holds for the loss account.
+#[derive(Clone, Debug, Default)]
+pub struct Reported {
+    /// For the scheduler.
+    pub view: SlaveView,
+    /// For [`super::losses::Ledger`].
+    pub memory: Memory,
+}
+
 /// Polls every slave's `Load` each `period` until `shutdown`; the receiver
-/// holds the views of the slaves that answered.
+/// holds what the slaves that answered reported.
 pub fn poll_loads(
     slaves: Slaves,
     period: Duration,
     shutdown: CancellationToken,
-) -> watch::Receiver<BTreeMap<String, SlaveView>> {
+) -> watch::Receiver<BTreeMap<String, Reported>> {
     let (tx, rx) = watch::channel(BTreeMap::new());
     tokio::spawn(async move {
         // CPU seconds and when they were read, per slave: CPU use is their rate.
@@ -123,12 +134,19 @@ pub fn poll_loads(
                 last.insert(id.clone(), (load.cpu_seconds, at));
                 views.insert(
                     id,
-                    SlaveView {
-                        queued: load.queued,
-                        running: load.running,
-                        slots: load.slots,
-                        cpu_cores,
-                        ..SlaveView::default()
+                    Reported {
+                        view: SlaveView {
+                            queued: load.queued,
+                            running: load.running,
+                            slots: load.slots,
+                            cpu_cores,
+                            ..SlaveView::default()
+                        },
+                        memory: Memory {
+                            incarnation: load.incarnation,
+                            events: load.held_events,
+                            oldest_window_ms: load.oldest_window_ms,
+                        },
                     },
                 );
             }

@@ -7,6 +7,7 @@
 
 pub mod dispatch;
 pub mod faults;
+pub mod losses;
 pub mod plan;
 pub mod schedule;
 pub mod state;
@@ -29,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::dispatch::Slaves;
 use self::faults::FaultPolicy;
+use self::losses::{Ledger, Loss, Memory};
 use self::schedule::{Estimator, SlaveView};
 use self::state::{StateError, StateStore};
 use self::tasks::{Dispatch, Outcome, Table, TaskKey};
@@ -93,6 +95,7 @@ struct Metrics {
     delayed: Gauge,
     lag_seconds: Gauge,
     stale_refused: Counter,
+    slave_events_lost: Counter,
 }
 
 impl Metrics {
@@ -119,6 +122,11 @@ impl Metrics {
                 r,
                 "stale_results_refused",
                 "Result rows of superseded attempts refused by the version fence",
+            ),
+            slave_events_lost: counter(
+                r,
+                "slave_events_lost",
+                "Events held in a slave's memory (KV store down) lost when it left or restarted",
             ),
         }
     }
@@ -274,6 +282,9 @@ impl Active<'_> {
         let loads = dispatch::poll_loads(slaves.clone(), Duration::from_millis(500), stop.clone());
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Finished>();
         let mut estimator = Estimator::default();
+        let mut ledger = Ledger::default();
+        // A slave out of the membership for a Lease duration is gone, not hiccuping.
+        let grace_ms = i64::try_from(config.lease.as_millis()).unwrap_or(i64::MAX);
         let mut kv: Option<KvStore> = None;
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         let mut last_recheck = tokio::time::Instant::now();
@@ -322,13 +333,21 @@ impl Active<'_> {
             }
 
             let reported = loads.borrow().clone();
+            let memory: BTreeMap<String, Memory> =
+                reported.iter().map(|(n, r)| (n.clone(), r.memory)).collect();
+            for loss in ledger.observe(&memory, &names, now, grace_ms) {
+                self.report(&loss);
+            }
             let views: BTreeMap<String, SlaveView> = names
                 .iter()
                 .map(|n| {
-                    let view = reported.get(n).cloned().unwrap_or(SlaveView {
-                        slots: 1,
-                        ..SlaveView::default()
-                    });
+                    let view = reported.get(n).map_or(
+                        SlaveView {
+                            slots: 1,
+                            ..SlaveView::default()
+                        },
+                        |r| r.view.clone(),
+                    );
                     (n.clone(), view)
                 })
                 .collect();
@@ -360,6 +379,22 @@ impl Active<'_> {
             Ok(result) => result.map_err(Error::from),
             Err(_) => Ok(()),
         }
+    }
+
+    /// Says and counts a loss of slave memory: the hour-to-date of the
+    /// merchants it held misses those events.
+    fn report(&self, loss: &Loss) {
+        let since = loss
+            .since_ms
+            .and_then(|ms| k8s_openapi::jiff::Timestamp::from_millisecond(ms).ok())
+            .map_or_else(|| "-".to_owned(), |t| t.to_string());
+        tracing::error!(
+            slave = %loss.slave, events = loss.events, %since,
+            cause = ?loss.cause,
+            "slave memory lost: the events it held while the KV store was down are gone, \
+             and the hour-to-date of its merchants misses them"
+        );
+        self.metrics.slave_events_lost.inc_by(loss.events);
     }
 
     fn finish(&self, table: &mut Table, estimator: &mut Estimator, f: Finished, live: usize, now: i64) {

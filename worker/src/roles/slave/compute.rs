@@ -159,6 +159,7 @@ impl Computer {
                 .and_then(|stat| cpu_seconds(&stat))
                 .unwrap_or(0.0),
             held_bytes,
+            ..SlaveLoad::default()
         }
     }
 

@@ -126,6 +126,15 @@ struct Service {
     store: Arc<Mutex<Store>>,
     metrics: Arc<Metrics>,
     computer: Arc<Computer>,
+    /// This process among the slave's restarts (`SlaveLoad.incarnation`).
+    incarnation: u64,
+}
+
+/// A value telling this process from the slave's earlier ones: its start
+/// time in nanoseconds, mixed with the process id.
+fn incarnation() -> u64 {
+    let nanos = k8s_openapi::jiff::Timestamp::now().as_nanosecond();
+    crate::routing::stable_hash(format!("{nanos}/{}", std::process::id()).as_bytes())
 }
 
 pub(crate) fn lock(store: &Mutex<Store>) -> MutexGuard<'_, Store> {
@@ -194,8 +203,19 @@ impl Slave for Service {
     }
 
     async fn load(&self, _: Request<LoadRequest>) -> Result<Response<SlaveLoad>, Status> {
-        let held = lock(&self.store).bytes();
-        Ok(Response::new(self.computer.load(held)))
+        let (bytes, events, oldest) = {
+            let mut store = lock(&self.store);
+            // What is past the retention is not held any more (the master
+            // counts held events as lost if this slave goes), timer or not.
+            self.metrics.expired.inc_by(store.expire(now_ms()));
+            (store.bytes(), store.events(), store.oldest_window_ms())
+        };
+        Ok(Response::new(SlaveLoad {
+            incarnation: self.incarnation,
+            held_events: events,
+            oldest_window_ms: oldest,
+            ..self.computer.load(bytes)
+        }))
     }
 }
 
@@ -310,6 +330,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         store,
         metrics,
         computer,
+        incarnation: incarnation(),
     };
     let incoming = crate::grpc::incoming(listener);
     // Ready once the server accepts connections.

@@ -270,6 +270,16 @@ impl Store {
         removed
     }
 
+    /// Events held.
+    pub fn events(&self) -> u64 {
+        self.windows.values().map(|w| w.events).sum()
+    }
+
+    /// Start of the oldest window held.
+    pub fn oldest_window_ms(&self) -> Option<i64> {
+        self.windows.keys().next().copied()
+    }
+
     /// Estimated bytes held.
     pub fn bytes(&self) -> u64 {
         self.bytes
@@ -310,6 +320,7 @@ mod tests {
             Ok(1),
             "end is exclusive of earlier windows"
         );
+        assert_eq!((store.events(), store.oldest_window_ms()), (3, Some(0)));
         let held = store.holdings();
         assert_eq!(
             held,

@@ -1,0 +1,220 @@
+//! The master's account of slave memory lost while the KV store is down: the
+//! events a slave last reported holding, gone when it left the membership for
+//! good or came back as a new process. One reporter (the active master), from
+//! what the slaves themselves hold, so events handed between slaves are
+//! neither counted twice nor missed. Pure: time comes in as an argument.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// What one slave process reported holding in memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Memory {
+    /// Identifies the process: a restarted slave reports another one.
+    pub incarnation: u64,
+    /// Events held.
+    pub events: u64,
+    /// Start of the oldest window held, if any.
+    pub oldest_window_ms: Option<i64>,
+}
+
+/// How a slave's memory went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cause {
+    /// It left the membership and did not come back within the grace.
+    Left,
+    /// It came back as a new process, its memory empty.
+    Restarted,
+}
+
+/// Events lost with one slave's memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Loss {
+    /// The slave.
+    pub slave: String,
+    /// Events it last reported holding.
+    pub events: u64,
+    /// Start of the oldest window among them: the loss window runs from here.
+    pub since_ms: Option<i64>,
+    /// How the memory went.
+    pub cause: Cause,
+}
+
+/// The last memory each slave reported, and the slaves that left lately.
+#[derive(Clone, Debug, Default)]
+pub struct Ledger {
+    last: BTreeMap<String, Memory>,
+    /// Slaves gone from the membership, since when: a Lease that lapsed for a
+    /// moment (API server hiccup) is not a loss if the same process returns.
+    departed: BTreeMap<String, (Memory, i64)>,
+}
+
+impl Ledger {
+    /// Takes one round of reports (`reported`: the slaves that answered) with
+    /// the `live` membership at `now_ms`; returns the losses it reveals. A slave
+    /// counts as gone once it has been out of the membership for `grace_ms`.
+    pub fn observe(
+        &mut self,
+        reported: &BTreeMap<String, Memory>,
+        live: &BTreeSet<String>,
+        now_ms: i64,
+        grace_ms: i64,
+    ) -> Vec<Loss> {
+        let mut losses = Vec::new();
+        let gone: Vec<String> = self.last.keys().filter(|s| !live.contains(*s)).cloned().collect();
+        for slave in gone {
+            if let Some(memory) = self.last.remove(&slave) {
+                self.departed.insert(slave, (memory, now_ms));
+            }
+        }
+        for (slave, now) in reported {
+            if !live.contains(slave) {
+                continue;
+            }
+            let before = self
+                .last
+                .remove(slave)
+                .or_else(|| self.departed.remove(slave).map(|(memory, _)| memory));
+            if let Some(before) = before
+                && before.incarnation != now.incarnation
+            {
+                losses.extend(loss(slave, &before, Cause::Restarted));
+            }
+            self.last.insert(slave.clone(), *now);
+        }
+        let expired: Vec<String> = self
+            .departed
+            .iter()
+            .filter(|(_, (_, since))| now_ms - since >= grace_ms)
+            .map(|(slave, _)| slave.clone())
+            .collect();
+        for slave in expired {
+            if let Some((memory, _)) = self.departed.remove(&slave) {
+                losses.extend(loss(&slave, &memory, Cause::Left));
+            }
+        }
+        losses
+    }
+}
+
+fn loss(slave: &str, memory: &Memory, cause: Cause) -> Option<Loss> {
+    (memory.events > 0).then(|| Loss {
+        slave: slave.to_owned(),
+        events: memory.events,
+        since_ms: memory.oldest_window_ms,
+        cause,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GRACE: i64 = 5_000;
+
+    fn held(incarnation: u64, events: u64) -> Memory {
+        Memory {
+            incarnation,
+            events,
+            oldest_window_ms: (events > 0).then_some(60_000),
+        }
+    }
+
+    type Reports = BTreeMap<String, Memory>;
+
+    fn reports(pairs: &[(&str, Memory)]) -> Reports {
+        pairs.iter().map(|(s, m)| ((*s).to_owned(), *m)).collect()
+    }
+
+    fn live(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    fn lost(slave: &str, events: u64, cause: Cause) -> Loss {
+        Loss {
+            slave: slave.to_owned(),
+            events,
+            since_ms: Some(60_000),
+            cause,
+        }
+    }
+
+    #[test]
+    fn memory_is_lost_with_a_restart_or_a_departure_past_the_grace_and_only_then() {
+        // (round: reports, live, now) → losses, played in order on one ledger.
+        let rounds: Vec<(Reports, BTreeSet<String>, i64, Vec<Loss>)> = vec![
+            (
+                reports(&[("a", held(1, 10)), ("b", held(2, 5))]),
+                live(&["a", "b"]),
+                0,
+                vec![],
+            ),
+            // Handed off: a holds less, b more. Moving is not losing.
+            (
+                reports(&[("a", held(1, 4)), ("b", held(2, 11))]),
+                live(&["a", "b"]),
+                1_000,
+                vec![],
+            ),
+            // b restarts: a new process, its memory empty.
+            (
+                reports(&[("a", held(1, 4)), ("b", held(3, 0))]),
+                live(&["a", "b"]),
+                2_000,
+                vec![lost("b", 11, Cause::Restarted)],
+            ),
+            // a's Lease lapses: not yet a loss...
+            (reports(&[("b", held(3, 2))]), live(&["b"]), 3_000, vec![]),
+            // ...and the same process returns within the grace: its memory is intact.
+            (
+                reports(&[("a", held(1, 4)), ("b", held(3, 2))]),
+                live(&["a", "b"]),
+                4_000,
+                vec![],
+            ),
+            // b leaves for good: lost once the grace has passed, once.
+            (reports(&[("a", held(1, 4))]), live(&["a"]), 5_000, vec![]),
+            (reports(&[("a", held(1, 4))]), live(&["a"]), 9_999, vec![]),
+            (
+                reports(&[("a", held(1, 4))]),
+                live(&["a"]),
+                10_000,
+                vec![lost("b", 2, Cause::Left)],
+            ),
+            (reports(&[("a", held(1, 4))]), live(&["a"]), 11_000, vec![]),
+            // A slave holding nothing goes without a loss.
+            (reports(&[("a", held(1, 0))]), live(&["a"]), 12_000, vec![]),
+            (reports(&[]), live(&[]), 20_000, vec![]),
+        ];
+        let mut ledger = Ledger::default();
+        for (i, (reported, live, now, want)) in rounds.into_iter().enumerate() {
+            assert_eq!(ledger.observe(&reported, &live, now, GRACE), want, "round {i}");
+        }
+    }
+
+    #[test]
+    fn a_slave_that_returns_as_a_new_process_after_leaving_lost_its_memory_once() {
+        let mut ledger = Ledger::default();
+        ledger.observe(&reports(&[("a", held(1, 7))]), &live(&["a"]), 0, GRACE);
+        assert_eq!(ledger.observe(&reports(&[]), &live(&[]), 1_000, GRACE), vec![]);
+        assert_eq!(
+            ledger.observe(&reports(&[("a", held(2, 0))]), &live(&["a"]), 2_000, GRACE),
+            vec![lost("a", 7, Cause::Restarted)]
+        );
+        assert_eq!(
+            ledger.observe(&reports(&[("a", held(2, 0))]), &live(&["a"]), 9_000, GRACE),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn an_unanswered_poll_keeps_the_last_report() {
+        let mut ledger = Ledger::default();
+        ledger.observe(&reports(&[("a", held(1, 7))]), &live(&["a"]), 0, GRACE);
+        // Live but silent this round (busy, or a timeout): nothing is concluded.
+        assert_eq!(ledger.observe(&reports(&[]), &live(&["a"]), 1_000, GRACE), vec![]);
+        assert_eq!(
+            ledger.observe(&reports(&[("a", held(2, 0))]), &live(&["a"]), 2_000, GRACE),
+            vec![lost("a", 7, Cause::Restarted)]
+        );
+    }
+}
