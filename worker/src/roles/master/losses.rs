@@ -26,13 +26,14 @@ pub enum Cause {
     Restarted,
 }
 
-/// Events lost with one slave's memory.
+/// A slave process gone, with what it last reported holding: lost, unless
+/// it is 0 (nothing held, or all handed to the others before it went).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Loss {
+pub struct Gone {
     /// The slave.
     pub slave: String,
-    /// Events it last reported holding.
-    pub events: u64,
+    /// Events it last reported holding: lost with it.
+    pub lost: u64,
     /// Start of the oldest window among them: the loss window runs from here.
     pub since_ms: Option<i64>,
     /// How the memory went.
@@ -43,43 +44,53 @@ pub struct Loss {
 #[derive(Clone, Debug, Default)]
 pub struct Ledger {
     last: BTreeMap<String, Memory>,
-    /// Slaves gone from the membership, since when: a Lease that lapsed for a
-    /// moment (API server hiccup) is not a loss if the same process returns.
+    /// Slaves gone from the membership, since when. They are still polled
+    /// through the grace: one draining hands its events over and reports what
+    /// is left, and a Lease that lapsed for a moment (an API server hiccup)
+    /// with the same process behind it is no loss.
     departed: BTreeMap<String, (Memory, i64)>,
 }
 
 impl Ledger {
-    /// Takes one round of reports (`reported`: the slaves that answered) with
-    /// the `live` membership at `now_ms`; returns the losses it reveals. A slave
-    /// counts as gone once it has been out of the membership for `grace_ms`.
+    /// Takes one round of reports (`reported`: the slaves that answered,
+    /// members or lately departed) with the `live` membership at `now_ms`;
+    /// returns the slave processes it finds gone. A slave is gone once it has
+    /// been out of the membership for `grace_ms`, or as soon as another process
+    /// answers in its name.
     pub fn observe(
         &mut self,
         reported: &BTreeMap<String, Memory>,
         live: &BTreeSet<String>,
         now_ms: i64,
         grace_ms: i64,
-    ) -> Vec<Loss> {
-        let mut losses = Vec::new();
-        let gone: Vec<String> = self.last.keys().filter(|s| !live.contains(*s)).cloned().collect();
-        for slave in gone {
+    ) -> Vec<Gone> {
+        let mut gone = Vec::new();
+        let left: Vec<String> = self.last.keys().filter(|s| !live.contains(*s)).cloned().collect();
+        for slave in left {
             if let Some(memory) = self.last.remove(&slave) {
                 self.departed.insert(slave, (memory, now_ms));
             }
         }
         for (slave, now) in reported {
-            if !live.contains(slave) {
-                continue;
+            if live.contains(slave) {
+                let before = self
+                    .last
+                    .remove(slave)
+                    .or_else(|| self.departed.remove(slave).map(|(memory, _)| memory));
+                if let Some(before) = before
+                    && before.incarnation != now.incarnation
+                {
+                    gone.push(went(slave, &before, Cause::Restarted));
+                }
+                self.last.insert(slave.clone(), *now);
+            } else if let Some((memory, _)) = self.departed.get_mut(slave) {
+                if memory.incarnation == now.incarnation {
+                    *memory = *now;
+                } else {
+                    gone.push(went(slave, memory, Cause::Restarted));
+                    self.departed.remove(slave);
+                }
             }
-            let before = self
-                .last
-                .remove(slave)
-                .or_else(|| self.departed.remove(slave).map(|(memory, _)| memory));
-            if let Some(before) = before
-                && before.incarnation != now.incarnation
-            {
-                losses.extend(loss(slave, &before, Cause::Restarted));
-            }
-            self.last.insert(slave.clone(), *now);
         }
         let expired: Vec<String> = self
             .departed
@@ -89,20 +100,20 @@ impl Ledger {
             .collect();
         for slave in expired {
             if let Some((memory, _)) = self.departed.remove(&slave) {
-                losses.extend(loss(&slave, &memory, Cause::Left));
+                gone.push(went(&slave, &memory, Cause::Left));
             }
         }
-        losses
+        gone
     }
 }
 
-fn loss(slave: &str, memory: &Memory, cause: Cause) -> Option<Loss> {
-    (memory.events > 0).then(|| Loss {
+fn went(slave: &str, memory: &Memory, cause: Cause) -> Gone {
+    Gone {
         slave: slave.to_owned(),
-        events: memory.events,
+        lost: memory.events,
         since_ms: memory.oldest_window_ms,
         cause,
-    })
+    }
 }
 
 #[cfg(test)]
@@ -129,11 +140,11 @@ mod tests {
         names.iter().map(|s| (*s).to_owned()).collect()
     }
 
-    fn lost(slave: &str, events: u64, cause: Cause) -> Loss {
-        Loss {
+    fn gone(slave: &str, lost: u64, cause: Cause) -> Gone {
+        Gone {
             slave: slave.to_owned(),
-            events,
-            since_ms: Some(60_000),
+            lost,
+            since_ms: (lost > 0).then_some(60_000),
             cause,
         }
     }
@@ -141,7 +152,7 @@ mod tests {
     #[test]
     fn memory_is_lost_with_a_restart_or_a_departure_past_the_grace_and_only_then() {
         // (round: reports, live, now) → losses, played in order on one ledger.
-        let rounds: Vec<(Reports, BTreeSet<String>, i64, Vec<Loss>)> = vec![
+        let rounds: Vec<(Reports, BTreeSet<String>, i64, Vec<Gone>)> = vec![
             (
                 reports(&[("a", held(1, 10)), ("b", held(2, 5))]),
                 live(&["a", "b"]),
@@ -160,7 +171,7 @@ mod tests {
                 reports(&[("a", held(1, 4)), ("b", held(3, 0))]),
                 live(&["a", "b"]),
                 2_000,
-                vec![lost("b", 11, Cause::Restarted)],
+                vec![gone("b", 11, Cause::Restarted)],
             ),
             // a's Lease lapses: not yet a loss...
             (reports(&[("b", held(3, 2))]), live(&["b"]), 3_000, vec![]),
@@ -178,12 +189,13 @@ mod tests {
                 reports(&[("a", held(1, 4))]),
                 live(&["a"]),
                 10_000,
-                vec![lost("b", 2, Cause::Left)],
+                vec![gone("b", 2, Cause::Left)],
             ),
             (reports(&[("a", held(1, 4))]), live(&["a"]), 11_000, vec![]),
             // A slave holding nothing goes without a loss.
             (reports(&[("a", held(1, 0))]), live(&["a"]), 12_000, vec![]),
             (reports(&[]), live(&[]), 20_000, vec![]),
+            (reports(&[]), live(&[]), 25_000, vec![gone("a", 0, Cause::Left)]),
         ];
         let mut ledger = Ledger::default();
         for (i, (reported, live, now, want)) in rounds.into_iter().enumerate() {
@@ -198,11 +210,46 @@ mod tests {
         assert_eq!(ledger.observe(&reports(&[]), &live(&[]), 1_000, GRACE), vec![]);
         assert_eq!(
             ledger.observe(&reports(&[("a", held(2, 0))]), &live(&["a"]), 2_000, GRACE),
-            vec![lost("a", 7, Cause::Restarted)]
+            vec![gone("a", 7, Cause::Restarted)]
         );
         assert_eq!(
             ledger.observe(&reports(&[("a", held(2, 0))]), &live(&["a"]), 9_000, GRACE),
             vec![]
+        );
+    }
+
+    #[test]
+    fn a_departed_slave_that_drains_before_the_grace_ends_lost_nothing() {
+        let mut ledger = Ledger::default();
+        ledger.observe(
+            &reports(&[("a", held(1, 7)), ("b", held(2, 1))]),
+            &live(&["a", "b"]),
+            0,
+            GRACE,
+        );
+        // a leaves the ring (SIGTERM) and hands its events to b, still answering polls.
+        assert_eq!(
+            ledger.observe(
+                &reports(&[("a", held(1, 3)), ("b", held(2, 5))]),
+                &live(&["b"]),
+                1_000,
+                GRACE
+            ),
+            vec![]
+        );
+        assert_eq!(
+            ledger.observe(
+                &reports(&[("a", held(1, 0)), ("b", held(2, 8))]),
+                &live(&["b"]),
+                2_000,
+                GRACE
+            ),
+            vec![]
+        );
+        // Then it is gone for good: with nothing held, nothing is lost.
+        assert_eq!(
+            ledger.observe(&reports(&[("b", held(2, 8))]), &live(&["b"]), 6_000, GRACE),
+            vec![gone("a", 0, Cause::Left)]
         );
     }
 
@@ -214,7 +261,7 @@ mod tests {
         assert_eq!(ledger.observe(&reports(&[]), &live(&["a"]), 1_000, GRACE), vec![]);
         assert_eq!(
             ledger.observe(&reports(&[("a", held(2, 0))]), &live(&["a"]), 2_000, GRACE),
-            vec![lost("a", 7, Cause::Restarted)]
+            vec![gone("a", 7, Cause::Restarted)]
         );
     }
 }

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::dispatch::Slaves;
 use self::faults::FaultPolicy;
-use self::losses::{Ledger, Loss, Memory};
+use self::losses::{Gone, Ledger, Memory};
 use self::schedule::{Estimator, SlaveView};
 use self::state::{StateError, StateStore};
 use self::tasks::{Dispatch, Outcome, Table, TaskKey};
@@ -283,6 +283,9 @@ impl Active<'_> {
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Finished>();
         let mut estimator = Estimator::default();
         let mut ledger = Ledger::default();
+        // The last membership, and departed slaves' addresses while they are still polled.
+        let mut known: BTreeMap<String, String> = BTreeMap::new();
+        let mut lingering: BTreeMap<String, (String, i64)> = BTreeMap::new();
         // A slave out of the membership for a Lease duration is gone, not hiccuping.
         let grace_ms = i64::try_from(config.lease.as_millis()).unwrap_or(i64::MAX);
         let mut kv: Option<KvStore> = None;
@@ -309,13 +312,24 @@ impl Active<'_> {
             }
             let now = now_ms();
             let live: BTreeMap<String, String> = members.borrow_and_update().clone();
-            slaves.update(&live);
+            // Slaves that left stay polled through the loss grace (and a little
+            // more), at their last address: one draining reports what is left.
+            for (id, address) in &known {
+                if !live.contains_key(id) {
+                    lingering.entry(id.clone()).or_insert((address.clone(), now));
+                }
+            }
+            lingering.retain(|id, (_, since)| !live.contains_key(id) && now - *since <= grace_ms + 2_000);
+            known.clone_from(&live);
+            let mut polled = live.clone();
+            polled.extend(lingering.iter().map(|(id, (a, _))| (id.clone(), a.clone())));
+            slaves.update(&polled);
             for f in finished {
                 self.finish(&mut table, &mut estimator, f, live.len(), now);
             }
 
             let kv_mode = modes.borrow().get(Dependency::Kv).0;
-            self.plan(&mut table, &mut kv, &slaves, kv_mode, now).await;
+            self.plan(&mut table, &mut kv, &slaves, &live, kv_mode, now).await;
             if modes.borrow().get(Dependency::Mysql).0 == Mode::Degraded {
                 table.hot_gap_opens();
             } else if kv_mode != Mode::Degraded {
@@ -335,8 +349,8 @@ impl Active<'_> {
             let reported = loads.borrow().clone();
             let memory: BTreeMap<String, Memory> =
                 reported.iter().map(|(n, r)| (n.clone(), r.memory)).collect();
-            for loss in ledger.observe(&memory, &names, now, grace_ms) {
-                self.report(&loss);
+            for gone in ledger.observe(&memory, &names, now, grace_ms) {
+                self.report(&gone);
             }
             let views: BTreeMap<String, SlaveView> = names
                 .iter()
@@ -381,20 +395,23 @@ impl Active<'_> {
         }
     }
 
-    /// Says and counts a loss of slave memory: the hour-to-date of the
-    /// merchants it held misses those events.
-    fn report(&self, loss: &Loss) {
-        let since = loss
+    /// Says a slave process is gone, and counts what it still held as lost:
+    /// the hour-to-date of the merchants it held misses those events.
+    fn report(&self, gone: &Gone) {
+        if gone.lost == 0 {
+            tracing::info!(slave = %gone.slave, cause = ?gone.cause, "slave gone holding nothing: no events lost");
+            return;
+        }
+        let since = gone
             .since_ms
             .and_then(|ms| k8s_openapi::jiff::Timestamp::from_millisecond(ms).ok())
             .map_or_else(|| "-".to_owned(), |t| t.to_string());
         tracing::error!(
-            slave = %loss.slave, events = loss.events, %since,
-            cause = ?loss.cause,
+            slave = %gone.slave, events = gone.lost, %since, cause = ?gone.cause,
             "slave memory lost: the events it held while the KV store was down are gone, \
              and the hour-to-date of its merchants misses them"
         );
-        self.metrics.slave_events_lost.inc_by(loss.events);
+        self.metrics.slave_events_lost.inc_by(gone.lost);
     }
 
     fn finish(&self, table: &mut Table, estimator: &mut Estimator, f: Finished, live: usize, now: i64) {
@@ -435,6 +452,7 @@ impl Active<'_> {
         table: &mut Table,
         kv: &mut Option<KvStore>,
         slaves: &Slaves,
+        live: &BTreeMap<String, String>,
         kv_mode: Mode,
         now: i64,
     ) {
@@ -450,6 +468,10 @@ impl Active<'_> {
             let hour = plan::period_of(last_end - 1, self.degraded_period_ms);
             let end = (hour + self.degraded_period_ms).min(last_end);
             for (slave, windows) in slaves.holdings(Duration::from_secs(1)).await {
+                // A departed slave still polled (draining) gets no task.
+                if !live.contains_key(&slave) {
+                    continue;
+                }
                 let events: u64 = windows
                     .iter()
                     .filter(|w| w.window_start_ms >= hour && w.window_start_ms < end)

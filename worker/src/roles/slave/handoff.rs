@@ -3,6 +3,8 @@
 //! quarter of the merchants to it from then on; without the hand-off each of
 //! those merchants' hour-to-date would be computed twice, over two halves of
 //! its events, and the later write would silently replace the other half.
+//! A slave that is stopped hands everything it holds to the others the same
+//! way before it goes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -29,6 +31,10 @@ const EVERY: Duration = Duration::from_secs(1);
 /// Events per `Deliver` call: the intake's batch size, well inside the gRPC window.
 const BATCH: usize = 1_000;
 
+/// How long a leaving slave must have held nothing before it goes: it refuses
+/// new deliveries, but one already past that check may still land.
+const SETTLE: Duration = Duration::from_millis(500);
+
 /// Which held merchants another live slave owns now: owner → merchants. Pure.
 ///
 /// Nothing moves while this slave is missing from `members` (not ready yet,
@@ -38,11 +44,28 @@ pub fn misplaced<'a>(
     members: &Members,
     me: &str,
 ) -> BTreeMap<String, BTreeSet<String>> {
-    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     if !members.contains_key(me) {
-        return out;
+        return BTreeMap::new();
     }
-    let ring = Ring::new(members.keys().cloned());
+    owners_elsewhere(held, &Ring::new(members.keys().cloned()), me)
+}
+
+/// Where every held merchant goes when this slave leaves: its owner among the
+/// other members. Pure; empty when there is no other member.
+pub fn evacuate<'a>(
+    held: impl IntoIterator<Item = &'a str>,
+    members: &Members,
+    me: &str,
+) -> BTreeMap<String, BTreeSet<String>> {
+    owners_elsewhere(held, &Ring::new(members.keys().filter(|m| *m != me).cloned()), me)
+}
+
+fn owners_elsewhere<'a>(
+    held: impl IntoIterator<Item = &'a str>,
+    ring: &Ring,
+    me: &str,
+) -> BTreeMap<String, BTreeSet<String>> {
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for merchant in held {
         match ring.owner(merchant) {
             Some(owner) if owner != me => {
@@ -65,45 +88,117 @@ pub struct Metrics {
     pub failures: Counter,
 }
 
-/// The hand-off loop of slave `me`: every second, the events of merchants
-/// that `members` gives to another slave are delivered to it and, once it
-/// acknowledged them, dropped here. A failed delivery keeps them for the next
-/// round, so nothing is lost in between (at worst both slaves hold them for a while).
-#[tracing::instrument(skip_all, fields(identity = %me))]
-pub async fn run(
-    me: String,
-    store: Arc<Mutex<Store>>,
-    members: watch::Receiver<Members>,
-    modes: watch::Receiver<Modes>,
-    metrics: Metrics,
-    shutdown: CancellationToken,
-) {
-    let mut clients: HashMap<String, SlaveClient<tonic::transport::Channel>> = HashMap::new();
-    let mut ticker = tokio::time::interval(EVERY);
-    while tokio::select! { () = shutdown.cancelled() => false, _ = ticker.tick() => true } {
-        let view = members.borrow().clone();
-        let plan = misplaced(lock(&store).merchants(), &view, &me);
-        let epoch = modes.borrow().get(Dependency::Kv).1;
+/// What the hand-off works with.
+pub struct Handoff {
+    /// This slave's identity.
+    pub me: String,
+    /// Its memory.
+    pub store: Arc<Mutex<Store>>,
+    /// The live slaves.
+    pub members: watch::Receiver<Members>,
+    /// The published modes (the KV epoch goes with delivered batches).
+    pub modes: watch::Receiver<Modes>,
+    /// Its counters.
+    pub metrics: Metrics,
+    clients: HashMap<String, SlaveClient<tonic::transport::Channel>>,
+}
+
+impl Handoff {
+    /// A hand-off for slave `me`.
+    pub fn new(
+        me: String,
+        store: Arc<Mutex<Store>>,
+        members: watch::Receiver<Members>,
+        modes: watch::Receiver<Modes>,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            me,
+            store,
+            members,
+            modes,
+            metrics,
+            clients: HashMap::new(),
+        }
+    }
+
+    /// Every second until `shutdown`: the events of merchants that the
+    /// membership gives to another slave are delivered to it and, once it
+    /// acknowledged them, dropped here. A failed delivery keeps them for the
+    /// next round, so nothing is lost in between (at worst both slaves hold
+    /// them for a while).
+    #[tracing::instrument(skip_all, fields(identity = %self.me))]
+    pub async fn run(&mut self, shutdown: CancellationToken) {
+        let mut ticker = tokio::time::interval(EVERY);
+        while tokio::select! { () = shutdown.cancelled() => false, _ = ticker.tick() => true } {
+            let view = self.members.borrow().clone();
+            let plan = misplaced(lock(&self.store).merchants(), &view, &self.me);
+            self.hand_over(plan, &view).await;
+        }
+    }
+
+    /// When this slave leaves: hands everything it holds to the other
+    /// members, round after round, until it has held nothing for `SETTLE`
+    /// or `deadline` passes. (Another slave leaving at the same time refuses
+    /// them: they stay here for the next round, over a fresher view.)
+    /// What is still held then is lost, and the master counts it from this
+    /// slave's last report.
+    #[tracing::instrument(skip_all, fields(identity = %self.me))]
+    pub async fn drain(&mut self, deadline: Duration) {
+        let until = tokio::time::Instant::now() + deadline;
+        let mut empty_since = None;
+        loop {
+            let view = self.members.borrow().clone();
+            let plan = evacuate(lock(&self.store).merchants(), &view, &self.me);
+            if plan.is_empty() {
+                let now = tokio::time::Instant::now();
+                if now.duration_since(*empty_since.get_or_insert(now)) >= SETTLE {
+                    break;
+                }
+            } else {
+                empty_since = None;
+                self.hand_over(plan, &view).await;
+            }
+            if tokio::time::Instant::now() >= until {
+                break;
+            }
+            tokio::time::sleep(EVERY / 5).await;
+        }
+        let left = lock(&self.store).events();
+        if left > 0 {
+            tracing::error!(
+                events = left,
+                "leaving with events no other slave took: they are lost"
+            );
+        } else {
+            tracing::info!("drained: every event held was handed to the other slaves");
+        }
+    }
+
+    /// Delivers the events of each planned owner's merchants to it, dropping
+    /// them here once acknowledged.
+    async fn hand_over(&mut self, plan: BTreeMap<String, BTreeSet<String>>, view: &Members) {
+        let epoch = self.modes.borrow().get(Dependency::Kv).1;
         for (owner, merchants) in plan {
             let Some(address) = view.get(&owner) else { continue };
-            let events = lock(&store).events_of(&merchants);
+            let events = lock(&self.store).events_of(&merchants);
             let mut moved = 0;
             for chunk in events.chunks(BATCH) {
-                match deliver(&mut clients, address, chunk, epoch).await {
-                    Ok(()) => moved += lock(&store).remove(chunk),
+                match deliver(&mut self.clients, address, chunk, epoch).await {
+                    Ok(()) => moved += lock(&self.store).remove(chunk),
                     Err(error) => {
-                        metrics.failures.inc();
-                        clients.remove(address);
+                        self.metrics.failures.inc();
+                        self.clients.remove(address);
                         tracing::warn!(to = %owner, %error, "handing off events failed; they stay here until the next round");
                         break;
                     }
                 }
             }
             if moved > 0 {
-                metrics.handed_off.inc_by(moved);
+                self.metrics.handed_off.inc_by(moved);
                 tracing::info!(
                     to = %owner, merchants = merchants.len(), events = moved,
-                    "handed off the events of merchants the ring now gives to another slave"
+                    "handed off the events of merchants the ring gives to another slave"
                 );
             }
         }
@@ -185,6 +280,29 @@ mod tests {
         let moving = misplaced(mine.iter().copied(), &four, "s-0");
         assert!(moving.values().flatten().all(|m| ring4.owner(m) == Some("s-3")));
         assert!(!moving.is_empty(), "200 merchants and a fourth slave: some move");
+    }
+
+    #[test]
+    fn a_leaving_slave_gives_each_merchant_to_its_owner_among_the_others() {
+        let ring = Ring::new(["s-1", "s-2"]);
+        let held: Vec<String> = (0..50).map(|m| format!("m{m}")).collect();
+        let plan = evacuate(
+            held.iter().map(String::as_str),
+            &members(&["s-0", "s-1", "s-2"]),
+            "s-0",
+        );
+        let placed: usize = plan.values().map(BTreeSet::len).sum();
+        assert_eq!(placed, 50, "everything goes");
+        for (owner, merchants) in &plan {
+            assert!(merchants.iter().all(|m| ring.owner(m) == Some(owner.as_str())));
+        }
+        // Whether or not it is still in its own view.
+        assert_eq!(
+            evacuate(held.iter().map(String::as_str), &members(&["s-1", "s-2"]), "s-0"),
+            plan
+        );
+        // The last slave has no one to give to.
+        assert!(evacuate(held.iter().map(String::as_str), &members(&["s-0"]), "s-0").is_empty());
     }
 
     #[test]

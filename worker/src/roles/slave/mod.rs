@@ -11,6 +11,7 @@ pub mod handoff;
 pub mod store;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -128,6 +129,8 @@ struct Service {
     computer: Arc<Computer>,
     /// This process among the slave's restarts (`SlaveLoad.incarnation`).
     incarnation: u64,
+    /// Set once the slave is leaving: it takes no more events.
+    leaving: Arc<AtomicBool>,
 }
 
 /// A value telling this process from the slave's earlier ones: its start
@@ -149,6 +152,12 @@ fn now_ms() -> i64 {
 #[tonic::async_trait]
 impl Slave for Service {
     async fn deliver(&self, request: Request<EventBatch>) -> Result<Response<DeliverReply>, Status> {
+        if self.leaving.load(Ordering::Relaxed) {
+            // The sender keeps the events and routes them over its next view of the ring.
+            return Err(Status::unavailable(
+                "slave is leaving the membership: it hands its events to the others and takes no more",
+            ));
+        }
         let batch = request.into_inner();
         let mut store = lock(&self.store);
         match store.insert(batch.events, now_ms()) {
@@ -229,7 +238,8 @@ fn sizing(ap: &ballast_crds::AnalyticsPipeline, dp: &ballast_crds::DegradationPo
     )
 }
 
-/// Runs the slave until `shutdown`, then drains: stops taking events, leaves the membership.
+/// Runs the slave until `shutdown`, then drains: leaves the ring, hands what
+/// it holds to the other slaves, stops serving, leaves the membership.
 #[tracing::instrument(skip_all, fields(pipeline = %config.pipeline, identity = %config.identity))]
 pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Result<(), Error> {
     let (ap, dp) = startup::pipeline(&deps.client, &config.namespace, &config.pipeline).await?;
@@ -297,7 +307,10 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         leaving.clone(),
     ));
 
-    let handoff = tokio::spawn(handoff::run(
+    // Its own stop: the drain still needs the membership view after `shutdown`.
+    let stopped = CancellationToken::new();
+    let _stopped_guard = stopped.clone().drop_guard();
+    let mut handoff = handoff::Handoff::new(
         config.identity.clone(),
         store.clone(),
         membership::follow(
@@ -305,12 +318,18 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
             &config.namespace,
             &config.pipeline,
             "slave",
-            shutdown.clone(),
+            stopped.clone(),
         ),
         modes,
         metrics.handoff.clone(),
-        shutdown.clone(),
-    ));
+    );
+    let rounds = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            handoff.run(shutdown).await;
+            handoff
+        })
+    };
 
     let expiry = {
         let (store, metrics, shutdown) = (store.clone(), metrics.clone(), shutdown.clone());
@@ -326,29 +345,50 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         })
     };
 
+    let leaving_flag = Arc::new(AtomicBool::new(false));
     let service = Service {
         store,
         metrics,
         computer,
         incarnation: incarnation(),
+        leaving: leaving_flag.clone(),
     };
     let incoming = crate::grpc::incoming(listener);
     // Ready once the server accepts connections.
     let _ = ready_tx.send(true);
+    let serving = CancellationToken::new();
     let served = crate::grpc::server()
         .add_service(SlaveServer::new(service))
         .serve_with_incoming_shutdown(incoming, {
-            let shutdown = shutdown.clone();
-            async move { shutdown.cancelled().await }
+            let serving = serving.clone();
+            async move { serving.cancelled().await }
         });
-    let result = served.await;
+    tokio::pin!(served);
+    let failed = tokio::select! {
+        () = shutdown.cancelled() => None,
+        result = &mut served => Some(result),
+    };
 
-    // Drain: not ready, leave the membership so the intake re-hashes at once.
+    // Leave the ring first, so that the intakes route elsewhere; then hand
+    // everything held to the other slaves while still serving (late Deliver
+    // calls, and the master's Load polls that account for what is left).
     let _ = ready_tx.send(false);
+    leaving_flag.store(true, Ordering::Relaxed);
+    let result = match failed {
+        Some(result) => result,
+        None => {
+            let drain = async {
+                if let Ok(mut handoff) = rounds.await {
+                    handoff.drain(config.drain / 2).await;
+                }
+                serving.cancel();
+            };
+            tokio::join!(drain, &mut served).1
+        }
+    };
     leaving.cancel();
     let _ = tokio::time::timeout(config.drain, membership).await;
     expiry.abort();
-    handoff.abort();
     let _ = tokio::time::timeout(config.drain, health).await;
     result.map_err(Error::from)
 }
