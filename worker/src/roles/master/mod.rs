@@ -8,6 +8,7 @@
 pub mod dispatch;
 pub mod faults;
 pub mod losses;
+mod metrics;
 pub mod plan;
 pub mod schedule;
 pub mod state;
@@ -21,9 +22,6 @@ use std::time::Duration;
 use ballast_crds::{Dependency, Mode};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::Resource as _;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -31,12 +29,12 @@ use tokio_util::sync::CancellationToken;
 use self::dispatch::Slaves;
 use self::faults::FaultPolicy;
 use self::losses::{Gone, Ledger, Memory};
+use self::metrics::Metrics;
 use self::schedule::{Estimator, SlaveView};
 use self::state::{StateError, StateStore};
 use self::tasks::{Dispatch, Outcome, Table, TaskKey};
 use super::Deps;
 use super::startup::{self, StartupError};
-use crate::health::{counter, gauge};
 use crate::kv::{BUCKET_TTL_SECONDS, KvError, KvStore, Layout};
 use crate::leader::{self, Election};
 use crate::routing::stable_hash;
@@ -84,66 +82,6 @@ pub enum Error {
     /// Leadership was lost: the process exits and comes back as a standby.
     #[error("lost the master lease")]
     LostLeadership,
-}
-
-/// The master's metrics (`ballast_master_*`).
-struct Metrics {
-    active: Gauge,
-    term: Gauge,
-    tasks: Family<[(&'static str, &'static str); 1], Counter>,
-    in_flight: Gauge,
-    delayed: Gauge,
-    lag_seconds: Gauge,
-    stale_refused: Counter,
-    slave_events_lost: Counter,
-}
-
-impl Metrics {
-    fn register(registry: &mut Registry) -> Self {
-        let r = registry.sub_registry_with_prefix("master");
-        let tasks = Family::default();
-        r.register(
-            "tasks",
-            "Task events by outcome: dispatched, done, stale, retried, reassigned, delayed, slave_gone, hung, expired, recomputed",
-            tasks.clone(),
-        );
-        Self {
-            active: gauge(r, "active", "1 while this master holds the lease"),
-            term: gauge(r, "term", "The leader Lease term this master acts in"),
-            tasks,
-            in_flight: gauge(r, "tasks_in_flight", "Tasks running on slaves"),
-            delayed: gauge(r, "tasks_delayed", "Tasks in the delay queue"),
-            lag_seconds: gauge(
-                r,
-                "window_lag_seconds",
-                "Age of the oldest window not yet computed",
-            ),
-            stale_refused: counter(
-                r,
-                "stale_results_refused",
-                "Result rows of superseded attempts refused by the version fence",
-            ),
-            slave_events_lost: counter(
-                r,
-                "slave_events_lost",
-                "Events held in a slave's memory (KV store down) lost when it left or restarted",
-            ),
-        }
-    }
-
-    fn outcome(&self, outcome: &Outcome) {
-        let label = match outcome {
-            Outcome::Done => "done",
-            Outcome::Stale => "stale",
-            Outcome::Retried => "retried",
-            Outcome::Reassigned => "reassigned",
-            Outcome::Delayed => "delayed",
-            Outcome::SlaveGone => "slave_gone",
-            Outcome::Hung => "hung",
-            Outcome::Expired => "expired",
-        };
-        self.tasks.get_or_create(&[("outcome", label)]).inc();
-    }
 }
 
 fn now_ms() -> i64 {
