@@ -62,13 +62,22 @@ fn line(label: &str, ours: &[f64], baseline: &[f64]) {
     );
 }
 
+/// Merchants the events are spread over.
+const MERCHANTS: usize = 5_000;
+
 fn events(tag: &str, n: usize) -> Vec<ChangeEvent> {
+    let merchants: Vec<String> = (0..MERCHANTS).map(|m| format!("m{m}")).collect();
+    events_of(tag, n, &merchants)
+}
+
+/// `n` events, over `merchants` in turn.
+fn events_of(tag: &str, n: usize, merchants: &[String]) -> Vec<ChangeEvent> {
     let now = Timestamp::now().as_millisecond();
     (0..n)
         .map(|i| {
             ChangeEvent::insert(
                 format!("{tag}-{i}"),
-                format!("m{}", i % 5_000),
+                merchants[i % merchants.len()].clone(),
                 "orders",
                 now,
                 br#"{"amount":1999,"items":3}"#.to_vec(),
@@ -425,11 +434,19 @@ async fn main() -> anyhow::Result<()> {
     sink.store(&events("c-warm", BATCH))
         .await
         .map_err(anyhow::Error::msg)?;
-    let (_, one) = slaves.iter().next().ok_or_else(|| anyhow::anyhow!("no slave"))?;
+    let (one_id, one) = slaves.iter().next().ok_or_else(|| anyhow::anyhow!("no slave"))?;
+    // The baseline's merchants are all that slave's own: events of another
+    // slave's merchants would be handed to it, competing with the measurement.
+    let ring = ballast_worker::routing::Ring::new(slaves.keys().cloned());
+    let own: Vec<String> = (0..)
+        .map(|m| format!("m{m}"))
+        .filter(|m| ring.owner(m) == Some(one_id.as_str()))
+        .take(MERCHANTS)
+        .collect();
     let mut direct = SlaveClient::connect(format!("http://{one}")).await?;
     direct
         .deliver(EventBatch {
-            events: events("direct-warm", BATCH),
+            events: events_of("direct-warm", BATCH, &own),
             epoch: 1,
         })
         .await?;
@@ -441,7 +458,7 @@ async fn main() -> anyhow::Result<()> {
             sink.store(chunk).await.map_err(anyhow::Error::msg)?;
         }
         distributed.push(rate(ROWS, started.elapsed()));
-        let all = events(&format!("direct{run}"), ROWS);
+        let all = events_of(&format!("direct{run}"), ROWS, &own);
         let started = Instant::now();
         for chunk in all.chunks(BATCH) {
             direct

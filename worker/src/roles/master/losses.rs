@@ -107,6 +107,51 @@ impl Ledger {
     }
 }
 
+/// Which slaves the master polls: the members, and departed ones (at their
+/// last address) through the grace and a little more, so that one draining
+/// is seen to report what is left. Recomputed only when something changed:
+/// the master's loop runs once per finished task. Pure.
+#[derive(Clone, Debug, Default)]
+pub struct Polled {
+    known: BTreeMap<String, String>,
+    lingering: BTreeMap<String, (String, i64)>,
+    polled: BTreeMap<String, String>,
+}
+
+impl Polled {
+    /// Slack past the grace, so that the ledger sees a last report in time.
+    const SLACK_MS: i64 = 2_000;
+
+    /// The slaves to poll given the `live` members at `now_ms`.
+    pub fn update(
+        &mut self,
+        live: &BTreeMap<String, String>,
+        now_ms: i64,
+        grace_ms: i64,
+    ) -> &BTreeMap<String, String> {
+        let stale = |since: i64| now_ms - since > grace_ms + Self::SLACK_MS;
+        if self.known != *live || self.lingering.values().any(|(_, since)| stale(*since)) {
+            for (id, address) in &self.known {
+                if !live.contains_key(id) {
+                    self.lingering
+                        .entry(id.clone())
+                        .or_insert((address.clone(), now_ms));
+                }
+            }
+            self.lingering
+                .retain(|id, (_, since)| !live.contains_key(id) && !stale(*since));
+            self.known.clone_from(live);
+            self.polled.clone_from(live);
+            self.polled.extend(
+                self.lingering
+                    .iter()
+                    .map(|(id, (address, _))| (id.clone(), address.clone())),
+            );
+        }
+        &self.polled
+    }
+}
+
 fn went(slave: &str, memory: &Memory, cause: Cause) -> Gone {
     Gone {
         slave: slave.to_owned(),
@@ -251,6 +296,34 @@ mod tests {
             ledger.observe(&reports(&[("b", held(2, 8))]), &live(&["b"]), 6_000, GRACE),
             vec![gone("a", 0, Cause::Left)]
         );
+    }
+
+    #[test]
+    fn a_departed_slave_stays_polled_at_its_last_address_through_the_grace() {
+        let addresses = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(s, a)| ((*s).to_owned(), (*a).to_owned()))
+                .collect()
+        };
+        let mut polled = Polled::default();
+        let both = addresses(&[("a", "1"), ("b", "2")]);
+        assert_eq!(polled.update(&both, 0, GRACE), &both);
+        let only_b = addresses(&[("b", "2")]);
+        assert_eq!(polled.update(&only_b, 1_000, GRACE), &both, "a lingers");
+        assert_eq!(
+            polled.update(&only_b, 8_000, GRACE),
+            &both,
+            "through grace and slack"
+        );
+        assert_eq!(
+            polled.update(&only_b, 8_001, GRACE),
+            &only_b,
+            "then it is dropped"
+        );
+        // Back in the membership (at a new address): polled there, not lingering.
+        let back = addresses(&[("a", "3"), ("b", "2")]);
+        assert_eq!(polled.update(&back, 9_000, GRACE), &back);
     }
 
     #[test]

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::dispatch::Slaves;
 use self::faults::FaultPolicy;
-use self::losses::{Gone, Ledger, Memory};
+use self::losses::{Gone, Ledger, Memory, Polled};
 use self::metrics::Metrics;
 use self::schedule::{Estimator, SlaveView};
 use self::state::{StateError, StateStore};
@@ -217,13 +217,11 @@ impl Active<'_> {
             stop.clone(),
         );
         let slaves = Slaves::default();
-        let loads = dispatch::poll_loads(slaves.clone(), Duration::from_millis(500), stop.clone());
+        let mut loads = dispatch::poll_loads(slaves.clone(), Duration::from_millis(500), stop.clone());
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Finished>();
         let mut estimator = Estimator::default();
         let mut ledger = Ledger::default();
-        // The last membership, and departed slaves' addresses while they are still polled.
-        let mut known: BTreeMap<String, String> = BTreeMap::new();
-        let mut lingering: BTreeMap<String, (String, i64)> = BTreeMap::new();
+        let mut polled = Polled::default();
         // A slave out of the membership for a Lease duration is gone, not hiccuping.
         let grace_ms = i64::try_from(config.lease.as_millis()).unwrap_or(i64::MAX);
         let mut kv: Option<KvStore> = None;
@@ -250,18 +248,7 @@ impl Active<'_> {
             }
             let now = now_ms();
             let live: BTreeMap<String, String> = members.borrow_and_update().clone();
-            // Slaves that left stay polled through the loss grace (and a little
-            // more), at their last address: one draining reports what is left.
-            for (id, address) in &known {
-                if !live.contains_key(id) {
-                    lingering.entry(id.clone()).or_insert((address.clone(), now));
-                }
-            }
-            lingering.retain(|id, (_, since)| !live.contains_key(id) && now - *since <= grace_ms + 2_000);
-            known.clone_from(&live);
-            let mut polled = live.clone();
-            polled.extend(lingering.iter().map(|(id, (a, _))| (id.clone(), a.clone())));
-            slaves.update(&polled);
+            slaves.update(polled.update(&live, now, grace_ms));
             for f in finished {
                 self.finish(&mut table, &mut estimator, f, live.len(), now);
             }
@@ -284,11 +271,15 @@ impl Active<'_> {
                 self.metrics.outcome(&outcome);
             }
 
-            let reported = loads.borrow().clone();
-            let memory: BTreeMap<String, Memory> =
-                reported.iter().map(|(n, r)| (n.clone(), r.memory)).collect();
-            for gone in ledger.observe(&memory, &names, now, grace_ms) {
-                self.report(&gone);
+            // The ledger learns from each poll round (every 500 ms), not each loop.
+            let fresh = loads.has_changed().unwrap_or(false);
+            let reported = loads.borrow_and_update().clone();
+            if fresh {
+                let memory: BTreeMap<String, Memory> =
+                    reported.iter().map(|(n, r)| (n.clone(), r.memory)).collect();
+                for gone in ledger.observe(&memory, &names, now, grace_ms) {
+                    self.report(&gone);
+                }
             }
             let views: BTreeMap<String, SlaveView> = names
                 .iter()
