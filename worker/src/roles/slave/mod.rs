@@ -369,9 +369,9 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         result = &mut served => Some(result),
     };
 
-    // Leave the ring first, so that the intakes route elsewhere; then hand
-    // everything held to the other slaves while still serving (late Deliver
-    // calls, and the master's Load polls that account for what is left).
+    // Leave the ring and refuse new deliveries, so that the intakes route
+    // elsewhere; then hand everything held to the other slaves while still
+    // serving the master's Load polls, which account for what is left.
     let _ = ready_tx.send(false);
     leaving_flag.store(true, Ordering::Relaxed);
     let result = match failed {
