@@ -396,18 +396,34 @@ impl Active<'_> {
             table.skip_window(last_end);
             let hour = plan::period_of(last_end - 1, self.degraded_period_ms);
             let end = (hour + self.degraded_period_ms).min(last_end);
+            // For the lateness after a period closed, what the slaves hold for
+            // it is still watched: late events, and merchants handed between
+            // slaves after its last task, get it computed again.
+            let previous = hour - self.degraded_period_ms;
+            let lateness = i64::try_from(self.config.lateness.as_millis()).unwrap_or(i64::MAX);
+            let watch_previous = last_end - hour <= lateness;
+            table.forget_hours_before(previous);
             for (slave, windows) in slaves.holdings(Duration::from_secs(1)).await {
                 // A departed slave still polled (draining) gets no task.
                 if !live.contains_key(&slave) {
                     continue;
                 }
-                let events: u64 = windows
-                    .iter()
-                    .filter(|w| w.window_start_ms >= hour && w.window_start_ms < end)
-                    .map(|w| w.events)
-                    .sum();
+                let held = |from: i64, to: i64| -> u64 {
+                    windows
+                        .iter()
+                        .filter(|w| w.window_start_ms >= from && w.window_start_ms < to)
+                        .map(|w| w.events)
+                        .sum()
+                };
+                let events = held(hour, end);
                 if events > 0 {
                     table.plan_hour(hour, end, &slave, events);
+                }
+                if watch_previous && table.recount_hour(previous, hour, &slave, held(previous, hour)) {
+                    tracing::info!(
+                        %slave, period = previous,
+                        "what a slave holds for a closed degraded period changed: computing it again"
+                    );
                 }
             }
             return;

@@ -186,6 +186,11 @@ pub struct Table {
     last_version: u64,
     next_window_ms: i64,
     recent: BTreeMap<i64, u64>,
+    /// Events each slave held for a degraded period when its task was last
+    /// planned, by (period start, slave): a count that changes after the
+    /// period's last window (late events, events handed between slaves) plans
+    /// it again. Not persisted: a new master re-plans the previous period once.
+    hours: BTreeMap<(i64, String), u64>,
     hot_gap_from_ms: Option<i64>,
     /// Slaves that could not be reached, and until when they get no new task.
     quarantine: BTreeMap<String, i64>,
@@ -211,6 +216,7 @@ impl Table {
             recent: snapshot.recent,
             hot_gap_from_ms: snapshot.hot_gap_from_ms,
             quarantine: BTreeMap::new(),
+            hours: BTreeMap::new(),
             policy,
         }
     }
@@ -313,9 +319,33 @@ impl Table {
         self.next_window_ms = self.next_window_ms.max(end_ms);
     }
 
+    /// A closed degraded period `[hour, end)` in which `slave` now holds
+    /// `events`: planned again when that differs from what its last task was
+    /// planned with (late events arrived, or merchants were handed to or from
+    /// it), so the period's results cover what is held now. True when planned.
+    pub fn recount_hour(&mut self, hour_ms: i64, end_ms: i64, slave: &str, events: u64) -> bool {
+        let last = self.hours.get(&(hour_ms, slave.to_owned())).copied();
+        if last == Some(events) || (last.is_none() && events == 0) {
+            return false;
+        }
+        if events == 0 {
+            // All handed away: the slave that holds them now writes those merchants' rows.
+            self.hours.insert((hour_ms, slave.to_owned()), 0);
+            return false;
+        }
+        self.plan_hour(hour_ms, end_ms, slave, events);
+        true
+    }
+
+    /// Stops watching degraded periods that started before `horizon_ms`.
+    pub fn forget_hours_before(&mut self, horizon_ms: i64) {
+        self.hours.retain(|(start, _), _| *start >= horizon_ms);
+    }
+
     /// Plans (or widens) the hour-to-date task of `slave` for hour `[hour, end)`.
     /// An open one is widened, not duplicated: the next attempt covers more.
     pub fn plan_hour(&mut self, hour_ms: i64, end_ms: i64, slave: &str, events: u64) {
+        self.hours.insert((hour_ms, slave.to_owned()), events);
         let key = TaskKey {
             kind: Kind::Hour,
             start_ms: hour_ms,

@@ -176,6 +176,33 @@ fn an_hour_task_stays_pinned_to_the_slave_holding_its_data_and_widens() {
 }
 
 #[test]
+fn a_closed_hour_is_planned_again_only_when_what_a_slave_holds_for_it_changed() {
+    let mut t = table(1);
+    t.plan_hour(0, 60 * W, "a", 10);
+    let sent = t.dispatch(0, &loads(&["a", "b"]), &Estimator::default(), 1, 10);
+    assert_eq!(
+        t.completed(&sent[0].planned.key, sent[0].version, Ok(()), 2, 0),
+        Outcome::Done
+    );
+    // (slave, events held now) → planned again?
+    let cases = [
+        ("a", 10, false), // unchanged
+        ("a", 12, true),  // late events arrived after the hour's last task
+        ("a", 12, false), // and only once
+        ("a", 7, true),   // merchants handed to another slave
+        ("b", 5, true),   // which holds them now
+        ("c", 0, false),  // a slave that never held any
+        ("a", 0, false),  // all handed away: nothing to write here
+        ("a", 0, false),
+    ];
+    for (i, (slave, events, want)) in cases.into_iter().enumerate() {
+        assert_eq!(t.recount_hour(0, 60 * W, slave, events), want, "case {i}");
+    }
+    t.forget_hours_before(60 * W);
+    assert!(!t.recount_hour(0, 60 * W, "c", 0), "forgotten, and empty");
+}
+
+#[test]
 fn an_hour_task_whose_data_aged_out_is_given_up_not_retried() {
     let mut t = table(1);
     t.plan_hour(0, W, "b", 5);
