@@ -155,6 +155,9 @@ impl Member {
     }
 }
 
+/// The live, ready members of one role: identity → address.
+pub type Members = BTreeMap<String, String>;
+
 /// The label selector of a pipeline's members of one role.
 pub fn selector(pipeline: &str, role: &str) -> String {
     format!("{PIPELINE_LABEL}={pipeline},{ROLE_LABEL}={role}")
@@ -162,7 +165,7 @@ pub fn selector(pipeline: &str, role: &str) -> String {
 
 /// The ready members among `leases` at `now`: identity → address. A member
 /// counts while its Lease was renewed within its duration and says ready. Pure.
-pub fn ready_members(leases: &[Lease], now: Timestamp) -> BTreeMap<String, String> {
+pub fn ready_members(leases: &[Lease], now: Timestamp) -> Members {
     leases
         .iter()
         .filter_map(|lease| {
@@ -186,7 +189,7 @@ pub fn follow(
     pipeline: &str,
     role: &str,
     shutdown: CancellationToken,
-) -> watch::Receiver<BTreeMap<String, String>> {
+) -> watch::Receiver<Members> {
     follow_refreshable(client, namespace, pipeline, role, shutdown).0
 }
 
@@ -220,7 +223,7 @@ pub fn follow_refreshable(
     pipeline: &str,
     role: &str,
     shutdown: CancellationToken,
-) -> (watch::Receiver<BTreeMap<String, String>>, Refresh) {
+) -> (watch::Receiver<Members>, Refresh) {
     let (tx, rx) = watch::channel(BTreeMap::new());
     let (requests, mut asked) = watch::channel(0_u64);
     let (served_tx, served) = watch::channel(0_u64);

@@ -1,14 +1,12 @@
 //! Where the intake sends events: the KV store, or — while the operator
 //! publishes the KV store as Degraded — the live slaves, by merchant. Pure.
 
-use std::collections::BTreeMap;
-
 use ballast_crds::Mode;
 
 use crate::routing::Ring;
 
 /// The live, ready slaves: identity → address.
-pub type Slaves = BTreeMap<String, String>;
+pub type Slaves = crate::membership::Members;
 
 /// Where events go now.
 #[derive(Clone, Debug, PartialEq, Eq)]

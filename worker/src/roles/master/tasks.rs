@@ -324,13 +324,13 @@ impl Table {
     /// planned with (late events arrived, or merchants were handed to or from
     /// it), so the period's results cover what is held now. True when planned.
     pub fn recount_hour(&mut self, hour_ms: i64, end_ms: i64, slave: &str, events: u64) -> bool {
-        let last = self.hours.get(&(hour_ms, slave.to_owned())).copied();
-        if last == Some(events) || (last.is_none() && events == 0) {
+        let key = (hour_ms, slave.to_owned());
+        if self.hours.get(&key).copied().unwrap_or(0) == events {
             return false;
         }
         if events == 0 {
             // All handed away: the slave that holds them now writes those merchants' rows.
-            self.hours.insert((hour_ms, slave.to_owned()), 0);
+            self.hours.insert(key, 0);
             return false;
         }
         self.plan_hour(hour_ms, end_ms, slave, events);

@@ -148,8 +148,8 @@ impl Computer {
         }
     }
 
-    /// Queue depth and CPU use now.
-    pub fn load(&self, held_bytes: u64) -> SlaveLoad {
+    /// Queue depth and CPU use now (what memory holds is the store's to fill in).
+    pub fn load(&self) -> SlaveLoad {
         SlaveLoad {
             queued: self.queued.load(Ordering::Relaxed),
             running: self.running.load(Ordering::Relaxed),
@@ -158,7 +158,6 @@ impl Computer {
                 .ok()
                 .and_then(|stat| cpu_seconds(&stat))
                 .unwrap_or(0.0),
-            held_bytes,
             ..SlaveLoad::default()
         }
     }

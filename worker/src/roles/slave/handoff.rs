@@ -17,13 +17,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::lock;
 use super::store::Store;
+use crate::membership::Members;
 use crate::modes::Modes;
 use crate::routing::Ring;
 use crate::wire::EventBatch;
 use crate::wire::slave_client::SlaveClient;
-
-/// The live, ready slaves: identity → address.
-pub type Members = BTreeMap<String, String>;
 
 /// How often the held merchants are checked against the membership.
 const EVERY: Duration = Duration::from_secs(1);
@@ -91,15 +89,14 @@ pub struct Metrics {
 /// What the hand-off works with.
 pub struct Handoff {
     /// This slave's identity.
-    pub me: String,
+    me: String,
     /// Its memory.
-    pub store: Arc<Mutex<Store>>,
+    store: Arc<Mutex<Store>>,
     /// The live slaves.
-    pub members: watch::Receiver<Members>,
+    members: watch::Receiver<Members>,
     /// The published modes (the KV epoch goes with delivered batches).
-    pub modes: watch::Receiver<Modes>,
-    /// Its counters.
-    pub metrics: Metrics,
+    modes: watch::Receiver<Modes>,
+    metrics: Metrics,
     clients: HashMap<String, SlaveClient<tonic::transport::Channel>>,
 }
 

@@ -121,6 +121,18 @@ impl Metrics {
             },
         }
     }
+
+    /// Drops what is past the retention at `now_ms`, counting it and the bytes left.
+    fn expire(&self, store: &mut Store, now_ms: i64) {
+        self.expired.inc_by(store.expire(now_ms));
+        self.held(store);
+    }
+
+    /// The bytes `store` holds now.
+    fn held(&self, store: &Store) {
+        self.held_bytes
+            .set(i64::try_from(store.bytes()).unwrap_or(i64::MAX));
+    }
 }
 
 struct Service {
@@ -165,9 +177,7 @@ impl Slave for Service {
                 self.metrics.accepted.inc_by(u64::from(stored.accepted));
                 self.metrics.duplicates.inc_by(u64::from(stored.duplicates));
                 self.metrics.expired.inc_by(u64::from(stored.expired));
-                self.metrics
-                    .held_bytes
-                    .set(i64::try_from(store.bytes()).unwrap_or(i64::MAX));
+                self.metrics.held(&store);
                 Ok(Response::new(DeliverReply {
                     accepted: stored.accepted,
                     duplicates: stored.duplicates,
@@ -212,19 +222,16 @@ impl Slave for Service {
     }
 
     async fn load(&self, _: Request<LoadRequest>) -> Result<Response<SlaveLoad>, Status> {
-        let (bytes, events, oldest) = {
-            let mut store = lock(&self.store);
-            // What is past the retention is not held any more (the master
-            // counts held events as lost if this slave goes), timer or not.
-            self.metrics.expired.inc_by(store.expire(now_ms()));
-            (store.bytes(), store.events(), store.oldest_window_ms())
-        };
-        Ok(Response::new(SlaveLoad {
-            incarnation: self.incarnation,
-            held_events: events,
-            oldest_window_ms: oldest,
-            ..self.computer.load(bytes)
-        }))
+        let mut load = self.computer.load();
+        let mut store = lock(&self.store);
+        // What is past the retention is not held any more (the master counts
+        // held events as lost if this slave goes), timer or not.
+        self.metrics.expire(&mut store, now_ms());
+        load.incarnation = self.incarnation;
+        load.held_bytes = store.bytes();
+        load.held_events = store.events();
+        load.oldest_window_ms = store.oldest_window_ms();
+        Ok(Response::new(load))
     }
 }
 
@@ -336,11 +343,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(Duration::from_secs(5));
             while tokio::select! { () = shutdown.cancelled() => false, _ = ticker.tick() => true } {
-                let mut store = lock(&store);
-                metrics.expired.inc_by(store.expire(now_ms()));
-                metrics
-                    .held_bytes
-                    .set(i64::try_from(store.bytes()).unwrap_or(i64::MAX));
+                metrics.expire(&mut lock(&store), now_ms());
             }
         })
     };
