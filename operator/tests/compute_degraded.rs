@@ -184,6 +184,16 @@ impl Running {
         .await
     }
 
+    /// Sets the slaves' base replicas to `base` (the operator runs `base` ×
+    /// the scale factor of 2 while the KV store is down) and waits for them.
+    async fn scale_slaves(&self, base: usize) -> anyhow::Result<()> {
+        let patch = json!({"spec": {"roles": {"slave": {"replicas": base}}}});
+        self.aps
+            .patch(&self.pipeline, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        self.until_slaves(2 * base).await
+    }
+
     /// Waits until `n` slaves hold ready Leases.
     async fn until_slaves(&self, n: usize) -> anyhow::Result<()> {
         let selector = ballast_worker::membership::selector(&self.pipeline, "slave");
@@ -266,11 +276,7 @@ async fn kv_failure_keeps_hourly_results_from_slave_memory_and_windows_resume_af
     // the scale factor): the merchants the ring now gives them are handed over
     // with the events already held, so each hour-to-date still covers all of
     // its merchant's events, not just those routed after the join.
-    let grow = json!({"spec": {"roles": {"slave": {"replicas": 3}}}});
-    p.aps
-        .patch(&p.pipeline, &PatchParams::default(), &Patch::Merge(&grow))
-        .await?;
-    p.until_slaves(6).await?;
+    p.scale_slaves(3).await?;
     p.feed(&mut stream).await?;
     let want = p.expect(HOUR_MS, &rows).await?;
     until_equal(&p.hot, &p.pipeline, Granularity::Hour, &want, 90).await?;
@@ -278,11 +284,7 @@ async fn kv_failure_keeps_hourly_results_from_slave_memory_and_windows_resume_af
     // The base shrinks back (3 to 2, times the scale factor): the two slaves
     // stopped hand what they hold to the others before they go, so nothing
     // is lost (the master says so) and every hour-to-date stays whole.
-    let shrink = json!({"spec": {"roles": {"slave": {"replicas": 2}}}});
-    p.aps
-        .patch(&p.pipeline, &PatchParams::default(), &Patch::Merge(&shrink))
-        .await?;
-    p.until_slaves(4).await?;
+    p.scale_slaves(2).await?;
     for stopped in ["slave-4", "slave-5"] {
         p.until_master_logged(&format!("no events lost slave={}-{stopped}", p.pipeline), 60)
             .await?;

@@ -41,23 +41,63 @@ async fn joined(leases: &Api<Lease>, name: &str) -> anyhow::Result<String> {
     }
 }
 
+/// A slave process on a pipeline fixture of its own, joined.
+struct Running {
+    client: kube::Client,
+    ns: String,
+    leases: Api<Lease>,
+    slave: ballast_e2e::KillOnDrop,
+    address: String,
+}
+
+impl Running {
+    /// Starts slave `identity` on a fresh pipeline with `policy` and `spec_patch`;
+    /// returns once its Lease says ready.
+    async fn start(
+        prefix: &str,
+        policy: serde_json::Value,
+        spec_patch: serde_json::Value,
+        identity: &str,
+    ) -> anyhow::Result<Self> {
+        let stack = Stack::discover();
+        let client = stack.kube_client().await?;
+        let (ns, pipeline) = stack
+            .pipeline_fixture_with(&client, prefix, policy, spec_patch)
+            .await?;
+        let worker = std::path::Path::new(env!("CARGO_BIN_EXE_ballast-worker"));
+        let slave = stack.worker(worker, "slave", &ns, &pipeline, identity)?;
+        let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+        let address = joined(&leases, identity).await?;
+        Ok(Self {
+            client,
+            ns,
+            leases,
+            slave,
+            address,
+        })
+    }
+
+    /// Stops the slave and deletes the fixture's namespace.
+    async fn remove(self) -> anyhow::Result<()> {
+        drop(self.slave);
+        Api::<k8s_openapi::api::core::v1::Namespace>::all(self.client)
+            .delete(&self.ns, &DeleteParams::default())
+            .await?;
+        Ok(())
+    }
+}
+
 #[tokio::test]
 async fn slave_joins_stores_routed_events_and_leaves_on_sigterm() -> anyhow::Result<()> {
-    let stack = Stack::discover();
-    let client = stack.kube_client().await?;
-    let (ns, pipeline) = stack
-        .pipeline_fixture(
-            &client,
-            "slave",
-            json!({"kv": {"maxMemoryMiB": 16, "retentionSeconds": 3600}}),
-        )
-        .await?;
-    let worker = std::path::Path::new(env!("CARGO_BIN_EXE_ballast-worker"));
-    let slave = stack.worker(worker, "slave", &ns, &pipeline, "shop-slave-0")?;
-
     // It joins: a ready Lease naming its address.
-    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
-    let address = joined(&leases, "shop-slave-0").await?;
+    let running = Running::start(
+        "slave",
+        json!({"kv": {"maxMemoryMiB": 16, "retentionSeconds": 3600}}),
+        json!({}),
+        "shop-slave-0",
+    )
+    .await?;
+    let (leases, address) = (&running.leases, &running.address);
     assert_eq!(
         leases
             .get("shop-slave-0")
@@ -120,39 +160,29 @@ async fn slave_joins_stores_routed_events_and_leaves_on_sigterm() -> anyhow::Res
     assert_eq!(after.windows[0].events, 2 + 5 * 3);
 
     // SIGTERM: the slave drains and leaves the membership.
-    slave.signal("-TERM")?;
+    running.slave.signal("-TERM")?;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while lease(&leases, "shop-slave-0").await?.is_some() {
+    while lease(leases, "shop-slave-0").await?.is_some() {
         anyhow::ensure!(
             Instant::now() < deadline,
             "the slave's Lease was not deleted within 30 s of SIGTERM"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    drop(slave);
-    Api::<k8s_openapi::api::core::v1::Namespace>::all(client)
-        .delete(&ns, &DeleteParams::default())
-        .await?;
-    Ok(())
+    running.remove().await
 }
 
 #[tokio::test]
 async fn a_memory_task_reaching_back_before_the_retention_is_refused_not_computed_partially()
 -> anyhow::Result<()> {
-    let stack = Stack::discover();
-    let client = stack.kube_client().await?;
-    let (ns, pipeline) = stack
-        .pipeline_fixture_with(
-            &client,
-            "slave-aged",
-            json!({"kv": {"retentionSeconds": 10}}),
-            json!({"compute": {"windowSeconds": 1}}),
-        )
-        .await?;
-    let worker = std::path::Path::new(env!("CARGO_BIN_EXE_ballast-worker"));
-    let _slave = stack.worker(worker, "slave", &ns, &pipeline, "aged-slave-0")?;
-    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
-    let mut grpc = SlaveClient::connect(format!("http://{}", joined(&leases, "aged-slave-0").await?)).await?;
+    let running = Running::start(
+        "slave-aged",
+        json!({"kv": {"retentionSeconds": 10}}),
+        json!({"compute": {"windowSeconds": 1}}),
+        "aged-slave-0",
+    )
+    .await?;
+    let mut grpc = SlaveClient::connect(format!("http://{}", running.address)).await?;
 
     // Events 8 s old: inside the 10 s retention on arrival, outside it seconds later.
     let then = Timestamp::now().as_millisecond() - 8_000;
@@ -196,8 +226,5 @@ async fn a_memory_task_reaching_back_before_the_retention_is_refused_not_compute
         "{}",
         status.message()
     );
-    Api::<k8s_openapi::api::core::v1::Namespace>::all(client)
-        .delete(&ns, &DeleteParams::default())
-        .await?;
-    Ok(())
+    running.remove().await
 }

@@ -301,15 +301,19 @@ mod tests {
         ChangeEvent::insert(id, merchant, "orders", time_ms, br#"{"amount":100}"#.to_vec())
     }
 
-    #[test]
-    fn events_are_held_by_window_and_merchant() {
-        let mut store = Store::new(MIN, 60 * MIN, 1 << 20);
-        let batch = vec![
+    /// m1 in both windows, m2 in the first.
+    fn two_windows() -> Vec<ChangeEvent> {
+        vec![
             event("a", "m1", 10),
             event("b", "m2", 20),
             event("c", "m1", MIN + 5),
-        ];
-        let stored = store.insert(batch, MIN + 10).expect("fits");
+        ]
+    }
+
+    #[test]
+    fn events_are_held_by_window_and_merchant() {
+        let mut store = Store::new(MIN, 60 * MIN, 1 << 20);
+        let stored = store.insert(two_windows(), MIN + 10).expect("fits");
         assert_eq!(stored.accepted, 3);
         assert_eq!(store.merchant(0, "m1").len(), 1);
         assert_eq!(store.window(0).count(), 2);
@@ -385,12 +389,7 @@ mod tests {
     #[test]
     fn a_merchant_handed_away_leaves_nothing_behind() {
         let mut store = Store::new(MIN, 60 * MIN, 1 << 20);
-        let batch = vec![
-            event("a", "m1", 10),
-            event("b", "m2", 20),
-            event("c", "m1", MIN + 5),
-        ];
-        store.insert(batch, MIN + 10).expect("fits");
+        store.insert(two_windows(), MIN + 10).expect("fits");
         let full = store.bytes();
         assert_eq!(store.merchants(), BTreeSet::from(["m1", "m2"]));
         let m1 = store.events_of(&BTreeSet::from(["m1".to_owned()]));
