@@ -117,11 +117,15 @@ pub struct DataCenter {
     pub redis: RedisRef,
 }
 
-/// Rate limits of the member service.
+/// Rate limits of the member service, checked on every request before any
+/// work: the caller's own limit first, then the member id's, then the global
+/// one, so that one flooding caller or one hot member cannot use up the budget
+/// of everyone else. A refusal is immediate (HTTP 429 or gRPC
+/// RESOURCE_EXHAUSTED with a retry-after), never a wait.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FlowControl {
-    /// Requests per second across all callers.
+    /// Requests per second across all callers, per member-service pod.
     #[serde(default = "default_global_rate")]
     #[schemars(range(min = 1))]
     pub global_rate_per_second: i32,
@@ -129,11 +133,26 @@ pub struct FlowControl {
     #[serde(default = "default_hot_key_rate")]
     #[schemars(range(min = 1))]
     pub hot_key_rate_per_second: i32,
-    /// Requests per second per caller account; callers not listed share the global limit.
+    /// Requests per second of each caller account not listed in `callers`;
+    /// unset, unlisted callers are held only by the global limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub unlisted_caller_rate_per_second: Option<i32>,
+    /// Requests in progress at once per pod; unset, no concurrency limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_concurrent_requests: Option<i32>,
+    /// Requests per second per caller account.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["caller".into()]))]
     pub callers: Vec<CallerLimit>,
+    /// Limits that only count what they would refuse and refuse nothing, so a
+    /// new limit can be tried on production traffic first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 4))]
+    #[x_kube(merge_strategy = ListMerge::Set)]
+    pub shadow: Vec<FlowLimit>,
 }
 
 fn default_global_rate() -> i32 {
@@ -148,9 +167,25 @@ impl Default for FlowControl {
         Self {
             global_rate_per_second: default_global_rate(),
             hot_key_rate_per_second: default_hot_key_rate(),
+            unlisted_caller_rate_per_second: None,
+            max_concurrent_requests: None,
             callers: Vec::new(),
+            shadow: Vec::new(),
         }
     }
+}
+
+/// A limit of [`FlowControl`] that can run in shadow mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum FlowLimit {
+    /// `globalRatePerSecond`.
+    Global,
+    /// `hotKeyRatePerSecond`.
+    HotKey,
+    /// `unlistedCallerRatePerSecond`.
+    UnlistedCallers,
+    /// `maxConcurrentRequests`.
+    Concurrency,
 }
 
 /// The rate limit of one caller account.
@@ -163,10 +198,13 @@ pub struct CallerLimit {
     /// Requests per second it may make.
     #[x_kube(validation = Rule::new("self >= 1").message("a caller's ratePerSecond must be at least 1"))]
     pub rate_per_second: i32,
+    /// Count what this limit would refuse, refuse nothing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shadow: bool,
 }
 
 /// A dependency of the member service that a circuit breaker guards.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
 pub enum GuardedDependency {
     /// MySQL and its access layer.
     Mysql,
@@ -176,10 +214,31 @@ pub enum GuardedDependency {
     Redis,
 }
 
-/// When calls to a dependency are cut off for a while.
+impl GuardedDependency {
+    /// Every guarded dependency.
+    pub const ALL: [Self; 3] = [Self::Mysql, Self::Elasticsearch, Self::Redis];
+
+    /// Lower-case name, as in metric labels and refusal messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Mysql => "mysql",
+            Self::Elasticsearch => "elasticsearch",
+            Self::Redis => "redis",
+        }
+    }
+}
+
+/// When calls to a dependency are cut off for a while (Sentinel's three
+/// strategies: response time, error ratio, error count). A breaker opens when
+/// any threshold it sets is crossed over `windowSeconds` with at least
+/// `minimumCalls` calls; while open, calls fail at once (HTTP 503 or gRPC
+/// UNAVAILABLE naming the dependency); after `openSeconds` it lets
+/// `halfOpenCalls` trial calls through, and closes when all of them succeed in
+/// time, or opens again on the first that does not.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("has(self.maxAverageResponseMillis) || has(self.maxErrorPercent) || has(self.maxErrors)").message("a circuit breaker needs at least one of maxAverageResponseMillis, maxErrorPercent, maxErrors"))]
+#[x_kube(validation = Rule::new("has(self.maxAverageResponseMillis) || has(self.maxSlowCallPercent) || has(self.maxErrorPercent) || has(self.maxErrors)").message("a circuit breaker needs at least one of maxAverageResponseMillis, maxSlowCallPercent, maxErrorPercent, maxErrors"))]
+#[x_kube(validation = Rule::new("!has(self.maxSlowCallPercent) || has(self.slowCallMillis)").message("maxSlowCallPercent needs slowCallMillis, the response time above which a call is slow"))]
 pub struct CircuitBreaker {
     /// The guarded dependency.
     pub dependency: GuardedDependency,
@@ -187,6 +246,15 @@ pub struct CircuitBreaker {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_average_response_millis: Option<i32>,
+    /// A call slower than this counts as slow (for `maxSlowCallPercent`) and a
+    /// trial call slower than this reopens the breaker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub slow_call_millis: Option<i32>,
+    /// Opens when this percentage of calls in the window are slow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 100").message("maxSlowCallPercent must be between 1 and 100"))]
+    pub max_slow_call_percent: Option<i32>,
     /// Opens when this percentage of calls in the window fail.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 100").message("maxErrorPercent must be between 1 and 100"))]
@@ -195,21 +263,38 @@ pub struct CircuitBreaker {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_errors: Option<i32>,
+    /// Fewer calls than this in the window never open the breaker.
+    #[serde(default = "default_minimum_calls")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub minimum_calls: i32,
     /// The window the figures are measured over, in seconds.
     #[serde(default = "default_breaker_window")]
     #[schemars(range(min = 1, max = 3600))]
     pub window_seconds: i32,
-    /// Seconds the breaker stays open before it lets a trial call through.
+    /// Seconds the breaker stays open before it lets trial calls through.
     #[serde(default = "default_breaker_open")]
     #[schemars(range(min = 1, max = 3600))]
     pub open_seconds: i32,
+    /// Trial calls let through after `openSeconds`; all must succeed to close.
+    #[serde(default = "default_half_open_calls")]
+    #[schemars(range(min = 1, max = 100))]
+    pub half_open_calls: i32,
+    /// Count what this breaker would refuse, refuse nothing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shadow: bool,
 }
 
+fn default_minimum_calls() -> i32 {
+    5
+}
 fn default_breaker_window() -> i32 {
     10
 }
 fn default_breaker_open() -> i32 {
     30
+}
+fn default_half_open_calls() -> i32 {
+    3
 }
 
 /// How the original primary data centre takes over again after a failover.

@@ -4,6 +4,7 @@
 #   stack.sh up       install what is missing, start what is not running, wait until healthy
 #   stack.sh down     stop what `up` started (by its pid files, never by process name)
 #   stack.sh status   one health line per server; exit 1 if any is unhealthy
+#   stack.sh stop|pause|resume SERVER   failure injection for tests: stop, freeze (SIGSTOP), thaw
 #
 # Caches (builds, downloads) live in $BALLAST_CACHE (~/.cache/ballast), outside
 # any clone, so a second `up` takes seconds. Running state (data, logs, pids,
@@ -53,6 +54,7 @@ apt_packages=(
   /usr/bin/protoc:protobuf-compiler
   /usr/bin/openssl:openssl
   /usr/bin/curl:curl
+  /usr/bin/promtool:prometheus
 )
 
 install_packages() {
@@ -70,6 +72,23 @@ install_packages() {
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     "${missing[@]}" >>"$logs/apt.log" 2>&1 ||
     die "apt-get install ${missing[*]} failed (see $logs/apt.log)"
+  # `prometheus` is here for promtool (the alert-rule tests) only: its postinst
+  # starts a server on :9090 and enables it at boot where an init system lets it.
+  # Stop and disable the one just installed (never one that was there before).
+  if [[ " ${missing[*]} " == *" prometheus "* ]]; then
+    if [ -d /run/systemd/system ]; then
+      as_root systemctl disable --now prometheus.service >>"$logs/apt.log" 2>&1 ||
+        die "stopping the prometheus service failed (see $logs/apt.log)"
+    else
+      as_root /etc/init.d/prometheus stop >>"$logs/apt.log" 2>&1 || true
+      # systemctl disables offline too (unit and SysV links) when systemd is installed but not running.
+      if command -v systemctl >/dev/null 2>&1; then
+        as_root systemctl disable prometheus.service >>"$logs/apt.log" 2>&1 || true
+      else
+        as_root update-rc.d prometheus disable >>"$logs/apt.log" 2>&1 || true
+      fi
+    fi
+  fi
 }
 
 # A stamp holds the hash of a build's inputs; the build runs only when they change.
@@ -142,7 +161,11 @@ port_busy() { (exec 3<>"/dev/tcp/$host/$1") 2>/dev/null; }
 start() { # name port command...
   local name=$1 port=$2
   shift 2
-  if running "$name"; then return 0; fi
+  if running "$name"; then
+    # Thaw one a killed test left paused (see `pause`).
+    read -r pid _ <"$pids/$name.pid"; kill -CONT "$pid" 2>/dev/null || true
+    return 0
+  fi
   port_busy "$port" && die "port $port for $name is busy (another process listens there; see e2e/stack/ports.env)"
   mkdir -p "$logs" "$pids"
   # setsid: the server outlives the make or test run that started it.
@@ -169,6 +192,8 @@ stop() { # name
   if running "$1"; then
     read -r pid start <"$f"
     kill -TERM "$pid" 2>/dev/null || true
+    # A paused server (see `pause`) gets the TERM only once it runs again.
+    kill -CONT "$pid" 2>/dev/null || true
     for _ in $(seq 1 60); do running "$1" || break; sleep 0.5; done
     if running "$1"; then kill -KILL "$pid" 2>/dev/null || true; fi
   fi
@@ -474,8 +499,15 @@ case "${1:-}" in
   stop)
     [[ " ${services[*]} " == *" ${2:-} "* ]] || die "stop: unknown server '${2:-}' (one of: ${services[*]})"
     stop "$2" ;;
+  # Failure injection: freeze one server (SIGSTOP), so that it accepts
+  # connections and never answers, as a hung server does; `resume` thaws it.
+  pause|resume)
+    [[ " ${services[*]} " == *" ${2:-} "* ]] || die "$1: unknown server '${2:-}' (one of: ${services[*]})"
+    running "$2" || die "$1: $2 is not running"
+    read -r pid _ <"$pids/$2.pid"
+    if [ "$1" = pause ]; then kill -STOP "$pid"; else kill -CONT "$pid"; fi ;;
   status) status ;;
   install) install_all ;;
   env) echo "$state/stack.env" ;;
-  *) die "usage: stack.sh up|down|status|install|env|stop SERVER" ;;
+  *) die "usage: stack.sh up|down|status|install|env|stop SERVER|pause SERVER|resume SERVER" ;;
 esac
