@@ -139,6 +139,76 @@ pub fn stack_script(args: &[&str]) -> Result<(), StackError> {
     }
 }
 
+/// Runs promtool with `args` (and `stdin`, if given): its output, or an error
+/// with it. A promtool that cannot be started is an error that says how to
+/// install it (`BALLAST_PROMTOOL` overrides the one on `PATH`).
+pub fn promtool(args: &[&str], stdin: Option<&str>) -> Result<String, StackError> {
+    use std::io::Write;
+    let binary = std::env::var("BALLAST_PROMTOOL")
+        .ok()
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| "promtool".to_owned());
+    let command = format!("promtool {}", args.join(" "));
+    let failed = |message: String| StackError::Script {
+        command: command.clone(),
+        message,
+    };
+    let mut child = std::process::Command::new(&binary)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            failed(format!(
+                "cannot run {binary} ({e}): run `make stack-up`, which installs Debian's \
+                 prometheus package (/usr/bin/promtool), or set BALLAST_PROMTOOL"
+            ))
+        })?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(text.as_bytes())
+            .map_err(|e| failed(e.to_string()))?;
+    }
+    let out = child.wait_with_output().map_err(|e| failed(e.to_string()))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(failed(format!("failed:\n{text}")))
+    }
+}
+
+impl Stack {
+    /// Runs the stack's helm with `args`: its stdout, or an error with its output.
+    pub fn helm(&self, args: &[&str]) -> Result<String, StackError> {
+        let binary = self.get("BALLAST_HELM")?;
+        let command = format!("helm {}", args.join(" "));
+        let out = std::process::Command::new(&binary)
+            .args(args)
+            .output()
+            .map_err(|e| StackError::Script {
+                command: command.clone(),
+                message: e.to_string(),
+            })?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(StackError::Script {
+                command,
+                message: format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            })
+        }
+    }
+}
+
 /// `host:port` of a server URL such as `mysql://user:pass@host:port/db`.
 pub fn host_port(url: &str) -> &str {
     let rest = url.rsplit("//").next().unwrap_or(url);
@@ -390,6 +460,16 @@ impl Stack {
     /// Lease in `ns`, on a free metrics port; its log goes to the temp directory.
     /// It runs as its ServiceAccount ([`OPERATOR_USER`]) with the shipped RBAC.
     pub async fn operator(&self, binary: &std::path::Path, ns: &str) -> Result<KillOnDrop, StackError> {
+        self.operator_on(binary, ns, "127.0.0.1:0").await
+    }
+
+    /// [`Stack::operator`] serving `/metrics` on `metrics_addr`.
+    pub async fn operator_on(
+        &self,
+        binary: &std::path::Path,
+        ns: &str,
+        metrics_addr: &str,
+    ) -> Result<KillOnDrop, StackError> {
         install_operator_rbac(&self.kube_client().await?).await?;
         let failed = |e: std::io::Error| StackError::Script {
             command: "ballast-operator".into(),
@@ -400,7 +480,7 @@ impl Stack {
         let child = std::process::Command::new(binary)
             .args([
                 "--metrics-addr",
-                "127.0.0.1:0",
+                metrics_addr,
                 "--lease-namespace",
                 ns,
                 "--lease-seconds",

@@ -4,12 +4,13 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use ballast_crds::{AnalyticsPipeline, Dependency};
+use ballast_crds::{AnalyticsPipeline, Dependency, DependencyModes, Mode};
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector::ObjectRef;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, watch};
@@ -46,8 +47,20 @@ pub struct Metrics {
     pub reconcile_errors: Family<Labels, Counter>,
     /// Published mode changes, by dependency and new mode.
     pub mode_transitions: Family<Labels, Counter>,
+    /// Time a reconcile took, by kind.
+    pub reconcile_duration: Family<Labels, Histogram>,
     probe_failures: Family<Labels, Counter>,
     probe_durations: Family<Labels, Histogram>,
+    dependency_mode: Family<Labels, Gauge>,
+    dependency_epoch: Family<Labels, Gauge>,
+    pipeline_ready: Family<Labels, Gauge>,
+}
+
+/// Every mode, in the order the state-set gauge lists them.
+const MODES: [Mode; 3] = [Mode::Normal, Mode::Degraded, Mode::Recovering];
+
+fn reconcile_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.005, 2.0, 12))
 }
 
 fn probe_histogram() -> Histogram {
@@ -88,14 +101,90 @@ impl Metrics {
             "Time a dependency probe took",
             probe_durations.clone(),
         );
+        let reconcile_duration = Family::new_with_constructor(reconcile_histogram as fn() -> Histogram);
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time a reconcile took, failed or not",
+            reconcile_duration.clone(),
+        );
+        let dependency_mode = Family::default();
+        registry.register(
+            "dependency_mode",
+            "Published mode of each pipeline's dependency: 1 for the mode it is in, 0 for the others",
+            dependency_mode.clone(),
+        );
+        let dependency_epoch = Family::default();
+        registry.register(
+            "dependency_epoch",
+            "Published epoch of each pipeline's dependency (raised on every mode change)",
+            dependency_epoch.clone(),
+        );
+        let pipeline_ready = Family::default();
+        registry.register(
+            "pipeline_ready",
+            "1 while the pipeline's Ready condition is True",
+            pipeline_ready.clone(),
+        );
         Self {
             api_check_failures,
             reconciles,
             reconcile_errors,
             mode_transitions,
+            reconcile_duration,
             probe_failures,
             probe_durations,
+            dependency_mode,
+            dependency_epoch,
+            pipeline_ready,
         }
+    }
+
+    /// Sets the mode, epoch and readiness gauges of the pipeline `name` in
+    /// `namespace` to what its status now says.
+    pub fn pipeline(&self, namespace: &str, name: &str, modes: &DependencyModes, ready: bool) {
+        let of = |dependency: Dependency| -> Labels {
+            vec![
+                ("namespace", namespace.to_owned()),
+                ("pipeline", name.to_owned()),
+                ("dependency", dependency.as_str().to_owned()),
+            ]
+        };
+        for dependency in Dependency::ALL {
+            let (mode, epoch) = modes
+                .get(dependency)
+                .map_or((Mode::Normal, 0), |s| (s.mode, s.epoch));
+            for m in MODES {
+                let mut labels = of(dependency);
+                labels.push(("mode", format!("{m:?}")));
+                self.dependency_mode
+                    .get_or_create(&labels)
+                    .set(i64::from(m == mode));
+            }
+            self.dependency_epoch.get_or_create(&of(dependency)).set(epoch);
+        }
+        let pipeline = vec![("namespace", namespace.to_owned()), ("pipeline", name.to_owned())];
+        self.pipeline_ready.get_or_create(&pipeline).set(i64::from(ready));
+    }
+
+    /// Removes the gauges of a deleted pipeline, so that no alert fires for it.
+    pub fn forget_pipeline(&self, namespace: &str, name: &str) {
+        for dependency in Dependency::ALL {
+            let of = vec![
+                ("namespace", namespace.to_owned()),
+                ("pipeline", name.to_owned()),
+                ("dependency", dependency.as_str().to_owned()),
+            ];
+            for m in MODES {
+                let mut labels = of.clone();
+                labels.push(("mode", format!("{m:?}")));
+                self.dependency_mode.remove(&labels);
+            }
+            self.dependency_epoch.remove(&of);
+        }
+        self.pipeline_ready.remove(&vec![
+            ("namespace", namespace.to_owned()),
+            ("pipeline", name.to_owned()),
+        ]);
     }
 
     /// Failed probes of one kind of server (never the URL: it may hold credentials).
@@ -197,5 +286,7 @@ impl Context {
     pub fn forget(&self, key: &ObjectRef<AnalyticsPipeline>) {
         crate::probe::unsubscribe(self, key);
         self.pipelines().remove(key);
+        self.metrics
+            .forget_pipeline(key.namespace.as_deref().unwrap_or_default(), &key.name);
     }
 }

@@ -3,8 +3,6 @@
 //! the Helm chart renders them, are accepted as written (a server-side dry run
 //! checks the schema, field names and values, and stores nothing).
 
-use std::process::Command;
-
 use ballast_e2e::{Stack, apply_manifest};
 
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/ballast");
@@ -26,18 +24,9 @@ async fn the_shipped_operator_manifests_pass_a_server_side_dry_run() -> anyhow::
     Ok(())
 }
 
-/// Runs the stack's helm with `args`; its stdout, or an error with its stderr.
+/// Runs the stack's helm with `args`; its stdout, or an error with its output.
 fn helm(stack: &Stack, args: &[&str]) -> anyhow::Result<String> {
-    let binary = stack.get("BALLAST_HELM")?;
-    let out = Command::new(&binary).args(args).output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "helm {}: {}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8(out.stdout)?)
+    Ok(stack.helm(args)?)
 }
 
 #[tokio::test]

@@ -1,7 +1,10 @@
 //! `make bench`: ingestion throughput on loopback, each beside a raw baseline
 //! measured in the same run:
 //! (a) collector → Kafka → intake → KV, against Kafka's own producer perf tool;
-//! (b) backup intake gRPC ingest, against a bare tonic echo of the same payloads;
+//! (b) backup intake gRPC ingest (stored in the KV store before it is
+//!     acknowledged), against the same batches written straight to the KV Redis
+//!     by a bare pipelined client (the ceiling: the intake must store first);
+//!     a bare tonic echo of the same payloads is printed beside, not a target;
 //! (c) intake → slaves hash distribution, against sending the same batches to one slave.
 
 use std::collections::BTreeMap;
@@ -191,6 +194,51 @@ async fn write_kv_directly(kv: &KvStore, tag: &str) -> anyhow::Result<Duration> 
                 kv.write(batch).await?;
             }
             Ok::<_, ballast_worker::kv::KvError>(())
+        }
+    });
+    for result in futures::future::join_all(writers).await {
+        result?;
+    }
+    Ok(started.elapsed())
+}
+
+/// The baseline of (b): the same batches, `STREAMS` concurrent writers, each
+/// batch one pipeline of the writes the intake's store makes (an HSET of the
+/// events by id per merchant and window, an SADD of the merchants per window),
+/// by a bare redis client: no TTLs, no renewal bookkeeping, no gRPC.
+async fn write_kv_bare(
+    conn: &redis::aio::ConnectionManager,
+    layout: &Layout,
+    tag: &str,
+) -> anyhow::Result<Duration> {
+    let all = events(tag, ROWS);
+    let batches: Vec<&[ChangeEvent]> = all.chunks(BATCH).collect();
+    let started = Instant::now();
+    let writers = (0..STREAMS).map(|i| {
+        let mut conn = conn.clone();
+        let mine = share(&batches, i);
+        async move {
+            for batch in mine {
+                let mut pipe = redis::pipe();
+                let mut windows: BTreeMap<i64, Vec<&str>> = BTreeMap::new();
+                for event in batch {
+                    let window = layout.window_of(event.event_time_ms);
+                    pipe.cmd("HSET")
+                        .arg(layout.merchant_key(window, &event.merchant_id))
+                        .arg(&event.event_id)
+                        .arg(prost::Message::encode_to_vec(event))
+                        .ignore();
+                    windows.entry(window).or_default().push(&event.merchant_id);
+                }
+                for (window, merchants) in &windows {
+                    pipe.cmd("SADD")
+                        .arg(layout.window_key(*window))
+                        .arg(merchants)
+                        .ignore();
+                }
+                pipe.query_async::<()>(&mut conn).await?;
+            }
+            Ok::<_, redis::RedisError>(())
         }
     });
     for result in futures::future::join_all(writers).await {
@@ -393,24 +441,30 @@ async fn main() -> anyhow::Result<()> {
         .iter()
         .next()
         .ok_or_else(|| anyhow::anyhow!("no intake"))?;
-    let (mut ours, mut echoed, mut kv_only) = (Vec::new(), Vec::new(), Vec::new());
+    let bare_layout = Layout::new(&pipeline, WINDOW_MS);
+    let (mut ours, mut bare, mut echoed, mut kv_only) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..RUNS {
         ours.push(rate(ROWS, ingest_all(intake_addr, &format!("b{run}")).await?));
+        remove_keys(&stack, &pipeline).await?;
+        bare.push(rate(
+            ROWS,
+            write_kv_bare(&kv_conn, &bare_layout, &format!("bare{run}")).await?,
+        ));
+        remove_keys(&stack, &pipeline).await?;
         echoed.push(rate(ROWS, ingest_all(&echo_addr, &format!("echo{run}")).await?));
-        // Not a target: the KV store's own ceiling for these writes (the same
-        // batches, STREAMS writers, straight from this process, no gRPC),
-        // which bounds (b) whatever the intake does.
+        // Informative: our KV store's own write path from this process, no gRPC.
         kv_only.push(rate(
             ROWS,
             write_kv_directly(&kv, &format!("kv-only{run}")).await?,
         ));
         remove_keys(&stack, &pipeline).await?;
     }
-    line("(b) backup intake gRPC ingest (to KV)", &ours, &echoed);
+    line("(b) backup intake gRPC ingest (to KV)", &ours, &bare);
     println!(
-        "  (the same batches written straight to the KV Redis: {:.0} events/s, {:.2} of the echo; ours is {:.2} of it)",
+        "  (target: at least 0.8 of the bare pipelined KV client and 100000 events/s; informative: a bare tonic echo {:.0} events/s, ours {:.2} of it; our KV store's write path without gRPC {:.0} events/s, ours {:.2} of it)",
+        median(&echoed),
+        median(&ours) / median(&echoed),
         median(&kv_only),
-        median(&kv_only) / median(&echoed),
         median(&ours) / median(&kv_only)
     );
 

@@ -245,29 +245,36 @@ fn config_hash(fetched: &fetch::Fetched) -> String {
 
 #[tracing::instrument(skip_all, fields(pipeline = %ap.name_any(), namespace = ap.namespace().unwrap_or_default()))]
 async fn reconcile(ap: Arc<AnalyticsPipeline>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let kind = vec![("kind", "AnalyticsPipeline".to_owned())];
+    ctx.metrics.reconciles.get_or_create(&kind).inc();
+    let started = std::time::Instant::now();
+    let result = reconcile_pipeline(&ap, &ctx).await;
     ctx.metrics
-        .reconciles
-        .get_or_create(&vec![("kind", "AnalyticsPipeline".to_owned())])
-        .inc();
+        .reconcile_duration
+        .get_or_create(&kind)
+        .observe(started.elapsed().as_secs_f64());
+    result
+}
+
+async fn reconcile_pipeline(ap: &Arc<AnalyticsPipeline>, ctx: &Context) -> Result<Action, Error> {
     let key = ObjectRef::from_obj(ap.as_ref());
     let ns = ap.namespace().ok_or(Error::MissingNamespace)?;
     let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
-    let fetched = fetch::fetch(&ctx.client, &ap).await?;
+    let fetched = fetch::fetch(&ctx.client, ap).await?;
     let now = Timestamp::now();
 
-    let valid = match validate::validate(&ap, &fetched) {
+    let valid = match validate::validate(ap, &fetched) {
         Ok(valid) => valid,
         Err(invalid) => {
             tracing::warn!(reason = invalid.reason, message = %invalid.message, "pipeline waits for its references");
             let outcome = status::Outcome::Invalid(invalid);
-            status::write(&ctx.client, &ap, &status::compute(&ap, &outcome, now)).await?;
-            status::record(&recorder, &ap, &outcome).await?;
-            return Ok(Action::requeue(backoff(&ctx, &key)));
+            report(ctx, &recorder, ap, &outcome, now).await?;
+            return Ok(Action::requeue(backoff(ctx, &key)));
         }
     };
 
-    let targets = probe::targets(&ap, valid.policy, |r| valid.secret(r));
-    let (detected, reasons) = sync_state(&ctx, &key, &ap, valid.policy, targets, now);
+    let targets = probe::targets(ap, valid.policy, |r| valid.secret(r));
+    let (detected, reasons) = sync_state(ctx, &key, ap, valid.policy, targets, now);
     let previous = ap.status.clone().unwrap_or_default().dependencies;
     let ready_slaves = publish::ready_slaves(&fetched.slave_leases, now);
     let publication = publish::decide(
@@ -285,7 +292,7 @@ async fn reconcile(ap: Arc<AnalyticsPipeline>, ctx: Arc<Context>) -> Result<Acti
         slave_replicas: publication.slave_replicas,
         config_hash: config_hash(&fetched),
     };
-    apply::apply(&ctx.client, &ns, &desired::objects(&ap, &owner, &inputs)).await?;
+    apply::apply(&ctx.client, &ns, &desired::objects(ap, &owner, &inputs)).await?;
 
     for change in &publication.changes {
         tracing::info!(dependency = change.dependency.as_str(), from = ?change.from, to = ?change.to, epoch = change.epoch, reason = %change.reason, "mode published");
@@ -307,8 +314,7 @@ async fn reconcile(ap: Arc<AnalyticsPipeline>, ctx: Arc<Context>) -> Result<Acti
         ready_slaves,
         shedding: ballast_worker::membership::shedding(&fetched.intake_leases),
     };
-    status::write(&ctx.client, &ap, &status::compute(&ap, &outcome, now)).await?;
-    status::record(&recorder, &ap, &outcome).await?;
+    report(ctx, &recorder, ap, &outcome, now).await?;
     if let status::Outcome::Reconciled { publication, .. } = &outcome {
         let mut pipelines = ctx.pipelines();
         let state = pipelines.entry(key).or_default();
@@ -319,6 +325,34 @@ async fn reconcile(ap: Arc<AnalyticsPipeline>, ctx: Arc<Context>) -> Result<Acti
             .collect();
     }
     Ok(Action::requeue(requeue))
+}
+
+/// Publishes the outcome's Events, then writes its status and the gauges.
+/// Events first: a status already written would not show the transition
+/// again, so an Event that failed after it would be lost; an Event that
+/// succeeded before a failed status write is published again on the retry
+/// (the recorder folds the repeat into a series).
+async fn report(
+    ctx: &Context,
+    recorder: &Recorder,
+    ap: &AnalyticsPipeline,
+    outcome: &status::Outcome,
+    now: Timestamp,
+) -> Result<(), Error> {
+    status::record(recorder, ap, outcome).await?;
+    let computed = status::compute(ap, outcome, now);
+    status::write(&ctx.client, ap, &computed).await?;
+    let ready = computed
+        .conditions
+        .iter()
+        .any(|c| c.type_ == ballast_crds::conditions::READY && c.status == "True");
+    ctx.metrics.pipeline(
+        ap.metadata.namespace.as_deref().unwrap_or_default(),
+        &ap.name_any(),
+        &computed.dependencies,
+        ready,
+    );
+    Ok(())
 }
 
 type Detected = (BTreeMap<Dependency, Machine>, BTreeMap<Dependency, String>);
