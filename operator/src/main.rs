@@ -12,7 +12,7 @@ mod probe;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use ballast_worker::{health, leader, telemetry};
+use ballast_node::{health, leader, telemetry};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 

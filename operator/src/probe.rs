@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use ballast_crds::degradation_policy::ProbeSpec;
 use ballast_crds::{AnalyticsPipeline, DegradationPolicySpec, Dependency, ForcedMode, Mode};
-use ballast_worker::probe::{Kind, Prober};
+use ballast_node::probe::{Kind, Prober};
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::reflector::ObjectRef;
 use tokio_util::sync::CancellationToken;

@@ -1,21 +1,19 @@
-//! Ballast's data plane: the roles `ballast-worker` runs and what they share —
-//! the wire format, membership Leases, health endpoints, dependency probes
-//! (also used by the operator) and logging.
+//! Ballast's data plane: the roles `ballast-worker` runs and what they share:
+//! the wire format, the compute engine, the KV store and result stores. What
+//! the operator shares with it (Leases, health endpoints, probes, logging) is
+//! in `ballast-node`, re-exported here.
 #![forbid(unsafe_code)]
+
+pub use ballast_node::{health, leader, membership, probe, telemetry};
 
 pub mod compute;
 pub mod grpc;
-pub mod health;
 pub mod kv;
-pub mod leader;
-pub mod membership;
 pub mod modes;
-pub mod probe;
 pub mod results;
 pub mod roles;
 pub mod routing;
 pub mod shedding;
-pub mod telemetry;
 
 /// gRPC messages and services of `proto/ballast.proto`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -344,4 +344,16 @@ mod tests {
             assert_eq!(got, want, "{text}");
         }
     }
+
+    #[test]
+    fn the_role_names_the_operator_runs_are_exactly_the_role_subcommands() {
+        use clap::CommandFactory;
+        let subcommands: std::collections::BTreeSet<String> = Cli::command()
+            .get_subcommands()
+            .map(|c| c.get_name().to_owned())
+            .filter(|name| name != "probe")
+            .collect();
+        let names = ballast_worker::roles::NAMES.map(str::to_owned).into();
+        assert_eq!(subcommands, names);
+    }
 }

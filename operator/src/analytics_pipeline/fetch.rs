@@ -71,9 +71,9 @@ pub async fn fetch(client: &kube::Client, ap: &AnalyticsPipeline) -> Result<Fetc
     if let Some(cm) = &ap.spec.compute.sql_config_map_ref {
         fetched.sql_config_map = config_maps.get_opt(&cm.name).await.map_err(Error::Fetch)?;
     }
-    let selector = ListParams::default().labels(&ballast_worker::membership::selector(name, "slave"));
+    let selector = ListParams::default().labels(&ballast_node::membership::selector(name, "slave"));
     fetched.slave_leases = leases.list(&selector).await.map_err(Error::Fetch)?.items;
-    let intakes = ListParams::default().labels(&ballast_worker::membership::selector(name, "intake"));
+    let intakes = ListParams::default().labels(&ballast_node::membership::selector(name, "intake"));
     fetched.intake_leases = leases.list(&intakes).await.map_err(Error::Fetch)?.items;
     fetched.slaves = sets
         .get_opt(&object_name(name, "slave"))

@@ -312,7 +312,7 @@ async fn reconcile_pipeline(ap: &Arc<AnalyticsPipeline>, ctx: &Context) -> Resul
     let outcome = status::Outcome::Reconciled {
         publication: Box::new(publication),
         ready_slaves,
-        shedding: ballast_worker::membership::shedding(&fetched.intake_leases),
+        shedding: ballast_node::membership::shedding(&fetched.intake_leases),
     };
     report(ctx, &recorder, ap, &outcome, now).await?;
     if let status::Outcome::Reconciled { publication, .. } = &outcome {

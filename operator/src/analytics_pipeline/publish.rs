@@ -162,7 +162,7 @@ pub fn decide(
 
 /// Slaves whose Lease is live and says ready (the data plane's own reading of its membership).
 pub fn ready_slaves(leases: &[k8s_openapi::api::coordination::v1::Lease], now: Timestamp) -> i32 {
-    i32::try_from(ballast_worker::membership::ready_members(leases, now).len()).unwrap_or(i32::MAX)
+    i32::try_from(ballast_node::membership::ready_members(leases, now).len()).unwrap_or(i32::MAX)
 }
 
 fn previous_epoch(previous: &DependencyModes, dependency: Dependency) -> i64 {

@@ -3,7 +3,7 @@
 
 use ballast_crds::conditions::{self, Desired};
 use ballast_crds::{AnalyticsPipeline, AnalyticsPipelineStatus, Mode, ShedDay};
-use ballast_worker::membership::Shedding;
+use ballast_node::membership::Shedding;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};

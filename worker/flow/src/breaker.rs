@@ -169,12 +169,14 @@ struct Window {
 }
 
 impl Window {
-    fn width(window: Duration) -> u128 {
-        (window.as_nanos() / BUCKETS as u128).max(1)
+    /// The bucket `now` falls in (u64 arithmetic: this runs on every call).
+    fn index(now: Duration, window: Duration) -> u64 {
+        let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        nanos(now) / (nanos(window) / BUCKETS as u64).max(1)
     }
 
     fn add(&mut self, now: Duration, window: Duration, call: Call, slow: bool) {
-        let index = (now.as_nanos() / Self::width(window)) as u64;
+        let index = Self::index(now, window);
         let (at, stats) = &mut self.buckets[index as usize % BUCKETS];
         if *at != index {
             *at = index;
@@ -187,7 +189,7 @@ impl Window {
     }
 
     fn stats(&self, now: Duration, window: Duration) -> Stats {
-        let index = (now.as_nanos() / Self::width(window)) as u64;
+        let index = Self::index(now, window);
         let oldest = index.saturating_sub(BUCKETS as u64 - 1);
         self.buckets
             .iter()

@@ -22,8 +22,8 @@ mod rules;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -71,7 +71,8 @@ pub enum CallError<E> {
 pub struct Flow<C: Clock = DefaultClock> {
     clock: C,
     origin: C::Instant,
-    hasher: RandomState,
+    // Seeded per process: keys (member ids, caller accounts) come from callers.
+    hasher: foldhash::fast::RandomState,
     active: ArcSwap<Active<C>>,
     // Outside the rules, so a reload never forgets requests in progress.
     in_flight: AtomicU32,
@@ -92,6 +93,9 @@ struct Rule<L> {
 struct BreakerCell {
     dependency: GuardedDependency,
     machine: Mutex<Machine>,
+    // Mirrors `machine.state() == Closed`, so that a call to a healthy
+    // dependency takes the lock once (to record), not twice.
+    closed: AtomicBool,
 }
 
 /// The rules in force, built from a [`Rules`].
@@ -100,7 +104,7 @@ struct Active<C: Clock> {
     global: Option<Rule<Direct<C>>>,
     hot_key: Option<Rule<Keyed<C>>>,
     unlisted: Option<Rule<Keyed<C>>>,
-    callers: HashMap<String, Rule<Direct<C>>>,
+    callers: HashMap<String, Rule<Direct<C>>, foldhash::fast::RandomState>,
     concurrency: Option<Rule<u32>>,
     breakers: BTreeMap<GuardedDependency, Rule<BreakerCell>>,
 }
@@ -145,7 +149,7 @@ impl<C: Clock + Clone> Flow<C> {
         Self {
             origin: clock.now(),
             clock,
-            hasher: RandomState::new(),
+            hasher: foldhash::fast::RandomState::default(),
             active: ArcSwap::from_pointee(active),
             in_flight: AtomicU32::new(0),
             metrics,
@@ -181,7 +185,13 @@ impl<C: Clock + Clone> Flow<C> {
     pub fn admit(&self, caller: &str, key: Option<&str>) -> Result<Admission<'_>, Refusal> {
         let active = self.active.load();
         let admission = self.enter(active.concurrency.as_ref())?;
-        if let Some(rule) = active.callers.get(caller) {
+        // An empty map is not hashed into.
+        let listed = if active.callers.is_empty() {
+            None
+        } else {
+            active.callers.get(caller)
+        };
+        if let Some(rule) = listed {
             decide(rule, rule.limiter.check(), || Refused::Caller(caller.to_owned()))?;
         } else if let Some(rule) = &active.unlisted {
             let check = rule.limiter.check(self.hasher.hash_one(caller));
@@ -228,7 +238,13 @@ impl<C: Clock + Clone> Flow<C> {
                 ticket: None,
             });
         };
-        let acquired = rule.limiter.lock().acquire(started);
+        let acquired = if rule.limiter.closed.load(Ordering::Acquire) {
+            // Closed admits without changing anything; a transition racing
+            // this read makes the call's record stale, which the machine ignores.
+            Ok((Ticket::Measured, None))
+        } else {
+            rule.limiter.acquire(started)
+        };
         let (ticket, transition, check) = match acquired {
             Ok((ticket, transition)) => (Some(ticket), transition, Ok(())),
             Err(wait) => (None, None, Err(wait)),
@@ -333,7 +349,7 @@ impl<C: Clock + Clone> Guarded<'_, C> {
             failed,
             elapsed: now.saturating_sub(self.started),
         };
-        let transition = cell.lock().record(now, ticket, call);
+        let transition = cell.record(now, ticket, call);
         if let Some(transition) = transition {
             self.flow.transitioned(&cell, transition);
         }
@@ -349,11 +365,37 @@ impl<C: Clock> Drop for Guarded<'_, C> {
 }
 
 impl BreakerCell {
+    fn new(dependency: GuardedDependency, machine: Machine) -> Self {
+        Self {
+            dependency,
+            closed: AtomicBool::new(machine.state() == State::Closed),
+            machine: Mutex::new(machine),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Machine> {
         // The machine has no invariant a panicking holder could break halfway.
         self.machine
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn acquire(&self, now: Duration) -> Result<(Ticket, Option<Transition>), Duration> {
+        let mut machine = self.lock();
+        let acquired = machine.acquire(now);
+        self.closed
+            .store(machine.state() == State::Closed, Ordering::Release);
+        acquired
+    }
+
+    fn record(&self, now: Duration, ticket: Ticket, call: Call) -> Option<Transition> {
+        let mut machine = self.lock();
+        let transition = machine.record(now, ticket, call);
+        if transition.is_some() {
+            self.closed
+                .store(machine.state() == State::Closed, Ordering::Release);
+        }
+        transition
     }
 }
 
@@ -459,9 +501,8 @@ impl<C: Clock + Clone> Active<C> {
                 let before =
                     old.and_then(|o| Some((o.breakers.get(dependency)?, o.rules.breakers.get(dependency)?)));
                 let same = before.is_some_and(|(_, was)| was.config == b.config);
-                let limiter = keep(before.map(|(rule, _)| rule), same, || BreakerCell {
-                    dependency: *dependency,
-                    machine: Mutex::new(Machine::new(b.config)),
+                let limiter = keep(before.map(|(rule, _)| rule), same, || {
+                    BreakerCell::new(*dependency, Machine::new(b.config))
                 });
                 metrics.breaker_state(dependency.as_str(), limiter.lock().state().code());
                 let rule = Rule {

@@ -6,6 +6,10 @@ pub mod master;
 pub mod slave;
 pub mod startup;
 
+/// The roles `ballast-worker` has, as its subcommands name them (a test of the
+/// binary keeps the two equal; the operator runs no workload for any other).
+pub const NAMES: [&str; 4] = ["collector", "intake", "master", "slave"];
+
 /// What a role talks to besides its own servers.
 #[derive(Clone)]
 pub struct Deps {
