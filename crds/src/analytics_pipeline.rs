@@ -235,6 +235,11 @@ pub struct AnalyticsPipelineStatus {
     /// Ready and desired slaves, e.g. `4/4`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slaves: Option<String>,
+    /// While the KV store is Degraded: the slaves events are routed over, with
+    /// the epoch and a generation that rises on each change. Intakes route
+    /// only over it; slaves refuse deliveries stamped with another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slave_set: Option<crate::SlaveSet>,
     /// Merchants whose events the backup intake is shedding now; their "today"
     /// is incomplete and the query service marks it so.
     #[serde(default)]

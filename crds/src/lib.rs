@@ -14,7 +14,7 @@ pub mod refs;
 pub use analytics_pipeline::{AnalyticsPipeline, AnalyticsPipelineSpec, AnalyticsPipelineStatus, ShedDay};
 pub use degradation_policy::{DegradationPolicy, DegradationPolicySpec, DegradationPolicyStatus};
 pub use member_store::{MemberStore, MemberStoreSpec, MemberStoreStatus};
-pub use mode::{Dependency, DependencyModes, DependencyStatus, ForcedMode, Mode};
+pub use mode::{Dependency, DependencyModes, DependencyStatus, Fenced, ForcedMode, Mode, SlaveSet};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;

@@ -84,6 +84,99 @@ pub struct DependencyStatus {
     pub message: Option<String>,
 }
 
+/// The slaves a Degraded KV epoch routes events over, published with the mode:
+/// the handshake between the operator, the intakes and the slaves. An intake
+/// routes only over this set (waiting, not guessing, until it knows every
+/// member's address), stamps each delivery with its epoch and generation, and
+/// a slave refuses a delivery stamped otherwise than the set it follows.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SlaveSet {
+    /// The KV epoch this set serves.
+    pub epoch: i64,
+    /// Raised each time the members change within the epoch (a slave joined or lapsed).
+    pub generation: i64,
+    /// The slaves' identities (pod names), sorted.
+    pub members: Vec<String>,
+}
+
+/// Why a slave refuses a delivery.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Fenced {
+    /// The delivery was routed over another set (or epoch) than this slave follows.
+    #[error(
+        "delivery for kv epoch {sent_epoch} generation {sent_generation}; this slave follows epoch {epoch} generation {generation}"
+    )]
+    OtherSet {
+        /// The delivery's epoch.
+        sent_epoch: i64,
+        /// The delivery's generation.
+        sent_generation: i64,
+        /// The epoch this slave follows.
+        epoch: i64,
+        /// The generation this slave follows.
+        generation: i64,
+    },
+    /// The set the delivery was routed over does not include this slave.
+    #[error("slave {0} is not in the published slave set")]
+    NotAMember(String),
+}
+
+impl SlaveSet {
+    /// Whether slave `me`, following `set` (none: no degraded KV epoch) at KV
+    /// epoch `epoch`, takes a delivery stamped `sent_epoch`/`sent_generation`.
+    /// Pure.
+    pub fn admits(
+        set: Option<&SlaveSet>,
+        epoch: i64,
+        me: &str,
+        sent_epoch: i64,
+        sent_generation: i64,
+    ) -> Result<(), Fenced> {
+        let (epoch, generation) = set.map_or((epoch, 0), |s| (s.epoch, s.generation));
+        if (sent_epoch, sent_generation) != (epoch, generation) {
+            return Err(Fenced::OtherSet {
+                sent_epoch,
+                sent_generation,
+                epoch,
+                generation,
+            });
+        }
+        match set {
+            Some(set) if !set.members.iter().any(|m| m == me) => Err(Fenced::NotAMember(me.to_owned())),
+            _ => Ok(()),
+        }
+    }
+
+    /// The set to publish while the KV store's published mode is `kv` (mode
+    /// and epoch), given the previous set and the slaves ready now. Pure.
+    /// Outside a Degraded epoch there is none; within one, the previous set
+    /// stands while the ready slaves are the same (or none are: routing over
+    /// nobody helps no one), and a change raises the generation.
+    pub fn next(previous: Option<&SlaveSet>, kv: (Mode, i64), ready: &[String]) -> Option<SlaveSet> {
+        let (mode, epoch) = kv;
+        if mode != Mode::Degraded {
+            return None;
+        }
+        let mut members = ready.to_vec();
+        members.sort();
+        members.dedup();
+        match previous {
+            Some(p) if p.epoch == epoch && (p.members == members || members.is_empty()) => Some(p.clone()),
+            Some(p) if p.epoch == epoch => Some(SlaveSet {
+                epoch,
+                generation: p.generation + 1,
+                members,
+            }),
+            _ => Some(SlaveSet {
+                epoch,
+                generation: 1,
+                members,
+            }),
+        }
+    }
+}
+
 /// The published mode of every dependency of a pipeline.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -202,6 +295,90 @@ mod tests {
                 modes.set(dependency, status(mode));
             }
             assert_eq!(modes.summary(), want);
+        }
+    }
+
+    fn set(epoch: i64, generation: i64, members: &[&str]) -> SlaveSet {
+        SlaveSet {
+            epoch,
+            generation,
+            members: members.iter().map(|m| (*m).to_owned()).collect(),
+        }
+    }
+
+    fn names(members: &[&str]) -> Vec<String> {
+        members.iter().map(|m| (*m).to_owned()).collect()
+    }
+
+    #[test]
+    fn the_slave_set_is_published_in_degraded_epochs_and_raised_on_each_change() {
+        let two = set(3, 1, &["s-0", "s-1"]);
+        // (previous, published kv mode and epoch, ready, next)
+        let cases = [
+            (None, (Mode::Normal, 0), names(&["s-0"]), None),
+            (Some(two.clone()), (Mode::Recovering, 4), names(&["s-0"]), None),
+            (
+                None,
+                (Mode::Degraded, 3),
+                names(&["s-1", "s-0", "s-1"]),
+                Some(set(3, 1, &["s-0", "s-1"])),
+            ),
+            (
+                Some(two.clone()),
+                (Mode::Degraded, 3),
+                names(&["s-1", "s-0"]),
+                Some(two.clone()),
+            ),
+            (
+                Some(two.clone()),
+                (Mode::Degraded, 3),
+                names(&["s-0", "s-1", "s-2"]),
+                Some(set(3, 2, &["s-0", "s-1", "s-2"])),
+            ),
+            (
+                Some(two.clone()),
+                (Mode::Degraded, 3),
+                names(&["s-1"]),
+                Some(set(3, 2, &["s-1"])),
+            ),
+            (
+                Some(two.clone()),
+                (Mode::Degraded, 3),
+                Vec::new(),
+                Some(two.clone()),
+            ),
+            (
+                Some(two.clone()),
+                (Mode::Degraded, 5),
+                names(&["s-0"]),
+                Some(set(5, 1, &["s-0"])),
+            ),
+        ];
+        for (previous, kv, ready, want) in cases {
+            assert_eq!(
+                SlaveSet::next(previous.as_ref(), kv, &ready),
+                want,
+                "{previous:?} {kv:?} {ready:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_slave_admits_only_deliveries_routed_over_the_set_it_follows_and_including_it() {
+        let followed = set(3, 2, &["s-0", "s-1"]);
+        // (followed set, kv epoch followed, slave, sent epoch, sent generation, admitted)
+        let cases = [
+            (Some(&followed), 3, "s-0", 3, 2, true),
+            (Some(&followed), 3, "s-0", 3, 1, false),
+            (Some(&followed), 3, "s-0", 2, 2, false),
+            (Some(&followed), 3, "s-2", 3, 2, false),
+            // No degraded epoch: a hand-off in Recovering stamps the epoch and generation 0.
+            (None, 4, "s-2", 4, 0, true),
+            (None, 4, "s-2", 3, 2, false),
+        ];
+        for (set, epoch, me, sent_epoch, sent_generation, want) in cases {
+            let got = SlaveSet::admits(set, epoch, me, sent_epoch, sent_generation);
+            assert_eq!(got.is_ok(), want, "{me} following {set:?} at {epoch}: {got:?}");
         }
     }
 }

@@ -117,95 +117,97 @@ impl Stack {
     }
 }
 
+/// What a finished command printed.
+struct Printed {
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `program` with `args` to completion, feeding it `stdin` if given:
+/// what it printed, or an error with its output. `label` names it in errors;
+/// `missing` says how to get it when it cannot be started.
+fn run(
+    program: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+    label: &str,
+    missing: &str,
+) -> Result<Printed, StackError> {
+    use std::io::Write;
+    let command = format!("{label} {}", args.join(" "));
+    let failed = |message: String| StackError::Script {
+        command: command.clone(),
+        message,
+    };
+    let input = if stdin.is_some() {
+        std::process::Stdio::piped()
+    } else {
+        std::process::Stdio::null()
+    };
+    let mut child = std::process::Command::new(program)
+        .args(args)
+        .stdin(input)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| failed(format!("cannot run {program} ({e}){missing}")))?;
+    // Closed once fed, so that the program sees its end.
+    if let Some(mut pipe) = child.stdin.take()
+        && let Some(text) = stdin
+    {
+        pipe.write_all(text.as_bytes())
+            .map_err(|e| failed(e.to_string()))?;
+    }
+    let out = child.wait_with_output().map_err(|e| failed(e.to_string()))?;
+    let printed = Printed {
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    if out.status.success() {
+        Ok(printed)
+    } else {
+        Err(failed(
+            format!("failed:\n{}{}", printed.stdout, printed.stderr)
+                .trim()
+                .to_owned(),
+        ))
+    }
+}
+
 /// Runs `e2e/stack/stack.sh <args>`: failure injection (`stop kafka`) and recovery (`up`).
 pub fn stack_script(args: &[&str]) -> Result<(), StackError> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/stack/stack.sh");
-    let command = args.join(" ");
-    let out = std::process::Command::new("bash")
-        .arg(script)
-        .args(args)
-        .output()
-        .map_err(|e| StackError::Script {
-            command: command.clone(),
-            message: e.to_string(),
-        })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(StackError::Script {
-            command,
-            message: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        })
-    }
+    let mut with_script = vec![script];
+    with_script.extend_from_slice(args);
+    run("bash", &with_script, None, "stack.sh", "").map(drop)
 }
 
 /// Runs promtool with `args` (and `stdin`, if given): its output, or an error
 /// with it. A promtool that cannot be started is an error that says how to
 /// install it (`BALLAST_PROMTOOL` overrides the one on `PATH`).
 pub fn promtool(args: &[&str], stdin: Option<&str>) -> Result<String, StackError> {
-    use std::io::Write;
     let binary = std::env::var("BALLAST_PROMTOOL")
         .ok()
         .filter(|b| !b.is_empty())
         .unwrap_or_else(|| "promtool".to_owned());
-    let command = format!("promtool {}", args.join(" "));
-    let failed = |message: String| StackError::Script {
-        command: command.clone(),
-        message,
-    };
-    let mut child = std::process::Command::new(&binary)
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| {
-            failed(format!(
-                "cannot run {binary} ({e}): run `make stack-up`, which installs Debian's \
-                 prometheus package (/usr/bin/promtool), or set BALLAST_PROMTOOL"
-            ))
-        })?;
-    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(text.as_bytes())
-            .map_err(|e| failed(e.to_string()))?;
-    }
-    let out = child.wait_with_output().map_err(|e| failed(e.to_string()))?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if out.status.success() {
-        Ok(text)
-    } else {
-        Err(failed(format!("failed:\n{text}")))
-    }
+    let missing = ": run `make stack-up`, which installs Debian's prometheus package \
+                   (/usr/bin/promtool), or set BALLAST_PROMTOOL";
+    let printed = run(&binary, args, stdin, "promtool", missing)?;
+    Ok(format!("{}{}", printed.stdout, printed.stderr))
 }
 
 impl Stack {
     /// Runs the stack's helm with `args`: its stdout, or an error with its output.
     pub fn helm(&self, args: &[&str]) -> Result<String, StackError> {
         let binary = self.get("BALLAST_HELM")?;
-        let command = format!("helm {}", args.join(" "));
-        let out = std::process::Command::new(&binary)
-            .args(args)
-            .output()
-            .map_err(|e| StackError::Script {
-                command: command.clone(),
-                message: e.to_string(),
-            })?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(StackError::Script {
-                command,
-                message: format!(
-                    "{}{}",
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                ),
-            })
-        }
+        Ok(run(
+            &binary,
+            args,
+            None,
+            "helm",
+            ": run `make stack-up`, which installs helm",
+        )?
+        .stdout)
     }
 }
 
@@ -434,7 +436,7 @@ impl Stack {
         };
         let log = std::fs::File::create(std::env::temp_dir().join(format!("ballast-{ns}-{pod}.log")))
             .map_err(failed)?;
-        let child = std::process::Command::new(binary)
+        let child = in_own_group(&mut std::process::Command::new(binary))
             .args(args)
             .env("KUBECONFIG", self.get("KUBECONFIG")?)
             .env("BALLAST_PIPELINE", pipeline)
@@ -471,13 +473,24 @@ impl Stack {
         metrics_addr: &str,
     ) -> Result<KillOnDrop, StackError> {
         install_operator_rbac(&self.kube_client().await?).await?;
+        self.operator_as(binary, ns, metrics_addr, OPERATOR_USER)
+    }
+
+    /// [`Stack::operator_on`] acting as `user`, with whatever RBAC the caller gave it.
+    pub fn operator_as(
+        &self,
+        binary: &std::path::Path,
+        ns: &str,
+        metrics_addr: &str,
+        user: &str,
+    ) -> Result<KillOnDrop, StackError> {
         let failed = |e: std::io::Error| StackError::Script {
             command: "ballast-operator".into(),
             message: e.to_string(),
         };
         let log = std::fs::File::create(std::env::temp_dir().join(format!("ballast-operator-{ns}.log")))
             .map_err(failed)?;
-        let child = std::process::Command::new(binary)
+        let child = in_own_group(&mut std::process::Command::new(binary))
             .args([
                 "--metrics-addr",
                 metrics_addr,
@@ -489,7 +502,7 @@ impl Stack {
             .env("KUBECONFIG", self.get("KUBECONFIG")?)
             // kube-rs honours this in `Client::try_default`: the admin
             // kubeconfig then acts as the operator's ServiceAccount.
-            .env("KUBE_RS_DEBUG_IMPERSONATE_USER", OPERATOR_USER)
+            .env("KUBE_RS_DEBUG_IMPERSONATE_USER", user)
             .env("RUST_LOG", "info,ballast_operator=debug")
             .stdout(std::process::Stdio::from(log.try_clone().map_err(failed)?))
             .stderr(std::process::Stdio::from(log))
@@ -523,10 +536,32 @@ pub fn signal(pid: u32, signal: &str) -> std::io::Result<()> {
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
-        // Already exited is fine: the point is that nothing outlives the test.
+        // Already exited is fine: the point is that nothing outlives the test,
+        // not even a process the child started (each child leads its own group).
+        let _ = signal_group(self.0.id(), "-KILL");
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Sends `signal` to the process group led by `pid` (see [`in_own_group`]).
+pub fn signal_group(pid: u32, signal: &str) -> std::io::Result<()> {
+    let status = std::process::Command::new("kill")
+        .args([signal, "--", &format!("-{pid}")])
+        .stderr(std::process::Stdio::null())
+        .status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!("kill {signal} -- -{pid} failed")))
+    }
+}
+
+/// Makes `command` start its process as the leader of a new process group,
+/// so that killing the group reaches whatever it starts too.
+pub fn in_own_group(command: &mut std::process::Command) -> &mut std::process::Command {
+    use std::os::unix::process::CommandExt;
+    command.process_group(0)
 }
 
 fn state_dir() -> PathBuf {

@@ -67,6 +67,32 @@ pub async fn until_logged(path: &std::path::Path, words: &str, secs: u64) -> Res
     .await
 }
 
+/// Waits until pipeline `name` in `namespace` reports `Ready=True`: every
+/// Deployment and the StatefulSet it owns has its pods available (a
+/// collector's readiness means its binlog stream is open).
+pub async fn until_pipeline_ready(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    secs: u64,
+) -> Result<(), WaitError> {
+    let aps: kube::Api<ballast_crds::AnalyticsPipeline> = kube::Api::namespaced(client.clone(), namespace);
+    eventually(
+        &format!("pipeline {name} Ready (every workload available)"),
+        secs,
+        || async {
+            let ap = aps.get(name).await?;
+            let ready = ap
+                .status
+                .iter()
+                .flat_map(|s| s.conditions.iter())
+                .any(|c| c.type_ == ballast_crds::conditions::READY && c.status == "True");
+            Ok::<_, kube::Error>(ready.then_some(()))
+        },
+    )
+    .await
+}
+
 /// A loopback port free now (for a worker's fixed metrics address).
 pub fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -76,14 +102,28 @@ pub fn free_port() -> std::io::Result<u16> {
 /// `ballast_slave_results_refused_total{store="mysql"}`) at `127.0.0.1:port/metrics`;
 /// none when it was not exposed yet.
 pub async fn metric(port: u16, series: &str) -> std::io::Result<Option<f64>> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .await?;
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await?;
+    let (_, body) = http_get(port, "/metrics").await?;
     Ok(body.lines().find_map(|line| {
         let (name, value) = line.rsplit_once(' ')?;
         (name == series).then(|| value.parse().ok()).flatten()
     }))
+}
+
+/// `GET path` at `127.0.0.1:port`: the status code and the body.
+pub async fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let code = response
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no HTTP status from port {port}")))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or_else(String::new, |(_, b)| b.to_owned());
+    Ok((code, body))
 }

@@ -9,6 +9,9 @@ mod degradation_policy;
 mod mode;
 mod probe;
 
+#[cfg(test)]
+mod argocd;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -77,14 +80,13 @@ async fn main() -> anyhow::Result<()> {
         duration: Duration::from_secs(args.lease_seconds.max(3)),
     };
     tracing::info!(identity = %election.identity, lease = %election.name, "waiting for leadership");
-    election.acquire(&client, &shutdown).await?;
-    if shutdown.is_cancelled() {
+    let Some(held) = election.acquire(&client, &shutdown).await else {
         server.await??;
         return Ok(());
-    }
-    tracing::info!("leading: reconciling");
+    };
+    tracing::info!(term = held.term, "leading: reconciling");
     let lost = shutdown.child_token();
-    tokio::spawn(election.hold(client, shutdown.clone(), lost.clone()));
+    tokio::spawn(election.hold(client, held, shutdown.clone(), lost.clone()));
     let controllers = async {
         tokio::join!(
             analytics_pipeline::run(ctx.clone(), triggers, lost.clone()),

@@ -249,6 +249,8 @@ pub struct PipelineState {
     pub targets: Option<Vec<Target>>,
     /// Reconciles failed in a row, for backoff.
     pub failed_attempts: u32,
+    /// The slaves' Leases as this operator saw them, judged on its own clock.
+    pub slaves: ballast_node::membership::Roster,
 }
 
 impl PipelineState {

@@ -108,7 +108,6 @@ struct Running {
     cache: Store,
     _operator: ballast_e2e::KillOnDrop,
     kubelet: Kubelet,
-    logs: std::path::PathBuf,
 }
 
 impl Running {
@@ -141,15 +140,15 @@ impl Running {
                 roles: ["collector", "intake", "master", "slave"]
                     .map(String::from)
                     .to_vec(),
-                logs: logs.clone(),
+                logs,
                 env: env
                     .iter()
                     .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                     .collect(),
             },
         );
-        let collector_log = logs.join(format!("{pipeline}-collector-0.log"));
-        scenario::until_logged(&collector_log, "tailing the binlog", 90).await?;
+        scenario::until_pipeline_ready(&client, &ns, &pipeline, 120).await?;
+        let aps: Api<AnalyticsPipeline> = Api::namespaced(client.clone(), &ns);
         let hot = HotStore::new(
             mysql_async::Pool::new(mysql_async::Opts::from_url(&stack.get("BALLAST_MYSQL_HOT_URL")?)?),
             "ballast",
@@ -160,7 +159,7 @@ impl Running {
             .get_connection_manager()
             .await?;
         Ok(Self {
-            aps: Api::namespaced(client.clone(), &ns),
+            aps,
             leases: Api::namespaced(client, &ns),
             pipeline,
             db,
@@ -168,7 +167,6 @@ impl Running {
             cache: Store::Cache(ResultCache::new(cache)),
             _operator: operator,
             kubelet,
-            logs,
         })
     }
 
@@ -223,14 +221,8 @@ impl Running {
 
     /// Waits until either master's log has `words`.
     async fn until_master_logged(&self, words: &str, secs: u64) -> anyhow::Result<()> {
-        eventually(&format!("a master logging {words:?}"), secs, || async {
-            let logged = ["master-0", "master-1"].iter().any(|m| {
-                let path = self.logs.join(format!("{}-{m}.log", self.pipeline));
-                std::fs::read_to_string(path).unwrap_or_default().contains(words)
-            });
-            Ok(logged.then_some(()))
-        })
-        .await
+        let master = format!("{}-master", self.pipeline);
+        Ok(self.kubelet.until_logged(&master, words, secs).await?)
     }
 
     /// Inserts a few batches of orders over ~2 s; returns the SQL condition selecting them.

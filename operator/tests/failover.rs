@@ -80,7 +80,7 @@ async fn operator_reconciles_and_switches_modes_against_real_servers() -> anyhow
     // 1. A pipeline whose policy does not exist yet waits with a condition.
     aps.patch("shop", &ssa, &Patch::Apply(&stack.pipeline("shop", "fast")?))
         .await?;
-    eventually("Ready=False PolicyNotFound", 30, || async {
+    let ready_condition = || async {
         let ap = aps.get("shop").await?;
         let ready = ap
             .status
@@ -88,7 +88,11 @@ async fn operator_reconciles_and_switches_modes_against_real_servers() -> anyhow
             .flat_map(|s| s.conditions.iter())
             .find(|c| c.type_ == "Ready")
             .cloned();
-        Ok(ready
+        Ok::<_, anyhow::Error>(ready)
+    };
+    eventually("Ready=False PolicyNotFound", 30, || async {
+        Ok(ready_condition()
+            .await?
             .filter(|c| c.status == "False" && c.reason == "PolicyNotFound")
             .map(|_| ()))
     })
@@ -120,15 +124,25 @@ async fn operator_reconciles_and_switches_modes_against_real_servers() -> anyhow
     })
     .await?;
     assert_eq!(slave_replicas(&sets).await?, Some(2));
-    eventually("kv Normal with Ready=True", 30, || async {
-        let ap = aps.get("shop").await?;
-        let ready = ap.status.as_ref().is_some_and(|s| {
-            s.conditions
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True")
-        });
-        Ok((ready && kv_mode(&aps).await? == Some((Mode::Normal, 0))).then_some(()))
-    })
+    // Applied is not Ready: no pod runs yet, and Ready says which workloads lack what.
+    eventually(
+        "kv Normal, Ready=False naming every unavailable workload",
+        30,
+        || async {
+            let waiting = ready_condition().await?.is_some_and(|c| {
+                c.status == "False"
+                    && c.reason == "WorkloadsProgressing"
+                    && [
+                        "Deployment shop-collector",
+                        "Deployment shop-master",
+                        "StatefulSet shop-slave: 0/2",
+                    ]
+                    .iter()
+                    .all(|w| c.message.contains(w))
+            });
+            Ok((waiting && kv_mode(&aps).await? == Some((Mode::Normal, 0))).then_some(()))
+        },
+    )
     .await?;
     let kubelet = Kubelet::start(
         client.clone(),
@@ -156,6 +170,17 @@ async fn operator_reconciles_and_switches_modes_against_real_servers() -> anyhow
     };
     eventually("2 slave processes in the membership", 60, || async {
         Ok((ready_slaves().await?.len() == 2).then_some(()))
+    })
+    .await?;
+    // The slaves' pods report ready through the stand-in kubelet: the StatefulSet
+    // is available and leaves Ready's message; the Deployments (not run here) stay.
+    eventually("Ready names the Deployments only", 60, || async {
+        let named = ready_condition().await?.is_some_and(|c| {
+            c.status == "False"
+                && c.message.contains("Deployment shop-intake")
+                && !c.message.contains("StatefulSet")
+        });
+        Ok(named.then_some(()))
     })
     .await?;
 

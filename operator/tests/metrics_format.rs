@@ -2,7 +2,9 @@
 //! each worker role, as a scraper that does not ask for OpenMetrics reads them:
 //! every family is well named, typed and documented.
 
-use std::time::{Duration, Instant};
+mod common;
+
+use std::time::Duration;
 
 use ballast_e2e::{KillOnDrop, Stack, promtool};
 use serde_json::json;
@@ -33,17 +35,11 @@ async fn scrape(addr: &str) -> anyhow::Result<String> {
 
 /// Scrapes `addr` until its exposition contains `family`, for at most a minute.
 async fn scrape_when(addr: &str, family: &str) -> anyhow::Result<String> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match scrape(addr).await {
-            Ok(body) if body.contains(family) => return Ok(body),
-            result => anyhow::ensure!(
-                Instant::now() < deadline,
-                "{addr} never exposed {family}: {result:?}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    common::eventually(&format!("{addr} exposing {family}"), 60, || async {
+        let body = scrape(addr).await?;
+        Ok(body.contains(family).then_some(body))
+    })
+    .await
 }
 
 #[tokio::test]

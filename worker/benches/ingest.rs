@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use ballast_crds::{Dependency, Mode};
+use ballast_crds::{AnalyticsPipeline, Dependency, Mode, SlaveSet};
 use ballast_e2e::Stack;
 use ballast_worker::kv::{KvStore, Layout};
 use ballast_worker::modes::Modes;
@@ -21,7 +21,7 @@ use ballast_worker::wire::slave_client::SlaveClient;
 use ballast_worker::wire::{ChangeEvent, EventBatch, IngestReply};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ListParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use mysql_async::prelude::Queryable;
 use serde_json::json;
 use tokio::sync::watch;
@@ -165,7 +165,13 @@ async fn ingest_all(address: &str, tag: &str) -> anyhow::Result<Duration> {
         let mine: Vec<Vec<ChangeEvent>> = share(&batches, i).into_iter().map(<[_]>::to_vec).collect();
         async move {
             for events in mine {
-                client.ingest(EventBatch { events, epoch: 0 }).await?;
+                client
+                    .ingest(EventBatch {
+                        events,
+                        epoch: 0,
+                        generation: 0,
+                    })
+                    .await?;
             }
             Ok::<_, tonic::Status>(())
         }
@@ -475,19 +481,41 @@ async fn main() -> anyhow::Result<()> {
         stack.worker(worker, "slave", &ns, &pipeline, "s-2")?,
     ];
     let slaves = wait_for("slave", 3).await?;
-    let (mode_tx, mode) = watch::channel(Modes::default().with(Dependency::Kv, Mode::Degraded, 1));
+    // Published as the operator would: KV Degraded at epoch 1 with its slave set,
+    // which the slaves check every delivery against.
+    let set = SlaveSet {
+        epoch: 1,
+        generation: 1,
+        members: slaves.keys().cloned().collect(),
+    };
+    let status = json!({"status": {
+        "dependencies": {"kv": {"mode": "Degraded", "since": Timestamp::now().to_string(), "epoch": 1}},
+        "slaveSet": set,
+    }});
+    Api::<AnalyticsPipeline>::namespaced(client.clone(), &ns)
+        .patch_status(&pipeline, &PatchParams::default(), &Patch::Merge(&status))
+        .await?;
+    let (mode_tx, mode) = watch::channel(
+        Modes::default()
+            .with(Dependency::Kv, Mode::Degraded, 1)
+            .with_slaves(set),
+    );
     let (_slaves_tx, members) = watch::channel(slaves.clone());
     let mut sink = Sink::new(
         KvStore::new(kv_conn, Layout::new(&pipeline, WINDOW_MS), 600),
         mode,
         members,
-        None,
     );
-    // One batch each before the clock starts: connecting to the slaves is once
-    // per epoch, not per event.
-    sink.store(&events("c-warm", BATCH))
-        .await
-        .map_err(anyhow::Error::msg)?;
+    // One batch each before the clock starts (connecting to the slaves is once
+    // per epoch, not per event), retried until every slave follows the set.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(error) = sink.store(&events("c-warm", BATCH)).await {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "slaves never took the warm-up batch: {error}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let (one_id, one) = slaves.iter().next().ok_or_else(|| anyhow::anyhow!("no slave"))?;
     // The baseline's merchants are all that slave's own: events of another
     // slave's merchants would be handed to it, competing with the measurement.
@@ -502,6 +530,7 @@ async fn main() -> anyhow::Result<()> {
         .deliver(EventBatch {
             events: events_of("direct-warm", BATCH, &own),
             epoch: 1,
+            generation: 1,
         })
         .await?;
     let (mut distributed, mut single) = (Vec::new(), Vec::new());
@@ -519,6 +548,7 @@ async fn main() -> anyhow::Result<()> {
                 .deliver(EventBatch {
                     events: chunk.to_vec(),
                     epoch: 1,
+                    generation: 1,
                 })
                 .await?;
         }

@@ -1,6 +1,12 @@
 //! The data plane's gRPC transport: one server configuration for every role's
 //! service, served on a listener bound beforehand (so that a role knows, and
-//! can advertise in its Lease, the port it got even when it asked for port 0).
+//! can advertise in its Lease, the port it got even when it asked for port 0),
+//! and one channel constructor for every client, so that no call to a peer
+//! that accepts connections and never answers can hang its caller.
+
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
 
 /// Flow-control window of one call: a batch of a thousand events (~100 KiB)
 /// fits, so it is not held back waiting for window updates mid-message.
@@ -25,6 +31,28 @@ pub fn retry_after(status: &tonic::Status) -> Option<std::time::Duration> {
         .parse()
         .ok()?;
     Some(std::time::Duration::from_millis(millis))
+}
+
+/// Longest wait for a peer to accept a connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Deadline of one call that stores or moves events (a delivery, an ingest,
+/// a hand-off): ample for a batch, short enough that a hung peer is routed
+/// around within a few seconds.
+pub const STORE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// A channel to `address` (`host:port`), connected on first use, that gives
+/// up connecting after [`CONNECT_TIMEOUT`] and fails every call still
+/// unanswered after `deadline` with DEADLINE_EXCEEDED. Creating it does no I/O,
+/// so it may be made under a lock.
+pub fn channel(address: &str, deadline: Duration) -> Result<Channel, tonic::transport::Error> {
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(deadline)
+        .tcp_nodelay(true)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW);
+    Ok(endpoint.connect_lazy())
 }
 
 /// The server every role builds its gRPC service on.

@@ -2,50 +2,76 @@
 //! Kubernetes watch (not a mounted ConfigMap, which the kubelet refreshes far
 //! too slowly for failover). An unreachable API server keeps the last modes.
 
-use ballast_crds::{AnalyticsPipeline, Dependency, Mode};
+use ballast_crds::{AnalyticsPipeline, Dependency, Mode, SlaveSet};
 use futures::{StreamExt, TryStreamExt};
 use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-/// The published mode and epoch of each dependency; Normal at epoch 0 until published.
+/// The published mode and epoch of each dependency (Normal at epoch 0 until
+/// published), and the slave set a Degraded KV epoch routes over.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Modes(Vec<(Dependency, Mode, i64)>);
+pub struct Modes {
+    modes: Vec<(Dependency, Mode, i64)>,
+    slaves: Option<SlaveSet>,
+}
 
 impl Modes {
     /// The mode and epoch of `dependency`.
     pub fn get(&self, dependency: Dependency) -> (Mode, i64) {
-        self.0
+        self.modes
             .iter()
             .find(|(d, _, _)| *d == dependency)
             .map_or((Mode::Normal, 0), |(_, m, e)| (*m, *e))
     }
 
+    /// The slave set published with a Degraded KV epoch, if any.
+    pub fn slave_set(&self) -> Option<&SlaveSet> {
+        self.slaves.as_ref()
+    }
+
     /// These modes with `dependency` set to `mode` at `epoch`.
     pub fn with(mut self, dependency: Dependency, mode: Mode, epoch: i64) -> Self {
-        self.0.retain(|(d, _, _)| *d != dependency);
-        self.0.push((dependency, mode, epoch));
+        self.modes.retain(|(d, _, _)| *d != dependency);
+        self.modes.push((dependency, mode, epoch));
+        self
+    }
+
+    /// These modes with `set` as the published slave set.
+    pub fn with_slaves(mut self, set: SlaveSet) -> Self {
+        self.slaves = Some(set);
         self
     }
 
     fn of(ap: &AnalyticsPipeline) -> Self {
-        let published = ap.status.clone().unwrap_or_default().dependencies;
-        Self(
-            Dependency::ALL
+        let status = ap.status.clone().unwrap_or_default();
+        Self {
+            modes: Dependency::ALL
                 .into_iter()
-                .filter_map(|d| published.get(d).map(|s| (d, s.mode, s.epoch)))
+                .filter_map(|d| status.dependencies.get(d).map(|s| (d, s.mode, s.epoch)))
                 .collect(),
-        )
+            slaves: status.slave_set,
+        }
     }
 }
 
-/// `kv=Degraded@3 mq=Normal@0`: each published mode with its epoch.
+/// `kv=Degraded@3 mq=Normal@0 slaves=3.2:s-0,s-1`: each published mode with
+/// its epoch, then the slave set as epoch.generation and members.
 impl std::fmt::Display for Modes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (i, (dependency, mode, epoch)) in self.0.iter().enumerate() {
+        for (i, (dependency, mode, epoch)) in self.modes.iter().enumerate() {
             let sep = if i == 0 { "" } else { " " };
             write!(f, "{sep}{}={mode:?}@{epoch}", dependency.as_str())?;
+        }
+        if let Some(set) = &self.slaves {
+            write!(
+                f,
+                " slaves={}.{}:{}",
+                set.epoch,
+                set.generation,
+                set.members.join(",")
+            )?;
         }
         Ok(())
     }
@@ -100,5 +126,14 @@ mod tests {
                 .with(Dependency::Mq, Mode::Normal, 0);
         assert_eq!(modes.to_string(), "kv=Degraded@3 mq=Normal@0");
         assert_eq!(Modes::default().to_string(), "");
+        let set = SlaveSet {
+            epoch: 3,
+            generation: 2,
+            members: vec!["s-0".into(), "s-1".into()],
+        };
+        assert_eq!(
+            modes.with_slaves(set).to_string(),
+            "kv=Degraded@3 mq=Normal@0 slaves=3.2:s-0,s-1"
+        );
     }
 }

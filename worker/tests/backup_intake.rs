@@ -74,6 +74,7 @@ async fn backup_intake_at_three_times_its_budget_sheds_whole_merchants_only() ->
                 .ingest(EventBatch {
                     events: pending.clone(),
                     epoch: 0,
+                    generation: 0,
                 })
                 .await
             {

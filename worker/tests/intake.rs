@@ -1,14 +1,14 @@
 //! `ballast-worker intake` against the local stack's real Kafka, KV Redis and
 //! API server: every event lands exactly once in the KV buckets, across an
 //! intake crash; a message that is not an event goes to the dead-letter topic
-//! with its reason; with the KV mode published Degraded, events go to the slaves.
+//! with its reason; with the KV mode published Degraded, events go to the slaves,
+//! and a slave that hangs delays its share by a deadline, not forever.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use ballast_crds::AnalyticsPipeline;
 use ballast_e2e::Stack;
-use ballast_e2e::scenario::until_logged;
 use ballast_worker::kv::{KvStore, Layout};
 use ballast_worker::routing::Ring;
 use ballast_worker::wire::slave_client::SlaveClient;
@@ -69,7 +69,6 @@ async fn intake_stores_each_event_once_dead_letters_garbage_and_follows_the_kv_m
     let aps: Api<AnalyticsPipeline> = Api::namespaced(client.clone(), &ns);
     let worker = std::path::Path::new(env!("CARGO_BIN_EXE_ballast-worker"));
     let spawn = |role: &str, pod: &str| stack.worker(worker, role, &ns, &pipeline, pod);
-    let intake_log = std::env::temp_dir().join(format!("ballast-{ns}-intake-0.log"));
 
     let bootstrap = stack.get("BALLAST_KAFKA_BOOTSTRAP")?;
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
@@ -133,7 +132,32 @@ async fn intake_stores_each_event_once_dead_letters_garbage_and_follows_the_kv_m
         Ok(kv_count(&mut kv, &windows).await? >= 400)
     })
     .await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Everything produced is consumed and committed (the redelivered 50
+    // included): only then can a duplicate no longer appear.
+    let group: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("group.id", format!("ballast-intake-{pipeline}"))
+        .create()?;
+    until("the intake committed every message", 60, async || {
+        let mut list = rdkafka::TopicPartitionList::new();
+        let mut ends = Vec::new();
+        for partition in 0..3 {
+            list.add_partition(&topic, partition);
+            ends.push(
+                group
+                    .fetch_watermarks(&topic, partition, Duration::from_secs(5))?
+                    .1,
+            );
+        }
+        let committed = group.committed_offsets(list, Duration::from_secs(5))?;
+        let offsets: Vec<i64> = committed
+            .elements()
+            .iter()
+            .map(|e| e.offset().to_raw().filter(|o| *o >= 0).unwrap_or(0))
+            .collect();
+        Ok(offsets == ends)
+    })
+    .await?;
     assert_eq!(kv_count(&mut kv, &windows).await?, 400, "no loss, no duplicate");
     assert_eq!(
         kv.merchant(windows[1], "m1")
@@ -180,11 +204,18 @@ async fn intake_stores_each_event_once_dead_letters_garbage_and_follows_the_kv_m
         ))
     };
     until("3 slaves joined", 30, async || Ok(members().await?.len() == 3)).await?;
-    let status = json!({"status": {"dependencies": {"kv": {"mode": "Degraded", "since": Timestamp::now().to_string(), "epoch": 1}}}});
-    aps.patch_status(&pipeline, &PatchParams::default(), &Patch::Merge(&status))
-        .await?;
-    // The intake follows the published mode (a watch), not this test's clock.
-    until_logged(&intake_log, "modes=kv=Degraded@1", 30).await?;
+    // As the operator publishes them: the mode, with the slave set each
+    // generation routes over. Intakes and slaves follow both with a watch.
+    let publish = async |generation: i64, set: &[&str]| -> anyhow::Result<()> {
+        let status = json!({"status": {
+            "dependencies": {"kv": {"mode": "Degraded", "since": Timestamp::now().to_string(), "epoch": 1}},
+            "slaveSet": {"epoch": 1, "generation": generation, "members": set},
+        }});
+        aps.patch_status(&pipeline, &PatchParams::default(), &Patch::Merge(&status))
+            .await?;
+        Ok(())
+    };
+    publish(1, &["s-0", "s-1", "s-2"]).await?;
 
     let held = async |addresses: &BTreeMap<String, String>| -> anyhow::Result<BTreeMap<String, u64>> {
         let mut out = BTreeMap::new();
@@ -231,7 +262,7 @@ async fn intake_stores_each_event_once_dead_letters_garbage_and_follows_the_kv_m
     // merchant's events stay on one slave and its hour-to-date is whole).
     slaves.push(spawn("slave", "s-3")?);
     until("4 slaves joined", 30, async || Ok(members().await?.len() == 4)).await?;
-    until_logged(&intake_log, "members=s-0,s-1,s-2,s-3", 30).await?;
+    publish(2, &["s-0", "s-1", "s-2", "s-3"]).await?;
     let four = Ring::new(["s-0", "s-1", "s-2", "s-3"]);
     let moved = (0..100)
         .filter(|m| three.owner(&format!("m{m}")) != four.owner(&format!("m{m}")))
@@ -254,7 +285,7 @@ async fn intake_stores_each_event_once_dead_letters_garbage_and_follows_the_kv_m
     // held; the master reports that: see the degraded scenario.)
     slaves[0].signal("-TERM")?;
     until("s-0 left", 30, async || Ok(!members().await?.contains_key("s-0"))).await?;
-    until_logged(&intake_log, "members=s-1,s-2,s-3", 30).await?;
+    publish(3, &["s-1", "s-2", "s-3"]).await?;
     produce(&producer, &topic, &batch("after-leave")).await?;
     let remaining = Ring::new(["s-1", "s-2", "s-3"]);
     let want: BTreeMap<String, u64> = expected(&remaining)
@@ -266,6 +297,30 @@ async fn intake_stores_each_event_once_dead_letters_garbage_and_follows_the_kv_m
         Ok(held(&addresses).await? == want)
     })
     .await?;
+
+    // A slave hangs (SIGSTOP: its port accepts connections, nothing answers).
+    // Each delivery to it fails at its deadline instead of hanging the intake;
+    // once its Lease lapses and a set without it is published, its merchants
+    // go to the two others, and every event of the next batch is stored there.
+    slaves[1].signal("-STOP")?;
+    let live: BTreeMap<String, String> = addresses.into_iter().filter(|(s, _)| s != "s-1").collect();
+    let before = held(&live).await?;
+    produce(&producer, &topic, &batch("after-hang")).await?;
+    until("s-1's Lease lapsed", 60, async || {
+        Ok(!members().await?.contains_key("s-1"))
+    })
+    .await?;
+    publish(4, &["s-2", "s-3"]).await?;
+    let two = Ring::new(["s-2", "s-3"]);
+    let want: BTreeMap<String, u64> = expected(&two)
+        .into_iter()
+        .map(|(s, n)| (s.clone(), before.get(&s).copied().unwrap_or(0) + n))
+        .collect();
+    until("placement after s-1 hung", 90, async || {
+        Ok(held(&live).await? == want)
+    })
+    .await?;
+    slaves[1].signal("-CONT")?;
     assert_eq!(
         kv_count(&mut kv, &windows).await?,
         400,
@@ -274,48 +329,72 @@ async fn intake_stores_each_event_once_dead_letters_garbage_and_follows_the_kv_m
     Ok(())
 }
 
-/// The intake's handshake on a switch to the slaves: a slave whose Lease the
-/// operator already saw ready is in the view a `Refresh` waits for, although
-/// the periodic listing (every second) has not run since it appeared.
+/// A dead letter Kafka refuses is a store failure: the intake retries it and
+/// commits nothing past it, so that the message is redelivered to the next
+/// intake rather than lost.
 #[tokio::test]
-async fn a_fresh_membership_view_includes_a_lease_made_just_before() -> anyhow::Result<()> {
-    use ballast_worker::membership::{self, Member};
-    use tokio_util::sync::CancellationToken;
+async fn a_dead_letter_kafka_refuses_is_retried_and_not_committed_past() -> anyhow::Result<()> {
+    use rdkafka::admin::{AlterConfig, ResourceSpecifier};
 
     let stack = Stack::discover();
     let client = stack.kube_client().await?;
-    let (ns, pipeline) = stack.pipeline_fixture(&client, "mf", json!({})).await?;
-    let stop = CancellationToken::new();
-    let _stop = stop.clone().drop_guard();
-    let (view, mut refresh) =
-        membership::follow_refreshable(client.clone(), &ns, &pipeline, "slave", stop.clone());
-    // A listing has just completed: the next periodic one is about a second away.
-    anyhow::ensure!(refresh.fresh(Duration::from_secs(10)).await, "no first listing");
-    anyhow::ensure!(view.borrow().is_empty(), "members before any Lease");
-
-    let member = Member {
-        namespace: ns.clone(),
-        pipeline: pipeline.clone(),
-        role: "slave".into(),
-        identity: "s-new".into(),
-        address: "127.0.0.1:1".into(),
-        duration: Duration::from_secs(30),
-    };
-    Api::<Lease>::namespaced(client.clone(), &ns)
-        .patch(
-            "s-new",
-            &PatchParams::apply("test").force(),
-            &Patch::Apply(&member.lease(true, Timestamp::now())),
+    let (ns, pipeline) = stack.pipeline_fixture(&client, "dl", json!({})).await?;
+    let topic = format!("{pipeline}-events");
+    let dead_letters = format!("{topic}.dead-letter");
+    let bootstrap = stack.get("BALLAST_KAFKA_BOOTSTRAP")?;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()?;
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
+    // The dead-letter topic refuses any message over 16 bytes, as a broker
+    // refuses writes it cannot take.
+    let refusing = NewTopic::new(&dead_letters, 1, TopicReplication::Fixed(1)).set("max.message.bytes", "16");
+    for created in admin
+        .create_topics(
+            [&NewTopic::new(&topic, 1, TopicReplication::Fixed(1)), &refusing],
+            &opts,
         )
-        .await?;
-    anyhow::ensure!(refresh.fresh(Duration::from_secs(10)).await, "no fresh listing");
-    assert_eq!(
-        view.borrow().get("s-new").map(String::as_str),
-        Some("127.0.0.1:1"),
-        "the fresh view lacks the Lease made before asking"
-    );
-    Api::<k8s_openapi::api::core::v1::Namespace>::all(client)
-        .delete(&ns, &Default::default())
-        .await?;
+        .await?
+    {
+        created.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
+    }
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()?;
+    let garbage = b"\xff\xfenot an event, and longer than sixteen bytes".to_vec();
+    producer
+        .send(
+            FutureRecord::to(&topic).key("junk").payload(&garbage),
+            Duration::from_secs(20),
+        )
+        .await
+        .map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
+
+    let worker = std::path::Path::new(env!("CARGO_BIN_EXE_ballast-worker"));
+    let port = ballast_e2e::scenario::free_port()?;
+    let metrics_addr = format!("127.0.0.1:{port}");
+    let env = [("BALLAST_METRICS_ADDR", metrics_addr.as_str())];
+    let intake = stack.worker_with(worker, &["intake"], &ns, &pipeline, "intake-0", &env)?;
+    until("the refused dead letter retried", 60, async || {
+        let failures = ballast_e2e::scenario::metric(port, "ballast_intake_write_failures_total").await;
+        Ok(failures.ok().flatten().is_some_and(|n| n >= 2.0))
+    })
+    .await?;
+    // Killed outright while the dead letter is refused; then the topic takes it.
+    drop(intake);
+    let raise = AlterConfig::new(ResourceSpecifier::Topic(&dead_letters)).set("max.message.bytes", "1048576");
+    for altered in admin.alter_configs([&raise], &opts).await? {
+        altered.map_err(|(r, e)| anyhow::anyhow!("altering {r:?}: {e}"))?;
+    }
+    // The next intake gets the message again (its offset was never committed) and stores it.
+    let _intake = stack.worker(worker, "intake", &ns, &pipeline, "intake-1")?;
+    let dlq: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("group.id", format!("{pipeline}-dlq-check"))
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    dlq.subscribe(&[&dead_letters])?;
+    let message = tokio::time::timeout(Duration::from_secs(60), dlq.recv()).await??;
+    assert_eq!(message.payload(), Some(garbage.as_slice()));
     Ok(())
 }

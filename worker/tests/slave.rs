@@ -1,16 +1,18 @@
 //! `ballast-worker slave` as a process against the local stack's API server:
 //! it joins the membership, stores routed events (deduplicated) within its
-//! memory bound, reports its holdings, and leaves the membership on SIGTERM;
+//! memory bound, refuses deliveries not routed over the published slave set,
+//! reports its holdings, and leaves the membership on SIGTERM;
 //! it refuses to compute a span whose events have partly aged out of memory.
 
 use std::time::{Duration, Instant};
 
+use ballast_crds::AnalyticsPipeline;
 use ballast_e2e::Stack;
 use ballast_worker::wire::slave_client::SlaveClient;
 use ballast_worker::wire::{ChangeEvent, ComputeTask, DataSource, EventBatch, Granularity, HoldingsRequest};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde_json::json;
 
 fn event(id: &str, merchant: &str, time_ms: i64, columns: Vec<u8>) -> ChangeEvent {
@@ -45,6 +47,7 @@ async fn joined(leases: &Api<Lease>, name: &str) -> anyhow::Result<String> {
 struct Running {
     client: kube::Client,
     ns: String,
+    pipeline: String,
     leases: Api<Lease>,
     slave: ballast_e2e::KillOnDrop,
     address: String,
@@ -71,6 +74,7 @@ impl Running {
         Ok(Self {
             client,
             ns,
+            pipeline,
             leases,
             slave,
             address,
@@ -117,7 +121,8 @@ async fn slave_joins_stores_routed_events_and_leaves_on_sigterm() -> anyhow::Res
     let reply = grpc
         .deliver(EventBatch {
             events: batch.clone(),
-            epoch: 1,
+            epoch: 0,
+            generation: 0,
         })
         .await?
         .into_inner();
@@ -126,7 +131,8 @@ async fn slave_joins_stores_routed_events_and_leaves_on_sigterm() -> anyhow::Res
     let again = grpc
         .deliver(EventBatch {
             events: batch,
-            epoch: 1,
+            epoch: 0,
+            generation: 0,
         })
         .await?
         .into_inner();
@@ -147,7 +153,14 @@ async fn slave_joins_stores_routed_events_and_leaves_on_sigterm() -> anyhow::Res
         let events: Vec<ChangeEvent> = (0..3)
             .map(|i| event(&format!("big-{batch}-{i}"), "m3", now, vec![b'x'; 1024 * 1024]))
             .collect();
-        if let Err(status) = grpc.deliver(EventBatch { events, epoch: 1 }).await {
+        if let Err(status) = grpc
+            .deliver(EventBatch {
+                events,
+                epoch: 0,
+                generation: 0,
+            })
+            .await
+        {
             refused = Some((batch, status));
             break;
         }
@@ -158,6 +171,56 @@ async fn slave_joins_stores_routed_events_and_leaves_on_sigterm() -> anyhow::Res
     assert!(status.message().contains("memory bound"), "{}", status.message());
     let after = grpc.holdings(HoldingsRequest {}).await?.into_inner();
     assert_eq!(after.windows[0].events, 2 + 5 * 3);
+
+    // KV published Degraded with a slave set: only deliveries routed over that
+    // set (its epoch and generation) are taken, and only while it names this slave.
+    let aps: Api<AnalyticsPipeline> = Api::namespaced(running.client.clone(), &running.ns);
+    let publish = async |generation: i64, member: &str| -> anyhow::Result<()> {
+        let status = json!({"status": {
+            "dependencies": {"kv": {"mode": "Degraded", "since": Timestamp::now().to_string(), "epoch": 2}},
+            "slaveSet": {"epoch": 2, "generation": generation, "members": [member]},
+        }});
+        aps.patch_status(&running.pipeline, &PatchParams::default(), &Patch::Merge(&status))
+            .await?;
+        Ok(())
+    };
+    let stamped = |id: &str, epoch: i64, generation: i64| EventBatch {
+        events: vec![event(id, "m4", now, b"{}".to_vec())],
+        epoch,
+        generation,
+    };
+    publish(1, "shop-slave-0").await?;
+    // The slave follows the published status with a watch: taken once it has seen it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(status) = grpc.deliver(stamped("f1", 2, 1)).await {
+        anyhow::ensure!(status.code() == tonic::Code::FailedPrecondition, "{status}");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "never took a delivery under the set: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let stale = grpc
+        .deliver(stamped("f2", 2, 0))
+        .await
+        .expect_err("a stale generation was taken");
+    assert_eq!(stale.code(), tonic::Code::FailedPrecondition, "{stale}");
+    publish(2, "shop-slave-1").await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = grpc
+            .deliver(stamped("f3", 2, 2))
+            .await
+            .expect_err("taken by a slave not in the set");
+        if status.message().contains("not in the published slave set") {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "never refused as a non-member: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // SIGTERM: the slave drains and leaves the membership.
     running.slave.signal("-TERM")?;
@@ -187,7 +250,14 @@ async fn a_memory_task_reaching_back_before_the_retention_is_refused_not_compute
     // Events 8 s old: inside the 10 s retention on arrival, outside it seconds later.
     let then = Timestamp::now().as_millisecond() - 8_000;
     let events = vec![event("old-1", "m1", then, b"{}".to_vec())];
-    let reply = grpc.deliver(EventBatch { events, epoch: 1 }).await?.into_inner();
+    let reply = grpc
+        .deliver(EventBatch {
+            events,
+            epoch: 0,
+            generation: 0,
+        })
+        .await?
+        .into_inner();
     assert_eq!(reply.accepted, 1);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !grpc

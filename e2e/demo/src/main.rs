@@ -161,8 +161,7 @@ async fn run() -> anyhow::Result<String> {
             env: vec![("BALLAST_WINDOW_GRACE".into(), "1s".into())],
         },
     );
-    let collector_log = logs.join(format!("{pipeline}-collector-0.log"));
-    scenario::until_logged(&collector_log, "tailing the binlog", 120).await?;
+    scenario::until_pipeline_ready(&client, &ns, &pipeline, 180).await?;
 
     let inserted = Arc::new(AtomicU64::new(0));
     let stop = CancellationToken::new();

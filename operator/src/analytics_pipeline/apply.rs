@@ -1,32 +1,51 @@
 //! Apply: server-side apply of the desired objects with one field manager.
 
-use kube::api::{Api, DynamicObject, Patch, PatchParams};
-use kube::core::{ApiResource, GroupVersionKind};
+use std::fmt::Debug;
+
+use k8s_openapi::NamespaceResourceScope;
+use kube::api::{Api, Patch, PatchParams};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 use super::Error;
-use super::desired::DesiredObject;
+use super::desired::Owned;
 
 /// The field manager of everything the operator writes.
 pub const MANAGER: &str = "ballast-operator";
 
 /// Applies every object; forcing takes over fields another manager changed, which corrects drift.
-pub async fn apply(client: &kube::Client, namespace: &str, objects: &[DesiredObject]) -> Result<(), Error> {
-    let params = PatchParams::apply(MANAGER).force();
+pub async fn apply(client: &kube::Client, namespace: &str, objects: &[Owned]) -> Result<(), Error> {
     for object in objects {
-        let (group, version) = object
-            .api_version
-            .split_once('/')
-            .unwrap_or(("", object.api_version));
-        let gvk = GroupVersionKind::gvk(group, version, object.kind);
-        let resource = ApiResource::from_gvk_with_plural(&gvk, object.plural);
-        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &resource);
-        api.patch(&object.name, &params, &Patch::Apply(&object.body))
-            .await
-            .map_err(|source| Error::Apply {
-                kind: object.kind,
-                name: object.name.clone(),
-                source,
-            })?;
+        match object {
+            Owned::ServiceAccount(o) => one(client, namespace, o).await?,
+            Owned::Role(o) => one(client, namespace, o).await?,
+            Owned::RoleBinding(o) => one(client, namespace, o).await?,
+            Owned::Deployment(o) => one(client, namespace, o).await?,
+            Owned::StatefulSet(o) => one(client, namespace, o).await?,
+            Owned::Service(o) => one(client, namespace, o).await?,
+        }
     }
+    Ok(())
+}
+
+async fn one<K>(client: &kube::Client, namespace: &str, object: &K) -> Result<(), Error>
+where
+    K: k8s_openapi::Resource<Scope = NamespaceResourceScope>
+        + k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>
+        + Serialize
+        + DeserializeOwned
+        + Clone
+        + Debug,
+{
+    let params = PatchParams::apply(MANAGER).force();
+    let name = kube::Resource::meta(object).name.clone().unwrap_or_default();
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    api.patch(&name, &params, &Patch::Apply(object))
+        .await
+        .map_err(|source| Error::Apply {
+            kind: K::KIND,
+            name,
+            source,
+        })?;
     Ok(())
 }

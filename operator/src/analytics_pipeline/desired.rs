@@ -1,13 +1,23 @@
-//! The objects a pipeline owns, as pure functions of its spec and what fetch found.
-//!
-//! Each object is plain JSON with its kind, applied by server-side apply; a
-//! golden YAML snapshot test pins the whole set.
+//! The objects a pipeline owns, as pure functions of its spec and what fetch
+//! found: typed k8s-openapi structs, applied by server-side apply; a golden
+//! YAML snapshot test pins the whole set.
+
+use std::collections::BTreeMap;
 
 use ballast_crds::AnalyticsPipeline;
 use ballast_crds::analytics_pipeline::RoleSpec;
 use ballast_crds::refs::SecretKeyRef;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use serde_json::{Value, json};
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment, StatefulSet, StatefulSetSpec,
+};
+use k8s_openapi::api::core::v1::{
+    ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath,
+    ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, SecretKeySelector, Service, ServiceAccount,
+    ServicePort, ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 /// Port of the backup intake (gRPC) on intake pods.
 pub const INTAKE_PORT: i32 = 7070;
@@ -16,19 +26,74 @@ pub const SLAVE_PORT: i32 = 7071;
 /// Port of every worker's `/metrics`, `/healthz`, `/readyz`.
 pub const METRICS_PORT: i32 = 9090;
 
-/// One object to apply: its API group/version/kind, name and full body.
+/// One object the pipeline owns, typed by kind.
 #[derive(Clone, Debug, PartialEq)]
-pub struct DesiredObject {
-    /// `apps/v1`, `v1`, ...
-    pub api_version: &'static str,
-    /// `Deployment`, `Service`, ...
-    pub kind: &'static str,
-    /// Plural resource name for the API path.
-    pub plural: &'static str,
-    /// Object name.
-    pub name: String,
-    /// The full object, including `apiVersion`, `kind` and metadata.
-    pub body: Value,
+pub enum Owned {
+    /// The workers' identity.
+    ServiceAccount(ServiceAccount),
+    /// What the workers may do.
+    Role(Role),
+    /// Grants the Role to the ServiceAccount.
+    RoleBinding(RoleBinding),
+    /// The collector, intake and master.
+    Deployment(Deployment),
+    /// The slaves.
+    StatefulSet(StatefulSet),
+    /// The slaves' headless Service and the intake's.
+    Service(Service),
+}
+
+impl Owned {
+    /// The object's kind, as the API spells it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::ServiceAccount(_) => "ServiceAccount",
+            Self::Role(_) => "Role",
+            Self::RoleBinding(_) => "RoleBinding",
+            Self::Deployment(_) => "Deployment",
+            Self::StatefulSet(_) => "StatefulSet",
+            Self::Service(_) => "Service",
+        }
+    }
+
+    /// The object's metadata.
+    pub fn metadata(&self) -> &ObjectMeta {
+        match self {
+            Self::ServiceAccount(o) => &o.metadata,
+            Self::Role(o) => &o.metadata,
+            Self::RoleBinding(o) => &o.metadata,
+            Self::Deployment(o) => &o.metadata,
+            Self::StatefulSet(o) => &o.metadata,
+            Self::Service(o) => &o.metadata,
+        }
+    }
+
+    /// The object's name.
+    pub fn name(&self) -> &str {
+        self.metadata().name.as_deref().unwrap_or_default()
+    }
+
+    /// The full object as JSON, with `apiVersion` and `kind`.
+    #[cfg(test)]
+    pub fn to_json(&self) -> Result<serde_json::Value, serde_json::Error> {
+        match self {
+            Self::ServiceAccount(o) => serde_json::to_value(o),
+            Self::Role(o) => serde_json::to_value(o),
+            Self::RoleBinding(o) => serde_json::to_value(o),
+            Self::Deployment(o) => serde_json::to_value(o),
+            Self::StatefulSet(o) => serde_json::to_value(o),
+            Self::Service(o) => serde_json::to_value(o),
+        }
+    }
+}
+
+/// The workloads among `objects` (kind and name), whose rollout makes the pipeline Ready.
+pub fn workloads(objects: &[Owned]) -> Vec<(&'static str, String)> {
+    objects
+        .iter()
+        .filter(|o| matches!(o, Owned::Deployment(_) | Owned::StatefulSet(_)))
+        .map(|o| (o.kind(), o.name().to_owned()))
+        .collect()
 }
 
 /// The roles that run as Deployments (the slave is a StatefulSet). Only roles
@@ -51,7 +116,7 @@ pub fn object_name(pipeline: &str, role: &str) -> String {
 }
 
 /// Every object the pipeline owns.
-pub fn objects(ap: &AnalyticsPipeline, owner: &OwnerReference, inputs: &Inputs) -> Vec<DesiredObject> {
+pub fn objects(ap: &AnalyticsPipeline, owner: &OwnerReference, inputs: &Inputs) -> Vec<Owned> {
     let name = ap.metadata.name.clone().unwrap_or_default();
     let b = Builder {
         ap,
@@ -59,13 +124,17 @@ pub fn objects(ap: &AnalyticsPipeline, owner: &OwnerReference, inputs: &Inputs) 
         owner,
         inputs,
     };
-    let mut out = vec![b.service_account(), b.role(), b.role_binding()];
+    let mut out = vec![
+        Owned::ServiceAccount(b.service_account()),
+        Owned::Role(b.role()),
+        Owned::RoleBinding(b.role_binding()),
+    ];
     for role in DEPLOYMENT_ROLES {
-        out.push(b.deployment(role));
+        out.push(Owned::Deployment(b.deployment(role)));
     }
-    out.push(b.slave_service());
-    out.push(b.slave_statefulset());
-    out.push(b.service("intake", INTAKE_PORT, "grpc"));
+    out.push(Owned::Service(b.slave_service()));
+    out.push(Owned::StatefulSet(b.slave_statefulset()));
+    out.push(Owned::Service(b.service("intake", INTAKE_PORT, "grpc")));
     out
 }
 
@@ -76,49 +145,83 @@ struct Builder<'a> {
     inputs: &'a Inputs,
 }
 
+/// A rule of the workers' Role; `names` narrows it to those objects.
+fn rule(group: &str, resources: &[&str], names: Option<Vec<String>>, verbs: &[&str]) -> PolicyRule {
+    PolicyRule {
+        api_groups: Some(vec![group.to_owned()]),
+        resources: Some(resources.iter().map(|r| (*r).to_owned()).collect()),
+        resource_names: names,
+        verbs: verbs.iter().map(|v| (*v).to_owned()).collect(),
+        ..PolicyRule::default()
+    }
+}
+
+/// An env var from the pod's own fields (the downward API).
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn http_probe(path: &str, period: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("metrics".into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        ..Probe::default()
+    }
+}
+
+fn service_port(name: &str, port: i32) -> ServicePort {
+    ServicePort {
+        name: Some(name.into()),
+        port,
+        target_port: Some(IntOrString::Int(port)),
+        ..ServicePort::default()
+    }
+}
+
 impl Builder<'_> {
-    fn labels(&self, component: &str) -> Value {
-        json!({
-            "app.kubernetes.io/name": "ballast",
-            "app.kubernetes.io/instance": self.name,
-            "app.kubernetes.io/component": component,
-            "app.kubernetes.io/managed-by": "ballast-operator",
-        })
+    fn labels(&self, component: &str) -> BTreeMap<String, String> {
+        [
+            ("app.kubernetes.io/name", "ballast"),
+            ("app.kubernetes.io/instance", self.name),
+            ("app.kubernetes.io/component", component),
+            ("app.kubernetes.io/managed-by", "ballast-operator"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
     }
 
-    fn selector(&self, component: &str) -> Value {
-        json!({ "app.kubernetes.io/instance": self.name, "app.kubernetes.io/component": component })
+    fn selector(&self, component: &str) -> BTreeMap<String, String> {
+        [
+            ("app.kubernetes.io/instance", self.name),
+            ("app.kubernetes.io/component", component),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
     }
 
-    fn metadata(&self, name: &str, component: &str) -> Value {
-        json!({
-            "name": name,
-            "namespace": self.ap.metadata.namespace,
-            "labels": self.labels(component),
-            "ownerReferences": [self.owner],
-        })
-    }
-
-    fn object(
-        &self,
-        api_version: &'static str,
-        kind: &'static str,
-        plural: &'static str,
-        name: String,
-        rest: Value,
-        component: &str,
-    ) -> DesiredObject {
-        let mut body =
-            json!({ "apiVersion": api_version, "kind": kind, "metadata": self.metadata(&name, component) });
-        if let (Some(body), Value::Object(rest)) = (body.as_object_mut(), rest) {
-            body.extend(rest);
-        }
-        DesiredObject {
-            api_version,
-            kind,
-            plural,
-            name,
-            body,
+    fn metadata(&self, name: String, component: &str) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name),
+            namespace: self.ap.metadata.namespace.clone(),
+            labels: Some(self.labels(component)),
+            owner_references: Some(vec![self.owner.clone()]),
+            ..ObjectMeta::default()
         }
     }
 
@@ -126,57 +229,74 @@ impl Builder<'_> {
         object_name(self.name, "worker")
     }
 
-    fn service_account(&self) -> DesiredObject {
-        self.object(
-            "v1",
-            "ServiceAccount",
-            "serviceaccounts",
-            self.worker_account(),
-            json!({}),
-            "worker",
-        )
+    fn service_account(&self) -> ServiceAccount {
+        ServiceAccount {
+            metadata: self.metadata(self.worker_account(), "worker"),
+            ..ServiceAccount::default()
+        }
     }
 
     /// Least privilege: read this pipeline and its policy (modes are in status),
     /// keep membership Leases, read the SQL ConfigMap, keep the master's state
     /// ConfigMap (create cannot be narrowed by name in RBAC). Nothing else.
-    fn role(&self) -> DesiredObject {
-        let pipeline = [self.name];
-        let policy = [self.ap.spec.policy_ref.name.as_str()];
+    fn role(&self) -> Role {
         let mut rules = vec![
-            json!({"apiGroups": ["ballast.dev"], "resources": ["analyticspipelines", "analyticspipelines/status"], "resourceNames": pipeline, "verbs": ["get", "list", "watch"]}),
-            json!({"apiGroups": ["ballast.dev"], "resources": ["degradationpolicies"], "resourceNames": policy, "verbs": ["get", "list", "watch"]}),
-            json!({"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]}),
-            json!({"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [format!("{}-master-state", self.name)], "verbs": ["get", "update"]}),
-            json!({"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]}),
+            rule(
+                "ballast.dev",
+                &["analyticspipelines", "analyticspipelines/status"],
+                Some(vec![self.name.to_owned()]),
+                &["get", "list", "watch"],
+            ),
+            rule(
+                "ballast.dev",
+                &["degradationpolicies"],
+                Some(vec![self.ap.spec.policy_ref.name.clone()]),
+                &["get", "list", "watch"],
+            ),
+            rule(
+                "coordination.k8s.io",
+                &["leases"],
+                None,
+                &["get", "list", "watch", "create", "update", "patch", "delete"],
+            ),
+            rule(
+                "",
+                &["configmaps"],
+                Some(vec![format!("{}-master-state", self.name)]),
+                &["get", "update"],
+            ),
+            rule("", &["configmaps"], None, &["create"]),
         ];
         if let Some(cm) = &self.ap.spec.compute.sql_config_map_ref {
-            rules.push(json!({"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [cm.name], "verbs": ["get", "watch"]}));
+            rules.push(rule(
+                "",
+                &["configmaps"],
+                Some(vec![cm.name.clone()]),
+                &["get", "watch"],
+            ));
         }
-        self.object(
-            "rbac.authorization.k8s.io/v1",
-            "Role",
-            "roles",
-            self.worker_account(),
-            json!({ "rules": rules }),
-            "worker",
-        )
+        Role {
+            metadata: self.metadata(self.worker_account(), "worker"),
+            rules: Some(rules),
+        }
     }
 
-    fn role_binding(&self) -> DesiredObject {
+    fn role_binding(&self) -> RoleBinding {
         let account = self.worker_account();
-        let rest = json!({
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
-            "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": self.ap.metadata.namespace}],
-        });
-        self.object(
-            "rbac.authorization.k8s.io/v1",
-            "RoleBinding",
-            "rolebindings",
-            account.clone(),
-            rest,
-            "worker",
-        )
+        RoleBinding {
+            metadata: self.metadata(account.clone(), "worker"),
+            role_ref: RoleRef {
+                api_group: "rbac.authorization.k8s.io".into(),
+                kind: "Role".into(),
+                name: account.clone(),
+            },
+            subjects: Some(vec![Subject {
+                kind: "ServiceAccount".into(),
+                name: account,
+                namespace: self.ap.metadata.namespace.clone(),
+                ..Subject::default()
+            }]),
+        }
     }
 
     fn role_spec(&self, role: &str) -> &RoleSpec {
@@ -190,7 +310,7 @@ impl Builder<'_> {
     }
 
     /// Credentials reach pods as env vars from Secrets, never through the spec.
-    fn secret_env(&self) -> Vec<Value> {
+    fn secret_env(&self) -> Vec<EnvVar> {
         let spec = &self.ap.spec;
         let refs: [(&str, Option<&SecretKeyRef>); 4] = [
             (
@@ -206,138 +326,189 @@ impl Builder<'_> {
         ];
         refs.into_iter()
             .filter_map(|(var, r)| {
-                r.map(|r| json!({"name": var, "valueFrom": {"secretKeyRef": {"name": r.name, "key": r.key}}}))
+                r.map(|r| EnvVar {
+                    name: var.into(),
+                    value_from: Some(EnvVarSource {
+                        secret_key_ref: Some(SecretKeySelector {
+                            name: r.name.clone(),
+                            key: r.key.clone(),
+                            ..SecretKeySelector::default()
+                        }),
+                        ..EnvVarSource::default()
+                    }),
+                    ..EnvVar::default()
+                })
             })
             .collect()
     }
 
-    fn pod_template(&self, role: &str, port: Option<(i32, &str)>) -> Value {
+    fn pod_template(&self, role: &str, port: Option<(i32, &str)>) -> PodTemplateSpec {
         let spec = self.role_spec(role);
         let mut env = vec![
-            json!({"name": "BALLAST_PIPELINE", "value": self.name}),
-            json!({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}),
-            json!({"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}),
-            json!({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}),
+            EnvVar {
+                name: "BALLAST_PIPELINE".into(),
+                value: Some(self.name.to_owned()),
+                ..EnvVar::default()
+            },
+            field_env("POD_NAME", "metadata.name"),
+            field_env("POD_NAMESPACE", "metadata.namespace"),
+            field_env("POD_IP", "status.podIP"),
         ];
         env.extend(self.secret_env());
-        let mut ports = vec![json!({"name": "metrics", "containerPort": METRICS_PORT})];
+        let mut ports = vec![ContainerPort {
+            name: Some("metrics".into()),
+            container_port: METRICS_PORT,
+            ..ContainerPort::default()
+        }];
         if let Some((number, name)) = port {
-            ports.push(json!({"name": name, "containerPort": number}));
+            ports.push(ContainerPort {
+                name: Some(name.into()),
+                container_port: number,
+                ..ContainerPort::default()
+            });
         }
-        let mut container = json!({
-            "name": "worker",
-            "image": self.ap.spec.image,
-            "args": [role],
-            "env": env,
-            "ports": ports,
-            "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 2},
-            "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 10},
-        });
-        if let Some(resources) = &spec.resources {
-            container["resources"] = json!(resources);
-        }
-        let mut pod = json!({
-            "serviceAccountName": self.worker_account(),
-            "terminationGracePeriodSeconds": 30,
-            "containers": [container],
-        });
+        let mut container = Container {
+            name: "worker".into(),
+            image: Some(self.ap.spec.image.clone()),
+            args: Some(vec![role.to_owned()]),
+            env: Some(env),
+            ports: Some(ports),
+            readiness_probe: Some(http_probe("/readyz", 2)),
+            liveness_probe: Some(http_probe("/healthz", 10)),
+            resources: spec.resources.clone(),
+            ..Container::default()
+        };
+        let mut pod = PodSpec {
+            service_account_name: Some(self.worker_account()),
+            termination_grace_period_seconds: Some(30),
+            ..PodSpec::default()
+        };
         if let (Some(cm), "master" | "slave") = (&self.ap.spec.compute.sql_config_map_ref, role) {
-            pod["volumes"] = json!([{"name": "sql", "configMap": {"name": cm.name, "items": [{"key": cm.key, "path": "compute.sql"}]}}]);
-            pod["containers"][0]["volumeMounts"] =
-                json!([{"name": "sql", "mountPath": "/etc/ballast/sql", "readOnly": true}]);
+            pod.volumes = Some(vec![Volume {
+                name: "sql".into(),
+                config_map: Some(ConfigMapVolumeSource {
+                    name: cm.name.clone(),
+                    items: Some(vec![KeyToPath {
+                        key: cm.key.clone(),
+                        path: "compute.sql".into(),
+                        ..KeyToPath::default()
+                    }]),
+                    ..ConfigMapVolumeSource::default()
+                }),
+                ..Volume::default()
+            }]);
+            container.volume_mounts = Some(vec![VolumeMount {
+                name: "sql".into(),
+                mount_path: "/etc/ballast/sql".into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            }]);
         }
+        pod.containers = vec![container];
         let mut labels = self.labels(role);
-        labels["ballast.dev/role"] = json!(role);
-        json!({
-            "metadata": {"labels": labels, "annotations": {"ballast.dev/config-hash": self.inputs.config_hash}},
-            "spec": pod,
-        })
+        labels.insert("ballast.dev/role".into(), role.to_owned());
+        PodTemplateSpec {
+            metadata: Some(ObjectMeta {
+                labels: Some(labels),
+                annotations: Some(
+                    [(
+                        "ballast.dev/config-hash".to_owned(),
+                        self.inputs.config_hash.clone(),
+                    )]
+                    .into(),
+                ),
+                ..ObjectMeta::default()
+            }),
+            spec: Some(pod),
+        }
     }
 
-    fn deployment(&self, role: &str) -> DesiredObject {
+    fn deployment(&self, role: &str) -> Deployment {
         let port = match role {
             "intake" => Some((INTAKE_PORT, "grpc")),
             _ => None,
         };
-        let mut spec = json!({
-            "replicas": self.role_spec(role).replicas,
-            "selector": {"matchLabels": self.selector(role)},
-            "template": self.pod_template(role, port),
+        // Two masters never run the same version side by side: the Lease
+        // decides the active one, and a rollout replaces them one by one.
+        let strategy = (role == "master").then(|| DeploymentStrategy {
+            type_: Some("RollingUpdate".into()),
+            rolling_update: Some(RollingUpdateDeployment {
+                max_surge: Some(IntOrString::Int(0)),
+                max_unavailable: Some(IntOrString::Int(1)),
+            }),
         });
-        if role == "master" {
-            // Two masters never run the same version side by side: the Lease
-            // decides the active one, and a rollout replaces them one by one.
-            spec["strategy"] =
-                json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}});
+        Deployment {
+            metadata: self.metadata(object_name(self.name, role), role),
+            spec: Some(DeploymentSpec {
+                replicas: Some(self.role_spec(role).replicas),
+                selector: LabelSelector {
+                    match_labels: Some(self.selector(role)),
+                    ..LabelSelector::default()
+                },
+                template: self.pod_template(role, port),
+                strategy,
+                ..DeploymentSpec::default()
+            }),
+            ..Deployment::default()
         }
-        self.object(
-            "apps/v1",
-            "Deployment",
-            "deployments",
-            object_name(self.name, role),
-            json!({ "spec": spec }),
-            role,
-        )
     }
 
-    fn slave_service(&self) -> DesiredObject {
-        let rest = json!({"spec": {
-            "clusterIP": "None",
-            "publishNotReadyAddresses": true,
-            "selector": self.selector("slave"),
-            "ports": [{"name": "grpc", "port": SLAVE_PORT, "targetPort": SLAVE_PORT}],
-        }});
-        self.object(
-            "v1",
-            "Service",
-            "services",
-            object_name(self.name, "slave"),
-            rest,
-            "slave",
-        )
+    fn slave_service(&self) -> Service {
+        Service {
+            metadata: self.metadata(object_name(self.name, "slave"), "slave"),
+            spec: Some(ServiceSpec {
+                cluster_ip: Some("None".into()),
+                publish_not_ready_addresses: Some(true),
+                selector: Some(self.selector("slave")),
+                ports: Some(vec![service_port("grpc", SLAVE_PORT)]),
+                ..ServiceSpec::default()
+            }),
+            ..Service::default()
+        }
     }
 
-    fn slave_statefulset(&self) -> DesiredObject {
-        let rest = json!({"spec": {
-            "serviceName": object_name(self.name, "slave"),
-            "replicas": self.inputs.slave_replicas,
-            // Slaves hold no shared state at start-up: scale out all at once.
-            "podManagementPolicy": "Parallel",
-            "selector": {"matchLabels": self.selector("slave")},
-            "template": self.pod_template("slave", Some((SLAVE_PORT, "grpc"))),
-        }});
-        self.object(
-            "apps/v1",
-            "StatefulSet",
-            "statefulsets",
-            object_name(self.name, "slave"),
-            rest,
-            "slave",
-        )
+    fn slave_statefulset(&self) -> StatefulSet {
+        StatefulSet {
+            metadata: self.metadata(object_name(self.name, "slave"), "slave"),
+            spec: Some(StatefulSetSpec {
+                service_name: Some(object_name(self.name, "slave")),
+                replicas: Some(self.inputs.slave_replicas),
+                // Slaves hold no shared state at start-up: scale out all at once.
+                pod_management_policy: Some("Parallel".into()),
+                selector: LabelSelector {
+                    match_labels: Some(self.selector("slave")),
+                    ..LabelSelector::default()
+                },
+                template: self.pod_template("slave", Some((SLAVE_PORT, "grpc"))),
+                ..StatefulSetSpec::default()
+            }),
+            ..StatefulSet::default()
+        }
     }
 
-    fn service(&self, role: &str, port: i32, port_name: &str) -> DesiredObject {
-        let rest = json!({"spec": {
-            "selector": self.selector(role),
-            "ports": [{"name": port_name, "port": port, "targetPort": port}],
-        }});
-        self.object(
-            "v1",
-            "Service",
-            "services",
-            object_name(self.name, role),
-            rest,
-            role,
-        )
+    fn service(&self, role: &str, port: i32, port_name: &str) -> Service {
+        Service {
+            metadata: self.metadata(object_name(self.name, role), role),
+            spec: Some(ServiceSpec {
+                selector: Some(self.selector(role)),
+                ports: Some(vec![service_port(port_name, port)]),
+                ..ServiceSpec::default()
+            }),
+            ..Service::default()
+        }
     }
 }
 
-/// Renders objects as one multi-document YAML, for the golden snapshot.
+/// Renders objects as one multi-document YAML (keys sorted), for the golden snapshot.
 #[cfg(test)]
-fn to_yaml(objects: &[DesiredObject]) -> String {
+fn to_yaml(objects: &[Owned]) -> String {
     objects
         .iter()
-        .map(|o| serde_yaml::to_string(&o.body).unwrap_or_else(|e| format!("# {}/{}: {e}\n", o.kind, o.name)))
+        .map(|o| {
+            o.to_json()
+                .and_then(|v| serde_yaml::to_string(&v).map_err(serde::ser::Error::custom))
+                .unwrap_or_else(|e| format!("# {}/{}: {e}\n", o.kind(), o.name()))
+        })
         .collect::<Vec<_>>()
         .join("---\n")
 }
@@ -391,6 +562,18 @@ mod tests {
         );
     }
 
+    fn template(o: &Owned) -> Option<&PodTemplateSpec> {
+        match o {
+            Owned::Deployment(d) => d.spec.as_ref().map(|s| &s.template),
+            Owned::StatefulSet(s) => s.spec.as_ref().map(|s| &s.template),
+            _ => None,
+        }
+    }
+
+    fn container(o: &Owned) -> Option<&Container> {
+        template(o)?.spec.as_ref()?.containers.first()
+    }
+
     #[test]
     fn every_workload_runs_a_role_the_worker_binary_has() {
         let inputs = Inputs {
@@ -398,23 +581,19 @@ mod tests {
             config_hash: "abc123".into(),
         };
         let objects = objects(&fixture(), &owner(), &inputs);
-        let workloads: Vec<&DesiredObject> = objects
-            .iter()
-            .filter(|o| matches!(o.kind, "Deployment" | "StatefulSet"))
-            .collect();
         assert_eq!(
-            workloads.len(),
+            workloads(&objects).len(),
             4,
             "collector, intake and master Deployments and the slave StatefulSet"
         );
-        for object in workloads {
-            let args = &object.body["spec"]["template"]["spec"]["containers"][0]["args"];
-            let role = args[0].as_str().unwrap_or_default();
+        for object in objects.iter().filter(|o| template(o).is_some()) {
+            let args = container(object).and_then(|c| c.args.clone()).unwrap_or_default();
+            let role = args.first().map(String::as_str).unwrap_or_default();
             assert!(
                 ballast_worker::roles::NAMES.contains(&role),
                 "{} {} runs `ballast-worker {role}`, which does not exist",
-                object.kind,
-                object.name
+                object.kind(),
+                object.name()
             );
         }
     }
@@ -426,13 +605,15 @@ mod tests {
             config_hash: String::new(),
         };
         for o in objects(&fixture(), &owner(), &inputs) {
-            let refs = &o.body["metadata"]["ownerReferences"];
+            let refs = o.metadata().owner_references.clone().unwrap_or_default();
+            assert_eq!(refs.len(), 1, "{}", o.name());
             assert_eq!(
-                refs[0]["uid"], "00000000-0000-0000-0000-000000000001",
+                refs[0].uid,
+                "00000000-0000-0000-0000-000000000001",
                 "{}",
-                o.name
+                o.name()
             );
-            assert_eq!(refs[0]["controller"], true, "{}", o.name);
+            assert_eq!(refs[0].controller, Some(true), "{}", o.name());
         }
     }
 
@@ -443,21 +624,17 @@ mod tests {
             config_hash: String::new(),
         };
         let objs = objects(&fixture(), &owner(), &inputs);
-        let sts = objs
-            .iter()
-            .find(|o| o.kind == "StatefulSet")
-            .expect("statefulset");
-        assert_eq!(sts.body["spec"]["replicas"], 12);
-        let env = &sts.body["spec"]["template"]["spec"]["containers"][0]["env"];
-        let hot = env
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|e| e["name"] == "BALLAST_HOT_MYSQL_PASSWORD");
-        assert_eq!(
-            hot.map(|e| &e["valueFrom"]["secretKeyRef"]["name"]),
-            Some(&json!("results-db"))
-        );
+        let Some(sts @ Owned::StatefulSet(set)) = objs.iter().find(|o| o.kind() == "StatefulSet") else {
+            panic!("no statefulset");
+        };
+        assert_eq!(set.spec.as_ref().and_then(|s| s.replicas), Some(12));
+        let env = container(sts).and_then(|c| c.env.clone()).unwrap_or_default();
+        let hot = env.iter().find(|e| e.name == "BALLAST_HOT_MYSQL_PASSWORD");
+        let secret = hot
+            .and_then(|e| e.value_from.as_ref())
+            .and_then(|v| v.secret_key_ref.as_ref())
+            .map(|r| r.name.as_str());
+        assert_eq!(secret, Some("results-db"));
     }
 
     #[test]
@@ -467,14 +644,13 @@ mod tests {
             config_hash: String::new(),
         };
         let objs = objects(&fixture(), &owner(), &inputs);
-        let role = objs.iter().find(|o| o.kind == "Role").expect("role");
-        let rules = role.body["rules"].as_array().expect("rules");
-        assert_eq!(rules[0]["resourceNames"], json!(["merchant-analytics"]));
-        assert_eq!(rules[1]["resourceNames"], json!(["merchant-analytics"]));
-        assert!(
-            rules
-                .iter()
-                .all(|r| r["verbs"].as_array().is_some_and(|v| !v.contains(&json!("*"))))
-        );
+        let Some(Owned::Role(role)) = objs.iter().find(|o| o.kind() == "Role") else {
+            panic!("no role");
+        };
+        let rules = role.rules.clone().unwrap_or_default();
+        let only = Some(vec!["merchant-analytics".to_owned()]);
+        assert_eq!(rules[0].resource_names, only);
+        assert_eq!(rules[1].resource_names, only);
+        assert!(rules.iter().all(|r| !r.verbs.iter().any(|v| v == "*")));
     }
 }

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use ballast_crds::{AnalyticsPipeline, DegradationPolicy};
-use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, ListParams};
@@ -26,6 +26,8 @@ pub struct Fetched {
     pub intake_leases: Vec<Lease>,
     /// The slave StatefulSet, if created.
     pub slaves: Option<StatefulSet>,
+    /// The pipeline's Deployments (their status says whether they rolled out).
+    pub deployments: Vec<Deployment>,
 }
 
 /// Names of the Secrets a pipeline references.
@@ -46,7 +48,7 @@ pub fn secret_names(ap: &AnalyticsPipeline) -> Vec<String> {
     names
 }
 
-/// Reads the policy, Secrets, ConfigMap, slave Leases and StatefulSet of `ap`.
+/// Reads the policy, Secrets, ConfigMap, slave Leases, StatefulSet and Deployments of `ap`.
 pub async fn fetch(client: &kube::Client, ap: &AnalyticsPipeline) -> Result<Fetched, Error> {
     let ns = ap.metadata.namespace.as_deref().ok_or(Error::MissingNamespace)?;
     let name = ap.metadata.name.as_deref().unwrap_or_default();
@@ -55,6 +57,7 @@ pub async fn fetch(client: &kube::Client, ap: &AnalyticsPipeline) -> Result<Fetc
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
     let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
     let sets: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
 
     let mut fetched = Fetched {
         policy: policies
@@ -79,5 +82,9 @@ pub async fn fetch(client: &kube::Client, ap: &AnalyticsPipeline) -> Result<Fetc
         .get_opt(&object_name(name, "slave"))
         .await
         .map_err(Error::Fetch)?;
+    let owned = ListParams::default().labels(&format!(
+        "app.kubernetes.io/instance={name},app.kubernetes.io/managed-by=ballast-operator"
+    ));
+    fetched.deployments = deployments.list(&owned).await.map_err(Error::Fetch)?.items;
     Ok(fetched)
 }

@@ -5,6 +5,8 @@ pub mod apply;
 pub mod desired;
 pub mod fetch;
 pub mod publish;
+pub mod rollout;
+pub mod slaves;
 pub mod status;
 pub mod validate;
 
@@ -84,6 +86,7 @@ pub async fn run(
     let controller = Controller::new(pipelines, watcher::Config::default());
     let store = controller.store();
     tokio::spawn(sweep(ctx.clone(), store.clone(), shutdown.clone()));
+    tokio::spawn(slaves::watch(ctx.clone(), shutdown.clone()));
 
     let by_policy = store.clone();
     let by_secret = store.clone();
@@ -276,8 +279,15 @@ async fn reconcile_pipeline(ap: &Arc<AnalyticsPipeline>, ctx: &Context) -> Resul
     let targets = probe::targets(ap, valid.policy, |r| valid.secret(r));
     let (detected, reasons) = sync_state(ctx, &key, ap, valid.policy, targets, now);
     let previous = ap.status.clone().unwrap_or_default().dependencies;
-    let ready_slaves = publish::ready_slaves(&fetched.slave_leases, now);
-    let publication = publish::decide(
+    let ready: Vec<String> = {
+        let mut pipelines = ctx.pipelines();
+        let slaves = &mut pipelines.entry(key.clone()).or_default().slaves;
+        let seen = tokio::time::Instant::now();
+        slaves.sync(fetched.slave_leases.clone(), seen);
+        slaves.ready(seen).into_keys().collect()
+    };
+    let ready_slaves = i32::try_from(ready.len()).unwrap_or(i32::MAX);
+    let mut publication = publish::decide(
         ap.spec.roles.slave.replicas,
         valid.policy,
         &detected,
@@ -286,13 +296,26 @@ async fn reconcile_pipeline(ap: &Arc<AnalyticsPipeline>, ctx: &Context) -> Resul
         ready_slaves,
         now,
     );
+    // Published in the same status write as the mode it serves.
+    let kv = publication
+        .modes
+        .get(Dependency::Kv)
+        .map_or((ballast_crds::Mode::Normal, 0), |s| (s.mode, s.epoch));
+    let previous_set = ap.status.as_ref().and_then(|s| s.slave_set.as_ref());
+    publication.slave_set = ballast_crds::SlaveSet::next(previous_set, kv, &ready);
 
     let owner = ap.controller_owner_ref(&()).ok_or(Error::MissingNamespace)?;
     let inputs = desired::Inputs {
         slave_replicas: publication.slave_replicas,
         config_hash: config_hash(&fetched),
     };
-    apply::apply(&ctx.client, &ns, &desired::objects(ap, &owner, &inputs)).await?;
+    let objects = desired::objects(ap, &owner, &inputs);
+    apply::apply(&ctx.client, &ns, &objects).await?;
+    let rollout = rollout::judge(
+        &desired::workloads(&objects),
+        &fetched.deployments,
+        fetched.slaves.as_slice(),
+    );
 
     for change in &publication.changes {
         tracing::info!(dependency = change.dependency.as_str(), from = ?change.from, to = ?change.to, epoch = change.epoch, reason = %change.reason, "mode published");
@@ -306,6 +329,9 @@ async fn reconcile_pipeline(ap: &Arc<AnalyticsPipeline>, ctx: &Context) -> Resul
     }
     let requeue = if publication.progressing.is_some() {
         Duration::from_secs(1)
+    } else if publication.slave_set.is_some() {
+        // A slave that crashed changes nothing in its Lease: it only lapses.
+        Duration::from_secs(5)
     } else {
         Duration::from_secs(30)
     };
@@ -313,6 +339,7 @@ async fn reconcile_pipeline(ap: &Arc<AnalyticsPipeline>, ctx: &Context) -> Resul
         publication: Box::new(publication),
         ready_slaves,
         shedding: ballast_node::membership::shedding(&fetched.intake_leases),
+        rollout,
     };
     report(ctx, &recorder, ap, &outcome, now).await?;
     if let status::Outcome::Reconciled { publication, .. } = &outcome {

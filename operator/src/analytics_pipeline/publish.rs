@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 
+use ballast_crds::SlaveSet;
 use ballast_crds::conditions::{self, Desired};
 use ballast_crds::{DegradationPolicySpec, Dependency, DependencyModes, DependencyStatus, Mode};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -30,6 +31,8 @@ pub struct Publication {
     pub progressing: Option<String>,
     /// Published transitions, for Events and logs.
     pub changes: Vec<Change>,
+    /// The slaves a Degraded KV epoch routes over (see [`SlaveSet::next`]).
+    pub slave_set: Option<SlaveSet>,
 }
 
 /// One published mode change.
@@ -66,6 +69,7 @@ pub fn decide(
         conditions: Vec::new(),
         progressing: None,
         changes: Vec::new(),
+        slave_set: None,
     };
 
     for dependency in Dependency::ALL {
@@ -158,11 +162,6 @@ pub fn decide(
     }
     out.modes = modes;
     out
-}
-
-/// Slaves whose Lease is live and says ready (the data plane's own reading of its membership).
-pub fn ready_slaves(leases: &[k8s_openapi::api::coordination::v1::Lease], now: Timestamp) -> i32 {
-    i32::try_from(ballast_node::membership::ready_members(leases, now).len()).unwrap_or(i32::MAX)
 }
 
 fn previous_epoch(previous: &DependencyModes, dependency: Dependency) -> i64 {

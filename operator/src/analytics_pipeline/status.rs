@@ -13,6 +13,7 @@ use serde_json::json;
 
 use super::Error;
 use super::publish::Publication;
+use super::rollout::Rollout;
 use super::validate::Invalid;
 
 /// How the reconcile ended, for status.
@@ -28,6 +29,8 @@ pub enum Outcome {
         ready_slaves: i32,
         /// What the backup intakes shed now, and the last day they shed.
         shedding: Shedding,
+        /// Whether the workloads run what was applied, available.
+        rollout: Rollout,
     },
 }
 
@@ -51,11 +54,13 @@ pub fn compute(ap: &AnalyticsPipeline, outcome: &Outcome, now: Timestamp) -> Ana
             publication,
             ready_slaves,
             shedding,
+            rollout,
         } => {
             (status.shed_merchants, status.shed_level) = (shedding.merchants, shedding.level);
             // A restarted intake forgets its day: the status keeps it.
             status.last_shed_day = ShedDay::merge(previous.last_shed_day.clone(), shedding.day.clone());
             status.dependencies = publication.modes.clone();
+            status.slave_set = publication.slave_set.clone();
             status.summary = Some(publication.modes.summary());
             status.slaves = Some(format!("{ready_slaves}/{}", publication.slave_replicas));
             let away: Vec<String> = ballast_crds::Dependency::ALL
@@ -68,17 +73,33 @@ pub fn compute(ap: &AnalyticsPipeline, outcome: &Outcome, now: Timestamp) -> Ana
                         .map(|s| format!("{} is {:?} (epoch {})", d.as_str(), s.mode, s.epoch))
                 })
                 .collect();
-            let mut desired = vec![
-                Desired::holds(
-                    conditions::READY,
-                    "Reconciled",
-                    "workloads are applied and every mode is published",
+            let (ready, rolling) = match rollout {
+                Rollout::Available => (
+                    Desired::holds(
+                        conditions::READY,
+                        "Reconciled",
+                        "every workload is available and every mode is published",
+                    ),
+                    None,
                 ),
-                match &publication.progressing {
-                    Some(message) => {
+                Rollout::Progressing(pending) => (
+                    Desired::fails(conditions::READY, "WorkloadsProgressing", pending.join("; ")),
+                    Some(pending.join("; ")),
+                ),
+                Rollout::Failed(failed) => (
+                    Desired::fails(conditions::READY, "WorkloadsFailed", failed.join("; ")),
+                    None,
+                ),
+            };
+            let mut desired = vec![
+                ready,
+                // A mode switch says more than a rollout (it often causes one: slaves scale out).
+                match (&publication.progressing, rolling) {
+                    (Some(message), _) => {
                         Desired::holds(conditions::PROGRESSING, "SwitchingMode", message.clone())
                     }
-                    None => Desired::fails(conditions::PROGRESSING, "Stable", "no switch under way"),
+                    (None, Some(pending)) => Desired::holds(conditions::PROGRESSING, "RollingOut", pending),
+                    (None, None) => Desired::fails(conditions::PROGRESSING, "Stable", "no switch under way"),
                 },
                 if away.is_empty() {
                     Desired::fails(
@@ -221,6 +242,7 @@ mod tests {
                 conditions: vec![],
                 progressing: None,
                 changes: vec![],
+                slave_set: None,
             }),
             ready_slaves: 2,
             shedding: Shedding {
@@ -228,6 +250,7 @@ mod tests {
                 level: 0,
                 day,
             },
+            rollout: Rollout::Available,
         };
         // (stored, reported by the intakes, stored after)
         let cases = [
@@ -275,6 +298,7 @@ mod tests {
             conditions: vec![],
             progressing: None,
             changes: vec![],
+            slave_set: None,
         };
         let status = compute(
             &pipeline(),
@@ -286,6 +310,7 @@ mod tests {
                     level: 900,
                     day: None,
                 },
+                rollout: Rollout::Available,
             },
             at(2),
         );
@@ -300,5 +325,85 @@ mod tests {
             .expect("degraded");
         assert_eq!(degraded.status, "True");
         assert!(degraded.message.contains("kv is Degraded (epoch 1)"));
+    }
+
+    #[test]
+    fn ready_follows_the_rollout_and_a_rollout_shows_as_progressing() {
+        let outcome = |rollout: Rollout, switching: Option<&str>| Outcome::Reconciled {
+            publication: Box::new(Publication {
+                modes: DependencyModes::default(),
+                slave_replicas: 2,
+                conditions: vec![],
+                progressing: switching.map(str::to_owned),
+                changes: vec![],
+                slave_set: None,
+            }),
+            ready_slaves: 2,
+            shedding: Shedding::default(),
+            rollout,
+        };
+        let pending = || vec!["Deployment p-intake: 0/1 replicas available".to_owned()];
+        // (rollout, mode switch under way, Ready, its reason, Progressing, its reason)
+        let cases = [
+            (Rollout::Available, None, "True", "Reconciled", "False", "Stable"),
+            (
+                Rollout::Progressing(pending()),
+                None,
+                "False",
+                "WorkloadsProgressing",
+                "True",
+                "RollingOut",
+            ),
+            (
+                Rollout::Failed(pending()),
+                None,
+                "False",
+                "WorkloadsFailed",
+                "False",
+                "Stable",
+            ),
+            (
+                Rollout::Progressing(pending()),
+                Some("scaling slaves"),
+                "False",
+                "WorkloadsProgressing",
+                "True",
+                "SwitchingMode",
+            ),
+        ];
+        for (rollout, switching, ready, ready_reason, progressing, progressing_reason) in cases {
+            let case = format!("{rollout:?}, switching {switching:?}");
+            let status = compute(&pipeline(), &outcome(rollout, switching), at(2));
+            let find = |t: &str| {
+                status
+                    .conditions
+                    .iter()
+                    .find(|c| c.type_ == t)
+                    .cloned()
+                    .expect("condition")
+            };
+            let (r, p) = (find("Ready"), find("Progressing"));
+            assert_eq!(
+                (r.status.as_str(), r.reason.as_str()),
+                (ready, ready_reason),
+                "{case}"
+            );
+            assert_eq!(
+                (p.status.as_str(), p.reason.as_str()),
+                (progressing, progressing_reason),
+                "{case}"
+            );
+        }
+        let status = compute(
+            &pipeline(),
+            &outcome(Rollout::Progressing(pending()), None),
+            at(2),
+        );
+        let ready = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .expect("Ready");
+        assert_eq!(ready.message, "Deployment p-intake: 0/1 replicas available");
     }
 }

@@ -363,13 +363,6 @@ mod tests {
     }
 
     #[test]
-    fn probe_timeouts_count_as_failures() {
-        // The prober maps a timeout to Down; three of them degrade like errors do.
-        let (modes, _) = run(&[probe(Down), probe(Down), probe(Down)], T);
-        assert_eq!(modes.last(), Some(&Mode::Degraded));
-    }
-
-    #[test]
     fn pause_holds_the_mode_while_probes_keep_counting() {
         let paused = |o| Input {
             observation: Some(o),

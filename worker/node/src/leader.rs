@@ -1,12 +1,19 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease: of the operator's
 //! replicas, or a pipeline's masters, only the holder acts; the others wait to take over.
+//!
+//! Time is judged locally and monotonically, as client-go does: a candidate
+//! takes a Lease only once it has seen the same record, unchanged, for the
+//! Lease's duration (the writer's clock never decides), and a holder stops
+//! acting when its own deadline passes, counted from when it *sent* its last
+//! successful renewal, whatever the API server is doing with the next one.
 
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ObjectMeta, PostParams};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Errors of the election that a caller acts on.
@@ -36,20 +43,110 @@ pub struct Election {
     pub duration: Duration,
 }
 
-/// Whether `lease` may be taken by `identity` at `now`: free, expired, or already ours. Pure.
-pub fn may_take(lease: &Lease, identity: &str, now: Timestamp) -> bool {
-    let Some(spec) = &lease.spec else { return true };
-    match (
-        &spec.holder_identity,
-        &spec.renew_time,
-        spec.lease_duration_seconds,
-    ) {
-        (Some(holder), _, _) if holder == identity => true,
-        (Some(_), Some(renewed), Some(seconds)) => {
-            now.duration_since(renewed.0) >= SignedDuration::from_secs(i64::from(seconds))
+/// The parts of a Lease that change when its holder renews or hands it over.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    holder: Option<String>,
+    renew_time: Option<MicroTime>,
+    transitions: Option<i32>,
+    duration_seconds: Option<i32>,
+}
+
+impl Record {
+    /// The record of `lease`.
+    pub fn of(lease: &Lease) -> Self {
+        let spec = lease.spec.clone().unwrap_or_default();
+        Self {
+            holder: spec.holder_identity,
+            renew_time: spec.renew_time,
+            transitions: spec.lease_transitions,
+            duration_seconds: spec.lease_duration_seconds,
         }
-        _ => true,
     }
+}
+
+/// A record as last seen, and since when (local monotonic time) it is unchanged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sighting {
+    record: Record,
+    since: Instant,
+}
+
+impl Sighting {
+    /// What is known after reading `record` at `now`: the same record keeps
+    /// the time it was first seen; any change restarts the count. Pure.
+    pub fn observe(previous: Option<Sighting>, record: Record, now: Instant) -> Sighting {
+        match previous {
+            Some(seen) if seen.record == record => seen,
+            _ => Sighting { record, since: now },
+        }
+    }
+
+    /// Whether `identity` may take the Lease at `now`: free, ours, or unchanged
+    /// for its whole duration as seen from here. Pure.
+    pub fn may_take(&self, identity: &str, now: Instant) -> bool {
+        match (&self.record.holder, self.record.duration_seconds) {
+            (None, _) | (_, None) => true,
+            (Some(holder), _) if holder == identity => true,
+            (Some(_), Some(seconds)) => {
+                now.saturating_duration_since(self.since)
+                    >= Duration::from_secs(u64::try_from(seconds).unwrap_or(0))
+            }
+        }
+    }
+}
+
+/// The Lease held: its term, and when the request that took or renewed it was sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Held {
+    /// How many times the Lease changed hands, as the successful write left it.
+    /// Each new holder counts one more, so a term fences everything an older holder stamped.
+    pub term: i64,
+    /// When the successful request was sent: the holder's deadline counts from here.
+    pub sent: Instant,
+}
+
+/// How one renewal attempt of a holder ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Renewal {
+    /// Renewed; the request was sent at this instant.
+    Renewed(Instant),
+    /// Another replica holds the Lease now.
+    Taken,
+    /// The API call failed (or is still pending) and may be retried.
+    Failed,
+}
+
+/// What a holder does after a renewal attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Keep acting until this new deadline.
+    Until(Instant),
+    /// Stop acting: the Lease is another's.
+    Taken,
+    /// Stop acting: the deadline passed without a renewal.
+    Lapsed,
+    /// Keep acting until the same deadline, and try again soon.
+    Retry,
+}
+
+/// The holder's decision after `renewal`, with its deadline `deadline` and
+/// the Lease's duration, at `now`. Pure.
+pub fn after(renewal: Renewal, deadline: Instant, duration: Duration, now: Instant) -> Next {
+    match renewal {
+        Renewal::Renewed(sent) => Next::Until(sent + duration),
+        Renewal::Taken => Next::Taken,
+        Renewal::Failed if now >= deadline => Next::Lapsed,
+        Renewal::Failed => Next::Retry,
+    }
+}
+
+fn term_of(lease: &Lease) -> i64 {
+    lease
+        .spec
+        .as_ref()
+        .and_then(|s| s.lease_transitions)
+        .map_or(0, i64::from)
 }
 
 impl Election {
@@ -64,30 +161,41 @@ impl Election {
         }
     }
 
-    /// Tries once to take or renew the Lease; true when this replica holds it.
-    pub async fn try_acquire(&self, client: &kube::Client) -> Result<bool, Error> {
+    /// Tries once to take or renew the Lease; `Some` when this replica holds
+    /// it. `seen` carries what this replica saw of the Lease between calls.
+    pub async fn try_acquire(
+        &self,
+        client: &kube::Client,
+        seen: &mut Option<Sighting>,
+    ) -> Result<Option<Held>, Error> {
         let api: Api<Lease> = Api::namespaced(client.clone(), &self.namespace);
         let err = |source| Error::Api {
             name: self.name.clone(),
             source,
         };
-        let now = Timestamp::now();
+        let sent = Instant::now();
         let Some(mut lease) = api.get_opt(&self.name).await.map_err(err)? else {
             let lease = Lease {
                 metadata: ObjectMeta {
                     name: Some(self.name.clone()),
                     ..ObjectMeta::default()
                 },
-                spec: Some(self.spec(now, None, Some(0))),
+                spec: Some(self.spec(Timestamp::now(), None, Some(0))),
             };
             return match api.create(&PostParams::default(), &lease).await {
-                Ok(_) => Ok(true),
-                Err(kube::Error::Api(e)) if e.code == 409 => Ok(false), // another replica created it first
+                Ok(created) => Ok(Some(Held {
+                    term: term_of(&created),
+                    sent,
+                })),
+                Err(kube::Error::Api(e)) if e.code == 409 => Ok(None), // another replica created it first
                 Err(e) => Err(err(e)),
             };
         };
-        if !may_take(&lease, &self.identity, now) {
-            return Ok(false);
+        let sighting = Sighting::observe(seen.take(), Record::of(&lease), Instant::now());
+        let may_take = sighting.may_take(&self.identity, Instant::now());
+        *seen = Some(sighting);
+        if !may_take {
+            return Ok(None);
         }
         let previous = lease.spec.clone().unwrap_or_default();
         let ours = previous.holder_identity.as_deref() == Some(&self.identity);
@@ -96,62 +204,108 @@ impl Election {
         } else {
             (None, Some(previous.lease_transitions.unwrap_or(0) + 1))
         };
-        lease.spec = Some(self.spec(now, acquired, transitions));
+        lease.spec = Some(self.spec(Timestamp::now(), acquired, transitions));
         // The resourceVersion in `lease` makes this a compare-and-swap: a
-        // concurrent taker gets 409 Conflict and stays a follower.
+        // concurrent taker gets 409 Conflict and stays a follower. The term is
+        // taken from what the write stored, not from a later read.
         match api.replace(&self.name, &PostParams::default(), &lease).await {
-            Ok(_) => Ok(true),
-            Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+            Ok(stored) => Ok(Some(Held {
+                term: term_of(&stored),
+                sent,
+            })),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
             Err(e) => Err(err(e)),
         }
     }
 
-    /// The Lease's term: how many times it changed hands. Each new holder
-    /// counts one more, so a term fences everything an older holder stamped.
-    pub async fn term(&self, client: &kube::Client) -> Result<i64, Error> {
-        let api: Api<Lease> = Api::namespaced(client.clone(), &self.namespace);
-        let lease = api.get(&self.name).await.map_err(|source| Error::Api {
-            name: self.name.clone(),
-            source,
-        })?;
-        Ok(lease.spec.and_then(|s| s.lease_transitions).map_or(0, i64::from))
-    }
-
-    /// Waits until this replica holds the Lease.
-    pub async fn acquire(&self, client: &kube::Client, shutdown: &CancellationToken) -> Result<(), Error> {
+    /// Waits until this replica holds the Lease; `None` once `shutdown` is
+    /// cancelled. API errors are retried with backoff: a standby that exits on
+    /// a transient error would crash-loop exactly when it is needed.
+    pub async fn acquire(&self, client: &kube::Client, shutdown: &CancellationToken) -> Option<Held> {
+        let mut seen = None;
+        let mut backoff = Duration::from_millis(200);
         loop {
-            if self.try_acquire(client).await? {
-                return Ok(());
-            }
+            // Each attempt is bounded: an attempt stuck on a slow API server must not outlive its usefulness.
+            let attempt = tokio::time::timeout(self.duration, self.try_acquire(client, &mut seen));
+            let pause = tokio::select! {
+                () = shutdown.cancelled() => return None,
+                result = attempt => match result {
+                    Ok(Ok(Some(held))) => return Some(held),
+                    Ok(Ok(None)) => {
+                        backoff = Duration::from_millis(200);
+                        self.duration / 4
+                    }
+                    Ok(Err(error)) => {
+                        tracing::warn!(%error, retry_in = ?backoff, "taking the lease failed; retrying");
+                        let pause = backoff;
+                        backoff = (backoff * 2).min(self.duration / 2);
+                        pause
+                    }
+                    Err(_) => {
+                        tracing::warn!(lease = %self.name, "taking the lease timed out; retrying");
+                        Duration::ZERO
+                    }
+                },
+            };
             tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
-                () = tokio::time::sleep(self.duration / 4) => {}
+                () = shutdown.cancelled() => return None,
+                () = tokio::time::sleep(pause) => {}
             }
         }
     }
 
-    /// Renews the Lease until `shutdown`; cancels `lost` when it could not be
-    /// renewed within its duration, so that this replica stops acting.
-    pub async fn hold(self, client: kube::Client, shutdown: CancellationToken, lost: CancellationToken) {
-        let mut last_renewal = tokio::time::Instant::now();
+    /// Renews the Lease taken as `held` until `shutdown`; cancels `lost` when
+    /// another replica took it, or at this replica's own deadline (the
+    /// duration after the last successful renewal was sent), even while a
+    /// renewal is still in flight.
+    pub async fn hold(
+        self,
+        client: kube::Client,
+        held: Held,
+        shutdown: CancellationToken,
+        lost: CancellationToken,
+    ) {
+        let mut deadline = held.sent + self.duration;
+        let mut seen = None;
+        let mut pause = self.duration / 3;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(self.duration / 3) => {}
+                () = tokio::time::sleep_until(deadline) => {
+                    tracing::error!(lease = %self.name, "leader lease not renewed within its duration");
+                    lost.cancel();
+                    return;
+                }
+                () = tokio::time::sleep(pause) => {}
             }
-            match self.try_acquire(&client).await {
-                Ok(true) => last_renewal = tokio::time::Instant::now(),
-                Ok(false) => {
+            let renewal = tokio::select! {
+                () = shutdown.cancelled() => return,
+                result = tokio::time::timeout_at(deadline, self.try_acquire(&client, &mut seen)) => match result {
+                    Ok(Ok(Some(held))) => Renewal::Renewed(held.sent),
+                    Ok(Ok(None)) => Renewal::Taken,
+                    Ok(Err(error)) => {
+                        tracing::warn!(%error, "renewing the leader lease failed");
+                        Renewal::Failed
+                    }
+                    Err(_) => Renewal::Failed,
+                },
+            };
+            match after(renewal, deadline, self.duration, Instant::now()) {
+                Next::Until(next) => {
+                    deadline = next;
+                    pause = self.duration / 3;
+                }
+                Next::Retry => pause = self.duration / 10,
+                Next::Taken => {
                     tracing::error!(lease = %self.name, "leadership taken by another replica");
                     lost.cancel();
                     return;
                 }
-                Err(error) => tracing::warn!(%error, "renewing the leader lease failed"),
-            }
-            if last_renewal.elapsed() >= self.duration {
-                tracing::error!(lease = %self.name, "leader lease not renewed within its duration");
-                lost.cancel();
-                return;
+                Next::Lapsed => {
+                    tracing::error!(lease = %self.name, "leader lease not renewed within its duration");
+                    lost.cancel();
+                    return;
+                }
             }
         }
     }
@@ -161,30 +315,103 @@ impl Election {
 mod tests {
     use super::*;
 
-    fn lease(holder: Option<&str>, renewed: Option<i64>, seconds: Option<i32>) -> Lease {
-        Lease {
-            metadata: ObjectMeta::default(),
-            spec: Some(LeaseSpec {
-                holder_identity: holder.map(str::to_owned),
-                renew_time: renewed.map(|s| MicroTime(Timestamp::from_second(s).expect("valid"))),
-                lease_duration_seconds: seconds,
-                ..LeaseSpec::default()
-            }),
+    fn record(holder: Option<&str>, renewed: i64, seconds: Option<i32>) -> Record {
+        Record {
+            holder: holder.map(str::to_owned),
+            renew_time: Some(MicroTime(Timestamp::from_second(renewed).expect("valid"))),
+            transitions: Some(1),
+            duration_seconds: seconds,
         }
     }
 
     #[test]
-    fn lease_may_be_taken_when_free_expired_or_ours() {
-        let now = Timestamp::from_second(100).expect("valid");
+    fn a_lease_may_be_taken_once_seen_unchanged_for_its_duration() {
+        let t0 = Instant::now();
+        let s = |secs: u64| t0 + Duration::from_secs(secs);
+        // The writer's renewTime is a year old (a skewed clock): only local sightings count.
+        let held = record(Some("other"), 1, Some(15));
+        let renewed = record(Some("other"), 2, Some(15));
+        // (previously seen, read now, at, may take)
         let cases = [
-            (lease(None, None, None), true, "free"),
-            (lease(Some("me"), Some(99), Some(15)), true, "ours"),
-            (lease(Some("other"), Some(90), Some(15)), false, "held"),
-            (lease(Some("other"), Some(85), Some(15)), true, "expired exactly"),
-            (lease(Some("other"), Some(10), Some(15)), true, "long expired"),
+            (None, record(None, 1, None), s(0), true, "free"),
+            (None, record(Some("me"), 1, Some(15)), s(0), true, "ours"),
+            (
+                None,
+                held.clone(),
+                s(0),
+                false,
+                "first sighting, however old its renewTime",
+            ),
+            (
+                Some((held.clone(), s(0))),
+                held.clone(),
+                s(14),
+                false,
+                "unchanged for less than its duration",
+            ),
+            (
+                Some((held.clone(), s(0))),
+                held.clone(),
+                s(15),
+                true,
+                "unchanged for its duration",
+            ),
+            (
+                Some((held.clone(), s(0))),
+                renewed.clone(),
+                s(20),
+                false,
+                "renewed: the count restarts",
+            ),
+            (
+                Some((held.clone(), s(0))),
+                record(Some("other"), 1, None),
+                s(1),
+                true,
+                "no duration",
+            ),
         ];
-        for (lease, want, name) in cases {
-            assert_eq!(may_take(&lease, "me", now), want, "{name}");
+        for (previous, read, now, want, case) in cases {
+            let previous = previous.map(|(record, since)| Sighting { record, since });
+            let sighting = Sighting::observe(previous, read, now);
+            assert_eq!(sighting.may_take("me", now), want, "{case}");
+        }
+    }
+
+    #[test]
+    fn a_renewed_record_is_counted_from_when_it_was_seen() {
+        let t0 = Instant::now();
+        let first = Sighting::observe(None, record(Some("other"), 1, Some(15)), t0);
+        let later = t0 + Duration::from_secs(10);
+        let second = Sighting::observe(Some(first.clone()), record(Some("other"), 2, Some(15)), later);
+        assert_eq!(second.since, later);
+        let same = Sighting::observe(Some(first.clone()), record(Some("other"), 1, Some(15)), later);
+        assert_eq!(same.since, t0);
+    }
+
+    #[test]
+    fn a_holder_acts_until_its_own_deadline_and_not_after() {
+        let t0 = Instant::now();
+        let s = |secs: u64| t0 + Duration::from_secs(secs);
+        let duration = Duration::from_secs(15);
+        let deadline = s(15);
+        // (renewal, now, next)
+        let cases = [
+            (Renewal::Renewed(s(5)), s(6), Next::Until(s(20))),
+            // Renewed, but the request was sent long ago: the deadline counts from then.
+            (Renewal::Renewed(s(5)), s(14), Next::Until(s(20))),
+            (Renewal::Taken, s(6), Next::Taken),
+            (Renewal::Failed, s(6), Next::Retry),
+            (Renewal::Failed, s(15), Next::Lapsed),
+            (Renewal::Failed, s(30), Next::Lapsed),
+        ];
+        for (renewal, now, want) in cases {
+            assert_eq!(
+                after(renewal, deadline, duration, now),
+                want,
+                "{renewal:?} at +{:?}",
+                now - t0
+            );
         }
     }
 }

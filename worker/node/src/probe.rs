@@ -128,16 +128,28 @@ impl Prober {
                 let consumer = Arc::clone(consumer);
                 // librdkafka's metadata call blocks; keep it off the async threads.
                 tokio::task::spawn_blocking(move || {
-                    let metadata = consumer.fetch_metadata(None, timeout).map_err(failed)?;
+                    let metadata =
+                        consumer
+                            .fetch_metadata(None, timeout)
+                            .map_err(|e| match e.rdkafka_error_code() {
+                                Some(rdkafka::types::RDKafkaErrorCode::OperationTimedOut) => {
+                                    ProbeError::Timeout(timeout)
+                                }
+                                _ => failed(e),
+                            })?;
                     Ok(format!("{} broker(s)", metadata.brokers().len()))
                 })
                 .await
                 .map_err(failed)?
             }
-            Client::Redis(conn) => redis::cmd("PING")
-                .query_async::<String>(conn)
-                .await
-                .map_err(failed),
+            // The client's own response timeout is a timeout too, not a failure of another kind.
+            Client::Redis(conn) => redis::cmd("PING").query_async::<String>(conn).await.map_err(|e| {
+                if e.is_timeout() {
+                    ProbeError::Timeout(timeout)
+                } else {
+                    failed(e)
+                }
+            }),
             Client::Mysql(conn) => {
                 let version: Option<String> = conn.query_first("SELECT VERSION()").await.map_err(failed)?;
                 Ok(version.unwrap_or_default())

@@ -187,9 +187,9 @@ impl Sender {
             .next()
             .ok_or(("no backup intake in the membership".to_owned(), None))?;
         if !self.clients.contains_key(address) {
-            let client = IntakeClient::connect(format!("http://{address}"))
-                .await
+            let channel = crate::grpc::channel(address, crate::grpc::STORE_DEADLINE)
                 .map_err(|e| (e.to_string(), None))?;
+            let client = IntakeClient::new(channel);
             self.clients.insert(address.clone(), client);
         }
         let client = self
@@ -200,6 +200,7 @@ impl Sender {
             .ingest(EventBatch {
                 events: events.to_vec(),
                 epoch: 0,
+                generation: 0,
             })
             .await
         {

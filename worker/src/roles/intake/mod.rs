@@ -189,7 +189,9 @@ const WRITES_IN_FLIGHT: usize = 3;
 const IDLE: Duration = Duration::from_millis(100);
 
 /// Stores a batch, retrying until it is acknowledged (its offsets wait for
-/// this) or the intake stops, then writes its dead letters. Whether it stored.
+/// this) or the intake stops, then writes its dead letters the same way: a
+/// dead letter is stored data too, and its offset is committed only once
+/// Kafka has it. Whether everything was stored.
 async fn store(
     sink: Arc<tokio::sync::Mutex<Sink>>,
     producer: FutureProducer,
@@ -221,7 +223,8 @@ async fn store(
             }
         }
     }
-    for (payload, reason) in &dead {
+    let mut pending = dead.as_slice();
+    while let Some(((payload, reason), rest)) = pending.split_first() {
         let headers = OwnedHeaders::new().insert(Header {
             key: "ballast-reason",
             value: Some(reason.as_str()),
@@ -229,11 +232,21 @@ async fn store(
         let record = FutureRecord::<(), _>::to(&dead_letter_topic)
             .payload(payload)
             .headers(headers);
-        if let Err((error, _)) = producer.send(record, Duration::from_secs(30)).await {
-            tracing::error!(%error, "dead-letter write failed; the message will be redelivered");
-            continue;
+        match producer.send(record, Duration::from_secs(30)).await {
+            Ok(_) => {
+                metrics.dead_letters.inc();
+                pending = rest;
+            }
+            Err((error, _)) => {
+                metrics.write_failures.inc();
+                if shutdown.is_cancelled() {
+                    tracing::error!(%error, "dead-letter write failed while stopping; the message will be redelivered");
+                    return false;
+                }
+                tracing::error!(%error, topic = %dead_letter_topic, "dead-letter write failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
         }
-        metrics.dead_letters.inc();
     }
     true
 }
@@ -294,19 +307,14 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         &config.pipeline,
         shutdown.clone(),
     );
-    let (slaves, refresh) = membership::follow_refreshable(
+    let slaves = membership::follow(
         deps.client.clone(),
         &config.namespace,
         &config.pipeline,
         "slave",
         shutdown.clone(),
     );
-    let sink = Arc::new(tokio::sync::Mutex::new(Sink::new(
-        kv,
-        mode,
-        slaves,
-        Some(refresh),
-    )));
+    let sink = Arc::new(tokio::sync::Mutex::new(Sink::new(kv, mode, slaves)));
 
     // The backup intake, and the membership Lease that tells collectors where it is.
     let (listener, port) = startup::bind(config.listen).await?;

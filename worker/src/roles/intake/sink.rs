@@ -3,14 +3,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use ballast_crds::{Dependency, Mode};
+use ballast_crds::Dependency;
 use tokio::sync::watch;
+use tonic::transport::Channel;
 
 use super::route::{self, Route, Slaves};
+use crate::grpc;
 use crate::kv::KvStore;
-use crate::membership::Refresh;
 use crate::modes::Modes;
-use crate::routing::Ring;
 use crate::wire::slave_client::SlaveClient;
 use crate::wire::{ChangeEvent, EventBatch};
 
@@ -37,88 +37,141 @@ pub struct Sink {
     kv: KvStore,
     mode: watch::Receiver<Modes>,
     slaves: watch::Receiver<Slaves>,
-    clients: HashMap<String, SlaveClient<tonic::transport::Channel>>,
-    /// Asks for a slave view listed after a switch; `None` when the view is
-    /// given and exact (benches).
-    refresh: Option<Refresh>,
-    /// The KV-degraded epoch whose membership view is known fresh.
-    settled_epoch: Option<i64>,
+    /// One lazily connected channel per slave address (made without I/O).
+    clients: HashMap<String, SlaveClient<Channel>>,
 }
 
-/// Longest wait for a fresh slave listing before routing over the last view
-/// (an API server that does not answer must not stop the data plane).
-const FRESH_VIEW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Where one batch goes, decided under the sink's lock and written outside it.
+enum Target {
+    /// The KV store, on a clone of its multiplexed connection.
+    Kv(KvStore),
+    /// The slaves owning the batch's merchants.
+    Slaves(Shares),
+}
+
+/// The slaves' shares of one batch, each with the client to send it on.
+struct Shares {
+    epoch: i64,
+    generation: i64,
+    shares: Vec<Share>,
+}
+
+struct Share {
+    slave: String,
+    address: String,
+    client: SlaveClient<Channel>,
+    events: Vec<ChangeEvent>,
+}
 
 impl Sink {
-    /// A sink following the published KV `mode` and the slave membership
-    /// (`refresh` asks that membership for a fresh view).
-    pub fn new(
-        kv: KvStore,
-        mode: watch::Receiver<Modes>,
-        slaves: watch::Receiver<Slaves>,
-        refresh: Option<Refresh>,
-    ) -> Self {
+    /// A sink following the published KV `mode` (with its slave set) and the
+    /// slave membership (for the members' addresses).
+    pub fn new(kv: KvStore, mode: watch::Receiver<Modes>, slaves: watch::Receiver<Slaves>) -> Self {
         Self {
             kv,
             mode,
             slaves,
             clients: HashMap::new(),
-            refresh,
-            settled_epoch: None,
         }
     }
 
-    /// The KV store, when it is the current route: writers may then store
-    /// concurrently on their own clone instead of queueing behind this sink.
-    fn kv_route(&mut self) -> Option<KvStore> {
-        let (kv_mode, _) = self.mode.borrow().get(Dependency::Kv);
-        route::to_kv(kv_mode).then(|| self.kv.clone())
-    }
-
-    /// Stores a batch through a shared sink: on the KV route concurrent callers
-    /// write in parallel on clones of one multiplexed connection; routing to
-    /// slaves stays serialized in the sink. An error means nothing is acknowledged.
+    /// Stores a batch through a shared sink. The route and the clients are
+    /// taken under the lock; the writes happen outside it, so that a slow or
+    /// hung store delays only the batches bound for it. An error means nothing
+    /// is acknowledged.
     pub async fn store_shared(
         sink: &tokio::sync::Mutex<Self>,
         events: &[ChangeEvent],
     ) -> Result<Stored, String> {
-        let kv = sink.lock().await.kv_route();
-        match kv {
-            Some(mut kv) => write_kv(&mut kv, events).await,
-            None => sink.lock().await.store(events).await,
+        let target = sink.lock().await.target(events)?;
+        match write(target, events).await {
+            Ok(stored) => Ok(stored),
+            Err((failed, error)) => {
+                sink.lock().await.forget(&failed);
+                Err(error)
+            }
         }
     }
 
-    /// Stores a batch on the current route; an error means nothing is acknowledged.
+    /// Stores a batch on the current route; an error (including a route not
+    /// known yet) means nothing is acknowledged.
     pub async fn store(&mut self, events: &[ChangeEvent]) -> Result<Stored, String> {
-        let (kv_mode, epoch) = self.mode.borrow().get(Dependency::Kv);
-        if kv_mode == Mode::Degraded && self.settled_epoch != Some(epoch) {
-            // The operator publishes Degraded only once the scaled-out slaves'
-            // Leases are ready, but this intake's view may be a poll older:
-            // hashing over it would split merchants between slaves. A listing
-            // started after this intake saw the epoch includes them.
-            if let Some(refresh) = &mut self.refresh
-                && !refresh.fresh(FRESH_VIEW_TIMEOUT).await
-            {
-                tracing::warn!(
-                    epoch,
-                    "no fresh slave listing in time; routing over the last membership view"
-                );
-            }
-            self.settled_epoch = Some(epoch);
-        }
-        let current = route::route(kv_mode, epoch, &self.slaves.borrow());
-        match current {
-            Route::Kv => write_kv(&mut self.kv, events).await,
+        let target = self.target(events)?;
+        write(target, events).await.map_err(|(failed, error)| {
+            self.forget(&failed);
+            error
+        })
+    }
+
+    /// Where `events` go now. No I/O: channels connect on first use.
+    fn target(&mut self, events: &[ChangeEvent]) -> Result<Target, String> {
+        let current = {
+            let modes = self.mode.borrow();
+            let (kv_mode, epoch) = modes.get(Dependency::Kv);
+            // Over the set the operator published with the epoch, never over
+            // this intake's own (possibly older) view of the membership.
+            route::route(kv_mode, epoch, modes.slave_set(), &self.slaves.borrow())
+                .map_err(|e| e.to_string())?
+        };
+        let (ring, addresses, epoch, generation) = match current {
+            Route::Kv => return Ok(Target::Kv(self.kv.clone())),
             Route::Slaves {
                 ring,
                 addresses,
                 epoch,
-            } => {
-                let accepted = deliver(events, &ring, &addresses, epoch, &mut self.clients).await?;
-                Ok(Stored::Slaves { accepted })
-            }
+                generation,
+            } => (ring, addresses, epoch, generation),
+        };
+        let mut by_slave: BTreeMap<&str, Vec<ChangeEvent>> = BTreeMap::new();
+        for event in events {
+            let owner = ring
+                .owner(&event.merchant_id)
+                .ok_or("no live slave to route to")?;
+            by_slave.entry(owner).or_default().push(event.clone());
         }
+        let mut shares = Vec::with_capacity(by_slave.len());
+        for (slave, events) in by_slave {
+            let address = addresses
+                .get(slave)
+                .ok_or_else(|| format!("no address for slave {slave}"))?;
+            let client = match self.clients.get(address) {
+                Some(client) => client.clone(),
+                None => {
+                    let channel =
+                        grpc::channel(address, grpc::STORE_DEADLINE).map_err(|e| format!("{slave}: {e}"))?;
+                    let client = SlaveClient::new(channel);
+                    self.clients.insert(address.clone(), client.clone());
+                    client
+                }
+            };
+            shares.push(Share {
+                slave: slave.to_owned(),
+                address: address.clone(),
+                client,
+                events,
+            });
+        }
+        Ok(Target::Slaves(Shares {
+            epoch,
+            generation,
+            shares,
+        }))
+    }
+
+    /// Drops the clients of slaves that failed: the retry re-routes over the
+    /// membership then, and a slave that came back gets a new connection.
+    fn forget(&mut self, addresses: &[String]) {
+        for address in addresses {
+            self.clients.remove(address);
+        }
+    }
+}
+
+/// Writes a batch where `target` says; on failure, the addresses that failed and why.
+async fn write(target: Target, events: &[ChangeEvent]) -> Result<Stored, (Vec<String>, String)> {
+    match target {
+        Target::Kv(mut kv) => write_kv(&mut kv, events).await.map_err(|e| (Vec::new(), e)),
+        Target::Slaves(shares) => deliver(shares).await.map(|accepted| Stored::Slaves { accepted }),
     }
 }
 
@@ -131,56 +184,42 @@ async fn write_kv(kv: &mut KvStore, events: &[ChangeEvent]) -> Result<Stored, St
     })
 }
 
-/// Sends each event to the slave owning its merchant; returns how many were accepted.
-async fn deliver(
-    events: &[ChangeEvent],
-    ring: &Ring,
-    addresses: &Slaves,
-    epoch: i64,
-    clients: &mut HashMap<String, SlaveClient<tonic::transport::Channel>>,
-) -> Result<u64, String> {
-    let mut by_slave: BTreeMap<&str, Vec<ChangeEvent>> = BTreeMap::new();
-    for event in events {
-        let owner = ring
-            .owner(&event.merchant_id)
-            .ok_or("no live slave to route to")?;
-        by_slave.entry(owner).or_default().push(event.clone());
-    }
-    // Every slave's share is sent at once: the slaves store in parallel.
-    let mut calls = Vec::with_capacity(by_slave.len());
-    for (slave, events) in by_slave {
-        let address = addresses
-            .get(slave)
-            .ok_or_else(|| format!("no address for slave {slave}"))?;
-        if !clients.contains_key(address) {
-            let client = SlaveClient::connect(format!("http://{address}"))
-                .await
-                .map_err(|e| format!("{slave}: {e}"))?;
-            clients.insert(address.clone(), client);
-        }
-        let mut client = clients.get(address).ok_or("client vanished")?.clone();
-        calls.push(async move {
-            let reply = client.deliver(EventBatch { events, epoch }).await;
-            (slave, address, reply)
-        });
-    }
+/// Sends every slave its share at once (the slaves store in parallel), each
+/// call bounded by the channel's deadline; returns how many were accepted.
+async fn deliver(shares: Shares) -> Result<u64, (Vec<String>, String)> {
+    let (epoch, generation) = (shares.epoch, shares.generation);
+    let calls = shares.shares.into_iter().map(|share| async move {
+        let Share {
+            slave,
+            address,
+            mut client,
+            events,
+        } = share;
+        let reply = client
+            .deliver(EventBatch {
+                events,
+                epoch,
+                generation,
+            })
+            .await;
+        (slave, address, reply)
+    });
     let mut accepted = 0;
-    let mut failed = None;
+    let mut failed = Vec::new();
+    let mut error = None;
     for (slave, address, reply) in futures::future::join_all(calls).await {
         match reply {
-            Ok(reply) => {
-                accepted += u64::from(reply.into_inner().accepted);
-            }
+            Ok(reply) => accepted += u64::from(reply.into_inner().accepted),
             Err(status) => {
-                // A slave that went away is dropped; the retry re-routes over the
-                // new membership (the others' shares are stored again as duplicates).
-                clients.remove(address);
-                failed = Some(format!("{slave}: {status}"));
+                // The retry re-routes over the membership then (the others'
+                // shares are stored again as duplicates).
+                failed.push(address);
+                error = Some(format!("{slave}: {status}"));
             }
         }
     }
-    if let Some(error) = failed {
-        return Err(error);
+    match error {
+        Some(error) => Err((failed, error)),
+        None => Ok(accepted),
     }
-    Ok(accepted)
 }

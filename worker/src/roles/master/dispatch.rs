@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::faults::Failure;
 use super::losses::Memory;
@@ -28,12 +28,12 @@ pub struct Slaves {
     clients: Arc<Mutex<BTreeMap<String, Connection>>>,
 }
 
+/// Bound of any call to a slave: a task's compute is the longest (each call
+/// sets its own, shorter deadline; this one only backs them up).
+const CALL_BOUND: Duration = Duration::from_secs(600);
+
 fn client(address: &str) -> Option<SlaveClient<Channel>> {
-    let endpoint = Endpoint::from_shared(format!("http://{address}"))
-        .ok()?
-        .connect_timeout(Duration::from_secs(1))
-        .tcp_nodelay(true);
-    Some(SlaveClient::new(endpoint.connect_lazy()))
+    Some(SlaveClient::new(crate::grpc::channel(address, CALL_BOUND).ok()?))
 }
 
 impl Slaves {

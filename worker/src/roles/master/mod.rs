@@ -36,7 +36,7 @@ use self::tasks::{Dispatch, Outcome, Table, TaskKey};
 use super::Deps;
 use super::startup::{self, StartupError};
 use crate::kv::{BUCKET_TTL_SECONDS, KvError, KvStore, Layout};
-use crate::leader::{self, Election};
+use crate::leader::Election;
 use crate::routing::stable_hash;
 use crate::wire::TaskReport;
 
@@ -73,9 +73,6 @@ pub enum Error {
     /// The pipeline could not be read or a listener bound.
     #[error(transparent)]
     Startup(#[from] StartupError),
-    /// The leader Lease could not be read or written.
-    #[error(transparent)]
-    Election(#[from] leader::Error),
     /// The task state could not be read, or another master wrote it.
     #[error(transparent)]
     State(#[from] StateError),
@@ -120,18 +117,18 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         duration: config.lease,
     };
     tracing::info!(lease = %election.name, "standby: waiting for the master lease");
-    election.acquire(&deps.client, &shutdown).await?;
-    if shutdown.is_cancelled() {
+    let Some(held) = election.acquire(&deps.client, &shutdown).await else {
         let _ = ready_tx.send(false);
         return Ok(());
-    }
-    let term = election.term(&deps.client).await?;
+    };
+    let term = held.term;
     let lost = CancellationToken::new();
-    let holder = tokio::spawn(
-        election
-            .clone()
-            .hold(deps.client.clone(), shutdown.clone(), lost.clone()),
-    );
+    let holder = tokio::spawn(election.clone().hold(
+        deps.client.clone(),
+        held,
+        shutdown.clone(),
+        lost.clone(),
+    ));
     metrics.active.set(1);
     metrics.term.set(term);
     tracing::info!(term, "active: holding the master lease");

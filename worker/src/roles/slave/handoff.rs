@@ -128,7 +128,7 @@ impl Handoff {
     pub async fn run(&mut self, shutdown: CancellationToken) {
         let mut ticker = tokio::time::interval(EVERY);
         while tokio::select! { () = shutdown.cancelled() => false, _ = ticker.tick() => true } {
-            let view = self.members.borrow().clone();
+            let view = self.owners();
             let plan = misplaced(lock(&self.store).merchants(), &view, &self.me);
             self.hand_over(plan, &view).await;
         }
@@ -145,7 +145,7 @@ impl Handoff {
         let until = tokio::time::Instant::now() + deadline;
         let mut empty_since = None;
         loop {
-            let view = self.members.borrow().clone();
+            let view = self.owners();
             let plan = evacuate(lock(&self.store).merchants(), &view, &self.me);
             if plan.is_empty() {
                 let now = tokio::time::Instant::now();
@@ -172,16 +172,39 @@ impl Handoff {
         }
     }
 
+    /// The slaves merchants belong to now: while a slave set is published with
+    /// a Degraded KV epoch, its members (the intakes route over exactly them;
+    /// a member whose address is not known yet has an empty one), otherwise
+    /// the live membership.
+    fn owners(&self) -> Members {
+        let view = self.members.borrow().clone();
+        match self.modes.borrow().slave_set() {
+            Some(set) => set
+                .members
+                .iter()
+                .map(|m| (m.clone(), view.get(m).cloned().unwrap_or_default()))
+                .collect(),
+            None => view,
+        }
+    }
+
     /// Delivers the events of each planned owner's merchants to it, dropping
     /// them here once acknowledged.
     async fn hand_over(&mut self, plan: BTreeMap<String, BTreeSet<String>>, view: &Members) {
-        let epoch = self.modes.borrow().get(Dependency::Kv).1;
+        let stamp = {
+            let modes = self.modes.borrow();
+            let epoch = modes.get(Dependency::Kv).1;
+            (epoch, modes.slave_set().map_or(0, |s| s.generation))
+        };
         for (owner, merchants) in plan {
-            let Some(address) = view.get(&owner) else { continue };
+            // An owner whose address is not known yet gets its merchants next round.
+            let Some(address) = view.get(&owner).filter(|a| !a.is_empty()) else {
+                continue;
+            };
             let events = lock(&self.store).events_of(&merchants);
             let mut moved = 0;
             for chunk in events.chunks(BATCH) {
-                match deliver(&mut self.clients, address, chunk, epoch).await {
+                match deliver(&mut self.clients, address, chunk, stamp).await {
                     Ok(()) => moved += lock(&self.store).remove(chunk),
                     Err(error) => {
                         self.metrics.failures.inc();
@@ -207,12 +230,12 @@ async fn deliver(
     clients: &mut HashMap<String, SlaveClient<tonic::transport::Channel>>,
     address: &str,
     events: &[crate::wire::ChangeEvent],
-    epoch: i64,
+    (epoch, generation): (i64, i64),
 ) -> Result<(), String> {
     if !clients.contains_key(address) {
-        let client = SlaveClient::connect(format!("http://{address}"))
-            .await
-            .map_err(|e| e.to_string())?;
+        let channel =
+            crate::grpc::channel(address, crate::grpc::STORE_DEADLINE).map_err(|e| e.to_string())?;
+        let client = SlaveClient::new(channel);
         clients.insert(address.to_owned(), client);
     }
     let client = clients.get_mut(address).ok_or("client vanished")?;
@@ -220,6 +243,7 @@ async fn deliver(
         .deliver(EventBatch {
             events: events.to_vec(),
             epoch,
+            generation,
         })
         .await
         .map(drop)

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use ballast_crds::{Dependency, SlaveSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -31,6 +32,7 @@ use super::startup::{self, StartupError};
 use crate::compute::engine::Sql;
 use crate::kv::Layout;
 use crate::membership::{self, Member};
+use crate::modes::Modes;
 use crate::results::hot::HotStore;
 use crate::wire::slave_server::{Slave, SlaveServer};
 use crate::wire::{
@@ -90,6 +92,7 @@ struct Metrics {
     duplicates: Counter,
     expired: Counter,
     refused: Counter,
+    fenced: Counter,
     held_bytes: Gauge,
     handoff: handoff::Metrics,
 }
@@ -106,6 +109,11 @@ impl Metrics {
                 "Events dropped for being older than the retention",
             ),
             refused: counter(r, "batches_refused", "Batches refused at the memory bound"),
+            fenced: counter(
+                r,
+                "batches_fenced",
+                "Batches refused for being routed over another slave set than the published one",
+            ),
             held_bytes: gauge(r, "held_bytes", "Estimated bytes of events held in memory"),
             handoff: handoff::Metrics {
                 handed_off: counter(
@@ -143,6 +151,10 @@ struct Service {
     incarnation: u64,
     /// Set once the slave is leaving: it takes no more events.
     leaving: Arc<AtomicBool>,
+    /// This slave's identity, as the published slave set names it.
+    identity: String,
+    /// The published modes and slave set deliveries are checked against.
+    modes: watch::Receiver<Modes>,
 }
 
 /// A value telling this process from the slave's earlier ones: its start
@@ -171,6 +183,23 @@ impl Slave for Service {
             ));
         }
         let batch = request.into_inner();
+        // Only what was routed over the set this slave follows: a sender with
+        // an older or newer view re-routes once the views agree.
+        let fence = {
+            let modes = self.modes.borrow();
+            let (_, epoch) = modes.get(Dependency::Kv);
+            SlaveSet::admits(
+                modes.slave_set(),
+                epoch,
+                &self.identity,
+                batch.epoch,
+                batch.generation,
+            )
+        };
+        if let Err(fenced) = fence {
+            self.metrics.fenced.inc();
+            return Err(Status::failed_precondition(fenced.to_string()));
+        }
         let mut store = lock(&self.store);
         match store.insert(batch.events, now_ms()) {
             Ok(stored) => {
@@ -270,12 +299,18 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         ),
         cache_url: startup::redis_url(&ap.spec.cache, config.cache_password.as_deref()),
     };
+    // Its own stop: the drain after `shutdown` still needs the published slave
+    // set (a hand-off stamped with a stale generation is refused) and the
+    // membership view.
+    let stopped = CancellationToken::new();
+    let _stopped_guard = stopped.clone().drop_guard();
     let modes = crate::modes::follow(
         deps.client.clone(),
         &config.namespace,
         &config.pipeline,
-        shutdown.clone(),
+        stopped.clone(),
     );
+    let service_modes = modes.clone();
     let computer = Arc::new(Computer::new(
         config.pipeline.clone(),
         sql,
@@ -314,9 +349,6 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         leaving.clone(),
     ));
 
-    // Its own stop: the drain still needs the membership view after `shutdown`.
-    let stopped = CancellationToken::new();
-    let _stopped_guard = stopped.clone().drop_guard();
     let mut handoff = handoff::Handoff::new(
         config.identity.clone(),
         store.clone(),
@@ -355,6 +387,8 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         computer,
         incarnation: incarnation(),
         leaving: leaving_flag.clone(),
+        identity: config.identity.clone(),
+        modes: service_modes,
     };
     let incoming = crate::grpc::incoming(listener);
     // Ready once the server accepts connections.

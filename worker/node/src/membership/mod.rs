@@ -3,7 +3,12 @@
 //! the intake and the operator read.
 //!
 //! An unreachable API server does not stop the worker: renewals are retried
-//! and the data plane carries on.
+//! and the data plane carries on. Followers watch the Leases and judge each by
+//! how long it has gone unchanged on their own monotonic clock.
+
+mod follow;
+
+pub use follow::{Roster, follow};
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -163,8 +168,10 @@ pub fn selector(pipeline: &str, role: &str) -> String {
     format!("{PIPELINE_LABEL}={pipeline},{ROLE_LABEL}={role}")
 }
 
-/// The ready members among `leases` at `now`: identity → address. A member
-/// counts while its Lease was renewed within its duration and says ready. Pure.
+/// The ready members among `leases` at `now` by the *writers'* clocks:
+/// identity → address. For one-off readers on the writers' machine (tests,
+/// benches); whatever follows membership over time judges liveness by its own
+/// monotonic clock with a [`Roster`]. Pure.
 pub fn ready_members(leases: &[Lease], now: Timestamp) -> Members {
     leases
         .iter()
@@ -179,93 +186,6 @@ pub fn ready_members(leases: &[Lease], now: Timestamp) -> Members {
             (live && ready).then_some((identity, address))
         })
         .collect()
-}
-
-/// The ready members of one role of a pipeline, refreshed every second from
-/// their Leases until `shutdown`; an unreachable API server keeps the last set.
-pub fn follow(
-    client: kube::Client,
-    namespace: &str,
-    pipeline: &str,
-    role: &str,
-    shutdown: CancellationToken,
-) -> watch::Receiver<Members> {
-    follow_refreshable(client, namespace, pipeline, role, shutdown).0
-}
-
-/// Asks a membership follower for a view listed after the asking: what a
-/// worker needs when another component (the operator) acted on Leases it had
-/// already seen, and a view up to a second old may predate them.
-#[derive(Clone, Debug)]
-pub struct Refresh {
-    requests: std::sync::Arc<watch::Sender<u64>>,
-    served: watch::Receiver<u64>,
-}
-
-impl Refresh {
-    /// Waits until the followed view comes from a listing started after this
-    /// call; `false` if none completed within `timeout` (the view is then the last one).
-    pub async fn fresh(&mut self, timeout: Duration) -> bool {
-        let mut asked = 0;
-        self.requests.send_modify(|r| {
-            *r += 1;
-            asked = *r;
-        });
-        let listed = self.served.wait_for(|served| *served >= asked);
-        matches!(tokio::time::timeout(timeout, listed).await, Ok(Ok(_)))
-    }
-}
-
-/// [`follow`], with a [`Refresh`] that asks for a listing at once.
-pub fn follow_refreshable(
-    client: kube::Client,
-    namespace: &str,
-    pipeline: &str,
-    role: &str,
-    shutdown: CancellationToken,
-) -> (watch::Receiver<Members>, Refresh) {
-    let (tx, rx) = watch::channel(BTreeMap::new());
-    let (requests, mut asked) = watch::channel(0_u64);
-    let (served_tx, served) = watch::channel(0_u64);
-    let api: Api<Lease> = Api::namespaced(client, namespace);
-    let selector = kube::api::ListParams::default().labels(&selector(pipeline, role));
-    let role = role.to_owned();
-    tokio::spawn(async move {
-        let mut askers = true;
-        loop {
-            // Read before listing: this listing serves the requests made so far.
-            let serving = *asked.borrow_and_update();
-            match api.list(&selector).await {
-                Ok(list) => {
-                    let members = ready_members(&list.items, Timestamp::now());
-                    tx.send_if_modified(|current| {
-                        let changed = *current != members;
-                        if changed {
-                            let names: Vec<&str> = members.keys().map(String::as_str).collect();
-                            tracing::info!(%role, members = %names.join(","), "membership changed");
-                            *current = members;
-                        }
-                        changed
-                    });
-                    // After the members: whoever sees this number reads this listing or a later one.
-                    served_tx.send_replace(serving);
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "listing member leases failed; keeping the last membership")
-                }
-            }
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                changed = asked.changed(), if askers => askers = changed.is_ok(),
-            }
-        }
-    });
-    let refresh = Refresh {
-        requests: std::sync::Arc::new(requests),
-        served,
-    };
-    (rx, refresh)
 }
 
 /// Keeps the member's Lease renewed (and its readiness current) until
@@ -341,16 +261,20 @@ mod tests {
         assert_eq!(shedding(&[]), Shedding::default());
     }
 
-    #[test]
-    fn ready_members_are_live_and_ready() {
-        let member = |i: usize| Member {
+    /// Slave `i` of pipeline `orders`, with a 15 s Lease.
+    pub(super) fn member(i: usize) -> Member {
+        Member {
             namespace: "shop".into(),
             pipeline: "orders".into(),
             role: "slave".into(),
             identity: format!("orders-slave-{i}"),
             address: format!("10.0.0.{i}:7071"),
             duration: Duration::from_secs(15),
-        };
+        }
+    }
+
+    #[test]
+    fn ready_members_are_live_and_ready() {
         let leases = [
             lease_at(&member(0), true, 95),
             lease_at(&member(1), false, 95),
