@@ -145,6 +145,7 @@ impl Default for MqPolicy {
 /// KV store failure: scale slaves out, route events to them, hourly metrics only.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.retentionSeconds >= self.granularitySeconds").message("kv.retentionSeconds must be at least kv.granularitySeconds: slaves that forget events before their period closes freeze its results"))]
 pub struct KvPolicy {
     /// How the KV store is probed.
     #[serde(default)]
@@ -154,11 +155,17 @@ pub struct KvPolicy {
     #[serde(default = "default_scale_factor")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 10").message("slaveScaleFactor must be between 1 and 10"))]
     pub slave_scale_factor: i32,
-    /// Seconds of events each slave keeps in memory while the KV store is down;
-    /// after recovery, slaves are scaled back in only once this has drained.
+    /// Seconds of events each slave keeps in memory while the KV store is
+    /// down; at least a whole degraded period (`granularitySeconds`).
     #[serde(default = "default_retention")]
     #[schemars(range(min = 10, max = 86400))]
     pub retention_seconds: i32,
+    /// Seconds the scaled-out slaves are kept after the KV store is Normal
+    /// again, so that the periods computed from their memory close before
+    /// they go (a slave scaled in hands its events to the others first).
+    #[serde(default = "default_scale_in_delay")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub scale_in_delay_seconds: i32,
     /// Hard bound, in MiB, on the events a slave holds in memory.
     #[serde(default = "default_slave_memory", rename = "maxMemoryMiB")]
     #[schemars(range(min = 16, max = 65536))]
@@ -180,6 +187,9 @@ fn default_scale_factor() -> i32 {
 fn default_retention() -> i32 {
     3600
 }
+fn default_scale_in_delay() -> i32 {
+    600
+}
 fn default_slave_memory() -> i32 {
     512
 }
@@ -196,6 +206,7 @@ impl Default for KvPolicy {
             probe: ProbeSpec::default(),
             slave_scale_factor: default_scale_factor(),
             retention_seconds: default_retention(),
+            scale_in_delay_seconds: default_scale_in_delay(),
             max_memory_mib: default_slave_memory(),
             granularity_seconds: default_granularity(),
             readiness_timeout_seconds: default_readiness_timeout(),

@@ -363,11 +363,12 @@ replica_running() {
 
 # --- Redis, Kafka, Elasticsearch --------------------------------------------
 
-start_redis() { # name port
+start_redis() { # name port maxmemory policy
   local dir=$state/redis/$1
   mkdir -p "$dir"
   start "redis-$1" "$2" redis-server --bind "$host" --port "$2" --dir "$dir" \
-    --save '' --appendonly no --daemonize no --maxmemory 256mb --protected-mode yes
+    --save '' --appendonly no --daemonize no --maxmemory "$3" --maxmemory-policy "$4" \
+    --protected-mode yes
 }
 
 redis_ping() { redis-cli -h "$host" -p "$1" ping | grep -q PONG; }
@@ -420,10 +421,13 @@ up() {
   start_mysql hot "$BALLAST_PORT_MYSQL_HOT" 2
   start_mysql member-dc-a "$BALLAST_PORT_MYSQL_MEMBER_DC_A" 3
   start_mysql member-dc-b "$BALLAST_PORT_MYSQL_MEMBER_DC_B" 4
-  start_redis kv "$BALLAST_PORT_REDIS_KV"
-  start_redis cache "$BALLAST_PORT_REDIS_CACHE"
-  start_redis member-dc-a "$BALLAST_PORT_REDIS_MEMBER_DC_A"
-  start_redis member-dc-b "$BALLAST_PORT_REDIS_MEMBER_DC_B"
+  # The KV store holds events not yet computed: it must refuse writes when full
+  # (the intake then reports a store failure), never evict. Sized for the
+  # ingest bench's windows. The result cache is a cache: it evicts.
+  start_redis kv "$BALLAST_PORT_REDIS_KV" 2gb noeviction
+  start_redis cache "$BALLAST_PORT_REDIS_CACHE" 256mb allkeys-lru
+  start_redis member-dc-a "$BALLAST_PORT_REDIS_MEMBER_DC_A" 256mb noeviction
+  start_redis member-dc-b "$BALLAST_PORT_REDIS_MEMBER_DC_B" 256mb noeviction
 
   bootstrap_mysql source "$BALLAST_PORT_MYSQL_SOURCE"
   bootstrap_mysql hot "$BALLAST_PORT_MYSQL_HOT"

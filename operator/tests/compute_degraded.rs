@@ -2,7 +2,8 @@
 //! kubelet) while a store fails, with results equal to MariaDB's expectation
 //! over the raw rows of each period: while the KV store is down, hourly
 //! results from the slaves' memory (whole although slaves join and leave
-//! meanwhile, and a slave's crash reported by the master with what it held);
+//! meanwhile, and a slave's crash reported by the master with what it held,
+//! also when the active master crashes with it);
 //! while the hot MySQL is down, results in
 //! the cache only; window results in MySQL again after each.
 
@@ -23,6 +24,7 @@ use ballast_worker::wire::HoldingsRequest;
 use ballast_worker::wire::slave_client::SlaveClient;
 use common::eventually;
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use mysql_async::prelude::Queryable;
@@ -102,6 +104,8 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 struct Running {
     aps: Api<AnalyticsPipeline>,
     leases: Api<Lease>,
+    /// The master's saved task state lives in a ConfigMap.
+    config_maps: Api<ConfigMap>,
     pipeline: String,
     db: mysql_async::Conn,
     hot: Store,
@@ -118,7 +122,7 @@ impl Running {
             json!({"periodSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 2, "successThreshold": 2});
         let policy = json!({
             "mq": {"probe": probe},
-            "kv": {"probe": probe, "slaveScaleFactor": 2, "retentionSeconds": 600, "readinessTimeoutSeconds": 120},
+            "kv": {"probe": probe, "slaveScaleFactor": 2, "retentionSeconds": 3600, "readinessTimeoutSeconds": 120},
             "mysql": {"probe": probe}, "cache": {"probe": probe}, "cold": {"probe": probe},
         });
         let patch =
@@ -160,6 +164,7 @@ impl Running {
             .await?;
         Ok(Self {
             aps,
+            config_maps: Api::namespaced(client.clone(), &ns),
             leases: Api::namespaced(client, &ns),
             pipeline,
             db,
@@ -217,6 +222,36 @@ impl Running {
             }
         }
         Ok(fullest)
+    }
+
+    /// Waits until the master's saved state records `slave` holding `events`:
+    /// what a master taking over resumes from.
+    async fn until_state_records(&self, slave: &str, events: u64) -> anyhow::Result<()> {
+        let name = format!("{}-master-state", self.pipeline);
+        eventually(
+            &format!("the master state recording {slave} holding {events}"),
+            30,
+            || async {
+                let state = self.config_maps.get(&name).await?;
+                let json = state
+                    .data
+                    .and_then(|d| d.get("state.json").cloned())
+                    .unwrap_or_default();
+                let saved: serde_json::Value = serde_json::from_str(&json)?;
+                let recorded = saved["losses"]["last"][slave]["events"].as_u64();
+                Ok((recorded == Some(events)).then_some(()))
+            },
+        )
+        .await
+    }
+
+    /// The pod holding the master Lease.
+    async fn active_master(&self) -> anyhow::Result<String> {
+        let lease = self.leases.get(&format!("{}-master", self.pipeline)).await?;
+        lease
+            .spec
+            .and_then(|s| s.holder_identity)
+            .ok_or_else(|| anyhow::anyhow!("no master holds the lease"))
     }
 
     /// Waits until either master's log has `words`.
@@ -292,6 +327,19 @@ async fn kv_failure_keeps_hourly_results_from_slave_memory_and_windows_resume_af
     anyhow::ensure!(held > 0, "no slave holds events");
     anyhow::ensure!(p.kubelet.crash(&victim)?, "{victim} was not running");
     p.until_master_logged(&format!("slave={victim} events={held}"), 60)
+        .await?;
+
+    // The active master and a slave crash together: whichever master takes
+    // over resumes the memory account the active one saved with its task
+    // state, and reports that slave's loss although it never saw that slave
+    // process itself.
+    let (victim, held) = p.fullest_slave().await?;
+    anyhow::ensure!(held > 0, "no slave holds events");
+    p.until_state_records(&victim, held).await?;
+    let active = p.active_master().await?;
+    anyhow::ensure!(p.kubelet.crash(&active)?, "{active} was not running");
+    anyhow::ensure!(p.kubelet.crash(&victim)?, "{victim} was not running");
+    p.until_master_logged(&format!("slave={victim} events={held}"), 90)
         .await?;
 
     // Back: windows from the KV store again.

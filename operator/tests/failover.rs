@@ -1,7 +1,7 @@
 //! The operator binary against the local stack's real API server and servers:
 //! workloads with owner references, waiting on a missing policy, KV failure
 //! (scale out, then publish once slave Leases are ready; recover, scale in after
-//! retention), Kafka failure (mode rewire), a forced mode, and garbage collection on delete.
+//! the scale-in delay), Kafka failure (mode rewire), a forced mode, and garbage collection on delete.
 //!
 //! The slaves are real `ballast-worker slave` processes, run by the e2e
 //! stand-in kubelet from the StatefulSet the operator scales; they join the
@@ -35,7 +35,7 @@ fn policy() -> serde_json::Value {
         "metadata": {"name": "fast"},
         "spec": {
             "mq": {"probe": probe},
-            "kv": {"probe": probe, "slaveScaleFactor": 3, "retentionSeconds": 10, "readinessTimeoutSeconds": 120},
+            "kv": {"probe": probe, "slaveScaleFactor": 3, "scaleInDelaySeconds": 10, "readinessTimeoutSeconds": 120},
             "mysql": {"probe": probe}, "cache": {"probe": probe}, "cold": {"probe": probe},
         }
     })
@@ -231,7 +231,7 @@ async fn operator_reconciles_and_switches_modes_against_real_servers() -> anyhow
     })
     .await?;
 
-    // 4. KV store back: Normal is published first, slaves scale in after retention.
+    // 4. KV store back: Normal is published first, slaves scale in after the scale-in delay.
     stack_script(&["up"])?;
     eventually("kv Normal again", 60, || async {
         Ok(kv_mode(&aps)
@@ -243,9 +243,9 @@ async fn operator_reconciles_and_switches_modes_against_real_servers() -> anyhow
     assert_eq!(
         slave_replicas(&sets).await?,
         Some(6),
-        "scaled in before the retention drained"
+        "scaled in before the scale-in delay"
     );
-    eventually("slaves scaled back to 2 after retention", 60, || async {
+    eventually("slaves scaled back to 2 after the scale-in delay", 60, || async {
         Ok((slave_replicas(&sets).await? == Some(2)).then_some(()))
     })
     .await?;

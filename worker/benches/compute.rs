@@ -275,7 +275,7 @@ async fn bench() -> anyhow::Result<()> {
     let mut results = Vec::new();
     for _ in 0..RUNS {
         let start = Instant::now();
-        results = engine::run(&sql, &events).await?;
+        results = engine::run(&sql, &events, None).await?;
         ours.push(start.elapsed());
     }
     let metric = |r: &ballast_worker::compute::MerchantResult, k: &str| {

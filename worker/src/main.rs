@@ -99,9 +99,8 @@ enum Command {
         /// Where the gRPC server listens (port 0 picks one).
         #[arg(long, env = "BALLAST_LISTEN_ADDR", default_value = "0.0.0.0:7071")]
         listen: SocketAddr,
-        /// Compute tasks run at once.
-        #[arg(long, env = "BALLAST_COMPUTE_SLOTS", default_value_t = 2)]
-        slots: u32,
+        #[command(flatten)]
+        compute: ComputeArgs,
         #[command(flatten)]
         stores: StorePasswords,
     },
@@ -158,7 +157,26 @@ async fn kube_client() -> Result<kube::Client, String> {
         .map_err(|e| format!("Kubernetes client: {e}"))
 }
 
-async fn run_slave(pod: Pod, listen: SocketAddr, slots: u32, stores: StorePasswords) -> Result<(), String> {
+/// How a slave computes.
+#[derive(clap::Args, Debug)]
+struct ComputeArgs {
+    /// Compute tasks run at once.
+    #[arg(long, env = "BALLAST_COMPUTE_SLOTS", default_value_t = 2)]
+    slots: u32,
+    /// Bytes the SQL's operators may hold between them (default: half the pod's memory limit).
+    #[arg(long, env = "BALLAST_COMPUTE_MEMORY_BYTES")]
+    memory_bytes: Option<u64>,
+    /// The container's memory limit, in bytes (the operator passes it from the downward API).
+    #[arg(long, env = "BALLAST_MEMORY_LIMIT_BYTES")]
+    pod_memory_limit: Option<u64>,
+}
+
+async fn run_slave(
+    pod: Pod,
+    listen: SocketAddr,
+    compute: ComputeArgs,
+    stores: StorePasswords,
+) -> Result<(), String> {
     let client = kube_client().await?;
     let config = slave::Config {
         namespace: pod.namespace,
@@ -169,7 +187,11 @@ async fn run_slave(pod: Pod, listen: SocketAddr, slots: u32, stores: StorePasswo
         metrics: pod.metrics_addr,
         lease: pod.lease,
         drain: pod.drain,
-        slots,
+        slots: compute.slots,
+        compute_memory: ballast_worker::compute::engine::memory_budget(
+            compute.memory_bytes,
+            compute.pod_memory_limit,
+        ),
         kv_password: stores.kv_password,
         cache_password: stores.cache_password,
         hot_password: stores.hot_password,
@@ -305,9 +327,9 @@ async fn main() -> ExitCode {
         Command::Slave {
             pod,
             listen,
-            slots,
+            compute,
             stores,
-        } => role("slave", cli.log_format, run_slave(pod, listen, slots, stores)).await,
+        } => role("slave", cli.log_format, run_slave(pod, listen, compute, stores)).await,
         Command::Master { pod, args } => role("master", cli.log_format, run_master(pod, args)).await,
         Command::Intake {
             pod,

@@ -52,6 +52,7 @@ async fn backup_intake_at_three_times_its_budget_sheds_whole_merchants_only() ->
     let mut shed: BTreeSet<String> = BTreeSet::new();
     let mut last_level = 0;
     let mut seq = 0;
+    let mut offered = 0_usize;
     let began = Instant::now();
     while began.elapsed() < Duration::from_secs(SECONDS) {
         let slice = Instant::now();
@@ -67,6 +68,7 @@ async fn backup_intake_at_three_times_its_budget_sheds_whole_merchants_only() ->
                 )
             })
             .collect();
+        offered += events.len();
         let mut pending = events;
         // A collector retries what was refused over the budget, until it is taken or shed.
         while !pending.is_empty() && began.elapsed() < Duration::from_secs(SECONDS + 5) {
@@ -104,13 +106,18 @@ async fn backup_intake_at_three_times_its_budget_sheds_whole_merchants_only() ->
         }
         tokio::time::sleep(Duration::from_millis(100).saturating_sub(slice.elapsed())).await;
     }
+    let sending = began.elapsed();
 
     // The shed set is hash-selected (merchants ranked below the level) and no
-    // larger than needed: about two thirds at 3x, never the policy's 90 %.
+    // larger than needed for what was actually offered (about two thirds at
+    // 3x; a slow machine offers less than the pacing aims at, and needs less
+    // shed), never the policy's 90 %.
+    let offered_rate = offered as f64 / sending.as_secs_f64();
+    let needed = (1.0 - BUDGET as f64 / offered_rate).clamp(0.0, 0.9);
     let share = shed.len() as f64 / MERCHANTS as f64;
     assert!(
-        (0.55..=0.80).contains(&share),
-        "shed {share:.2} of merchants at level {last_level}"
+        (share - needed).abs() <= 0.15,
+        "shed {share:.2} of merchants at level {last_level}, offering {offered_rate:.0} events/s against a budget of {BUDGET}: {needed:.2} needed"
     );
     for m in &shed {
         assert!(shedding::rank(m) < 9_000, "{m} shed beyond the maximum");

@@ -61,6 +61,7 @@ impl Running {
         policy: serde_json::Value,
         spec_patch: serde_json::Value,
         identity: &str,
+        env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
         let stack = Stack::discover();
         let client = stack.kube_client().await?;
@@ -68,7 +69,7 @@ impl Running {
             .pipeline_fixture_with(&client, prefix, policy, spec_patch)
             .await?;
         let worker = std::path::Path::new(env!("CARGO_BIN_EXE_ballast-worker"));
-        let slave = stack.worker(worker, "slave", &ns, &pipeline, identity)?;
+        let slave = stack.worker_with(worker, &["slave"], &ns, &pipeline, identity, env)?;
         let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
         let address = joined(&leases, identity).await?;
         Ok(Self {
@@ -99,6 +100,7 @@ async fn slave_joins_stores_routed_events_and_leaves_on_sigterm() -> anyhow::Res
         json!({"kv": {"maxMemoryMiB": 16, "retentionSeconds": 3600}}),
         json!({}),
         "shop-slave-0",
+        &[],
     )
     .await?;
     let (leases, address) = (&running.leases, &running.address);
@@ -240,15 +242,16 @@ async fn a_memory_task_reaching_back_before_the_retention_is_refused_not_compute
 -> anyhow::Result<()> {
     let running = Running::start(
         "slave-aged",
-        json!({"kv": {"retentionSeconds": 10}}),
+        json!({"kv": {"retentionSeconds": 60, "granularitySeconds": 60}}),
         json!({"compute": {"windowSeconds": 1}}),
         "aged-slave-0",
+        &[],
     )
     .await?;
     let mut grpc = SlaveClient::connect(format!("http://{}", running.address)).await?;
 
-    // Events 8 s old: inside the 10 s retention on arrival, outside it seconds later.
-    let then = Timestamp::now().as_millisecond() - 8_000;
+    // Events 58 s old: inside the 60 s retention on arrival, outside it seconds later.
+    let then = Timestamp::now().as_millisecond() - 58_000;
     let events = vec![event("old-1", "m1", then, b"{}".to_vec())];
     let reply = grpc
         .deliver(EventBatch {
@@ -296,5 +299,67 @@ async fn a_memory_task_reaching_back_before_the_retention_is_refused_not_compute
         "{}",
         status.message()
     );
+    running.remove().await
+}
+
+#[tokio::test]
+async fn a_window_heavier_than_the_compute_budget_fails_as_a_task_and_the_slave_keeps_its_events()
+-> anyhow::Result<()> {
+    // A 64 KiB budget for the SQL's operators, as half of a tiny pod's limit would give.
+    let running = Running::start(
+        "slave-heavy",
+        json!({"kv": {"retentionSeconds": 3600}}),
+        json!({}),
+        "heavy-slave-0",
+        &[("BALLAST_COMPUTE_MEMORY_BYTES", "65536")],
+    )
+    .await?;
+    let mut grpc = SlaveClient::connect(format!("http://{}", running.address)).await?;
+    let now = Timestamp::now().as_millisecond();
+    for chunk in 0..10 {
+        let events: Vec<ChangeEvent> = (0..1_000)
+            .map(|i| {
+                let n = chunk * 1_000 + i;
+                let order = json!({"id": n, "merchant_id": format!("m{}", n % 3_000), "amount": 10,
+                    "user_id": format!("u{n}"), "item": format!("item{}", n % 97), "status": "paid"});
+                event(
+                    &format!("h{n}"),
+                    &format!("m{}", n % 3_000),
+                    now,
+                    serde_json::to_vec(&order).unwrap_or_default(),
+                )
+            })
+            .collect();
+        grpc.deliver(EventBatch {
+            events,
+            epoch: 0,
+            generation: 0,
+        })
+        .await?;
+    }
+    let start = now - now.rem_euclid(3_600_000);
+    let status = grpc
+        .compute(ComputeTask {
+            task_id: format!("hour/{start}/heavy-slave-0"),
+            window_start_ms: start,
+            window_end_ms: start + 3_600_000,
+            version: 1,
+            granularity: Granularity::Hour.into(),
+            source: DataSource::Memory.into(),
+            partition: 0,
+            partitions: 1,
+        })
+        .await
+        .expect_err("a window over the budget must fail");
+    assert_eq!(
+        status.code(),
+        tonic::Code::ResourceExhausted,
+        "{}",
+        status.message()
+    );
+    assert!(status.message().contains("memory budget"), "{}", status.message());
+    // The process lives on with everything it held: the master retries elsewhere.
+    let holdings = grpc.holdings(HoldingsRequest {}).await?.into_inner();
+    assert_eq!(holdings.windows.iter().map(|w| w.events).sum::<u64>(), 10_000);
     running.remove().await
 }

@@ -137,7 +137,7 @@ async fn run() -> anyhow::Result<String> {
         json!({"periodSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 2, "successThreshold": 3});
     let policy = json!({
         "mq": {"probe": probe, "produceRetries": 1, "backupIntakeRatePerSecond": 300, "maxShedPercent": 40},
-        "kv": {"probe": probe, "slaveScaleFactor": 2, "retentionSeconds": 60, "readinessTimeoutSeconds": 120},
+        "kv": {"probe": probe, "slaveScaleFactor": 2, "scaleInDelaySeconds": 60, "readinessTimeoutSeconds": 120},
         "mysql": {"probe": probe}, "cache": {"probe": probe}, "cold": {"probe": probe},
     });
     let spec = json!({"compute": {"windowSeconds": 5}, "roles": {"master": {"replicas": 2}, "slave": {"replicas": 2}}});

@@ -12,8 +12,8 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath,
-    ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, SecretKeySelector, Service, ServiceAccount,
-    ServicePort, ServiceSpec, Volume, VolumeMount,
+    ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, ResourceFieldSelector, SecretKeySelector, Service,
+    ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -354,6 +354,21 @@ impl Builder<'_> {
             field_env("POD_NAMESPACE", "metadata.namespace"),
             field_env("POD_IP", "status.podIP"),
         ];
+        if role == "slave" {
+            // The slave bounds its SQL's memory by half of this (none set: the node's allocatable).
+            env.push(EnvVar {
+                name: "BALLAST_MEMORY_LIMIT_BYTES".into(),
+                value_from: Some(EnvVarSource {
+                    resource_field_ref: Some(ResourceFieldSelector {
+                        container_name: Some("worker".into()),
+                        resource: "limits.memory".into(),
+                        ..ResourceFieldSelector::default()
+                    }),
+                    ..EnvVarSource::default()
+                }),
+                ..EnvVar::default()
+            });
+        }
         env.extend(self.secret_env());
         let mut ports = vec![ContainerPort {
             name: Some("metrics".into()),

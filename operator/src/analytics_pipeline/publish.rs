@@ -5,8 +5,8 @@
 //! out first, and the degraded mode is published only once that many slaves
 //! report ready (or the policy's readiness timeout passed), so the intake never
 //! hashes events to slaves that are not there. After recovery Normal is
-//! published at once and the slaves are scaled in only when the in-memory
-//! retention has drained.
+//! published at once and the slaves are scaled in only after the policy's
+//! scale-in delay.
 
 use std::collections::BTreeMap;
 
@@ -88,16 +88,16 @@ pub fn decide(
             match machine.mode {
                 Mode::Degraded | Mode::Recovering => out.slave_replicas = scaled,
                 Mode::Normal => {
-                    // Just switched back, or Normal for less than the retention.
+                    // Just switched back, or Normal for less than the scale-in delay.
                     let draining = before != Mode::Normal
                         || previous.kv.as_ref().is_some_and(|s| {
-                            s.epoch > 0 && elapsed(&s.since, now) < secs(policy.kv.retention_seconds)
+                            s.epoch > 0 && elapsed(&s.since, now) < secs(policy.kv.scale_in_delay_seconds)
                         });
                     if draining {
                         out.slave_replicas = scaled;
                         out.progressing = Some(format!(
-                            "keeping {scaled} slaves until the in-memory retention of {}s has drained",
-                            policy.kv.retention_seconds
+                            "keeping {scaled} slaves for the scale-in delay of {}s after the KV store recovered",
+                            policy.kv.scale_in_delay_seconds
                         ));
                     }
                 }
@@ -229,7 +229,7 @@ mod tests {
 
     fn policy() -> DegradationPolicySpec {
         serde_json::from_value(serde_json::json!({
-            "kv": {"slaveScaleFactor": 3, "retentionSeconds": 600, "readinessTimeoutSeconds": 60}
+            "kv": {"slaveScaleFactor": 3, "scaleInDelaySeconds": 600, "readinessTimeoutSeconds": 60}
         }))
         .expect("policy")
     }
@@ -319,7 +319,7 @@ mod tests {
     }
 
     #[test]
-    fn kv_recovery_publishes_normal_at_once_and_scales_in_after_retention() {
+    fn kv_recovery_publishes_normal_at_once_and_scales_in_after_the_delay() {
         // Normal detected again (epoch 3), previously published Recovering.
         let p = kv_step(
             machine(Mode::Normal, 3, 200),
@@ -332,11 +332,11 @@ mod tests {
             Some((Mode::Normal, 3))
         );
         assert_eq!(p.slave_replicas, 6, "no scale-in at the switch back");
-        // Right after Normal, slaves are kept for the retention...
+        // Right after Normal, slaves are kept for the scale-in delay...
         let after = p.modes.clone();
         let p = kv_step(machine(Mode::Normal, 3, 200), &after, 6, 700);
         assert_eq!(p.slave_replicas, 6);
-        // ...and scaled in once it has drained.
+        // ...and scaled in once it has passed.
         let p = kv_step(machine(Mode::Normal, 3, 200), &after, 6, 801);
         assert_eq!(p.slave_replicas, 2);
     }

@@ -16,6 +16,8 @@ use datafusion::arrow::datatypes::{DataType, Float64Type, Int64Type, Schema, UIn
 use datafusion::common::TableReference;
 use datafusion::datasource::MemTable;
 use datafusion::error::DataFusionError;
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::{DFParser, Statement};
 use datafusion::sql::sqlparser::dialect::GenericDialect;
@@ -64,13 +66,84 @@ impl Sql {
     }
 }
 
+/// Where a slave runs its SQL: a Tokio runtime of its own, so that building
+/// tables and running DataFusion (CPU-bound throughout) never hold the threads
+/// that answer `Load` and `Deliver` and renew Leases; and a memory pool, so
+/// that a window too heavy for the pod fails as a task (which the master
+/// retries elsewhere) instead of the kernel killing the slave and everything
+/// it holds.
+pub struct Engine {
+    sql: Sql,
+    runtime: Option<tokio::runtime::Runtime>,
+    memory_limit: Option<usize>,
+}
+
+impl Engine {
+    /// An engine running `sql` on `threads` threads, whose queries may hold
+    /// `memory_limit` bytes between them (unbounded when `None`).
+    pub fn new(threads: usize, sql: Sql, memory_limit: Option<usize>) -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
+            .thread_name("compute")
+            .enable_all()
+            .build()?;
+        Ok(Self {
+            sql,
+            runtime: Some(runtime),
+            memory_limit,
+        })
+    }
+
+    /// The SQL it runs.
+    pub fn sql(&self) -> &Sql {
+        &self.sql
+    }
+
+    /// [`run`] of the engine's SQL over `events`, on the engine's runtime.
+    pub async fn run(&self, events: Vec<ChangeEvent>) -> Result<Vec<MerchantResult>, ComputeError> {
+        let Some(runtime) = &self.runtime else {
+            return Err(ComputeError::Engine("the compute runtime is shut down".into()));
+        };
+        let (sql, limit) = (self.sql.clone(), self.memory_limit);
+        runtime
+            .spawn(async move { run(&sql, &events, limit).await })
+            .await
+            .map_err(|e| ComputeError::Engine(format!("the compute task did not finish: {e}")))?
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // Dropped from async code at shutdown: a blocking shutdown would panic there.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// The memory a slave's queries may hold: what is configured, else half of
+/// the pod's memory limit (the other half holds the events in memory and the
+/// process), else unbounded. Pure.
+pub fn memory_budget(configured: Option<u64>, pod_limit: Option<u64>) -> Option<usize> {
+    configured
+        .or(pod_limit.map(|l| l / 2))
+        .map(|b| usize::try_from(b).unwrap_or(usize::MAX))
+}
+
 /// Runs `sql` over a window's `events`: one result per merchant, sorted by
-/// merchant. No events → no results, without running the SQL.
+/// merchant. No events → no results, without running the SQL. Its operators
+/// (aggregations, sorts, joins) may hold `memory_limit` bytes between them;
+/// past that the statement fails with [`ComputeError::OutOfMemory`] (there is
+/// no disk to spill to).
 ///
 /// CPU-bound throughout: the tables are built on scoped threads while the
-/// calling task's thread waits, then DataFusion runs on the Tokio runtime with
-/// one partition per CPU. Run it where that is acceptable (a slave's task).
-pub async fn run(sql: &Sql, events: &[ChangeEvent]) -> Result<Vec<MerchantResult>, ComputeError> {
+/// calling task's thread waits, then DataFusion runs with one partition per
+/// CPU. A slave runs it on its [`Engine`].
+pub async fn run(
+    sql: &Sql,
+    events: &[ChangeEvent],
+    memory_limit: Option<usize>,
+) -> Result<Vec<MerchantResult>, ComputeError> {
     if events.is_empty() {
         return Ok(Vec::new());
     }
@@ -80,8 +153,13 @@ pub async fn run(sql: &Sql, events: &[ChangeEvent]) -> Result<Vec<MerchantResult
         .with_target_partitions(threads)
         .with_batch_size(BATCH_ROWS)
         .with_information_schema(false);
-    let ctx = SessionContext::new_with_config(config);
     let engine = |e: DataFusionError| ComputeError::Engine(e.to_string());
+    let mut runtime = RuntimeEnvBuilder::new()
+        .with_disk_manager_builder(DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled));
+    if let Some(limit) = memory_limit {
+        runtime = runtime.with_memory_limit(limit, 1.0);
+    }
+    let ctx = SessionContext::new_with_config_rt(config, runtime.build_arc().map_err(engine)?);
     for (name, batches) in tables {
         let Some(schema) = batches.first().map(RecordBatch::schema) else {
             continue;
@@ -94,10 +172,20 @@ pub async fn run(sql: &Sql, events: &[ChangeEvent]) -> Result<Vec<MerchantResult
     let total = sql.statements.len();
     let mut output = (Arc::new(Schema::empty()), Vec::new());
     for (i, statement) in sql.statements.iter().enumerate() {
-        let failed = |e: DataFusionError| ComputeError::Statement {
-            number: i + 1,
-            total,
-            message: e.to_string(),
+        let failed = |e: DataFusionError| {
+            let message = e.to_string();
+            match e.find_root() {
+                DataFusionError::ResourcesExhausted(_) => ComputeError::OutOfMemory {
+                    number: i + 1,
+                    total,
+                    message,
+                },
+                _ => ComputeError::Statement {
+                    number: i + 1,
+                    total,
+                    message,
+                },
+            }
         };
         let plan = ctx
             .state()
@@ -363,7 +451,7 @@ mod tests {
     #[tokio::test]
     async fn the_sample_sql_computes_the_hand_worked_metrics() -> Result<(), ComputeError> {
         let sql = Sql::parse(SAMPLE_SQL)?;
-        let results = run(&sql, &sample_events()).await?;
+        let results = run(&sql, &sample_events(), None).await?;
         let expected = [
             (
                 "m1",
@@ -401,7 +489,7 @@ mod tests {
     #[tokio::test]
     async fn no_events_means_no_results_without_running_the_sql() -> Result<(), ComputeError> {
         let sql = Sql::parse("SELECT * FROM nowhere")?;
-        assert_eq!(run(&sql, &[]).await?, vec![]);
+        assert_eq!(run(&sql, &[], None).await?, vec![]);
         Ok(())
     }
 
@@ -419,7 +507,7 @@ mod tests {
             Insert,
             json!({"merchant_id": "m", "n": 3, "label": "x"}),
         )];
-        let results = run(&sql, &events).await?;
+        let results = run(&sql, &events, None).await?;
         let want = json!({"small": 3, "big": 6, "ratio": 0.75, "nan": null, "many": true,
             "nothing": null, "label": "x", "exact": "3.00", "unsigned": 3});
         assert_eq!(results.len(), 1);
@@ -454,7 +542,7 @@ mod tests {
         ];
         for (text, want) in cases {
             let got = match Sql::parse(text) {
-                Ok(sql) => run(&sql, &events).await.map(|_| ()),
+                Ok(sql) => run(&sql, &events, None).await.map(|_| ()),
                 Err(e) => Err(e),
             };
             match got {
@@ -468,7 +556,7 @@ mod tests {
     async fn unknown_tables_are_named_in_the_error() -> Result<(), ComputeError> {
         let sql = Sql::parse("SELECT merchant_id FROM refunds")?;
         let events = [event("e1", "orders", Insert, json!({"merchant_id": "m"}))];
-        match run(&sql, &events).await {
+        match run(&sql, &events, None).await {
             Err(e @ ComputeError::Statement { .. }) => assert!(e.to_string().contains("refunds"), "{e}"),
             other => panic!("expected a statement error, got {other:?}"),
         }
@@ -495,5 +583,54 @@ mod tests {
             assert_eq!(rows as i64, sizes.iter().sum::<i64>());
             assert!(spread.iter().flatten().all(|b| b.num_rows() <= BATCH_ROWS));
         }
+    }
+
+    #[test]
+    fn the_compute_budget_is_configured_or_half_the_pod_limit() {
+        // (configured, pod limit, budget)
+        let cases = [
+            (None, None, None),
+            (None, Some(2_048), Some(1_024)),
+            (Some(100), Some(2_048), Some(100)),
+            (Some(100), None, Some(100)),
+        ];
+        for (configured, pod, want) in cases {
+            assert_eq!(memory_budget(configured, pod), want, "{configured:?} {pod:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_window_heavier_than_the_budget_fails_as_out_of_memory_on_the_engine()
+    -> Result<(), ComputeError> {
+        // Thousands of merchants grouped with distinct counts and item lists:
+        // far more than 64 KiB of aggregation state, and no disk to spill to.
+        let events: Vec<ChangeEvent> = (0..20_000)
+            .map(|i| {
+                event(
+                    &format!("e{i}"),
+                    "orders",
+                    Insert,
+                    order(
+                        i,
+                        &format!("m{}", i % 5_000),
+                        10,
+                        &format!("u{i}"),
+                        &format!("item{}", i % 97),
+                        "paid",
+                    ),
+                )
+            })
+            .collect();
+        let engine = Engine::new(2, Sql::parse(SAMPLE_SQL)?, Some(64 * 1024))
+            .map_err(|e| ComputeError::Engine(e.to_string()))?;
+        match engine.run(events.clone()).await {
+            Err(ComputeError::OutOfMemory { number, total, .. }) => assert_eq!(number, total),
+            other => panic!("expected OutOfMemory, got {other:?}"),
+        }
+        // The same window within an ample budget computes.
+        let ample = Engine::new(2, Sql::parse(SAMPLE_SQL)?, Some(1 << 30))
+            .map_err(|e| ComputeError::Engine(e.to_string()))?;
+        assert_eq!(ample.run(events).await?.len(), 5_000);
+        Ok(())
     }
 }

@@ -49,6 +49,18 @@ pub enum ComputeError {
         /// DataFusion's message.
         message: String,
     },
+    /// A statement needed more memory than the slave's compute budget: the
+    /// window is too heavy for this pod (give it more memory, or the master
+    /// retries it elsewhere).
+    #[error("SQL statement {number} of {total} ran out of its memory budget: {message}")]
+    OutOfMemory {
+        /// Which statement (1-based).
+        number: usize,
+        /// How many statements the SQL has.
+        total: usize,
+        /// DataFusion's message.
+        message: String,
+    },
     /// DataFusion failed outside any statement (registering a table).
     #[error("DataFusion: {0}")]
     Engine(String),

@@ -6,8 +6,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use serde::{Deserialize, Serialize};
+
 /// What one slave process reported holding in memory.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Memory {
     /// Identifies the process: a restarted slave reports another one.
     pub incarnation: u64,
@@ -41,7 +44,11 @@ pub struct Gone {
 }
 
 /// The last memory each slave reported, and the slaves that left lately.
-#[derive(Clone, Debug, Default)]
+///
+/// It is part of the master's persisted state, so that a standby taking over
+/// still knows which process each slave was and what it held: a slave that
+/// crashed during the failover is then a loss the new master reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ledger {
     last: BTreeMap<String, Memory>,
     /// Slaves gone from the membership, since when. They are still polled
@@ -52,6 +59,37 @@ pub struct Ledger {
 }
 
 impl Ledger {
+    /// This ledger as a new master resumes it at `now_ms`: the departures it
+    /// holds are timed from now on its own clock, not the previous master's.
+    pub fn resumed(mut self, now_ms: i64) -> Self {
+        for (_, since) in self.departed.values_mut() {
+            *since = now_ms;
+        }
+        self
+    }
+
+    /// Whether `other` knows other slave processes than this ledger (one
+    /// joined, left, restarted or was reported gone), not just other counts:
+    /// such a change is saved at once, so that a new master neither misses
+    /// nor repeats a loss. Pure.
+    pub fn processes_differ(&self, other: &Ledger) -> bool {
+        let processes = |l: &Ledger| -> Vec<(String, u64, bool)> {
+            let mut all: Vec<(String, u64, bool)> = l
+                .last
+                .iter()
+                .map(|(s, m)| (s.clone(), m.incarnation, false))
+                .chain(
+                    l.departed
+                        .iter()
+                        .map(|(s, (m, _))| (s.clone(), m.incarnation, true)),
+                )
+                .collect();
+            all.sort();
+            all
+        };
+        processes(self) != processes(other)
+    }
+
     /// Takes one round of reports (`reported`: the slaves that answered,
     /// members or lately departed) with the `live` membership at `now_ms`;
     /// returns the slave processes it finds gone. A slave is gone once it has
@@ -336,5 +374,47 @@ mod tests {
             ledger.observe(&reports(&[("a", held(2, 0))]), &live(&["a"]), 2_000, GRACE),
             vec![gone("a", 7, Cause::Restarted)]
         );
+    }
+
+    #[test]
+    fn a_resumed_ledger_reports_a_slave_that_restarted_during_the_failover() {
+        let mut active = Ledger::default();
+        active.observe(
+            &reports(&[("s-0", held(1, 40)), ("s-1", held(2, 7))]),
+            &live(&["s-0", "s-1"]),
+            0,
+            GRACE,
+        );
+        // Persisted, then resumed by the standby: s-0 answers as a new process.
+        let saved = serde_json::to_string(&active).expect("ledger as JSON");
+        let mut standby = serde_json::from_str::<Ledger>(&saved)
+            .expect("ledger from JSON")
+            .resumed(10_000);
+        let lost = standby.observe(
+            &reports(&[("s-0", held(9, 0)), ("s-1", held(2, 7))]),
+            &live(&["s-0", "s-1"]),
+            10_500,
+            GRACE,
+        );
+        assert_eq!(lost, vec![gone("s-0", 40, Cause::Restarted)]);
+        // A fresh ledger (nothing persisted) would have seen nothing to report.
+        let mut fresh = Ledger::default();
+        let lost = fresh.observe(&reports(&[("s-0", held(9, 0))]), &live(&["s-0"]), 10_500, GRACE);
+        assert!(lost.is_empty());
+    }
+
+    #[test]
+    fn only_a_change_of_processes_not_of_counts_is_saved_at_once() {
+        let mut a = Ledger::default();
+        a.observe(&reports(&[("s-0", held(1, 40))]), &live(&["s-0"]), 0, GRACE);
+        let mut counts = a.clone();
+        counts.observe(&reports(&[("s-0", held(1, 41))]), &live(&["s-0"]), 500, GRACE);
+        assert!(!a.processes_differ(&counts));
+        let mut restarted = a.clone();
+        restarted.observe(&reports(&[("s-0", held(2, 0))]), &live(&["s-0"]), 500, GRACE);
+        assert!(a.processes_differ(&restarted));
+        let mut left = a.clone();
+        left.observe(&reports(&[]), &live(&[]), 500, GRACE);
+        assert!(a.processes_differ(&left));
     }
 }

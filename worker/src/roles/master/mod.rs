@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::dispatch::Slaves;
 use self::faults::FaultPolicy;
-use self::losses::{Gone, Ledger, Memory, Polled};
+use self::losses::{Gone, Memory, Polled};
 use self::metrics::Metrics;
 use self::schedule::{Estimator, SlaveView};
 use self::state::{StateError, StateStore};
@@ -93,6 +93,9 @@ struct Finished {
     events_hint: u64,
     result: Result<TaskReport, tonic::Status>,
 }
+
+/// How often, at most, the slave memory account's counts are saved with the task state.
+const LEDGER_SAVE_PERIOD: Duration = Duration::from_secs(1);
 
 /// Runs the master until `shutdown`: waits as a standby until it holds the
 /// leader Lease, then acts until it loses it.
@@ -189,7 +192,16 @@ impl Active<'_> {
             &config.pipeline,
             self.owner.clone(),
         );
-        let snapshot = store.load().await?;
+        let mut snapshot = store.load().await?;
+        // The previous master's slave memory account: a slave that crashed
+        // while leadership changed hands is still a loss reported.
+        let mut ledger = snapshot
+            .losses
+            .take()
+            .map(|l| l.resumed(now_ms()))
+            .unwrap_or_default();
+        let mut saved_ledger = ledger.clone();
+        let mut ledger_saved_at = tokio::time::Instant::now();
         let first = plan::first_window(now_ms(), self.window_ms);
         let mut table = Table::restore(snapshot, term, first, config.faults);
         tracing::info!(
@@ -197,7 +209,9 @@ impl Active<'_> {
             open = table.open(),
             "resuming the persisted task state"
         );
-        let (save_tx, save_rx) = watch::channel(table.snapshot());
+        let mut initial = table.snapshot();
+        initial.losses = Some(saved_ledger.clone());
+        let (save_tx, save_rx) = watch::channel(initial);
         let mut saver = tokio::spawn(state::persist(store, save_rx, stop.clone()));
 
         let modes = crate::modes::follow(
@@ -217,7 +231,6 @@ impl Active<'_> {
         let mut loads = dispatch::poll_loads(slaves.clone(), Duration::from_millis(500), stop.clone());
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Finished>();
         let mut estimator = Estimator::default();
-        let mut ledger = Ledger::default();
         let mut polled = Polled::default();
         // A slave out of the membership for a Lease duration is gone, not hiccuping.
         let grace_ms = i64::try_from(config.lease.as_millis()).unwrap_or(i64::MAX);
@@ -303,7 +316,16 @@ impl Active<'_> {
                 .set(i64::try_from(table.delayed()).unwrap_or(i64::MAX));
             let lag = (now - table.oldest_open_ms() - self.window_ms).max(0) / 1000;
             self.metrics.lag_seconds.set(lag);
-            let snapshot = table.snapshot();
+            // A change of slave processes is saved at once; counts, which
+            // change with every poll, at most every LEDGER_SAVE_PERIOD.
+            let due =
+                saved_ledger.processes_differ(&ledger) || ledger_saved_at.elapsed() >= LEDGER_SAVE_PERIOD;
+            if due && ledger != saved_ledger {
+                saved_ledger = ledger.clone();
+                ledger_saved_at = tokio::time::Instant::now();
+            }
+            let mut snapshot = table.snapshot();
+            snapshot.losses = Some(saved_ledger.clone());
             save_tx.send_if_modified(|current| {
                 let changed = *current != snapshot;
                 if changed {
@@ -313,7 +335,9 @@ impl Active<'_> {
             });
         }
         // A last save, so the standby starts from the freshest state.
-        let _ = save_tx.send(table.snapshot());
+        let mut last = table.snapshot();
+        last.losses = Some(ledger);
+        let _ = save_tx.send(last);
         stop.cancel();
         match saver.await {
             Ok(result) => result.map_err(Error::from),

@@ -96,6 +96,9 @@ pub struct Snapshot {
     /// this one on are computed again when it returns.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hot_gap_from_ms: Option<i64>,
+    /// The slave memory account, as last saved (the table leaves it empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub losses: Option<super::losses::Ledger>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -240,6 +243,7 @@ impl Table {
                 .collect(),
             recent: self.recent.clone(),
             hot_gap_from_ms: self.hot_gap_from_ms,
+            losses: None,
         }
     }
 

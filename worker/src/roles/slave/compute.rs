@@ -18,7 +18,7 @@ use tonic::Status;
 
 use super::lock;
 use super::store::{SpanExpired, Store};
-use crate::compute::engine::{self, Sql};
+use crate::compute::engine::Engine;
 use crate::compute::{ComputeError, MerchantResult};
 use crate::health::counter;
 use crate::kv::{BUCKET_TTL_SECONDS, KvError, KvStore, Layout};
@@ -71,7 +71,7 @@ pub struct Stores {
 /// Runs compute tasks with a bounded number at once.
 pub struct Computer {
     pipeline: String,
-    sql: Sql,
+    engine: Engine,
     stores: Stores,
     kv: tokio::sync::Mutex<Option<KvStore>>,
     cache: tokio::sync::Mutex<Option<ResultCache>>,
@@ -110,6 +110,8 @@ impl From<TaskError> for Status {
         match error {
             // The engine itself failing (e.g. out of memory) may pass on a retry.
             TaskError::Compute(ComputeError::Engine(_)) => Status::unavailable(message),
+            // Too heavy for this pod's budget: retried, then moved elsewhere.
+            TaskError::Compute(ComputeError::OutOfMemory { .. }) => Status::resource_exhausted(message),
             TaskError::Compute(_) => Status::invalid_argument(message),
             TaskError::Malformed(_) => Status::invalid_argument(message),
             TaskError::Kv(KvError::Corrupt { .. }) => Status::data_loss(message),
@@ -121,10 +123,10 @@ impl From<TaskError> for Status {
 }
 
 impl Computer {
-    /// A computer running `sql` with `slots` tasks at once.
+    /// A computer running its engine's SQL with `slots` tasks at once.
     pub fn new(
         pipeline: String,
-        sql: Sql,
+        engine: Engine,
         stores: Stores,
         memory: Arc<Mutex<Store>>,
         modes: watch::Receiver<Modes>,
@@ -133,7 +135,7 @@ impl Computer {
     ) -> Self {
         Self {
             pipeline,
-            sql,
+            engine,
             stores,
             kv: tokio::sync::Mutex::new(None),
             cache: tokio::sync::Mutex::new(None),
@@ -209,7 +211,8 @@ impl Computer {
             _ => return Err(malformed()),
         };
         self.metrics.events.inc_by(events.len() as u64);
-        let results = engine::run(&self.sql, &events).await?;
+        let count = events.len();
+        let results = self.engine.run(events).await?;
         let slot = Slot {
             pipeline: self.pipeline.clone(),
             granularity,
@@ -218,7 +221,7 @@ impl Computer {
         let (hot, hot_skipped) = self.write_hot(&slot, task.version, &results).await?;
         let cache = self.write_cache(&slot, task.version, &results).await?;
         Ok(TaskReport {
-            events: events.len() as u64,
+            events: count as u64,
             merchants: u32::try_from(results.len()).unwrap_or(u32::MAX),
             duration_ms: 0,
             refused_hot: u32::try_from(hot.refused).unwrap_or(u32::MAX),

@@ -29,7 +29,7 @@ use self::compute::{Computer, Stores};
 use self::store::{Store, StoreError};
 use super::Deps;
 use super::startup::{self, StartupError};
-use crate::compute::engine::Sql;
+use crate::compute::engine::{Engine, Sql};
 use crate::kv::Layout;
 use crate::membership::{self, Member};
 use crate::modes::Modes;
@@ -61,6 +61,8 @@ pub struct Config {
     pub drain: Duration,
     /// Compute tasks run at once.
     pub slots: u32,
+    /// Bytes the SQL's operators may hold between them (`None`: unbounded).
+    pub compute_memory: Option<usize>,
     /// Password of the KV Redis.
     pub kv_password: Option<String>,
     /// Password of the cache Redis.
@@ -81,6 +83,9 @@ pub enum Error {
     /// The pipeline's SQL does not parse.
     #[error(transparent)]
     Sql(#[from] crate::compute::ComputeError),
+    /// The compute runtime's threads could not be started.
+    #[error("starting the compute runtime: {0}")]
+    ComputeRuntime(std::io::Error),
     /// The hot MySQL address is not a valid URL.
     #[error("hot MySQL: {0}")]
     HotStore(#[from] mysql_async::UrlError),
@@ -311,9 +316,16 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         stopped.clone(),
     );
     let service_modes = modes.clone();
+    if config.compute_memory.is_none() {
+        tracing::warn!(
+            "no compute memory budget (no pod memory limit): a heavy window can exhaust the pod's memory"
+        );
+    }
+    let engine = Engine::new(crate::compute::frame::parallelism(), sql, config.compute_memory)
+        .map_err(Error::ComputeRuntime)?;
     let computer = Arc::new(Computer::new(
         config.pipeline.clone(),
-        sql,
+        engine,
         stores,
         store.clone(),
         modes.clone(),
