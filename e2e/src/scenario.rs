@@ -1,6 +1,7 @@
 //! What scenario tests and the demo wait on: a condition polled until a
-//! deadline, a line in a worker's log, a free port, and a metric scraped from
-//! a worker's `/metrics`; and the guard that restarts servers a scenario stopped.
+//! deadline, a pipeline's or a worker's readiness, a free port, and a metric
+//! scraped from a worker's `/metrics`; and the guard that restarts servers a
+//! scenario stopped.
 
 use std::time::{Duration, Instant};
 
@@ -58,15 +59,6 @@ where
     }
 }
 
-/// Waits until the file at `path` contains `words`.
-pub async fn until_logged(path: &std::path::Path, words: &str, secs: u64) -> Result<(), WaitError> {
-    eventually(&format!("{} logging {words:?}", path.display()), secs, || async {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        Ok::<_, std::io::Error>(text.contains(words).then_some(()))
-    })
-    .await
-}
-
 /// Waits until pipeline `name` in `namespace` reports `Ready=True`: every
 /// Deployment and the StatefulSet it owns has its pods available (a
 /// collector's readiness means its binlog stream is open).
@@ -89,6 +81,17 @@ pub async fn until_pipeline_ready(
                 .any(|c| c.type_ == ballast_crds::conditions::READY && c.status == "True");
             Ok::<_, kube::Error>(ready.then_some(()))
         },
+    )
+    .await
+}
+
+/// Waits until the worker serving `/readyz` on loopback `port` says it is
+/// ready (a collector: its binlog stream is open; an intake: it consumes).
+pub async fn until_ready(port: u16, secs: u64) -> Result<(), WaitError> {
+    eventually(
+        &format!("127.0.0.1:{port}/readyz answering 200"),
+        secs,
+        || async { Ok::<_, std::io::Error>((http_get(port, "/readyz").await?.0 == 200).then_some(())) },
     )
     .await
 }

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use ballast_e2e::scenario::{self, until_logged};
+use ballast_e2e::scenario;
 use ballast_e2e::{Stack, stack_script};
 use ballast_worker::kv::{KvStore, Layout};
 use k8s_openapi::jiff::Timestamp;
@@ -77,10 +77,13 @@ async fn orders_reach_the_kv_store_exactly_once_across_a_crash_and_a_kafka_outag
     let now = Timestamp::now().as_millisecond();
 
     let worker = std::path::Path::new(env!("CARGO_BIN_EXE_ballast-worker"));
-    let log = std::env::temp_dir().join(format!("ballast-{ns}-collector-0.log"));
     let _intake = stack.worker(worker, "intake", &ns, &pipeline, "intake-0")?;
-    let collector = stack.worker(worker, "collector", &ns, &pipeline, "collector-0")?;
-    until_logged(&log, "tailing the binlog", 30).await?;
+    // Ready once its binlog stream is open.
+    let port = scenario::free_port()?;
+    let metrics = format!("127.0.0.1:{port}");
+    let env = [("BALLAST_METRICS_ADDR", metrics.as_str())];
+    let collector = stack.worker_with(worker, &["collector"], &ns, &pipeline, "collector-0", &env)?;
+    scenario::until_ready(port, 30).await?;
 
     insert(&mut db, "orders", 0, 100).await?;
     until_stored(&mut kv, now, 100, 60).await?;
@@ -88,18 +91,18 @@ async fn orders_reach_the_kv_store_exactly_once_across_a_crash_and_a_kafka_outag
     // A crash: the collector resumes from its checkpoint, nothing lost or doubled.
     drop(collector);
     insert(&mut db, "orders", 100, 100).await?;
-    std::fs::remove_file(&log)?;
-    let _collector = stack.worker(worker, "collector", &ns, &pipeline, "collector-0")?;
-    until_logged(&log, "tailing the binlog", 30).await?;
+    let _collector = stack.worker_with(worker, &["collector"], &ns, &pipeline, "collector-0", &env)?;
+    scenario::until_ready(port, 30).await?;
     until_stored(&mut kv, now, 200, 60).await?;
 
     // Kafka down: after the policy's retries the collector goes to the backup intake.
     stack_script(&["stop", "kafka"])?;
     insert(&mut db, "orders", 200, 50).await?;
     until_stored(&mut kv, now, 250, 90).await?;
+    let switches = scenario::metric(port, "ballast_collector_path_switches_total").await?;
     assert!(
-        std::fs::read_to_string(&log)?.contains("collector switches path"),
-        "no switch was logged"
+        switches.is_some_and(|n| n >= 1.0),
+        "no path switch counted: {switches:?}"
     );
 
     // Kafka back: the collector returns to it, with no gap and no duplicate.

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use ballast_e2e::orders::{self, Metrics, Orders};
-use ballast_e2e::scenario::{self, eventually, free_port, until_logged};
+use ballast_e2e::scenario::{self, eventually, free_port};
 use ballast_e2e::{KillOnDrop, Stack};
 use ballast_worker::results::cache::ResultCache;
 use ballast_worker::results::hot::HotStore;
@@ -60,13 +60,17 @@ impl Running {
         ] {
             running.spawn(pod, role)?;
         }
-        until_logged(&running.log("collector-0"), "tailing the binlog", 60).await?;
+        scenario::until_ready(running.port("collector-0")?, 60).await?;
         eventually("both slaves in the membership", 30, || running.slaves_ready()).await?;
         Ok(running)
     }
 
-    fn log(&self, pod: &str) -> std::path::PathBuf {
-        std::env::temp_dir().join(format!("ballast-{}-{pod}.log", self.ns))
+    /// The metrics port of `pod`.
+    fn port(&self, pod: &str) -> anyhow::Result<u16> {
+        self.workers
+            .get(pod)
+            .map(|(_, p)| *p)
+            .ok_or_else(|| anyhow::anyhow!("no {pod}"))
     }
 
     fn spawn(&mut self, pod: &str, role: &str) -> anyhow::Result<()> {
@@ -95,12 +99,7 @@ impl Running {
     }
 
     async fn metric(&self, pod: &str, series: &str) -> anyhow::Result<f64> {
-        let port = self
-            .workers
-            .get(pod)
-            .map(|(_, p)| *p)
-            .ok_or_else(|| anyhow::anyhow!("no {pod}"))?;
-        Ok(scenario::metric(port, series).await?.unwrap_or(0.0))
+        Ok(scenario::metric(self.port(pod)?, series).await?.unwrap_or(0.0))
     }
 
     async fn slaves_ready(&self) -> anyhow::Result<Option<()>> {

@@ -43,6 +43,21 @@ async fn joined(leases: &Api<Lease>, name: &str) -> anyhow::Result<String> {
     }
 }
 
+/// The hour-to-date task over slave memory for the hour holding `at_ms`, as the master sends it.
+fn hour_from_memory(at_ms: i64, slave: &str) -> ComputeTask {
+    let start = at_ms - at_ms.rem_euclid(3_600_000);
+    ComputeTask {
+        task_id: format!("hour/{start}/{slave}"),
+        window_start_ms: start,
+        window_end_ms: start + 3_600_000,
+        version: 1,
+        granularity: Granularity::Hour.into(),
+        source: DataSource::Memory.into(),
+        partition: 0,
+        partitions: 1,
+    }
+}
+
 /// A slave process on a pipeline fixture of its own, joined.
 struct Running {
     client: kube::Client,
@@ -279,18 +294,8 @@ async fn a_memory_task_reaching_back_before_the_retention_is_refused_not_compute
 
     // An hour-to-date task from before the drop would compute over what is
     // left, and replace the result computed while the span was whole.
-    let start = then - then.rem_euclid(3_600_000);
     let status = grpc
-        .compute(ComputeTask {
-            task_id: format!("hour/{start}/aged-slave-0"),
-            window_start_ms: start,
-            window_end_ms: start + 3_600_000,
-            version: 1,
-            granularity: Granularity::Hour.into(),
-            source: DataSource::Memory.into(),
-            partition: 0,
-            partitions: 1,
-        })
+        .compute(hour_from_memory(then, "aged-slave-0"))
         .await
         .expect_err("a span partly aged out must not be computed");
     assert_eq!(status.code(), tonic::Code::OutOfRange, "{}", status.message());
@@ -337,18 +342,8 @@ async fn a_window_heavier_than_the_compute_budget_fails_as_a_task_and_the_slave_
         })
         .await?;
     }
-    let start = now - now.rem_euclid(3_600_000);
     let status = grpc
-        .compute(ComputeTask {
-            task_id: format!("hour/{start}/heavy-slave-0"),
-            window_start_ms: start,
-            window_end_ms: start + 3_600_000,
-            version: 1,
-            granularity: Granularity::Hour.into(),
-            source: DataSource::Memory.into(),
-            partition: 0,
-            partitions: 1,
-        })
+        .compute(hour_from_memory(now, "heavy-slave-0"))
         .await
         .expect_err("a window over the budget must fail");
     assert_eq!(

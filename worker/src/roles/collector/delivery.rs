@@ -56,6 +56,44 @@ const MAX_RETRY: Duration = Duration::from_secs(1);
 /// How often a collector on the backup intake checks whether Kafka answers again.
 const KAFKA_RECHECK: Duration = Duration::from_secs(3);
 
+/// What the collector just learned about its path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Seen {
+    /// Before an attempt: the published MQ mode, and whether Kafka answered
+    /// a check, if one was made.
+    Mode { mq: Mode, kafka_answers: Option<bool> },
+    /// Kafka refused a batch for the `failures`-th time in a row; the policy allows `retries`.
+    KafkaFailed { failures: u32, retries: u32 },
+}
+
+/// The path to take after seeing `seen` on `path`, and why, when it changes.
+/// To the backup intake when the operator publishes the MQ as Degraded, or
+/// at once when Kafka refused a batch more often than the policy's retries
+/// (a collector does not wait for the operator to see what it sees); back to
+/// Kafka only once the MQ is Normal *and* Kafka answered this collector.
+/// Pure.
+pub(super) fn switch(path: Path, seen: Seen) -> Option<(Path, &'static str)> {
+    match (path, seen) {
+        (
+            Path::Kafka,
+            Seen::Mode {
+                mq: Mode::Degraded, ..
+            },
+        ) => Some((Path::Backup, "the operator published the MQ as Degraded")),
+        (Path::Kafka, Seen::KafkaFailed { failures, retries }) if failures > retries => {
+            Some((Path::Backup, "Kafka refused the batch after the policy's retries"))
+        }
+        (
+            Path::Backup,
+            Seen::Mode {
+                mq: Mode::Normal,
+                kafka_answers: Some(true),
+            },
+        ) => Some((Path::Kafka, "the MQ is Normal and Kafka answers again")),
+        _ => None,
+    }
+}
+
 impl Sender {
     /// Delivers `events` (and dead letters); returns once all are acknowledged.
     async fn send(
@@ -83,9 +121,8 @@ impl Sender {
                     sent += acknowledged;
                     failures += 1;
                     tracing::warn!(%error, failures, "producing to Kafka failed");
-                    if failures > self.retries {
-                        self.switch(Path::Backup, "Kafka refused the batch after the policy's retries");
-                    }
+                    let retries = self.retries;
+                    self.apply(switch(self.path, Seen::KafkaFailed { failures, retries }));
                 }
                 Err((acknowledged, error, retry_after)) => {
                     sent += acknowledged;
@@ -105,18 +142,16 @@ impl Sender {
     /// refusing backup intake still goes back to Kafka when it returns.
     async fn follow_mode(&mut self) {
         let mq = self.modes.borrow().get(Dependency::Mq).0;
-        match (self.path, mq) {
-            (Path::Kafka, Mode::Degraded) => {
-                self.switch(Path::Backup, "the operator published the MQ as Degraded")
-            }
-            (Path::Backup, Mode::Normal) if self.last_kafka_check.elapsed() >= KAFKA_RECHECK => {
-                self.last_kafka_check = tokio::time::Instant::now();
-                if self.kafka_answers().await {
-                    self.switch(Path::Kafka, "the MQ is Normal and Kafka answers again");
-                }
-            }
-            _ => {}
-        }
+        let check = self.path == Path::Backup
+            && mq == Mode::Normal
+            && self.last_kafka_check.elapsed() >= KAFKA_RECHECK;
+        let kafka_answers = if check {
+            self.last_kafka_check = tokio::time::Instant::now();
+            Some(self.kafka_answers().await)
+        } else {
+            None
+        };
+        self.apply(switch(self.path, Seen::Mode { mq, kafka_answers }));
     }
 
     /// Whether a Kafka broker answers a metadata request for the topic.
@@ -134,7 +169,8 @@ impl Sender {
         check.await.unwrap_or(false)
     }
 
-    fn switch(&mut self, to: Path, why: &str) {
+    fn apply(&mut self, switch: Option<(Path, &str)>) {
+        let Some((to, why)) = switch else { return };
         tracing::warn!(from = ?self.path, to = ?to, reason = why, "collector switches path");
         self.metrics.switches.inc();
         self.path = to;
@@ -315,6 +351,35 @@ mod tests {
             (10_000, 1000),
         ] {
             assert_eq!(backup_chunk(rate), chunk, "rate {rate}");
+        }
+    }
+
+    #[test]
+    fn the_collector_switches_paths_on_what_it_sees_and_only_then() {
+        use Mode::{Degraded, Normal, Recovering};
+        let mode = |mq, kafka_answers| Seen::Mode { mq, kafka_answers };
+        let failed = |failures| Seen::KafkaFailed { failures, retries: 3 };
+        // (path, seen, next path or none)
+        let cases = [
+            (Path::Kafka, mode(Normal, None), None),
+            (Path::Kafka, mode(Degraded, None), Some(Path::Backup)),
+            (Path::Kafka, mode(Recovering, None), None),
+            (Path::Kafka, failed(3), None),
+            (Path::Kafka, failed(4), Some(Path::Backup)),
+            (Path::Backup, failed(9), None),
+            (Path::Backup, mode(Degraded, None), None),
+            (Path::Backup, mode(Recovering, Some(true)), None),
+            // Normal alone is not enough: this collector must reach Kafka itself.
+            (Path::Backup, mode(Normal, None), None),
+            (Path::Backup, mode(Normal, Some(false)), None),
+            (Path::Backup, mode(Normal, Some(true)), Some(Path::Kafka)),
+        ];
+        for (path, seen, want) in cases {
+            assert_eq!(
+                switch(path, seen).map(|(to, _)| to),
+                want,
+                "{path:?} seeing {seen:?}"
+            );
         }
     }
 }
