@@ -188,7 +188,7 @@ async fn run_slave(
         lease: pod.lease,
         drain: pod.drain,
         slots: compute.slots,
-        compute_memory: ballast_worker::compute::engine::memory_budget(
+        compute_memory: ballast_worker::compute::runtime::memory_budget(
             compute.memory_bytes,
             compute.pod_memory_limit,
         ),

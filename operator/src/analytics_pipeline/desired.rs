@@ -1,6 +1,6 @@
 //! The objects a pipeline owns, as pure functions of its spec and what fetch
-//! found: typed k8s-openapi structs, applied by server-side apply; a golden
-//! YAML snapshot test pins the whole set.
+//! found: typed k8s-openapi structs ([`Owned`]), applied by server-side
+//! apply; a golden YAML snapshot test pins the whole set.
 
 use std::collections::BTreeMap;
 
@@ -19,82 +19,14 @@ use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+pub use super::owned::{Owned, workloads};
+
 /// Port of the backup intake (gRPC) on intake pods.
 pub const INTAKE_PORT: i32 = 7070;
 /// Port slaves receive tasks and routed events on (gRPC).
 pub const SLAVE_PORT: i32 = 7071;
 /// Port of every worker's `/metrics`, `/healthz`, `/readyz`.
 pub const METRICS_PORT: i32 = 9090;
-
-/// One object the pipeline owns, typed by kind.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Owned {
-    /// The workers' identity.
-    ServiceAccount(ServiceAccount),
-    /// What the workers may do.
-    Role(Role),
-    /// Grants the Role to the ServiceAccount.
-    RoleBinding(RoleBinding),
-    /// The collector, intake and master.
-    Deployment(Deployment),
-    /// The slaves.
-    StatefulSet(StatefulSet),
-    /// The slaves' headless Service and the intake's.
-    Service(Service),
-}
-
-impl Owned {
-    /// The object's kind, as the API spells it.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Self::ServiceAccount(_) => "ServiceAccount",
-            Self::Role(_) => "Role",
-            Self::RoleBinding(_) => "RoleBinding",
-            Self::Deployment(_) => "Deployment",
-            Self::StatefulSet(_) => "StatefulSet",
-            Self::Service(_) => "Service",
-        }
-    }
-
-    /// The object's metadata.
-    pub fn metadata(&self) -> &ObjectMeta {
-        match self {
-            Self::ServiceAccount(o) => &o.metadata,
-            Self::Role(o) => &o.metadata,
-            Self::RoleBinding(o) => &o.metadata,
-            Self::Deployment(o) => &o.metadata,
-            Self::StatefulSet(o) => &o.metadata,
-            Self::Service(o) => &o.metadata,
-        }
-    }
-
-    /// The object's name.
-    pub fn name(&self) -> &str {
-        self.metadata().name.as_deref().unwrap_or_default()
-    }
-
-    /// The full object as JSON, with `apiVersion` and `kind`.
-    #[cfg(test)]
-    pub fn to_json(&self) -> Result<serde_json::Value, serde_json::Error> {
-        match self {
-            Self::ServiceAccount(o) => serde_json::to_value(o),
-            Self::Role(o) => serde_json::to_value(o),
-            Self::RoleBinding(o) => serde_json::to_value(o),
-            Self::Deployment(o) => serde_json::to_value(o),
-            Self::StatefulSet(o) => serde_json::to_value(o),
-            Self::Service(o) => serde_json::to_value(o),
-        }
-    }
-}
-
-/// The workloads among `objects` (kind and name), whose rollout makes the pipeline Ready.
-pub fn workloads(objects: &[Owned]) -> Vec<(&'static str, String)> {
-    objects
-        .iter()
-        .filter(|o| matches!(o, Owned::Deployment(_) | Owned::StatefulSet(_)))
-        .map(|o| (o.kind(), o.name().to_owned()))
-        .collect()
-}
 
 /// The roles that run as Deployments (the slave is a StatefulSet). Only roles
 /// `ballast-worker` has: `spec.roles.query` gets its workload with the query
@@ -529,143 +461,5 @@ fn to_yaml(objects: &[Owned]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    pub(crate) fn fixture() -> AnalyticsPipeline {
-        let text = include_str!("../../../manifests/samples/analyticspipeline.yaml");
-        let mut ap: AnalyticsPipeline = serde_yaml::from_str(text).expect("sample parses");
-        ap.metadata.namespace = Some("shop".into());
-        ap.metadata.uid = Some("00000000-0000-0000-0000-000000000001".into());
-        ap
-    }
-
-    fn owner() -> OwnerReference {
-        OwnerReference {
-            api_version: "ballast.dev/v1alpha1".into(),
-            kind: "AnalyticsPipeline".into(),
-            name: "merchant-analytics".into(),
-            uid: "00000000-0000-0000-0000-000000000001".into(),
-            controller: Some(true),
-            block_owner_deletion: Some(true),
-        }
-    }
-
-    #[test]
-    fn objects_match_the_golden_snapshot() {
-        let inputs = Inputs {
-            slave_replicas: 4,
-            config_hash: "abc123".into(),
-        };
-        let yaml = to_yaml(&objects(&fixture(), &owner(), &inputs));
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/src/analytics_pipeline/golden/objects.yaml"
-        );
-        if std::env::var_os("BALLAST_BLESS").is_some() {
-            // Blessing passes by construction: never where the result counts.
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "BALLAST_BLESS is refused under CI"
-            );
-            std::fs::write(path, &yaml).expect("write golden");
-        }
-        let golden = std::fs::read_to_string(path).unwrap_or_default();
-        assert!(
-            yaml == golden,
-            "desired objects differ from {path}; if the change is intended, rerun with BALLAST_BLESS=1 and review the diff"
-        );
-    }
-
-    fn template(o: &Owned) -> Option<&PodTemplateSpec> {
-        match o {
-            Owned::Deployment(d) => d.spec.as_ref().map(|s| &s.template),
-            Owned::StatefulSet(s) => s.spec.as_ref().map(|s| &s.template),
-            _ => None,
-        }
-    }
-
-    fn container(o: &Owned) -> Option<&Container> {
-        template(o)?.spec.as_ref()?.containers.first()
-    }
-
-    #[test]
-    fn every_workload_runs_a_role_the_worker_binary_has() {
-        let inputs = Inputs {
-            slave_replicas: 2,
-            config_hash: "abc123".into(),
-        };
-        let objects = objects(&fixture(), &owner(), &inputs);
-        assert_eq!(
-            workloads(&objects).len(),
-            4,
-            "collector, intake and master Deployments and the slave StatefulSet"
-        );
-        for object in objects.iter().filter(|o| template(o).is_some()) {
-            let args = container(object).and_then(|c| c.args.clone()).unwrap_or_default();
-            let role = args.first().map(String::as_str).unwrap_or_default();
-            assert!(
-                ballast_worker::roles::NAMES.contains(&role),
-                "{} {} runs `ballast-worker {role}`, which does not exist",
-                object.kind(),
-                object.name()
-            );
-        }
-    }
-
-    #[test]
-    fn every_object_is_owned_by_the_pipeline_as_controller() {
-        let inputs = Inputs {
-            slave_replicas: 2,
-            config_hash: String::new(),
-        };
-        for o in objects(&fixture(), &owner(), &inputs) {
-            let refs = o.metadata().owner_references.clone().unwrap_or_default();
-            assert_eq!(refs.len(), 1, "{}", o.name());
-            assert_eq!(
-                refs[0].uid,
-                "00000000-0000-0000-0000-000000000001",
-                "{}",
-                o.name()
-            );
-            assert_eq!(refs[0].controller, Some(true), "{}", o.name());
-        }
-    }
-
-    #[test]
-    fn slave_replicas_follow_inputs_and_secrets_become_env_refs() {
-        let inputs = Inputs {
-            slave_replicas: 12,
-            config_hash: String::new(),
-        };
-        let objs = objects(&fixture(), &owner(), &inputs);
-        let Some(sts @ Owned::StatefulSet(set)) = objs.iter().find(|o| o.kind() == "StatefulSet") else {
-            panic!("no statefulset");
-        };
-        assert_eq!(set.spec.as_ref().and_then(|s| s.replicas), Some(12));
-        let env = container(sts).and_then(|c| c.env.clone()).unwrap_or_default();
-        let hot = env.iter().find(|e| e.name == "BALLAST_HOT_MYSQL_PASSWORD");
-        let secret = hot
-            .and_then(|e| e.value_from.as_ref())
-            .and_then(|v| v.secret_key_ref.as_ref())
-            .map(|r| r.name.as_str());
-        assert_eq!(secret, Some("results-db"));
-    }
-
-    #[test]
-    fn role_grants_only_this_pipeline_and_its_policy() {
-        let inputs = Inputs {
-            slave_replicas: 2,
-            config_hash: String::new(),
-        };
-        let objs = objects(&fixture(), &owner(), &inputs);
-        let Some(Owned::Role(role)) = objs.iter().find(|o| o.kind() == "Role") else {
-            panic!("no role");
-        };
-        let rules = role.rules.clone().unwrap_or_default();
-        let only = Some(vec!["merchant-analytics".to_owned()]);
-        assert_eq!(rules[0].resource_names, only);
-        assert_eq!(rules[1].resource_names, only);
-        assert!(rules.iter().all(|r| !r.verbs.iter().any(|v| v == "*")));
-    }
-}
+#[path = "desired_tests.rs"]
+mod tests;

@@ -4,6 +4,7 @@
 pub mod apply;
 pub mod desired;
 pub mod fetch;
+pub mod owned;
 pub mod publish;
 pub mod rollout;
 pub mod slaves;

@@ -6,6 +6,7 @@ mod column;
 pub mod engine;
 pub mod frame;
 mod json;
+pub mod runtime;
 
 pub use engine::{Sql, run};
 pub use frame::{FrameError, tables};

@@ -18,7 +18,7 @@ use tonic::Status;
 
 use super::lock;
 use super::store::{SpanExpired, Store};
-use crate::compute::engine::Engine;
+use crate::compute::runtime::Engine;
 use crate::compute::{ComputeError, MerchantResult};
 use crate::health::counter;
 use crate::kv::{BUCKET_TTL_SECONDS, KvError, KvStore, Layout};
