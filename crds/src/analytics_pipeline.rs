@@ -256,6 +256,26 @@ pub struct AnalyticsPipelineStatus {
     /// Events sent to the dead-letter topic since the pipeline was created.
     #[serde(default)]
     pub dead_lettered_events: i64,
+    /// The tracked tables' columns and types, as last read from the source
+    /// database: workers type each window's tables by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_schema: Option<crate::SourceSchema>,
+    /// The last SQL the operator accepted: the master applies it from one
+    /// window on, for every slave; a refused SQL never replaces it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sql: Option<PublishedSql>,
+}
+
+/// A pipeline SQL the operator accepted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PublishedSql {
+    /// Its identity ([`crate::sql::id`]): results record it.
+    pub id: String,
+    /// Its text.
+    pub text: String,
+    /// The pipeline generation it was accepted at.
+    pub generation: i64,
 }
 
 /// The most merchants the backup intake shed on one day.

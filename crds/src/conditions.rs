@@ -8,6 +8,10 @@ pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
 /// At least one dependency is in a degraded mode: the platform runs, partially.
 pub const DEGRADED: &str = "Degraded";
+/// Every window computes: none keeps failing (the master's report).
+pub const COMPUTING: &str = "Computing";
+/// The pipeline's SQL is allowed and published (a refused one leaves the last valid one running).
+pub const SQL_VALID: &str = "SqlValid";
 
 /// The condition type that reports one dependency's health, e.g. `KvAvailable`.
 pub fn dependency_condition(dependency: crate::Dependency) -> &'static str {

@@ -10,11 +10,16 @@ pub mod degradation_policy;
 pub mod member_store;
 pub mod mode;
 pub mod refs;
+pub mod source_schema;
+pub mod sql;
 
-pub use analytics_pipeline::{AnalyticsPipeline, AnalyticsPipelineSpec, AnalyticsPipelineStatus, ShedDay};
+pub use analytics_pipeline::{
+    AnalyticsPipeline, AnalyticsPipelineSpec, AnalyticsPipelineStatus, PublishedSql, ShedDay,
+};
 pub use degradation_policy::{DegradationPolicy, DegradationPolicySpec, DegradationPolicyStatus};
 pub use member_store::{MemberStore, MemberStoreSpec, MemberStoreStatus};
 pub use mode::{Dependency, DependencyModes, DependencyStatus, Fenced, ForcedMode, Mode, SlaveSet};
+pub use source_schema::{ColumnType, SourceColumn, SourceSchema};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod command;
+pub mod kafka;
 pub mod kubelet;
 pub mod manifests;
 pub mod orders;
@@ -367,7 +368,7 @@ impl Stack {
 
 impl Stack {
     /// Runs the `ballast-operator` at `binary` against this stack, its leader
-    /// Lease in `ns`, on a free metrics port; its log goes to the temp directory.
+    /// Lease in `ns`, watching `ns` only, on a free metrics port; its log goes to the temp directory.
     /// It runs as its ServiceAccount ([`OPERATOR_USER`]) with the shipped RBAC.
     pub async fn operator(&self, binary: &std::path::Path, ns: &str) -> Result<KillOnDrop, StackError> {
         self.operator_on(binary, ns, "127.0.0.1:0").await
@@ -403,6 +404,10 @@ impl Stack {
                 "--metrics-addr",
                 metrics_addr,
                 "--lease-namespace",
+                ns,
+                // Its own namespace only: pipelines other tests left behind
+                // (or run beside it) are neither probed nor reconciled twice.
+                "--watch-namespace",
                 ns,
                 "--lease-seconds",
                 "10",

@@ -96,9 +96,31 @@ pub async fn until_ready(port: u16, secs: u64) -> Result<(), WaitError> {
     .await
 }
 
-/// A loopback port free now (for a worker's fixed metrics address).
+/// A loopback port free now (for a worker's fixed metrics address), from
+/// 20000-26999: below the kernel's ephemeral range (32768 up) and the stack's
+/// servers (27000 up). A port `bind(0)` hands out is ephemeral, and an
+/// outgoing connection can take it before the worker binds it.
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 7_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Test binaries run one after another while earlier workers may linger:
+    // each process starts at its own place in the range.
+    let start = std::process::id().wrapping_mul(2_654_435_761) % COUNT;
+    for _ in 0..COUNT {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let Ok(port) = u16::try_from(FIRST + (start + n) % COUNT) else {
+            continue;
+        };
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrNotAvailable,
+        "no free loopback port in 20000-26999",
+    ))
 }
 
 /// The value of the sample named `series` (with its labels, as exposed, e.g.

@@ -316,6 +316,9 @@ server-id = $id
 log-bin = binlog
 binlog-format = ROW
 binlog-row-image = FULL
+# Column names in every table map event: the collector reads each row by the
+# names it was written with, whatever ALTER TABLE came after.
+binlog-row-metadata = FULL
 log-slave-updates = ON
 innodb-buffer-pool-size = 64M
 performance-schema = OFF

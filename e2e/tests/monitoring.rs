@@ -38,6 +38,7 @@ const KNOWN_METRICS: &[&str] = &[
     "ballast_operator_dependency_mode",
     "ballast_operator_dependency_epoch",
     "ballast_operator_pipeline_ready",
+    "ballast_operator_pipeline_windows_failing",
     // master
     "ballast_master_active",
     "ballast_master_term",
@@ -47,11 +48,14 @@ const KNOWN_METRICS: &[&str] = &[
     "ballast_master_window_lag_seconds",
     "ballast_master_stale_results_refused_total",
     "ballast_master_slave_events_lost_total",
+    "ballast_master_windows_failing",
     // collector
     "ballast_collector_events_to_kafka_total",
     "ballast_collector_events_to_backup_intake_total",
     "ballast_collector_events_shed_total",
     "ballast_collector_dead_letters_total",
+    "ballast_collector_dead_letters_pending",
+    "ballast_collector_transaction_parts_total",
     "ballast_collector_path_switches_total",
     // intake and backup intake
     "ballast_intake_events_to_kv_total",

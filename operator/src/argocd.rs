@@ -139,6 +139,10 @@ struct Found {
     /// Slaves ready (the KV switch waits for the scaled-out count).
     ready_slaves: i32,
     rollout: Rollout,
+    /// What the master reports.
+    master: ballast_node::master_report::MasterReport,
+    /// The pipeline's SQL text.
+    sql: &'static str,
 }
 
 impl Default for Found {
@@ -147,6 +151,8 @@ impl Default for Found {
             away: Vec::new(),
             ready_slaves: 1_000,
             rollout: Rollout::Available,
+            master: ballast_node::master_report::MasterReport::default(),
+            sql: "SELECT merchant_id, COUNT(*) AS orders FROM orders GROUP BY merchant_id",
         }
     }
 }
@@ -188,6 +194,14 @@ fn reconciled(found: Found) -> AnalyticsPipeline {
         ready_slaves: found.ready_slaves,
         shedding: Shedding::default(),
         rollout: found.rollout,
+        master: Box::new(found.master),
+        source_schema: None,
+        sql: Box::new(crate::analytics_pipeline::sql::decide(
+            Some(found.sql),
+            GENERATION,
+            None,
+            &Default::default(),
+        )),
     };
     ap.status = Some(status::compute(&ap, &outcome, now()));
     ap
@@ -291,6 +305,33 @@ fn cases() -> Vec<(&'static str, Value, &'static str)> {
         ),
         ("policy missing: Ready is False", as_json(&waiting), "Degraded"),
         (
+            "a SQL the operator refused while every mode is Normal",
+            as_json(&reconciled(Found {
+                sql: "COPY orders TO '/tmp/orders.csv'",
+                ..Found::default()
+            })),
+            "Degraded",
+        ),
+        (
+            "a window keeps failing while every mode is Normal",
+            as_json(&reconciled(Found {
+                master: {
+                    let mut report = ballast_node::master_report::MasterReport::default();
+                    report.set_failing(vec![ballast_node::master_report::FailingWindow {
+                        kind: "window".into(),
+                        start_ms: 0,
+                        end_ms: 60_000,
+                        attempts: 4,
+                        since_ms: 60_000,
+                        error: "decoding failed".into(),
+                    }]);
+                    report
+                },
+                ..Found::default()
+            })),
+            "Degraded",
+        ),
+        (
             "KV store down, slaves scaling before the switch",
             as_json(&reconciled(Found {
                 ready_slaves: 0,
@@ -303,7 +344,7 @@ fn cases() -> Vec<(&'static str, Value, &'static str)> {
             as_json(&reconciled(Found {
                 away: vec![(Dependency::Mq, Mode::Degraded), (Dependency::Kv, Mode::Degraded)],
                 ready_slaves: 0,
-                rollout: Rollout::Available,
+                ..Found::default()
             })),
             "Degraded",
         ),

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use ballast_crds::{AnalyticsPipeline, Dependency, DependencyModes, Mode};
 use k8s_openapi::jiff::Timestamp;
+use kube::api::Api;
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector::ObjectRef;
 use prometheus_client::metrics::counter::Counter;
@@ -35,6 +36,8 @@ pub struct Context {
     probers: Arc<Mutex<HashMap<TargetKey, Shared>>>,
     triggers: mpsc::UnboundedSender<ObjectRef<AnalyticsPipeline>>,
     ready: Arc<watch::Sender<bool>>,
+    /// The one namespace watched, or `None` for the whole cluster.
+    scope: Option<String>,
 }
 
 /// The operator's Prometheus metrics (`ballast_operator_*`).
@@ -54,6 +57,7 @@ pub struct Metrics {
     dependency_mode: Family<Labels, Gauge>,
     dependency_epoch: Family<Labels, Gauge>,
     pipeline_ready: Family<Labels, Gauge>,
+    windows_failing: Family<Labels, Gauge>,
 }
 
 /// Every mode, in the order the state-set gauge lists them.
@@ -125,6 +129,12 @@ impl Metrics {
             "1 while the pipeline's Ready condition is True",
             pipeline_ready.clone(),
         );
+        let windows_failing = Family::default();
+        registry.register(
+            "pipeline_windows_failing",
+            "Windows whose computation keeps failing, as the pipeline's active master reports them",
+            windows_failing.clone(),
+        );
         Self {
             api_check_failures,
             reconciles,
@@ -136,12 +146,13 @@ impl Metrics {
             dependency_mode,
             dependency_epoch,
             pipeline_ready,
+            windows_failing,
         }
     }
 
     /// Sets the mode, epoch and readiness gauges of the pipeline `name` in
     /// `namespace` to what its status now says.
-    pub fn pipeline(&self, namespace: &str, name: &str, modes: &DependencyModes, ready: bool) {
+    pub fn pipeline(&self, namespace: &str, name: &str, modes: &DependencyModes, ready: bool, failing: u64) {
         let of = |dependency: Dependency| -> Labels {
             vec![
                 ("namespace", namespace.to_owned()),
@@ -164,6 +175,9 @@ impl Metrics {
         }
         let pipeline = vec![("namespace", namespace.to_owned()), ("pipeline", name.to_owned())];
         self.pipeline_ready.get_or_create(&pipeline).set(i64::from(ready));
+        self.windows_failing
+            .get_or_create(&pipeline)
+            .set(i64::try_from(failing).unwrap_or(i64::MAX));
     }
 
     /// Removes the gauges of a deleted pipeline, so that no alert fires for it.
@@ -181,10 +195,9 @@ impl Metrics {
             }
             self.dependency_epoch.remove(&of);
         }
-        self.pipeline_ready.remove(&vec![
-            ("namespace", namespace.to_owned()),
-            ("pipeline", name.to_owned()),
-        ]);
+        let pipeline = vec![("namespace", namespace.to_owned()), ("pipeline", name.to_owned())];
+        self.pipeline_ready.remove(&pipeline);
+        self.windows_failing.remove(&pipeline);
     }
 
     /// Failed probes of one kind of server (never the URL: it may hold credentials).
@@ -207,6 +220,7 @@ impl Context {
     pub fn new(
         client: kube::Client,
         instance: String,
+        scope: Option<String>,
     ) -> (Self, mpsc::UnboundedReceiver<ObjectRef<AnalyticsPipeline>>) {
         let (triggers, receiver) = mpsc::unbounded_channel();
         let mut registry = Registry::with_prefix("ballast_operator");
@@ -223,8 +237,24 @@ impl Context {
             probers: Arc::default(),
             triggers,
             ready: Arc::new(watch::channel(false).0),
+            scope,
         };
         (ctx, receiver)
+    }
+
+    /// The API of `K` where the operator watches: one namespace, or all.
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+        K::DynamicType: Default,
+    {
+        match &self.scope {
+            Some(namespace) => Api::namespaced(self.client.clone(), namespace),
+            None => Api::all(self.client.clone()),
+        }
     }
 
     /// Readiness for `/readyz`: true once the API server has answered.

@@ -38,6 +38,10 @@ struct Args {
     /// This replica's identity in the election and in Events.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// Watch one namespace only (a namespaced install, with a Role instead of
+    /// the ClusterRole); the whole cluster when unset.
+    #[arg(long, env = "BALLAST_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
     /// Seconds a leader keeps the Lease without renewing it.
     #[arg(long, default_value_t = 15)]
     lease_seconds: u64,
@@ -53,7 +57,8 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| format!("ballast-operator-{}", std::process::id()));
 
     let client = kube::Client::try_default().await?;
-    let (ctx, triggers) = context::Context::new(client.clone(), identity.clone());
+    let (ctx, triggers) =
+        context::Context::new(client.clone(), identity.clone(), args.watch_namespace.clone());
     let shutdown = CancellationToken::new();
     let (addr, server) = health::serve(
         args.metrics_addr,

@@ -251,6 +251,18 @@ pub struct PipelineState {
     pub failed_attempts: u32,
     /// The slaves' Leases as this operator saw them, judged on its own clock.
     pub slaves: ballast_node::membership::Roster,
+    /// When the source schema was last asked for, and what was read.
+    pub source_schema: SchemaRead,
+}
+
+/// A pipeline's source schema reads: run off the reconcile, so that a slow
+/// source database never delays a mode switch.
+#[derive(Debug, Default)]
+pub struct SchemaRead {
+    /// When the last read started.
+    pub started: Option<tokio::time::Instant>,
+    /// The last schema read, until a reconcile publishes it.
+    pub read: Option<ballast_crds::SourceSchema>,
 }
 
 impl PipelineState {

@@ -254,10 +254,34 @@ impl Running {
             .ok_or_else(|| anyhow::anyhow!("no master holds the lease"))
     }
 
-    /// Waits until either master's log has `words`.
-    async fn until_master_logged(&self, words: &str, secs: u64) -> anyhow::Result<()> {
-        let master = format!("{}-master", self.pipeline);
-        Ok(self.kubelet.until_logged(&master, words, secs).await?)
+    /// Waits until the master's report (in its state ConfigMap) records that
+    /// `slave` went holding `events`, seen at or after `after_ms`.
+    async fn until_loss_reported(
+        &self,
+        slave: &str,
+        events: u64,
+        after_ms: i64,
+        secs: u64,
+    ) -> anyhow::Result<()> {
+        let name = format!("{}-master-state", self.pipeline);
+        eventually(
+            &format!("the master reporting {slave} gone holding {events}"),
+            secs,
+            || async {
+                let state = self.config_maps.get(&name).await?;
+                let json = state
+                    .data
+                    .and_then(|mut d| d.remove(ballast_node::master_report::KEY))
+                    .unwrap_or_else(|| "{}".into());
+                let report: ballast_node::master_report::MasterReport = serde_json::from_str(&json)?;
+                let reported = report
+                    .losses
+                    .iter()
+                    .any(|l| l.slave == slave && l.events == events && l.at_ms >= after_ms);
+                Ok(reported.then_some(()))
+            },
+        )
+        .await
     }
 
     /// Inserts a few batches of orders over ~2 s; returns the SQL condition selecting them.
@@ -311,9 +335,10 @@ async fn kv_failure_keeps_hourly_results_from_slave_memory_and_windows_resume_af
     // The base shrinks back (3 to 2, times the scale factor): the two slaves
     // stopped hand what they hold to the others before they go, so nothing
     // is lost (the master says so) and every hour-to-date stays whole.
+    let scaled_in = Timestamp::now().as_millisecond();
     p.scale_slaves(2).await?;
     for stopped in ["slave-4", "slave-5"] {
-        p.until_master_logged(&format!("no events lost slave={}-{stopped}", p.pipeline), 60)
+        p.until_loss_reported(&format!("{}-{stopped}", p.pipeline), 0, scaled_in, 60)
             .await?;
     }
     p.feed(&mut stream).await?;
@@ -325,9 +350,9 @@ async fn kv_failure_keeps_hourly_results_from_slave_memory_and_windows_resume_af
     // from what that slave last reported holding.
     let (victim, held) = p.fullest_slave().await?;
     anyhow::ensure!(held > 0, "no slave holds events");
+    let crashed = Timestamp::now().as_millisecond();
     anyhow::ensure!(p.kubelet.crash(&victim)?, "{victim} was not running");
-    p.until_master_logged(&format!("slave={victim} events={held}"), 60)
-        .await?;
+    p.until_loss_reported(&victim, held, crashed, 60).await?;
 
     // The active master and a slave crash together: whichever master takes
     // over resumes the memory account the active one saved with its task
@@ -337,10 +362,10 @@ async fn kv_failure_keeps_hourly_results_from_slave_memory_and_windows_resume_af
     anyhow::ensure!(held > 0, "no slave holds events");
     p.until_state_records(&victim, held).await?;
     let active = p.active_master().await?;
+    let crashed = Timestamp::now().as_millisecond();
     anyhow::ensure!(p.kubelet.crash(&active)?, "{active} was not running");
     anyhow::ensure!(p.kubelet.crash(&victim)?, "{victim} was not running");
-    p.until_master_logged(&format!("slave={victim} events={held}"), 90)
-        .await?;
+    p.until_loss_reported(&victim, held, crashed, 90).await?;
 
     // Back: windows from the KV store again.
     stack_script(&["up"])?;

@@ -12,8 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A loopback address with a port that was free a moment ago.
 fn free_addr() -> anyhow::Result<String> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.to_string())
+    Ok(format!("127.0.0.1:{}", ballast_e2e::scenario::free_port()?))
 }
 
 /// `GET /metrics` over plain HTTP/1.0, as curl or promtool would ask: the body of a 200.

@@ -10,11 +10,17 @@
 //! installed (`compute_reference.py`), DataFusion-python and DuckDB over the
 //! same file. Every figure is the median of 5 runs; every engine's output is
 //! checked against ours (rows, total GMV, total orders).
+//!
+//! The frame race: the same events into a typed `orders` table by ours
+//! (`frame::partitioned` with the source schema: inference, then the source
+//! types) and by arrow-json's decoder given the schema, both on one thread
+//! and ours also on every CPU; the tables are checked equal.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ballast_worker::compute::{SAMPLE_SQL, Sql, engine, frame};
+use ballast_crds::{ColumnType, SourceColumn, SourceSchema};
+use ballast_worker::compute::{SAMPLE_SQL, Sql, engine, frame, typed};
 use ballast_worker::wire::{ChangeEvent, Operation};
 use datafusion::arrow::array::{AsArray, RecordBatch};
 use datafusion::arrow::datatypes::Int64Type;
@@ -255,6 +261,115 @@ fn python_references(csv: &Path) -> anyhow::Result<Vec<(String, Duration, Check)
     Ok(found)
 }
 
+/// The source schema of the bench's `orders` rows.
+fn source_schema() -> SourceSchema {
+    let column = |name: &str, type_| SourceColumn {
+        name: name.into(),
+        type_,
+    };
+    let columns = vec![
+        column("id", ColumnType::Int64),
+        column("merchant_id", ColumnType::Utf8),
+        column("amount", ColumnType::Int64),
+        column("user_id", ColumnType::Utf8),
+        column("item", ColumnType::Utf8),
+        column("status", ColumnType::Utf8),
+        column("created_at", ColumnType::Utf8),
+    ];
+    [("orders".to_owned(), columns)].into()
+}
+
+/// The typed `orders` table by arrow-json's decoder: the JSON columns decoded
+/// against the schema, the meta columns built beside them.
+fn arrow_json_table(events: &[ChangeEvent], schema: &SourceSchema) -> anyhow::Result<RecordBatch> {
+    use datafusion::arrow::array::{ArrayRef, Int64Builder, StringBuilder};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::arrow::json::ReaderBuilder;
+    use std::sync::Arc;
+
+    let columns = &schema["orders"];
+    let fields: Vec<Field> = columns
+        .iter()
+        .map(|c| Field::new(&c.name, typed::data_type(c.type_), true))
+        .collect();
+    let mut decoder = ReaderBuilder::new(Arc::new(Schema::new(fields.clone())))
+        .with_batch_size(events.len().max(1))
+        .build_decoder()?;
+    let mut ids = StringBuilder::new();
+    let mut ops = StringBuilder::new();
+    let mut times = Int64Builder::new();
+    for event in events {
+        decoder.decode(&event.columns)?;
+        ids.append_value(&event.event_id);
+        ops.append_value(if event.op == Operation::Insert as i32 {
+            "INSERT"
+        } else {
+            "UPDATE"
+        });
+        times.append_value(event.event_time_ms);
+    }
+    let decoded = decoder
+        .flush()?
+        .ok_or_else(|| anyhow::anyhow!("arrow-json decoded nothing"))?;
+    let mut all = vec![
+        Field::new(frame::META_COLUMNS[0], DataType::Utf8, false),
+        Field::new(frame::META_COLUMNS[1], DataType::Utf8, false),
+        Field::new(frame::META_COLUMNS[2], DataType::Int64, false),
+    ];
+    all.extend(fields);
+    let mut arrays: Vec<ArrayRef> = vec![
+        Arc::new(ids.finish()),
+        Arc::new(ops.finish()),
+        Arc::new(times.finish()),
+    ];
+    arrays.extend(decoded.columns().iter().cloned());
+    Ok(RecordBatch::try_new(Arc::new(Schema::new(all)), arrays)?)
+}
+
+/// Ours against arrow-json's decoder, building the same typed table.
+fn frame_race(events: &[ChangeEvent]) -> anyhow::Result<()> {
+    use datafusion::arrow::compute::concat_batches;
+
+    let schema = source_schema();
+    let ours = |threads: usize| -> anyhow::Result<RecordBatch> {
+        let mut tables = frame::partitioned(events, threads, Some(&schema))?;
+        let parts = tables
+            .remove("orders")
+            .ok_or_else(|| anyhow::anyhow!("no orders table"))?;
+        let first = parts.first().ok_or_else(|| anyhow::anyhow!("no batch"))?;
+        Ok(concat_batches(&first.schema(), &parts)?)
+    };
+    let (mut single, mut parallel, mut decoder) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut a, mut b) = (None, None);
+    for _ in 0..RUNS {
+        let start = Instant::now();
+        a = Some(ours(1)?);
+        single.push(start.elapsed());
+        let start = Instant::now();
+        ours(frame::parallelism())?;
+        parallel.push(start.elapsed());
+        let start = Instant::now();
+        b = Some(arrow_json_table(events, &schema)?);
+        decoder.push(start.elapsed());
+    }
+    anyhow::ensure!(a == b, "ours and arrow-json built different tables");
+    let baseline = median(decoder);
+    println!("frame race: {EVENTS} events into a typed orders table, median of {RUNS}");
+    for (name, elapsed) in [
+        ("arrow-json decoder with the schema (1 thread)", baseline),
+        ("ours: inference + source types (1 thread)", median(single)),
+        ("ours: inference + source types (all threads)", median(parallel)),
+    ] {
+        println!(
+            "  {name:<46} {:>9.3} s {:>12.0} rows/s {:>6.2} x arrow-json",
+            elapsed.as_secs_f64(),
+            rate(elapsed),
+            rate(elapsed) / rate(baseline)
+        );
+    }
+    Ok(())
+}
+
 fn rate(elapsed: Duration) -> f64 {
     EVENTS as f64 / elapsed.as_secs_f64()
 }
@@ -275,7 +390,7 @@ async fn bench() -> anyhow::Result<()> {
     let mut results = Vec::new();
     for _ in 0..RUNS {
         let start = Instant::now();
-        results = engine::run(&sql, &events, None).await?;
+        results = engine::run(&sql, &events, None, None).await?;
         ours.push(start.elapsed());
     }
     let metric = |r: &ballast_worker::compute::MerchantResult, k: &str| {
@@ -348,6 +463,7 @@ async fn bench() -> anyhow::Result<()> {
         Err(e) => println!("python references skipped: {e}"),
     }
     line("  (part) frame::tables: events -> Arrow", median(frames));
+    frame_race(&events)?;
     line("  (part) DataFusion 55.2 SQL over built Arrow", median(sql_times));
     println!(
         "ours = {:.2} x the in-process reference (target >= 0.70); output {our_check:?}",

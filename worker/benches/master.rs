@@ -62,7 +62,7 @@ async fn dispatch_run(slaves: &Slaves, members: &BTreeMap<String, String>) -> an
                 .ok_or_else(|| anyhow::anyhow!("no client for {}", d.slave))?;
             let tx = tx.clone();
             let (key, version) = (d.planned.key.clone(), d.version);
-            let task = dispatch::task_of(&d);
+            let task = dispatch::task_of(&d, None);
             tokio::spawn(async move {
                 let result = dispatch::compute(client, task, Duration::from_secs(30)).await;
                 let _ = tx.send((key, version, result));

@@ -73,6 +73,12 @@ impl Layout {
         time_ms.div_euclid(self.window_ms) * self.window_ms
     }
 
+    /// The key whose presence says the store still holds what was written:
+    /// it has no expiry, so only a store that lost its data lacks it.
+    pub fn marker_key(&self) -> String {
+        format!("ballast:{}:marker", self.pipeline)
+    }
+
     /// The set of merchants of a window.
     pub fn window_key(&self, window_start_ms: i64) -> String {
         format!("ballast:{}:w:{window_start_ms}", self.pipeline)
@@ -173,6 +179,29 @@ impl KvStore {
             conn,
             renewals: Arc::default(),
         }
+    }
+
+    /// The store's marker (see `roles::intake::refill`), if it has one.
+    pub async fn marker(&mut self) -> Result<Option<String>, KvError> {
+        Ok(redis::cmd("GET")
+            .arg(self.layout.marker_key())
+            .query_async(&mut self.conn)
+            .await?)
+    }
+
+    /// Sets the marker to `value` unless one is set; returns the one set now.
+    pub async fn mark(&mut self, value: &str) -> Result<String, KvError> {
+        let (current,): (String,) = redis::pipe()
+            .cmd("SET")
+            .arg(self.layout.marker_key())
+            .arg(value)
+            .arg("NX")
+            .ignore()
+            .cmd("GET")
+            .arg(self.layout.marker_key())
+            .query_async(&mut self.conn)
+            .await?;
+        Ok(current)
     }
 
     /// Writes a batch in one round trip; idempotent on event ids.

@@ -73,6 +73,10 @@ enum Command {
         /// Password of the source database user (from the pipeline's Secret).
         #[arg(long, env = "BALLAST_SOURCE_MYSQL_PASSWORD", hide_env_values = true)]
         source_password: Option<String>,
+        /// Bytes of one transaction's events held before they are delivered
+        /// ahead of its commit (a bulk UPDATE streams instead of filling memory).
+        #[arg(long, env = "BALLAST_COLLECTOR_PART_BYTES", default_value_t = collector::PART_BYTES)]
+        part_bytes: usize,
     },
     /// Intake: Kafka to the KV store (or to the slaves while the KV store is down).
     Intake {
@@ -252,7 +256,7 @@ async fn run_master(pod: Pod, args: MasterArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-async fn run_collector(pod: Pod, source_password: Option<String>) -> Result<(), String> {
+async fn run_collector(pod: Pod, source_password: Option<String>, part_bytes: usize) -> Result<(), String> {
     let client = kube_client().await?;
     let config = collector::Config {
         namespace: pod.namespace,
@@ -260,6 +264,7 @@ async fn run_collector(pod: Pod, source_password: Option<String>) -> Result<(), 
         identity: pod.identity,
         metrics: pod.metrics_addr,
         source_password,
+        part_bytes,
     };
     collector::run(config, Deps { client }, shutdown_token())
         .await
@@ -321,8 +326,17 @@ async fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Collector { pod, source_password } => {
-            role("collector", cli.log_format, run_collector(pod, source_password)).await
+        Command::Collector {
+            pod,
+            source_password,
+            part_bytes,
+        } => {
+            role(
+                "collector",
+                cli.log_format,
+                run_collector(pod, source_password, part_bytes),
+            )
+            .await
         }
         Command::Slave {
             pod,

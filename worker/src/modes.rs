@@ -2,7 +2,9 @@
 //! Kubernetes watch (not a mounted ConfigMap, which the kubelet refreshes far
 //! too slowly for failover). An unreachable API server keeps the last modes.
 
-use ballast_crds::{AnalyticsPipeline, Dependency, Mode, SlaveSet};
+use std::sync::Arc;
+
+use ballast_crds::{AnalyticsPipeline, Dependency, Mode, PublishedSql, SlaveSet, SourceSchema};
 use futures::{StreamExt, TryStreamExt};
 use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
@@ -15,6 +17,8 @@ use tokio_util::sync::CancellationToken;
 pub struct Modes {
     modes: Vec<(Dependency, Mode, i64)>,
     slaves: Option<SlaveSet>,
+    source_schema: Option<Arc<SourceSchema>>,
+    sql: Option<Arc<PublishedSql>>,
 }
 
 impl Modes {
@@ -29,6 +33,16 @@ impl Modes {
     /// The slave set published with a Degraded KV epoch, if any.
     pub fn slave_set(&self) -> Option<&SlaveSet> {
         self.slaves.as_ref()
+    }
+
+    /// The last SQL the operator accepted, if any.
+    pub fn sql(&self) -> Option<Arc<PublishedSql>> {
+        self.sql.clone()
+    }
+
+    /// The source tables' columns and types the operator published, if read yet.
+    pub fn source_schema(&self) -> Option<Arc<SourceSchema>> {
+        self.source_schema.clone()
     }
 
     /// These modes with `dependency` set to `mode` at `epoch`.
@@ -52,6 +66,8 @@ impl Modes {
                 .filter_map(|d| status.dependencies.get(d).map(|s| (d, s.mode, s.epoch)))
                 .collect(),
             slaves: status.slave_set,
+            source_schema: status.source_schema.map(Arc::new),
+            sql: status.sql.map(Arc::new),
         }
     }
 }

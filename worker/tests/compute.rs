@@ -113,6 +113,19 @@ impl Running {
         Ok((ready.len() == 2).then_some(()))
     }
 
+    /// What the active master reports in its state ConfigMap.
+    async fn master_report(&self) -> anyhow::Result<ballast_worker::master_report::MasterReport> {
+        let maps: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.ns);
+        let state = maps.get_opt(&format!("{}-master-state", self.pipeline)).await?;
+        let json = state
+            .and_then(|cm| cm.data)
+            .and_then(|mut d| d.remove(ballast_worker::master_report::KEY));
+        Ok(match json {
+            Some(json) => serde_json::from_str(&json)?,
+            None => Default::default(),
+        })
+    }
+
     async fn active_master(&self) -> anyhow::Result<Option<String>> {
         let leases: Api<Lease> = Api::namespaced(self.client.clone(), &self.ns);
         let lease = leases.get_opt(&format!("{}-master", self.pipeline)).await?;
@@ -290,6 +303,23 @@ async fn results_stay_golden_through_a_hung_slave_a_killed_slave_and_a_twice_fai
         Ok::<_, anyhow::Error>((n >= 2.0).then_some(()))
     })
     .await?;
+    // Round the slaves and into the delay queue: the master reports the
+    // window as failing, with the error, where the operator reads it.
+    let failing = eventually("the poisoned window reported as failing", 60, || async {
+        let report = running.master_report().await?;
+        Ok::<_, anyhow::Error>(report.failing.into_iter().find(|w| w.start_ms == poisoned))
+    })
+    .await?;
+    assert!(
+        failing.kind == "window"
+            && failing.attempts >= 2
+            && !failing.error.is_empty()
+            && failing.error != "no error recorded",
+        "{failing:?}"
+    );
+    let master = running.active_master().await?.unwrap_or_default();
+    let gauge = running.metric(&master, "ballast_master_windows_failing").await?;
+    assert!(gauge >= 1.0, "ballast_master_windows_failing is {gauge}");
     // The data is repaired: a later attempt (after the delay) succeeds.
     redis::cmd("HDEL")
         .arg(&hash)
@@ -332,5 +362,161 @@ async fn results_stay_golden_through_a_hung_slave_a_killed_slave_and_a_twice_fai
     feed(&running.stack, &mut orders, 4, Duration::from_millis(500)).await?;
 
     running.until_golden(&prefix, 90).await?;
+    // The repaired window computed after its delay: nothing reported failing.
+    eventually("no window reported failing", 60, || async {
+        let report = running.master_report().await?;
+        Ok::<_, anyhow::Error>((report.failing_total == 0).then_some(()))
+    })
+    .await?;
+    Ok(())
+}
+
+/// The KV store restarts without its data mid-stream (the stack's runs without
+/// persistence): the intake finds its marker gone and refills the windows
+/// still needed from Kafka, so every result stays golden.
+#[tokio::test]
+async fn results_stay_golden_when_the_kv_store_restarts_empty_mid_stream() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let _restore = scenario::RestoreStack;
+    let running = Running::start("kr").await?;
+    let prefix = running.pipeline.clone();
+    let mut orders = Orders::new(&prefix, 25, 2);
+    eventually("an active master", 30, || running.active_master()).await?;
+    let refills = || running.metric("intake-0", "ballast_intake_kv_refills_total");
+    // The intake's first look finds no marker; that refill finds nothing to do.
+    let before = refills().await?;
+    feed(&running.stack, &mut orders, 4, Duration::from_millis(500)).await?;
+    // Stopped right after the last orders: their windows are not computed yet.
+    ballast_e2e::stack_script(&["stop", "redis-kv"])?;
+    ballast_e2e::stack_script(&["up"])?;
+    eventually("the intake refilling the emptied KV store", 60, || async {
+        Ok::<_, anyhow::Error>((refills().await? > before).then_some(()))
+    })
+    .await?;
+    feed(&running.stack, &mut orders, 4, Duration::from_millis(500)).await?;
+    running.until_golden(&prefix, 120).await?;
+    Ok(())
+}
+
+/// A SQL changed mid-stream applies from one window on, for every slave: the
+/// master reports the boundary; every row before it names the old SQL, every
+/// row from it on names the new one and has its extra column, and both stay
+/// golden. A published SQL that does not plan against the source tables is
+/// refused (reported) and the SQL in force keeps computing.
+#[tokio::test]
+async fn a_changed_sql_applies_from_one_window_on_and_every_row_names_its_sql() -> anyhow::Result<()> {
+    use ballast_worker::compute::SAMPLE_SQL;
+    use kube::api::{Patch, PatchParams};
+
+    let _serial = SERIAL.lock().await;
+    let running = Running::start("sq").await?;
+    let prefix = running.pipeline.clone();
+    let mut orders = Orders::new(&prefix, 25, 2);
+    eventually("an active master", 30, || running.active_master()).await?;
+    feed(&running.stack, &mut orders, 4, Duration::from_millis(500)).await?;
+    // Computed with the first SQL before the change.
+    running.until_golden(&prefix, 60).await?;
+
+    // The operator's part, played here: the source types and a new SQL in status.
+    let old_id = ballast_crds::sql::id(SAMPLE_SQL);
+    let new_sql = SAMPLE_SQL.replace(
+        "COALESCE(ti.top_items, '') AS top_items\n",
+        "COALESCE(ti.top_items, '') AS top_items,\n       t.orders * 10 AS orders_x10\n",
+    );
+    anyhow::ensure!(
+        new_sql != SAMPLE_SQL,
+        "the sample SQL changed shape: update this test"
+    );
+    let new_id = ballast_crds::sql::id(&new_sql);
+    let column = |name: &str, type_: &str| json!({"name": name, "type": type_});
+    let schema = json!({"orders": [
+        column("id", "Int64"), column("merchant_id", "Utf8"), column("amount", "Int64"),
+        column("user_id", "Utf8"), column("item", "Utf8"), column("status", "Utf8"), column("created_at", "Utf8"),
+    ]});
+    let aps: Api<ballast_crds::AnalyticsPipeline> = Api::namespaced(running.client.clone(), &running.ns);
+    let publish = |id: String, text: String| {
+        let status =
+            json!({"status": {"sourceSchema": schema, "sql": {"id": id, "text": text, "generation": 2}}});
+        let aps = aps.clone();
+        let name = running.pipeline.clone();
+        async move {
+            aps.patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
+                .await?;
+            Ok::<_, anyhow::Error>(())
+        }
+    };
+    publish(new_id.clone(), new_sql.clone()).await?;
+    let boundary = eventually("the master adopting the new SQL", 30, || async {
+        let report = running.master_report().await?;
+        Ok::<_, anyhow::Error>(report.sql.iter().find(|v| v.id == new_id).map(|v| v.from_ms))
+    })
+    .await?;
+    feed(&running.stack, &mut orders, 4, Duration::from_millis(500)).await?;
+    running.until_golden(&prefix, 90).await?;
+
+    // Every row names its SQL, on the right side of the boundary.
+    let hot = HotStore::new(
+        mysql_async::Pool::new(mysql_async::Opts::from_url(
+            &running.stack.get("BALLAST_MYSQL_HOT_URL")?,
+        )?),
+        "ballast",
+        2,
+        4,
+    );
+    let mut source = running.stack.source_orders().await?;
+    let want = orders::expected(&mut source, &prefix, WINDOW_MS, "TRUE").await?;
+    let windows: std::collections::BTreeSet<i64> = want.keys().map(|(w, _)| *w).collect();
+    let (mut before, mut after) = (0, 0);
+    for w in windows {
+        let slot = Slot {
+            pipeline: running.pipeline.clone(),
+            granularity: Granularity::Window,
+            window_start_ms: w,
+        };
+        for (merchant, stored) in hot.read(&slot).await? {
+            let sql = stored
+                .metrics
+                .get("_sql")
+                .and_then(|v| v.as_str())
+                .unwrap_or_default();
+            let x10 = stored
+                .metrics
+                .get("orders_x10")
+                .and_then(serde_json::Value::as_i64);
+            let orders = stored.metrics.get("orders").and_then(serde_json::Value::as_i64);
+            if w < boundary {
+                before += 1;
+                anyhow::ensure!(
+                    sql == old_id && x10.is_none(),
+                    "{w} {merchant}: {sql} {x10:?}, before {boundary}"
+                );
+            } else {
+                after += 1;
+                anyhow::ensure!(
+                    sql == new_id && x10 == orders.map(|n| n * 10),
+                    "{w} {merchant}: {sql} {x10:?} for {orders:?} orders, from {boundary}"
+                );
+            }
+        }
+    }
+    anyhow::ensure!(
+        before > 0 && after > 0,
+        "{before} rows before the boundary, {after} after"
+    );
+
+    // A SQL naming a column the source does not have: refused, the new SQL stays.
+    let broken = new_sql.replace("t.orders * 10", "t.no_such_column * 10");
+    let broken_id = ballast_crds::sql::id(&broken);
+    publish(broken_id.clone(), broken).await?;
+    let refused = eventually("the master refusing a SQL that does not plan", 30, || async {
+        let report = running.master_report().await?;
+        Ok::<_, anyhow::Error>(report.sql_refused.filter(|r| r.id == broken_id))
+    })
+    .await?;
+    assert!(refused.error.contains("no_such_column"), "{refused:?}");
+    feed(&running.stack, &mut orders, 2, Duration::from_millis(500)).await?;
+    running.until_golden(&prefix, 90).await?;
+    let report = running.master_report().await?;
+    assert_eq!(report.sql.last().map(|v| v.id.clone()), Some(new_id));
     Ok(())
 }

@@ -334,30 +334,16 @@ async fn intake_stores_each_event_once_dead_letters_garbage_and_follows_the_kv_m
 /// intake rather than lost.
 #[tokio::test]
 async fn a_dead_letter_kafka_refuses_is_retried_and_not_committed_past() -> anyhow::Result<()> {
-    use rdkafka::admin::{AlterConfig, ResourceSpecifier};
-
     let stack = Stack::discover();
     let client = stack.kube_client().await?;
     let (ns, pipeline) = stack.pipeline_fixture(&client, "dl", json!({})).await?;
     let topic = format!("{pipeline}-events");
     let dead_letters = format!("{topic}.dead-letter");
     let bootstrap = stack.get("BALLAST_KAFKA_BOOTSTRAP")?;
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .create()?;
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
+    ballast_e2e::kafka::create(&bootstrap, &[&topic], None).await?;
     // The dead-letter topic refuses any message over 16 bytes, as a broker
     // refuses writes it cannot take.
-    let refusing = NewTopic::new(&dead_letters, 1, TopicReplication::Fixed(1)).set("max.message.bytes", "16");
-    for created in admin
-        .create_topics(
-            [&NewTopic::new(&topic, 1, TopicReplication::Fixed(1)), &refusing],
-            &opts,
-        )
-        .await?
-    {
-        created.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
-    }
+    let refusing = ballast_e2e::kafka::Refusing::create(&bootstrap, &dead_letters).await?;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &bootstrap)
         .create()?;
@@ -382,18 +368,10 @@ async fn a_dead_letter_kafka_refuses_is_retried_and_not_committed_past() -> anyh
     .await?;
     // Killed outright while the dead letter is refused; then the topic takes it.
     drop(intake);
-    let raise = AlterConfig::new(ResourceSpecifier::Topic(&dead_letters)).set("max.message.bytes", "1048576");
-    for altered in admin.alter_configs([&raise], &opts).await? {
-        altered.map_err(|(r, e)| anyhow::anyhow!("altering {r:?}: {e}"))?;
-    }
+    refusing.accept().await?;
     // The next intake gets the message again (its offset was never committed) and stores it.
     let _intake = stack.worker(worker, "intake", &ns, &pipeline, "intake-1")?;
-    let dlq: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .set("group.id", format!("{pipeline}-dlq-check"))
-        .set("auto.offset.reset", "earliest")
-        .create()?;
-    dlq.subscribe(&[&dead_letters])?;
+    let dlq = refusing.consumer(&format!("{pipeline}-dlq-check"))?;
     let message = tokio::time::timeout(Duration::from_secs(60), dlq.recv()).await??;
     assert_eq!(message.payload(), Some(garbage.as_slice()));
     Ok(())

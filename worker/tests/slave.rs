@@ -55,6 +55,8 @@ fn hour_from_memory(at_ms: i64, slave: &str) -> ComputeTask {
         source: DataSource::Memory.into(),
         partition: 0,
         partitions: 1,
+        // The slave's own SQL, as from a master older than SQL-stamped tasks.
+        ..ComputeTask::default()
     }
 }
 

@@ -117,19 +117,6 @@ impl Kubelet {
             .filter_map(|f| std::fs::read_to_string(f).ok())
             .collect()
     }
-
-    /// Waits until a pod of `workload` has logged `words`.
-    pub async fn until_logged(
-        &self,
-        workload: &str,
-        words: &str,
-        secs: u64,
-    ) -> Result<(), crate::scenario::WaitError> {
-        crate::scenario::eventually(&format!("{workload} logging {words:?}"), secs, || async {
-            Ok::<_, std::convert::Infallible>(self.logs(workload).contains(words).then_some(()))
-        })
-        .await
-    }
 }
 
 impl Drop for Kubelet {

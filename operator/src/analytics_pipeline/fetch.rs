@@ -8,6 +8,8 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, ListParams};
 
+use ballast_node::master_report::{self, MasterReport};
+
 use super::Error;
 use super::desired::object_name;
 
@@ -28,6 +30,9 @@ pub struct Fetched {
     pub slaves: Option<StatefulSet>,
     /// The pipeline's Deployments (their status says whether they rolled out).
     pub deployments: Vec<Deployment>,
+    /// What the active master reports (failing windows, memory lost); empty
+    /// before a master saved its state.
+    pub master_report: MasterReport,
 }
 
 /// Names of the Secrets a pipeline references.
@@ -86,5 +91,33 @@ pub async fn fetch(client: &kube::Client, ap: &AnalyticsPipeline) -> Result<Fetc
         "app.kubernetes.io/instance={name},app.kubernetes.io/managed-by=ballast-operator"
     ));
     fetched.deployments = deployments.list(&owned).await.map_err(Error::Fetch)?.items;
+    let state = config_maps
+        .get_opt(&format!("{name}-master-state"))
+        .await
+        .map_err(Error::Fetch)?;
+    fetched.master_report = master_report(state.as_ref());
     Ok(fetched)
+}
+
+/// The master's report in its state ConfigMap. One that cannot be read is
+/// reported as such rather than taken for "nothing fails". Pure.
+pub fn master_report(state: Option<&ConfigMap>) -> MasterReport {
+    let Some(json) = state
+        .and_then(|cm| cm.data.as_ref())
+        .and_then(|d| d.get(master_report::KEY))
+    else {
+        return MasterReport::default();
+    };
+    serde_json::from_str(json).unwrap_or_else(|error| {
+        let mut report = MasterReport::default();
+        report.set_failing(vec![master_report::FailingWindow {
+            kind: "report".into(),
+            start_ms: 0,
+            end_ms: 0,
+            attempts: 0,
+            since_ms: 0,
+            error: master_report::short_error(&format!("the master's report is unreadable: {error}")),
+        }]);
+        report
+    })
 }

@@ -8,6 +8,8 @@ pub mod owned;
 pub mod publish;
 pub mod rollout;
 pub mod slaves;
+pub mod source_schema;
+pub mod sql;
 pub mod status;
 pub mod validate;
 
@@ -82,8 +84,7 @@ pub async fn run(
     triggers: mpsc::UnboundedReceiver<ObjectRef<AnalyticsPipeline>>,
     shutdown: CancellationToken,
 ) {
-    let client = ctx.client.clone();
-    let pipelines: Api<AnalyticsPipeline> = Api::all(client.clone());
+    let pipelines: Api<AnalyticsPipeline> = ctx.api();
     let controller = Controller::new(pipelines, watcher::Config::default());
     let store = controller.store();
     tokio::spawn(sweep(ctx.clone(), store.clone(), shutdown.clone()));
@@ -98,39 +99,28 @@ pub async fn run(
     );
     let stop = shutdown.clone();
     controller
-        .owns(Api::<Deployment>::all(client.clone()), watcher::Config::default())
-        .owns(
-            Api::<StatefulSet>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .owns(Api::<Service>::all(client.clone()), watcher::Config::default())
+        .owns(ctx.api::<Deployment>(), watcher::Config::default())
+        .owns(ctx.api::<StatefulSet>(), watcher::Config::default())
+        .owns(ctx.api::<Service>(), watcher::Config::default())
         .watches(
-            Api::<DegradationPolicy>::all(client.clone()),
+            ctx.api::<DegradationPolicy>(),
             watcher::Config::default(),
             move |dp| referencing(&by_policy, &dp, |ap| ap.spec.policy_ref.name == dp.name_any()),
         )
-        .watches(
-            Api::<Secret>::all(client.clone()),
-            watcher::Config::default(),
-            move |secret| {
-                referencing(&by_secret, &secret, |ap| {
-                    fetch::secret_names(ap).contains(&secret.name_any())
-                })
-            },
-        )
-        .watches(
-            Api::<ConfigMap>::all(client.clone()),
-            watcher::Config::default(),
-            move |cm| {
-                referencing(&by_config_map, &cm, |ap| {
-                    ap.spec
-                        .compute
-                        .sql_config_map_ref
-                        .as_ref()
-                        .is_some_and(|r| r.name == cm.name_any())
-                })
-            },
-        )
+        .watches(ctx.api::<Secret>(), watcher::Config::default(), move |secret| {
+            referencing(&by_secret, &secret, |ap| {
+                fetch::secret_names(ap).contains(&secret.name_any())
+            })
+        })
+        .watches(ctx.api::<ConfigMap>(), watcher::Config::default(), move |cm| {
+            referencing(&by_config_map, &cm, |ap| {
+                ap.spec
+                    .compute
+                    .sql_config_map_ref
+                    .as_ref()
+                    .is_some_and(|r| r.name == cm.name_any())
+            })
+        })
         // Bounded: a burst of changes (an operator restart, 200 new pipelines)
         // neither floods the API server nor holds 200 reconciles' data at once.
         .with_config(controller::Config::default().concurrency(RECONCILE_CONCURRENCY))
@@ -224,27 +214,38 @@ fn thresholds_of(policy: &DegradationPolicySpec, dependency: Dependency) -> crat
     probe::thresholds(probe)
 }
 
-/// A short stable hash (FNV-1a) of what pods must restart for.
-fn config_hash(fetched: &fetch::Fetched) -> String {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    let versions = fetched
+/// What the workers read once, at start: the spec but its SQL (which applies
+/// from one window on without a roll: the master stamps it on each task) and
+/// what only the operator reads (replicas, overrides), the policy, and the
+/// referenced Secrets' versions. Pure.
+fn worker_config(ap: &AnalyticsPipeline, fetched: &fetch::Fetched) -> String {
+    let mut spec = serde_json::to_value(&ap.spec).unwrap_or_default();
+    if let Some(compute) = spec.get_mut("compute").and_then(serde_json::Value::as_object_mut) {
+        compute.remove("sql");
+        compute.remove("sqlConfigMapRef");
+    }
+    if let Some(spec) = spec.as_object_mut() {
+        spec.remove("roles");
+        spec.remove("override");
+    }
+    let policy = fetched
+        .policy
+        .as_ref()
+        .map(|p| serde_json::to_string(&p.spec).unwrap_or_default());
+    let secrets = fetched
         .secrets
         .values()
-        .map(|s| s.metadata.resource_version.clone())
-        .chain(std::iter::once(
-            fetched
-                .sql_config_map
-                .as_ref()
-                .and_then(|c| c.metadata.resource_version.clone()),
-        ));
-    for byte in versions
-        .flatten()
-        .flat_map(|v| v.into_bytes().into_iter().chain([0]))
-    {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{hash:016x}")
+        .filter_map(|s| s.metadata.resource_version.clone());
+    std::iter::once(spec.to_string())
+        .chain(policy)
+        .chain(secrets)
+        .collect::<Vec<_>>()
+        .join("\0")
+}
+
+/// A short stable hash of [`worker_config`], in the pod template: pods roll when it changes.
+fn config_hash(ap: &AnalyticsPipeline, fetched: &fetch::Fetched) -> String {
+    ballast_crds::sql::id(&worker_config(ap, fetched))
 }
 
 #[tracing::instrument(skip_all, fields(pipeline = %ap.name_any(), namespace = ap.namespace().unwrap_or_default()))]
@@ -278,6 +279,21 @@ async fn reconcile_pipeline(ap: &Arc<AnalyticsPipeline>, ctx: &Context) -> Resul
     };
 
     let targets = probe::targets(ap, valid.policy, |r| valid.secret(r));
+    let password = ap
+        .spec
+        .source
+        .mysql
+        .password_secret_ref
+        .as_ref()
+        .and_then(|r| valid.secret(r));
+    let source_schema = schema(ctx, &key, ap, password);
+    let previous_sql = ap.status.as_ref().and_then(|s| s.sql.as_ref());
+    let sql = sql::decide(
+        valid.sql_text(ap).as_deref(),
+        ap.metadata.generation.unwrap_or_default(),
+        previous_sql,
+        &fetched.master_report,
+    );
     let (detected, reasons) = sync_state(ctx, &key, ap, valid.policy, targets, now);
     let previous = ap.status.clone().unwrap_or_default().dependencies;
     let ready: Vec<String> = {
@@ -308,7 +324,7 @@ async fn reconcile_pipeline(ap: &Arc<AnalyticsPipeline>, ctx: &Context) -> Resul
     let owner = ap.controller_owner_ref(&()).ok_or(Error::MissingNamespace)?;
     let inputs = desired::Inputs {
         slave_replicas: publication.slave_replicas,
-        config_hash: config_hash(&fetched),
+        config_hash: config_hash(ap, &fetched),
     };
     let objects = desired::objects(ap, &owner, &inputs);
     apply::apply(&ctx.client, &ns, &objects).await?;
@@ -330,8 +346,9 @@ async fn reconcile_pipeline(ap: &Arc<AnalyticsPipeline>, ctx: &Context) -> Resul
     }
     let requeue = if publication.progressing.is_some() {
         Duration::from_secs(1)
-    } else if publication.slave_set.is_some() {
-        // A slave that crashed changes nothing in its Lease: it only lapses.
+    } else if publication.slave_set.is_some() || fetched.master_report.failing_total > 0 {
+        // A slave that crashed changes nothing in its Lease: it only lapses;
+        // a failing window is reported in a ConfigMap that is not watched.
         Duration::from_secs(5)
     } else {
         Duration::from_secs(30)
@@ -341,6 +358,9 @@ async fn reconcile_pipeline(ap: &Arc<AnalyticsPipeline>, ctx: &Context) -> Resul
         ready_slaves,
         shedding: ballast_node::membership::shedding(&fetched.intake_leases),
         rollout,
+        master: Box::new(fetched.master_report),
+        source_schema,
+        sql: Box::new(sql),
     };
     report(ctx, &recorder, ap, &outcome, now).await?;
     if let status::Outcome::Reconciled { publication, .. } = &outcome {
@@ -374,13 +394,53 @@ async fn report(
         .conditions
         .iter()
         .any(|c| c.type_ == ballast_crds::conditions::READY && c.status == "True");
+    let failing = match outcome {
+        status::Outcome::Reconciled { master, .. } => master.failing_total,
+        status::Outcome::Invalid(_) => 0,
+    };
     ctx.metrics.pipeline(
         ap.metadata.namespace.as_deref().unwrap_or_default(),
         &ap.name_any(),
         &computed.dependencies,
         ready,
+        failing,
     );
     Ok(())
+}
+
+/// The source schema read since the last reconcile, to publish; starts a
+/// new read in the background when one is due, which triggers a reconcile
+/// when done.
+fn schema(
+    ctx: &Context,
+    key: &ObjectRef<AnalyticsPipeline>,
+    ap: &AnalyticsPipeline,
+    password: Option<String>,
+) -> Option<ballast_crds::SourceSchema> {
+    let mut pipelines = ctx.pipelines();
+    let state = &mut pipelines.entry(key.clone()).or_default().source_schema;
+    let due = state
+        .started
+        .is_none_or(|at| at.elapsed() >= source_schema::REFRESH);
+    if due {
+        state.started = Some(tokio::time::Instant::now());
+        let (ctx, key) = (ctx.clone(), key.clone());
+        let source = ap.spec.source.clone();
+        tokio::spawn(async move {
+            match source_schema::read(&source.mysql, password, &source.tables).await {
+                Ok(schema) => {
+                    if let Some(state) = ctx.pipelines().get_mut(&key) {
+                        state.source_schema.read = Some(schema);
+                    }
+                    ctx.trigger(key);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "reading the source schema failed; the last one stays published")
+                }
+            }
+        });
+    }
+    state.read.take()
 }
 
 type Detected = (BTreeMap<Dependency, Machine>, BTreeMap<Dependency, String>);
@@ -445,6 +505,48 @@ fn resume(ap: &AnalyticsPipeline) -> PipelineState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn workers_roll_for_what_they_read_at_start_and_not_for_the_sql() {
+        let base: AnalyticsPipeline =
+            serde_yaml::from_str(include_str!("../../../manifests/samples/analyticspipeline.yaml"))
+                .expect("sample pipeline");
+        let fetched = fetch::Fetched::default();
+        let hash = |change: &dyn Fn(&mut AnalyticsPipeline)| {
+            let mut ap = base.clone();
+            change(&mut ap);
+            config_hash(&ap, &fetched)
+        };
+        let same = hash(&|_| {});
+        // (what changes, whether the workers roll)
+        type Change<'a> = (&'a str, &'a dyn Fn(&mut AnalyticsPipeline), bool);
+        let cases: [Change<'_>; 5] = [
+            (
+                "the SQL",
+                &|ap| ap.spec.compute.sql = Some("SELECT 1".into()),
+                false,
+            ),
+            (
+                "the slave replicas",
+                &|ap| ap.spec.roles.slave.replicas += 1,
+                false,
+            ),
+            (
+                "the tracked tables",
+                &|ap| ap.spec.source.tables.push("refunds".into()),
+                true,
+            ),
+            (
+                "the merchant column",
+                &|ap| ap.spec.source.merchant_column = "shop_id".into(),
+                true,
+            ),
+            ("the window", &|ap| ap.spec.compute.window_seconds += 60, true),
+        ];
+        for (what, change, rolls) in cases {
+            assert_eq!(hash(change) != same, rolls, "{what}");
+        }
+    }
 
     #[test]
     fn retry_delay_doubles_from_one_second_and_caps_at_five_minutes() {

@@ -38,7 +38,7 @@ fn pipeline_of(lease: &Lease) -> Option<ObjectRef<AnalyticsPipeline>> {
 
 /// Watches slave Leases until `shutdown`, triggering their pipeline's reconcile on each change of standing.
 pub async fn watch(ctx: Context, shutdown: CancellationToken) {
-    let api: Api<Lease> = Api::all(ctx.client.clone());
+    let api: Api<Lease> = ctx.api();
     let config = watcher::Config::default().labels(&format!("{ROLE_LABEL}=slave"));
     let mut events = watcher::watcher(api, config).default_backoff().boxed();
     let mut known: HashMap<(Option<String>, Option<String>), Standing> = HashMap::new();

@@ -3,6 +3,7 @@
 
 use ballast_crds::conditions::{self, Desired};
 use ballast_crds::{AnalyticsPipeline, AnalyticsPipelineStatus, Mode, ShedDay};
+use ballast_node::master_report::MasterReport;
 use ballast_node::membership::Shedding;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -31,7 +32,43 @@ pub enum Outcome {
         shedding: Shedding,
         /// Whether the workloads run what was applied, available.
         rollout: Rollout,
+        /// What the active master reports.
+        master: Box<MasterReport>,
+        /// The source schema read since the last reconcile, if any.
+        source_schema: Option<ballast_crds::SourceSchema>,
+        /// The SQL to publish and its condition.
+        sql: Box<super::sql::SqlDecision>,
     },
+}
+
+/// Whether the previous status said every window computes (or said nothing).
+fn was_computing(ap: &AnalyticsPipeline) -> bool {
+    ap.status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == conditions::COMPUTING))
+        .is_none_or(|c| c.status == "True")
+}
+
+/// The message of the previous `SqlValid` condition, when it did not hold.
+fn refused_sql_message(ap: &AnalyticsPipeline) -> Option<&str> {
+    ap.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == conditions::SQL_VALID && c.status == "False")
+        .map(|c| c.message.as_str())
+}
+
+/// The Computing condition from the master's report. Pure.
+fn computing(master: &MasterReport) -> Desired {
+    match master.failing_summary() {
+        Some(summary) => Desired::fails(conditions::COMPUTING, "WindowsFailing", summary),
+        None => Desired::holds(
+            conditions::COMPUTING,
+            "AllWindowsComputing",
+            "no window keeps failing",
+        ),
+    }
 }
 
 /// The status to write, from the previous one and the outcome. Pure.
@@ -55,7 +92,14 @@ pub fn compute(ap: &AnalyticsPipeline, outcome: &Outcome, now: Timestamp) -> Ana
             ready_slaves,
             shedding,
             rollout,
+            master,
+            source_schema,
+            sql,
         } => {
+            status.sql.clone_from(&sql.published);
+            if let Some(schema) = source_schema {
+                status.source_schema = Some(schema.clone());
+            }
             (status.shed_merchants, status.shed_level) = (shedding.merchants, shedding.level);
             // A restarted intake forgets its day: the status keeps it.
             status.last_shed_day = ShedDay::merge(previous.last_shed_day.clone(), shedding.day.clone());
@@ -111,6 +155,8 @@ pub fn compute(ap: &AnalyticsPipeline, outcome: &Outcome, now: Timestamp) -> Ana
                     Desired::holds(conditions::DEGRADED, "DependencyDegraded", away.join("; "))
                 },
             ];
+            desired.push(computing(master));
+            desired.push(sql.condition.clone());
             desired.extend(publication.conditions.iter().cloned());
             desired
         }
@@ -140,7 +186,28 @@ pub async fn write(
     }
 }
 
-/// One Event per published transition, plus one when the pipeline starts waiting.
+/// The Event when windows start failing, or all compute again. Pure.
+fn computing_event(was_computing: bool, master: &MasterReport) -> Option<Event> {
+    match (was_computing, master.failing_summary()) {
+        (true, Some(summary)) => Some(Event {
+            type_: EventType::Warning,
+            reason: "WindowsFailing".into(),
+            note: Some(summary),
+            action: "Compute".into(),
+            secondary: None,
+        }),
+        (false, None) => Some(Event {
+            type_: EventType::Normal,
+            reason: "WindowsComputing".into(),
+            note: Some("no window keeps failing".into()),
+            action: "Compute".into(),
+            secondary: None,
+        }),
+        _ => None,
+    }
+}
+
+/// One Event per published transition (modes, failing windows), plus one when the pipeline starts waiting.
 pub async fn record(recorder: &Recorder, ap: &AnalyticsPipeline, outcome: &Outcome) -> Result<(), Error> {
     let reference = ap.object_ref(&());
     let events: Vec<Event> = match outcome {
@@ -162,7 +229,12 @@ pub async fn record(recorder: &Recorder, ap: &AnalyticsPipeline, outcome: &Outco
                 }]
             }
         }
-        Outcome::Reconciled { publication, .. } => publication
+        Outcome::Reconciled {
+            publication,
+            master,
+            sql,
+            ..
+        } => publication
             .changes
             .iter()
             .map(|c| Event {
@@ -183,6 +255,12 @@ pub async fn record(recorder: &Recorder, ap: &AnalyticsPipeline, outcome: &Outco
                 action: "SwitchMode".into(),
                 secondary: None,
             })
+            .chain(computing_event(was_computing(ap), master))
+            .chain(super::sql::event(
+                sql,
+                ap.status.as_ref().and_then(|s| s.sql.as_ref()),
+                refused_sql_message(ap),
+            ))
             .collect(),
     };
     for event in events {
@@ -195,6 +273,16 @@ pub async fn record(recorder: &Recorder, ap: &AnalyticsPipeline, outcome: &Outco
 mod tests {
     use super::*;
     use ballast_crds::{Dependency, DependencyModes, DependencyStatus};
+
+    /// The SQL part of an outcome these tests do not look at.
+    fn no_sql() -> Box<crate::analytics_pipeline::sql::SqlDecision> {
+        Box::new(crate::analytics_pipeline::sql::decide(
+            None,
+            0,
+            None,
+            &Default::default(),
+        ))
+    }
 
     fn pipeline() -> AnalyticsPipeline {
         let mut ap: AnalyticsPipeline =
@@ -228,6 +316,71 @@ mod tests {
     }
 
     #[test]
+    fn computing_follows_the_masters_report_with_an_event_on_each_change() {
+        let failing = {
+            let mut report = MasterReport::default();
+            report.set_failing(vec![ballast_node::master_report::FailingWindow {
+                kind: "window".into(),
+                start_ms: 0,
+                end_ms: 60_000,
+                attempts: 4,
+                since_ms: 70_000,
+                error: "decoding failed".into(),
+            }]);
+            report
+        };
+        let full = MasterReport {
+            plan_full: true,
+            ..failing.clone()
+        };
+        // (report, was computing, condition holds, reason, event reason)
+        let cases = [
+            (MasterReport::default(), true, true, "AllWindowsComputing", None),
+            (
+                MasterReport::default(),
+                false,
+                true,
+                "AllWindowsComputing",
+                Some("WindowsComputing"),
+            ),
+            (
+                failing.clone(),
+                true,
+                false,
+                "WindowsFailing",
+                Some("WindowsFailing"),
+            ),
+            (failing.clone(), false, false, "WindowsFailing", None),
+            (
+                full.clone(),
+                true,
+                false,
+                "WindowsFailing",
+                Some("WindowsFailing"),
+            ),
+        ];
+        for (i, (report, was, holds, reason, event)) in cases.into_iter().enumerate() {
+            let condition = computing(&report);
+            assert_eq!(
+                (condition.status, condition.reason.as_str()),
+                (holds, reason),
+                "case {i}"
+            );
+            assert_eq!(
+                computing_event(was, &report).map(|e| e.reason),
+                event.map(str::to_owned),
+                "case {i}"
+            );
+        }
+        let message = computing(&failing).message;
+        assert!(
+            message.contains("decoding failed") && message.starts_with("1 window failing"),
+            "{message}"
+        );
+        assert!(computing(&full).message.contains("the plan is full"));
+    }
+
+    #[test]
     fn the_last_shed_day_outlives_the_shedding_and_an_intake_restart() {
         let day = |day: &str, max_level: i32| {
             Some(ShedDay {
@@ -251,6 +404,9 @@ mod tests {
                 day,
             },
             rollout: Rollout::Available,
+            master: Box::default(),
+            source_schema: None,
+            sql: no_sql(),
         };
         // (stored, reported by the intakes, stored after)
         let cases = [
@@ -311,6 +467,9 @@ mod tests {
                     day: None,
                 },
                 rollout: Rollout::Available,
+                master: Box::default(),
+                source_schema: None,
+                sql: no_sql(),
             },
             at(2),
         );
@@ -341,6 +500,9 @@ mod tests {
             ready_slaves: 2,
             shedding: Shedding::default(),
             rollout,
+            master: Box::default(),
+            source_schema: None,
+            sql: no_sql(),
         };
         let pending = || vec!["Deployment p-intake: 0/1 replicas available".to_owned()];
         // (rollout, mode switch under way, Ready, its reason, Progressing, its reason)

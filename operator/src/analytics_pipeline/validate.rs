@@ -24,6 +24,22 @@ pub struct Valid<'a> {
 }
 
 impl Valid<'_> {
+    /// The pipeline's SQL text: inline, or from its ConfigMap.
+    pub fn sql_text(&self, ap: &AnalyticsPipeline) -> Option<String> {
+        let compute = &ap.spec.compute;
+        if let Some(sql) = &compute.sql {
+            return Some(sql.clone());
+        }
+        let r = compute.sql_config_map_ref.as_ref()?;
+        self.fetched
+            .sql_config_map
+            .as_ref()?
+            .data
+            .as_ref()?
+            .get(&r.key)
+            .cloned()
+    }
+
     /// The value of a referenced Secret key (validated to exist).
     pub fn secret(&self, r: &SecretKeyRef) -> Option<String> {
         let data = self.fetched.secrets.get(&r.name)?.data.as_ref()?;

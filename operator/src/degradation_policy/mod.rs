@@ -32,23 +32,15 @@ pub enum Error {
 
 /// Runs the controller until `shutdown` is cancelled.
 pub async fn run(ctx: Context, shutdown: CancellationToken) {
-    let client = ctx.client.clone();
-    Controller::new(
-        Api::<DegradationPolicy>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .watches(
-        Api::<AnalyticsPipeline>::all(client),
-        watcher::Config::default(),
-        |ap| {
+    Controller::new(ctx.api::<DegradationPolicy>(), watcher::Config::default())
+        .watches(ctx.api::<AnalyticsPipeline>(), watcher::Config::default(), |ap| {
             ap.namespace()
                 .map(|ns| ObjectRef::new(&ap.spec.policy_ref.name).within(&ns))
-        },
-    )
-    .graceful_shutdown_on(async move { shutdown.cancelled().await })
-    .run(reconcile, error_policy, Arc::new(ctx))
-    .for_each(|_| async {})
-    .await;
+        })
+        .graceful_shutdown_on(async move { shutdown.cancelled().await })
+        .run(reconcile, error_policy, Arc::new(ctx))
+        .for_each(|_| async {})
+        .await;
 }
 
 /// The status of a policy used by `pipelines` pipelines. Pure.

@@ -6,6 +6,7 @@
 
 pub mod health;
 pub mod leader;
+pub mod master_report;
 pub mod membership;
 pub mod probe;
 pub mod telemetry;

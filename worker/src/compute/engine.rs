@@ -4,15 +4,15 @@
 //! Tables are registered under their source table names exactly as the events
 //! carry them, and JSON keys become column names as written: SQL folds unquoted
 //! identifiers to lower case, so a mixed-case name must be double-quoted.
-//! A table with no event in the window is not registered at all (its columns
-//! are unknown): SQL that reads it fails with DataFusion's "table not found"
-//! naming it; a pipeline whose windows may lack a table should not read it.
+//! Given the source schema the operator publishes, every tracked table has its
+//! source column types, and one with no event in the window is registered
+//! empty; without it (before the operator first read the source), types are
+//! inferred and a table with no event is not registered.
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
-use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, Float64Type, Int64Type, Schema, UInt64Type};
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::Schema;
 use datafusion::common::TableReference;
 use datafusion::datasource::MemTable;
 use datafusion::error::DataFusionError;
@@ -21,11 +21,12 @@ use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::{DFParser, Statement};
 use datafusion::sql::sqlparser::dialect::GenericDialect;
-use serde_json::{Number, Value};
 
+use super::output::results;
 use super::{ComputeError, MerchantResult, frame};
 use crate::routing::stable_hash;
 use crate::wire::ChangeEvent;
+use ballast_crds::SourceSchema;
 
 /// Rows per batch, in the tables and as DataFusion's batch size. Measured with
 /// the sample SQL over a million rows on two cores: 64 Ki rows ran the SQL
@@ -38,19 +39,45 @@ pub const BATCH_ROWS: usize = 65_536;
 #[derive(Debug, Clone)]
 pub struct Sql {
     id: u64,
+    identity: String,
     statements: Vec<Statement>,
 }
 
 impl Sql {
-    /// Parses `text` (DataFusion's dialect; `--` and `/* */` comments allowed).
+    /// Parses `text` (DataFusion's dialect; `--` and `/* */` comments allowed)
+    /// and refuses any statement but queries and views over them
+    /// ([`ballast_crds::sql::allowed`]): a slave runs only what an analytics
+    /// statement needs, whatever reached it.
     pub fn parse(text: &str) -> Result<Self, ComputeError> {
         let statements = DFParser::parse_sql_with_dialect(text, &GenericDialect {})
             .map_err(|e| ComputeError::Parse(e.to_string()))?;
         if statements.is_empty() {
             return Err(ComputeError::NoStatement);
         }
+        for (i, statement) in statements.iter().enumerate() {
+            let refused = |kind: String, why: String| ComputeError::Refused {
+                number: i + 1,
+                kind,
+                why,
+            };
+            match statement {
+                Statement::Statement(inner) => ballast_crds::sql::allowed(inner)
+                    .map_err(|why| refused(ballast_crds::sql::kind(inner), why))?,
+                other => {
+                    let kind: String = format!("{other:?}")
+                        .chars()
+                        .take_while(char::is_ascii_alphanumeric)
+                        .collect();
+                    return Err(refused(
+                        kind,
+                        "reads or writes outside the window's tables".into(),
+                    ));
+                }
+            }
+        }
         Ok(Self {
             id: stable_hash(text.as_bytes()),
+            identity: ballast_crds::sql::id(text),
             statements: statements.into(),
         })
     }
@@ -58,6 +85,11 @@ impl Sql {
     /// A stable hash of the text: the master keeps duration history per SQL by it.
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// The identity results record (`ballast_crds::sql::id` of the text).
+    pub fn identity(&self) -> &str {
+        &self.identity
     }
 
     /// How many statements the SQL has.
@@ -78,13 +110,14 @@ impl Sql {
 pub async fn run(
     sql: &Sql,
     events: &[ChangeEvent],
+    schema: Option<&SourceSchema>,
     memory_limit: Option<usize>,
 ) -> Result<Vec<MerchantResult>, ComputeError> {
     if events.is_empty() {
         return Ok(Vec::new());
     }
     let threads = frame::parallelism();
-    let tables = frame::partitioned(events, threads)?;
+    let tables = frame::partitioned(events, threads, schema)?;
     let config = SessionConfig::new()
         .with_target_partitions(threads)
         .with_batch_size(BATCH_ROWS)
@@ -135,6 +168,43 @@ pub async fn run(
     results(&output.0, &output.1)
 }
 
+/// Whether `text` is allowed and each statement plans over the source tables
+/// of `schema` (empty tables of their types): what the master checks before
+/// it adopts a published SQL. Nothing runs but view definitions. Without a
+/// schema (not read yet), only the allowlist is checked.
+pub async fn check_plans(text: &str, schema: Option<&SourceSchema>) -> Result<(), ComputeError> {
+    let sql = Sql::parse(text)?;
+    let Some(schema) = schema else {
+        return Ok(());
+    };
+    let engine = |e: DataFusionError| ComputeError::Engine(e.to_string());
+    let ctx = SessionContext::new_with_config(SessionConfig::new().with_information_schema(false));
+    for (name, batches) in super::typed::conform(std::collections::BTreeMap::new(), schema)? {
+        let Some(table_schema) = batches.first().map(RecordBatch::schema) else {
+            continue;
+        };
+        let table = MemTable::try_new(table_schema, vec![batches]).map_err(engine)?;
+        ctx.register_table(TableReference::bare(name), Arc::new(table))
+            .map_err(engine)?;
+    }
+    let total = sql.statements.len();
+    for (i, statement) in sql.statements.iter().enumerate() {
+        let failed = |e: DataFusionError| ComputeError::Statement {
+            number: i + 1,
+            total,
+            message: e.to_string(),
+        };
+        let plan = ctx
+            .state()
+            .statement_to_plan(statement.clone())
+            .await
+            .map_err(failed)?;
+        // A query only becomes a DataFrame; a view is registered for the next statements.
+        ctx.execute_logical_plan(plan).await.map_err(failed)?;
+    }
+    Ok(())
+}
+
 /// Slices batches into [`BATCH_ROWS`]-row pieces dealt round-robin over
 /// `partitions`: DataFusion scans each partition on its own thread, and a
 /// single huge batch would keep all the work on one.
@@ -152,102 +222,6 @@ fn spread(batches: &[RecordBatch], partitions: usize) -> Vec<Vec<RecordBatch>> {
         }
     }
     out
-}
-
-/// The final statement's rows as merchant results.
-fn results(schema: &Schema, batches: &[RecordBatch]) -> Result<Vec<MerchantResult>, ComputeError> {
-    let Ok(merchant_at) = schema.index_of("merchant_id") else {
-        return Err(ComputeError::MissingMerchantId {
-            columns: schema.fields().iter().map(|f| f.name().clone()).collect(),
-        });
-    };
-    let mut out = Vec::new();
-    for batch in batches {
-        let merchants = batch.column(merchant_at);
-        if !matches!(
-            merchants.data_type(),
-            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View | DataType::Dictionary(..)
-        ) {
-            return Err(ComputeError::MerchantIdType {
-                data_type: merchants.data_type().to_string(),
-            });
-        }
-        let merchants = json_values("merchant_id", merchants)?;
-        let mut metrics = Vec::new();
-        for (at, field) in schema.fields().iter().enumerate() {
-            if at != merchant_at {
-                let values = json_values(field.name(), batch.column(at))?;
-                metrics.push((field.name(), values.into_iter()));
-            }
-        }
-        for merchant in merchants {
-            let Value::String(merchant_id) = merchant else {
-                return Err(ComputeError::NullMerchantId);
-            };
-            let metrics = metrics
-                .iter_mut()
-                .map(|(name, values)| ((*name).clone(), values.next().unwrap_or(Value::Null)))
-                .collect();
-            out.push(MerchantResult { merchant_id, metrics });
-        }
-    }
-    out.sort_by(|a, b| a.merchant_id.cmp(&b.merchant_id));
-    if let Some(pair) = out.windows(2).find(|p| p[0].merchant_id == p[1].merchant_id) {
-        return Err(ComputeError::DuplicateMerchant(pair[0].merchant_id.clone()));
-    }
-    Ok(out)
-}
-
-/// A column as JSON values: integers, floats (non-finite → null), strings,
-/// booleans, nulls; anything else Arrow can cast to text (decimals, dates,
-/// timestamps) as strings, exactly as Arrow prints them.
-fn json_values(name: &str, array: &ArrayRef) -> Result<Vec<Value>, ComputeError> {
-    use DataType as T;
-    let target = match array.data_type() {
-        T::Int8 | T::Int16 | T::Int32 | T::Int64 | T::UInt8 | T::UInt16 | T::UInt32 => T::Int64,
-        T::Float16 | T::Float32 | T::Float64 => T::Float64,
-        T::UInt64 => T::UInt64,
-        T::Boolean => T::Boolean,
-        T::Null => T::Null,
-        _ => T::Utf8,
-    };
-    let unsupported = |_| ComputeError::UnsupportedType {
-        column: name.to_owned(),
-        data_type: array.data_type().to_string(),
-    };
-    let array = if array.data_type() == &target {
-        array.clone()
-    } else {
-        cast(array, &target).map_err(unsupported)?
-    };
-    Ok(match target {
-        T::Int64 => array
-            .as_primitive::<Int64Type>()
-            .iter()
-            .map(|v| v.map_or(Value::Null, Value::from))
-            .collect(),
-        T::UInt64 => array
-            .as_primitive::<UInt64Type>()
-            .iter()
-            .map(|v| v.map_or(Value::Null, Value::from))
-            .collect(),
-        T::Float64 => array
-            .as_primitive::<Float64Type>()
-            .iter()
-            .map(|v| v.and_then(Number::from_f64).map_or(Value::Null, Value::Number))
-            .collect(),
-        T::Boolean => array
-            .as_boolean()
-            .iter()
-            .map(|v| v.map_or(Value::Null, Value::Bool))
-            .collect(),
-        T::Null => vec![Value::Null; array.len()],
-        _ => array
-            .as_string::<i32>()
-            .iter()
-            .map(|v| v.map_or(Value::Null, |s| Value::String(s.to_owned())))
-            .collect(),
-    })
 }
 
 /// Helpers shared by the unit tests of the compute module.
@@ -274,8 +248,9 @@ mod tests {
     use super::*;
     use crate::compute::SAMPLE_SQL;
     use crate::wire::Operation::{Delete, Insert, Update};
-    use serde_json::Map;
+    use datafusion::arrow::array::ArrayRef;
     use serde_json::json;
+    use serde_json::{Map, Value};
 
     fn metrics(value: Value) -> Map<String, Value> {
         match value {
@@ -387,7 +362,7 @@ mod tests {
     #[tokio::test]
     async fn the_sample_sql_computes_the_hand_worked_metrics() -> Result<(), ComputeError> {
         let sql = Sql::parse(SAMPLE_SQL)?;
-        let results = run(&sql, &sample_events(), None).await?;
+        let results = run(&sql, &sample_events(), None, None).await?;
         let expected = [
             (
                 "m1",
@@ -425,7 +400,7 @@ mod tests {
     #[tokio::test]
     async fn no_events_means_no_results_without_running_the_sql() -> Result<(), ComputeError> {
         let sql = Sql::parse("SELECT * FROM nowhere")?;
-        assert_eq!(run(&sql, &[], None).await?, vec![]);
+        assert_eq!(run(&sql, &[], None, None).await?, vec![]);
         Ok(())
     }
 
@@ -443,7 +418,7 @@ mod tests {
             Insert,
             json!({"merchant_id": "m", "n": 3, "label": "x"}),
         )];
-        let results = run(&sql, &events, None).await?;
+        let results = run(&sql, &events, None, None).await?;
         let want = json!({"small": 3, "big": 6, "ratio": 0.75, "nan": null, "many": true,
             "nothing": null, "label": "x", "exact": "3.00", "unsigned": 3});
         assert_eq!(results.len(), 1);
@@ -478,7 +453,7 @@ mod tests {
         ];
         for (text, want) in cases {
             let got = match Sql::parse(text) {
-                Ok(sql) => run(&sql, &events, None).await.map(|_| ()),
+                Ok(sql) => run(&sql, &events, None, None).await.map(|_| ()),
                 Err(e) => Err(e),
             };
             match got {
@@ -492,7 +467,7 @@ mod tests {
     async fn unknown_tables_are_named_in_the_error() -> Result<(), ComputeError> {
         let sql = Sql::parse("SELECT merchant_id FROM refunds")?;
         let events = [event("e1", "orders", Insert, json!({"merchant_id": "m"}))];
-        match run(&sql, &events, None).await {
+        match run(&sql, &events, None, None).await {
             Err(e @ ComputeError::Statement { .. }) => assert!(e.to_string().contains("refunds"), "{e}"),
             other => panic!("expected a statement error, got {other:?}"),
         }
@@ -546,14 +521,14 @@ mod tests {
         use crate::compute::runtime::Engine;
         let engine = Engine::new(2, Sql::parse(SAMPLE_SQL)?, Some(64 * 1024))
             .map_err(|e| ComputeError::Engine(e.to_string()))?;
-        match engine.run(events.clone()).await {
+        match engine.run(None, events.clone(), None).await {
             Err(ComputeError::OutOfMemory { number, total, .. }) => assert_eq!(number, total),
             other => panic!("expected OutOfMemory, got {other:?}"),
         }
         // The same window within an ample budget computes.
         let ample = Engine::new(2, Sql::parse(SAMPLE_SQL)?, Some(1 << 30))
             .map_err(|e| ComputeError::Engine(e.to_string()))?;
-        assert_eq!(ample.run(events).await?.len(), 5_000);
+        assert_eq!(ample.run(None, events, None).await?.len(), 5_000);
         Ok(())
     }
 }

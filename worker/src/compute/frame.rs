@@ -57,6 +57,17 @@ pub enum FrameError {
         /// The operation number on the wire.
         op: i32,
     },
+    /// A column's values are not of the type the source schema gives it.
+    #[error("table {table}, column {column}: a value is not of the column's source type: {source}")]
+    Typed {
+        /// The table.
+        table: String,
+        /// The column.
+        column: String,
+        /// Arrow's cast error.
+        #[source]
+        source: ArrowError,
+    },
     /// Arrow refused to assemble a table (a bug here, not bad input).
     #[error("building table {table}: {source}")]
     Arrow {
@@ -71,7 +82,7 @@ pub enum FrameError {
 /// One Arrow table per source table name, all rows in one batch.
 pub fn tables(events: &[ChangeEvent]) -> Result<BTreeMap<String, RecordBatch>, FrameError> {
     let mut out = BTreeMap::new();
-    for (name, parts) in partitioned(events, parallelism())? {
+    for (name, parts) in partitioned(events, parallelism(), None)? {
         let schema = parts
             .first()
             .map(RecordBatch::schema)
@@ -87,10 +98,13 @@ pub fn tables(events: &[ChangeEvent]) -> Result<BTreeMap<String, RecordBatch>, F
 
 /// One Arrow table per source table name, as batches of one schema built on up
 /// to `threads` threads (contiguous runs of the table's events, in order).
-/// Skips the copy [`tables`] makes to put each table in one batch.
+/// Skips the copy [`tables`] makes to put each table in one batch. With the
+/// source `schema`, every tracked table has its source types, events or not
+/// ([`super::typed`]).
 pub fn partitioned(
     events: &[ChangeEvent],
     threads: usize,
+    schema: Option<&ballast_crds::SourceSchema>,
 ) -> Result<BTreeMap<String, Vec<RecordBatch>>, FrameError> {
     let mut by_table: BTreeMap<&str, Vec<&ChangeEvent>> = BTreeMap::new();
     for event in events {
@@ -101,7 +115,10 @@ pub fn partitioned(
         let chunks = threads.clamp(1, (rows.len() / MIN_PARALLEL_ROWS).max(1));
         out.insert(name.to_owned(), build(name, &rows, chunks)?);
     }
-    Ok(out)
+    match schema {
+        Some(schema) => super::typed::conform(out, schema),
+        None => Ok(out),
+    }
 }
 
 /// The threads a table is built on by [`tables`]: the machine's CPUs.
@@ -515,7 +532,7 @@ mod tests {
         for (event, want) in cases {
             for threads in [1, 2] {
                 let events = vec![good.clone(), event.clone()];
-                match partitioned(&events, threads) {
+                match partitioned(&events, threads, None) {
                     Err(e) => {
                         let text = e.to_string();
                         assert!(text.contains("bad-1") && text.contains(want), "{text}");

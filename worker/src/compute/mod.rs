@@ -6,7 +6,9 @@ mod column;
 pub mod engine;
 pub mod frame;
 mod json;
+pub mod output;
 pub mod runtime;
+pub mod typed;
 
 pub use engine::{Sql, run};
 pub use frame::{FrameError, tables};
@@ -62,6 +64,19 @@ pub enum ComputeError {
         /// DataFusion's message.
         message: String,
     },
+    /// A statement is not allowed (see `ballast_crds::sql`): `number` is 1-based.
+    #[error("SQL statement {number} ({kind}) is not allowed: {why}")]
+    Refused {
+        /// Which statement.
+        number: usize,
+        /// What kind of statement it is.
+        kind: String,
+        /// Why not.
+        why: String,
+    },
+    /// An output column has a name results reserve.
+    #[error("output column {0:?} is reserved: every result records the SQL that computed it there")]
+    ReservedColumn(&'static str),
     /// DataFusion failed outside any statement (registering a table).
     #[error("DataFusion: {0}")]
     Engine(String),

@@ -1,6 +1,10 @@
 //! Where a slave runs its SQL: a runtime of its own and a memory budget, so
 //! that compute neither starves the slave's request threads nor its memory.
 
+use std::sync::Arc;
+
+use ballast_crds::SourceSchema;
+
 use super::engine::{Sql, run};
 use super::{ComputeError, MerchantResult};
 use crate::wire::ChangeEvent;
@@ -38,14 +42,19 @@ impl Engine {
         &self.sql
     }
 
-    /// [`run`] of the engine's SQL over `events`, on the engine's runtime.
-    pub async fn run(&self, events: Vec<ChangeEvent>) -> Result<Vec<MerchantResult>, ComputeError> {
+    /// [`run`] of `sql` (the engine's own when `None`) over `events`, on the engine's runtime.
+    pub async fn run(
+        &self,
+        sql: Option<Sql>,
+        events: Vec<ChangeEvent>,
+        schema: Option<Arc<SourceSchema>>,
+    ) -> Result<Vec<MerchantResult>, ComputeError> {
         let Some(runtime) = &self.runtime else {
             return Err(ComputeError::Engine("the compute runtime is shut down".into()));
         };
-        let (sql, limit) = (self.sql.clone(), self.memory_limit);
+        let (sql, limit) = (sql.unwrap_or_else(|| self.sql.clone()), self.memory_limit);
         runtime
-            .spawn(async move { run(&sql, &events, limit).await })
+            .spawn(async move { run(&sql, &events, schema.as_deref(), limit).await })
             .await
             .map_err(|e| ComputeError::Engine(format!("the compute task did not finish: {e}")))?
     }

@@ -1,6 +1,11 @@
 //! Delivery of what the collector read: transactions grouped and sent, in
 //! binlog order, to Kafka or — while the MQ is down — synchronously to the
 //! backup intake, with the position after each acknowledged group checkpointed.
+//!
+//! Dead letters go to Kafka's dead-letter topic only. While Kafka cannot take
+//! them the events flow on, but the checkpoint stays before the oldest dead
+//! letter not yet written: a crash re-reads it from the binlog, so a dead
+//! letter survives an outage without a store of its own.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -14,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Metrics;
 use super::checkpoint::{Checkpoints, Position};
+use super::rows::DeadLetter;
 use crate::modes::Modes;
 use crate::wire::intake_client::IntakeClient;
 use crate::wire::{ChangeEvent, EventBatch};
@@ -95,13 +101,8 @@ pub(super) fn switch(path: Path, seen: Seen) -> Option<(Path, &'static str)> {
 }
 
 impl Sender {
-    /// Delivers `events` (and dead letters); returns once all are acknowledged.
-    async fn send(
-        &mut self,
-        events: &[ChangeEvent],
-        dead: &[(String, String)],
-        shutdown: &CancellationToken,
-    ) -> bool {
+    /// Delivers `events`; returns once all are acknowledged.
+    async fn send(&mut self, events: &[ChangeEvent], shutdown: &CancellationToken) -> bool {
         // Events of the group acknowledged so far: a retry resumes after them.
         let mut sent = 0;
         let mut failures = 0;
@@ -113,10 +114,7 @@ impl Sender {
                 Path::Backup => self.ingest(rest).await,
             };
             match result {
-                Ok(()) => {
-                    self.dead_letters(dead).await;
-                    return true;
-                }
+                Ok(()) => return true,
                 Err((acknowledged, error, _)) if self.path == Path::Kafka => {
                     sent += acknowledged;
                     failures += 1;
@@ -257,21 +255,38 @@ impl Sender {
         }
     }
 
-    /// Dead letters go to Kafka when it is reachable; otherwise they are counted and logged.
-    async fn dead_letters(&self, dead: &[(String, String)]) {
-        for (row, reason) in dead {
-            self.metrics.dead_letters.inc();
+    /// Writes `letters` to the dead-letter topic, in order, each awaited
+    /// (within the producer's message timeout); returns how many were written
+    /// before the first refusal. Only on the Kafka path: while the collector
+    /// is on the backup intake, Kafka is not asked.
+    async fn dead_letters(&self, letters: &[DeadLetter]) -> usize {
+        if self.path != Path::Kafka {
+            return 0;
+        }
+        for (written, letter) in letters.iter().enumerate() {
+            let payload = match serde_json::to_vec(letter) {
+                Ok(payload) => payload,
+                Err(error) => {
+                    // Unreachable for these types; never a reason to lose the row silently.
+                    tracing::error!(%error, at = %letter.at, "dead letter could not be encoded");
+                    return written;
+                }
+            };
             let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
                 key: "ballast-reason",
-                value: Some(reason.as_str()),
+                value: Some(letter.reason.as_str()),
             });
-            let record = FutureRecord::<(), _>::to(&self.dead_letter_topic)
-                .payload(row)
+            let record = FutureRecord::to(&self.dead_letter_topic)
+                .key(&letter.at)
+                .payload(&payload)
                 .headers(headers);
             if let Err((error, _)) = self.producer.send(record, Duration::from_secs(0)).await {
-                tracing::error!(%error, %reason, row, "dead letter could not be written");
+                tracing::warn!(%error, at = %letter.at, table = %letter.table, "dead letter not written; kept, and retried before the next group");
+                return written;
             }
+            self.metrics.dead_letters.inc();
         }
+        letters.len()
     }
 }
 
@@ -290,12 +305,13 @@ async fn save(checkpoints: &Checkpoints, position: Option<Position>) {
     }
 }
 
-/// One source transaction of the binlog: its events, its rows that could not
-/// become events, and the binlog position just after it.
+/// One source transaction of the binlog (or a part of one too large to hold
+/// whole): its events, its rows that could not become events, and — once its
+/// commit was read — the binlog position just after it.
 pub(super) struct Txn {
     pub(super) events: Vec<ChangeEvent>,
-    pub(super) dead: Vec<(String, String)>,
-    pub(super) end: Position,
+    pub(super) dead: Vec<DeadLetter>,
+    pub(super) end: Option<Position>,
 }
 
 /// Most events delivered as one group. Transactions that queued up while a
@@ -303,37 +319,98 @@ pub(super) struct Txn {
 /// cost one round trip per group, not one each.
 const GROUP_EVENTS: usize = 10_000;
 
+/// Most dead letters held unwritten: past it, delivery waits for Kafka to
+/// take them instead of reading on (memory stays bounded).
+const MAX_PENDING_DEAD: usize = 10_000;
+
+/// How long delivery waits between attempts while too many dead letters wait.
+const DEAD_RETRY: Duration = Duration::from_secs(1);
+
+/// The position to checkpoint: the last acknowledged one, but never past the
+/// start of the oldest group whose dead letters are not written yet. Pure.
+pub(super) fn checkpoint(acked: Option<Position>, held: Option<&Position>) -> Option<Position> {
+    match held {
+        Some(held) => Some(held.clone()),
+        None => acked,
+    }
+}
+
+/// Dead letters not yet written, and the position before the oldest of them.
+#[derive(Default)]
+struct Unwritten {
+    letters: Vec<DeadLetter>,
+    held: Option<Position>,
+}
+
+impl Unwritten {
+    /// Tries the waiting dead letters; forgets those written.
+    async fn flush(&mut self, sender: &Sender) {
+        if self.letters.is_empty() {
+            return;
+        }
+        let written = sender.dead_letters(&self.letters).await;
+        self.letters.drain(..written);
+        if self.letters.is_empty() {
+            self.held = None;
+        }
+        sender
+            .metrics
+            .dead_letters_pending
+            .set(i64::try_from(self.letters.len()).unwrap_or(i64::MAX));
+    }
+}
+
 /// Delivers transactions in binlog order, in groups, and checkpoints the
-/// position after the last one acknowledged. Returns at shutdown or when the
-/// reader is gone; what was not acknowledged is re-read after a restart.
+/// position after the last one acknowledged (see [`checkpoint`]). Returns
+/// at shutdown or when the reader is gone; what was not acknowledged is
+/// re-read after a restart from `start`, the checkpoint it began at.
 pub(super) async fn deliver(
     mut sender: Sender,
     mut txns: mpsc::Receiver<Txn>,
     checkpoints: Checkpoints,
+    start: Position,
     shutdown: CancellationToken,
 ) {
     let mut acked: Option<Position> = None;
+    // The end of the last whole transaction acknowledged: where a group starts.
+    let mut complete = start;
+    let mut unwritten = Unwritten::default();
     let mut last_save = tokio::time::Instant::now();
     while let Some(mut group) = txns.recv().await {
         while group.events.len() < GROUP_EVENTS {
             let Ok(next) = txns.try_recv() else { break };
             group.events.extend(next.events);
             group.dead.extend(next.dead);
-            group.end = next.end;
+            if next.end.is_some() {
+                group.end = next.end;
+            }
         }
-        let nothing = group.events.is_empty() && group.dead.is_empty();
-        if !nothing && !sender.send(&group.events, &group.dead, &shutdown).await {
+        unwritten.flush(&sender).await;
+        while unwritten.letters.len() >= MAX_PENDING_DEAD && !shutdown.is_cancelled() {
+            tokio::time::sleep(DEAD_RETRY).await;
+            sender.follow_mode().await;
+            unwritten.flush(&sender).await;
+        }
+        if !group.events.is_empty() && !sender.send(&group.events, &shutdown).await {
             break; // shutting down: the group is re-read from the checkpoint
         }
-        acked = Some(group.end);
+        if !group.dead.is_empty() {
+            unwritten.held.get_or_insert_with(|| complete.clone());
+            unwritten.letters.extend(group.dead);
+            unwritten.flush(&sender).await;
+        }
+        if let Some(end) = group.end {
+            complete = end.clone();
+            acked = Some(end);
+        }
         // At most a couple of saves a second: a restart re-reads the rest,
         // and the event ids make that harmless.
         if last_save.elapsed() >= CHECKPOINT_EVERY {
-            save(&checkpoints, acked.take()).await;
+            save(&checkpoints, checkpoint(acked.take(), unwritten.held.as_ref())).await;
             last_save = tokio::time::Instant::now();
         }
     }
-    save(&checkpoints, acked).await;
+    save(&checkpoints, checkpoint(acked, unwritten.held.as_ref())).await;
 }
 
 #[cfg(test)]
@@ -351,6 +428,29 @@ mod tests {
             (10_000, 1000),
         ] {
             assert_eq!(backup_chunk(rate), chunk, "rate {rate}");
+        }
+    }
+
+    #[test]
+    fn the_checkpoint_never_passes_an_unwritten_dead_letter() {
+        let at = |pos| Position {
+            file: "binlog.000001".into(),
+            pos,
+        };
+        // (acknowledged, held before an unwritten dead letter, saved)
+        let cases = [
+            (None, None, None),
+            (Some(at(900)), None, Some(at(900))),
+            (Some(at(900)), Some(at(300)), Some(at(300))),
+            // Nothing newly acknowledged, yet a dead letter waits: still saved held.
+            (None, Some(at(300)), Some(at(300))),
+        ];
+        for (acked, held, want) in cases {
+            assert_eq!(
+                checkpoint(acked.clone(), held.as_ref()),
+                want,
+                "{acked:?} held {held:?}"
+            );
         }
     }
 

@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::checkpoint::{Checkpoints, Position};
 use self::delivery::{Path, Sender, Txn, backup_chunk, deliver};
-use self::rows::RowPosition;
+use self::rows::{DeadLetter, RowPosition};
 use super::Deps;
 use super::startup::{self, StartupError};
 use crate::wire::{ChangeEvent, Operation};
@@ -52,7 +52,17 @@ pub struct Config {
     pub metrics: SocketAddr,
     /// Password of the source database user, if it has one.
     pub source_password: Option<String>,
+    /// Bytes of a transaction's events held before they are delivered ahead
+    /// of its commit ([`PART_BYTES`] unless set).
+    pub part_bytes: usize,
 }
+
+/// The most bytes of one transaction's events the collector holds: a larger
+/// transaction is delivered in parts of this size as it is read.
+pub const PART_BYTES: usize = 1 << 20;
+
+/// Memory an event takes beyond its JSON and id (fields, allocation).
+const EVENT_OVERHEAD: usize = 96;
 
 /// Errors that stop a collector.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +90,8 @@ struct Metrics {
     to_backup: Counter,
     shed: Counter,
     dead_letters: Counter,
+    dead_letters_pending: prometheus_client::metrics::gauge::Gauge,
+    parts: Counter,
     switches: Counter,
 }
 
@@ -98,7 +110,21 @@ impl Metrics {
                 "events_shed",
                 "Change events the backup intake shed (whole merchants)",
             ),
-            dead_letters: counter(r, "dead_letters", "Rows that could not become events"),
+            dead_letters: counter(
+                r,
+                "dead_letters",
+                "Rows that could not become events, written to the dead-letter topic",
+            ),
+            dead_letters_pending: crate::health::gauge(
+                r,
+                "dead_letters_pending",
+                "Dead letters not yet written (Kafka down or refusing): the checkpoint waits before them",
+            ),
+            parts: counter(
+                r,
+                "transaction_parts",
+                "Parts of transactions too large to hold whole, delivered before their commit was read",
+            ),
             switches: counter(r, "path_switches", "Switches between Kafka and the backup intake"),
         }
     }
@@ -130,6 +156,60 @@ async fn columns(
     Ok(out)
 }
 
+/// The tracked tables' column names as last read from the source database,
+/// and how to read them again.
+struct Schema<'a> {
+    columns: &'a mut HashMap<String, Vec<String>>,
+    opts: &'a Opts,
+}
+
+/// How long re-reading the source schema may take.
+const SCHEMA_DEADLINE: Duration = Duration::from_secs(10);
+
+impl Schema<'_> {
+    /// The column names of a rows event of `table` with `count` columns:
+    /// from the binlog's own table metadata when the server writes it
+    /// (`binlog_row_metadata=FULL`), else from the schema read, read again
+    /// when the count no longer matches (the table was altered). Names that
+    /// still do not match are empty: the rows become dead letters, never
+    /// values shifted into the wrong columns.
+    async fn names(
+        &mut self,
+        database: &str,
+        tables: &[String],
+        table: &str,
+        tme: &mysql_async::binlog::events::TableMapEvent<'_>,
+        count: usize,
+    ) -> Result<Vec<String>, Error> {
+        let from_binlog = rows::binlog_names(tme);
+        match rows::names(from_binlog, self.columns.get(table).map(Vec::as_slice), count) {
+            rows::Names::Binlog(names) => return Ok(names),
+            rows::Names::Read(names) => return Ok(names.to_vec()),
+            rows::Names::Reread => {}
+        }
+        tracing::info!(
+            table,
+            count,
+            "the table's columns changed: reading the source schema again"
+        );
+        let reread = async {
+            let mut conn = Conn::new(self.opts.clone()).await?;
+            let read = columns(&mut conn, database, tables).await;
+            let _ = conn.disconnect().await;
+            read
+        };
+        *self.columns = tokio::time::timeout(SCHEMA_DEADLINE, reread)
+            .await
+            .map_err(|_| std::io::Error::other("re-reading the source schema passed its deadline"))??;
+        Ok(
+            match rows::names(None, self.columns.get(table).map(Vec::as_slice), count) {
+                rows::Names::Read(names) => names.to_vec(),
+                _ => Vec::new(),
+            },
+        )
+    }
+}
+
 /// Runs the collector until `shutdown`.
 #[tracing::instrument(skip_all, fields(pipeline = %config.pipeline))]
 pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Result<(), Error> {
@@ -146,7 +226,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
     let url = startup::mysql_url(&source.mysql, config.source_password.as_deref());
     let opts = Opts::from_url(&url).map_err(mysql_async::Error::from)?;
     let mut conn = Conn::new(opts.clone()).await?;
-    let schema = columns(&mut conn, &source.mysql.database, &source.tables).await?;
+    let mut schema = columns(&mut conn, &source.mysql.database, &source.tables).await?;
 
     let checkpoints = Checkpoints::new(deps.client.clone(), &config.namespace, &config.pipeline);
     let start = match checkpoints.load().await.map_err(Error::Checkpoint)? {
@@ -208,19 +288,41 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         backup_chunk: backup_chunk(policy.spec.mq.backup_intake_rate_per_second),
     };
 
-    let server_id = 100_000
-        + u32::try_from(crate::routing::stable_hash(config.identity.as_bytes()) % 1_000_000).unwrap_or(0);
+    // Unique per pod across the cluster: two replicas with one server id
+    // would disconnect each other from the source.
+    let replica = format!("{}/{}", config.namespace, config.identity);
+    let server_id =
+        100_000 + u32::try_from(crate::routing::stable_hash(replica.as_bytes()) % 1_000_000).unwrap_or(0);
     let request = BinlogStreamRequest::new(server_id)
         .with_filename(start.file.as_bytes())
         .with_pos(start.pos);
-    let mut stream = Conn::new(opts).await?.get_binlog_stream(request).await?;
+    let mut stream = Conn::new(opts.clone()).await?.get_binlog_stream(request).await?;
     let (txns, queued) = mpsc::channel(READ_AHEAD);
     // Its own token: at shutdown what was read is still delivered, until the drain deadline.
     let delivering = CancellationToken::new();
-    let mut delivery = tokio::spawn(deliver(sender, queued, checkpoints, delivering.clone()));
+    let mut delivery = tokio::spawn(deliver(
+        sender,
+        queued,
+        checkpoints,
+        start.clone(),
+        delivering.clone(),
+    ));
     let _ = ready_tx.send(true);
 
-    let read = read(&mut stream, source, &schema, start.file.clone(), &txns, &shutdown).await;
+    let part_bytes = config.part_bytes.max(1);
+    let read = read(
+        &mut stream,
+        source,
+        Schema {
+            columns: &mut schema,
+            opts: &opts,
+        },
+        start.file.clone(),
+        &txns,
+        (part_bytes, &metrics.parts),
+        &shutdown,
+    )
+    .await;
     // Whatever stopped the reading, what was read is delivered or left for
     // the checkpoint before returning.
     drop(txns);
@@ -237,13 +339,15 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
 async fn read(
     stream: &mut mysql_async::BinlogStream,
     source: &ballast_crds::analytics_pipeline::SourceSpec,
-    schema: &HashMap<String, Vec<String>>,
+    mut schema: Schema<'_>,
     mut file: String,
     txns: &mpsc::Sender<Txn>,
+    (part_bytes, parts): (usize, &Counter),
     shutdown: &CancellationToken,
 ) -> Result<(), Error> {
     let mut pending: Vec<ChangeEvent> = Vec::new();
-    let mut dead: Vec<(String, String)> = Vec::new();
+    let mut dead: Vec<DeadLetter> = Vec::new();
+    let mut pending_bytes = 0_usize;
     loop {
         let next = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -271,30 +375,57 @@ async fn read(
                     }
                     _ => Operation::Update,
                 };
-                let names = schema.get(&table).map(Vec::as_slice).unwrap_or_default();
+                let count = usize::try_from(tme.columns_count()).unwrap_or(usize::MAX);
+                let names = schema
+                    .names(&source.mysql.database, &source.tables, &table, tme, count)
+                    .await?;
+                let names = names.as_slice();
                 let time_ms = i64::from(header.timestamp()) * 1000;
                 for (index, row) in rows.rows(tme).enumerate() {
                     let (before, after) = row?;
-                    let image = if op == Operation::Delete { before } else { after };
-                    let values: Vec<mysql_async::Value> = image
-                        .map(|r| {
-                            r.unwrap()
-                                .into_iter()
-                                .map(|v| mysql_async::Value::try_from(v).unwrap_or(mysql_async::Value::NULL))
-                                .collect()
-                        })
-                        .unwrap_or_default();
+                    let raw = if op == Operation::Delete { before } else { after };
+                    let image = raw.map(|r| rows::image(r.unwrap())).unwrap_or_default();
                     let at = RowPosition {
                         file: &file,
                         pos: u64::from(header.log_pos()),
                         index,
                     };
-                    match rows::event(&table, names, &values, &source.merchant_column, op, time_ms, &at) {
-                        Ok(event) => pending.push(event),
-                        Err(error) => dead.push((
-                            format!("{table} at {}:{}:{index}", at.file, at.pos),
-                            error.to_string(),
-                        )),
+                    let event = match rows::conversion_error(&table, names, &image) {
+                        Some(error) => Err(error),
+                        None => rows::event(
+                            &table,
+                            names,
+                            &image.values,
+                            &source.merchant_column,
+                            op,
+                            time_ms,
+                            &at,
+                        ),
+                    };
+                    match event {
+                        Ok(event) => {
+                            pending_bytes += event.columns.len() + event.event_id.len() + EVENT_OVERHEAD;
+                            pending.push(event);
+                        }
+                        Err(error) => {
+                            let letter = DeadLetter::of(&table, names, &image, op, &at, &error);
+                            pending_bytes += letter.bytes();
+                            dead.push(letter);
+                        }
+                    }
+                }
+                // A transaction too large to hold whole (a bulk UPDATE) is
+                // streamed in parts; the checkpoint moves only at its commit.
+                if pending_bytes >= part_bytes {
+                    let part = Txn {
+                        events: std::mem::take(&mut pending),
+                        dead: std::mem::take(&mut dead),
+                        end: None,
+                    };
+                    pending_bytes = 0;
+                    parts.inc();
+                    if txns.send(part).await.is_err() {
+                        break; // delivery stopped (shutdown)
                     }
                 }
             }
@@ -302,11 +433,12 @@ async fn read(
                 let txn = Txn {
                     events: std::mem::take(&mut pending),
                     dead: std::mem::take(&mut dead),
-                    end: Position {
+                    end: Some(Position {
                         file: file.clone(),
                         pos: u64::from(header.log_pos()),
-                    },
+                    }),
                 };
+                pending_bytes = 0;
                 if txns.send(txn).await.is_err() {
                     break; // delivery stopped (shutdown)
                 }

@@ -1,6 +1,8 @@
-//! Turning binlog row images into change events. Pure.
+//! Turning binlog row images into change events, or into dead letters that
+//! carry the row and the reason it could not become one. Pure.
 
 use mysql_async::Value;
+use mysql_async::binlog::value::BinlogValue;
 use serde_json::Value as Json;
 
 use crate::wire::{ChangeEvent, Operation};
@@ -8,8 +10,8 @@ use crate::wire::{ChangeEvent, Operation};
 /// Why a row could not become an event (it goes to the dead-letter topic).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RowError {
-    /// The row has fewer values than the table has columns.
-    #[error("row of {table} has {values} values for {columns} columns")]
+    /// The row's values do not match the table's known columns.
+    #[error("row of {table} has {values} values for {columns} known columns")]
     Shape {
         /// The table.
         table: String,
@@ -26,6 +28,161 @@ pub enum RowError {
         /// The merchant column.
         column: String,
     },
+    /// A binlog value has no MySQL value form (e.g. a partial JSON update):
+    /// written as NULL it would silently change the row.
+    #[error("row of {table}: column {column} cannot be read: {reason}")]
+    Conversion {
+        /// The table.
+        table: String,
+        /// The column (or its ordinal, if the schema does not name it).
+        column: String,
+        /// The conversion's error.
+        reason: String,
+    },
+}
+
+/// Where a rows event's column names come from.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Names<'a> {
+    /// The binlog's table metadata names them.
+    Binlog(Vec<String>),
+    /// The schema read from the source database matches the column count.
+    Read(&'a [String]),
+    /// Neither: the schema must be read again (the table was altered).
+    Reread,
+}
+
+/// The column names for a rows event of `count` columns. Pure.
+pub fn names<'a>(from_binlog: Option<Vec<String>>, read: Option<&'a [String]>, count: usize) -> Names<'a> {
+    match (from_binlog, read) {
+        (Some(names), _) if names.len() == count => Names::Binlog(names),
+        (_, Some(read)) if read.len() == count => Names::Read(read),
+        _ => Names::Reread,
+    }
+}
+
+/// The column names a table map event carries, when the server writes them
+/// (`binlog_row_metadata=FULL`).
+pub fn binlog_names(tme: &mysql_async::binlog::events::TableMapEvent<'_>) -> Option<Vec<String>> {
+    use mysql_async::binlog::events::OptionalMetadataField;
+    tme.iter_optional_meta().find_map(|field| match field {
+        Ok(OptionalMetadataField::ColumnName(names)) => names
+            .iter_names()
+            .map(|name| name.map(|n| n.name().into_owned()))
+            .collect::<Result<Vec<String>, _>>()
+            .ok(),
+        _ => None,
+    })
+}
+
+/// A row image's values, and the columns whose binlog value could not be
+/// converted (ordinal, the raw value as debug text, why). Pure.
+#[derive(Debug, Default)]
+pub struct Image {
+    /// The values in column order; an unconverted one is NULL here.
+    pub values: Vec<Value>,
+    /// Columns that could not be converted: the row must not become an event.
+    pub unconverted: Vec<(usize, String, String)>,
+}
+
+/// Converts a binlog row image, keeping what could not be converted.
+pub fn image(raw: Vec<BinlogValue<'_>>) -> Image {
+    let mut out = Image {
+        values: Vec::with_capacity(raw.len()),
+        unconverted: Vec::new(),
+    };
+    for (i, value) in raw.into_iter().enumerate() {
+        let text = format!("{value:?}");
+        match Value::try_from(value) {
+            Ok(v) => out.values.push(v),
+            Err(error) => {
+                out.unconverted.push((i, text, error.to_string()));
+                out.values.push(Value::NULL);
+            }
+        }
+    }
+    out
+}
+
+/// A row that could not become an event, with everything needed to repair
+/// and replay it: where it is in the binlog, the table, the operation, the
+/// reason, and the row itself (column name to value; a column the schema
+/// does not name is `#<ordinal>`; an unconvertible value is its raw text).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct DeadLetter {
+    /// `file:position:index`: also the event id the row would have had.
+    pub at: String,
+    /// The table.
+    pub table: String,
+    /// insert, update or delete.
+    pub op: &'static str,
+    /// Why it is a dead letter.
+    pub reason: String,
+    /// The row's values.
+    pub row: serde_json::Map<String, Json>,
+}
+
+impl DeadLetter {
+    /// The dead letter of `image`, refused for `error`.
+    pub fn of(
+        table: &str,
+        columns: &[String],
+        image: &Image,
+        op: Operation,
+        at: &RowPosition<'_>,
+        error: &RowError,
+    ) -> Self {
+        let mut row: serde_json::Map<String, Json> = image
+            .values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (column_name(columns, i), to_json(v)))
+            .collect();
+        for (i, raw, _) in &image.unconverted {
+            row.insert(column_name(columns, *i), Json::String(raw.clone()));
+        }
+        Self {
+            at: format!("{}:{}:{}", at.file, at.pos, at.index),
+            table: table.to_owned(),
+            op: op.as_str_name(),
+            reason: error.to_string(),
+            row,
+        }
+    }
+
+    /// Its approximate size in memory, for the collector's byte bound.
+    pub fn bytes(&self) -> usize {
+        64 + self.at.len()
+            + self.reason.len()
+            + self
+                .row
+                .iter()
+                .map(|(k, v)| k.len() + 16 + json_len(v))
+                .sum::<usize>()
+    }
+}
+
+fn json_len(value: &Json) -> usize {
+    match value {
+        Json::String(s) => s.len(),
+        _ => 8,
+    }
+}
+
+fn column_name(columns: &[String], i: usize) -> String {
+    columns.get(i).cloned().unwrap_or_else(|| format!("#{i}"))
+}
+
+/// The error of an image with unconverted columns, if it has any.
+pub fn conversion_error(table: &str, columns: &[String], image: &Image) -> Option<RowError> {
+    image
+        .unconverted
+        .first()
+        .map(|(i, _, reason)| RowError::Conversion {
+            table: table.to_owned(),
+            column: column_name(columns, *i),
+            reason: reason.clone(),
+        })
 }
 
 /// A MySQL value as JSON: numbers stay numbers, text and decimals become strings.
@@ -115,7 +272,7 @@ pub fn event(
 ) -> Result<ChangeEvent, RowError> {
     use serde::ser::{SerializeMap, Serializer as _};
 
-    if values.len() < columns.len() {
+    if values.len() != columns.len() {
         return Err(RowError::Shape {
             table: table.to_owned(),
             values: values.len(),
@@ -251,6 +408,100 @@ mod tests {
             names.iter().cloned().zip(values.iter().map(to_json)).collect();
         assert_eq!(written, Json::Object(expected));
         assert_eq!(e.merchant_id, "m \"quoted\"");
+    }
+
+    #[test]
+    fn an_unconvertible_value_makes_a_dead_letter_with_the_row_never_a_null() {
+        let raw = vec![
+            BinlogValue::Value(Value::Int(7)),
+            BinlogValue::Value(Value::Bytes(b"m1".to_vec())),
+            BinlogValue::JsonDiff(Vec::new()),
+        ];
+        let image = image(raw);
+        assert_eq!(image.unconverted.len(), 1);
+        assert_eq!(image.unconverted[0].0, 2);
+        let names: Vec<String> = ["id", "merchant_id"].map(String::from).to_vec();
+        let error = conversion_error("orders", &names, &image).expect("a conversion error");
+        assert!(
+            matches!(&error, RowError::Conversion { column, .. } if column == "#2"),
+            "{error}"
+        );
+        let letter = DeadLetter::of("orders", &names, &image, Operation::Update, &at(), &error);
+        assert_eq!(letter.at, "binlog.000003:1234:1");
+        assert_eq!(letter.op, "UPDATE");
+        assert_eq!(letter.row["id"], 7);
+        assert_eq!(letter.row["merchant_id"], "m1");
+        assert!(
+            letter.row["#2"]
+                .as_str()
+                .is_some_and(|raw| raw.contains("JsonDiff"))
+        );
+        assert!(
+            letter.reason.contains("column #2 cannot be read"),
+            "{}",
+            letter.reason
+        );
+        // A clean image converts whole.
+        let clean = super::image(vec![BinlogValue::Value(Value::NULL)]);
+        assert!(clean.unconverted.is_empty());
+        assert_eq!(conversion_error("orders", &names, &clean), None);
+    }
+
+    #[test]
+    fn a_refused_row_becomes_a_dead_letter_carrying_its_values() {
+        let image = Image {
+            values: vec![
+                Value::Int(7),
+                Value::Bytes(Vec::new()),
+                Value::Int(990),
+                Value::NULL,
+            ],
+            unconverted: Vec::new(),
+        };
+        let error = event(
+            "orders",
+            &cols(),
+            &image.values,
+            "merchant_id",
+            Operation::Insert,
+            0,
+            &at(),
+        )
+        .expect_err("empty merchant");
+        let letter = DeadLetter::of("orders", &cols(), &image, Operation::Insert, &at(), &error);
+        let json = serde_json::to_value(&letter).expect("serializes");
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "at": "binlog.000003:1234:1", "table": "orders", "op": "INSERT",
+                "reason": "row of orders has no merchant_id (merchant id)",
+                "row": {"id": 7, "merchant_id": "", "amount": 990, "note": null}
+            })
+        );
+        assert!(letter.bytes() > 0);
+    }
+
+    #[test]
+    fn column_names_come_from_the_binlog_then_a_matching_schema_else_a_reread() {
+        let read = cols();
+        let binlog = || Some(["a", "b", "c", "d"].map(String::from).to_vec());
+        // (names in the binlog, names read, columns in the event, source)
+        let cases = [
+            (
+                binlog(),
+                Some(read.as_slice()),
+                4,
+                Names::Binlog(binlog().unwrap_or_default()),
+            ),
+            (None, Some(read.as_slice()), 4, Names::Read(read.as_slice())),
+            // A column was added: the schema read at start no longer fits.
+            (None, Some(read.as_slice()), 5, Names::Reread),
+            (binlog(), Some(read.as_slice()), 5, Names::Reread),
+            (None, None, 4, Names::Reread),
+        ];
+        for (i, (binlog, read, count, want)) in cases.into_iter().enumerate() {
+            assert_eq!(names(binlog, read, count), want, "case {i}");
+        }
     }
 
     #[test]

@@ -5,11 +5,13 @@
 //! so a redelivery after a crash duplicates nothing. Messages that are not
 //! events go to the dead-letter topic with the reason. It also serves the
 //! backup intake (gRPC) that collectors use while Kafka is down, and keeps a
-//! membership Lease naming that address.
+//! membership Lease naming that address. A KV store that lost its data is
+//! refilled from Kafka (`refill`).
 
 pub mod admission;
 pub mod backup;
 pub mod message;
+pub mod refill;
 pub mod route;
 pub mod sink;
 
@@ -39,6 +41,7 @@ use super::Deps;
 use super::startup::{self, StartupError};
 use crate::kv::{BUCKET_TTL_SECONDS, KvStore, Layout};
 use crate::membership::{self, Member};
+use crate::roles::master::state::StateStore;
 use crate::wire::ChangeEvent;
 use crate::wire::intake_server::IntakeServer;
 
@@ -99,6 +102,8 @@ struct Metrics {
     duplicates: Counter,
     dead_letters: Counter,
     write_failures: Counter,
+    kv_refills: Counter,
+    refill_gaps: Counter,
 }
 
 impl Metrics {
@@ -114,6 +119,16 @@ impl Metrics {
             duplicates: counter(r, "events_duplicate", "Redelivered events already stored"),
             dead_letters: counter(r, "dead_letters", "Messages sent to the dead-letter topic"),
             write_failures: counter(r, "write_failures", "Batch writes that failed and were retried"),
+            kv_refills: counter(
+                r,
+                "kv_refills",
+                "Times the KV store was found without its data and refilled from Kafka",
+            ),
+            refill_gaps: counter(
+                r,
+                "refill_gaps",
+                "Partitions whose refill may miss events Kafka no longer holds (each logged with its window)",
+            ),
         }
     }
 
@@ -300,6 +315,12 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
     let kv_url = startup::redis_url(&spec.kv, config.kv_password.as_deref());
     let conn = startup::redis_connection(&kv_url).await?;
     let layout = Layout::new(&config.pipeline, i64::from(spec.compute.window_seconds) * 1000);
+    let (refills_tx, mut refills) = watch::channel(0_u64);
+    tokio::spawn(refill::watch(
+        KvStore::new(conn.clone(), layout.clone(), BUCKET_TTL_SECONDS),
+        refills_tx,
+        shutdown.clone(),
+    ));
     let kv = KvStore::new(conn, layout, BUCKET_TTL_SECONDS);
     let mode = crate::modes::follow(
         deps.client.clone(),
@@ -370,6 +391,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         .set("heartbeat.interval.ms", "3000")
         .create()?;
     consumer.subscribe(&[&topic])?;
+    let consumer = Arc::new(consumer);
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &spec.kafka.bootstrap_servers)
         .set("enable.idempotence", "true")
@@ -380,7 +402,24 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
     // committed in consumption order, each once its own batch is stored.
     let mut writes: VecDeque<(JoinHandle<bool>, Offsets)> = VecDeque::new();
     let mut outcome = Ok(());
+    let mut refill_due = false;
     'consume: while !shutdown.is_cancelled() {
+        if refills.has_changed().unwrap_or(false) {
+            refills.borrow_and_update();
+            refill_due = true;
+        }
+        if refill_due {
+            // Everything in flight is stored and committed first: commits then
+            // move on from the refill point, never back past what it re-reads.
+            while let Some((write, offsets)) = writes.pop_front() {
+                outcome = commit(&consumer, write, &offsets).await;
+                if outcome.is_err() {
+                    break 'consume;
+                }
+            }
+            let state = StateStore::new(deps.client.clone(), &config.namespace, &config.pipeline, None);
+            refill_due = !refilled(refill::refill(&consumer, state).await, &metrics);
+        }
         let batch = collect(&consumer, &config, &ap.spec.source.tables, &shutdown).await;
         if !batch.offsets.is_empty() {
             let write = tokio::spawn(store(
@@ -423,6 +462,39 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
     match served {
         Ok(Ok(result)) => result.map_err(Error::from),
         _ => Ok(()),
+    }
+}
+
+/// Reports a refill; false when it must be tried again.
+fn refilled(
+    result: Result<Option<(i64, Vec<refill::Sought>)>, refill::RefillError>,
+    metrics: &Metrics,
+) -> bool {
+    match result {
+        Ok(None) => {
+            tracing::info!("the KV store has no marker yet and no master state exists: nothing to refill");
+            true
+        }
+        Ok(Some((from_ms, sought))) => {
+            metrics.kv_refills.inc();
+            let from =
+                Timestamp::from_millisecond(from_ms).map_or_else(|_| from_ms.to_string(), |t| t.to_string());
+            for s in &sought {
+                if s.maybe_lost {
+                    metrics.refill_gaps.inc();
+                    tracing::error!(
+                        partition = s.partition, window = %from,
+                        "Kafka no longer holds the oldest messages needed: the windows from this one may miss events of this partition"
+                    );
+                }
+            }
+            tracing::warn!(window = %from, partitions = sought.len(), "refilling the KV store from Kafka");
+            true
+        }
+        Err(error) => {
+            tracing::warn!(%error, "refilling the KV store failed; retrying");
+            false
+        }
     }
 }
 

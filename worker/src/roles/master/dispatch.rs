@@ -174,8 +174,8 @@ pub fn classify(status: &tonic::Status) -> Failure {
     }
 }
 
-/// The task a dispatch sends.
-pub fn task_of(d: &Dispatch) -> ComputeTask {
+/// The task a dispatch sends, with the SQL of its window.
+pub fn task_of(d: &Dispatch, sql: Option<&super::sql::SqlVersion>) -> ComputeTask {
     let p = &d.planned;
     let (granularity, source) = match p.key.kind {
         Kind::Window => (Granularity::Window, DataSource::Kv),
@@ -190,6 +190,8 @@ pub fn task_of(d: &Dispatch) -> ComputeTask {
         source: source.into(),
         partition: p.key.partition,
         partitions: p.partitions,
+        sql_id: sql.map(|s| s.id.clone()).unwrap_or_default(),
+        sql: sql.map(|s| s.text.clone()).unwrap_or_default(),
     }
 }
 

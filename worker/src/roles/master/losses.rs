@@ -29,6 +29,16 @@ pub enum Cause {
     Restarted,
 }
 
+impl Cause {
+    /// `left` or `restarted`, as reported.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Left => "left",
+            Self::Restarted => "restarted",
+        }
+    }
+}
+
 /// A slave process gone, with what it last reported holding: lost, unless
 /// it is 0 (nothing held, or all handed to the others before it went).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -15,6 +15,7 @@ pub(super) struct Metrics {
     pub(super) tasks: Family<[(&'static str, &'static str); 1], Counter>,
     pub(super) in_flight: Gauge,
     pub(super) delayed: Gauge,
+    pub(super) windows_failing: Gauge,
     pub(super) lag_seconds: Gauge,
     pub(super) stale_refused: Counter,
     pub(super) slave_events_lost: Counter,
@@ -35,6 +36,11 @@ impl Metrics {
             tasks,
             in_flight: gauge(r, "tasks_in_flight", "Tasks running on slaves"),
             delayed: gauge(r, "tasks_delayed", "Tasks in the delay queue"),
+            windows_failing: gauge(
+                r,
+                "windows_failing",
+                "Windows (and hour tasks) whose computation keeps failing: round the slaves and into the delay queue",
+            ),
             lag_seconds: gauge(
                 r,
                 "window_lag_seconds",

@@ -9,8 +9,12 @@ pub mod dispatch;
 pub mod faults;
 pub mod losses;
 mod metrics;
+mod outcome;
 pub mod plan;
+mod planning;
 pub mod schedule;
+mod snapshot;
+pub mod sql;
 pub mod state;
 pub mod tasks;
 
@@ -35,10 +39,11 @@ use self::state::{StateError, StateStore};
 use self::tasks::{Dispatch, Outcome, Table, TaskKey};
 use super::Deps;
 use super::startup::{self, StartupError};
-use crate::kv::{BUCKET_TTL_SECONDS, KvError, KvStore, Layout};
+use crate::kv::{KvStore, Layout};
 use crate::leader::Election;
 use crate::routing::stable_hash;
 use crate::wire::TaskReport;
+use ballast_node::master_report::{MasterReport, MemoryLoss, SqlInUse, SqlRefused, short_error};
 
 /// Settings of a master process.
 #[derive(Clone, Debug)]
@@ -145,6 +150,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         // The granularity of KV-degraded results (an hour unless the policy says otherwise).
         degraded_period_ms: (i64::from(dp.spec.kv.granularity_seconds) * 1000).max(window_ms),
         sql_id: stable_hash(sql.as_bytes()),
+        startup_sql: sql.clone(),
         config: &config,
         deps: &deps,
         metrics: metrics.clone(),
@@ -174,6 +180,9 @@ struct Active<'a> {
     window_ms: i64,
     degraded_period_ms: i64,
     sql_id: u64,
+    /// The SQL the pipeline named when this master started: the first version
+    /// when the state holds none.
+    startup_sql: String,
 }
 
 impl Active<'_> {
@@ -203,7 +212,18 @@ impl Active<'_> {
         let mut saved_ledger = ledger.clone();
         let mut ledger_saved_at = tokio::time::Instant::now();
         let first = plan::first_window(now_ms(), self.window_ms);
+        let mut report = snapshot.report.clone();
+        let mut versions = std::mem::take(&mut snapshot.sql);
         let mut table = Table::restore(snapshot, term, first, config.faults);
+        if versions.is_empty() {
+            let text = &self.startup_sql;
+            sql::adopt(
+                &mut versions,
+                &ballast_crds::sql::id(text),
+                text,
+                table.next_window_ms(),
+            );
+        }
         tracing::info!(
             next_window = table.next_window_ms(),
             open = table.open(),
@@ -211,6 +231,7 @@ impl Active<'_> {
         );
         let mut initial = table.snapshot();
         initial.losses = Some(saved_ledger.clone());
+        initial.report = report.clone();
         let (save_tx, save_rx) = watch::channel(initial);
         let mut saver = tokio::spawn(state::persist(store, save_rx, stop.clone()));
 
@@ -288,7 +309,14 @@ impl Active<'_> {
                 let memory: BTreeMap<String, Memory> =
                     reported.iter().map(|(n, r)| (n.clone(), r.memory)).collect();
                 for gone in ledger.observe(&memory, &names, now, grace_ms) {
-                    self.report(&gone);
+                    self.report_gone(&gone);
+                    report.record_loss(MemoryLoss {
+                        slave: gone.slave.clone(),
+                        cause: gone.cause.as_str().to_owned(),
+                        events: gone.lost,
+                        since_ms: gone.since_ms,
+                        at_ms: now,
+                    });
                 }
             }
             let views: BTreeMap<String, SlaveView> = names
@@ -305,9 +333,20 @@ impl Active<'_> {
                 })
                 .collect();
             let limit = views.len() * config.in_flight_per_slave.max(1);
+            self.follow_sql(&modes, &mut versions, &mut report, &table).await;
             for d in table.dispatch(now, &views, &estimator, self.sql_id, limit) {
-                self.send(&slaves, d, &done_tx);
+                let sql = sql::for_window(&versions, d.planned.key.start_ms);
+                let task = dispatch::task_of(&d, sql);
+                self.send(&slaves, d, task, &done_tx);
             }
+            sql::prune(&mut versions, table.oldest_needed_ms());
+            report.sql = versions
+                .iter()
+                .map(|v| SqlInUse {
+                    id: v.id.clone(),
+                    from_ms: v.from_ms,
+                })
+                .collect();
             self.metrics
                 .in_flight
                 .set(i64::try_from(table.in_flight()).unwrap_or(i64::MAX));
@@ -316,6 +355,11 @@ impl Active<'_> {
                 .set(i64::try_from(table.delayed()).unwrap_or(i64::MAX));
             let lag = (now - table.oldest_open_ms() - self.window_ms).max(0) / 1000;
             self.metrics.lag_seconds.set(lag);
+            report.set_failing(table.failing());
+            report.plan_full = !table.has_room();
+            self.metrics
+                .windows_failing
+                .set(i64::try_from(report.failing_total).unwrap_or(i64::MAX));
             // A change of slave processes is saved at once; counts, which
             // change with every poll, at most every LEDGER_SAVE_PERIOD.
             let due =
@@ -326,6 +370,8 @@ impl Active<'_> {
             }
             let mut snapshot = table.snapshot();
             snapshot.losses = Some(saved_ledger.clone());
+            snapshot.report = report.clone();
+            snapshot.sql.clone_from(&versions);
             save_tx.send_if_modified(|current| {
                 let changed = *current != snapshot;
                 if changed {
@@ -337,6 +383,8 @@ impl Active<'_> {
         // A last save, so the standby starts from the freshest state.
         let mut last = table.snapshot();
         last.losses = Some(ledger);
+        last.report = report;
+        last.sql = versions;
         let _ = save_tx.send(last);
         stop.cancel();
         match saver.await {
@@ -347,7 +395,7 @@ impl Active<'_> {
 
     /// Says a slave process is gone, and counts what it still held as lost:
     /// the hour-to-date of the merchants it held misses those events.
-    fn report(&self, gone: &Gone) {
+    fn report_gone(&self, gone: &Gone) {
         if gone.lost == 0 {
             tracing::info!(slave = %gone.slave, cause = ?gone.cause, "slave gone holding nothing: no events lost");
             return;
@@ -376,6 +424,9 @@ impl Active<'_> {
             Err(status) => Err(dispatch::classify(status)),
         };
         let outcome = table.completed(&f.key, f.version, result, live, now);
+        if let Err(status) = &f.result {
+            table.note_error(&f.key, status.message());
+        }
         match (&f.result, &outcome) {
             (Ok(report), Outcome::Done) => {
                 estimator.observe(self.sql_id, report.events, report.duration_ms as f64);
@@ -395,155 +446,50 @@ impl Active<'_> {
         self.metrics.outcome(&outcome);
     }
 
-    /// Plans what has closed: windows from the KV store, or in KV-degraded
-    /// mode hour-to-date tasks on the slaves holding the data.
-    async fn plan(
+    /// Adopts the SQL the operator published, from the next window to plan,
+    /// once it plans against the source tables; a SQL that does not is
+    /// reported (`sqlRefused`) and the one in force keeps computing.
+    async fn follow_sql(
         &self,
-        table: &mut Table,
-        kv: &mut Option<KvStore>,
-        slaves: &Slaves,
-        live: &BTreeMap<String, String>,
-        kv_mode: Mode,
-        now: i64,
+        modes: &watch::Receiver<crate::modes::Modes>,
+        versions: &mut Vec<sql::SqlVersion>,
+        report: &mut MasterReport,
+        table: &Table,
     ) {
-        let grace = i64::try_from(self.config.grace.as_millis()).unwrap_or(i64::MAX);
-        let closed = plan::closed_windows(table.next_window_ms(), now, self.window_ms, grace, 16);
-        if closed.is_empty() {
-            return;
-        }
-        if kv_mode == Mode::Degraded {
-            // The window's events went to the slaves: computed hourly from their memory.
-            let last_end = closed[closed.len() - 1] + self.window_ms;
-            table.skip_window(last_end);
-            let hour = plan::period_of(last_end - 1, self.degraded_period_ms);
-            let end = (hour + self.degraded_period_ms).min(last_end);
-            // For the lateness after a period closed, what the slaves hold for
-            // it is still watched: late events, and merchants handed between
-            // slaves after its last task, get it computed again.
-            let previous = hour - self.degraded_period_ms;
-            let lateness = i64::try_from(self.config.lateness.as_millis()).unwrap_or(i64::MAX);
-            let watch_previous = last_end - hour <= lateness;
-            table.forget_hours_before(previous);
-            for (slave, windows) in slaves.holdings(Duration::from_secs(1)).await {
-                // A departed slave still polled (draining) gets no task.
-                if !live.contains_key(&slave) {
-                    continue;
-                }
-                let held = |from: i64, to: i64| -> u64 {
-                    windows
-                        .iter()
-                        .filter(|w| w.window_start_ms >= from && w.window_start_ms < to)
-                        .map(|w| w.events)
-                        .sum()
-                };
-                let events = held(hour, end);
-                if events > 0 {
-                    table.plan_hour(hour, end, &slave, events);
-                }
-                if watch_previous && table.recount_hour(previous, hour, &slave, held(previous, hour)) {
-                    tracing::info!(
-                        %slave, period = previous,
-                        "what a slave holds for a closed degraded period changed: computing it again"
-                    );
-                }
-            }
-            return;
-        }
-        for start in closed {
-            let store = match kv {
-                Some(store) => store,
-                None => match connect(&self.kv_url, self.layout.clone()).await {
-                    Ok(store) => kv.insert(store),
-                    Err(error) => {
-                        tracing::warn!(%error, "KV store unreachable; planning waits");
-                        return;
-                    }
-                },
-            };
-            match self.count(store, start).await {
-                Ok((events, partitions)) => {
-                    table.plan_window(start, start + self.window_ms, events, partitions)
-                }
-                Err(error) => {
-                    tracing::warn!(%error, window = start, "counting the window's events failed; planning waits");
-                    *kv = None;
-                    return;
-                }
-            }
-        }
-    }
-
-    /// The events window `start` holds now, and the tasks it is cut into.
-    async fn count(&self, store: &mut KvStore, start: i64) -> Result<(u64, u32), KvError> {
-        let events = store.count(start).await?;
-        Ok((events, plan::partitions(events, self.config.events_per_task, 64)))
-    }
-
-    /// After a MySQL outage: plans again the windows whose results reached the
-    /// cache only, so that the hot MySQL gets them too (the KV store still has
-    /// their events).
-    async fn fill_hot_gap(&self, table: &mut Table, kv: &mut Option<KvStore>) {
-        let Some((from, to)) = table.hot_gap_closes() else {
-            return;
+        let (published, schema) = {
+            let modes = modes.borrow();
+            (modes.sql(), modes.source_schema())
         };
-        let Some(store) = kv.as_mut() else {
-            // No KV connection yet: try again on the next pass.
-            table.hot_gap_opens_at(from);
+        let Some(published) = published else { return };
+        let known = versions.last().is_some_and(|v| v.id == published.id)
+            || report.sql_refused.as_ref().is_some_and(|r| r.id == published.id);
+        if known {
             return;
-        };
-        tracing::info!(
-            from,
-            to,
-            "the hot MySQL is back: computing the windows it missed again"
-        );
-        let mut start = from;
-        while start < to {
-            match self.count(store, start).await {
-                Ok((events, partitions)) => {
-                    table.plan_window(start, start + self.window_ms, events, partitions)
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "recounting the windows MySQL missed failed; retrying");
-                    table.hot_gap_opens_at(start);
-                    *kv = None;
-                    return;
-                }
-            }
-            start += self.window_ms;
         }
-    }
-
-    /// Counts the recently closed windows again: late events (a collector
-    /// that caught up, a redelivery) get the window computed again.
-    async fn recheck(&self, table: &mut Table, kv: &mut Option<KvStore>, now: i64) {
-        let lateness = i64::try_from(self.config.lateness.as_millis()).unwrap_or(i64::MAX);
-        table.forget_before(now.saturating_sub(lateness + self.window_ms));
-        let Some(store) = kv.as_mut() else { return };
-        for start in table.recent_windows() {
-            match self.count(store, start).await {
-                Ok((events, partitions)) => {
-                    if table.recheck(start, start + self.window_ms, events, partitions) {
-                        tracing::info!(
-                            window = start,
-                            events,
-                            "late events arrived: computing the window again"
-                        );
-                        self.metrics
-                            .tasks
-                            .get_or_create(&[("outcome", "recomputed")])
-                            .inc();
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "recounting recent windows failed");
-                    *kv = None;
-                    return;
-                }
+        match crate::compute::engine::check_plans(&published.text, schema.as_deref()).await {
+            Ok(()) => {
+                let from = table.next_window_ms();
+                sql::adopt(versions, &published.id, &published.text, from);
+                report.sql_refused = None;
+                tracing::info!(sql = %published.id, from_window = from, "computing with the published SQL from this window on");
+            }
+            Err(error) => {
+                tracing::warn!(sql = %published.id, %error, "the published SQL does not plan; the SQL in force keeps computing");
+                report.sql_refused = Some(SqlRefused {
+                    id: published.id.clone(),
+                    error: short_error(&error.to_string()),
+                });
             }
         }
     }
 
-    fn send(&self, slaves: &Slaves, d: Dispatch, done: &mpsc::UnboundedSender<Finished>) {
+    fn send(
+        &self,
+        slaves: &Slaves,
+        d: Dispatch,
+        task: crate::wire::ComputeTask,
+        done: &mpsc::UnboundedSender<Finished>,
+    ) {
         let key = d.planned.key.clone();
         let finished = |result| Finished {
             key: key.clone(),
@@ -562,7 +508,6 @@ impl Active<'_> {
             ))));
             return;
         };
-        let task = dispatch::task_of(&d);
         // A hung call is not cancelled: the slave may still finish and write, and
         // the fence decides. It is bounded far beyond the hang detection.
         let timeout = Duration::from_secs(600);
@@ -573,9 +518,4 @@ impl Active<'_> {
             let _ = done.send(Finished { result, ..pending });
         });
     }
-}
-
-async fn connect(url: &str, layout: Layout) -> Result<KvStore, redis::RedisError> {
-    let conn = startup::redis_connection(url).await?;
-    Ok(KvStore::new(conn, layout, BUCKET_TTL_SECONDS))
 }

@@ -13,9 +13,16 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use ballast_node::master_report;
+
 use super::tasks::Snapshot;
 
 const KEY: &str = "state.json";
+
+/// Largest state the master writes: a ConfigMap holds at most 1 MiB. The
+/// table's bound on open tasks keeps the state far below; this is the
+/// backstop that says so loudly instead of failing on the API server.
+pub const MAX_STATE_BYTES: usize = 900 * 1024;
 
 /// Errors of the state store.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +41,17 @@ pub enum StateError {
     Deposed {
         /// The ConfigMap.
         name: String,
+    },
+    /// The state is too large for a ConfigMap: it is not written (the
+    /// previous one stands), and the master says so.
+    #[error("master state {name} would be {bytes} bytes, over the {max} a ConfigMap can hold; not saved")]
+    TooLarge {
+        /// The ConfigMap.
+        name: String,
+        /// The state's size.
+        bytes: usize,
+        /// The bound.
+        max: usize,
     },
     /// The stored state is not a snapshot.
     #[error("master state {name} is unreadable: {source}")]
@@ -85,21 +103,37 @@ impl StateStore {
             return Ok(Snapshot::default());
         };
         self.resource_version = cm.metadata.resource_version.clone();
-        match cm.data.as_ref().and_then(|d| d.get(KEY)) {
-            Some(json) => serde_json::from_str(json).map_err(|source| StateError::Corrupt {
-                name: self.name.clone(),
-                source,
-            }),
-            None => Ok(Snapshot::default()),
+        let corrupt = |source| StateError::Corrupt {
+            name: self.name.clone(),
+            source,
+        };
+        let data = cm.data.unwrap_or_default();
+        let mut snapshot: Snapshot = match data.get(KEY) {
+            Some(json) => serde_json::from_str(json).map_err(corrupt)?,
+            None => Snapshot::default(),
+        };
+        if let Some(json) = data.get(master_report::KEY) {
+            snapshot.report = serde_json::from_str(json).map_err(corrupt)?;
         }
+        Ok(snapshot)
     }
 
     /// Saves `snapshot` if nobody else wrote since the last load or save.
     pub async fn save(&mut self, snapshot: &Snapshot) -> Result<(), StateError> {
-        let json = serde_json::to_string(snapshot).map_err(|source| StateError::Corrupt {
+        let corrupt = |source| StateError::Corrupt {
             name: self.name.clone(),
             source,
-        })?;
+        };
+        let json = serde_json::to_string(snapshot).map_err(corrupt)?;
+        let report = serde_json::to_string(&snapshot.report).map_err(corrupt)?;
+        let bytes = json.len() + report.len();
+        if bytes > MAX_STATE_BYTES {
+            return Err(StateError::TooLarge {
+                name: self.name.clone(),
+                bytes,
+                max: MAX_STATE_BYTES,
+            });
+        }
         let cm = ConfigMap {
             metadata: ObjectMeta {
                 name: Some(self.name.clone()),
@@ -114,7 +148,7 @@ impl StateStore {
                 owner_references: self.owner.clone().map(|o| vec![o]),
                 ..ObjectMeta::default()
             },
-            data: Some([(KEY.to_owned(), json)].into()),
+            data: Some([(KEY.to_owned(), json), (master_report::KEY.to_owned(), report)].into()),
             ..ConfigMap::default()
         };
         let params = PostParams::default();
@@ -146,6 +180,12 @@ async fn save(
     for attempt in 1.. {
         match store.save(snapshot).await {
             Ok(()) => return Ok(()),
+            Err(error @ StateError::TooLarge { .. }) => {
+                // Not a reason to stop leading: the previous state stands, and
+                // a standby would resume from it. Loud, every time.
+                tracing::error!(%error, "the master state is not saved");
+                return Ok(());
+            }
             Err(StateError::Api { name, source }) => {
                 tracing::warn!(%name, error = %source, attempt, "saving the master state failed; retrying");
                 if stop.is_cancelled() && attempt >= 3 {

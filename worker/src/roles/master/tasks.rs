@@ -6,100 +6,20 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::{Deserialize, Serialize};
-
 use super::faults::{self, Action, Failed, Failure, FaultPolicy};
+pub use super::outcome::{Dispatch, Outcome};
 use super::schedule::{self, Estimator, SlaveView};
+pub use super::snapshot::{Kind, OpenTask, Planned, Snapshot, TaskKey};
+use ballast_node::master_report::{FailingWindow, MasterReport, short_error};
 
-/// Which granularity a task computes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    /// One window, from the KV store.
-    Window,
-    /// Hour-to-date, from one slave's memory (KV-degraded mode).
-    Hour,
-}
+/// Most open tasks: at about 250 bytes each persisted, the state stays near
+/// half a MiB, well inside a ConfigMap's 1 MiB. Reached only when windows keep
+/// failing; planning then waits (the report says so) rather than growing the
+/// state until the API server refuses it.
+pub const MAX_OPEN_TASKS: usize = 2_000;
 
-/// Identifies a task across attempts and masters.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct TaskKey {
-    /// Granularity.
-    pub kind: Kind,
-    /// Start of the window or hour.
-    pub start_ms: i64,
-    /// Merchant partition (window tasks).
-    pub partition: u32,
-    /// The slave whose memory holds the data (hour tasks).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pinned: Option<String>,
-}
-
-impl TaskKey {
-    /// `<kind>/<start>/<partition or slave>`.
-    pub fn id(&self) -> String {
-        let kind = match self.kind {
-            Kind::Window => "window",
-            Kind::Hour => "hour",
-        };
-        match &self.pinned {
-            Some(slave) => format!("{kind}/{}/{slave}", self.start_ms),
-            None => format!("{kind}/{}/{}", self.start_ms, self.partition),
-        }
-    }
-}
-
-/// A planned task: what it covers.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Planned {
-    /// The task.
-    pub key: TaskKey,
-    /// End of the span (exclusive).
-    pub end_ms: i64,
-    /// Partitions of its window.
-    pub partitions: u32,
-    /// Events in the span when planned (of the whole window): for the estimate.
-    pub events: u64,
-}
-
-/// An open task as persisted.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct OpenTask {
-    /// What it covers.
-    #[serde(flatten)]
-    pub planned: Planned,
-    /// Its latest version.
-    pub version: u64,
-    /// The slave running it, if any (for people and tests).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub running_on: Option<String>,
-}
-
-/// What the master persists: enough for a standby to resume.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Snapshot {
-    /// First window not yet planned: every earlier one is planned (and done unless open).
-    pub next_window_ms: Option<i64>,
-    /// The highest version handed out.
-    pub last_version: u64,
-    /// Tasks planned and not finished.
-    pub open: Vec<OpenTask>,
-    /// Windows closed lately and the events they held when planned: a window
-    /// that gains late events within the lateness horizon is computed again.
-    #[serde(default)]
-    pub recent: BTreeMap<i64, u64>,
-    /// While the hot MySQL is down results reach the cache only: windows from
-    /// this one on are computed again when it returns.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hot_gap_from_ms: Option<i64>,
-    /// The slave memory account, as last saved (the table leaves it empty).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub losses: Option<super::losses::Ledger>,
-}
+/// Most tasks one window is cut into.
+pub const MAX_TASKS_PER_WINDOW: usize = 64;
 
 #[derive(Clone, Debug, PartialEq)]
 enum Phase {
@@ -125,6 +45,10 @@ struct Task {
     phase: Phase,
     failures: BTreeMap<String, u32>,
     rounds: u32,
+    /// Failed attempts in all, when the first was, and the last one's error.
+    attempts: u32,
+    failing_since_ms: Option<i64>,
+    last_error: Option<String>,
 }
 
 impl Task {
@@ -138,46 +62,20 @@ impl Task {
             },
             failures: BTreeMap::new(),
             rounds: 0,
+            attempts: 0,
+            failing_since_ms: None,
+            last_error: None,
         }
+    }
+
+    /// Whether it keeps failing: it went round the slaves into the delay queue.
+    fn failing(&self) -> bool {
+        self.rounds > 0 || matches!(self.phase, Phase::Delayed { .. })
     }
 
     fn events(&self) -> u64 {
         self.planned.events / u64::from(self.planned.partitions.max(1))
     }
-}
-
-/// A task sent to a slave.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Dispatch {
-    /// What it covers.
-    pub planned: Planned,
-    /// The attempt's version.
-    pub version: u64,
-    /// Where it goes.
-    pub slave: String,
-    /// Its expected duration.
-    pub estimate_ms: f64,
-}
-
-/// What a report or a watchdog pass did to a task (for metrics and logs).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// Finished: it left the table.
-    Done,
-    /// From an older attempt (or an unknown task): ignored.
-    Stale,
-    /// Will run again on the same slave.
-    Retried,
-    /// Will run on another slave.
-    Reassigned,
-    /// Parked in the delay queue.
-    Delayed,
-    /// Its slave left the membership: it will run elsewhere under a new version.
-    SlaveGone,
-    /// Ran far beyond its estimate: it will run elsewhere under a new version.
-    Hung,
-    /// Its data aged out of memory: given up, its last stored result stands.
-    Expired,
 }
 
 /// The task table of the active master.
@@ -205,10 +103,33 @@ impl Table {
     /// `snapshot`; open tasks wait for a slave again and get versions above
     /// anything an earlier master handed out.
     pub fn restore(snapshot: Snapshot, term: u64, first_window_ms: i64, policy: FaultPolicy) -> Self {
+        // The last errors are in the previous master's report.
+        let errors: BTreeMap<(Kind, i64), String> = snapshot
+            .report
+            .failing
+            .iter()
+            .filter_map(|w| {
+                let kind = match w.kind.as_str() {
+                    "window" => Kind::Window,
+                    "hour" => Kind::Hour,
+                    _ => return None,
+                };
+                Some(((kind, w.start_ms), w.error.clone()))
+            })
+            .collect();
         let tasks = snapshot
             .open
             .into_iter()
-            .map(|open| (open.planned.key.clone(), Task::new(open.planned)))
+            .map(|open| {
+                let mut task = Task::new(open.planned);
+                task.attempts = open.attempts;
+                task.rounds = open.rounds;
+                task.failing_since_ms = open.failing_since_ms;
+                task.last_error = errors
+                    .get(&(task.planned.key.kind, task.planned.key.start_ms))
+                    .cloned();
+                (task.planned.key.clone(), task)
+            })
             .collect();
         Self {
             tasks,
@@ -239,11 +160,16 @@ impl Table {
                         Phase::Running { slave, .. } => Some(slave.clone()),
                         _ => None,
                     },
+                    attempts: t.attempts,
+                    rounds: t.rounds,
+                    failing_since_ms: t.failing_since_ms,
                 })
                 .collect(),
             recent: self.recent.clone(),
             hot_gap_from_ms: self.hot_gap_from_ms,
             losses: None,
+            report: MasterReport::default(),
+            sql: Vec::new(),
         }
     }
 
@@ -492,6 +418,8 @@ impl Table {
             Err(failure) => failure,
         };
         *task.failures.entry(slave.clone()).or_default() += 1;
+        task.attempts += 1;
+        task.failing_since_ms.get_or_insert(now_ms);
         if failure == Failure::Unreachable {
             self.quarantine
                 .insert(slave.clone(), now_ms + self.policy.quarantine_ms);
@@ -556,6 +484,52 @@ impl Table {
         out
     }
 
+    /// Keeps the error of a failed attempt of `key`, for the report.
+    pub fn note_error(&mut self, key: &TaskKey, error: &str) {
+        if let Some(task) = self.tasks.get_mut(key) {
+            task.last_error = Some(short_error(error));
+        }
+    }
+
+    /// Windows (and hour tasks) that keep failing, one entry per span (its
+    /// partitions together), for the master's report.
+    pub fn failing(&self) -> Vec<FailingWindow> {
+        let mut spans: BTreeMap<(Kind, i64), FailingWindow> = BTreeMap::new();
+        for task in self.tasks.values().filter(|t| t.failing()) {
+            let key = &task.planned.key;
+            let since = task.failing_since_ms.unwrap_or_default();
+            let entry = spans
+                .entry((key.kind, key.start_ms))
+                .or_insert_with(|| FailingWindow {
+                    kind: match key.kind {
+                        Kind::Window => "window".into(),
+                        Kind::Hour => "hour".into(),
+                    },
+                    start_ms: key.start_ms,
+                    end_ms: task.planned.end_ms,
+                    attempts: 0,
+                    since_ms: since,
+                    error: String::new(),
+                });
+            entry.attempts += task.attempts;
+            entry.since_ms = entry.since_ms.min(since);
+            entry.end_ms = entry.end_ms.max(task.planned.end_ms);
+            if entry.error.is_empty() {
+                entry.error = task
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| "no error recorded".into());
+            }
+        }
+        spans.into_values().collect()
+    }
+
+    /// Whether another window may be planned: the open tasks are bounded so
+    /// that the persisted state always fits in its ConfigMap (see [`MAX_OPEN_TASKS`]).
+    pub fn has_room(&self) -> bool {
+        self.tasks.len() + MAX_TASKS_PER_WINDOW <= MAX_OPEN_TASKS
+    }
+
     /// Tasks running now.
     pub fn in_flight(&self) -> usize {
         self.tasks
@@ -585,6 +559,14 @@ impl Table {
             .map(|k| k.start_ms)
             .min()
             .unwrap_or(self.next_window_ms)
+    }
+
+    /// Start of the oldest span the master may still compute: an open task
+    /// (window or hour), a window watched for late events, or the next to plan.
+    pub fn oldest_needed_ms(&self) -> i64 {
+        let open = self.tasks.keys().map(|k| k.start_ms);
+        let recent = self.recent.keys().copied();
+        open.chain(recent).fold(self.next_window_ms, i64::min)
     }
 
     /// Hour tasks of `slave` still open.

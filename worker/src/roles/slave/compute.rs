@@ -5,8 +5,9 @@
 //! cache (the cache only while MySQL is degraded). It reports its queue depth
 //! and CPU use for the master's scheduler.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use ballast_crds::{Dependency, Mode};
@@ -18,8 +19,9 @@ use tonic::Status;
 
 use super::lock;
 use super::store::{SpanExpired, Store};
+use crate::compute::output::SQL_COLUMN;
 use crate::compute::runtime::Engine;
-use crate::compute::{ComputeError, MerchantResult};
+use crate::compute::{ComputeError, MerchantResult, Sql};
 use crate::health::counter;
 use crate::kv::{BUCKET_TTL_SECONDS, KvError, KvStore, Layout};
 use crate::modes::Modes;
@@ -80,6 +82,8 @@ pub struct Computer {
     modes: watch::Receiver<Modes>,
     slots: Arc<Semaphore>,
     slot_count: u32,
+    /// The SQLs tasks named lately, compiled, by identity.
+    sqls: Mutex<HashMap<String, Sql>>,
     queued: AtomicU32,
     running: AtomicU32,
     metrics: Arc<Metrics>,
@@ -100,6 +104,12 @@ enum TaskError {
     CacheConnect(redis::RedisError),
     #[error("task {0} has no valid granularity or source")]
     Malformed(String),
+    #[error("task {task} names SQL {named} but carries SQL {actual}")]
+    SqlMismatch {
+        task: String,
+        named: String,
+        actual: String,
+    },
     #[error(transparent)]
     Expired(#[from] SpanExpired),
 }
@@ -113,7 +123,7 @@ impl From<TaskError> for Status {
             // Too heavy for this pod's budget: retried, then moved elsewhere.
             TaskError::Compute(ComputeError::OutOfMemory { .. }) => Status::resource_exhausted(message),
             TaskError::Compute(_) => Status::invalid_argument(message),
-            TaskError::Malformed(_) => Status::invalid_argument(message),
+            TaskError::Malformed(_) | TaskError::SqlMismatch { .. } => Status::invalid_argument(message),
             TaskError::Kv(KvError::Corrupt { .. }) => Status::data_loss(message),
             // Not retryable: the data will never be whole again here.
             TaskError::Expired(_) => Status::out_of_range(message),
@@ -144,6 +154,7 @@ impl Computer {
             modes,
             slots: Arc::new(Semaphore::new(slots.max(1) as usize)),
             slot_count: slots.max(1),
+            sqls: Mutex::default(),
             queued: AtomicU32::new(0),
             running: AtomicU32::new(0),
             metrics,
@@ -212,7 +223,15 @@ impl Computer {
         };
         self.metrics.events.inc_by(events.len() as u64);
         let count = events.len();
-        let results = self.engine.run(events).await?;
+        // The types the operator published for the source tables, as of now.
+        let schema = self.modes.borrow().source_schema();
+        let (sql_id, sql) = self.sql_of(task)?;
+        let mut results = self.engine.run(sql, events, schema).await?;
+        for result in &mut results {
+            result
+                .metrics
+                .insert(SQL_COLUMN.to_owned(), serde_json::Value::String(sql_id.clone()));
+        }
         let slot = Slot {
             pipeline: self.pipeline.clone(),
             granularity,
@@ -228,6 +247,34 @@ impl Computer {
             refused_cache: u32::try_from(cache.refused).unwrap_or(u32::MAX),
             hot_skipped,
         })
+    }
+
+    /// The SQL a task names, compiled once per identity (and refused, like
+    /// any SQL, unless allowed); the slave's own SQL for a task that names
+    /// none (from a master older than SQL-stamped tasks).
+    fn sql_of(&self, task: &ComputeTask) -> Result<(String, Option<Sql>), TaskError> {
+        if task.sql.is_empty() {
+            return Ok((self.engine.sql().identity().to_owned(), None));
+        }
+        let sqls = || self.sqls.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(sql) = sqls().get(&task.sql_id) {
+            return Ok((task.sql_id.clone(), Some(sql.clone())));
+        }
+        let sql = Sql::parse(&task.sql)?;
+        if sql.identity() != task.sql_id {
+            return Err(TaskError::SqlMismatch {
+                task: task.task_id.clone(),
+                named: task.sql_id.clone(),
+                actual: sql.identity().to_owned(),
+            });
+        }
+        let mut sqls = sqls();
+        // A few SQLs are in use at once (a change, a recomputation): start afresh past that.
+        if sqls.len() >= 8 {
+            sqls.clear();
+        }
+        sqls.insert(task.sql_id.clone(), sql.clone());
+        Ok((task.sql_id.clone(), Some(sql)))
     }
 
     async fn read_kv(&self, task: &ComputeTask) -> Result<Vec<crate::wire::ChangeEvent>, TaskError> {
