@@ -323,6 +323,31 @@ async fn kv_failure_keeps_hourly_results_from_slave_memory_and_windows_resume_af
     let want = p.expect(HOUR_MS, &rows).await?;
     until_equal(&p.hot, &p.pipeline, Granularity::Hour, &want, 90).await?;
 
+    // The SQL changes mid-period, before new slave processes start (which read
+    // the new one): every task carries the SQL in force at its period's start,
+    // so all of a period's hour-to-date rows name one SQL, whichever slave.
+    let changed = format!(
+        "{}\n-- changed while the KV store is down\n",
+        ballast_e2e::SAMPLE_SQL
+    );
+    let changed_id = ballast_crds::sql::id(&changed);
+    p.aps
+        .patch(
+            &p.pipeline,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"compute": {"sql": changed}}})),
+        )
+        .await?;
+    eventually("the changed SQL published", 30, || async {
+        let ap = p.aps.get(&p.pipeline).await?;
+        Ok(ap
+            .status
+            .and_then(|s| s.sql)
+            .filter(|s| s.id == changed_id)
+            .map(|_| ()))
+    })
+    .await?;
+
     // Two more slaves join while it is down (the base grows from 2 to 3, times
     // the scale factor): the merchants the ring now gives them are handed over
     // with the events already held, so each hour-to-date still covers all of
@@ -331,6 +356,27 @@ async fn kv_failure_keeps_hourly_results_from_slave_memory_and_windows_resume_af
     p.feed(&mut stream).await?;
     let want = p.expect(HOUR_MS, &rows).await?;
     until_equal(&p.hot, &p.pipeline, Granularity::Hour, &want, 90).await?;
+    for period in want.keys().map(|(period, _)| *period).collect::<BTreeSet<_>>() {
+        let slot = Slot {
+            pipeline: p.pipeline.clone(),
+            granularity: Granularity::Hour,
+            window_start_ms: period,
+        };
+        let sqls: BTreeSet<String> = p
+            .hot
+            .read(&slot)
+            .await?
+            .values()
+            .filter_map(|stored| {
+                stored
+                    .metrics
+                    .get("_sql")
+                    .and_then(|v| v.as_str())
+                    .map(str::to_owned)
+            })
+            .collect();
+        anyhow::ensure!(sqls.len() == 1, "period {period} computed with SQLs {sqls:?}");
+    }
 
     // The base shrinks back (3 to 2, times the scale factor): the two slaves
     // stopped hand what they hold to the others before they go, so nothing
