@@ -316,16 +316,20 @@ async fn role(
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Probe { kind, url, timeout } => match probe::once(kind, &url, timeout).await {
-            Ok(detail) => {
-                println!("{kind}: {url}: healthy ({detail})");
-                ExitCode::SUCCESS
+        Command::Probe { kind, url, timeout } => {
+            // Printed without its password, whatever the client said.
+            let shown = probe::redacted(&url);
+            match probe::once(kind, &url, timeout).await {
+                Ok(detail) => {
+                    println!("{kind}: {shown}: healthy ({detail})");
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("{kind}: {shown}: {error}");
+                    ExitCode::FAILURE
+                }
             }
-            Err(error) => {
-                eprintln!("{kind}: {url}: {error}");
-                ExitCode::FAILURE
-            }
-        },
+        }
         Command::Collector {
             pod,
             source_password,

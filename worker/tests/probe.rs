@@ -26,10 +26,14 @@ fn probe_reports_every_stack_server_healthy() -> anyhow::Result<()> {
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
-            "{kind} {url}: {stdout}{}",
+            "{kind}: {stdout}{}",
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(stdout.contains("healthy"), "{kind}: {stdout}");
+        assert!(
+            !stdout.contains(":ballast@"),
+            "{kind} printed its password: {stdout}"
+        );
     }
     Ok(())
 }
@@ -37,17 +41,26 @@ fn probe_reports_every_stack_server_healthy() -> anyhow::Result<()> {
 #[test]
 fn probe_of_a_closed_port_fails_and_names_the_server() {
     // Port 1 on loopback: nothing listens there, the connection is refused at once.
-    for (kind, url) in [
-        ("redis", "redis://127.0.0.1:1"),
-        ("mysql", "mysql://ballast:ballast@127.0.0.1:1/ballast"),
-        ("elasticsearch", "http://127.0.0.1:1"),
+    // (kind, URL, as printed: never with its password)
+    for (kind, url, shown) in [
+        ("redis", "redis://:s3cret@127.0.0.1:1", "redis://:***@127.0.0.1:1"),
+        (
+            "mysql",
+            "mysql://ballast:s3cret@127.0.0.1:1/ballast",
+            "mysql://ballast:***@127.0.0.1:1/ballast",
+        ),
+        ("elasticsearch", "http://127.0.0.1:1", "http://127.0.0.1:1"),
     ] {
         let out = probe(kind, url);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{kind} probe of a closed port succeeded");
         assert!(
-            stderr.starts_with(&format!("{kind}: {url}: ")),
+            stderr.starts_with(&format!("{kind}: {shown}: ")),
             "{kind}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("s3cret"),
+            "{kind} printed its password: {stderr}"
         );
     }
 }

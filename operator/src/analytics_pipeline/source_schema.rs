@@ -56,13 +56,7 @@ pub async fn read(
     tables: &[String],
 ) -> Result<SourceSchema, SchemaError> {
     let address = source.address.clone();
-    let (host, port) = address.rsplit_once(':').unwrap_or((address.as_str(), "3306"));
-    let opts = mysql_async::OptsBuilder::default()
-        .ip_or_hostname(host.to_owned())
-        .tcp_port(port.parse().unwrap_or(3306))
-        .user(Some(source.user.clone()))
-        .pass(password)
-        .db_name(Some(source.database.clone()));
+    let opts = ballast_node::connect::mysql(source, password);
     let failed = |source| SchemaError::Source {
         address: address.clone(),
         source,

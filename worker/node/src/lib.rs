@@ -4,6 +4,7 @@
 //! operator probes with the data plane's own clients).
 #![forbid(unsafe_code)]
 
+pub mod connect;
 pub mod health;
 pub mod leader;
 pub mod master_report;

@@ -88,7 +88,11 @@ impl Prober {
         if result.is_err() {
             self.client = None;
         }
-        result
+        // A client's error may quote what it was given: never the password.
+        result.map_err(|error| match error {
+            ProbeError::Failed(text) => ProbeError::Failed(scrub(&text, &self.url)),
+            other => other,
+        })
     }
 
     async fn connect(&self) -> Result<Client, ProbeError> {
@@ -176,7 +180,98 @@ impl Prober {
     }
 }
 
+/// `url` with the password of its user info, if any, replaced by `***`:
+/// what may be printed or logged. Pure.
+pub fn redacted(url: &str) -> String {
+    match password_span(url) {
+        Some((start, end)) => format!("{}***{}", &url[..start], &url[end..]),
+        None => url.to_owned(),
+    }
+}
+
+/// Where the password of `url`'s user info is (`scheme://user:password@host`).
+fn password_span(url: &str) -> Option<(usize, usize)> {
+    let authority = url.find("://")? + 3;
+    let end = url[authority..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| authority + i);
+    let at = authority + url[authority..end].rfind('@')?;
+    let colon = authority + url[authority..at].find(':')?;
+    (colon + 1 < at).then_some((colon + 1, at))
+}
+
+/// `text` with the password of `url` (as written, and percent-decoded) replaced by `***`.
+pub fn scrub(text: &str, url: &str) -> String {
+    let Some((start, end)) = password_span(url) else {
+        return text.to_owned();
+    };
+    let raw = &url[start..end];
+    let decoded = percent_decode(raw);
+    let mut out = text.replace(raw, "***");
+    if !decoded.is_empty() && decoded != raw {
+        out = out.replace(decoded.as_str(), "***");
+    }
+    out
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Runs one probe of `kind` against `url`.
 pub async fn once(kind: Kind, url: &str, timeout: Duration) -> Result<String, ProbeError> {
     Prober::new(kind, url).check(timeout).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_leave_a_url_or_an_error() {
+        // (URL, as printed)
+        let cases = [
+            (
+                "mysql://ballast:s3cret@db:3306/ballast",
+                "mysql://ballast:***@db:3306/ballast",
+            ),
+            (
+                "redis://:s3cret@127.0.0.1:6379/0",
+                "redis://:***@127.0.0.1:6379/0",
+            ),
+            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
+            ("http://elastic@es:9200", "http://elastic@es:9200"),
+            ("mysql://u:p%40ss%2Fw@db/x", "mysql://u:***@db/x"),
+            ("http://es:9200/path@x", "http://es:9200/path@x"),
+            ("127.0.0.1:9092", "127.0.0.1:9092"),
+        ];
+        for (url, printed) in cases {
+            assert_eq!(redacted(url), printed, "{url}");
+        }
+        let url = "mysql://u:p%40ss%2Fw@db/x";
+        assert_eq!(
+            scrub("access denied for u with p@ss/w and p%40ss%2Fw", url),
+            "access denied for u with *** and ***"
+        );
+        assert_eq!(scrub("no password here", "redis://db:6379"), "no password here");
+    }
 }

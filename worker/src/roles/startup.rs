@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 
-use ballast_crds::refs::{MysqlRef, RedisRef};
 use ballast_crds::{AnalyticsPipeline, DegradationPolicy};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::Api;
@@ -25,6 +24,15 @@ pub enum StartupError {
     NoSql {
         /// What is missing.
         reason: String,
+    },
+    /// A store's connection options are not valid.
+    #[error("connection options of the {store}: {source}")]
+    Options {
+        /// Which store.
+        store: &'static str,
+        /// The client's error.
+        #[source]
+        source: redis::RedisError,
     },
     /// A listener could not be bound.
     #[error("binding {addr}: {source}")]
@@ -86,24 +94,20 @@ pub async fn sql(
         })
 }
 
-/// The URL of a Redis server of the spec, with the password from the pod's environment.
-pub fn redis_url(redis: &RedisRef, password: Option<&str>) -> String {
-    let auth = password.map(|p| format!(":{p}@")).unwrap_or_default();
-    format!("redis://{auth}{}/{}", redis.address, redis.database)
+/// The Redis connection options of `store` (`kv` or `cache`), with its password.
+pub fn redis_info(
+    redis: &ballast_crds::refs::RedisRef,
+    password: Option<&str>,
+    store: &'static str,
+) -> Result<redis::ConnectionInfo, StartupError> {
+    crate::connect::redis(redis, password).map_err(|source| StartupError::Options { store, source })
 }
 
-/// A self-reconnecting connection to the Redis server at `url`.
-pub async fn redis_connection(url: &str) -> Result<redis::aio::ConnectionManager, redis::RedisError> {
-    redis::Client::open(url)?.get_connection_manager().await
-}
-
-/// The URL of a MySQL database of the spec, with the password from the pod's environment.
-pub fn mysql_url(mysql: &MysqlRef, password: Option<&str>) -> String {
-    let auth = password.map(|p| format!(":{p}")).unwrap_or_default();
-    format!(
-        "mysql://{}{auth}@{}/{}",
-        mysql.user, mysql.address, mysql.database
-    )
+/// A self-reconnecting connection to the Redis server `info` names.
+pub async fn redis_connection(
+    info: &redis::ConnectionInfo,
+) -> Result<redis::aio::ConnectionManager, redis::RedisError> {
+    redis::Client::open(info.clone())?.get_connection_manager().await
 }
 
 /// Binds `addr`; returns the listener and the port it got.

@@ -223,8 +223,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         .await
         .map_err(startup::bind_error(config.metrics))?;
 
-    let url = startup::mysql_url(&source.mysql, config.source_password.as_deref());
-    let opts = Opts::from_url(&url).map_err(mysql_async::Error::from)?;
+    let opts = crate::connect::mysql(&source.mysql, config.source_password.clone());
     let mut conn = Conn::new(opts.clone()).await?;
     let mut schema = columns(&mut conn, &source.mysql.database, &source.tables).await?;
 

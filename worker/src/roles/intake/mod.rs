@@ -312,8 +312,8 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
     .await
     .map_err(startup::bind_error(config.metrics))?;
 
-    let kv_url = startup::redis_url(&spec.kv, config.kv_password.as_deref());
-    let conn = startup::redis_connection(&kv_url).await?;
+    let kv_info = startup::redis_info(&spec.kv, config.kv_password.as_deref(), "KV store")?;
+    let conn = startup::redis_connection(&kv_info).await?;
     let layout = Layout::new(&config.pipeline, i64::from(spec.compute.window_seconds) * 1000);
     let (refills_tx, mut refills) = watch::channel(0_u64);
     tokio::spawn(refill::watch(

@@ -144,7 +144,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
     let window_ms = i64::from(ap.spec.compute.window_seconds) * 1000;
     let active = Active {
         owner: ap.owner_ref(&()),
-        kv_url: startup::redis_url(&ap.spec.kv, config.kv_password.as_deref()),
+        kv: startup::redis_info(&ap.spec.kv, config.kv_password.as_deref(), "KV store")?,
         layout: Layout::new(&config.pipeline, window_ms),
         window_ms,
         // The granularity of KV-degraded results (an hour unless the policy says otherwise).
@@ -175,7 +175,7 @@ struct Active<'a> {
     owner: Option<OwnerReference>,
     deps: &'a Deps,
     metrics: Arc<Metrics>,
-    kv_url: String,
+    kv: redis::ConnectionInfo,
     layout: Layout,
     window_ms: i64,
     degraded_period_ms: i64,

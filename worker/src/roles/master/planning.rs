@@ -76,7 +76,7 @@ impl Active<'_> {
             }
             let store = match kv {
                 Some(store) => store,
-                None => match connect(&self.kv_url, self.layout.clone()).await {
+                None => match connect(&self.kv, self.layout.clone()).await {
                     Ok(store) => kv.insert(store),
                     Err(error) => {
                         tracing::warn!(%error, "KV store unreachable; planning waits");
@@ -172,7 +172,7 @@ impl Active<'_> {
     }
 }
 
-async fn connect(url: &str, layout: Layout) -> Result<KvStore, redis::RedisError> {
-    let conn = startup::redis_connection(url).await?;
+async fn connect(info: &redis::ConnectionInfo, layout: Layout) -> Result<KvStore, redis::RedisError> {
+    let conn = startup::redis_connection(info).await?;
     Ok(KvStore::new(conn, layout, BUCKET_TTL_SECONDS))
 }

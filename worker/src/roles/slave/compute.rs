@@ -60,14 +60,14 @@ impl Metrics {
 
 /// Connections to the stores a task reads and writes; reconnected after a failure.
 pub struct Stores {
-    /// URL of the KV Redis.
-    pub kv_url: String,
+    /// Connection options of the KV Redis.
+    pub kv: redis::ConnectionInfo,
     /// Key layout of the KV store.
     pub layout: Layout,
     /// The hot MySQL.
     pub hot: HotStore,
-    /// URL of the cache Redis.
-    pub cache_url: String,
+    /// Connection options of the cache Redis.
+    pub cache: redis::ConnectionInfo,
 }
 
 /// Runs compute tasks with a bounded number at once.
@@ -279,7 +279,7 @@ impl Computer {
 
     async fn read_kv(&self, task: &ComputeTask) -> Result<Vec<crate::wire::ChangeEvent>, TaskError> {
         let layout = &self.stores.layout;
-        let mut store = connected(&self.kv, &self.stores.kv_url, |conn| {
+        let mut store = connected(&self.kv, &self.stores.kv, |conn| {
             KvStore::new(conn, layout.clone(), BUCKET_TTL_SECONDS)
         })
         .await
@@ -319,7 +319,7 @@ impl Computer {
         if self.modes.borrow().get(Dependency::Cache).0 == Mode::Degraded {
             return Ok(Fenced::default());
         }
-        let mut cache = connected(&self.cache, &self.stores.cache_url, ResultCache::new)
+        let mut cache = connected(&self.cache, &self.stores.cache, ResultCache::new)
             .await
             .map_err(TaskError::CacheConnect)?;
         let fenced = cache.write(slot, version, results).await?;
@@ -333,18 +333,18 @@ impl Computer {
     }
 }
 
-/// The client kept in `slot`, connected to `url` on first use. A clone is
+/// The client kept in `slot`, connected to `info` on first use. A clone is
 /// handed out, so concurrent tasks do not queue behind the lock.
 async fn connected<T: Clone>(
     slot: &tokio::sync::Mutex<Option<T>>,
-    url: &str,
+    info: &redis::ConnectionInfo,
     make: impl FnOnce(redis::aio::ConnectionManager) -> T,
 ) -> Result<T, redis::RedisError> {
     let mut slot = slot.lock().await;
     if let Some(client) = slot.as_ref() {
         return Ok(client.clone());
     }
-    let client = make(startup::redis_connection(url).await?);
+    let client = make(startup::redis_connection(info).await?);
     *slot = Some(client.clone());
     Ok(client)
 }

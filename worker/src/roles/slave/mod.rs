@@ -87,9 +87,6 @@ pub enum Error {
     /// The compute runtime's threads could not be started.
     #[error("starting the compute runtime: {0}")]
     ComputeRuntime(std::io::Error),
-    /// The hot MySQL address is not a valid URL.
-    #[error("hot MySQL: {0}")]
-    HotStore(#[from] mysql_async::UrlError),
 }
 
 /// The slave's metrics (`ballast_slave_*`).
@@ -290,12 +287,9 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
     let mut registry = Registry::with_prefix("ballast");
     let metrics = Arc::new(Metrics::register(&mut registry));
     let compute_metrics = Arc::new(compute::Metrics::register(&mut registry));
-    let hot_opts = mysql_async::Opts::from_url(&startup::mysql_url(
-        &ap.spec.hot_store,
-        config.hot_password.as_deref(),
-    ))?;
+    let hot_opts = crate::connect::mysql(&ap.spec.hot_store, config.hot_password.clone());
     let stores = Stores {
-        kv_url: startup::redis_url(&ap.spec.kv, config.kv_password.as_deref()),
+        kv: startup::redis_info(&ap.spec.kv, config.kv_password.as_deref(), "KV store")?,
         layout: Layout::new(&config.pipeline, i64::from(ap.spec.compute.window_seconds) * 1000),
         hot: HotStore::new(
             mysql_async::Pool::new(hot_opts),
@@ -303,7 +297,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
             2,
             4,
         ),
-        cache_url: startup::redis_url(&ap.spec.cache, config.cache_password.as_deref()),
+        cache: startup::redis_info(&ap.spec.cache, config.cache_password.as_deref(), "cache")?,
     };
     // Its own stop: the drain after `shutdown` still needs the published slave
     // set (a hand-off stamped with a stale generation is refused) and the
