@@ -353,6 +353,16 @@ async fn kv_failure_keeps_hourly_results_from_slave_memory_and_windows_resume_af
     // with the events already held, so each hour-to-date still covers all of
     // its merchant's events, not just those routed after the join.
     p.scale_slaves(3).await?;
+    // Orders fed once the new slaves are in the published set reach them too.
+    eventually("the slave set naming the new slaves", 60, || async {
+        let ap = p.aps.get(&p.pipeline).await?;
+        Ok(ap
+            .status
+            .and_then(|s| s.slave_set)
+            .filter(|s| s.members.len() == 6)
+            .map(|_| ()))
+    })
+    .await?;
     p.feed(&mut stream).await?;
     let want = p.expect(HOUR_MS, &rows).await?;
     until_equal(&p.hot, &p.pipeline, Granularity::Hour, &want, 90).await?;
