@@ -366,6 +366,19 @@ async fn kv_failure_keeps_hourly_results_from_slave_memory_and_windows_resume_af
     p.feed(&mut stream).await?;
     let want = p.expect(HOUR_MS, &rows).await?;
     until_equal(&p.hot, &p.pipeline, Granularity::Hour, &want, 90).await?;
+    // The new slaves computed part of the period themselves.
+    eventually("a task done on a slave started after the change", 60, || async {
+        let mut done = 0.0;
+        for slave in ["slave-4", "slave-5"] {
+            if let Some(port) = p.kubelet.metrics_port(&format!("{}-{slave}", p.pipeline)) {
+                let series = r#"ballast_slave_tasks_total{result="done"}"#;
+                done += scenario::metric(port, series).await?.unwrap_or(0.0);
+            }
+        }
+        Ok((done > 0.0).then_some(()))
+    })
+    .await?;
+    until_equal(&p.hot, &p.pipeline, Granularity::Hour, &want, 90).await?;
     for period in want.keys().map(|(period, _)| *period).collect::<BTreeSet<_>>() {
         let slot = Slot {
             pipeline: p.pipeline.clone(),

@@ -80,6 +80,13 @@ impl Kubelet {
             .collect()
     }
 
+    /// The loopback port `pod`'s `/metrics` listens on, while it runs.
+    pub fn metrics_port(&self, pod: &str) -> Option<u16> {
+        let mut procs = self.procs.lock().unwrap_or_else(PoisonError::into_inner);
+        let p = procs.get_mut(pod)?;
+        (!process::exited(&mut p.child)).then_some(p.metrics_port)
+    }
+
     /// Kills `pod`'s process outright (SIGKILL: a crash, no draining); it is
     /// started again like any exited container. `false` if it was not running.
     pub fn crash(&self, pod: &str) -> std::io::Result<bool> {
