@@ -228,20 +228,26 @@ pub async fn pipeline_namespace(client: &kube::Client, prefix: &str) -> Result<S
 /// The `ballast-worker` binary of this build (`cargo test --workspace` builds it
 /// beside the test executables).
 pub fn worker_binary() -> Result<PathBuf, StackError> {
+    binary("ballast-worker")
+}
+
+/// The binary `name` of this build (`cargo test --workspace` builds every
+/// package's binaries beside the test executables).
+pub fn binary(name: &str) -> Result<PathBuf, StackError> {
     let missing = |detail: String| StackError::Script {
-        command: "locate ballast-worker".into(),
+        command: format!("locate {name}"),
         message: detail,
     };
     let exe = std::env::current_exe().map_err(|e| missing(e.to_string()))?;
-    // target/<profile>/deps/<test> -> target/<profile>/ballast-worker
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
     let path = exe
         .parent()
         .and_then(|deps| deps.parent())
-        .map(|dir| dir.join("ballast-worker"));
+        .map(|dir| dir.join(name));
     match path {
         Some(path) if path.exists() => Ok(path),
         other => Err(missing(format!(
-            "{other:?} not found: build it with `cargo build -p ballast-worker`"
+            "{other:?} not found: build it with `cargo build -p {name}`"
         ))),
     }
 }

@@ -60,7 +60,15 @@ fn container(o: &Owned) -> Option<&Container> {
 }
 
 #[test]
-fn every_workload_runs_a_role_the_worker_binary_has() {
+fn every_workload_runs_a_role_the_worker_binary_has() -> Result<(), ballast_e2e::StackError> {
+    // The binary itself says which subcommands it has (`cargo test --workspace` builds it).
+    let worker = ballast_e2e::worker_binary()?;
+    let is_role = |role: &str| {
+        std::process::Command::new(&worker)
+            .args([role, "--help"])
+            .output()
+            .is_ok_and(|out| out.status.success())
+    };
     let inputs = Inputs {
         slave_replicas: 2,
         config_hash: "abc123".into(),
@@ -75,12 +83,13 @@ fn every_workload_runs_a_role_the_worker_binary_has() {
         let args = container(object).and_then(|c| c.args.clone()).unwrap_or_default();
         let role = args.first().map(String::as_str).unwrap_or_default();
         assert!(
-            ballast_worker::roles::NAMES.contains(&role),
+            !role.is_empty() && is_role(role),
             "{} {} runs `ballast-worker {role}`, which does not exist",
             object.kind(),
             object.name()
         );
     }
+    Ok(())
 }
 
 #[test]

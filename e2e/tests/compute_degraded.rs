@@ -7,10 +7,7 @@
 //! while the hot MySQL is down, results in
 //! the cache only; window results in MySQL again after each.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 
 use ballast_crds::{AnalyticsPipeline, Dependency, Mode};
 use ballast_e2e::kubelet::{Kubelet, Settings};
@@ -22,7 +19,6 @@ use ballast_worker::results::hot::HotStore;
 use ballast_worker::results::{Granularity, Slot, Stored};
 use ballast_worker::wire::HoldingsRequest;
 use ballast_worker::wire::slave_client::SlaveClient;
-use common::eventually;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::jiff::Timestamp;
@@ -39,6 +35,16 @@ async fn last_id(db: &mut mysql_async::Conn) -> anyhow::Result<i64> {
         .query_first("SELECT COALESCE(MAX(id), 0) FROM orders")
         .await?
         .unwrap_or(0))
+}
+
+/// Polls `check` until it yields a value or `secs` pass: `scenario::eventually`
+/// for checks that fail with any error (`anyhow`).
+async fn eventually<T, F, Fut>(what: &str, secs: u64, check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    Ok(scenario::eventually(what, secs, check).await?)
 }
 
 /// Where results are read from.
@@ -131,8 +137,8 @@ impl Running {
             .pipeline_fixture_with(&client, prefix, policy, patch)
             .await?;
         let db = stack.source_orders().await?;
-        let operator = Path::new(env!("CARGO_BIN_EXE_ballast-operator"));
-        let operator = stack.operator(operator, &ns).await?;
+        let operator = ballast_e2e::binary("ballast-operator")?;
+        let operator = stack.operator(&operator, &ns).await?;
         let logs = std::env::temp_dir().join(format!("ballast-{ns}"));
         let env = [("BALLAST_WINDOW_GRACE", "1s"), ("BALLAST_LEASE", "5s")];
         let kubelet = Kubelet::start(
