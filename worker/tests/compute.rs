@@ -383,7 +383,7 @@ async fn results_stay_golden_when_the_kv_store_restarts_empty_mid_stream() -> an
     let mut orders = Orders::new(&prefix, 25, 2);
     eventually("an active master", 30, || running.active_master()).await?;
     let refills = || running.metric("intake-0", "ballast_intake_kv_refills_total");
-    // The intake's first look finds no marker; that refill finds nothing to do.
+    // The intake's first look finds no marker and sets one: no refill.
     let before = refills().await?;
     feed(&running.stack, &mut orders, 4, Duration::from_millis(500)).await?;
     // Stopped right after the last orders: their windows are not computed yet.

@@ -328,6 +328,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         &config.pipeline,
         shutdown.clone(),
     );
+    let modes = mode.clone();
     let slaves = membership::follow(
         deps.client.clone(),
         &config.namespace,
@@ -403,12 +404,18 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
     let mut writes: VecDeque<(JoinHandle<bool>, Offsets)> = VecDeque::new();
     let mut outcome = Ok(());
     let mut refill_due = false;
+    // A failed refill is tried again at most each second, not on every batch.
+    let mut refill_at = tokio::time::Instant::now();
     'consume: while !shutdown.is_cancelled() {
         if refills.has_changed().unwrap_or(false) {
             refills.borrow_and_update();
             refill_due = true;
         }
-        if refill_due {
+        // A refill re-reads into the KV store: not while the KV store is
+        // Degraded, when events go to the slaves, which would count the
+        // re-read ones into their hour again. It waits for the store's return.
+        let kv_degraded = modes.borrow().get(ballast_crds::Dependency::Kv).0 == ballast_crds::Mode::Degraded;
+        if refill_due && !kv_degraded && tokio::time::Instant::now() >= refill_at {
             // Everything in flight is stored and committed first: commits then
             // move on from the refill point, never back past what it re-reads.
             while let Some((write, offsets)) = writes.pop_front() {
@@ -419,6 +426,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
             }
             let state = StateStore::new(deps.client.clone(), &config.namespace, &config.pipeline, None);
             refill_due = !refilled(refill::refill(&consumer, state).await, &metrics);
+            refill_at = tokio::time::Instant::now() + Duration::from_secs(1);
         }
         let batch = collect(&consumer, &config, &ap.spec.source.tables, &shutdown).await;
         if !batch.offsets.is_empty() {
@@ -491,6 +499,7 @@ fn refilled(
             tracing::warn!(window = %from, partitions = sought.len(), "refilling the KV store from Kafka");
             true
         }
+        Err(refill::RefillError::NotAssigned) => false,
         Err(error) => {
             tracing::warn!(%error, "refilling the KV store failed; retrying");
             false

@@ -40,17 +40,19 @@ pub enum Reset {
     Same,
     /// First look at a marker that was there already: remember it.
     Adopt,
+    /// First look, and no marker: set one. Not a refill: a starting intake
+    /// resumes from its committed offsets, and re-reading while the store may
+    /// already be failing would hand old events to the slaves' hours.
+    Mark,
     /// The store lost its data: refill (and set a marker if there is none).
     Refill,
 }
 
-/// The meaning of marker `seen` for an intake that last saw `known`. A
-/// marker absent at an intake's first look is a refill too: it cannot tell a
-/// first start from a store that lost its data, and refilling is harmless
-/// then (nothing planned yet means nothing to re-read). Pure.
+/// The meaning of marker `seen` for an intake that last saw `known`. Pure.
 pub fn reset(known: Option<&str>, seen: Option<&str>) -> Reset {
     match (known, seen) {
-        (_, None) => Reset::Refill,
+        (None, None) => Reset::Mark,
+        (Some(_), None) => Reset::Refill,
         (None, Some(_)) => Reset::Adopt,
         (Some(known), Some(seen)) if known == seen => Reset::Same,
         (Some(_), Some(_)) => Reset::Refill,
@@ -97,6 +99,11 @@ pub async fn watch(mut kv: KvStore, refills: watch::Sender<u64>, stop: Cancellat
             match reset(known.as_deref(), seen.as_deref()) {
                 Reset::Same => {}
                 Reset::Adopt => known = seen,
+                Reset::Mark => {
+                    if let Ok(Ok(current)) = tokio::time::timeout(DEADLINE, kv.mark(&new_marker())).await {
+                        known = Some(current);
+                    }
+                }
                 Reset::Refill => {
                     // Another intake may have set it first: its marker is adopted.
                     if let Ok(Ok(current)) = tokio::time::timeout(DEADLINE, kv.mark(&new_marker())).await {
@@ -128,6 +135,9 @@ pub enum RefillError {
     /// A call passed its deadline.
     #[error("{0} passed its deadline")]
     Deadline(&'static str),
+    /// This consumer has no partitions yet (it is joining its group).
+    #[error("no partitions assigned yet")]
+    NotAssigned,
 }
 
 /// A partition sought back, and whether messages it needed may be gone.
@@ -148,6 +158,11 @@ pub async fn refill(
     consumer: &Arc<StreamConsumer>,
     mut state: StateStore,
 ) -> Result<Option<(i64, Vec<Sought>)>, RefillError> {
+    // A local check first: while the group assigns partitions there is
+    // nothing to seek, and the state is not read again and again.
+    if consumer.assignment()?.count() == 0 {
+        return Err(RefillError::NotAssigned);
+    }
     let snapshot = tokio::time::timeout(DEADLINE, state.load())
         .await
         .map_err(|_| RefillError::Deadline("reading the master state"))??;
@@ -193,7 +208,7 @@ mod tests {
         // (last seen, seen now, meaning)
         let cases = [
             (None, Some("a"), Reset::Adopt),
-            (None, None, Reset::Refill),
+            (None, None, Reset::Mark),
             (Some("a"), Some("a"), Reset::Same),
             (Some("a"), None, Reset::Refill),
             // Another intake saw it gone first and set a new one.
