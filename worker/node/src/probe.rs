@@ -51,6 +51,18 @@ pub enum ProbeError {
     Unhealthy(String),
 }
 
+/// Whether a failed Kafka metadata request is a timeout. librdkafka answers
+/// "broker transport failure" when no broker connection became usable within
+/// the timeout, which is what a hung broker looks like while a connection is
+/// still being set up: having waited the whole timeout makes it a timeout.
+fn kafka_timed_out(
+    code: Option<rdkafka::types::RDKafkaErrorCode>,
+    waited: Duration,
+    timeout: Duration,
+) -> bool {
+    code == Some(rdkafka::types::RDKafkaErrorCode::OperationTimedOut) || waited >= timeout
+}
+
 fn failed(error: impl std::fmt::Display) -> ProbeError {
     ProbeError::Failed(error.to_string())
 }
@@ -132,15 +144,14 @@ impl Prober {
                 let consumer = Arc::clone(consumer);
                 // librdkafka's metadata call blocks; keep it off the async threads.
                 tokio::task::spawn_blocking(move || {
-                    let metadata =
-                        consumer
-                            .fetch_metadata(None, timeout)
-                            .map_err(|e| match e.rdkafka_error_code() {
-                                Some(rdkafka::types::RDKafkaErrorCode::OperationTimedOut) => {
-                                    ProbeError::Timeout(timeout)
-                                }
-                                _ => failed(e),
-                            })?;
+                    let started = std::time::Instant::now();
+                    let metadata = consumer.fetch_metadata(None, timeout).map_err(|e| {
+                        if kafka_timed_out(e.rdkafka_error_code(), started.elapsed(), timeout) {
+                            ProbeError::Timeout(timeout)
+                        } else {
+                            failed(e)
+                        }
+                    })?;
                     Ok(format!("{} broker(s)", metadata.brokers().len()))
                 })
                 .await
@@ -245,6 +256,30 @@ pub async fn once(kind: Kind, url: &str, timeout: Duration) -> Result<String, Pr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kafka_error_after_the_whole_timeout_is_a_timeout() {
+        use rdkafka::types::RDKafkaErrorCode::{BrokerTransportFailure, OperationTimedOut};
+        let timeout = Duration::from_millis(800);
+        let ms = Duration::from_millis;
+        // (code, waited, timed out)
+        let cases = [
+            (Some(OperationTimedOut), ms(800), true),
+            (Some(OperationTimedOut), ms(10), true),
+            (Some(BrokerTransportFailure), ms(800), true),
+            (Some(BrokerTransportFailure), ms(900), true),
+            (Some(BrokerTransportFailure), ms(5), false),
+            (None, ms(799), false),
+            (None, ms(800), true),
+        ];
+        for (code, waited, expected) in cases {
+            assert_eq!(
+                kafka_timed_out(code, waited, timeout),
+                expected,
+                "{code:?} after {waited:?}"
+            );
+        }
+    }
 
     #[test]
     fn passwords_never_leave_a_url_or_an_error() {
