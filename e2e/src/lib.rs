@@ -14,6 +14,7 @@ pub mod kafka;
 pub mod kubelet;
 pub mod manifests;
 pub mod orders;
+pub mod running;
 pub mod scenario;
 
 pub use command::{promtool, stack_script};
@@ -164,7 +165,8 @@ impl Stack {
                 "hotStore": mysql("BALLAST_MYSQL_HOT_URL")?,
                 "coldStore": {"elasticsearch": {"url": self.get("BALLAST_ES_COLD_URL")?}, "indexPrefix": format!("{name}-daily")},
                 "compute": {"windowSeconds": 60, "sql": SAMPLE_SQL},
-                "roles": {"slave": {"replicas": 2}},
+                // No query pods unless a test runs them (a Pending pod keeps the pipeline not Ready).
+                "roles": {"slave": {"replicas": 2}, "query": {"replicas": 0}},
             }
         }))
     }

@@ -136,19 +136,54 @@ pub async fn metric(port: u16, series: &str) -> std::io::Result<Option<f64>> {
 
 /// `GET path` at `127.0.0.1:port`: the status code and the body.
 pub async fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let response = http_get_full(port, path).await?;
+    Ok((response.code, response.body))
+}
+
+/// An HTTP response as [`http_get_full`] reads it.
+#[derive(Clone, Debug)]
+pub struct HttpResponse {
+    /// The status code.
+    pub code: u16,
+    /// Header names (lower-cased) and values.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The first value of header `name` (any case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// `GET path` at `127.0.0.1:port` (HTTP/1.0, so the server closes): status, headers and body.
+pub async fn http_get_full(port: u16, path: &str) -> std::io::Result<HttpResponse> {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     stream
         .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
         .await?;
     let mut response = String::new();
     stream.read_to_string(&mut response).await?;
-    let code = response
-        .split(' ')
-        .nth(1)
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((response.as_str(), ""));
+    let mut lines = head.lines();
+    let code = lines
+        .next()
+        .and_then(|status| status.split(' ').nth(1))
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("no HTTP status from port {port}")))?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map_or_else(String::new, |(_, b)| b.to_owned());
-    Ok((code, body))
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Ok(HttpResponse {
+        code,
+        headers,
+        body: body.to_owned(),
+    })
 }

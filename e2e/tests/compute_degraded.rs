@@ -9,9 +9,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use ballast_crds::{AnalyticsPipeline, Dependency, Mode};
-use ballast_e2e::kubelet::{Kubelet, Settings};
+use ballast_crds::{Dependency, Mode};
 use ballast_e2e::orders::{self, Metrics, Orders};
+use ballast_e2e::running::{self, Launch, RunningPipeline};
 use ballast_e2e::scenario;
 use ballast_e2e::{Stack, stack_script};
 use ballast_worker::results::cache::ResultCache;
@@ -108,57 +108,27 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A pipeline on the stack with its operator and workers running.
 struct Running {
-    aps: Api<AnalyticsPipeline>,
+    run: RunningPipeline,
     leases: Api<Lease>,
     /// The master's saved task state lives in a ConfigMap.
     config_maps: Api<ConfigMap>,
-    pipeline: String,
-    db: mysql_async::Conn,
     hot: Store,
     cache: Store,
-    _operator: ballast_e2e::KillOnDrop,
-    kubelet: Kubelet,
 }
 
 impl Running {
     async fn start(prefix: &str) -> anyhow::Result<Self> {
         let stack = Stack::discover();
-        let client = stack.kube_client().await?;
-        let probe =
-            json!({"periodSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 2, "successThreshold": 2});
-        let policy = json!({
-            "mq": {"probe": probe},
-            "kv": {"probe": probe, "slaveScaleFactor": 2, "retentionSeconds": 3600, "readinessTimeoutSeconds": 120},
-            "mysql": {"probe": probe}, "cache": {"probe": probe}, "cold": {"probe": probe},
-        });
-        let patch =
-            json!({"compute": {"windowSeconds": WINDOW_MS / 1000}, "roles": {"master": {"replicas": 2}}});
-        let (ns, pipeline) = stack
-            .pipeline_fixture_with(&client, prefix, policy, patch)
-            .await?;
-        let db = stack.source_orders().await?;
-        let operator = ballast_e2e::binary("ballast-operator")?;
-        let operator = stack.operator(&operator, &ns).await?;
-        let logs = std::env::temp_dir().join(format!("ballast-{ns}"));
-        let env = [("BALLAST_WINDOW_GRACE", "1s"), ("BALLAST_LEASE", "5s")];
-        let kubelet = Kubelet::start(
-            client.clone(),
-            Settings {
-                namespace: ns.clone(),
-                worker: ballast_e2e::worker_binary()?,
-                kubeconfig: stack.get("KUBECONFIG")?,
-                roles: ["collector", "intake", "master", "slave"]
-                    .map(String::from)
-                    .to_vec(),
-                logs,
-                env: env
-                    .iter()
-                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                    .collect(),
-            },
-        );
-        scenario::until_pipeline_ready(&client, &ns, &pipeline, 120).await?;
-        let aps: Api<AnalyticsPipeline> = Api::namespaced(client.clone(), &ns);
+        let run = RunningPipeline::start(Launch {
+            prefix,
+            policy: running::fast_policy(json!({
+                "kv": {"slaveScaleFactor": 2, "retentionSeconds": 3600, "readinessTimeoutSeconds": 120},
+            })),
+            spec_patch: json!({"compute": {"windowSeconds": WINDOW_MS / 1000}, "roles": {"master": {"replicas": 2}}}),
+            roles: &["collector", "intake", "master", "slave"],
+            env: &[("BALLAST_WINDOW_GRACE", "1s"), ("BALLAST_LEASE", "5s")],
+        })
+        .await?;
         let hot = HotStore::new(
             mysql_async::Pool::new(mysql_async::Opts::from_url(&stack.get("BALLAST_MYSQL_HOT_URL")?)?),
             "ballast",
@@ -169,43 +139,32 @@ impl Running {
             .get_connection_manager()
             .await?;
         Ok(Self {
-            aps,
-            config_maps: Api::namespaced(client.clone(), &ns),
-            leases: Api::namespaced(client, &ns),
-            pipeline,
-            db,
+            config_maps: Api::namespaced(run.client.clone(), &run.namespace),
+            leases: Api::namespaced(run.client.clone(), &run.namespace),
+            run,
             hot: Store::Hot(hot),
             cache: Store::Cache(ResultCache::new(cache)),
-            _operator: operator,
-            kubelet,
         })
     }
 
     async fn until_mode(&self, dependency: Dependency, mode: Mode) -> anyhow::Result<()> {
-        eventually(&format!("{dependency:?} {mode:?}"), 120, || async {
-            let ap = self.aps.get(&self.pipeline).await?;
-            let now = ap
-                .status
-                .and_then(|s| s.dependencies.get(dependency).map(|d| d.mode))
-                .unwrap_or(Mode::Normal);
-            Ok((now == mode).then_some(()))
-        })
-        .await
+        Ok(self.run.until_mode(dependency, mode).await?)
     }
 
     /// Sets the slaves' base replicas to `base` (the operator runs `base` ×
     /// the scale factor of 2 while the KV store is down) and waits for them.
     async fn scale_slaves(&self, base: usize) -> anyhow::Result<()> {
         let patch = json!({"spec": {"roles": {"slave": {"replicas": base}}}});
-        self.aps
-            .patch(&self.pipeline, &PatchParams::default(), &Patch::Merge(&patch))
+        self.run
+            .aps
+            .patch(&self.run.pipeline, &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
         self.until_slaves(2 * base).await
     }
 
     /// Waits until `n` slaves hold ready Leases.
     async fn until_slaves(&self, n: usize) -> anyhow::Result<()> {
-        let selector = ballast_worker::membership::selector(&self.pipeline, "slave");
+        let selector = ballast_worker::membership::selector(&self.run.pipeline, "slave");
         eventually(&format!("{n} ready slaves"), 120, || async {
             let list = self.leases.list(&ListParams::default().labels(&selector)).await?;
             let ready = ballast_worker::membership::ready_members(&list.items, Timestamp::now());
@@ -216,7 +175,7 @@ impl Running {
 
     /// The ready slave holding the most events in memory, and how many.
     async fn fullest_slave(&self) -> anyhow::Result<(String, u64)> {
-        let selector = ballast_worker::membership::selector(&self.pipeline, "slave");
+        let selector = ballast_worker::membership::selector(&self.run.pipeline, "slave");
         let list = self.leases.list(&ListParams::default().labels(&selector)).await?;
         let mut fullest = (String::new(), 0);
         for (slave, address) in ballast_worker::membership::ready_members(&list.items, Timestamp::now()) {
@@ -233,7 +192,7 @@ impl Running {
     /// Waits until the master's saved state records `slave` holding `events`:
     /// what a master taking over resumes from.
     async fn until_state_records(&self, slave: &str, events: u64) -> anyhow::Result<()> {
-        let name = format!("{}-master-state", self.pipeline);
+        let name = format!("{}-master-state", self.run.pipeline);
         eventually(
             &format!("the master state recording {slave} holding {events}"),
             30,
@@ -253,7 +212,7 @@ impl Running {
 
     /// The pod holding the master Lease.
     async fn active_master(&self) -> anyhow::Result<String> {
-        let lease = self.leases.get(&format!("{}-master", self.pipeline)).await?;
+        let lease = self.leases.get(&format!("{}-master", self.run.pipeline)).await?;
         lease
             .spec
             .and_then(|s| s.holder_identity)
@@ -269,7 +228,7 @@ impl Running {
         after_ms: i64,
         secs: u64,
     ) -> anyhow::Result<()> {
-        let name = format!("{}-master-state", self.pipeline);
+        let name = format!("{}-master-state", self.run.pipeline);
         eventually(
             &format!("the master reporting {slave} gone holding {events}"),
             secs,
@@ -292,11 +251,8 @@ impl Running {
 
     /// Inserts a few batches of orders over ~2 s; returns the SQL condition selecting them.
     async fn feed(&mut self, orders: &mut Orders) -> anyhow::Result<String> {
-        let before = last_id(&mut self.db).await?;
-        for _ in 0..4 {
-            orders::insert(&mut self.db, &orders.batch(30)).await?;
-            tokio::time::sleep(std::time::Duration::from_millis(400)).await;
-        }
+        let before = last_id(&mut self.run.db).await?;
+        self.run.feed(orders).await?;
         Ok(format!("id > {before}"))
     }
 
@@ -305,7 +261,7 @@ impl Running {
         period_ms: i64,
         rows: &str,
     ) -> anyhow::Result<BTreeMap<(i64, String), Metrics>> {
-        Ok(orders::expected(&mut self.db, &self.pipeline, period_ms, rows).await?)
+        Ok(orders::expected(&mut self.run.db, &self.run.pipeline, period_ms, rows).await?)
     }
 }
 
@@ -314,12 +270,12 @@ async fn kv_failure_keeps_hourly_results_from_slave_memory_and_windows_resume_af
     let _serial = SERIAL.lock().await;
     let mut p = Running::start("kd").await?;
     let _restore = scenario::RestoreStack;
-    let mut stream = Orders::new(&p.pipeline.clone(), 20, 3);
+    let mut stream = Orders::new(&p.run.pipeline.clone(), 20, 3);
 
     // Normal: window results.
     let rows = p.feed(&mut stream).await?;
     let want = p.expect(WINDOW_MS, &rows).await?;
-    until_equal(&p.hot, &p.pipeline, Granularity::Window, &want, 90).await?;
+    until_equal(&p.hot, &p.run.pipeline, Granularity::Window, &want, 90).await?;
 
     // The KV store fails: the operator scales the slaves out, then switches;
     // events go to the slaves' memory and the master computes hour-to-date there.
@@ -327,7 +283,7 @@ async fn kv_failure_keeps_hourly_results_from_slave_memory_and_windows_resume_af
     p.until_mode(Dependency::Kv, Mode::Degraded).await?;
     let rows = p.feed(&mut stream).await?;
     let want = p.expect(HOUR_MS, &rows).await?;
-    until_equal(&p.hot, &p.pipeline, Granularity::Hour, &want, 90).await?;
+    until_equal(&p.hot, &p.run.pipeline, Granularity::Hour, &want, 90).await?;
 
     // The SQL changes mid-period, before new slave processes start (which read
     // the new one): every task carries the SQL in force at its period's start,
@@ -337,15 +293,16 @@ async fn kv_failure_keeps_hourly_results_from_slave_memory_and_windows_resume_af
         ballast_e2e::SAMPLE_SQL
     );
     let changed_id = ballast_crds::sql::id(&changed);
-    p.aps
+    p.run
+        .aps
         .patch(
-            &p.pipeline,
+            &p.run.pipeline,
             &PatchParams::default(),
             &Patch::Merge(json!({"spec": {"compute": {"sql": changed}}})),
         )
         .await?;
     eventually("the changed SQL published", 30, || async {
-        let ap = p.aps.get(&p.pipeline).await?;
+        let ap = p.run.aps.get(&p.run.pipeline).await?;
         Ok(ap
             .status
             .and_then(|s| s.sql)
@@ -361,7 +318,7 @@ async fn kv_failure_keeps_hourly_results_from_slave_memory_and_windows_resume_af
     p.scale_slaves(3).await?;
     // Orders fed once the new slaves are in the published set reach them too.
     eventually("the slave set naming the new slaves", 60, || async {
-        let ap = p.aps.get(&p.pipeline).await?;
+        let ap = p.run.aps.get(&p.run.pipeline).await?;
         Ok(ap
             .status
             .and_then(|s| s.slave_set)
@@ -371,12 +328,12 @@ async fn kv_failure_keeps_hourly_results_from_slave_memory_and_windows_resume_af
     .await?;
     p.feed(&mut stream).await?;
     let want = p.expect(HOUR_MS, &rows).await?;
-    until_equal(&p.hot, &p.pipeline, Granularity::Hour, &want, 90).await?;
+    until_equal(&p.hot, &p.run.pipeline, Granularity::Hour, &want, 90).await?;
     // The new slaves computed part of the period themselves.
     eventually("a task done on a slave started after the change", 60, || async {
         let mut done = 0.0;
         for slave in ["slave-4", "slave-5"] {
-            if let Some(port) = p.kubelet.metrics_port(&format!("{}-{slave}", p.pipeline)) {
+            if let Some(port) = p.run.kubelet.metrics_port(&format!("{}-{slave}", p.run.pipeline)) {
                 let series = r#"ballast_slave_tasks_total{result="done"}"#;
                 done += scenario::metric(port, series).await?.unwrap_or(0.0);
             }
@@ -384,10 +341,10 @@ async fn kv_failure_keeps_hourly_results_from_slave_memory_and_windows_resume_af
         Ok((done > 0.0).then_some(()))
     })
     .await?;
-    until_equal(&p.hot, &p.pipeline, Granularity::Hour, &want, 90).await?;
+    until_equal(&p.hot, &p.run.pipeline, Granularity::Hour, &want, 90).await?;
     for period in want.keys().map(|(period, _)| *period).collect::<BTreeSet<_>>() {
         let slot = Slot {
-            pipeline: p.pipeline.clone(),
+            pipeline: p.run.pipeline.clone(),
             granularity: Granularity::Hour,
             window_start_ms: period,
         };
@@ -413,12 +370,12 @@ async fn kv_failure_keeps_hourly_results_from_slave_memory_and_windows_resume_af
     let scaled_in = Timestamp::now().as_millisecond();
     p.scale_slaves(2).await?;
     for stopped in ["slave-4", "slave-5"] {
-        p.until_loss_reported(&format!("{}-{stopped}", p.pipeline), 0, scaled_in, 60)
+        p.until_loss_reported(&format!("{}-{stopped}", p.run.pipeline), 0, scaled_in, 60)
             .await?;
     }
     p.feed(&mut stream).await?;
     let want = p.expect(HOUR_MS, &rows).await?;
-    until_equal(&p.hot, &p.pipeline, Granularity::Hour, &want, 90).await?;
+    until_equal(&p.hot, &p.run.pipeline, Granularity::Hour, &want, 90).await?;
 
     // A slave crashes (killed outright; the kubelet starts it again as a new
     // process): what it held is gone, and the master says exactly how much,
@@ -426,7 +383,7 @@ async fn kv_failure_keeps_hourly_results_from_slave_memory_and_windows_resume_af
     let (victim, held) = p.fullest_slave().await?;
     anyhow::ensure!(held > 0, "no slave holds events");
     let crashed = Timestamp::now().as_millisecond();
-    anyhow::ensure!(p.kubelet.crash(&victim)?, "{victim} was not running");
+    anyhow::ensure!(p.run.kubelet.crash(&victim)?, "{victim} was not running");
     p.until_loss_reported(&victim, held, crashed, 60).await?;
 
     // The active master and a slave crash together: whichever master takes
@@ -438,8 +395,8 @@ async fn kv_failure_keeps_hourly_results_from_slave_memory_and_windows_resume_af
     p.until_state_records(&victim, held).await?;
     let active = p.active_master().await?;
     let crashed = Timestamp::now().as_millisecond();
-    anyhow::ensure!(p.kubelet.crash(&active)?, "{active} was not running");
-    anyhow::ensure!(p.kubelet.crash(&victim)?, "{victim} was not running");
+    anyhow::ensure!(p.run.kubelet.crash(&active)?, "{active} was not running");
+    anyhow::ensure!(p.run.kubelet.crash(&victim)?, "{victim} was not running");
     p.until_loss_reported(&victim, held, crashed, 90).await?;
 
     // Back: windows from the KV store again.
@@ -447,7 +404,7 @@ async fn kv_failure_keeps_hourly_results_from_slave_memory_and_windows_resume_af
     p.until_mode(Dependency::Kv, Mode::Normal).await?;
     let rows = p.feed(&mut stream).await?;
     let want = p.expect(WINDOW_MS, &rows).await?;
-    until_equal(&p.hot, &p.pipeline, Granularity::Window, &want, 90).await?;
+    until_equal(&p.hot, &p.run.pipeline, Granularity::Window, &want, 90).await?;
     Ok(())
 }
 
@@ -456,25 +413,25 @@ async fn mysql_failure_writes_results_to_the_cache_only_until_it_returns() -> an
     let _serial = SERIAL.lock().await;
     let mut p = Running::start("md").await?;
     let _restore = scenario::RestoreStack;
-    let mut stream = Orders::new(&p.pipeline.clone(), 20, 4);
+    let mut stream = Orders::new(&p.run.pipeline.clone(), 20, 4);
 
     let rows = p.feed(&mut stream).await?;
     let want = p.expect(WINDOW_MS, &rows).await?;
-    until_equal(&p.hot, &p.pipeline, Granularity::Window, &want, 90).await?;
+    until_equal(&p.hot, &p.run.pipeline, Granularity::Window, &want, 90).await?;
 
     // The hot MySQL fails: slaves keep computing and write the cache only.
     stack_script(&["stop", "mysql-hot"])?;
     p.until_mode(Dependency::Mysql, Mode::Degraded).await?;
     let rows = p.feed(&mut stream).await?;
     let during = p.expect(WINDOW_MS, &rows).await?;
-    until_equal(&p.cache, &p.pipeline, Granularity::Window, &during, 90).await?;
+    until_equal(&p.cache, &p.run.pipeline, Granularity::Window, &during, 90).await?;
 
     // Back: results in MySQL again, and the windows it missed computed again for it.
     stack_script(&["up"])?;
     p.until_mode(Dependency::Mysql, Mode::Normal).await?;
-    until_equal(&p.hot, &p.pipeline, Granularity::Window, &during, 90).await?;
+    until_equal(&p.hot, &p.run.pipeline, Granularity::Window, &during, 90).await?;
     let rows = p.feed(&mut stream).await?;
     let want = p.expect(WINDOW_MS, &rows).await?;
-    until_equal(&p.hot, &p.pipeline, Granularity::Window, &want, 90).await?;
+    until_equal(&p.hot, &p.run.pipeline, Granularity::Window, &want, 90).await?;
     Ok(())
 }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use ballast_worker::roles::master::{self, faults::FaultPolicy};
-use ballast_worker::roles::{Deps, collector, intake, slave};
+use ballast_worker::roles::{Deps, collector, intake, query, slave};
 use ballast_worker::{probe, telemetry};
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -107,6 +107,14 @@ enum Command {
         compute: ComputeArgs,
         #[command(flatten)]
         stores: StorePasswords,
+    },
+    /// Query: the merchant-facing HTTP API over the hot results (on the
+    /// metrics port, beside `/metrics`, `/healthz` and `/readyz`).
+    Query {
+        #[command(flatten)]
+        pod: Pod,
+        #[command(flatten)]
+        args: QueryArgs,
     },
     /// Master: elects the active master on a Lease, plans window tasks and schedules them on the slaves.
     Master {
@@ -231,6 +239,40 @@ struct MasterArgs {
     kv_password: Option<String>,
 }
 
+/// How the query service reads.
+#[derive(Debug, Args)]
+struct QueryArgs {
+    /// Deadline of each call to the cache or the hot MySQL.
+    #[arg(long, env = "BALLAST_STORE_DEADLINE", default_value = "250ms", value_parser = parse_duration)]
+    store_deadline: Duration,
+    /// How long after closing a window late events may still change it (the master's lateness).
+    #[arg(long, env = "BALLAST_LATENESS", default_value = "120s", value_parser = parse_duration)]
+    lateness: Duration,
+    /// Password of the cache Redis.
+    #[arg(long, env = "BALLAST_CACHE_PASSWORD", hide_env_values = true)]
+    cache_password: Option<String>,
+    /// Password of the hot MySQL user.
+    #[arg(long, env = "BALLAST_HOT_MYSQL_PASSWORD", hide_env_values = true)]
+    hot_password: Option<String>,
+}
+
+async fn run_query(pod: Pod, args: QueryArgs) -> Result<(), String> {
+    let client = kube_client().await?;
+    let config = query::Config {
+        namespace: pod.namespace,
+        pipeline: pod.pipeline,
+        listen: pod.metrics_addr,
+        store_deadline: args.store_deadline,
+        lateness: args.lateness,
+        drain: pod.drain,
+        cache_password: args.cache_password,
+        hot_password: args.hot_password,
+    };
+    query::run(config, Deps { client }, shutdown_token())
+        .await
+        .map_err(|e| e.to_string())
+}
+
 async fn run_master(pod: Pod, args: MasterArgs) -> Result<(), String> {
     let client = kube_client().await?;
     let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
@@ -349,6 +391,7 @@ async fn main() -> ExitCode {
             stores,
         } => role("slave", cli.log_format, run_slave(pod, listen, compute, stores)).await,
         Command::Master { pod, args } => role("master", cli.log_format, run_master(pod, args)).await,
+        Command::Query { pod, args } => role("query", cli.log_format, run_query(pod, args)).await,
         Command::Intake {
             pod,
             batch,

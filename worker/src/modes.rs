@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use ballast_crds::analytics_pipeline::ShedDay;
 use ballast_crds::{AnalyticsPipeline, Dependency, Mode, PublishedSql, SlaveSet, SourceSchema};
 use futures::{StreamExt, TryStreamExt};
 use kube::api::Api;
@@ -16,12 +17,39 @@ use tokio_util::sync::CancellationToken;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Modes {
     modes: Vec<(Dependency, Mode, i64)>,
+    since: Vec<(Dependency, i64)>,
+    shed: Shedding,
     slaves: Option<SlaveSet>,
     source_schema: Option<Arc<SourceSchema>>,
     sql: Option<Arc<PublishedSql>>,
 }
 
+/// What the backup intake sheds, as published: which merchants' days are incomplete.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Shedding {
+    /// The share of merchants shed now, in basis points.
+    pub level: i32,
+    /// The last day merchants were shed, and the most shed that day.
+    pub last_day: Option<ShedDay>,
+}
+
 impl Modes {
+    /// When `dependency` entered its mode, in milliseconds since the Unix epoch (if published).
+    pub fn since_ms(&self, dependency: Dependency) -> Option<i64> {
+        self.since.iter().find(|(d, _)| *d == dependency).map(|(_, t)| *t)
+    }
+
+    /// What the backup intake sheds now and shed last.
+    pub fn shedding(&self) -> &Shedding {
+        &self.shed
+    }
+
+    /// These modes with `shed` as the published shedding.
+    pub fn with_shedding(mut self, shed: Shedding) -> Self {
+        self.shed = shed;
+        self
+    }
+
     /// The mode and epoch of `dependency`.
     pub fn get(&self, dependency: Dependency) -> (Mode, i64) {
         self.modes
@@ -65,6 +93,19 @@ impl Modes {
                 .into_iter()
                 .filter_map(|d| status.dependencies.get(d).map(|s| (d, s.mode, s.epoch)))
                 .collect(),
+            since: Dependency::ALL
+                .into_iter()
+                .filter_map(|d| {
+                    status
+                        .dependencies
+                        .get(d)
+                        .map(|s| (d, s.since.0.as_millisecond()))
+                })
+                .collect(),
+            shed: Shedding {
+                level: status.shed_level,
+                last_day: status.last_shed_day,
+            },
             slaves: status.slave_set,
             source_schema: status.source_schema.map(Arc::new),
             sql: status.sql.map(Arc::new),

@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use ballast_e2e::Stack;
 use ballast_worker::compute::MerchantResult;
-use ballast_worker::results::cache::merchant_key;
+use ballast_worker::results::cache::{merchant_key, slot_field};
 use ballast_worker::results::{Fenced, Granularity, HotStore, ResultCache, ResultsError, Slot, Stored};
 use mysql_async::prelude::Queryable;
 use serde_json::json;
@@ -275,12 +275,12 @@ async fn an_unreadable_cached_value_is_reported_as_corrupt() -> anyhow::Result<(
     write(&mut stores, &slot, 1, &results(0..3, "ok")).await?;
     let _: () = redis::cmd("HSET")
         .arg(merchant_key(&slot, "m1"))
-        .arg("m")
-        .arg("{not json")
+        .arg(slot_field(slot.granularity, slot.window_start_ms))
+        .arg("1 {not json")
         .query_async(&mut stores.redis)
         .await?;
     match stores.cache.read(&slot).await {
-        Err(ResultsError::Corrupt { location, .. }) => assert!(location.ends_with(":m1"), "{location}"),
+        Err(ResultsError::Corrupt { location, .. }) => assert!(location.contains(":m1 "), "{location}"),
         other => anyhow::bail!("expected a corrupt-value error, got {other:?}"),
     }
     Ok(())

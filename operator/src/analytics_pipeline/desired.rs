@@ -28,10 +28,11 @@ pub const SLAVE_PORT: i32 = 7071;
 /// Port of every worker's `/metrics`, `/healthz`, `/readyz`.
 pub const METRICS_PORT: i32 = 9090;
 
-/// The roles that run as Deployments (the slave is a StatefulSet). Only roles
-/// `ballast-worker` has: `spec.roles.query` gets its workload with the query
-/// role; until then a Deployment for it would crash-loop in a real cluster.
-const DEPLOYMENT_ROLES: [&str; 3] = ["collector", "intake", "master"];
+/// The roles that run as Deployments (the slave is a StatefulSet).
+const DEPLOYMENT_ROLES: [&str; 4] = ["collector", "intake", "master", "query"];
+
+/// Port of the query Service: the merchant API, served by the query pods on their metrics port.
+pub const QUERY_PORT: i32 = 80;
 
 /// What the builders need besides the pipeline itself.
 #[derive(Clone, Debug, PartialEq)]
@@ -67,6 +68,7 @@ pub fn objects(ap: &AnalyticsPipeline, owner: &OwnerReference, inputs: &Inputs) 
     out.push(Owned::Service(b.slave_service()));
     out.push(Owned::StatefulSet(b.slave_statefulset()));
     out.push(Owned::Service(b.service("intake", INTAKE_PORT, "grpc")));
+    out.push(Owned::Service(b.query_service()));
     out
 }
 
@@ -237,6 +239,7 @@ impl Builder<'_> {
             "collector" => &roles.collector,
             "intake" => &roles.intake,
             "master" => &roles.master,
+            "query" => &roles.query,
             _ => &roles.slave,
         }
     }
@@ -430,6 +433,25 @@ impl Builder<'_> {
                 ..StatefulSetSpec::default()
             }),
             ..StatefulSet::default()
+        }
+    }
+
+    /// The merchant API: port 80 to the query pods' one HTTP port (API,
+    /// OpenAPI document and page beside `/metrics`, `/healthz`, `/readyz`).
+    fn query_service(&self) -> Service {
+        Service {
+            metadata: self.metadata(object_name(self.name, "query"), "query"),
+            spec: Some(ServiceSpec {
+                selector: Some(self.selector("query")),
+                ports: Some(vec![ServicePort {
+                    name: Some("http".into()),
+                    port: QUERY_PORT,
+                    target_port: Some(IntOrString::String("metrics".into())),
+                    ..ServicePort::default()
+                }]),
+                ..ServiceSpec::default()
+            }),
+            ..Service::default()
         }
     }
 

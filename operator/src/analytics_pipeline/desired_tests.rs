@@ -76,8 +76,8 @@ fn every_workload_runs_a_role_the_worker_binary_has() -> Result<(), ballast_e2e:
     let objects = objects(&fixture(), &owner(), &inputs);
     assert_eq!(
         workloads(&objects).len(),
-        4,
-        "collector, intake and master Deployments and the slave StatefulSet"
+        5,
+        "collector, intake, master and query Deployments and the slave StatefulSet"
     );
     for object in objects.iter().filter(|o| template(o).is_some()) {
         let args = container(object).and_then(|c| c.args.clone()).unwrap_or_default();

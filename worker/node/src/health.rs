@@ -28,11 +28,26 @@ pub async fn serve(
     ready: watch::Receiver<bool>,
     shutdown: CancellationToken,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
-    let app = Router::new()
+    serve_app(addr, router(registry, ready), shutdown).await
+}
+
+/// `/healthz`, `/readyz` and `/metrics`, for a process that serves more on
+/// the same port (merge its routes, then [`serve_app`]).
+pub fn router(registry: Arc<Registry>, ready: watch::Receiver<bool>) -> Router {
+    Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(Shared { registry, ready });
+        .with_state(Shared { registry, ready })
+}
+
+/// Binds `addr` and serves `app` until `shutdown`; returns the bound address
+/// and the server task.
+pub async fn serve_app(
+    addr: SocketAddr,
+    app: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let task = tokio::spawn(async move {

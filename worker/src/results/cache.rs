@@ -1,13 +1,16 @@
 //! The results in the Redis cache, written beside the hot MySQL so the query
 //! service serves today's data from memory:
 //!
-//! - `ballast:{pipeline}:r:{granularity}:{window_start_ms}:{merchant}` — a hash
-//!   `{v: version, m: metrics JSON}`;
+//! - `ballast:{pipeline}:d:{day_start_ms}:{merchant}` — one hash per merchant
+//!   and UTC day, so one read gives a merchant's whole day: field
+//!   `{granularity}:{window_start_ms}` holds `{version} {metrics JSON}`, and
+//!   field `_epoch` the cache epoch in which the query service last checked
+//!   the hash against the hot MySQL (see [`ResultCache::fill`]);
 //! - `ballast:{pipeline}:r:{granularity}:{window_start_ms}` — the set of the
-//!   slot's merchants, for readers of a whole slot.
+//!   slot's merchants the slaves wrote, for readers of a whole slot.
 //!
 //! The version fence runs inside one Lua script per chunk, so a check and its
-//! write are atomic: a key whose stored `v` is higher than the write's version
+//! write are atomic: a field whose stored version is higher than the write's
 //! is left alone and counted as refused. Every key expires after the TTL,
 //! renewed by each accepted write.
 
@@ -15,33 +18,47 @@ use std::collections::BTreeMap;
 
 use redis::aio::ConnectionManager;
 
-use super::{Fenced, ResultsError, Slot, Stored};
+use super::{Fenced, Granularity, ResultsError, Slot, Stored};
 use crate::compute::MerchantResult;
 
 /// Merchants per script call: bounds the time the script holds Redis.
 const CHUNK_MERCHANTS: usize = 500;
 
-/// KEYS[1]: the slot's merchant set; KEYS[2..]: the merchants' hashes.
-/// ARGV[1]: version (decimal), ARGV[2]: TTL seconds, then (merchant, metrics)
-/// for each hash in order. Returns how many hashes were refused.
-const FENCED_WRITE: &str = r"
-local version = ARGV[1]
-local ttl = ARGV[2]
--- Versions are compared as decimal strings (exact for any u64; Lua numbers are doubles).
-local function higher(stored)
+/// Milliseconds in a UTC day: the span of one merchant hash.
+pub const DAY_MS: i64 = 86_400_000;
+
+/// The field of a day hash holding the epoch it was last checked against MySQL in.
+pub const EPOCH_FIELD: &str = "_epoch";
+
+/// Compares decimal version strings (exact for any u64; Lua numbers are doubles).
+const HIGHER: &str = r"
+local function higher(stored, version)
   if #stored ~= #version then return #stored > #version end
   return stored > version
 end
+local function stored_version(key, field)
+  local stored = redis.call('HGET', key, field)
+  return stored and string.match(stored, '^(%d+) ')
+end
+";
+
+/// KEYS[1]: the slot's merchant set; KEYS[2..]: the merchants' day hashes.
+/// ARGV[1]: version (decimal), ARGV[2]: TTL seconds, ARGV[3]: the slot's
+/// field, then (merchant, metrics) for each hash in order. Returns how many
+/// were refused.
+const FENCED_WRITE: &str = r"
+local version = ARGV[1]
+local ttl = ARGV[2]
+local field = ARGV[3]
 local refused = 0
 local members = {}
 for i = 2, #KEYS do
-  local merchant = ARGV[2 * i - 1]
-  members[#members + 1] = merchant
-  local stored = redis.call('HGET', KEYS[i], 'v')
-  if stored and higher(stored) then
+  members[#members + 1] = ARGV[2 * i]
+  local stored = stored_version(KEYS[i], field)
+  if stored and higher(stored, version) then
     refused = refused + 1
   else
-    redis.call('HSET', KEYS[i], 'v', version, 'm', ARGV[2 * i])
+    redis.call('HSET', KEYS[i], field, version .. ' ' .. ARGV[2 * i + 1])
     redis.call('EXPIRE', KEYS[i], ttl)
   end
 end
@@ -49,6 +66,26 @@ if #members > 0 then
   redis.call('SADD', KEYS[1], unpack(members))
   redis.call('EXPIRE', KEYS[1], ttl)
 end
+return refused
+";
+
+/// KEYS[1]: one merchant's day hash. ARGV[1]: TTL seconds, ARGV[2]: the epoch
+/// to record, then (field, version, metrics) triples. Returns how many fields
+/// were refused for a higher stored version.
+const FENCED_FILL: &str = r"
+local ttl = ARGV[1]
+local refused = 0
+for i = 3, #ARGV, 3 do
+  local field, version = ARGV[i], ARGV[i + 1]
+  local stored = stored_version(KEYS[1], field)
+  if stored and higher(stored, version) then
+    refused = refused + 1
+  else
+    redis.call('HSET', KEYS[1], field, version .. ' ' .. ARGV[i + 2])
+  end
+end
+redis.call('HSET', KEYS[1], '_epoch', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ttl)
 return refused
 ";
 
@@ -62,9 +99,81 @@ pub fn slot_key(slot: &Slot) -> String {
     )
 }
 
-/// The hash of one merchant's result in a slot.
+/// Start of the UTC day holding `time_ms`.
+pub fn day_of(time_ms: i64) -> i64 {
+    time_ms.div_euclid(DAY_MS) * DAY_MS
+}
+
+/// The hash of one merchant's results on the UTC day starting at `day_start_ms`.
+pub fn day_key(pipeline: &str, day_start_ms: i64, merchant: &str) -> String {
+    format!("ballast:{pipeline}:d:{day_start_ms}:{merchant}")
+}
+
+/// The hash holding one merchant's result in a slot.
 pub fn merchant_key(slot: &Slot, merchant: &str) -> String {
-    format!("{}:{merchant}", slot_key(slot))
+    day_key(&slot.pipeline, day_of(slot.window_start_ms), merchant)
+}
+
+/// The field of a slot in its merchants' day hashes.
+pub fn slot_field(granularity: Granularity, window_start_ms: i64) -> String {
+    format!("{}:{window_start_ms}", granularity.as_str())
+}
+
+/// One merchant's day as the cache holds it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CachedDay {
+    /// Results by (granularity, start).
+    pub results: BTreeMap<(Granularity, i64), Stored>,
+    /// The cache epoch the hash was last checked against MySQL in, if ever.
+    pub checked_epoch: Option<i64>,
+}
+
+impl CachedDay {
+    /// Whether the hash exists at all.
+    pub fn is_empty(&self) -> bool {
+        self.results.is_empty() && self.checked_epoch.is_none()
+    }
+}
+
+/// `{version} {metrics JSON}` as stored in a field. Pure.
+fn parse_entry(text: &str, location: impl Fn() -> String) -> Result<Stored, ResultsError> {
+    let corrupt = |reason: String| ResultsError::Corrupt {
+        location: location(),
+        reason,
+    };
+    let (version, metrics) = text
+        .split_once(' ')
+        .ok_or_else(|| corrupt("expected `<version> <metrics>`".into()))?;
+    let version = version
+        .parse::<u64>()
+        .map_err(|e| corrupt(format!("version {version:?}: {e}")))?;
+    let metrics = serde_json::from_str(metrics).map_err(|e| corrupt(format!("metrics: {e}")))?;
+    Ok(Stored { version, metrics })
+}
+
+/// A day hash's fields as a [`CachedDay`]; unknown fields are skipped (a
+/// newer writer may add some). Pure.
+pub fn parse_day(fields: Vec<(String, String)>, key: &str) -> Result<CachedDay, ResultsError> {
+    let mut day = CachedDay::default();
+    for (field, value) in fields {
+        let location = || format!("{key} field {field}");
+        if field == EPOCH_FIELD {
+            day.checked_epoch = Some(value.parse().map_err(|e| ResultsError::Corrupt {
+                location: location(),
+                reason: format!("epoch {value:?}: {e}"),
+            })?);
+            continue;
+        }
+        let Some((granularity, start)) = field.split_once(':') else {
+            continue;
+        };
+        let (Some(granularity), Ok(start)) = (Granularity::parse(granularity), start.parse::<i64>()) else {
+            continue;
+        };
+        day.results
+            .insert((granularity, start), parse_entry(&value, location)?);
+    }
+    Ok(day)
 }
 
 /// Reads and writes results in the Redis cache.
@@ -72,7 +181,8 @@ pub fn merchant_key(slot: &Slot, merchant: &str) -> String {
 pub struct ResultCache {
     conn: ConnectionManager,
     ttl_seconds: i64,
-    script: redis::Script,
+    write: redis::Script,
+    fill: redis::Script,
 }
 
 impl ResultCache {
@@ -85,7 +195,8 @@ impl ResultCache {
         Self {
             conn,
             ttl_seconds: Self::DEFAULT_TTL_SECONDS,
-            script: redis::Script::new(FENCED_WRITE),
+            write: redis::Script::new(&format!("{HIGHER}{FENCED_WRITE}")),
+            fill: redis::Script::new(&format!("{HIGHER}{FENCED_FILL}")),
         }
     }
 
@@ -104,11 +215,16 @@ impl ResultCache {
         results: &[MerchantResult],
     ) -> Result<Fenced, ResultsError> {
         let set = slot_key(slot);
+        let field = slot_field(slot.granularity, slot.window_start_ms);
         let version_text = version.to_string();
         let mut total = Fenced::default();
         for chunk in results.chunks(CHUNK_MERCHANTS) {
-            let mut invocation = self.script.prepare_invoke();
-            invocation.key(&set).arg(&version_text).arg(self.ttl_seconds);
+            let mut invocation = self.write.prepare_invoke();
+            invocation
+                .key(&set)
+                .arg(&version_text)
+                .arg(self.ttl_seconds)
+                .arg(&field);
             for result in chunk {
                 invocation
                     .key(merchant_key(slot, &result.merchant_id))
@@ -132,40 +248,67 @@ impl ResultCache {
             .arg(slot_key(slot))
             .query_async(&mut self.conn)
             .await?;
+        let field = slot_field(slot.granularity, slot.window_start_ms);
         let mut out = BTreeMap::new();
         for chunk in merchants.chunks(CHUNK_MERCHANTS) {
             let mut pipe = redis::pipe();
             for merchant in chunk {
-                pipe.cmd("HMGET")
-                    .arg(merchant_key(slot, merchant))
-                    .arg("v")
-                    .arg("m");
+                pipe.hget(merchant_key(slot, merchant), &field);
             }
-            let rows: Vec<(Option<String>, Option<String>)> = pipe.query_async(&mut self.conn).await?;
-            for (merchant, row) in chunk.iter().zip(rows) {
-                let location = || merchant_key(slot, merchant);
-                let (version, metrics) = match row {
-                    (None, None) => continue,
-                    (Some(v), Some(m)) => (v, m),
-                    _ => {
-                        return Err(ResultsError::Corrupt {
-                            location: location(),
-                            reason: "the hash lacks `v` or `m`".into(),
-                        });
-                    }
-                };
-                let version = version.parse::<u64>().map_err(|e| ResultsError::Corrupt {
-                    location: location(),
-                    reason: format!("version {version:?}: {e}"),
-                })?;
-                let metrics = serde_json::from_str(&metrics).map_err(|e| ResultsError::Corrupt {
-                    location: location(),
-                    reason: format!("metrics: {e}"),
-                })?;
-                out.insert(merchant.clone(), Stored { version, metrics });
+            let values: Vec<Option<String>> = pipe.query_async(&mut self.conn).await?;
+            for (merchant, value) in chunk.iter().zip(values) {
+                let Some(value) = value else { continue };
+                let location = || format!("{} field {field}", merchant_key(slot, merchant));
+                out.insert(merchant.clone(), parse_entry(&value, location)?);
             }
         }
         Ok(out)
+    }
+
+    /// One merchant's day: every result the cache holds for it on the UTC day
+    /// starting at `day_start_ms`, in one round trip.
+    pub async fn read_day(
+        &mut self,
+        pipeline: &str,
+        day_start_ms: i64,
+        merchant: &str,
+    ) -> Result<CachedDay, ResultsError> {
+        let key = day_key(pipeline, day_start_ms, merchant);
+        let fields: Vec<(String, String)> = redis::cmd("HGETALL")
+            .arg(&key)
+            .query_async(&mut self.conn)
+            .await?;
+        parse_day(fields, &key)
+    }
+
+    /// Fills one merchant's day hash with `results` read from the hot MySQL,
+    /// each fenced by its own version (a newer result a slave wrote meanwhile
+    /// stays), and records `epoch` as the cache epoch it was checked in.
+    pub async fn fill(
+        &mut self,
+        pipeline: &str,
+        day_start_ms: i64,
+        merchant: &str,
+        results: &BTreeMap<(Granularity, i64), Stored>,
+        epoch: i64,
+    ) -> Result<Fenced, ResultsError> {
+        let mut invocation = self.fill.prepare_invoke();
+        invocation
+            .key(day_key(pipeline, day_start_ms, merchant))
+            .arg(self.ttl_seconds)
+            .arg(epoch);
+        for ((granularity, start), stored) in results {
+            invocation
+                .arg(slot_field(*granularity, *start))
+                .arg(stored.version)
+                .arg(serde_json::Value::Object(stored.metrics.clone()).to_string());
+        }
+        let refused: u64 = invocation.invoke_async(&mut self.conn).await?;
+        let refused = refused.min(results.len() as u64);
+        Ok(Fenced {
+            written: results.len() as u64 - refused,
+            refused,
+        })
     }
 }
 
@@ -186,18 +329,57 @@ mod tests {
                 slot(Granularity::Window),
                 "m-7",
                 "ballast:shop:r:window:120000",
-                "ballast:shop:r:window:120000:m-7",
+                "ballast:shop:d:0:m-7",
             ),
             (
                 slot(Granularity::Hour),
                 "x",
                 "ballast:shop:r:hour:120000",
-                "ballast:shop:r:hour:120000:x",
+                "ballast:shop:d:0:x",
             ),
         ];
         for (slot, merchant, set, hash) in cases {
             assert_eq!(slot_key(&slot), set);
             assert_eq!(merchant_key(&slot, merchant), hash);
         }
+        assert_eq!(slot_field(Granularity::Hour, 3_600_000), "hour:3600000");
+        assert_eq!(day_of(DAY_MS + 5), DAY_MS);
+        assert_eq!(day_of(-1), -DAY_MS, "before 1970 still floors");
+    }
+
+    #[test]
+    fn a_day_hash_parses_into_results_and_its_checked_epoch() {
+        let fields = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(f, v)| ((*f).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let day = parse_day(
+            fields(&[
+                ("window:60000", r#"3 {"gmv":5}"#),
+                ("hour:0", r#"4 {"gmv":9}"#),
+                ("_epoch", "7"),
+                ("future:1", "anything"),
+            ]),
+            "k",
+        );
+        let day = day.ok().unwrap_or_default();
+        assert_eq!(day.checked_epoch, Some(7));
+        assert_eq!(day.results.len(), 2);
+        assert_eq!(day.results[&(Granularity::Window, 60_000)].version, 3);
+        assert_eq!(day.results[&(Granularity::Hour, 0)].metrics["gmv"], 9);
+        for bad in [
+            ("window:1", "3"),
+            ("window:1", "x {}"),
+            ("window:1", "3 {not json"),
+            ("_epoch", "seven"),
+        ] {
+            assert!(
+                matches!(parse_day(fields(&[bad]), "k"), Err(ResultsError::Corrupt { .. })),
+                "{bad:?}"
+            );
+        }
+        assert!(parse_day(Vec::new(), "k").is_ok_and(|d| d.is_empty()));
     }
 }

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashSet};
 use mysql_async::prelude::Queryable;
 use mysql_async::{Pool, Value};
 
-use super::{Fenced, ResultsError, Slot, Stored, shard};
+use super::{Fenced, Granularity, ResultsError, Slot, Stored, shard};
 use crate::compute::MerchantResult;
 
 /// Rows per `INSERT` statement: large enough to amortise round trips, small
@@ -79,7 +79,8 @@ impl HotStore {
                    metrics LONGTEXT NOT NULL,
                    version BIGINT UNSIGNED NOT NULL,
                    written_at DATETIME(6) NOT NULL,
-                   PRIMARY KEY (pipeline, granularity, window_start_ms, merchant_id)
+                   PRIMARY KEY (pipeline, granularity, window_start_ms, merchant_id),
+                   KEY by_merchant (pipeline, merchant_id, window_start_ms)
                  ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
                 self.table_name(database, table)
             );
@@ -196,6 +197,41 @@ impl HotStore {
             })
         })
         .transpose()
+    }
+}
+
+impl HotStore {
+    /// Every result of one merchant with a start in `[from_ms, to_ms)`, every
+    /// granularity, from its shard (the `by_merchant` index).
+    pub async fn read_merchant_range(
+        &self,
+        pipeline: &str,
+        merchant: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<BTreeMap<(Granularity, i64), Stored>, ResultsError> {
+        let (database, table) = shard(merchant, self.databases, self.tables);
+        let table = self.table_name(database, table);
+        let mut conn = self.pool.get_conn().await?;
+        let rows: Vec<(String, i64, String, u64)> = conn
+            .exec(
+                format!(
+                    "SELECT granularity, window_start_ms, metrics, version FROM {table}
+                     WHERE pipeline = ? AND merchant_id = ? AND window_start_ms >= ? AND window_start_ms < ?"
+                ),
+                (pipeline, merchant, from_ms, to_ms),
+            )
+            .await?;
+        let mut out = BTreeMap::new();
+        for (granularity, start, metrics, version) in rows {
+            // A granularity this version does not know (a newer writer's) is skipped.
+            let Some(granularity) = Granularity::parse(&granularity) else {
+                continue;
+            };
+            let metrics = parse_metrics(&metrics, &table, merchant)?;
+            out.insert((granularity, start), Stored { version, metrics });
+        }
+        Ok(out)
     }
 }
 

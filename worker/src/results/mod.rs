@@ -28,6 +28,15 @@ impl Granularity {
             Granularity::Hour => "hour",
         }
     }
+
+    /// The granularity named `name` (as [`Self::as_str`] gives it).
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "window" => Some(Granularity::Window),
+            "hour" => Some(Granularity::Hour),
+            _ => None,
+        }
+    }
 }
 
 /// What a set of results is for: a pipeline's window (or hour) starting at a time.
@@ -123,6 +132,10 @@ mod tests {
     fn granularities_have_stable_names() {
         assert_eq!(Granularity::Window.as_str(), "window");
         assert_eq!(Granularity::Hour.as_str(), "hour");
+        for g in [Granularity::Window, Granularity::Hour] {
+            assert_eq!(Granularity::parse(g.as_str()), Some(g));
+        }
+        assert_eq!(Granularity::parse("day"), None);
     }
 
     #[test]

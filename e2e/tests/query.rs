@@ -1,0 +1,264 @@
+//! The query service run by the operator (through the e2e stand-in kubelet)
+//! over the whole pipeline: each merchant's "today" equals MariaDB's own
+//! computation over the raw rows, and keeps being answered, golden, with the
+//! reason on the answer, while the hot MySQL is down (from the cache) and
+//! while the cache is down (from MySQL behind the rate limit, which answers
+//! 429 at once over it); bad input is a 400 naming the problem.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use ballast_crds::{Dependency, Mode};
+use ballast_e2e::orders::{self, Metrics, Orders};
+use ballast_e2e::running::{self, Launch, RunningPipeline};
+use ballast_e2e::scenario::{self, HttpResponse};
+use ballast_e2e::stack_script;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
+use serde_json::{Value, json};
+
+const WINDOW_MS: i64 = 2_000;
+/// Queries per second a query pod answers from MySQL while the cache is down.
+const RATE: u32 = 5;
+
+/// Polls `check` until it yields a value or `secs` pass.
+async fn eventually<T, F, Fut>(what: &str, secs: u64, check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    Ok(scenario::eventually(what, secs, check).await?)
+}
+
+/// A pipeline with one query pod, its operator and its workers.
+struct Running {
+    run: RunningPipeline,
+    pods: Api<Pod>,
+}
+
+impl Running {
+    async fn start(prefix: &str) -> anyhow::Result<Self> {
+        let run = RunningPipeline::start(Launch {
+            prefix,
+            policy: running::fast_policy(json!({
+                "cache": {"queryRatePerSecond": RATE, "localCacheTtlSeconds": 30},
+            })),
+            spec_patch: json!({"compute": {"windowSeconds": WINDOW_MS / 1000}, "roles": {"query": {"replicas": 1}}}),
+            roles: &["collector", "intake", "master", "slave", "query"],
+            // A short lateness: answers become complete soon after the last window.
+            env: &[
+                ("BALLAST_WINDOW_GRACE", "1s"),
+                ("BALLAST_LEASE", "5s"),
+                ("BALLAST_LATENESS", "4s"),
+            ],
+        })
+        .await?;
+        Ok(Self {
+            pods: Api::namespaced(run.client.clone(), &run.namespace),
+            run,
+        })
+    }
+
+    /// The port the running query pod serves on.
+    async fn query_port(&self) -> anyhow::Result<u16> {
+        let pods = self
+            .pods
+            .list(&ListParams::default().labels("ballast.dev/role=query"))
+            .await?;
+        pods.items
+            .iter()
+            .filter_map(|p| p.metadata.name.as_deref())
+            .find_map(|name| self.run.kubelet.metrics_port(name))
+            .ok_or_else(|| anyhow::anyhow!("no query pod runs"))
+    }
+
+    async fn get(&self, path: &str) -> anyhow::Result<HttpResponse> {
+        Ok(scenario::http_get_full(self.query_port().await?, path).await?)
+    }
+
+    async fn today(&self, merchant: &str) -> anyhow::Result<(u16, Value)> {
+        let response = self.get(&format!("/v1/merchants/{merchant}/today")).await?;
+        Ok((response.code, serde_json::from_str(&response.body)?))
+    }
+
+    /// What every merchant's windows must hold: MariaDB over the raw rows.
+    async fn expected(&mut self) -> anyhow::Result<BTreeMap<String, BTreeMap<i64, Metrics>>> {
+        let mut out: BTreeMap<String, BTreeMap<i64, Metrics>> = BTreeMap::new();
+        for ((window, merchant), metrics) in
+            orders::expected(&mut self.run.db, &self.run.pipeline, WINDOW_MS, "TRUE").await?
+        {
+            out.entry(merchant).or_default().insert(window, metrics);
+        }
+        Ok(out)
+    }
+
+    /// Waits until every merchant's answer holds exactly its expected windows;
+    /// returns the answers.
+    async fn until_golden(
+        &self,
+        want: &BTreeMap<String, BTreeMap<i64, Metrics>>,
+        secs: u64,
+    ) -> anyhow::Result<BTreeMap<String, Value>> {
+        eventually("every merchant's today equal to MariaDB's", secs, || async {
+            let mut answers = BTreeMap::new();
+            for (merchant, windows) in want {
+                let (code, answer) = self.today(merchant).await?;
+                anyhow::ensure!(code == 200, "{merchant}: HTTP {code}: {answer}");
+                let got = windows_of(&answer);
+                if got.len() != windows.len()
+                    || windows
+                        .iter()
+                        .any(|(w, m)| !got.get(w).is_some_and(|g| g.matches(m)))
+                {
+                    anyhow::bail!(
+                        "{merchant}: {} windows answered, {} expected",
+                        got.len(),
+                        windows.len()
+                    );
+                }
+                answers.insert(merchant.clone(), answer);
+            }
+            Ok(Some(answers))
+        })
+        .await
+    }
+}
+
+/// An answer's window series as (start, metrics).
+fn windows_of(answer: &Value) -> BTreeMap<i64, Metrics> {
+    answer["windows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            let metrics = Metrics::from_json(p["metrics"].as_object()?)?;
+            Some((p["startMs"].as_i64()?, metrics))
+        })
+        .collect()
+}
+
+/// The reason codes an answer gives.
+fn reasons(answer: &Value) -> Vec<String> {
+    answer["completeness"]["reasons"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["code"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test]
+async fn today_equals_mariadb_and_stays_golden_with_its_reason_through_store_failures() -> anyhow::Result<()>
+{
+    let mut p = Running::start("qs").await?;
+    let _restore = scenario::RestoreStack;
+    let mut stream = Orders::new(&p.run.pipeline.clone(), 12, 7);
+
+    // Normal: every merchant's windows equal MariaDB's; the first read fills
+    // the cache from MySQL, the next is served from the cache.
+    p.run.feed(&mut stream).await?;
+    let want = p.expected().await?;
+    let answers = p.until_golden(&want, 90).await?;
+    let (merchant, first) = answers
+        .iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no merchant"))?;
+    let columns: Vec<&str> = first["columns"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    for column in ["gmv", "paying_users", "top_items", "_sql"] {
+        anyhow::ensure!(columns.contains(&column), "{column} missing from {columns:?}");
+    }
+    let (_, again) = p.today(merchant).await?;
+    anyhow::ensure!(again["source"] == "cache", "a second read: {}", again["source"]);
+    // Complete once the newest window is past the lateness.
+    eventually("a complete answer", 30, || async {
+        let (_, answer) = p.today(merchant).await?;
+        Ok((answer["completeness"]["status"] == "complete").then_some(()))
+    })
+    .await?;
+
+    // Bad input: a 400 naming the problem, counted.
+    let bad = p.get("/v1/merchants/m1'%20OR%20'1'='1/today").await?;
+    anyhow::ensure!(bad.code == 400, "HTTP {}: {}", bad.code, bad.body);
+    let body: Value = serde_json::from_str(&bad.body)?;
+    anyhow::ensure!(body["error"] == "merchantCharacter", "{body}");
+    let port = p.query_port().await?;
+    let counted = scenario::metric(
+        port,
+        "ballast_query_bad_requests_total{reason=\"merchantCharacter\"}",
+    )
+    .await?;
+    anyhow::ensure!(counted >= Some(1.0), "bad requests counted: {counted:?}");
+    let openapi = p.get("/openapi.json").await?;
+    let doc: Value = serde_json::from_str(&openapi.body)?;
+    anyhow::ensure!(
+        doc["paths"]["/v1/merchants/{merchant}/today"].is_object(),
+        "OpenAPI document"
+    );
+
+    // The hot MySQL stops: answers come from the cache, golden, saying so; a
+    // merchant the cache does not hold gets the 503 with the reason.
+    stack_script(&["stop", "mysql-hot"])?;
+    p.run.until_mode(Dependency::Mysql, Mode::Degraded).await?;
+    let answers = p.until_golden(&want, 30).await?;
+    for (merchant, answer) in &answers {
+        anyhow::ensure!(answer["source"] == "cache", "{merchant}: {}", answer["source"]);
+        anyhow::ensure!(
+            reasons(answer).contains(&"cacheOnly".to_owned()),
+            "{merchant}: {answer}"
+        );
+    }
+    let (code, unknown) = p.today(&format!("{}-nobody", p.run.pipeline)).await?;
+    anyhow::ensure!(
+        code == 503 && unknown["error"] == "notCached" && unknown["covered"].is_string(),
+        "{code} {unknown}"
+    );
+    stack_script(&["up"])?;
+    p.run.until_mode(Dependency::Mysql, Mode::Normal).await?;
+
+    // The cache stops: answers from MySQL and the in-process cache, golden;
+    // over the rate, 429 at once with Retry-After; nothing waits past its deadline.
+    stack_script(&["stop", "redis-cache"])?;
+    p.run.until_mode(Dependency::Cache, Mode::Degraded).await?;
+    let answers = p.until_golden(&want, 30).await?;
+    for (merchant, answer) in &answers {
+        let source = answer["source"].as_str().unwrap_or_default();
+        anyhow::ensure!(matches!(source, "mysql" | "local-cache"), "{merchant}: {source}");
+    }
+    let burst: Vec<_> = (0..4 * RATE)
+        .map(|i| {
+            let path = format!("/v1/merchants/{}-m{i}-burst/today", p.run.pipeline);
+            async move {
+                let started = Instant::now();
+                let response = scenario::http_get_full(port, &path).await;
+                (response, started.elapsed())
+            }
+        })
+        .collect();
+    let mut limited = 0;
+    for (response, took) in futures::future::join_all(burst).await {
+        let response = response?;
+        anyhow::ensure!(took < Duration::from_secs(2), "a request took {took:?}");
+        match response.code {
+            200 => {}
+            429 => {
+                limited += 1;
+                anyhow::ensure!(
+                    response.header("retry-after").is_some(),
+                    "429 without Retry-After"
+                );
+            }
+            other => anyhow::bail!("HTTP {other}: {}", response.body),
+        }
+    }
+    anyhow::ensure!(
+        limited > 0,
+        "{} requests at once, none over a rate of {RATE}/s",
+        4 * RATE
+    );
+    Ok(())
+}

@@ -1,0 +1,177 @@
+//! The query service's HTTP API: routes, the answers and the refusals (a
+//! JSON body naming the reason on every 400, 429 and 503), and the metrics
+//! of each request.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::Router;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use k8s_openapi::jiff::Timestamp;
+use serde_json::json;
+use tokio::sync::watch;
+
+use super::contract::{self, Completeness, TodayFacts};
+use super::input::{self, BadInput};
+use super::metrics::Metrics;
+use super::read::{Reader, Unavailable};
+use super::today::{self, Today};
+use crate::modes::Modes;
+use crate::results::cache::day_of;
+
+/// What every handler shares.
+pub struct App {
+    /// The hot read path.
+    pub reader: Reader,
+    /// The published modes.
+    pub modes: watch::Receiver<Modes>,
+    /// Length of a window, in ms.
+    pub window_ms: i64,
+    /// How long after closing a window late events may still change it.
+    pub lateness: Duration,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// The OpenAPI document of this API.
+const OPENAPI: &str = include_str!("openapi.json");
+
+/// The API's routes, to be served beside `/metrics`, `/healthz` and `/readyz`.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/v1/merchants/{merchant}/today", get(today))
+        .route("/openapi.json", get(openapi))
+        .with_state(app)
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
+}
+
+/// Why a request got no answer.
+#[derive(Debug, thiserror::Error)]
+enum Refused {
+    #[error(transparent)]
+    Bad(#[from] BadInput),
+    #[error(transparent)]
+    Unavailable(#[from] Unavailable),
+}
+
+impl Refused {
+    fn respond(self, metrics: &Metrics) -> Response {
+        match self {
+            Refused::Bad(bad) => {
+                metrics
+                    .bad_requests
+                    .get_or_create(&[("reason", bad.code())])
+                    .inc();
+                problem(StatusCode::BAD_REQUEST, bad.code(), &bad.to_string(), None)
+            }
+            Refused::Unavailable(Unavailable::Limited(refusal)) => {
+                metrics
+                    .unavailable
+                    .get_or_create(&[("reason", "rateLimited")])
+                    .inc();
+                refusal.into_response()
+            }
+            Refused::Unavailable(why) => {
+                metrics.unavailable.get_or_create(&[("reason", why.code())]).inc();
+                problem(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    why.code(),
+                    &why.to_string(),
+                    Some(why.covered()),
+                )
+            }
+        }
+    }
+}
+
+/// A refusal's JSON body: `{error, message[, covered]}`.
+fn problem(status: StatusCode, code: &str, message: &str, covered: Option<&str>) -> Response {
+    let mut body = json!({ "error": code, "message": message });
+    if let Some(covered) = covered {
+        body["covered"] = json!(covered);
+    }
+    let mut response = (status, Json(body)).into_response();
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        // The store may be back within the operator's next probes.
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    }
+    response
+}
+
+async fn today(State(app): State<Arc<App>>, merchant: Result<Path<String>, PathRejection>) -> Response {
+    let started = Instant::now();
+    let response = match answer_today(&app, merchant).await {
+        Ok(answer) => {
+            let labels = [
+                ("source", answer.source.as_str()),
+                ("completeness", answer.completeness.status.as_str()),
+            ];
+            app.metrics.answers.get_or_create(&labels).inc();
+            Json(answer).into_response()
+        }
+        Err(refused) => refused.respond(&app.metrics),
+    };
+    app.metrics
+        .requests
+        .get_or_create(&[("endpoint", "today"), ("code", status_label(response.status()))])
+        .inc();
+    app.metrics.duration.observe(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn answer_today(app: &App, merchant: Result<Path<String>, PathRejection>) -> Result<Today, Refused> {
+    let Path(merchant) = merchant.map_err(|e| BadInput::Path(e.body_text()))?;
+    let merchant = input::merchant(&merchant)?;
+    let modes = app.modes.borrow().clone();
+    let now = Timestamp::now();
+    let now_ms = now.as_millisecond();
+    let day_start_ms = day_of(now_ms);
+    let found = app.reader.day(&modes, merchant, day_start_ms).await?;
+    let series = today::series(&found.day, app.window_ms);
+    let day = now.strftime("%Y-%m-%d").to_string();
+    let facts = TodayFacts {
+        merchant,
+        day_start_ms,
+        day: &day,
+        now_ms,
+        as_of_ms: series.as_of_ms,
+        lateness_ms: i64::try_from(app.lateness.as_millis()).unwrap_or(i64::MAX),
+        source: found.source,
+    };
+    let completeness = Completeness::of(contract::today_reasons(&modes, &facts));
+    Ok(Today {
+        merchant: merchant.to_owned(),
+        day,
+        source: found.source,
+        as_of_ms: series.as_of_ms,
+        modes: contract::modes_of(&modes),
+        completeness,
+        window_seconds: app.window_ms / 1000,
+        columns: series.columns,
+        windows: series.windows,
+        hours: series.hours,
+    })
+}
+
+/// The metric label of an HTTP status (a closed set).
+fn status_label(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        200 => "200",
+        400 => "400",
+        404 => "404",
+        429 => "429",
+        503 => "503",
+        500..=599 => "5xx",
+        _ => "other",
+    }
+}
