@@ -9,6 +9,7 @@
 //! to start the stack: a test that needs a server never skips silently.
 #![forbid(unsafe_code)]
 
+pub mod browser;
 mod command;
 pub mod kafka;
 pub mod kubelet;

@@ -55,6 +55,9 @@ apt_packages=(
   /usr/bin/openssl:openssl
   /usr/bin/curl:curl
   /usr/bin/promtool:prometheus
+  # The merchant page's test drives a real browser (headless) over WebDriver.
+  /usr/bin/chromium:chromium
+  /usr/bin/chromedriver:chromium-driver
 )
 
 install_packages() {

@@ -3,12 +3,14 @@
 //! computation over the raw rows, and keeps being answered, golden, with the
 //! reason on the answer, while the hot MySQL is down (from the cache) and
 //! while the cache is down (from MySQL behind the rate limit, which answers
-//! 429 at once over it); bad input is a 400 naming the problem.
+//! 429 at once over it); bad input is a 400 naming the problem; the merchant
+//! page, in headless Chromium, shows the numbers and the degraded banner.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use ballast_crds::{Dependency, Mode};
+use ballast_e2e::browser::Browser;
 use ballast_e2e::orders::{self, Metrics, Orders};
 use ballast_e2e::running::{self, Launch, RunningPipeline};
 use ballast_e2e::scenario::{self, HttpResponse};
@@ -181,12 +183,45 @@ async fn today_equals_mariadb_and_stays_golden_with_its_reason_through_store_fai
     })
     .await?;
 
+    // The merchant page, in a real browser, shows the newest window's numbers.
+    let port = p.query_port().await?;
+    let browser = Browser::start().await?;
+    browser
+        .goto(&format!("http://127.0.0.1:{port}/?merchant={merchant}"))
+        .await?;
+    let newest = want
+        .get(merchant)
+        .and_then(|w| w.values().next_back())
+        .ok_or_else(|| anyhow::anyhow!("{merchant}: no window expected"))?;
+    let shown = |column: &'static str| {
+        let browser = &browser;
+        async move {
+            browser
+                .text(&format!("#latest tr[data-column='{column}'] td"))
+                .await
+        }
+    };
+    eventually("the page showing the newest window's numbers", 20, || async {
+        let gmv = shown("gmv").await?;
+        let users = shown("paying_users").await?;
+        let want = (
+            Some(newest.gmv.to_string()),
+            Some(newest.paying_users.to_string()),
+        );
+        anyhow::ensure!(
+            (&gmv, &users) == (&want.0, &want.1),
+            "shown {gmv:?} {users:?}, expected {want:?}; the page reads {:?}",
+            browser.text("body").await?
+        );
+        Ok(Some(()))
+    })
+    .await?;
+
     // Bad input: a 400 naming the problem, counted.
     let bad = p.get("/v1/merchants/m1'%20OR%20'1'='1/today").await?;
     anyhow::ensure!(bad.code == 400, "HTTP {}: {}", bad.code, bad.body);
     let body: Value = serde_json::from_str(&bad.body)?;
     anyhow::ensure!(body["error"] == "merchantCharacter", "{body}");
-    let port = p.query_port().await?;
     let counted = scenario::metric(
         port,
         "ballast_query_bad_requests_total{reason=\"merchantCharacter\"}",
@@ -212,6 +247,15 @@ async fn today_equals_mariadb_and_stays_golden_with_its_reason_through_store_fai
             "{merchant}: {answer}"
         );
     }
+    eventually(
+        "the page's banner saying the answer is from the cache alone",
+        20,
+        || async {
+            let reason = browser.text("#banner li[data-code='cacheOnly']").await?;
+            Ok(reason.is_some_and(|r| r.contains("hot MySQL")).then_some(()))
+        },
+    )
+    .await?;
     let (code, unknown) = p.today(&format!("{}-nobody", p.run.pipeline)).await?;
     anyhow::ensure!(
         code == 503 && unknown["error"] == "notCached" && unknown["covered"].is_string(),

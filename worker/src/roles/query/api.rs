@@ -46,7 +46,15 @@ pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/v1/merchants/{merchant}/today", get(today))
         .route("/openapi.json", get(openapi))
+        .route("/", get(page))
         .with_state(app)
+}
+
+/// The merchant page (`/?merchant=<id>`): one static file, no build step.
+const PAGE: &str = include_str!("page.html");
+
+async fn page() -> impl IntoResponse {
+    axum::response::Html(PAGE)
 }
 
 async fn openapi() -> impl IntoResponse {
