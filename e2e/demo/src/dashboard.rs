@@ -38,6 +38,8 @@ pub struct MerchantRow {
     pub version: u64,
 }
 
+pub use crate::query::QueryStats;
+
 /// Everything one refresh shows.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Frame {
@@ -65,6 +67,10 @@ pub struct Frame {
     pub latest: String,
     /// The latest results, largest GMV first.
     pub merchants: Vec<MerchantRow>,
+    /// The merchants' queries over the last few seconds.
+    pub query: QueryStats,
+    /// The followed merchant's page.
+    pub page: String,
 }
 
 fn money(cents: i64) -> String {
@@ -89,6 +95,13 @@ pub fn render(f: &Frame) -> String {
         f.orders_in, f.orders_rate, f.results_out, f.results_rate, f.slaves, f.shed_merchants
     );
     let _ = writeln!(out, "active master {}", f.master);
+    let q = &f.query;
+    let _ = writeln!(
+        out,
+        "queries {:>5.1}/s  p50 {:>6.1} ms  p99 {:>6.1} ms  answers [{}]  from [{}]  partial [{}]",
+        q.per_second, q.p50_ms, q.p99_ms, q.statuses, q.sources, q.reasons
+    );
+    let _ = writeln!(out, "merchant page {}", f.page);
     let _ = writeln!(out);
     let _ = writeln!(out, "{:<8} {:<11} {:>5}  REASON", "DEPEND.", "MODE", "EPOCH");
     for d in &f.dependencies {
@@ -159,6 +172,15 @@ mod tests {
                 top_items: "item-0,item-3".into(),
                 version: 0x1_0000_0002,
             }],
+            query: QueryStats {
+                per_second: 20.0,
+                p50_ms: 1.5,
+                p99_ms: 7.25,
+                statuses: "200 x100".into(),
+                sources: "cache x100".into(),
+                reasons: "cacheOnly x50".into(),
+            },
+            page: "http://127.0.0.1:9/?merchant=demo-m7".into(),
         };
         let text = render(&frame);
         assert!(text.contains("01:15"), "{text}");
@@ -166,5 +188,8 @@ mod tests {
         assert!(text.contains("123.45"), "{text}");
         assert!(text.contains("61.73"), "{text}");
         assert!(text.contains("0x100000002"), "{text}");
+        assert!(text.contains("p99    7.2 ms"), "{text}");
+        assert!(text.contains("partial [cacheOnly x50]"), "{text}");
+        assert!(text.contains("?merchant=demo-m7"), "{text}");
     }
 }

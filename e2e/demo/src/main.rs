@@ -3,13 +3,15 @@
 //! operator and every worker role (through the e2e stand-in kubelet), feeds
 //! synthetic orders for a few thousand merchants into the source database,
 //! and refreshes a dashboard of throughput, modes and per-merchant results.
-//! Midway it stops the KV Redis and later Kafka, so the automatic degradation
-//! and recovery happen in front of you; then it prints a summary and stops
-//! everything it started.
+//! Merchants read their numbers through the query service all along. Midway
+//! it stops the KV Redis, Kafka, the hot MySQL and the result cache in turn,
+//! so the automatic degradation and recovery happen in front of you; then it
+//! prints a summary and stops everything it started.
 #![forbid(unsafe_code)]
 
 mod dashboard;
 mod observe;
+mod query;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -69,6 +71,26 @@ fn script(phase_seconds: u64) -> Vec<Step> {
             action: Some(("start", "kafka")),
             phase: "Kafka back: collectors return to Kafka",
         },
+        Step {
+            at: 5 * p,
+            action: Some(("stop", "mysql-hot")),
+            phase: "Hot MySQL stopped: results go to the cache only; queries answer from the cache, saying so",
+        },
+        Step {
+            at: 6 * p,
+            action: Some(("start", "mysql-hot")),
+            phase: "Hot MySQL back: the windows it missed are computed again into it",
+        },
+        Step {
+            at: 7 * p,
+            action: Some(("stop", "redis-cache")),
+            phase: "Result cache stopped: queries from MySQL behind a rate limit and each pod's in-process cache",
+        },
+        Step {
+            at: 8 * p,
+            action: Some(("start", "redis-cache")),
+            phase: "Result cache back: each merchant's cached day is checked against MySQL on its next read",
+        },
     ]
 }
 
@@ -124,7 +146,7 @@ async fn run() -> anyhow::Result<String> {
     let phase_seconds: u64 = std::env::var("BALLAST_DEMO_PHASE_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(40);
+        .unwrap_or(30);
     let stack = Stack::discover();
     let client = stack.kube_client().await?;
     let (operator_bin, worker_bin) = (binary("ballast-operator")?, binary("ballast-worker")?);
@@ -138,9 +160,10 @@ async fn run() -> anyhow::Result<String> {
     let policy = json!({
         "mq": {"probe": probe, "produceRetries": 1, "backupIntakeRatePerSecond": 300, "maxShedPercent": 40},
         "kv": {"probe": probe, "slaveScaleFactor": 2, "scaleInDelaySeconds": 60, "readinessTimeoutSeconds": 120},
-        "mysql": {"probe": probe}, "cache": {"probe": probe}, "cold": {"probe": probe},
+        "mysql": {"probe": probe}, "cache": {"probe": probe, "queryRatePerSecond": 10}, "cold": {"probe": probe},
     });
-    let spec = json!({"compute": {"windowSeconds": 5}, "roles": {"master": {"replicas": 2}, "slave": {"replicas": 2}}});
+    let spec = json!({"compute": {"windowSeconds": 5},
+                      "roles": {"master": {"replicas": 2}, "slave": {"replicas": 2}, "query": {"replicas": 1}}});
     let (ns, pipeline) = stack.pipeline_fixture_with(&client, "demo", policy, spec).await?;
     drop(stack.source_orders().await?);
     let _restore = scenario::RestoreStack;
@@ -154,7 +177,7 @@ async fn run() -> anyhow::Result<String> {
             namespace: ns.clone(),
             worker: worker_bin,
             kubeconfig: stack.get("KUBECONFIG")?,
-            roles: ["collector", "intake", "master", "slave"]
+            roles: ["collector", "intake", "master", "slave", "query"]
                 .map(String::from)
                 .to_vec(),
             logs: logs.clone(),
@@ -169,6 +192,12 @@ async fn run() -> anyhow::Result<String> {
         &stack.get("BALLAST_MYSQL_SOURCE_URL")?,
     )?);
     let feeder = feed(source, inserted.clone(), stop.clone());
+    let (query_port_tx, query_port) = tokio::sync::watch::channel(0_u16);
+    let follow = "demo-m7".to_owned();
+    let load = query::QueryLoad::default();
+    load.start(query_port, follow.clone(), MERCHANTS, stop.clone());
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client.clone(), &ns);
+    let mut page = String::new();
     let hot_url = stack.get("BALLAST_MYSQL_HOT_URL")?;
     let pool = mysql_async::Pool::new(mysql_async::Opts::from_url(&hot_url)?);
     let observer = Observer {
@@ -180,7 +209,7 @@ async fn run() -> anyhow::Result<String> {
     };
 
     let steps = script(phase_seconds);
-    let end = 5 * phase_seconds;
+    let end = steps.len() as u64 * phase_seconds;
     let started = Instant::now();
     let mut next_step = 0;
     let mut phase = "";
@@ -203,6 +232,13 @@ async fn run() -> anyhow::Result<String> {
             phase = step.phase;
             next_step += 1;
         }
+        let port = query_pod_port(&pods, &kubelet).await;
+        if port != *query_port_tx.borrow() {
+            query_port_tx.send_replace(port);
+            if port != 0 {
+                page = format!("http://127.0.0.1:{port}/?merchant={follow}");
+            }
+        }
         let seen = observer.observe(8).await;
         let now = Instant::now();
         let orders_in = inserted.load(Ordering::Relaxed);
@@ -220,6 +256,8 @@ async fn run() -> anyhow::Result<String> {
             master: seen.master,
             latest: seen.latest,
             merchants: seen.merchants,
+            query: load.stats(),
+            page: page.clone(),
         };
         clock.add(&frame, now.duration_since(last.0));
         max_shed = max_shed.max(frame.shed_merchants);
@@ -246,10 +284,24 @@ async fn run() -> anyhow::Result<String> {
             spent.as_secs()
         ));
     }
+    summary.push_str(&format!("  merchant page:    {page} (while the demo ran)\n"));
     summary.push_str(&format!("  worker logs:      {}\n", logs.display()));
     let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(client);
     let _ = namespaces.delete(&ns, &Default::default()).await;
     Ok(summary)
+}
+
+/// The loopback port the running query pod serves on (0: none runs).
+async fn query_pod_port(pods: &kube::Api<k8s_openapi::api::core::v1::Pod>, kubelet: &Kubelet) -> u16 {
+    let selector = kube::api::ListParams::default().labels("ballast.dev/role=query");
+    let Ok(list) = pods.list(&selector).await else {
+        return 0;
+    };
+    list.items
+        .iter()
+        .filter_map(|p| p.metadata.name.as_deref())
+        .find_map(|name| kubelet.metrics_port(name))
+        .unwrap_or(0)
 }
 
 #[tokio::main]

@@ -1,0 +1,353 @@
+//! `make bench`: the query service's hot path through its HTTP API on
+//! loopback, each beside a raw baseline measured in the same run:
+//! (a) "today" answers from the Redis cache at a fixed concurrency, against
+//!     the same keys read straight from the cache Redis (HGETALL of the
+//!     merchant's day hash: one round trip, as the service makes) by the
+//!     same client at the same concurrency; answers per second, p50, p99;
+//! (b) cache-down mode: answers from the in-process cache (hits), and the
+//!     429 answer over the rate limit (p99; target under 1 ms).
+//! Each figure is the median of 3 runs.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ballast_crds::{Dependency, Mode};
+use ballast_e2e::Stack;
+use ballast_worker::compute::MerchantResult;
+use ballast_worker::modes::Modes;
+use ballast_worker::results::cache::{ResultCache, day_key, day_of};
+use ballast_worker::results::hot::HotStore;
+use ballast_worker::results::{Granularity, Slot};
+use ballast_worker::roles::query::{self, api, metrics, read};
+use prometheus_client::registry::Registry;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const PIPELINE: &str = "bench-query";
+const MERCHANTS: usize = 1_000;
+const WINDOWS: i64 = 60;
+const WINDOW_MS: i64 = 60_000;
+const CONCURRENCY: usize = 16;
+const RUN: Duration = Duration::from_secs(3);
+const RUNS: usize = 3;
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// What one run measured.
+#[derive(Clone, Copy, Debug, Default)]
+struct Run {
+    per_second: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn summarize(mut latencies: Vec<Duration>, elapsed: Duration) -> Run {
+    latencies.sort();
+    let at = |q: f64| {
+        latencies
+            .get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)))
+            .map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
+    };
+    Run {
+        per_second: latencies.len() as f64 / elapsed.as_secs_f64(),
+        p50_ms: at(0.50),
+        p99_ms: at(0.99),
+    }
+}
+
+fn medians(runs: &[Run]) -> Run {
+    let of = |f: fn(&Run) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
+    Run {
+        per_second: of(|r| r.per_second),
+        p50_ms: of(|r| r.p50_ms),
+        p99_ms: of(|r| r.p99_ms),
+    }
+}
+
+/// `CONCURRENCY` tasks each calling `one(task, i)` back to back for `RUN`.
+async fn load<F, Fut>(one: F) -> anyhow::Result<Run>
+where
+    F: Fn(usize, usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..CONCURRENCY)
+        .map(|task| {
+            let one = one.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut i = task;
+                while started.elapsed() < RUN {
+                    let t = Instant::now();
+                    one(task, i).await?;
+                    latencies.push(t.elapsed());
+                    i += CONCURRENCY;
+                }
+                Ok::<_, anyhow::Error>(latencies)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await??);
+    }
+    Ok(summarize(all, started.elapsed()))
+}
+
+/// A keep-alive HTTP/1.1 connection issuing GETs; returns each status.
+struct Http {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Http {
+    async fn connect(port: u16) -> anyhow::Result<Self> {
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        stream.set_nodelay(true)?;
+        Ok(Self {
+            stream,
+            buf: Vec::with_capacity(64 * 1024),
+        })
+    }
+
+    async fn get(&mut self, path: &str) -> anyhow::Result<u16> {
+        self.stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n").as_bytes())
+            .await?;
+        self.buf.clear();
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            let n = self.stream.read(&mut chunk).await?;
+            anyhow::ensure!(n > 0, "the server closed the connection");
+            self.buf.extend_from_slice(&chunk[..n]);
+            let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            let head = String::from_utf8_lossy(&self.buf[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if self.buf.len() >= end + 4 + length {
+                let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+                return Ok(status);
+            }
+        }
+    }
+}
+
+fn merchant(i: usize) -> String {
+    format!("bench-m{}", i % MERCHANTS)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let stack = Stack::discover();
+    let redis_info = stack.get("BALLAST_REDIS_CACHE_URL")?;
+    let conn = redis::Client::open(redis_info.as_str())?
+        .get_connection_manager()
+        .await?;
+    let pool = mysql_async::Pool::new(mysql_async::Opts::from_url(&stack.get("BALLAST_MYSQL_HOT_URL")?)?);
+    let hot = HotStore::new(pool, "ballast_bench_query", 2, 4);
+    hot.ensure_schema().await?;
+
+    // One day of 60 windows for each merchant, in both stores, as slaves write them.
+    let now = k8s_openapi::jiff::Timestamp::now().as_millisecond();
+    let day = day_of(now);
+    let mut cache = ResultCache::new(conn.clone()).with_ttl(3600);
+    for w in 0..WINDOWS {
+        let slot = Slot {
+            pipeline: PIPELINE.into(),
+            granularity: Granularity::Window,
+            window_start_ms: day + w * WINDOW_MS,
+        };
+        let results: Vec<MerchantResult> = (0..MERCHANTS)
+            .map(|m| MerchantResult {
+                merchant_id: merchant(m),
+                metrics: json!({
+                    "gmv": 100 * m as i64 + w, "orders": 7, "paid_orders": 5, "paying_users": 4,
+                    "avg_order_value": 1234.5, "refunds": 1, "refund_amount": 99,
+                    "top_items": "item-1,item-2,item-3", "_sql": "0123456789abcdef",
+                })
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+            })
+            .collect();
+        cache.write(&slot, 1, &results).await?;
+        hot.write(&slot, 1, &results).await?;
+    }
+
+    // The service's read path and API, as the query role assembles them.
+    let mut registry = Registry::default();
+    let metrics = Arc::new(metrics::Metrics::register(&mut registry));
+    let deadline = Duration::from_millis(250);
+    let policy = ballast_crds::degradation_policy::CachePolicy {
+        query_rate_per_second: 50,
+        local_cache_ttl_seconds: 600,
+        ..Default::default()
+    };
+    let flow = ballast_flow::Flow::new(query::rules(&policy, false, deadline), &mut registry);
+    let (_cache_tx, cache_rx) = watch::channel(Some(ResultCache::new(conn.clone())));
+    let reader = read::Reader::new(
+        read::ReaderConfig {
+            pipeline: PIPELINE.into(),
+            deadline,
+            local_entries: 10_000,
+            local_ttl: Duration::from_secs(600),
+        },
+        cache_rx,
+        hot,
+        flow,
+        Arc::clone(&metrics),
+    );
+    let (modes_tx, modes) = watch::channel(Modes::default());
+    let app = Arc::new(api::App {
+        reader,
+        modes,
+        window_ms: WINDOW_MS,
+        lateness: Duration::from_secs(120),
+        metrics,
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let router = api::router(Arc::clone(&app));
+    tokio::spawn(async move { axum::serve(listener, router).await });
+
+    // Every merchant read once: the cache's hashes checked against MySQL (as a first read does).
+    let mut http = Http::connect(port).await?;
+    for m in 0..MERCHANTS {
+        let status = http.get(&format!("/v1/merchants/{}/today", merchant(m))).await?;
+        anyhow::ensure!(status == 200, "warming {}: HTTP {status}", merchant(m));
+    }
+
+    // (a) Hot answers from the cache, beside raw HGETALLs of the same keys.
+    let (mut api_runs, mut raw_runs) = (Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        let connections: Vec<_> =
+            futures::future::try_join_all((0..CONCURRENCY).map(|_| Http::connect(port))).await?;
+        let connections: Arc<Vec<tokio::sync::Mutex<Http>>> =
+            Arc::new(connections.into_iter().map(tokio::sync::Mutex::new).collect());
+        api_runs.push(
+            load(move |task, i| {
+                let connections = Arc::clone(&connections);
+                async move {
+                    let status = connections[task]
+                        .lock()
+                        .await
+                        .get(&format!("/v1/merchants/{}/today", merchant(i)))
+                        .await?;
+                    anyhow::ensure!(status == 200, "HTTP {status}");
+                    Ok(())
+                }
+            })
+            .await?,
+        );
+        let raw = conn.clone();
+        raw_runs.push(
+            load(move |_, i| {
+                let mut raw = raw.clone();
+                async move {
+                    let fields: Vec<(String, String)> = redis::cmd("HGETALL")
+                        .arg(day_key(PIPELINE, day, &merchant(i)))
+                        .query_async(&mut raw)
+                        .await?;
+                    anyhow::ensure!(fields.len() as i64 > WINDOWS, "{} fields", fields.len());
+                    Ok(())
+                }
+            })
+            .await?,
+        );
+    }
+    let (api_hot, raw) = (medians(&api_runs), medians(&raw_runs));
+
+    // (b) Cache down: the in-process cache's hits, and the 429 over the rate.
+    let _ = modes_tx.send(Modes::default().with(Dependency::Cache, Mode::Degraded, 1));
+    app.reader.flow().reload(query::rules(&policy, false, deadline));
+    let hits = 100;
+    for m in 0..hits {
+        let status = http.get(&format!("/v1/merchants/{}/today", merchant(m))).await?;
+        anyhow::ensure!(status == 200, "warming the in-process cache: HTTP {status}");
+    }
+    // One answer a second from MySQL: nearly every request meets the 429.
+    let refusing = ballast_crds::degradation_policy::CachePolicy {
+        query_rate_per_second: 1,
+        ..policy.clone()
+    };
+    app.reader.flow().reload(query::rules(&refusing, true, deadline));
+    let (mut local_runs, mut refused_runs) = (Vec::new(), Vec::new());
+    for run in 0..RUNS {
+        let connections: Vec<_> =
+            futures::future::try_join_all((0..CONCURRENCY).map(|_| Http::connect(port))).await?;
+        let connections: Arc<Vec<tokio::sync::Mutex<Http>>> =
+            Arc::new(connections.into_iter().map(tokio::sync::Mutex::new).collect());
+        let local = Arc::clone(&connections);
+        local_runs.push(
+            load(move |task, i| {
+                let connections = Arc::clone(&local);
+                async move {
+                    let status = connections[task]
+                        .lock()
+                        .await
+                        .get(&format!("/v1/merchants/{}/today", merchant(i % hits)))
+                        .await?;
+                    anyhow::ensure!(status == 200, "HTTP {status}");
+                    Ok(())
+                }
+            })
+            .await?,
+        );
+        refused_runs.push(
+            load(move |task, i| {
+                let connections = Arc::clone(&connections);
+                async move {
+                    // Never cached: each goes to the rate limit in front of MySQL.
+                    let status = connections[task]
+                        .lock()
+                        .await
+                        .get(&format!("/v1/merchants/bench-new-{run}-{i}/today"))
+                        .await?;
+                    anyhow::ensure!(matches!(status, 200 | 429), "HTTP {status}");
+                    Ok(())
+                }
+            })
+            .await?,
+        );
+    }
+    let (local, refused) = (medians(&local_runs), medians(&refused_runs));
+
+    println!(
+        "query bench ({MERCHANTS} merchants x {WINDOWS} windows, concurrency {CONCURRENCY}, medians of {RUNS} runs of {RUN:?})"
+    );
+    println!(
+        "{:<44} {:>12} {:>9} {:>9}",
+        "path", "answers/s", "p50 ms", "p99 ms"
+    );
+    for (name, r) in [
+        ("raw Redis HGETALL (baseline)", raw),
+        ("API today from the cache", api_hot),
+        ("API today from the in-process cache", local),
+        ("API refused over the rate (429 mostly)", refused),
+    ] {
+        println!(
+            "{name:<44} {:>12.0} {:>9.3} {:>9.3}",
+            r.per_second, r.p50_ms, r.p99_ms
+        );
+    }
+    println!(
+        "hot API / raw Redis: {:.2} (target >= 0.5); hot p99 {:.2} ms (target < 5); 429 p99 {:.3} ms (target < 1)",
+        api_hot.per_second / raw.per_second,
+        api_hot.p99_ms,
+        refused.p99_ms
+    );
+    Ok(())
+}
