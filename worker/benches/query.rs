@@ -145,6 +145,28 @@ impl Http {
     }
 }
 
+/// `load` through the API: one keep-alive connection per task, GET `path(i)`,
+/// each answer's status checked by `ok`.
+async fn api_load<P>(port: u16, path: P, ok: fn(u16) -> bool) -> anyhow::Result<Run>
+where
+    P: Fn(usize) -> String + Clone + Send + Sync + 'static,
+{
+    let connections: Vec<_> =
+        futures::future::try_join_all((0..CONCURRENCY).map(|_| Http::connect(port))).await?;
+    let connections: Arc<Vec<tokio::sync::Mutex<Http>>> =
+        Arc::new(connections.into_iter().map(tokio::sync::Mutex::new).collect());
+    load(move |task, i| {
+        let connections = Arc::clone(&connections);
+        let path = path(i);
+        async move {
+            let status = connections[task].lock().await.get(&path).await?;
+            anyhow::ensure!(ok(status), "HTTP {status} for {path}");
+            Ok(())
+        }
+    })
+    .await
+}
+
 fn merchant(i: usize) -> String {
     format!("bench-m{}", i % MERCHANTS)
 }
@@ -233,25 +255,8 @@ async fn main() -> anyhow::Result<()> {
     // (a) Hot answers from the cache, beside raw HGETALLs of the same keys.
     let (mut api_runs, mut raw_runs) = (Vec::new(), Vec::new());
     for _ in 0..RUNS {
-        let connections: Vec<_> =
-            futures::future::try_join_all((0..CONCURRENCY).map(|_| Http::connect(port))).await?;
-        let connections: Arc<Vec<tokio::sync::Mutex<Http>>> =
-            Arc::new(connections.into_iter().map(tokio::sync::Mutex::new).collect());
-        api_runs.push(
-            load(move |task, i| {
-                let connections = Arc::clone(&connections);
-                async move {
-                    let status = connections[task]
-                        .lock()
-                        .await
-                        .get(&format!("/v1/merchants/{}/today", merchant(i)))
-                        .await?;
-                    anyhow::ensure!(status == 200, "HTTP {status}");
-                    Ok(())
-                }
-            })
-            .await?,
-        );
+        let today = |i| format!("/v1/merchants/{}/today", merchant(i));
+        api_runs.push(api_load(port, today, |status| status == 200).await?);
         let raw = conn.clone();
         raw_runs.push(
             load(move |_, i| {
@@ -286,42 +291,11 @@ async fn main() -> anyhow::Result<()> {
     app.reader.flow().reload(query::rules(&refusing, true, deadline));
     let (mut local_runs, mut refused_runs) = (Vec::new(), Vec::new());
     for run in 0..RUNS {
-        let connections: Vec<_> =
-            futures::future::try_join_all((0..CONCURRENCY).map(|_| Http::connect(port))).await?;
-        let connections: Arc<Vec<tokio::sync::Mutex<Http>>> =
-            Arc::new(connections.into_iter().map(tokio::sync::Mutex::new).collect());
-        let local = Arc::clone(&connections);
-        local_runs.push(
-            load(move |task, i| {
-                let connections = Arc::clone(&local);
-                async move {
-                    let status = connections[task]
-                        .lock()
-                        .await
-                        .get(&format!("/v1/merchants/{}/today", merchant(i % hits)))
-                        .await?;
-                    anyhow::ensure!(status == 200, "HTTP {status}");
-                    Ok(())
-                }
-            })
-            .await?,
-        );
-        refused_runs.push(
-            load(move |task, i| {
-                let connections = Arc::clone(&connections);
-                async move {
-                    // Never cached: each goes to the rate limit in front of MySQL.
-                    let status = connections[task]
-                        .lock()
-                        .await
-                        .get(&format!("/v1/merchants/bench-new-{run}-{i}/today"))
-                        .await?;
-                    anyhow::ensure!(matches!(status, 200 | 429), "HTTP {status}");
-                    Ok(())
-                }
-            })
-            .await?,
-        );
+        let hit = move |i| format!("/v1/merchants/{}/today", merchant(i % hits));
+        local_runs.push(api_load(port, hit, |status| status == 200).await?);
+        // Never cached: each goes to the rate limit in front of MySQL.
+        let new = move |i| format!("/v1/merchants/bench-new-{run}-{i}/today");
+        refused_runs.push(api_load(port, new, |status| matches!(status, 200 | 429)).await?);
     }
     let (local, refused) = (medians(&local_runs), medians(&refused_runs));
 

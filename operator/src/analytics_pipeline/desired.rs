@@ -244,21 +244,26 @@ impl Builder<'_> {
         }
     }
 
-    /// Credentials reach pods as env vars from Secrets, never through the spec.
-    fn secret_env(&self) -> Vec<EnvVar> {
+    /// Credentials reach pods as env vars from Secrets, never through the
+    /// spec; each role gets only the passwords of the servers it talks to.
+    fn secret_env(&self, role: &str) -> Vec<EnvVar> {
         let spec = &self.ap.spec;
-        let refs: [(&str, Option<&SecretKeyRef>); 4] = [
-            (
-                "BALLAST_SOURCE_MYSQL_PASSWORD",
-                spec.source.mysql.password_secret_ref.as_ref(),
-            ),
-            (
-                "BALLAST_HOT_MYSQL_PASSWORD",
-                spec.hot_store.password_secret_ref.as_ref(),
-            ),
-            ("BALLAST_KV_PASSWORD", spec.kv.password_secret_ref.as_ref()),
-            ("BALLAST_CACHE_PASSWORD", spec.cache.password_secret_ref.as_ref()),
-        ];
+        let source = (
+            "BALLAST_SOURCE_MYSQL_PASSWORD",
+            spec.source.mysql.password_secret_ref.as_ref(),
+        );
+        let hot = (
+            "BALLAST_HOT_MYSQL_PASSWORD",
+            spec.hot_store.password_secret_ref.as_ref(),
+        );
+        let kv = ("BALLAST_KV_PASSWORD", spec.kv.password_secret_ref.as_ref());
+        let cache = ("BALLAST_CACHE_PASSWORD", spec.cache.password_secret_ref.as_ref());
+        let refs: Vec<(&str, Option<&SecretKeyRef>)> = match role {
+            "collector" => vec![source],
+            "intake" | "master" => vec![kv],
+            "query" => vec![hot, cache],
+            _ => vec![hot, kv, cache],
+        };
         refs.into_iter()
             .filter_map(|(var, r)| {
                 r.map(|r| EnvVar {
@@ -304,7 +309,7 @@ impl Builder<'_> {
                 ..EnvVar::default()
             });
         }
-        env.extend(self.secret_env());
+        env.extend(self.secret_env(role));
         let mut ports = vec![ContainerPort {
             name: Some("metrics".into()),
             container_port: METRICS_PORT,

@@ -132,6 +132,42 @@ fn slave_replicas_follow_inputs_and_secrets_become_env_refs() {
 }
 
 #[test]
+fn each_role_gets_only_the_passwords_of_the_servers_it_talks_to() {
+    let inputs = Inputs {
+        slave_replicas: 2,
+        config_hash: String::new(),
+    };
+    let objs = objects(&fixture(), &owner(), &inputs);
+    // The sample references the source, cache and hot MySQL passwords (the KV store has none).
+    let cases: [(&str, &[&str]); 5] = [
+        ("merchant-analytics-collector", &["BALLAST_SOURCE_MYSQL_PASSWORD"]),
+        ("merchant-analytics-intake", &[]),
+        ("merchant-analytics-master", &[]),
+        (
+            "merchant-analytics-query",
+            &["BALLAST_HOT_MYSQL_PASSWORD", "BALLAST_CACHE_PASSWORD"],
+        ),
+        (
+            "merchant-analytics-slave",
+            &["BALLAST_HOT_MYSQL_PASSWORD", "BALLAST_CACHE_PASSWORD"],
+        ),
+    ];
+    for (name, want) in cases {
+        let workload = objs.iter().find(|o| template(o).is_some() && o.name() == name);
+        let env = workload
+            .and_then(container)
+            .and_then(|c| c.env.clone())
+            .unwrap_or_default();
+        let secrets: Vec<&str> = env
+            .iter()
+            .filter(|e| e.value_from.as_ref().is_some_and(|v| v.secret_key_ref.is_some()))
+            .map(|e| e.name.as_str())
+            .collect();
+        assert_eq!(secrets, want, "{name}");
+    }
+}
+
+#[test]
 fn role_grants_only_this_pipeline_and_its_policy() {
     let inputs = Inputs {
         slave_replicas: 2,
