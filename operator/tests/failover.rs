@@ -119,8 +119,8 @@ async fn operator_reconciles_and_switches_modes_against_real_servers() -> anyhow
         let sts_owned = sts
             .as_ref()
             .is_some_and(|s| owned(s.metadata.owner_references.as_ref()));
-        // Collector, intake and master (no query role yet), and the slaves.
-        Ok((names.len() == 3 && sts_owned).then_some(()))
+        // Collector, intake, master and query (none of its pods in the fixture), and the slaves.
+        Ok((names.len() == 4 && sts_owned).then_some(()))
     })
     .await?;
     assert_eq!(slave_replicas(&sets).await?, Some(2));
