@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 
 use redis::aio::ConnectionManager;
 
-use super::{Fenced, Granularity, ResultsError, Slot, Stored};
+use super::{Fenced, Granularity, ResultsError, Slot, Stored, StoredText};
 use crate::compute::MerchantResult;
 
 /// Merchants per script call: bounds the time the script holds Redis.
@@ -122,8 +122,8 @@ pub fn slot_field(granularity: Granularity, window_start_ms: i64) -> String {
 /// One merchant's day as the cache holds it.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CachedDay {
-    /// Results by (granularity, start).
-    pub results: BTreeMap<(Granularity, i64), Stored>,
+    /// Results by (granularity, start), their metrics as stored (checked JSON objects).
+    pub results: BTreeMap<(Granularity, i64), StoredText>,
     /// The cache epoch the hash was last checked against MySQL in, if ever.
     pub checked_epoch: Option<i64>,
 }
@@ -135,8 +135,9 @@ impl CachedDay {
     }
 }
 
-/// `{version} {metrics JSON}` as stored in a field. Pure.
-fn parse_entry(text: &str, location: impl Fn() -> String) -> Result<Stored, ResultsError> {
+/// `{version} {metrics JSON}` as stored in a field, the metrics checked but
+/// left as text. Pure.
+fn parse_text(text: &str, location: impl Fn() -> String) -> Result<StoredText, ResultsError> {
     let corrupt = |reason: String| ResultsError::Corrupt {
         location: location(),
         reason,
@@ -147,8 +148,20 @@ fn parse_entry(text: &str, location: impl Fn() -> String) -> Result<Stored, Resu
     let version = version
         .parse::<u64>()
         .map_err(|e| corrupt(format!("version {version:?}: {e}")))?;
-    let metrics = serde_json::from_str(metrics).map_err(|e| corrupt(format!("metrics: {e}")))?;
-    Ok(Stored { version, metrics })
+    StoredText::checked(version, metrics.to_owned()).map_err(corrupt)
+}
+
+/// `{version} {metrics JSON}` as stored in a field. Pure.
+fn parse_entry(text: &str, location: impl Fn() -> String) -> Result<Stored, ResultsError> {
+    let stored = parse_text(text, &location)?;
+    let metrics = serde_json::from_str(&stored.metrics).map_err(|e| ResultsError::Corrupt {
+        location: location(),
+        reason: format!("metrics: {e}"),
+    })?;
+    Ok(Stored {
+        version: stored.version,
+        metrics,
+    })
 }
 
 /// A day hash's fields as a [`CachedDay`]; unknown fields are skipped (a
@@ -171,7 +184,7 @@ pub fn parse_day(fields: Vec<(String, String)>, key: &str) -> Result<CachedDay, 
             continue;
         };
         day.results
-            .insert((granularity, start), parse_entry(&value, location)?);
+            .insert((granularity, start), parse_text(&value, location)?);
     }
     Ok(day)
 }
@@ -289,7 +302,7 @@ impl ResultCache {
         pipeline: &str,
         day_start_ms: i64,
         merchant: &str,
-        results: &BTreeMap<(Granularity, i64), Stored>,
+        results: &BTreeMap<(Granularity, i64), StoredText>,
         epoch: i64,
     ) -> Result<Fenced, ResultsError> {
         let mut invocation = self.fill.prepare_invoke();
@@ -301,7 +314,7 @@ impl ResultCache {
             invocation
                 .arg(slot_field(*granularity, *start))
                 .arg(stored.version)
-                .arg(serde_json::Value::Object(stored.metrics.clone()).to_string());
+                .arg(&stored.metrics);
         }
         let refused: u64 = invocation.invoke_async(&mut self.conn).await?;
         let refused = refused.min(results.len() as u64);
@@ -368,7 +381,7 @@ mod tests {
         assert_eq!(day.checked_epoch, Some(7));
         assert_eq!(day.results.len(), 2);
         assert_eq!(day.results[&(Granularity::Window, 60_000)].version, 3);
-        assert_eq!(day.results[&(Granularity::Hour, 0)].metrics["gmv"], 9);
+        assert_eq!(day.results[&(Granularity::Hour, 0)].metrics, r#"{"gmv":9}"#);
         for bad in [
             ("window:1", "3"),
             ("window:1", "x {}"),

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashSet};
 use mysql_async::prelude::Queryable;
 use mysql_async::{Pool, Value};
 
-use super::{Fenced, Granularity, ResultsError, Slot, Stored, shard};
+use super::{Fenced, Granularity, ResultsError, Slot, Stored, StoredText, shard};
 use crate::compute::MerchantResult;
 
 /// Rows per `INSERT` statement: large enough to amortise round trips, small
@@ -209,7 +209,7 @@ impl HotStore {
         merchant: &str,
         from_ms: i64,
         to_ms: i64,
-    ) -> Result<BTreeMap<(Granularity, i64), Stored>, ResultsError> {
+    ) -> Result<BTreeMap<(Granularity, i64), StoredText>, ResultsError> {
         let (database, table) = shard(merchant, self.databases, self.tables);
         let table = self.table_name(database, table);
         let mut conn = self.pool.get_conn().await?;
@@ -228,8 +228,11 @@ impl HotStore {
             let Some(granularity) = Granularity::parse(&granularity) else {
                 continue;
             };
-            let metrics = parse_metrics(&metrics, &table, merchant)?;
-            out.insert((granularity, start), Stored { version, metrics });
+            let stored = StoredText::checked(version, metrics).map_err(|reason| ResultsError::Corrupt {
+                location: format!("{table} merchant {merchant:?}"),
+                reason,
+            })?;
+            out.insert((granularity, start), stored);
         }
         Ok(out)
     }

@@ -75,6 +75,65 @@ pub struct Stored {
     pub metrics: serde_json::Map<String, serde_json::Value>,
 }
 
+/// One merchant's stored result with its metrics as the stored JSON text
+/// (checked to be a JSON object), for readers that pass it on unparsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredText {
+    /// The version of the task that wrote it.
+    pub version: u64,
+    /// The metrics object, as JSON text.
+    pub metrics: String,
+    /// Its keys (the result columns), in order.
+    pub columns: Vec<String>,
+}
+
+impl StoredText {
+    /// `metrics` if it is a JSON object (checked without building its values). Pure.
+    pub fn checked(version: u64, metrics: String) -> Result<Self, String> {
+        let columns = object_keys(&metrics).map_err(|e| format!("metrics: {e}"))?;
+        Ok(Self {
+            version,
+            metrics,
+            columns,
+        })
+    }
+}
+
+/// The keys of the JSON object `text`, read without building its values;
+/// an error if `text` is not one JSON object. Pure.
+pub fn object_keys(text: &str) -> Result<Vec<String>, serde_json::Error> {
+    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+    struct Keys;
+    impl<'de> Visitor<'de> for Keys {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Vec<String>, A::Error> {
+            let mut keys = Vec::new();
+            while let Some(key) = map.next_key::<String>()? {
+                map.next_value::<IgnoredAny>()?;
+                keys.push(key);
+            }
+            Ok(keys)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(text);
+    let keys = (&mut de).deserialize_map(Keys)?;
+    de.end()?;
+    Ok(keys)
+}
+
+impl From<&Stored> for StoredText {
+    fn from(stored: &Stored) -> Self {
+        Self {
+            version: stored.version,
+            metrics: serde_json::Value::Object(stored.metrics.clone()).to_string(),
+            columns: stored.metrics.keys().cloned().collect(),
+        }
+    }
+}
+
 /// Errors of the result stores.
 #[derive(Debug, thiserror::Error)]
 pub enum ResultsError {
@@ -136,6 +195,27 @@ mod tests {
             assert_eq!(Granularity::parse(g.as_str()), Some(g));
         }
         assert_eq!(Granularity::parse("day"), None);
+    }
+
+    #[test]
+    fn only_a_json_object_passes_as_stored_metrics_text() {
+        let cases = [
+            (r#"{"gmv":5,"top":"a,b"}"#, true),
+            ("{}", true),
+            (r#"{"a":{"b":[1,2]}}"#, true),
+            ("[1]", false),
+            ("5", false),
+            ("{not json", false),
+            (r#"{"a":1} trailing"#, false),
+            ("", false),
+        ];
+        for (text, ok) in cases {
+            assert_eq!(StoredText::checked(1, text.into()).is_ok(), ok, "{text:?}");
+        }
+        assert_eq!(
+            object_keys(r#"{"gmv":5,"a\"b":{"x":1},"t":"s"}"#).ok(),
+            Some(vec!["gmv".to_owned(), "a\"b".to_owned(), "t".to_owned()])
+        );
     }
 
     #[test]

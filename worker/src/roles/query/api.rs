@@ -16,11 +16,12 @@ use k8s_openapi::jiff::Timestamp;
 use serde_json::json;
 use tokio::sync::watch;
 
+use super::contract::Source;
 use super::contract::{self, Completeness, TodayFacts};
 use super::input::{self, BadInput};
 use super::metrics::Metrics;
 use super::read::{Reader, Unavailable};
-use super::today::{self, Today};
+use super::today::{self, TodayHead};
 use crate::modes::Modes;
 use crate::results::cache::day_of;
 
@@ -68,6 +69,8 @@ enum Refused {
     Bad(#[from] BadInput),
     #[error(transparent)]
     Unavailable(#[from] Unavailable),
+    #[error("writing the answer failed: {0}")]
+    Render(serde_json::Error),
 }
 
 impl Refused {
@@ -86,6 +89,15 @@ impl Refused {
                     .get_or_create(&[("reason", "rateLimited")])
                     .inc();
                 refusal.into_response()
+            }
+            Refused::Render(error) => {
+                tracing::error!(%error, "writing an answer failed");
+                problem(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    &error.to_string(),
+                    None,
+                )
             }
             Refused::Unavailable(why) => {
                 metrics.unavailable.get_or_create(&[("reason", why.code())]).inc();
@@ -122,10 +134,10 @@ async fn today(State(app): State<Arc<App>>, merchant: Result<Path<String>, PathR
         Ok(answer) => {
             let labels = [
                 ("source", answer.source.as_str()),
-                ("completeness", answer.completeness.status.as_str()),
+                ("completeness", answer.status.as_str()),
             ];
             app.metrics.answers.get_or_create(&labels).inc();
-            Json(answer).into_response()
+            ([(header::CONTENT_TYPE, "application/json")], answer.body).into_response()
         }
         Err(refused) => refused.respond(&app.metrics),
     };
@@ -137,7 +149,14 @@ async fn today(State(app): State<Arc<App>>, merchant: Result<Path<String>, PathR
     response
 }
 
-async fn answer_today(app: &App, merchant: Result<Path<String>, PathRejection>) -> Result<Today, Refused> {
+/// An answer ready to send.
+struct Answer {
+    body: String,
+    source: Source,
+    status: contract::Status,
+}
+
+async fn answer_today(app: &App, merchant: Result<Path<String>, PathRejection>) -> Result<Answer, Refused> {
     let Path(merchant) = merchant.map_err(|e| BadInput::Path(e.body_text()))?;
     let merchant = input::merchant(&merchant)?;
     let modes = app.modes.borrow().clone();
@@ -157,7 +176,8 @@ async fn answer_today(app: &App, merchant: Result<Path<String>, PathRejection>) 
         source: found.source,
     };
     let completeness = Completeness::of(contract::today_reasons(&modes, &facts));
-    Ok(Today {
+    let status = completeness.status;
+    let head = TodayHead {
         merchant: merchant.to_owned(),
         day,
         source: found.source,
@@ -165,9 +185,13 @@ async fn answer_today(app: &App, merchant: Result<Path<String>, PathRejection>) 
         modes: contract::modes_of(&modes),
         completeness,
         window_seconds: app.window_ms / 1000,
-        columns: series.columns,
-        windows: series.windows,
-        hours: series.hours,
+        columns: series.columns.clone(),
+    };
+    let body = today::render(&head, &series).map_err(Refused::Render)?;
+    Ok(Answer {
+        body,
+        source: found.source,
+        status,
     })
 }
 

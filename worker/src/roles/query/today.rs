@@ -1,31 +1,21 @@
 //! The "today" answer for one merchant: the window series and the hourly
 //! series of every column the pipeline's SQL produces, as stored, with the
-//! response contract. Built by a pure function from what the stores held.
+//! response contract. The series pass the stored metrics JSON through
+//! unparsed (checked, and its keys read, when it was read from the store):
+//! parsing and re-serialising every window's metrics was most of an answer's cost.
+
+use std::fmt::Write as _;
 
 use serde::Serialize;
-use serde_json::{Map, Value};
 
 use super::contract::{Completeness, ModeOf, Source};
 use super::read::Day;
 use crate::results::Granularity;
 
-/// One point of a series.
+/// Everything a "today" answer says besides its series.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Point {
-    /// Start of the window or hour, in ms since the Unix epoch.
-    pub start_ms: i64,
-    /// End (exclusive).
-    pub end_ms: i64,
-    /// Every column the SQL produced for this merchant, as stored (`_sql`
-    /// names the SQL version that computed it).
-    pub metrics: Map<String, Value>,
-}
-
-/// A merchant's day so far.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Today {
+pub struct TodayHead {
     /// The merchant.
     pub merchant: String,
     /// The UTC day, `YYYY-MM-DD`.
@@ -42,19 +32,28 @@ pub struct Today {
     pub window_seconds: i64,
     /// Every result column present in the series, sorted.
     pub columns: Vec<String>,
-    /// One point per window with results, oldest first.
-    pub windows: Vec<Point>,
-    /// One point per hour computed as a whole (while the KV store was
-    /// degraded, results are hourly), oldest first.
-    pub hours: Vec<Point>,
 }
 
-/// The series of a day's stored results. Pure.
-pub struct Series {
-    /// Window points.
-    pub windows: Vec<Point>,
-    /// Hour points.
-    pub hours: Vec<Point>,
+/// One point of a series: `{startMs, endMs, metrics}`, the metrics as stored
+/// (every column the SQL produced; `_sql` names the SQL version).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Point<'a> {
+    /// Start of the window or hour, in ms since the Unix epoch.
+    pub start_ms: i64,
+    /// End (exclusive).
+    pub end_ms: i64,
+    /// The metrics object, as JSON text.
+    pub metrics: &'a str,
+}
+
+/// The series of a day's stored results.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Series<'a> {
+    /// One point per window with results, oldest first.
+    pub windows: Vec<Point<'a>>,
+    /// One point per hour computed as a whole (while the KV store was
+    /// degraded, results are hourly), oldest first.
+    pub hours: Vec<Point<'a>>,
     /// Sorted union of the columns.
     pub columns: Vec<String>,
     /// End of the newest point.
@@ -62,7 +61,7 @@ pub struct Series {
 }
 
 /// Cuts a day's results into its window and hour series. Pure.
-pub fn series(day: &Day, window_ms: i64) -> Series {
+pub fn series(day: &Day, window_ms: i64) -> Series<'_> {
     let mut windows = Vec::new();
     let mut hours = Vec::new();
     let mut columns = std::collections::BTreeSet::new();
@@ -71,41 +70,70 @@ pub fn series(day: &Day, window_ms: i64) -> Series {
             Granularity::Window => (window_ms, &mut windows),
             Granularity::Hour => (3_600_000, &mut hours),
         };
-        columns.extend(stored.metrics.keys().cloned());
+        columns.extend(stored.columns.iter().map(String::as_str));
         into.push(Point {
             start_ms: *start,
             end_ms: start + length,
-            metrics: stored.metrics.clone(),
+            metrics: &stored.metrics,
         });
     }
     let as_of_ms = windows.iter().chain(&hours).map(|p| p.end_ms).max();
     Series {
         windows,
         hours,
-        columns: columns.into_iter().collect(),
+        columns: columns.into_iter().map(str::to_owned).collect(),
         as_of_ms,
     }
+}
+
+/// The answer's JSON: the head as serde writes it, then `windows` and
+/// `hours` with each point's stored metrics spliced in as they are. Pure.
+pub fn render(head: &TodayHead, series: &Series<'_>) -> Result<String, serde_json::Error> {
+    let mut out = serde_json::to_string(head)?;
+    // The head is a non-empty object: its closing brace moves past the series.
+    out.pop();
+    out.push_str(",\"windows\":");
+    points(&mut out, &series.windows);
+    out.push_str(",\"hours\":");
+    points(&mut out, &series.hours);
+    out.push('}');
+    Ok(out)
+}
+
+fn points(out: &mut String, points: &[Point<'_>]) {
+    out.push('[');
+    for (i, p) in points.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(
+            out,
+            "{{\"startMs\":{},\"endMs\":{},\"metrics\":{}}}",
+            p.start_ms, p.end_ms, p.metrics
+        );
+    }
+    out.push(']');
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::results::Stored;
-    use serde_json::json;
+    use crate::results::StoredText;
+    use serde_json::{Value, json};
 
-    fn stored(metrics: Value) -> Stored {
-        Stored {
-            version: 1,
-            metrics: metrics.as_object().cloned().unwrap_or_default(),
-        }
+    fn stored(metrics: Value) -> StoredText {
+        StoredText::checked(1, metrics.to_string()).unwrap_or_else(|e| StoredText {
+            version: 0,
+            metrics: e,
+            columns: Vec::new(),
+        })
     }
 
-    #[test]
-    fn a_day_splits_into_sorted_window_and_hour_series_with_every_column() {
-        let day: Day = [
+    fn day() -> Day {
+        [
             (
                 (Granularity::Window, 120_000),
-                stored(json!({"gmv": 2, "top": "a"})),
+                stored(json!({"gmv": 2, "top": "a,\"b\""})),
             ),
             ((Granularity::Window, 60_000), stored(json!({"gmv": 1}))),
             (
@@ -113,7 +141,12 @@ mod tests {
                 stored(json!({"gmv": 9, "users": 3})),
             ),
         ]
-        .into();
+        .into()
+    }
+
+    #[test]
+    fn a_day_splits_into_sorted_window_and_hour_series_with_every_column() {
+        let day = day();
         let s = series(&day, 60_000);
         let starts: Vec<i64> = s.windows.iter().map(|p| p.start_ms).collect();
         assert_eq!(starts, vec![60_000, 120_000]);
@@ -122,7 +155,39 @@ mod tests {
         assert_eq!(s.hours[0].end_ms, 7_200_000);
         assert_eq!(s.columns, vec!["gmv", "top", "users"]);
         assert_eq!(s.as_of_ms, Some(7_200_000));
-        let empty = series(&Day::new(), 60_000);
+        let empty = Day::new();
+        let empty = series(&empty, 60_000);
         assert!(empty.windows.is_empty() && empty.as_of_ms.is_none());
+    }
+
+    #[test]
+    fn the_rendered_answer_is_the_json_serde_would_write() {
+        let day = day();
+        let s = series(&day, 60_000);
+        let head = TodayHead {
+            merchant: "m\"1".into(),
+            day: "2024-10-04".into(),
+            source: Source::Cache,
+            as_of_ms: s.as_of_ms,
+            modes: Vec::new(),
+            completeness: Completeness::of(Vec::new()),
+            window_seconds: 60,
+            columns: s.columns.clone(),
+        };
+        let point = |p: &Point<'_>| {
+            json!({"startMs": p.start_ms, "endMs": p.end_ms,
+                   "metrics": serde_json::from_str::<Value>(p.metrics).unwrap_or_default()})
+        };
+        let mut want = serde_json::to_value(&head).unwrap_or_default();
+        want["windows"] = Value::Array(s.windows.iter().map(point).collect());
+        want["hours"] = Value::Array(s.hours.iter().map(point).collect());
+        let got: Value = render(&head, &s)
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or_default();
+        assert_eq!(got, want);
+        let none = Day::new();
+        let none = render(&head, &series(&none, 60_000)).unwrap_or_default();
+        assert!(none.ends_with(r#","windows":[],"hours":[]}"#), "{none}");
     }
 }
