@@ -237,6 +237,7 @@ async fn main() -> anyhow::Result<()> {
         reader,
         modes,
         window_ms: WINDOW_MS,
+        period_ms: 3_600_000,
         lateness: Duration::from_secs(120),
         metrics,
     });

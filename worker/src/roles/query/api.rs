@@ -33,6 +33,8 @@ pub struct App {
     pub modes: watch::Receiver<Modes>,
     /// Length of a window, in ms.
     pub window_ms: i64,
+    /// Length of a degraded-mode period (the policy's `granularitySeconds`), in ms.
+    pub period_ms: i64,
     /// How long after closing a window late events may still change it.
     pub lateness: Duration,
     /// Metrics.
@@ -164,7 +166,7 @@ async fn answer_today(app: &App, merchant: Result<Path<String>, PathRejection>) 
     let now_ms = now.as_millisecond();
     let day_start_ms = day_of(now_ms);
     let found = app.reader.day(&modes, merchant, day_start_ms).await?;
-    let series = today::series(&found.day, app.window_ms);
+    let series = today::series(&found.day, app.window_ms, app.period_ms);
     let day = now.strftime("%Y-%m-%d").to_string();
     let facts = TodayFacts {
         merchant,

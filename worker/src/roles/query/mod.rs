@@ -138,10 +138,13 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         flow,
         Arc::clone(&metrics),
     );
+    let window_ms = i64::from(ap.spec.compute.window_seconds) * 1000;
     let app = Arc::new(api::App {
         reader,
         modes: modes.clone(),
-        window_ms: i64::from(ap.spec.compute.window_seconds) * 1000,
+        window_ms,
+        // As the master cuts them.
+        period_ms: (i64::from(dp.spec.kv.granularity_seconds) * 1000).max(window_ms),
         lateness: config.lateness,
         metrics,
     });

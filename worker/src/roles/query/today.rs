@@ -60,15 +60,17 @@ pub struct Series<'a> {
     pub as_of_ms: Option<i64>,
 }
 
-/// Cuts a day's results into its window and hour series. Pure.
-pub fn series(day: &Day, window_ms: i64) -> Series<'_> {
+/// Cuts a day's results into its window and hour series; `period_ms` is
+/// the length of a degraded-mode period (the policy's `granularitySeconds`,
+/// an hour by default). Pure.
+pub fn series(day: &Day, window_ms: i64, period_ms: i64) -> Series<'_> {
     let mut windows = Vec::new();
     let mut hours = Vec::new();
     let mut columns = std::collections::BTreeSet::new();
     for ((granularity, start), stored) in day {
         let (length, into) = match granularity {
             Granularity::Window => (window_ms, &mut windows),
-            Granularity::Hour => (3_600_000, &mut hours),
+            Granularity::Hour => (period_ms, &mut hours),
         };
         columns.extend(stored.columns.iter().map(String::as_str));
         into.push(Point {
@@ -147,7 +149,7 @@ mod tests {
     #[test]
     fn a_day_splits_into_sorted_window_and_hour_series_with_every_column() {
         let day = day();
-        let s = series(&day, 60_000);
+        let s = series(&day, 60_000, 3_600_000);
         let starts: Vec<i64> = s.windows.iter().map(|p| p.start_ms).collect();
         assert_eq!(starts, vec![60_000, 120_000]);
         assert_eq!(s.windows[1].end_ms, 180_000);
@@ -155,15 +157,20 @@ mod tests {
         assert_eq!(s.hours[0].end_ms, 7_200_000);
         assert_eq!(s.columns, vec!["gmv", "top", "users"]);
         assert_eq!(s.as_of_ms, Some(7_200_000));
+        let half_hours = series(&day, 60_000, 1_800_000);
+        assert_eq!(
+            half_hours.hours[0].end_ms, 5_400_000,
+            "the policy's period, not an hour"
+        );
         let empty = Day::new();
-        let empty = series(&empty, 60_000);
+        let empty = series(&empty, 60_000, 3_600_000);
         assert!(empty.windows.is_empty() && empty.as_of_ms.is_none());
     }
 
     #[test]
     fn the_rendered_answer_is_the_json_serde_would_write() {
         let day = day();
-        let s = series(&day, 60_000);
+        let s = series(&day, 60_000, 3_600_000);
         let head = TodayHead {
             merchant: "m\"1".into(),
             day: "2024-10-04".into(),
@@ -187,7 +194,7 @@ mod tests {
             .unwrap_or_default();
         assert_eq!(got, want);
         let none = Day::new();
-        let none = render(&head, &series(&none, 60_000)).unwrap_or_default();
+        let none = render(&head, &series(&none, 60_000, 3_600_000)).unwrap_or_default();
         assert!(none.ends_with(r#","windows":[],"hours":[]}"#), "{none}");
     }
 }
