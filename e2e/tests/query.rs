@@ -16,14 +16,14 @@ use ballast_e2e::running::{self, Launch, RunningPipeline};
 use ballast_e2e::scenario::{self, HttpResponse};
 use ballast_e2e::stack_script;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams};
+use kube::api::Api;
 use serde_json::{Value, json};
 
 const WINDOW_MS: i64 = 2_000;
 /// Queries per second a query pod answers from MySQL while the cache is down.
 const RATE: u32 = 5;
 
-/// Polls `check` until it yields a value or `secs` pass.
+/// Polls `check` until it yields a value or `secs` pass (errors as `anyhow`).
 async fn eventually<T, F, Fut>(what: &str, secs: u64, check: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
@@ -63,14 +63,10 @@ impl Running {
 
     /// The port the running query pod serves on.
     async fn query_port(&self) -> anyhow::Result<u16> {
-        let pods = self
-            .pods
-            .list(&ListParams::default().labels("ballast.dev/role=query"))
-            .await?;
-        pods.items
-            .iter()
-            .filter_map(|p| p.metadata.name.as_deref())
-            .find_map(|name| self.run.kubelet.metrics_port(name))
+        self.run
+            .kubelet
+            .role_port(&self.pods, "query")
+            .await?
             .ok_or_else(|| anyhow::anyhow!("no query pod runs"))
     }
 

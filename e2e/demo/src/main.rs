@@ -232,7 +232,11 @@ async fn run() -> anyhow::Result<String> {
             phase = step.phase;
             next_step += 1;
         }
-        let port = query_pod_port(&pods, &kubelet).await;
+        // An unreachable API server keeps the last port.
+        let port = match kubelet.role_port(&pods, "query").await {
+            Ok(port) => port.unwrap_or(0),
+            Err(_) => *query_port_tx.borrow(),
+        };
         if port != *query_port_tx.borrow() {
             query_port_tx.send_replace(port);
             if port != 0 {
@@ -289,19 +293,6 @@ async fn run() -> anyhow::Result<String> {
     let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(client);
     let _ = namespaces.delete(&ns, &Default::default()).await;
     Ok(summary)
-}
-
-/// The loopback port the running query pod serves on (0: none runs).
-async fn query_pod_port(pods: &kube::Api<k8s_openapi::api::core::v1::Pod>, kubelet: &Kubelet) -> u16 {
-    let selector = kube::api::ListParams::default().labels("ballast.dev/role=query");
-    let Ok(list) = pods.list(&selector).await else {
-        return 0;
-    };
-    list.items
-        .iter()
-        .filter_map(|p| p.metadata.name.as_deref())
-        .find_map(|name| kubelet.metrics_port(name))
-        .unwrap_or(0)
 }
 
 #[tokio::main]

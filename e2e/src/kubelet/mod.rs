@@ -87,6 +87,18 @@ impl Kubelet {
         (!process::exited(&mut p.child)).then_some(p.metrics_port)
     }
 
+    /// The `/metrics` port of a running pod of `role` (the query role serves
+    /// its API there too), among the pods `pods` lists; none while none runs.
+    pub async fn role_port(&self, pods: &Api<Pod>, role: &str) -> Result<Option<u16>, kube::Error> {
+        let selector = ListParams::default().labels(&format!("ballast.dev/role={role}"));
+        let list = pods.list(&selector).await?;
+        Ok(list
+            .items
+            .iter()
+            .filter_map(|p| p.metadata.name.as_deref())
+            .find_map(|name| self.metrics_port(name)))
+    }
+
     /// Kills `pod`'s process outright (SIGKILL: a crash, no draining); it is
     /// started again like any exited container. `false` if it was not running.
     pub fn crash(&self, pod: &str) -> std::io::Result<bool> {

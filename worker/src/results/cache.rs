@@ -135,33 +135,37 @@ impl CachedDay {
     }
 }
 
-/// `{version} {metrics JSON}` as stored in a field, the metrics checked but
-/// left as text. Pure.
+/// `{version} {metrics JSON}` as stored in a field: the version, and the
+/// metrics text. Pure.
+fn split_entry(text: &str) -> Result<(u64, &str), String> {
+    let (version, metrics) = text
+        .split_once(' ')
+        .ok_or_else(|| "expected `<version> <metrics>`".to_owned())?;
+    let version = version
+        .parse::<u64>()
+        .map_err(|e| format!("version {version:?}: {e}"))?;
+    Ok((version, metrics))
+}
+
+/// A field's result, the metrics checked but left as text. Pure.
 fn parse_text(text: &str, location: impl Fn() -> String) -> Result<StoredText, ResultsError> {
     let corrupt = |reason: String| ResultsError::Corrupt {
         location: location(),
         reason,
     };
-    let (version, metrics) = text
-        .split_once(' ')
-        .ok_or_else(|| corrupt("expected `<version> <metrics>`".into()))?;
-    let version = version
-        .parse::<u64>()
-        .map_err(|e| corrupt(format!("version {version:?}: {e}")))?;
+    let (version, metrics) = split_entry(text).map_err(corrupt)?;
     StoredText::checked(version, metrics.to_owned()).map_err(corrupt)
 }
 
-/// `{version} {metrics JSON}` as stored in a field. Pure.
+/// A field's result, the metrics parsed. Pure.
 fn parse_entry(text: &str, location: impl Fn() -> String) -> Result<Stored, ResultsError> {
-    let stored = parse_text(text, &location)?;
-    let metrics = serde_json::from_str(&stored.metrics).map_err(|e| ResultsError::Corrupt {
+    let corrupt = |reason: String| ResultsError::Corrupt {
         location: location(),
-        reason: format!("metrics: {e}"),
-    })?;
-    Ok(Stored {
-        version: stored.version,
-        metrics,
-    })
+        reason,
+    };
+    let (version, metrics) = split_entry(text).map_err(corrupt)?;
+    let metrics = serde_json::from_str(metrics).map_err(|e| corrupt(format!("metrics: {e}")))?;
+    Ok(Stored { version, metrics })
 }
 
 /// A day hash's fields as a [`CachedDay`]; unknown fields are skipped (a

@@ -25,7 +25,7 @@ use crate::results::{Granularity, ResultsError, StoredText};
 pub type Day = BTreeMap<(Granularity, i64), StoredText>;
 
 /// One read of a key that every request asking meanwhile waits on.
-type Flight = OnceCell<Result<Arc<Day>, String>>;
+type Flight = OnceCell<Result<Found, String>>;
 
 /// What a read found.
 #[derive(Clone, Debug)]
@@ -150,21 +150,9 @@ impl Reader {
                         }
                         return Ok(self.found(cached.results, Source::Cache));
                     }
-                    let fallback = (!cached.results.is_empty()).then(|| cached.results.clone());
-                    return match self
+                    return self
                         .single_flight(&key, self.check(merchant, day_start_ms, cached, cache_epoch))
-                        .await
-                    {
-                        Ok(day) => Ok(Found {
-                            day,
-                            source: Source::Mysql,
-                        }),
-                        // MySQL failed before its mode is published: what the cache holds beats nothing.
-                        Err(error) => match fallback {
-                            Some(day) => Ok(self.found(day, Source::Cache)),
-                            None => Err(error),
-                        },
-                    };
+                        .await;
                 }
                 Err(error) => {
                     self.metrics.store_failed("cache");
@@ -190,18 +178,15 @@ impl Reader {
         }
         // In front of the hot MySQL while the cache cannot shield it.
         let admission = self.flow.admit("query", None).map_err(Unavailable::Limited)?;
-        let day = self
+        let found = self
             .single_flight(&key, async {
                 let day = self.read_mysql(merchant, day_start_ms).await?;
-                Ok(Arc::new(day))
+                Ok(self.found(day, Source::Mysql))
             })
             .await?;
         drop(admission);
-        self.local.insert(key, (Instant::now(), Arc::clone(&day)));
-        Ok(Found {
-            day,
-            source: Source::Mysql,
-        })
+        self.local.insert(key, (Instant::now(), Arc::clone(&found.day)));
+        Ok(found)
     }
 
     fn found(&self, day: Day, source: Source) -> Found {
@@ -241,14 +226,20 @@ impl Reader {
     /// Checks a cached day against the hot MySQL: the union of both (the
     /// higher version of each result), written back to the cache as checked
     /// in `epoch`. A failed write-back only costs the next request a check.
+    /// When MySQL fails before its mode is published, what the cache holds
+    /// beats nothing: it is the answer, from the cache.
     async fn check(
         &self,
         merchant: &str,
         day_start_ms: i64,
         cached: CachedDay,
         epoch: i64,
-    ) -> Result<Arc<Day>, String> {
-        let from_mysql = self.read_mysql(merchant, day_start_ms).await?;
+    ) -> Result<Found, String> {
+        let from_mysql = match self.read_mysql(merchant, day_start_ms).await {
+            Ok(rows) => rows,
+            Err(_) if !cached.results.is_empty() => return Ok(self.found(cached.results, Source::Cache)),
+            Err(error) => return Err(error),
+        };
         let day = merge(cached.results, from_mysql);
         let cache = self.cache.borrow().clone();
         if let Some(mut cache) = cache {
@@ -267,13 +258,13 @@ impl Reader {
                 Err(error) => tracing::debug!(error = %describe(error), "filling the cache failed"),
             }
         }
-        Ok(Arc::new(day))
+        Ok(self.found(day, Source::Mysql))
     }
 
     /// Runs `read` once for `key` however many requests ask at the same time.
-    async fn single_flight<F>(&self, key: &str, read: F) -> Result<Arc<Day>, Unavailable>
+    async fn single_flight<F>(&self, key: &str, read: F) -> Result<Found, Unavailable>
     where
-        F: Future<Output = Result<Arc<Day>, String>>,
+        F: Future<Output = Result<Found, String>>,
     {
         let cell = {
             let mut flights = self
