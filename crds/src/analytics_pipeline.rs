@@ -264,6 +264,31 @@ pub struct AnalyticsPipelineStatus {
     /// window on, for every slave; a refused SQL never replaces it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sql: Option<PublishedSql>,
+    /// Windows whose computation keeps failing now, oldest first (at most
+    /// 20), as the active master reports them: their results are missing,
+    /// and the query service says so on every answer covering them. Always
+    /// written, so that an empty list clears the last one.
+    #[serde(default)]
+    pub failing_windows: Vec<FailingWindow>,
+}
+
+/// A window (or a KV-degraded hour task) whose computation keeps failing:
+/// it went round the slaves and into the delay queue.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FailingWindow {
+    /// `window` or `hour`.
+    pub kind: String,
+    /// Start of the span, Unix milliseconds.
+    pub start_ms: i64,
+    /// End of the span (exclusive), Unix milliseconds.
+    pub end_ms: i64,
+    /// Failed attempts so far.
+    pub attempts: u32,
+    /// When it first failed, Unix milliseconds.
+    pub since_ms: i64,
+    /// The last attempt's error (at most 300 characters).
+    pub error: String,
 }
 
 /// A pipeline SQL the operator accepted.

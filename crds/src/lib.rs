@@ -14,7 +14,7 @@ pub mod source_schema;
 pub mod sql;
 
 pub use analytics_pipeline::{
-    AnalyticsPipeline, AnalyticsPipelineSpec, AnalyticsPipelineStatus, PublishedSql, ShedDay,
+    AnalyticsPipeline, AnalyticsPipelineSpec, AnalyticsPipelineStatus, FailingWindow, PublishedSql, ShedDay,
 };
 pub use degradation_policy::{DegradationPolicy, DegradationPolicySpec, DegradationPolicyStatus};
 pub use member_store::{MemberStore, MemberStoreSpec, MemberStoreStatus};

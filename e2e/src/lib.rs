@@ -15,6 +15,7 @@ pub mod kafka;
 pub mod kubelet;
 pub mod manifests;
 pub mod orders;
+pub mod poison;
 pub mod running;
 pub mod scenario;
 

@@ -4,7 +4,9 @@
 //! reason on the answer, while the hot MySQL is down (from the cache) and
 //! while the cache is down (from MySQL behind the rate limit, which answers
 //! 429 at once over it); bad input is a 400 naming the problem; the merchant
-//! page, in headless Chromium, shows the numbers and the degraded banner.
+//! page, in headless Chromium, shows the numbers and the degraded banner; a
+//! window whose computation keeps failing is named on the answers until it
+//! computes.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -12,6 +14,7 @@ use std::time::{Duration, Instant};
 use ballast_crds::{Dependency, Mode};
 use ballast_e2e::browser::Browser;
 use ballast_e2e::orders::{self, Metrics, Orders};
+use ballast_e2e::poison::PoisonedWindow;
 use ballast_e2e::running::{self, Launch, RunningPipeline};
 use ballast_e2e::scenario::{self, HttpResponse};
 use ballast_e2e::stack_script;
@@ -119,6 +122,26 @@ impl Running {
             Ok(Some(answers))
         })
         .await
+    }
+}
+
+impl Running {
+    /// Puts an undecodable event in a window that has not closed yet: its
+    /// task fails on every slave, and the master reports it as failing.
+    async fn poison_next_window(&self) -> anyhow::Result<(i64, PoisonedWindow)> {
+        let stack = ballast_e2e::Stack::discover();
+        let now = k8s_openapi::jiff::Timestamp::now().as_millisecond();
+        let start_ms = (now / WINDOW_MS + 2) * WINDOW_MS;
+        let layout = ballast_worker::kv::Layout::new(&self.run.pipeline, WINDOW_MS);
+        let merchant = format!("{}-poison", self.run.pipeline);
+        let poisoned = PoisonedWindow::put(
+            &stack.get("BALLAST_REDIS_KV_URL")?,
+            layout.merchant_key(start_ms, &merchant),
+            layout.window_key(start_ms),
+            &merchant,
+        )
+        .await?;
+        Ok((start_ms, poisoned))
     }
 }
 
@@ -230,6 +253,32 @@ async fn today_equals_mariadb_and_stays_golden_with_its_reason_through_store_fai
         doc["paths"]["/v1/merchants/{merchant}/today"].is_object(),
         "OpenAPI document"
     );
+
+    // A window whose computation keeps failing (an undecodable event in the
+    // KV store): answers name it until a retry computes it.
+    let (poisoned_ms, poisoned) = p.poison_next_window().await?;
+    let failing = |merchant: String| {
+        let p = &p;
+        async move {
+            let (_, answer) = p.today(&merchant).await?;
+            Ok::<_, anyhow::Error>(
+                answer["completeness"]["reasons"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|r| r["code"] == "windowFailing" && r["fromMs"] == poisoned_ms),
+            )
+        }
+    };
+    eventually("answers naming the failing window", 120, || async {
+        Ok(failing(merchant.clone()).await?.then_some(()))
+    })
+    .await?;
+    poisoned.repair().await?;
+    eventually("answers no longer naming it once it computed", 120, || async {
+        Ok((!failing(merchant.clone()).await?).then_some(()))
+    })
+    .await?;
 
     // The hot MySQL stops: answers come from the cache, golden, saying so; a
     // merchant the cache does not hold gets the 503 with the reason.

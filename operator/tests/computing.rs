@@ -4,7 +4,8 @@
 //! allowed (a refused one keeps the last); and windows that keep failing, from the
 //! master's report (in its state ConfigMap), as the `Computing` condition
 //! naming the windows and the error, with a Warning Event, and back to
-//! `Computing=True` with a Normal Event once none fails.
+//! `Computing=True` with a Normal Event once none fails; `status.failingWindows`
+//! names them meanwhile.
 
 mod common;
 
@@ -143,7 +144,7 @@ async fn the_operator_publishes_types_and_sql_and_reports_failing_windows() -> a
             Ok::<_, anyhow::Error>(())
         }
     };
-    write(report).await?;
+    write(report.clone()).await?;
     // Read on the next reconcile (at most the 30 s resync of a quiet pipeline).
     let (_, reason, message) = eventually("Computing=False naming the window", 90, || async {
         Ok(computing(&aps, &pipeline).await?.filter(|(s, _, _)| s == "False"))
@@ -161,6 +162,9 @@ async fn the_operator_publishes_types_and_sql_and_reports_failing_windows() -> a
     })
     .await?;
     assert!(warning.contains("cannot be decoded"), "{warning}");
+    // The status names them too: the query service marks answers by it.
+    let named = aps.get(&pipeline).await?.status.map(|s| s.failing_windows);
+    assert_eq!(named, Some(report.failing.clone()));
 
     // The window computed: the master's report is empty again.
     write(MasterReport::default()).await?;
@@ -172,5 +176,7 @@ async fn the_operator_publishes_types_and_sql_and_reports_failing_windows() -> a
         announced(&events, &pipeline, "WindowsComputing")
     })
     .await?;
+    let named = aps.get(&pipeline).await?.status.map(|s| s.failing_windows);
+    assert_eq!(named, Some(Vec::new()), "failing windows left in status");
     Ok(())
 }

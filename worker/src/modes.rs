@@ -5,7 +5,9 @@
 use std::sync::Arc;
 
 use ballast_crds::analytics_pipeline::ShedDay;
-use ballast_crds::{AnalyticsPipeline, Dependency, Mode, PublishedSql, SlaveSet, SourceSchema};
+use ballast_crds::{
+    AnalyticsPipeline, Dependency, FailingWindow, Mode, PublishedSql, SlaveSet, SourceSchema,
+};
 use futures::{StreamExt, TryStreamExt};
 use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
@@ -16,12 +18,22 @@ use tokio_util::sync::CancellationToken;
 /// published), and the slave set a Degraded KV epoch routes over.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Modes {
-    modes: Vec<(Dependency, Mode, i64)>,
-    since: Vec<(Dependency, i64)>,
+    modes: Vec<Published>,
     shed: Shedding,
     slaves: Option<SlaveSet>,
     source_schema: Option<Arc<SourceSchema>>,
     sql: Option<Arc<PublishedSql>>,
+    failing: Arc<[FailingWindow]>,
+}
+
+/// One dependency's published mode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Published {
+    dependency: Dependency,
+    mode: Mode,
+    epoch: i64,
+    /// When it entered the mode, Unix milliseconds (if published).
+    since_ms: Option<i64>,
 }
 
 /// What the backup intake sheds, as published: which merchants' days are incomplete.
@@ -36,7 +48,22 @@ pub struct Shedding {
 impl Modes {
     /// When `dependency` entered its mode, in milliseconds since the Unix epoch (if published).
     pub fn since_ms(&self, dependency: Dependency) -> Option<i64> {
-        self.since.iter().find(|(d, _)| *d == dependency).map(|(_, t)| *t)
+        self.published(dependency).and_then(|p| p.since_ms)
+    }
+
+    fn published(&self, dependency: Dependency) -> Option<&Published> {
+        self.modes.iter().find(|p| p.dependency == dependency)
+    }
+
+    /// The windows whose computation keeps failing, as published.
+    pub fn failing_windows(&self) -> &[FailingWindow] {
+        &self.failing
+    }
+
+    /// These modes with `failing` as the published failing windows.
+    pub fn with_failing(mut self, failing: Vec<FailingWindow>) -> Self {
+        self.failing = failing.into();
+        self
     }
 
     /// What the backup intake sheds now and shed last.
@@ -52,10 +79,8 @@ impl Modes {
 
     /// The mode and epoch of `dependency`.
     pub fn get(&self, dependency: Dependency) -> (Mode, i64) {
-        self.modes
-            .iter()
-            .find(|(d, _, _)| *d == dependency)
-            .map_or((Mode::Normal, 0), |(_, m, e)| (*m, *e))
+        self.published(dependency)
+            .map_or((Mode::Normal, 0), |p| (p.mode, p.epoch))
     }
 
     /// The slave set published with a Degraded KV epoch, if any.
@@ -75,8 +100,13 @@ impl Modes {
 
     /// These modes with `dependency` set to `mode` at `epoch`.
     pub fn with(mut self, dependency: Dependency, mode: Mode, epoch: i64) -> Self {
-        self.modes.retain(|(d, _, _)| *d != dependency);
-        self.modes.push((dependency, mode, epoch));
+        self.modes.retain(|p| p.dependency != dependency);
+        self.modes.push(Published {
+            dependency,
+            mode,
+            epoch,
+            since_ms: None,
+        });
         self
     }
 
@@ -91,15 +121,13 @@ impl Modes {
         Self {
             modes: Dependency::ALL
                 .into_iter()
-                .filter_map(|d| status.dependencies.get(d).map(|s| (d, s.mode, s.epoch)))
-                .collect(),
-            since: Dependency::ALL
-                .into_iter()
                 .filter_map(|d| {
-                    status
-                        .dependencies
-                        .get(d)
-                        .map(|s| (d, s.since.0.as_millisecond()))
+                    status.dependencies.get(d).map(|s| Published {
+                        dependency: d,
+                        mode: s.mode,
+                        epoch: s.epoch,
+                        since_ms: Some(s.since.0.as_millisecond()),
+                    })
                 })
                 .collect(),
             shed: Shedding {
@@ -109,17 +137,19 @@ impl Modes {
             slaves: status.slave_set,
             source_schema: status.source_schema.map(Arc::new),
             sql: status.sql.map(Arc::new),
+            failing: status.failing_windows.into(),
         }
     }
 }
 
-/// `kv=Degraded@3 mq=Normal@0 slaves=3.2:s-0,s-1`: each published mode with
-/// its epoch, then the slave set as epoch.generation and members.
+/// `kv=Degraded@3 mq=Normal@0 slaves=3.2:s-0,s-1 failing=1`: each published
+/// mode with its epoch, then the slave set as epoch.generation and members,
+/// then how many windows keep failing.
 impl std::fmt::Display for Modes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (i, (dependency, mode, epoch)) in self.modes.iter().enumerate() {
+        for (i, p) in self.modes.iter().enumerate() {
             let sep = if i == 0 { "" } else { " " };
-            write!(f, "{sep}{}={mode:?}@{epoch}", dependency.as_str())?;
+            write!(f, "{sep}{}={:?}@{}", p.dependency.as_str(), p.mode, p.epoch)?;
         }
         if let Some(set) = &self.slaves {
             write!(
@@ -129,6 +159,9 @@ impl std::fmt::Display for Modes {
                 set.generation,
                 set.members.join(",")
             )?;
+        }
+        if !self.failing.is_empty() {
+            write!(f, " failing={}", self.failing.len())?;
         }
         Ok(())
     }

@@ -267,27 +267,14 @@ async fn results_stay_golden_through_a_hung_slave_a_killed_slave_and_a_twice_fai
     let now = k8s_openapi::jiff::Timestamp::now().as_millisecond();
     let poisoned = (now / WINDOW_MS + 2) * WINDOW_MS;
     let layout = ballast_worker::kv::Layout::new(&running.pipeline, WINDOW_MS);
-    let mut kv = redis::Client::open(running.stack.get("BALLAST_REDIS_KV_URL")?.as_str())?
-        .get_multiplexed_async_connection()
-        .await?;
     let merchant = format!("{prefix}-poison");
-    let hash = layout.merchant_key(poisoned, &merchant);
-    redis::pipe()
-        .cmd("HSET")
-        .arg(&hash)
-        .arg("bad")
-        .arg(&[0xff_u8, 0xff][..])
-        .ignore()
-        .cmd("SADD")
-        .arg(layout.window_key(poisoned))
-        .arg(&merchant)
-        .ignore()
-        .cmd("EXPIRE")
-        .arg(&hash)
-        .arg(600)
-        .ignore()
-        .exec_async(&mut kv)
-        .await?;
+    let poison = ballast_e2e::poison::PoisonedWindow::put(
+        &running.stack.get("BALLAST_REDIS_KV_URL")?,
+        layout.merchant_key(poisoned, &merchant),
+        layout.window_key(poisoned),
+        &merchant,
+    )
+    .await?;
     feed(&running.stack, &mut orders, 4, Duration::from_millis(500)).await?;
     let failures = |pod: &'static str| {
         let running = &running;
@@ -321,11 +308,7 @@ async fn results_stay_golden_through_a_hung_slave_a_killed_slave_and_a_twice_fai
     let gauge = running.metric(&master, "ballast_master_windows_failing").await?;
     assert!(gauge >= 1.0, "ballast_master_windows_failing is {gauge}");
     // The data is repaired: a later attempt (after the delay) succeeds.
-    redis::cmd("HDEL")
-        .arg(&hash)
-        .arg("bad")
-        .exec_async(&mut kv)
-        .await?;
+    poison.repair().await?;
 
     // A slave hangs (stopped) while tasks are sent to it: they are called hung
     // (after 2 s, or ten times their estimate) and recomputed elsewhere under

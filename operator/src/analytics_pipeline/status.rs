@@ -97,6 +97,7 @@ pub fn compute(ap: &AnalyticsPipeline, outcome: &Outcome, now: Timestamp) -> Ana
             sql,
         } => {
             status.sql.clone_from(&sql.published);
+            status.failing_windows.clone_from(&master.failing);
             if let Some(schema) = source_schema {
                 status.source_schema = Some(schema.clone());
             }
@@ -174,7 +175,13 @@ pub async fn write(
 ) -> Result<(), Error> {
     let ns = ap.namespace().ok_or(Error::MissingNamespace)?;
     let api: Api<AnalyticsPipeline> = Api::namespaced(client.clone(), &ns);
-    let patch = Patch::Merge(json!({ "status": status }));
+    let mut patch = json!({ "status": status });
+    // A merge patch keeps what it does not name: a slave set that is no
+    // longer published must be removed by name.
+    if status.slave_set.is_none() {
+        patch["status"]["slaveSet"] = serde_json::Value::Null;
+    }
+    let patch = Patch::Merge(patch);
     match api
         .patch_status(&ap.name_any(), &PatchParams::default(), &patch)
         .await

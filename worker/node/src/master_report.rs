@@ -61,24 +61,8 @@ pub struct SqlRefused {
     pub error: String,
 }
 
-/// A window (or a KV-degraded hour task) whose computation keeps failing:
-/// it went round the slaves and into the delay queue.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct FailingWindow {
-    /// `window` or `hour`.
-    pub kind: String,
-    /// Start of the span, Unix milliseconds.
-    pub start_ms: i64,
-    /// End of the span (exclusive), Unix milliseconds.
-    pub end_ms: i64,
-    /// Failed attempts so far.
-    pub attempts: u32,
-    /// When it first failed, Unix milliseconds.
-    pub since_ms: i64,
-    /// The last attempt's error (at most [`MAX_ERROR_CHARS`]).
-    pub error: String,
-}
+/// A window that keeps failing: the same type the pipeline's status names them by.
+pub use ballast_crds::FailingWindow;
 
 /// A slave process gone with events it held in memory (KV store down).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

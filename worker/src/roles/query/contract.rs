@@ -75,6 +75,9 @@ pub enum ReasonCode {
     LocalCache,
     /// Windows still inside the lateness: late events may still change them.
     LateDataPossible,
+    /// The computation of a window (or a KV-degraded hour) keeps failing:
+    /// its results are missing until a retry succeeds.
+    WindowFailing,
 }
 
 /// One reason an answer is partial, and the time it concerns.
@@ -207,6 +210,27 @@ pub fn today_reasons(modes: &Modes, facts: &TodayFacts<'_>) -> Vec<Reason> {
             to_ms: until,
         }),
         _ => {}
+    }
+    for failing in modes.failing_windows() {
+        let (from_ms, to_ms) = (
+            failing.start_ms.max(facts.day_start_ms),
+            failing.end_ms.min(day_end),
+        );
+        if from_ms < to_ms {
+            // The error stays in the pipeline's status: it speaks of events
+            // and slaves, not of what a merchant reads.
+            reasons.push(Reason {
+                code: ReasonCode::WindowFailing,
+                message: format!(
+                    "computing this {} keeps failing ({} attempts so far): its results are missing \
+                     until a retry succeeds",
+                    if failing.kind == "hour" { "hour" } else { "window" },
+                    failing.attempts
+                ),
+                from_ms,
+                to_ms,
+            });
+        }
     }
     if let Some(as_of) = facts.as_of_ms {
         // Windows that closed within the lateness may still be computed again.
@@ -349,6 +373,58 @@ mod tests {
             let got = today_reasons(&modes, &facts(merchant, source, as_of));
             assert_eq!(codes(&got), want, "case {i}: {modes} {merchant} {source:?}");
             assert!(got.iter().all(|r| r.from_ms <= r.to_ms), "case {i}: {got:?}");
+        }
+    }
+
+    #[test]
+    fn a_failing_window_of_the_day_is_named_with_its_span_and_others_are_not() {
+        let failing = |kind: &str, start_ms: i64, end_ms: i64| ballast_crds::FailingWindow {
+            kind: kind.into(),
+            start_ms,
+            end_ms,
+            attempts: 4,
+            since_ms: end_ms,
+            error: "event e-1 cannot be decoded".into(),
+        };
+        // (failing windows, the spans named)
+        type Case = (Vec<ballast_crds::FailingWindow>, Vec<(i64, i64)>);
+        let cases: Vec<Case> = vec![
+            (vec![], vec![]),
+            (
+                vec![failing("window", DAY + HOUR, DAY + HOUR + 60_000)],
+                vec![(DAY + HOUR, DAY + HOUR + 60_000)],
+            ),
+            // Yesterday's window: not this day's answer.
+            (vec![failing("window", DAY - HOUR, DAY - HOUR + 60_000)], vec![]),
+            // An hour across midnight: the part within the day.
+            (
+                vec![failing("hour", DAY - 1_800_000, DAY + 1_800_000)],
+                vec![(DAY, DAY + 1_800_000)],
+            ),
+            (
+                vec![
+                    failing("window", DAY + HOUR, DAY + HOUR + 60_000),
+                    failing("hour", DAY + 2 * HOUR, DAY + 3 * HOUR),
+                ],
+                vec![
+                    (DAY + HOUR, DAY + HOUR + 60_000),
+                    (DAY + 2 * HOUR, DAY + 3 * HOUR),
+                ],
+            ),
+        ];
+        for (i, (windows, want)) in cases.into_iter().enumerate() {
+            let modes = Modes::default().with_failing(windows);
+            let got = today_reasons(&modes, &facts("m", Source::Cache, Some(DAY + 9 * HOUR)));
+            let spans: Vec<(i64, i64)> = got
+                .iter()
+                .filter(|r| r.code == ReasonCode::WindowFailing)
+                .map(|r| (r.from_ms, r.to_ms))
+                .collect();
+            assert_eq!(spans, want, "case {i}");
+            assert!(
+                got.iter().all(|r| !r.message.contains("decoded")),
+                "case {i}: the error reached the answer: {got:?}"
+            );
         }
     }
 
