@@ -23,6 +23,9 @@ use kube::api::Api;
 use serde_json::{Value, json};
 
 const WINDOW_MS: i64 = 2_000;
+/// The policy's period (its default granularity) and a day.
+const HOUR_MS: i64 = 3_600_000;
+const DAY_MS: i64 = 86_400_000;
 /// Queries per second a query pod answers from MySQL while the cache is down.
 const RATE: u32 = 5;
 
@@ -55,6 +58,8 @@ impl Running {
                 ("BALLAST_WINDOW_GRACE", "1s"),
                 ("BALLAST_LEASE", "5s"),
                 ("BALLAST_LATENESS", "4s"),
+                // The hour and the day to date after every window, not every minute.
+                ("BALLAST_TO_DATE_EVERY", "2s"),
             ],
         })
         .await?;
@@ -84,13 +89,9 @@ impl Running {
 
     /// What every merchant's windows must hold: MariaDB over the raw rows.
     async fn expected(&mut self) -> anyhow::Result<BTreeMap<String, BTreeMap<i64, Metrics>>> {
-        let mut out: BTreeMap<String, BTreeMap<i64, Metrics>> = BTreeMap::new();
-        for ((window, merchant), metrics) in
-            orders::expected(&mut self.run.db, &self.run.pipeline, WINDOW_MS, "TRUE").await?
-        {
-            out.entry(merchant).or_default().insert(window, metrics);
-        }
-        Ok(out)
+        Ok(by_merchant(
+            orders::expected(&mut self.run.db, &self.run.pipeline, WINDOW_MS, "TRUE").await?,
+        ))
     }
 
     /// Waits until every merchant's answer holds exactly its expected windows;
@@ -147,7 +148,12 @@ impl Running {
 
 /// An answer's window series as (start, metrics).
 fn windows_of(answer: &Value) -> BTreeMap<i64, Metrics> {
-    answer["windows"]
+    points_of(&answer["windows"])
+}
+
+/// A series of points as (start, metrics).
+fn points_of(series: &Value) -> BTreeMap<i64, Metrics> {
+    series
         .as_array()
         .into_iter()
         .flatten()
@@ -156,6 +162,15 @@ fn windows_of(answer: &Value) -> BTreeMap<i64, Metrics> {
             Some((p["startMs"].as_i64()?, metrics))
         })
         .collect()
+}
+
+/// MariaDB's results by merchant, then span start.
+fn by_merchant(all: BTreeMap<(i64, String), Metrics>) -> BTreeMap<String, BTreeMap<i64, Metrics>> {
+    let mut out: BTreeMap<String, BTreeMap<i64, Metrics>> = BTreeMap::new();
+    for ((start, merchant), metrics) in all {
+        out.entry(merchant).or_default().insert(start, metrics);
+    }
+    out
 }
 
 /// The reason codes an answer gives.
@@ -177,9 +192,14 @@ async fn today_equals_mariadb_and_stays_golden_with_its_reason_through_store_fai
 
     // Normal: every merchant's windows equal MariaDB's; the first read fills
     // the cache from MySQL, the next is served from the cache.
+    // Two feeds, the second once the first's windows are answered: each
+    // merchant's orders span windows, as the exact totals below need.
+    p.run.feed(&mut stream).await?;
+    let first_feed = p.expected().await?;
+    p.until_golden(&first_feed, 90).await?;
     p.run.feed(&mut stream).await?;
     let want = p.expected().await?;
-    let answers = p.until_golden(&want, 90).await?;
+    let answers = p.until_golden(&want, 60).await?;
     let (merchant, first) = answers
         .iter()
         .next()
@@ -200,6 +220,43 @@ async fn today_equals_mariadb_and_stays_golden_with_its_reason_through_store_fai
         let (_, answer) = p.today(merchant).await?;
         Ok((answer["completeness"]["status"] == "complete").then_some(()))
     })
+    .await?;
+
+    // Exact to date: each merchant's hours and day equal MariaDB's own
+    // computation over all of their orders, for every column, the ones that
+    // do not add up across windows too (distinct paying users, averages, top
+    // items); the data makes sure summing windows would be wrong.
+    let hours_want = by_merchant(orders::expected(&mut p.run.db, &p.run.pipeline, HOUR_MS, "TRUE").await?);
+    let days_want = by_merchant(orders::expected(&mut p.run.db, &p.run.pipeline, DAY_MS, "TRUE").await?);
+    // A merchant with paid orders in two windows: the sum of its windows'
+    // average order values is not its day's average.
+    let summed_avg = |m: &String| -> f64 { want[m].values().filter_map(|w| w.avg_order_value).sum() };
+    anyhow::ensure!(
+        days_want.iter().any(|(m, days)| days.values().any(|d| d
+            .avg_order_value
+            .is_some_and(|avg| (avg - summed_avg(m)).abs() > 1e-6))),
+        "no merchant has paid orders in two windows: the check below would not tell sums from totals"
+    );
+    eventually(
+        "every merchant's hours and day to date equal MariaDB's",
+        60,
+        || async {
+            for merchant in want.keys() {
+                let (_, answer) = p.today(merchant).await?;
+                let hours = points_of(&answer["hours"]);
+                let day = points_of(&Value::Array(vec![answer["day"].clone()]));
+                for (got, want, what) in [(&hours, &hours_want, "hours"), (&day, &days_want, "day")] {
+                    let want = want.get(merchant).cloned().unwrap_or_default();
+                    anyhow::ensure!(
+                        got.len() == want.len()
+                            && want.iter().all(|(s, m)| got.get(s).is_some_and(|g| g.matches(m))),
+                        "{merchant}: {what} {got:?}, MariaDB says {want:?}"
+                    );
+                }
+            }
+            Ok(Some(()))
+        },
+    )
     .await?;
 
     // The merchant page, in a real browser, shows the newest window's numbers.

@@ -73,6 +73,20 @@ impl Layout {
         time_ms.div_euclid(self.window_ms) * self.window_ms
     }
 
+    /// Starts of the windows that start in `[start_ms, end_ms)`.
+    pub fn windows_in(&self, start_ms: i64, end_ms: i64) -> Vec<i64> {
+        let mut starts = Vec::new();
+        let mut start = self.window_of(start_ms);
+        if start < start_ms {
+            start += self.window_ms;
+        }
+        while start < end_ms {
+            starts.push(start);
+            start += self.window_ms;
+        }
+        starts
+    }
+
     /// The key whose presence says the store still holds what was written:
     /// it has no expiry, so only a store that lost its data lacks it.
     pub fn marker_key(&self) -> String {
@@ -336,31 +350,58 @@ impl KvStore {
         partition: u32,
         partitions: u32,
     ) -> Result<Vec<ChangeEvent>, KvError> {
-        let merchants: Vec<String> = redis::cmd("SMEMBERS")
-            .arg(self.layout.window_key(window_start_ms))
-            .query_async(&mut self.conn)
-            .await?;
-        let keys: Vec<String> = merchants
-            .iter()
-            .filter(|m| in_partition(m, partition, partitions))
-            .map(|m| self.layout.merchant_key(window_start_ms, m))
-            .collect();
-        if keys.is_empty() {
-            // Redis refuses an empty pipeline.
+        let end_ms = window_start_ms + self.layout.window_ms;
+        self.span(window_start_ms, end_ms, partition, partitions).await
+    }
+
+    /// The events of every window starting in `[start_ms, end_ms)` of the
+    /// merchants in `partition` of `partitions`: a to-date task (an hour, a
+    /// day) reads its span's windows. Every window's merchants in one round
+    /// trip, then their hashes in bounded round trips.
+    pub async fn span(
+        &mut self,
+        start_ms: i64,
+        end_ms: i64,
+        partition: u32,
+        partitions: u32,
+    ) -> Result<Vec<ChangeEvent>, KvError> {
+        let starts = self.layout.windows_in(start_ms, end_ms);
+        if starts.is_empty() {
             return Ok(Vec::new());
         }
         let mut pipe = redis::pipe();
-        for key in &keys {
-            pipe.cmd("HGETALL").arg(key);
+        for start in &starts {
+            pipe.cmd("SMEMBERS").arg(self.layout.window_key(*start));
         }
-        let hashes: Vec<Vec<(String, Vec<u8>)>> = pipe.query_async(&mut self.conn).await?;
+        let sets: Vec<Vec<String>> = pipe.query_async(&mut self.conn).await?;
+        let keys: Vec<String> = starts
+            .iter()
+            .zip(&sets)
+            .flat_map(|(start, merchants)| {
+                merchants
+                    .iter()
+                    .filter(|m| in_partition(m, partition, partitions))
+                    .map(|m| self.layout.merchant_key(*start, m))
+            })
+            .collect();
         let mut events = Vec::new();
-        for (key, values) in keys.iter().zip(hashes) {
-            events.extend(decode(key, values)?);
+        // Bounded replies: a day of windows may name many hashes.
+        for chunk in keys.chunks(HASHES_PER_ROUND_TRIP) {
+            let mut pipe = redis::pipe();
+            for key in chunk {
+                pipe.cmd("HGETALL").arg(key);
+            }
+            let hashes: Vec<Vec<(String, Vec<u8>)>> = pipe.query_async(&mut self.conn).await?;
+            for (key, values) in chunk.iter().zip(hashes) {
+                events.extend(decode(key, values)?);
+            }
         }
         Ok(events)
     }
 }
+
+/// Merchant hashes read per round trip by [`KvStore::span`].
+const HASHES_PER_ROUND_TRIP: usize = 1_000;
 
 /// Whether `merchant` belongs to `partition` of `partitions`. Pure.
 pub fn in_partition(merchant: &str, partition: u32, partitions: u32) -> bool {
@@ -396,6 +437,22 @@ mod tests {
         );
         assert_eq!(layout.window_key(120_000), "ballast:shop:w:120000");
         assert_eq!(layout.merchant_key(120_000, "m-7"), "ballast:shop:w:120000:m:m-7");
+    }
+
+    #[test]
+    fn a_span_reads_the_windows_that_start_within_it() {
+        let layout = Layout::new("shop", 60_000);
+        let cases: [(i64, i64, Vec<i64>); 5] = [
+            (0, 60_000, vec![0]),
+            (0, 180_000, vec![0, 60_000, 120_000]),
+            (0, 0, vec![]),
+            // A span not on a window boundary: the windows starting inside it.
+            (30_000, 150_000, vec![60_000, 120_000]),
+            (-60_000, 1, vec![-60_000, 0]),
+        ];
+        for (start, end, want) in cases {
+            assert_eq!(layout.windows_in(start, end), want, "[{start}, {end})");
+        }
     }
 
     #[test]

@@ -228,6 +228,11 @@ struct MasterArgs {
     /// How long after closing a window late events still get it computed again.
     #[arg(long, env = "BALLAST_LATENESS", default_value = "120s", value_parser = parse_duration)]
     lateness: Duration,
+    /// Least window time between two computations of the hour (period) or
+    /// the day to date, each of which reads the whole span so far; the one
+    /// that completes a span always runs.
+    #[arg(long, env = "BALLAST_TO_DATE_EVERY", default_value = "60s", value_parser = parse_duration)]
+    to_date_every: Duration,
     /// A task is hung after running this long and ten times its estimate.
     #[arg(long, env = "BALLAST_HUNG_AFTER", default_value = "30s", value_parser = parse_duration)]
     hung_after: Duration,
@@ -284,6 +289,7 @@ async fn run_master(pod: Pod, args: MasterArgs) -> Result<(), String> {
         lease: pod.lease,
         grace: args.grace,
         events_per_task: args.events_per_task,
+        to_date_every: args.to_date_every,
         in_flight_per_slave: args.in_flight_per_slave,
         lateness: args.lateness,
         faults: FaultPolicy {

@@ -66,7 +66,11 @@ impl Observer {
         if let Ok(Some(lease)) = leases.get_opt(&format!("{}-master", self.pipeline)).await {
             o.master = lease.spec.and_then(|s| s.holder_identity).unwrap_or_default();
         }
-        if let Ok((results, latest)) = self.results().await {
+        let kv_degraded = o
+            .dependencies
+            .iter()
+            .any(|d| d.name == Dependency::Kv.as_str() && d.mode == "Degraded");
+        if let Ok((results, latest)) = self.results(kv_degraded).await {
             o.results = results;
             if let Some((granularity, start)) = latest {
                 o.latest = label(granularity, start);
@@ -79,49 +83,44 @@ impl Observer {
         o
     }
 
-    /// Result rows of the pipeline, and its latest period (hourly while the KV store is down).
-    async fn results(&self) -> Result<(u64, Option<(Granularity, i64)>), mysql_async::Error> {
+    /// Result rows of the pipeline, and its latest period: hourly while the
+    /// KV store is down, by window otherwise (hours and days to date are
+    /// written beside the windows then).
+    async fn results(
+        &self,
+        kv_degraded: bool,
+    ) -> Result<(u64, Option<(Granularity, i64)>), mysql_async::Error> {
         let mut conn = self.pool.get_conn().await?;
         let mut total = 0;
-        // (written_at, granularity, latest start of that granularity)
-        let mut latest: Option<(String, String, i64)> = None;
+        let wanted = if kv_degraded { "hour" } else { "window" };
+        let mut latest: Option<i64> = None;
         for d in 0..2 {
             for t in 0..4 {
                 let table = self.hot.table_name(d, t);
-                let rows: Vec<(String, u64, i64, String)> = conn
+                let rows: Vec<(String, u64, i64)> = conn
                     .exec(
                         format!(
-                            "SELECT granularity, COUNT(*), MAX(window_start_ms), CAST(MAX(written_at) AS CHAR) \
+                            "SELECT granularity, COUNT(*), MAX(window_start_ms) \
                              FROM {table} WHERE pipeline = ? GROUP BY granularity"
                         ),
                         (&self.pipeline,),
                     )
                     .await
                     .unwrap_or_default();
-                for (granularity, count, max, written) in rows {
+                for (granularity, count, max) in rows {
                     total += count;
-                    // Results of the most recently written kind: windows, or hours while degraded.
-                    match &mut latest {
-                        Some((w, g, m)) if *g == granularity => {
-                            *m = (*m).max(max);
-                            if written > *w {
-                                *w = written;
-                            }
-                        }
-                        Some((w, _, _)) if written <= *w => {}
-                        _ => latest = Some((written, granularity, max)),
+                    if granularity == wanted {
+                        latest = Some(latest.map_or(max, |m| m.max(max)));
                     }
                 }
             }
         }
-        let latest = latest.map(|(_, g, start)| {
-            let granularity = if g == "hour" {
-                Granularity::Hour
-            } else {
-                Granularity::Window
-            };
-            (granularity, start)
-        });
+        let granularity = if kv_degraded {
+            Granularity::Hour
+        } else {
+            Granularity::Window
+        };
+        let latest = latest.map(|start| (granularity, start));
         Ok((total, latest))
     }
 
@@ -168,5 +167,6 @@ fn label(granularity: Granularity, start_ms: i64) -> String {
     match granularity {
         Granularity::Window => format!("window {h:02}:{m:02}:{s:02} UTC"),
         Granularity::Hour => format!("hour {h:02}:{m:02} UTC (hour-to-date, from slave memory)"),
+        Granularity::Day => "today so far".to_owned(),
     }
 }

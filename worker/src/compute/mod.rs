@@ -75,7 +75,9 @@ pub enum ComputeError {
         why: String,
     },
     /// An output column has a name results reserve.
-    #[error("output column {0:?} is reserved: every result records the SQL that computed it there")]
+    #[error(
+        "output column {0:?} is reserved: the slave writes it on every result (the SQL that computed it, or how far a to-date result reaches)"
+    )]
     ReservedColumn(&'static str),
     /// DataFusion failed outside any statement (registering a table).
     #[error("DataFusion: {0}")]

@@ -11,6 +11,13 @@ use super::{ComputeError, MerchantResult};
 /// The metric every stored result carries: the id of the SQL that computed it.
 pub const SQL_COLUMN: &str = "_sql";
 
+/// The metric a to-date result (an hour, a day) carries: the end of the span
+/// it covers so far, in Unix milliseconds.
+pub const THROUGH_COLUMN: &str = "_throughMs";
+
+/// Columns a pipeline's SQL may not produce: the slave adds them.
+const RESERVED: [&str; 2] = [SQL_COLUMN, THROUGH_COLUMN];
+
 /// The final statement's rows as merchant results.
 pub(crate) fn results(schema: &Schema, batches: &[RecordBatch]) -> Result<Vec<MerchantResult>, ComputeError> {
     let Ok(merchant_at) = schema.index_of("merchant_id") else {
@@ -32,8 +39,8 @@ pub(crate) fn results(schema: &Schema, batches: &[RecordBatch]) -> Result<Vec<Me
         let merchants = json_values("merchant_id", merchants)?;
         let mut metrics = Vec::new();
         for (at, field) in schema.fields().iter().enumerate() {
-            if field.name() == SQL_COLUMN {
-                return Err(ComputeError::ReservedColumn(SQL_COLUMN));
+            if let Some(reserved) = RESERVED.iter().find(|r| **r == field.name()) {
+                return Err(ComputeError::ReservedColumn(reserved));
             }
             if at != merchant_at {
                 let values = json_values(field.name(), batch.column(at))?;

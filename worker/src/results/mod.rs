@@ -16,16 +16,20 @@ use crate::routing::stable_hash;
 pub enum Granularity {
     /// One window (the master's compute task).
     Window,
-    /// One hour, rolled up from windows.
+    /// One period (an hour by default) to date: computed over its events,
+    /// not rolled up from windows.
     Hour,
+    /// One UTC day to date, computed over its events.
+    Day,
 }
 
 impl Granularity {
-    /// The name stored in keys and rows: `window` or `hour`.
+    /// The name stored in keys and rows: `window`, `hour` or `day`.
     pub fn as_str(self) -> &'static str {
         match self {
             Granularity::Window => "window",
             Granularity::Hour => "hour",
+            Granularity::Day => "day",
         }
     }
 
@@ -34,6 +38,7 @@ impl Granularity {
         match name {
             "window" => Some(Granularity::Window),
             "hour" => Some(Granularity::Hour),
+            "day" => Some(Granularity::Day),
             _ => None,
         }
     }
@@ -191,10 +196,11 @@ mod tests {
     fn granularities_have_stable_names() {
         assert_eq!(Granularity::Window.as_str(), "window");
         assert_eq!(Granularity::Hour.as_str(), "hour");
-        for g in [Granularity::Window, Granularity::Hour] {
+        assert_eq!(Granularity::Day.as_str(), "day");
+        for g in [Granularity::Window, Granularity::Hour, Granularity::Day] {
             assert_eq!(Granularity::parse(g.as_str()), Some(g));
         }
-        assert_eq!(Granularity::parse("day"), None);
+        assert_eq!(Granularity::parse("week"), None);
     }
 
     #[test]

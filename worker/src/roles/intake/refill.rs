@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::kv::KvStore;
 use crate::roles::master::state::{StateError, StateStore};
-use crate::roles::master::tasks::{Kind, Snapshot};
+use crate::roles::master::tasks::Snapshot;
 
 /// How often the marker is checked.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -60,17 +60,20 @@ pub fn reset(known: Option<&str>, seen: Option<&str>) -> Reset {
 }
 
 /// The start of the oldest window whose events the KV store must hold: the
-/// oldest open window task, the oldest window still watched for late events,
-/// or the next to plan. `None` before a master saved any state. Pure.
+/// oldest open task read from it, the oldest window still watched for late
+/// events, the start of the day and period computed to date, or the next to
+/// plan. `None` before a master saved any state. Pure.
 pub fn refill_from(snapshot: &Snapshot) -> Option<i64> {
     let next = snapshot.next_window_ms?;
+    // A pinned task reads a slave's memory, not the KV store.
     let open = snapshot
         .open
         .iter()
-        .filter(|t| t.planned.key.kind == Kind::Window)
+        .filter(|t| t.planned.key.pinned.is_none())
         .map(|t| t.planned.key.start_ms);
     let recent = snapshot.recent.keys().copied();
-    open.chain(recent).chain([next]).min()
+    let to_date = snapshot.to_date.kv_needed_from();
+    open.chain(recent).chain(to_date).chain([next]).min()
 }
 
 /// Whether seeking to `target` for a time may have skipped messages Kafka
@@ -201,7 +204,7 @@ pub async fn refill(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::roles::master::tasks::{OpenTask, Planned, TaskKey};
+    use crate::roles::master::tasks::{Kind, OpenTask, Planned, TaskKey};
 
     #[test]
     fn a_marker_gone_or_recreated_means_the_store_lost_its_data() {
@@ -226,7 +229,8 @@ mod tests {
                     kind,
                     start_ms,
                     partition: 0,
-                    pinned: None,
+                    // Hour tasks here are the KV-degraded ones, on a slave's memory.
+                    pinned: (kind == Kind::Hour).then(|| "slave-0".to_owned()),
                 },
                 end_ms: start_ms + 60_000,
                 partitions: 1,
@@ -264,6 +268,20 @@ mod tests {
             (
                 snapshot(Some(600_000), vec![open(Kind::Hour, 0)], &[540_000]),
                 Some(540_000),
+            ),
+            // A day computed to date reads every window of the day so far.
+            (
+                Snapshot {
+                    to_date: crate::roles::master::tasks::ToDate {
+                        day: Some(crate::roles::master::tasks::Track {
+                            start_ms: 60_000,
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    },
+                    ..snapshot(Some(600_000), vec![], &[540_000])
+                },
+                Some(60_000),
             ),
         ];
         for (i, (state, want)) in cases.into_iter().enumerate() {

@@ -177,9 +177,12 @@ pub fn classify(status: &tonic::Status) -> Failure {
 /// The task a dispatch sends, with the SQL of its window.
 pub fn task_of(d: &Dispatch, sql: Option<&super::sql::SqlVersion>) -> ComputeTask {
     let p = &d.planned;
-    let (granularity, source) = match p.key.kind {
-        Kind::Window => (Granularity::Window, DataSource::Kv),
-        Kind::Hour => (Granularity::Hour, DataSource::Memory),
+    let (granularity, source) = match (p.key.kind, &p.key.pinned) {
+        (Kind::Window, _) => (Granularity::Window, DataSource::Kv),
+        // Pinned to the slave whose memory holds it (KV-degraded mode).
+        (Kind::Hour, Some(_)) => (Granularity::Hour, DataSource::Memory),
+        (Kind::Hour, None) => (Granularity::Hour, DataSource::Kv),
+        (Kind::Day, _) => (Granularity::Day, DataSource::Kv),
     };
     ComputeTask {
         task_id: p.key.id(),

@@ -62,6 +62,8 @@ pub struct Config {
     pub grace: Duration,
     /// Window events per task: larger windows are split by merchant partition.
     pub events_per_task: u64,
+    /// Least window time between two computations of a period or day to date.
+    pub to_date_every: Duration,
     /// Tasks in flight per slave.
     pub in_flight_per_slave: usize,
     /// How long after closing a window's late events still trigger a recomputation.

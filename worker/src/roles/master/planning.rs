@@ -1,7 +1,8 @@
 //! The active master's planning: which windows have closed and what they
-//! hold (from the KV store), the hour-to-date tasks on the slaves' memory in
-//! KV-degraded mode, the windows to compute again when the hot MySQL returns,
-//! and recent windows that gained late events.
+//! hold (from the KV store), the period and day to date over them, the
+//! hour-to-date tasks on the slaves' memory in KV-degraded mode, the windows
+//! to compute again when the hot MySQL returns, and recent windows that
+//! gained late events.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -69,10 +70,11 @@ impl Active<'_> {
             }
             return;
         }
+        let mut planned = Vec::new();
         for start in closed {
             if !table.has_room() {
                 // Loud in the report (planFull) and the window lag; the state stays storable.
-                return;
+                break;
             }
             let store = match kv {
                 Some(store) => store,
@@ -86,15 +88,36 @@ impl Active<'_> {
             };
             match self.count(store, start).await {
                 Ok((events, partitions)) => {
-                    table.plan_window(start, start + self.window_ms, events, partitions)
+                    table.plan_window(start, start + self.window_ms, events, partitions);
+                    planned.push((start, events));
                 }
                 Err(error) => {
                     tracing::warn!(%error, window = start, "counting the window's events failed; planning waits");
                     *kv = None;
-                    return;
+                    break;
                 }
             }
         }
+        self.plan_to_date(table, &planned, false);
+    }
+
+    /// Plans the period and the day to date over what `windows` added
+    /// (`late`: events that arrived after they were planned).
+    fn plan_to_date(&self, table: &mut Table, windows: &[(i64, u64)], late: bool) {
+        if windows.is_empty() {
+            return;
+        }
+        let cadence = tasks::Cadence {
+            period_ms: self.degraded_period_ms,
+            every_ms: i64::try_from(self.config.to_date_every.as_millis()).unwrap_or(i64::MAX),
+        };
+        table.plan_to_date(
+            windows,
+            self.window_ms,
+            cadence,
+            late,
+            self.config.events_per_task,
+        );
     }
 
     /// The events window `start` holds now, and the tasks it is cut into.
@@ -125,20 +148,24 @@ impl Active<'_> {
             "the hot MySQL is back: computing the windows it missed again"
         );
         let mut start = from;
+        let mut again = Vec::new();
         while start < to {
             match self.count(store, start).await {
                 Ok((events, partitions)) => {
-                    table.plan_window(start, start + self.window_ms, events, partitions)
+                    table.plan_window(start, start + self.window_ms, events, partitions);
+                    again.push((start, 0));
                 }
                 Err(error) => {
                     tracing::warn!(%error, "recounting the windows MySQL missed failed; retrying");
                     table.hot_gap_opens_at(start);
                     *kv = None;
-                    return;
+                    break;
                 }
             }
             start += self.window_ms;
         }
+        // The period and day to date reached the cache only too.
+        self.plan_to_date(table, &again, true);
     }
 
     /// Counts the recently closed windows again: late events (a collector
@@ -147,10 +174,12 @@ impl Active<'_> {
         let lateness = i64::try_from(self.config.lateness.as_millis()).unwrap_or(i64::MAX);
         table.forget_before(now.saturating_sub(lateness + self.window_ms));
         let Some(store) = kv.as_mut() else { return };
+        let mut late = Vec::new();
         for start in table.recent_windows() {
             match self.count(store, start).await {
                 Ok((events, partitions)) => {
-                    if table.recheck(start, start + self.window_ms, events, partitions) {
+                    if let Some(gained) = table.recheck(start, start + self.window_ms, events, partitions) {
+                        late.push((start, gained));
                         tracing::info!(
                             window = start,
                             events,
@@ -165,10 +194,11 @@ impl Active<'_> {
                 Err(error) => {
                     tracing::warn!(%error, "recounting recent windows failed");
                     *kv = None;
-                    return;
+                    break;
                 }
             }
         }
+        self.plan_to_date(table, &late, true);
     }
 }
 

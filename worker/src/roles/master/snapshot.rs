@@ -12,8 +12,29 @@ use serde::{Deserialize, Serialize};
 pub enum Kind {
     /// One window, from the KV store.
     Window,
-    /// Hour-to-date, from one slave's memory (KV-degraded mode).
+    /// A period (an hour by default) to date: from one slave's memory in
+    /// KV-degraded mode (pinned to it), from the KV store otherwise.
     Hour,
+    /// A UTC day to date, from the KV store.
+    Day,
+}
+
+impl Kind {
+    /// The name task ids and reports use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Window => "window",
+            Kind::Hour => "hour",
+            Kind::Day => "day",
+        }
+    }
+
+    /// The kind named `name` (as [`Self::as_str`] gives it).
+    pub fn parse(name: &str) -> Option<Self> {
+        [Kind::Window, Kind::Hour, Kind::Day]
+            .into_iter()
+            .find(|k| k.as_str() == name)
+    }
 }
 
 /// Identifies a task across attempts and masters.
@@ -34,10 +55,7 @@ pub struct TaskKey {
 impl TaskKey {
     /// `<kind>/<start>/<partition or slave>`.
     pub fn id(&self) -> String {
-        let kind = match self.kind {
-            Kind::Window => "window",
-            Kind::Hour => "hour",
-        };
+        let kind = self.kind.as_str();
         match &self.pinned {
             Some(slave) => format!("{kind}/{}/{slave}", self.start_ms),
             None => format!("{kind}/{}/{}", self.start_ms, self.partition),
@@ -115,4 +133,7 @@ pub struct Snapshot {
     /// The SQLs windows are computed with, each from its first window on.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sql: Vec<super::sql::SqlVersion>,
+    /// The period and day computed to date, and what the KV store missed.
+    #[serde(default)]
+    pub to_date: super::tasks::ToDate,
 }

@@ -12,6 +12,9 @@ use super::schedule::{self, Estimator, SlaveView};
 pub use super::snapshot::{Kind, OpenTask, Planned, Snapshot, TaskKey};
 use ballast_node::master_report::{FailingWindow, MasterReport, short_error};
 
+mod to_date;
+pub use to_date::{Cadence, DAY_MS, ToDate, Track};
+
 /// Most open tasks: at about 250 bytes each persisted, the state stays near
 /// half a MiB, well inside a ConfigMap's 1 MiB. Reached only when windows keep
 /// failing; planning then waits (the report says so) rather than growing the
@@ -32,6 +35,8 @@ enum Phase {
         slave: String,
         started_ms: i64,
         estimate_ms: f64,
+        /// The end of the span it was sent with: a task widened meanwhile runs again.
+        end_ms: i64,
     },
     Delayed {
         until_ms: i64,
@@ -96,6 +101,8 @@ pub struct Table {
     /// Slaves that could not be reached, and until when they get no new task.
     quarantine: BTreeMap<String, i64>,
     policy: FaultPolicy,
+    /// The to-date spans tracked.
+    to_date: ToDate,
 }
 
 impl Table {
@@ -108,14 +115,7 @@ impl Table {
             .report
             .failing
             .iter()
-            .filter_map(|w| {
-                let kind = match w.kind.as_str() {
-                    "window" => Kind::Window,
-                    "hour" => Kind::Hour,
-                    _ => return None,
-                };
-                Some(((kind, w.start_ms), w.error.clone()))
-            })
+            .filter_map(|w| Some(((Kind::parse(&w.kind)?, w.start_ms), w.error.clone())))
             .collect();
         let tasks = snapshot
             .open
@@ -142,6 +142,7 @@ impl Table {
             quarantine: BTreeMap::new(),
             hours: BTreeMap::new(),
             policy,
+            to_date: snapshot.to_date,
         }
     }
 
@@ -170,6 +171,7 @@ impl Table {
             losses: None,
             report: MasterReport::default(),
             sql: Vec::new(),
+            to_date: self.to_date.clone(),
         }
     }
 
@@ -207,14 +209,15 @@ impl Table {
 
     /// A recent window now holds `events`: if it gained late events since it
     /// was planned, it is planned again (its tasks recompute and overwrite the
-    /// results under new versions). True when it was.
-    pub fn recheck(&mut self, start_ms: i64, end_ms: i64, events: u64, partitions: u32) -> bool {
+    /// results under new versions). The events it gained, when it was.
+    pub fn recheck(&mut self, start_ms: i64, end_ms: i64, events: u64, partitions: u32) -> Option<u64> {
         match self.recent.get(&start_ms) {
             Some(planned) if events > *planned => {
+                let gained = events - planned;
                 self.plan_window(start_ms, end_ms, events, partitions);
-                true
+                Some(gained)
             }
-            _ => false,
+            _ => None,
         }
     }
 
@@ -247,6 +250,7 @@ impl Table {
     /// slaves' memory (KV-degraded) and are computed hourly.
     pub fn skip_window(&mut self, end_ms: i64) {
         self.next_window_ms = self.next_window_ms.max(end_ms);
+        self.to_date.degraded(end_ms);
     }
 
     /// A closed degraded period `[hour, end)` in which `slave` now holds
@@ -378,6 +382,7 @@ impl Table {
                 slave: slave.clone(),
                 started_ms: now_ms,
                 estimate_ms,
+                end_ms: task.planned.end_ms,
             };
             if let Some(view) = views.get_mut(&slave) {
                 view.outstanding_ms += estimate_ms;
@@ -406,11 +411,19 @@ impl Table {
         let Some(task) = self.tasks.get_mut(key) else {
             return Outcome::Stale;
         };
-        let slave = match &task.phase {
-            Phase::Running { slave, .. } if task.version == version => slave.clone(),
+        let (slave, sent_end_ms) = match &task.phase {
+            Phase::Running { slave, end_ms, .. } if task.version == version => (slave.clone(), *end_ms),
             _ => return Outcome::Stale,
         };
         let failure = match result {
+            // Widened while it ran: what it computed is already short.
+            Ok(()) if task.planned.end_ms > sent_end_ms => {
+                task.phase = Phase::Pending {
+                    only: None,
+                    exclude: BTreeSet::new(),
+                };
+                return Outcome::Done;
+            }
             Ok(()) => {
                 self.tasks.remove(key);
                 return Outcome::Done;
@@ -461,6 +474,7 @@ impl Table {
                 slave,
                 started_ms,
                 estimate_ms,
+                ..
             } = &task.phase
             else {
                 continue;
@@ -501,10 +515,7 @@ impl Table {
             let entry = spans
                 .entry((key.kind, key.start_ms))
                 .or_insert_with(|| FailingWindow {
-                    kind: match key.kind {
-                        Kind::Window => "window".into(),
-                        Kind::Hour => "hour".into(),
-                    },
+                    kind: key.kind.as_str().into(),
                     start_ms: key.start_ms,
                     end_ms: task.planned.end_ms,
                     attempts: 0,

@@ -187,8 +187,8 @@ pub fn today_reasons(modes: &Modes, facts: &TodayFacts<'_>) -> Vec<Reason> {
     if modes.get(Dependency::Kv).0 == Mode::Degraded && today {
         reasons.push(Reason {
             code: ReasonCode::HourlyOnly,
-            message: "the KV store is degraded: results are computed hourly, and the day's totals \
-                      are unavailable until it recovers"
+            message: "the KV store is degraded: results are computed hourly from the slaves' memory, \
+                      and this day's totals cannot be computed"
                 .into(),
             from_ms: since(Dependency::Kv),
             to_ms: until,

@@ -1,6 +1,6 @@
-//! The "today" answer for one merchant: the window series and the hourly
-//! series of every column the pipeline's SQL produces, as stored, with the
-//! response contract. The series pass the stored metrics JSON through
+//! The "today" answer for one merchant: the window series, the hourly
+//! series and the day to date of every column the pipeline's SQL produces,
+//! as stored, with the response contract. The series pass the stored metrics JSON through
 //! unparsed (checked, and its keys read, when it was read from the store):
 //! parsing and re-serialising every window's metrics was most of an answer's cost.
 
@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use super::contract::{Completeness, ModeOf, Source};
 use super::read::Day;
+use crate::compute::output::THROUGH_COLUMN;
 use crate::results::Granularity;
 
 /// Everything a "today" answer says besides its series.
@@ -51,9 +52,11 @@ pub struct Point<'a> {
 pub struct Series<'a> {
     /// One point per window with results, oldest first.
     pub windows: Vec<Point<'a>>,
-    /// One point per hour computed as a whole (while the KV store was
-    /// degraded, results are hourly), oldest first.
+    /// One point per hour (the policy's period) to date, oldest first: the
+    /// SQL over all of its events, exact for every column.
     pub hours: Vec<Point<'a>>,
+    /// The day to date: the SQL over all of its events so far, if computed.
+    pub day: Option<Point<'a>>,
     /// Sorted union of the columns.
     pub columns: Vec<String>,
     /// End of the newest point.
@@ -66,30 +69,55 @@ pub struct Series<'a> {
 pub fn series(day: &Day, window_ms: i64, period_ms: i64) -> Series<'_> {
     let mut windows = Vec::new();
     let mut hours = Vec::new();
+    let mut whole_day = None;
     let mut columns = std::collections::BTreeSet::new();
     for ((granularity, start), stored) in day {
-        let (length, into) = match granularity {
-            Granularity::Window => (window_ms, &mut windows),
-            Granularity::Hour => (period_ms, &mut hours),
-        };
         columns.extend(stored.columns.iter().map(String::as_str));
-        into.push(Point {
+        let point = |length: i64| Point {
             start_ms: *start,
             end_ms: start + length,
             metrics: &stored.metrics,
-        });
+        };
+        match granularity {
+            Granularity::Window => windows.push(point(window_ms)),
+            Granularity::Hour => hours.push(to_date(point(period_ms), stored)),
+            Granularity::Day => {
+                whole_day = Some(to_date(point(crate::results::cache::DAY_MS), stored));
+            }
+        }
     }
-    let as_of_ms = windows.iter().chain(&hours).map(|p| p.end_ms).max();
+    let as_of_ms = windows
+        .iter()
+        .chain(&hours)
+        .chain(&whole_day)
+        .map(|p| p.end_ms)
+        .max();
     Series {
         windows,
         hours,
+        day: whole_day,
         columns: columns.into_iter().map(str::to_owned).collect(),
         as_of_ms,
     }
 }
 
-/// The answer's JSON: the head as serde writes it, then `windows` and
-/// `hours` with each point's stored metrics spliced in as they are. Pure.
+/// A to-date point ends where its result says it reaches (`_throughMs`),
+/// within its span; a result without it (computed before it was recorded)
+/// covers the whole span. Only the to-date points are parsed for it: a day
+/// has a few dozen of them at most.
+fn to_date<'a>(mut point: Point<'a>, stored: &crate::results::StoredText) -> Point<'a> {
+    if stored.columns.iter().any(|c| c == THROUGH_COLUMN)
+        && let Ok(metrics) =
+            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&stored.metrics)
+        && let Some(through) = metrics.get(THROUGH_COLUMN).and_then(serde_json::Value::as_i64)
+    {
+        point.end_ms = through.clamp(point.start_ms, point.end_ms);
+    }
+    point
+}
+
+/// The answer's JSON: the head as serde writes it, then `windows`, `hours`
+/// and `day` with each point's stored metrics spliced in as they are. Pure.
 pub fn render(head: &TodayHead, series: &Series<'_>) -> Result<String, serde_json::Error> {
     let mut out = serde_json::to_string(head)?;
     // The head is a non-empty object: its closing brace moves past the series.
@@ -98,6 +126,11 @@ pub fn render(head: &TodayHead, series: &Series<'_>) -> Result<String, serde_jso
     points(&mut out, &series.windows);
     out.push_str(",\"hours\":");
     points(&mut out, &series.hours);
+    out.push_str(",\"day\":");
+    match &series.day {
+        Some(p) => point(&mut out, p),
+        None => out.push_str("null"),
+    }
     out.push('}');
     Ok(out)
 }
@@ -108,13 +141,17 @@ fn points(out: &mut String, points: &[Point<'_>]) {
         if i > 0 {
             out.push(',');
         }
-        let _ = write!(
-            out,
-            "{{\"startMs\":{},\"endMs\":{},\"metrics\":{}}}",
-            p.start_ms, p.end_ms, p.metrics
-        );
+        point(out, p);
     }
     out.push(']');
+}
+
+fn point(out: &mut String, p: &Point<'_>) {
+    let _ = write!(
+        out,
+        "{{\"startMs\":{},\"endMs\":{},\"metrics\":{}}}",
+        p.start_ms, p.end_ms, p.metrics
+    );
 }
 
 #[cfg(test)]
@@ -142,6 +179,14 @@ mod tests {
                 (Granularity::Hour, 3_600_000),
                 stored(json!({"gmv": 9, "users": 3})),
             ),
+            (
+                (Granularity::Hour, 0),
+                stored(json!({"gmv": 3, "users": 2, "_throughMs": 180_000})),
+            ),
+            (
+                (Granularity::Day, 0),
+                stored(json!({"gmv": 12, "users": 4, "_throughMs": 4_000_000})),
+            ),
         ]
         .into()
     }
@@ -153,13 +198,18 @@ mod tests {
         let starts: Vec<i64> = s.windows.iter().map(|p| p.start_ms).collect();
         assert_eq!(starts, vec![60_000, 120_000]);
         assert_eq!(s.windows[1].end_ms, 180_000);
-        assert_eq!(s.hours.len(), 1);
-        assert_eq!(s.hours[0].end_ms, 7_200_000);
-        assert_eq!(s.columns, vec!["gmv", "top", "users"]);
+        let hours: Vec<(i64, i64)> = s.hours.iter().map(|p| (p.start_ms, p.end_ms)).collect();
+        // A to-date hour ends where it reaches; one that does not say, at the period's end.
+        assert_eq!(hours, vec![(0, 180_000), (3_600_000, 7_200_000)]);
+        assert_eq!(
+            s.day.as_ref().map(|p| (p.start_ms, p.end_ms)),
+            Some((0, 4_000_000))
+        );
+        assert_eq!(s.columns, vec!["_throughMs", "gmv", "top", "users"]);
         assert_eq!(s.as_of_ms, Some(7_200_000));
         let half_hours = series(&day, 60_000, 1_800_000);
         assert_eq!(
-            half_hours.hours[0].end_ms, 5_400_000,
+            half_hours.hours[1].end_ms, 5_400_000,
             "the policy's period, not an hour"
         );
         let empty = Day::new();
@@ -188,6 +238,7 @@ mod tests {
         let mut want = serde_json::to_value(&head).unwrap_or_default();
         want["windows"] = Value::Array(s.windows.iter().map(point).collect());
         want["hours"] = Value::Array(s.hours.iter().map(point).collect());
+        want["day"] = s.day.as_ref().map(point).unwrap_or_default();
         let got: Value = render(&head, &s)
             .ok()
             .and_then(|text| serde_json::from_str(&text).ok())
@@ -195,6 +246,9 @@ mod tests {
         assert_eq!(got, want);
         let none = Day::new();
         let none = render(&head, &series(&none, 60_000, 3_600_000)).unwrap_or_default();
-        assert!(none.ends_with(r#","windows":[],"hours":[]}"#), "{none}");
+        assert!(
+            none.ends_with(r#","windows":[],"hours":[],"day":null}"#),
+            "{none}"
+        );
     }
 }

@@ -19,7 +19,7 @@ use tonic::Status;
 
 use super::lock;
 use super::store::{SpanExpired, Store};
-use crate::compute::output::SQL_COLUMN;
+use crate::compute::output::{SQL_COLUMN, THROUGH_COLUMN};
 use crate::compute::runtime::Engine;
 use crate::compute::{ComputeError, MerchantResult, Sql};
 use crate::health::counter;
@@ -214,6 +214,7 @@ impl Computer {
         let granularity = match crate::wire::Granularity::try_from(task.granularity) {
             Ok(crate::wire::Granularity::Window) => Granularity::Window,
             Ok(crate::wire::Granularity::Hour) => Granularity::Hour,
+            Ok(crate::wire::Granularity::Day) => Granularity::Day,
             _ => return Err(malformed()),
         };
         let events = match DataSource::try_from(task.source) {
@@ -227,10 +228,17 @@ impl Computer {
         let schema = self.modes.borrow().source_schema();
         let (sql_id, sql) = self.sql_of(task)?;
         let mut results = self.engine.run(sql, events, schema).await?;
+        // A to-date result says how far it reaches: its task may be widened.
+        let through = (granularity != Granularity::Window).then_some(task.window_end_ms);
         for result in &mut results {
             result
                 .metrics
                 .insert(SQL_COLUMN.to_owned(), serde_json::Value::String(sql_id.clone()));
+            if let Some(through) = through {
+                result
+                    .metrics
+                    .insert(THROUGH_COLUMN.to_owned(), serde_json::Value::from(through));
+            }
         }
         let slot = Slot {
             pipeline: self.pipeline.clone(),
@@ -285,7 +293,12 @@ impl Computer {
         .await
         .map_err(TaskError::KvConnect)?;
         Ok(store
-            .partition(task.window_start_ms, task.partition, task.partitions)
+            .span(
+                task.window_start_ms,
+                task.window_end_ms,
+                task.partition,
+                task.partitions,
+            )
             .await?)
     }
 

@@ -223,14 +223,14 @@ fn a_window_that_gains_late_events_is_computed_again_within_the_horizon() {
         t.completed(&window(0), first.version, Ok(()), 1, 1),
         Outcome::Done
     );
-    assert!(!t.recheck(0, W, 10, 1), "nothing new");
-    assert!(t.recheck(0, W, 15, 1), "five late events");
+    assert_eq!(t.recheck(0, W, 10, 1), None, "nothing new");
+    assert_eq!(t.recheck(0, W, 15, 1), Some(5), "five late events");
     let again = t.dispatch(2, &loads(&["a"]), &est, 1, 10).remove(0);
     assert!(again.version > first.version, "the recomputation overwrites");
     assert_eq!(t.snapshot().recent.get(&0), Some(&15));
     t.forget_before(W);
     assert!(t.recent_windows().is_empty());
-    assert!(!t.recheck(0, W, 99, 1), "too late: past the horizon");
+    assert_eq!(t.recheck(0, W, 99, 1), None, "too late: past the horizon");
 }
 
 #[test]
