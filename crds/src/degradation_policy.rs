@@ -256,8 +256,11 @@ pub struct CachePolicy {
     #[serde(default = "default_local_ttl")]
     #[schemars(range(min = 1, max = 86400))]
     pub local_cache_ttl_seconds: i32,
-    /// Queries per second each query pod answers while the cache is down; over
-    /// it, queries get an error status at once, never a hang.
+    /// Reads of the hot MySQL per second each query pod makes where the cache
+    /// cannot answer alone: every read while the cache is down, and the checks
+    /// of cached days against MySQL (paced after a cache outage, when every
+    /// day is unchecked). Over it, a read gets an error status at once, never
+    /// a hang, and a check serves the cached day marked unchecked.
     #[serde(default = "default_query_rate")]
     #[schemars(range(min = 1))]
     pub query_rate_per_second: i32,

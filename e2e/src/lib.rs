@@ -200,14 +200,20 @@ pub async fn delete_fixtures(client: &kube::Client) -> Result<usize, StackError>
     Ok(deleted)
 }
 
-/// Creates a namespace for one test, holding the Secret `mysql` that
+/// Creates a namespace for one test, enforcing the `restricted` Pod
+/// Security Standard and holding the Secret `mysql` that
 /// [`Stack::pipeline`] references; returns its name.
 pub async fn pipeline_namespace(client: &kube::Client, prefix: &str) -> Result<String, StackError> {
     use k8s_openapi::api::core::v1::{Namespace, Secret};
     use kube::api::{Api, PostParams};
     let name = format!("{prefix}-{}", std::process::id());
     let ns: Namespace = serde_json::from_value(
-        serde_json::json!({"metadata": {"name": name, "labels": {FIXTURE_LABEL: "true"}}}),
+        // Every scenario's pods are admitted under the restricted Pod Security
+        // Standard, as a hardened cluster would enforce it.
+        serde_json::json!({"metadata": {"name": name, "labels": {
+            FIXTURE_LABEL: "true",
+            "pod-security.kubernetes.io/enforce": "restricted",
+        }}}),
     )
     .map_err(|e| StackError::Script {
         command: "namespace".into(),

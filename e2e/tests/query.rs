@@ -406,5 +406,41 @@ async fn today_equals_mariadb_and_stays_golden_with_its_reason_through_store_fai
         "{} requests at once, none over a rate of {RATE}/s",
         4 * RATE
     );
+
+    // The cache returns (empty: it keeps nothing across a restart). Every
+    // merchant's first read now checks MySQL, paced at the rate: a burst of
+    // every merchant at once reaches MySQL at most at that rate, the others
+    // are answered from the cache unchecked or refused with Retry-After, and
+    // every answer is golden again once the checks caught up.
+    stack_script(&["up"])?;
+    p.run.until_mode(Dependency::Cache, Mode::Normal).await?;
+    let fills = "ballast_query_cache_fills_total";
+    let before = scenario::metric(port, fills).await?.unwrap_or_default();
+    let started = Instant::now();
+    let burst: Vec<_> = want
+        .keys()
+        .map(|merchant| {
+            let path = format!("/v1/merchants/{merchant}/today");
+            async move { scenario::http_get_full(port, &path).await }
+        })
+        .collect();
+    for response in futures::future::join_all(burst).await {
+        let response = response?;
+        anyhow::ensure!(
+            response.code == 200 || (response.code == 429 && response.header("retry-after").is_some()),
+            "HTTP {}: {}",
+            response.code,
+            response.body
+        );
+    }
+    let checks = scenario::metric(port, fills).await?.unwrap_or_default() - before;
+    // The limiter's burst is a tenth of a second's worth, at least one.
+    let allowed = 1.0 + f64::from(RATE) * started.elapsed().as_secs_f64().ceil();
+    anyhow::ensure!(
+        checks <= allowed,
+        "{checks} checks of MySQL for {} merchants at once; the rate allows {allowed}",
+        want.len()
+    );
+    p.until_golden(&want, 60).await?;
     Ok(())
 }

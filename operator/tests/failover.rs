@@ -172,6 +172,29 @@ async fn operator_reconciles_and_switches_modes_against_real_servers() -> anyhow
         Ok((ready_slaves().await?.len() == 2).then_some(()))
     })
     .await?;
+    // Those pods were admitted in a namespace enforcing the restricted Pod
+    // Security Standard; the master pair and the intakes have disruption budgets.
+    let namespace = Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+        .get(&ns)
+        .await?;
+    assert_eq!(
+        namespace
+            .labels()
+            .get("pod-security.kubernetes.io/enforce")
+            .map(String::as_str),
+        Some("restricted")
+    );
+    let budgets: Api<k8s_openapi::api::policy::v1::PodDisruptionBudget> =
+        Api::namespaced(client.clone(), &ns);
+    for role in ["master", "intake"] {
+        let budget = budgets.get(&format!("shop-{role}")).await?;
+        let max = budget.spec.and_then(|s| s.max_unavailable);
+        assert_eq!(
+            max,
+            Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1)),
+            "{role}"
+        );
+    }
     // The slaves' pods report ready through the stand-in kubelet: the StatefulSet
     // is available and leaves Ready's message; the Deployments (not run here) stay.
     eventually("Ready names the Deployments only", 60, || async {

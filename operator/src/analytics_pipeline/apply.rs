@@ -23,6 +23,7 @@ pub async fn apply(client: &kube::Client, namespace: &str, objects: &[Owned]) ->
             Owned::Deployment(o) => one(client, namespace, o).await?,
             Owned::StatefulSet(o) => one(client, namespace, o).await?,
             Owned::Service(o) => one(client, namespace, o).await?,
+            Owned::PodDisruptionBudget(o) => one(client, namespace, o).await?,
         }
     }
     Ok(())

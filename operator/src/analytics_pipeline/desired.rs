@@ -20,6 +20,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 pub use super::owned::{Owned, workloads};
+use super::pods;
 
 /// Port of the backup intake (gRPC) on intake pods.
 pub const INTAKE_PORT: i32 = 7070;
@@ -41,7 +42,12 @@ pub struct Inputs {
     pub slave_replicas: i32,
     /// Changes when a referenced Secret or ConfigMap changes, so pods restart with it.
     pub config_hash: String,
+    /// The policy's bound on the events a slave holds, in MiB: its memory limit follows.
+    pub slave_memory_mib: i64,
 }
+
+/// The slaves' bound on events held when no policy is found (the CRD's default).
+pub const DEFAULT_SLAVE_MEMORY_MIB: i64 = 512;
 
 /// Names of a pipeline's objects.
 pub fn object_name(pipeline: &str, role: &str) -> String {
@@ -64,6 +70,12 @@ pub fn objects(ap: &AnalyticsPipeline, owner: &OwnerReference, inputs: &Inputs) 
     ];
     for role in DEPLOYMENT_ROLES {
         out.push(Owned::Deployment(b.deployment(role)));
+    }
+    for role in pods::BUDGETED_ROLES {
+        out.push(Owned::PodDisruptionBudget(pods::disruption_budget(
+            b.metadata(object_name(&name, role), role),
+            b.selector(role),
+        )));
     }
     out.push(Owned::Service(b.slave_service()));
     out.push(Owned::StatefulSet(b.slave_statefulset()));
@@ -330,7 +342,11 @@ impl Builder<'_> {
             ports: Some(ports),
             readiness_probe: Some(http_probe("/readyz", 2)),
             liveness_probe: Some(http_probe("/healthz", 10)),
-            resources: spec.resources.clone(),
+            resources: Some(
+                spec.resources
+                    .clone()
+                    .unwrap_or_else(|| pods::default_resources(role, self.inputs.slave_memory_mib)),
+            ),
             ..Container::default()
         };
         let mut pod = PodSpec {
@@ -360,6 +376,7 @@ impl Builder<'_> {
             }]);
         }
         pod.containers = vec![container];
+        pods::restrict(&mut pod);
         let mut labels = self.labels(role);
         labels.insert("ballast.dev/role".into(), role.to_owned());
         PodTemplateSpec {

@@ -26,6 +26,7 @@ fn objects_match_the_golden_snapshot() {
     let inputs = Inputs {
         slave_replicas: 4,
         config_hash: "abc123".into(),
+        slave_memory_mib: 512,
     };
     let yaml = to_yaml(&objects(&fixture(), &owner(), &inputs));
     let path = concat!(
@@ -72,6 +73,7 @@ fn every_workload_runs_a_role_the_worker_binary_has() -> Result<(), ballast_e2e:
     let inputs = Inputs {
         slave_replicas: 2,
         config_hash: "abc123".into(),
+        slave_memory_mib: 512,
     };
     let objects = objects(&fixture(), &owner(), &inputs);
     assert_eq!(
@@ -97,6 +99,7 @@ fn every_object_is_owned_by_the_pipeline_as_controller() {
     let inputs = Inputs {
         slave_replicas: 2,
         config_hash: String::new(),
+        slave_memory_mib: 512,
     };
     for o in objects(&fixture(), &owner(), &inputs) {
         let refs = o.metadata().owner_references.clone().unwrap_or_default();
@@ -116,6 +119,7 @@ fn slave_replicas_follow_inputs_and_secrets_become_env_refs() {
     let inputs = Inputs {
         slave_replicas: 12,
         config_hash: String::new(),
+        slave_memory_mib: 512,
     };
     let objs = objects(&fixture(), &owner(), &inputs);
     let Some(sts @ Owned::StatefulSet(set)) = objs.iter().find(|o| o.kind() == "StatefulSet") else {
@@ -136,6 +140,7 @@ fn each_role_gets_only_the_passwords_of_the_servers_it_talks_to() {
     let inputs = Inputs {
         slave_replicas: 2,
         config_hash: String::new(),
+        slave_memory_mib: 512,
     };
     let objs = objects(&fixture(), &owner(), &inputs);
     // The sample references the source, cache and hot MySQL passwords (the KV store has none).
@@ -172,6 +177,7 @@ fn role_grants_only_this_pipeline_and_its_policy() {
     let inputs = Inputs {
         slave_replicas: 2,
         config_hash: String::new(),
+        slave_memory_mib: 512,
     };
     let objs = objects(&fixture(), &owner(), &inputs);
     let Some(Owned::Role(role)) = objs.iter().find(|o| o.kind() == "Role") else {

@@ -5,6 +5,7 @@ pub mod apply;
 pub mod desired;
 pub mod fetch;
 pub mod owned;
+pub mod pods;
 pub mod publish;
 pub mod rollout;
 pub mod slaves;
@@ -325,6 +326,12 @@ async fn reconcile_pipeline(ap: &Arc<AnalyticsPipeline>, ctx: &Context) -> Resul
     let inputs = desired::Inputs {
         slave_replicas: publication.slave_replicas,
         config_hash: config_hash(ap, &fetched),
+        slave_memory_mib: fetched
+            .policy
+            .as_ref()
+            .map_or(desired::DEFAULT_SLAVE_MEMORY_MIB, |p| {
+                i64::from(p.spec.kv.max_memory_mib)
+            }),
     };
     let objects = desired::objects(ap, &owner, &inputs);
     apply::apply(&ctx.client, &ns, &objects).await?;

@@ -3,6 +3,7 @@
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -21,6 +22,8 @@ pub enum Owned {
     StatefulSet(StatefulSet),
     /// The slaves' headless Service and the intake's.
     Service(Service),
+    /// One pod at a time of the master pair, and of the intakes, in a drain.
+    PodDisruptionBudget(PodDisruptionBudget),
 }
 
 impl Owned {
@@ -33,6 +36,7 @@ impl Owned {
             Self::Deployment(_) => "Deployment",
             Self::StatefulSet(_) => "StatefulSet",
             Self::Service(_) => "Service",
+            Self::PodDisruptionBudget(_) => "PodDisruptionBudget",
         }
     }
 
@@ -45,6 +49,7 @@ impl Owned {
             Self::Deployment(o) => &o.metadata,
             Self::StatefulSet(o) => &o.metadata,
             Self::Service(o) => &o.metadata,
+            Self::PodDisruptionBudget(o) => &o.metadata,
         }
     }
 
@@ -63,6 +68,7 @@ impl Owned {
             Self::Deployment(o) => serde_json::to_value(o),
             Self::StatefulSet(o) => serde_json::to_value(o),
             Self::Service(o) => serde_json::to_value(o),
+            Self::PodDisruptionBudget(o) => serde_json::to_value(o),
         }
     }
 }

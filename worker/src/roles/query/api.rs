@@ -176,6 +176,7 @@ async fn answer_today(app: &App, merchant: Result<Path<String>, PathRejection>) 
         as_of_ms: series.as_of_ms,
         lateness_ms: i64::try_from(app.lateness.as_millis()).unwrap_or(i64::MAX),
         source: found.source,
+        unchecked: found.unchecked,
     };
     let completeness = Completeness::of(contract::today_reasons(&modes, &facts));
     let status = completeness.status;

@@ -78,6 +78,10 @@ pub enum ReasonCode {
     /// The computation of a window (or a KV-degraded hour) keeps failing:
     /// its results are missing until a retry succeeds.
     WindowFailing,
+    /// Served from the cache before it was checked against the hot MySQL
+    /// (the checks are paced): results computed while the cache was down may
+    /// be missing until it is.
+    CacheUnchecked,
 }
 
 /// One reason an answer is partial, and the time it concerns.
@@ -153,6 +157,8 @@ pub struct TodayFacts<'a> {
     pub lateness_ms: i64,
     /// Which store answered.
     pub source: Source,
+    /// The cached day was served before its check against the hot MySQL.
+    pub unchecked: bool,
 }
 
 /// Every reason a "today" answer is partial, from the published modes and
@@ -210,6 +216,17 @@ pub fn today_reasons(modes: &Modes, facts: &TodayFacts<'_>) -> Vec<Reason> {
             to_ms: until,
         }),
         _ => {}
+    }
+    if facts.unchecked {
+        reasons.push(Reason {
+            code: ReasonCode::CacheUnchecked,
+            message: "answered from the result cache before it was checked against the hot MySQL \
+                      (checks are paced after a cache outage): results computed while the cache was \
+                      down may be missing"
+                .into(),
+            from_ms: facts.day_start_ms,
+            to_ms: until,
+        });
     }
     for failing in modes.failing_windows() {
         let (from_ms, to_ms) = (
@@ -283,6 +300,7 @@ mod tests {
             as_of_ms,
             lateness_ms: 120_000,
             source,
+            unchecked: false,
         }
     }
 
@@ -426,6 +444,17 @@ mod tests {
                 "case {i}: the error reached the answer: {got:?}"
             );
         }
+    }
+
+    #[test]
+    fn an_unchecked_cached_day_says_so_for_the_whole_day() {
+        let facts = TodayFacts {
+            unchecked: true,
+            ..facts("m", Source::Cache, Some(DAY + 9 * HOUR))
+        };
+        let got = today_reasons(&Modes::default(), &facts);
+        assert_eq!(codes(&got), vec![ReasonCode::CacheUnchecked]);
+        assert_eq!((got[0].from_ms, got[0].to_ms), (DAY, DAY + 10 * HOUR));
     }
 
     #[test]

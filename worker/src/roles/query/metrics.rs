@@ -22,6 +22,8 @@ pub struct Metrics {
     pub store_failures: Family<Labels<1>, Counter>,
     /// Cache hashes checked against the hot MySQL and written back.
     pub fills: Counter,
+    /// Cached days served unchecked: their check was over the rate.
+    pub unchecked: Counter,
     /// Time to answer, whatever the answer.
     pub duration: Histogram,
 }
@@ -37,6 +39,7 @@ impl Metrics {
             unavailable: Family::default(),
             store_failures: Family::default(),
             fills: Counter::default(),
+            unchecked: Counter::default(),
             // 100 µs to about 1.6 s.
             duration: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
                 0.0001, 2.0, 15,
@@ -71,6 +74,11 @@ impl Metrics {
             "cache_fills",
             "Cached days checked against the hot MySQL and written back",
             metrics.fills.clone(),
+        );
+        r.register(
+            "unchecked_answers",
+            "Cached days served before their check against the hot MySQL, which was over its rate",
+            metrics.unchecked.clone(),
         );
         r.register_with_unit(
             "request_duration",

@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ballast_crds::degradation_policy::CachePolicy;
-use ballast_crds::{Dependency, Mode};
 use ballast_flow::breaker::BreakerConfig;
 use ballast_flow::{Breaker, Flow, GuardedDependency, Rules};
 use prometheus_client::registry::Registry;
@@ -27,7 +26,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::Deps;
 use super::startup::{self, StartupError};
-use crate::modes::Modes;
 use crate::results::cache::ResultCache;
 use crate::results::hot::HotStore;
 
@@ -65,8 +63,10 @@ pub enum Error {
 
 /// The query service's flow rules: a breaker per store, so that a store
 /// whose calls fail or hang is skipped at once (before the operator publishes
-/// its mode), and, while the cache is down, the rate in front of the hot MySQL.
-pub fn rules(cache: &CachePolicy, cache_degraded: bool, deadline: Duration) -> Rules {
+/// its mode), and the rate in front of the hot MySQL, which only its reads
+/// consult: while the cache is down, and the checks of cached days (paced
+/// after a cache outage, so that they do not all reach MySQL at once).
+pub fn rules(cache: &CachePolicy, deadline: Duration) -> Rules {
     let breaker = Breaker {
         config: BreakerConfig {
             max_average: None,
@@ -81,11 +81,7 @@ pub fn rules(cache: &CachePolicy, cache_degraded: bool, deadline: Duration) -> R
         },
         shadow: false,
     };
-    let mut rules = if cache_degraded {
-        Rules::queries_without_cache(cache)
-    } else {
-        Rules::default()
-    };
+    let mut rules = Rules::queries_without_cache(cache);
     rules.breakers = [GuardedDependency::Redis, GuardedDependency::Mysql]
         .into_iter()
         .map(|d| (d, breaker))
@@ -125,7 +121,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         stopped.clone(),
     );
     let policy = dp.spec.cache.clone();
-    let flow = Flow::new(rules(&policy, false, config.store_deadline), &mut registry);
+    let flow = Flow::new(rules(&policy, config.store_deadline), &mut registry);
     let reader = read::Reader::new(
         read::ReaderConfig {
             pipeline: config.pipeline.clone(),
@@ -148,13 +144,6 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         lateness: config.lateness,
         metrics,
     });
-    tokio::spawn(follow_rules(
-        Arc::clone(&app),
-        modes,
-        policy,
-        config.store_deadline,
-        stopped.clone(),
-    ));
     let (ready_tx, ready) = watch::channel(false);
     let routes = crate::health::router(Arc::new(registry), ready).merge(api::router(Arc::clone(&app)));
     // The server stops on its own token, after the drain below.
@@ -175,29 +164,6 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         Err(_) => {
             tracing::warn!(drain = ?config.drain, "requests still open at the drain deadline");
             Ok(())
-        }
-    }
-}
-
-/// Puts the rate limit in front of MySQL while the cache is Degraded, and takes it away after.
-async fn follow_rules(
-    app: Arc<api::App>,
-    mut modes: watch::Receiver<Modes>,
-    policy: CachePolicy,
-    deadline: Duration,
-    stopped: CancellationToken,
-) {
-    loop {
-        let degraded = modes.borrow_and_update().get(Dependency::Cache).0 == Mode::Degraded;
-        if app.reader.flow().reload(rules(&policy, degraded, deadline)) {
-            tracing::info!(
-                limited = degraded,
-                "query rate limit in front of the hot MySQL changed"
-            );
-        }
-        tokio::select! {
-            () = stopped.cancelled() => return,
-            changed = modes.changed() => if changed.is_err() { return },
         }
     }
 }

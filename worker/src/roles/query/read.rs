@@ -25,7 +25,7 @@ use crate::results::{Granularity, ResultsError, StoredText};
 pub type Day = BTreeMap<(Granularity, i64), StoredText>;
 
 /// One read of a key that every request asking meanwhile waits on.
-type Flight = OnceCell<Result<Found, String>>;
+type Flight = OnceCell<Result<Found, Unavailable>>;
 
 /// What a read found.
 #[derive(Clone, Debug)]
@@ -34,6 +34,10 @@ pub struct Found {
     pub day: Arc<Day>,
     /// Which store answered.
     pub source: Source,
+    /// A cached day served before it was checked against the hot MySQL:
+    /// the checks were over their rate (the cache came back after an
+    /// outage, or many merchants read for the first time today).
+    pub unchecked: bool,
 }
 
 /// Why a hot answer cannot be given.
@@ -151,7 +155,10 @@ impl Reader {
                         return Ok(self.found(cached.results, Source::Cache));
                     }
                     return self
-                        .single_flight(&key, self.check(merchant, day_start_ms, cached, cache_epoch))
+                        .single_flight(
+                            &key,
+                            self.paced_check(merchant, day_start_ms, cached, cache_epoch),
+                        )
                         .await;
                 }
                 Err(error) => {
@@ -167,6 +174,7 @@ impl Reader {
             return Ok(Found {
                 day,
                 source: Source::LocalCache,
+                unchecked: false,
             });
         }
         if route == Path::LocalOnly {
@@ -180,7 +188,10 @@ impl Reader {
         let admission = self.flow.admit("query", None).map_err(Unavailable::Limited)?;
         let found = self
             .single_flight(&key, async {
-                let day = self.read_mysql(merchant, day_start_ms).await?;
+                let day = self
+                    .read_mysql(merchant, day_start_ms)
+                    .await
+                    .map_err(Unavailable::Mysql)?;
                 Ok(self.found(day, Source::Mysql))
             })
             .await?;
@@ -193,7 +204,39 @@ impl Reader {
         Found {
             day: Arc::new(day),
             source,
+            unchecked: false,
         }
+    }
+
+    /// A check of a cached day, paced by the rate in front of the hot MySQL
+    /// (one admission per flight, not per request waiting on it): after a
+    /// cache outage every merchant's day is unchecked, and checking them all
+    /// at once would send the whole read load to MySQL. Over the rate, the
+    /// cached day is the answer, marked unchecked; an empty one is a 429.
+    async fn paced_check(
+        &self,
+        merchant: &str,
+        day_start_ms: i64,
+        cached: CachedDay,
+        epoch: i64,
+    ) -> Result<Found, Unavailable> {
+        let admission = match self.flow.admit("query", None) {
+            Ok(admission) => admission,
+            Err(_) if !cached.results.is_empty() => {
+                self.metrics.unchecked.inc();
+                return Ok(Found {
+                    unchecked: true,
+                    ..self.found(cached.results, Source::Cache)
+                });
+            }
+            Err(refusal) => return Err(Unavailable::Limited(refusal)),
+        };
+        let found = self
+            .check(merchant, day_start_ms, cached, epoch)
+            .await
+            .map_err(Unavailable::Mysql);
+        drop(admission);
+        found
     }
 
     async fn read_cache(&self, merchant: &str, day_start_ms: i64) -> Result<CachedDay, String> {
@@ -264,7 +307,7 @@ impl Reader {
     /// Runs `read` once for `key` however many requests ask at the same time.
     async fn single_flight<F>(&self, key: &str, read: F) -> Result<Found, Unavailable>
     where
-        F: Future<Output = Result<Found, String>>,
+        F: Future<Output = Result<Found, Unavailable>>,
     {
         let cell = {
             let mut flights = self
@@ -284,7 +327,7 @@ impl Reader {
                 flights.remove(key);
             }
         }
-        result.map_err(Unavailable::Mysql)
+        result
     }
 }
 
