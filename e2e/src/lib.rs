@@ -109,6 +109,18 @@ impl Stack {
 impl Stack {
     /// A client of the stack's API server, from the `KUBECONFIG` it publishes.
     pub async fn kube_client(&self) -> Result<kube::Client, StackError> {
+        Ok(kube::Client::try_from(self.kube_config().await?)?)
+    }
+
+    /// A client acting as `user` (impersonated), e.g. a pod's ServiceAccount
+    /// `system:serviceaccount:<namespace>:<name>`: what its RBAC allows, and no more.
+    pub async fn kube_client_as(&self, user: &str) -> Result<kube::Client, StackError> {
+        let mut config = self.kube_config().await?;
+        config.auth_info.impersonate = Some(user.to_owned());
+        Ok(kube::Client::try_from(config)?)
+    }
+
+    async fn kube_config(&self) -> Result<kube::Config, StackError> {
         use kube::config::{KubeConfigOptions, Kubeconfig};
         let path = self.get("KUBECONFIG")?;
         let kubeconfig = |source| StackError::Kubeconfig {
@@ -116,10 +128,9 @@ impl Stack {
             source,
         };
         let config = Kubeconfig::read_from(&path).map_err(kubeconfig)?;
-        let config = kube::Config::from_custom_kubeconfig(config, &KubeConfigOptions::default())
+        kube::Config::from_custom_kubeconfig(config, &KubeConfigOptions::default())
             .await
-            .map_err(kubeconfig)?;
-        Ok(kube::Client::try_from(config)?)
+            .map_err(kubeconfig)
     }
 }
 

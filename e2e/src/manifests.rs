@@ -20,8 +20,17 @@ pub async fn install_crds(client: &kube::Client) -> Result<(), StackError> {
             _ => return Err(StackError::CrdNotEstablished(name)),
         }
     }
-    Ok(())
+    // As an installed Ballast has it: every scenario's workers run under it.
+    let (path, text) = WORKER_LEASE_POLICY;
+    apply_manifest(client, path, text, false).await
 }
+
+/// The admission policy that lets each pipeline's workers write only their
+/// own pipeline's Leases, as shipped (path, text).
+pub const WORKER_LEASE_POLICY: (&str, &str) = (
+    "manifests/admission/worker-leases.yaml",
+    include_str!("../../manifests/admission/worker-leases.yaml"),
+);
 
 /// The operator's RBAC as shipped (path, text): what a deployment grants it.
 pub const OPERATOR_RBAC: (&str, &str) = (

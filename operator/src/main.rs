@@ -83,6 +83,7 @@ async fn main() -> anyhow::Result<()> {
         name: args.lease_name,
         identity,
         duration: Duration::from_secs(args.lease_seconds.max(3)),
+        labels: Default::default(),
     };
     tracing::info!(identity = %election.identity, lease = %election.name, "waiting for leadership");
     let Some(held) = election.acquire(&client, &shutdown).await else {

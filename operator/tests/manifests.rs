@@ -1,5 +1,6 @@
 //! The shipped deployment manifests against the local stack's real API server:
-//! the operator's Namespace, Deployment and RBAC, as plain manifests and as
+//! the operator's Namespace, Deployment, disruption budget and RBAC, and the
+//! workers' Lease admission policy, as plain manifests and as
 //! the Helm chart renders them, are accepted as written (a server-side dry run
 //! checks the schema, field names and values, and stores nothing).
 
@@ -17,6 +18,7 @@ async fn the_shipped_operator_manifests_pass_a_server_side_dry_run() -> anyhow::
             include_str!("../../manifests/operator/deployment.yaml"),
         ),
         ballast_e2e::manifests::OPERATOR_RBAC,
+        ballast_e2e::manifests::WORKER_LEASE_POLICY,
     ];
     for (path, text) in manifests {
         apply_manifest(&client, path, text, true).await?;
@@ -50,6 +52,9 @@ async fn the_chart_lints_and_renders_objects_the_api_server_accepts() -> anyhow:
         "ServiceAccount",
         "ClusterRole",
         "Deployment",
+        "PodDisruptionBudget",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
     ] {
         anyhow::ensure!(
             rendered.contains(&format!("kind: {kind}\n")),
@@ -58,4 +63,13 @@ async fn the_chart_lints_and_renders_objects_the_api_server_accepts() -> anyhow:
     }
     apply_manifest(&client, "charts/ballast (helm template)", &rendered, true).await?;
     Ok(())
+}
+
+/// The chart ships the admission policy as the plain manifests do, byte for byte.
+#[test]
+fn the_charts_lease_policy_is_the_shipped_manifest() {
+    assert_eq!(
+        include_str!("../../charts/ballast/files/worker-leases.yaml"),
+        ballast_e2e::manifests::WORKER_LEASE_POLICY.1
+    );
 }

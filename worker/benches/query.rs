@@ -313,7 +313,8 @@ async fn main() -> anyhow::Result<()> {
 
     // (b) Cache down: the in-process cache's hits, and the 429 over the rate.
     let _ = modes_tx.send(Modes::default().with(Dependency::Cache, Mode::Degraded, 1));
-    app.reader.flow().reload(query::rules(&policy, deadline));
+    // Warming the in-process cache from MySQL: not paced.
+    app.reader.flow().reload(query::rules(&unpaced, deadline));
     let hits = 100;
     for m in 0..hits {
         let status = http.get(&format!("/v1/merchants/{}/today", merchant(m))).await?;

@@ -41,6 +41,9 @@ pub struct Election {
     pub identity: String,
     /// How long a holder keeps the Lease without renewing.
     pub duration: Duration,
+    /// Labels the Lease is created with (a pipeline's names its pipeline:
+    /// the admission policy lets a pipeline's workers write only its own).
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// The parts of a Lease that change when its holder renews or hands it over.
@@ -178,6 +181,7 @@ impl Election {
             let lease = Lease {
                 metadata: ObjectMeta {
                     name: Some(self.name.clone()),
+                    labels: (!self.labels.is_empty()).then(|| self.labels.clone()),
                     ..ObjectMeta::default()
                 },
                 spec: Some(self.spec(Timestamp::now(), None, Some(0))),

@@ -19,6 +19,7 @@ fn election(ns: &str, identity: &str) -> Election {
         name: "leader".into(),
         identity: identity.into(),
         duration: Duration::from_secs(3),
+        labels: Default::default(),
     }
 }
 

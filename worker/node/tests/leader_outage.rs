@@ -22,6 +22,7 @@ fn election(ns: &str, identity: &str) -> Election {
         name: "leader".into(),
         identity: identity.into(),
         duration: LEASE,
+        labels: Default::default(),
     }
 }
 

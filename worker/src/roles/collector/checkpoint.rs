@@ -22,6 +22,7 @@ pub struct Position {
 pub struct Checkpoints {
     api: Api<Lease>,
     name: String,
+    pipeline: String,
 }
 
 impl Checkpoints {
@@ -30,6 +31,7 @@ impl Checkpoints {
         Self {
             api: Api::namespaced(client, namespace),
             name: format!("{pipeline}-collector-checkpoint"),
+            pipeline: pipeline.to_owned(),
         }
     }
 
@@ -52,7 +54,12 @@ impl Checkpoints {
         let lease = json!({
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
-            "metadata": {"name": self.name, "annotations": {FILE: position.file, POS: position.pos.to_string()}},
+            "metadata": {
+                "name": self.name,
+                // The admission policy lets a pipeline's workers write only its own Leases.
+                "labels": {crate::membership::PIPELINE_LABEL: self.pipeline},
+                "annotations": {FILE: position.file, POS: position.pos.to_string()},
+            },
         });
         self.api
             .patch(

@@ -125,6 +125,11 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         name: format!("{}-master", config.pipeline),
         identity: config.identity.clone(),
         duration: config.lease,
+        labels: [(
+            crate::membership::PIPELINE_LABEL.to_owned(),
+            config.pipeline.clone(),
+        )]
+        .into(),
     };
     tracing::info!(lease = %election.name, "standby: waiting for the master lease");
     let Some(held) = election.acquire(&deps.client, &shutdown).await else {

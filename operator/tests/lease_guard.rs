@@ -1,0 +1,147 @@
+//! One pipeline's workers cannot touch another pipeline's Leases, against the
+//! real API server: two pipelines share a namespace, the operator grants each
+//! its workers' Role, and the workers act as their ServiceAccounts. RBAC lets
+//! a worker write Leases in its namespace (it must create its own, named
+//! after pods not known in advance); the shipped admission policy refuses
+//! every write to a Lease of another pipeline: deleting its master Lease or
+//! collector checkpoint, taking them over, or creating one in its name.
+
+mod common;
+
+use ballast_e2e::Stack;
+use common::eventually;
+use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::rbac::v1::Role;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+fn lease(name: &str, pipeline: &str) -> anyhow::Result<Lease> {
+    Ok(serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"ballast.dev/pipeline": pipeline}},
+        "spec": {"holderIdentity": format!("{name}-holder")},
+    }))?)
+}
+
+/// The message of a refusal, or an error if the call was not refused.
+fn refused<T: std::fmt::Debug>(what: &str, result: Result<T, kube::Error>) -> anyhow::Result<String> {
+    match result {
+        Err(kube::Error::Api(e)) if e.code == 403 => Ok(e.message),
+        other => anyhow::bail!("{what}: expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_pipelines_workers_cannot_write_another_pipelines_leases() -> anyhow::Result<()> {
+    let stack = Stack::discover();
+    let admin = stack.kube_client().await?;
+    let (ns, mine) = stack.pipeline_fixture(&admin, "leaseguard", json!({})).await?;
+    // A second pipeline in the same namespace.
+    let theirs = format!("{mine}x");
+    let aps: Api<ballast_crds::AnalyticsPipeline> = Api::namespaced(admin.clone(), &ns);
+    aps.patch(
+        &theirs,
+        &PatchParams::apply("ballast-e2e").force(),
+        &Patch::Apply(&stack.pipeline(&theirs, "p")?),
+    )
+    .await?;
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_ballast-operator"));
+    let _operator = stack.operator(binary, &ns).await?;
+    let roles: Api<Role> = Api::namespaced(admin.clone(), &ns);
+    for pipeline in [&mine, &theirs] {
+        let role = format!("{pipeline}-worker");
+        eventually(&format!("the operator granting Role {role}"), 60, || async {
+            Ok(roles.get_opt(&role).await?)
+        })
+        .await?;
+    }
+    let user = |pipeline: &str| format!("system:serviceaccount:{ns}:{pipeline}-worker");
+    let my_leases: Api<Lease> = Api::namespaced(stack.kube_client_as(&user(&mine)).await?, &ns);
+    let their_leases: Api<Lease> = Api::namespaced(stack.kube_client_as(&user(&theirs)).await?, &ns);
+
+    // Their workers hold their master Lease and collector checkpoint.
+    let their_master = format!("{theirs}-master");
+    let their_checkpoint = format!("{theirs}-collector-checkpoint");
+    for name in [&their_master, &their_checkpoint] {
+        eventually(&format!("{theirs}'s workers creating {name}"), 30, || async {
+            match their_leases
+                .create(&PostParams::default(), &lease(name, &theirs)?)
+                .await
+            {
+                Ok(_) => Ok(Some(())),
+                Err(kube::Error::Api(e)) if e.code == 409 => Ok(Some(())),
+                // The Role may still be on its way to the authorizer's cache.
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await?;
+    }
+
+    // RBAC alone would let my workers delete them: the refusal below is the policy's.
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(user(&mine)),
+            resource_attributes: Some(ResourceAttributes {
+                namespace: Some(ns.clone()),
+                verb: Some("delete".into()),
+                group: Some("coordination.k8s.io".into()),
+                resource: Some("leases".into()),
+                name: Some(their_master.clone()),
+                ..ResourceAttributes::default()
+            }),
+            ..SubjectAccessReviewSpec::default()
+        },
+        ..SubjectAccessReview::default()
+    };
+    let reviewed = Api::<SubjectAccessReview>::all(admin.clone())
+        .create(&PostParams::default(), &review)
+        .await?;
+    assert_eq!(reviewed.status.map(|s| s.allowed), Some(true));
+
+    // Each forbidden write, refused naming the rule.
+    for name in [&their_master, &their_checkpoint] {
+        let message = refused(
+            &format!("deleting {name}"),
+            my_leases.delete(name, &DeleteParams::default()).await,
+        )?;
+        assert!(message.contains("may write only its own Leases"), "{message}");
+        let mut taken = their_leases.get(name).await?;
+        taken.spec.get_or_insert_with(Default::default).holder_identity = Some(format!("{mine}-master-0"));
+        refused(
+            &format!("taking over {name}"),
+            my_leases.replace(name, &PostParams::default(), &taken).await,
+        )?;
+    }
+    // Creating a Lease in their name, or one of mine labelled theirs.
+    refused(
+        "creating a Lease named after their pipeline",
+        my_leases
+            .create(
+                &PostParams::default(),
+                &lease(&format!("{theirs}-slave-9"), &mine)?,
+            )
+            .await,
+    )?;
+    refused(
+        "creating a Lease labelled with their pipeline",
+        my_leases
+            .create(
+                &PostParams::default(),
+                &lease(&format!("{mine}-slave-9"), &theirs)?,
+            )
+            .await,
+    )?;
+
+    // My workers' own Leases are theirs to write.
+    let mine_master = format!("{mine}-master");
+    my_leases
+        .create(&PostParams::default(), &lease(&mine_master, &mine)?)
+        .await?;
+    my_leases.delete(&mine_master, &DeleteParams::default()).await?;
+    // Theirs are untouched.
+    for name in [&their_master, &their_checkpoint] {
+        let held = their_leases.get(name).await?.spec.and_then(|s| s.holder_identity);
+        assert_eq!(held, Some(format!("{name}-holder")));
+    }
+    Ok(())
+}
