@@ -21,7 +21,7 @@ use std::time::Duration;
 use ballast_crds::{AnalyticsPipeline, DegradationPolicy, DegradationPolicySpec, Dependency};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::runtime::controller::{self, Action, Controller};
@@ -91,8 +91,11 @@ pub async fn run(
     tokio::spawn(sweep(ctx.clone(), store.clone(), shutdown.clone()));
     tokio::spawn(slaves::watch(ctx.clone(), shutdown.clone()));
 
+    // Secrets are not watched: the operator may only get the ones pipelines
+    // name (a watch needs list and watch on every Secret the scope holds). A
+    // changed Secret is read on the pipeline's next reconcile, at most 30 s
+    // later, and rolls the workers through the config hash.
     let by_policy = store.clone();
-    let by_secret = store.clone();
     let by_config_map = store.clone();
     let triggers = futures::stream::unfold(
         triggers,
@@ -108,11 +111,6 @@ pub async fn run(
             watcher::Config::default(),
             move |dp| referencing(&by_policy, &dp, |ap| ap.spec.policy_ref.name == dp.name_any()),
         )
-        .watches(ctx.api::<Secret>(), watcher::Config::default(), move |secret| {
-            referencing(&by_secret, &secret, |ap| {
-                fetch::secret_names(ap).contains(&secret.name_any())
-            })
-        })
         .watches(ctx.api::<ConfigMap>(), watcher::Config::default(), move |cm| {
             referencing(&by_config_map, &cm, |ap| {
                 ap.spec
