@@ -10,7 +10,6 @@ mod common;
 
 use ballast_e2e::Stack;
 use common::eventually;
-use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::rbac::v1::Role;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -78,25 +77,15 @@ async fn a_pipelines_workers_cannot_write_another_pipelines_leases() -> anyhow::
     }
 
     // RBAC alone would let my workers delete them: the refusal below is the policy's.
-    let review = SubjectAccessReview {
-        spec: SubjectAccessReviewSpec {
-            user: Some(user(&mine)),
-            resource_attributes: Some(ResourceAttributes {
-                namespace: Some(ns.clone()),
-                verb: Some("delete".into()),
-                group: Some("coordination.k8s.io".into()),
-                resource: Some("leases".into()),
-                name: Some(their_master.clone()),
-                ..ResourceAttributes::default()
-            }),
-            ..SubjectAccessReviewSpec::default()
-        },
-        ..SubjectAccessReview::default()
-    };
-    let reviewed = Api::<SubjectAccessReview>::all(admin.clone())
-        .create(&PostParams::default(), &review)
-        .await?;
-    assert_eq!(reviewed.status.map(|s| s.allowed), Some(true));
+    let allowed = common::rbac_allows(
+        &admin,
+        &user(&mine),
+        &ns,
+        ("delete", "coordination.k8s.io", "leases"),
+        Some(&their_master),
+    )
+    .await?;
+    assert!(allowed, "RBAC refuses it already");
 
     // Each forbidden write, refused naming the rule.
     for name in [&their_master, &their_checkpoint] {

@@ -9,31 +9,9 @@ mod common;
 use ballast_e2e::{OPERATOR_USER, Stack};
 use common::eventually;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
-
-/// Whether the operator's ServiceAccount may `verb` Secrets in `namespace`.
-async fn operator_may(client: &kube::Client, namespace: &str, verb: &str) -> anyhow::Result<bool> {
-    let review = SubjectAccessReview {
-        spec: SubjectAccessReviewSpec {
-            user: Some(OPERATOR_USER.to_owned()),
-            resource_attributes: Some(ResourceAttributes {
-                namespace: Some(namespace.to_owned()),
-                verb: Some(verb.to_owned()),
-                resource: Some("secrets".into()),
-                ..ResourceAttributes::default()
-            }),
-            ..SubjectAccessReviewSpec::default()
-        },
-        ..SubjectAccessReview::default()
-    };
-    let reviewed = Api::<SubjectAccessReview>::all(client.clone())
-        .create(&PostParams::default(), &review)
-        .await?;
-    Ok(reviewed.status.is_some_and(|s| s.allowed))
-}
 
 /// The config hash of the pipeline's collector pods.
 async fn config_hash(deployments: &Api<Deployment>, name: &str) -> anyhow::Result<Option<String>> {
@@ -56,7 +34,8 @@ async fn the_operator_gets_named_secrets_only_and_a_changed_one_rolls_the_worker
     let _operator = stack.operator(binary, &ns).await?;
 
     for (verb, allowed) in [("get", true), ("list", false), ("watch", false)] {
-        assert_eq!(operator_may(&client, &ns, verb).await?, allowed, "{verb} secrets");
+        let may = common::rbac_allows(&client, OPERATOR_USER, &ns, (verb, "", "secrets"), None).await?;
+        assert_eq!(may, allowed, "{verb} secrets");
     }
 
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
