@@ -258,9 +258,9 @@ pub struct CachePolicy {
     pub local_cache_ttl_seconds: i32,
     /// Reads of the hot MySQL per second each query pod makes where the cache
     /// cannot answer alone: every read while the cache is down, and the checks
-    /// of cached days against MySQL (paced after a cache outage, when every
-    /// day is unchecked). Over it, a read gets an error status at once, never
-    /// a hang, and a check serves the cached day marked unchecked.
+    /// of cached days against MySQL for 5 minutes after it came back, when
+    /// every day is unchecked. Over it, a read gets an error status at once,
+    /// never a hang, and a check serves the cached day marked unchecked.
     #[serde(default = "default_query_rate")]
     #[schemars(range(min = 1))]
     pub query_rate_per_second: i32,

@@ -289,7 +289,13 @@ async fn main() -> anyhow::Result<()> {
     let mut rewarm = |rate_policy: &ballast_crds::degradation_policy::CachePolicy| {
         epoch += 1;
         app.reader.flow().reload(query::rules(rate_policy, deadline));
-        let _ = modes_tx.send(Modes::default().with(Dependency::Cache, Mode::Normal, epoch));
+        // Normal again just now: the checks are paced for the re-warm.
+        let now_ms = k8s_openapi::jiff::Timestamp::now().as_millisecond();
+        let _ = modes_tx.send(
+            Modes::default()
+                .with(Dependency::Cache, Mode::Normal, epoch)
+                .with_since(Dependency::Cache, now_ms),
+        );
     };
     let (mut paced_runs, mut unpaced_runs) = (Vec::new(), Vec::new());
     for _ in 0..RUNS {

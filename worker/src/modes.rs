@@ -110,6 +110,14 @@ impl Modes {
         self
     }
 
+    /// These modes with `dependency` having entered its mode at `since_ms`.
+    pub fn with_since(mut self, dependency: Dependency, since_ms: i64) -> Self {
+        if let Some(p) = self.modes.iter_mut().find(|p| p.dependency == dependency) {
+            p.since_ms = Some(since_ms);
+        }
+        self
+    }
+
     /// These modes with `set` as the published slave set.
     pub fn with_slaves(mut self, set: SlaveSet) -> Self {
         self.slaves = Some(set);

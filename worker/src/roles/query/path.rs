@@ -50,9 +50,45 @@ pub fn trusted(checked_epoch: Option<i64>, cache_epoch: i64) -> bool {
     checked_epoch == Some(cache_epoch)
 }
 
+/// How long after the cache came back checks of cached days are paced.
+pub const REWARM_MS: i64 = 5 * 60 * 1000;
+
+/// Whether checks of cached days against the hot MySQL are paced now: while
+/// the cache recovers, and for [`REWARM_MS`] after it is published Normal
+/// again (`since_ms`, at an epoch past 0: it was away), when every merchant's
+/// day is unchecked at once. Any other time a check is one merchant's first
+/// read of its day, and goes to MySQL unpaced as a miss does. Pure.
+pub fn pace_checks(cache: (Mode, i64), since_ms: Option<i64>, now_ms: i64) -> bool {
+    match cache {
+        (Mode::Recovering, _) => true,
+        (Mode::Normal, epoch) if epoch > 0 => since_ms.is_some_and(|since| now_ms - since < REWARM_MS),
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checks_are_paced_only_while_the_cache_rewarms() {
+        let now = 1_000_000_000;
+        // (cache mode and epoch, since, paced)
+        let cases = [
+            ((Mode::Recovering, 2), Some(now - 1), true),
+            ((Mode::Normal, 3), Some(now - 1_000), true),
+            ((Mode::Normal, 3), Some(now - REWARM_MS + 1), true),
+            ((Mode::Normal, 3), Some(now - REWARM_MS), false),
+            ((Mode::Normal, 3), None, false),
+            // Normal since the pipeline began: never away, nothing to re-warm.
+            ((Mode::Normal, 0), Some(now - 1_000), false),
+            // The cache is not read at all.
+            ((Mode::Degraded, 1), Some(now), false),
+        ];
+        for (mode, since, want) in cases {
+            assert_eq!(pace_checks(mode, since, now), want, "{mode:?} since {since:?}");
+        }
+    }
 
     #[test]
     fn each_store_outage_has_its_path() {

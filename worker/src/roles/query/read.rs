@@ -154,10 +154,13 @@ impl Reader {
                         }
                         return Ok(self.found(cached.results, Source::Cache));
                     }
+                    let now_ms = k8s_openapi::jiff::Timestamp::now().as_millisecond();
+                    let cache = modes.get(Dependency::Cache);
+                    let paced = path::pace_checks(cache, modes.since_ms(Dependency::Cache), now_ms);
                     return self
                         .single_flight(
                             &key,
-                            self.paced_check(merchant, day_start_ms, cached, cache_epoch),
+                            self.paced_check(merchant, day_start_ms, cached, cache_epoch, paced),
                         )
                         .await;
                 }
@@ -208,9 +211,9 @@ impl Reader {
         }
     }
 
-    /// A check of a cached day, paced by the rate in front of the hot MySQL
-    /// (one admission per flight, not per request waiting on it): after a
-    /// cache outage every merchant's day is unchecked, and checking them all
+    /// A check of a cached day, when `paced` by the rate in front of the hot
+    /// MySQL (one admission per flight, not per request waiting on it): after
+    /// a cache outage every merchant's day is unchecked, and checking them all
     /// at once would send the whole read load to MySQL. Over the rate, the
     /// cached day is the answer, marked unchecked; an empty one is a 429.
     async fn paced_check(
@@ -219,17 +222,19 @@ impl Reader {
         day_start_ms: i64,
         cached: CachedDay,
         epoch: i64,
+        paced: bool,
     ) -> Result<Found, Unavailable> {
-        let admission = match self.flow.admit("query", None) {
-            Ok(admission) => admission,
-            Err(_) if !cached.results.is_empty() => {
+        let admission = match paced.then(|| self.flow.admit("query", None)) {
+            None => None,
+            Some(Ok(admission)) => Some(admission),
+            Some(Err(_)) if !cached.results.is_empty() => {
                 self.metrics.unchecked.inc();
                 return Ok(Found {
                     unchecked: true,
                     ..self.found(cached.results, Source::Cache)
                 });
             }
-            Err(refusal) => return Err(Unavailable::Limited(refusal)),
+            Some(Err(refusal)) => return Err(Unavailable::Limited(refusal)),
         };
         let found = self
             .check(merchant, day_start_ms, cached, epoch)
