@@ -1,10 +1,12 @@
-//! What the tests apply to the API server: Ballast's CRDs, the operator's
-//! shipped RBAC, and any shipped multi-document manifest.
+//! What the tests apply to the API server: Ballast's CRDs and the workers'
+//! Lease admission policy, the operator's shipped RBAC, and any shipped
+//! multi-document manifest.
 
 use crate::StackError;
 
-/// Applies Ballast's CRDs (as generated from the Rust types) and waits until
-/// the API server serves them.
+/// Applies Ballast's CRDs (as generated from the Rust types), waits until
+/// the API server serves them, and applies the shipped admission policy
+/// that keeps each pipeline's workers to their own Leases.
 pub async fn install_crds(client: &kube::Client) -> Result<(), StackError> {
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
     use kube::api::{Api, Patch, PatchParams};

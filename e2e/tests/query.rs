@@ -18,14 +18,14 @@ use ballast_e2e::poison::PoisonedWindow;
 use ballast_e2e::running::{self, Launch, RunningPipeline};
 use ballast_e2e::scenario::{self, HttpResponse};
 use ballast_e2e::stack_script;
+use ballast_worker::results::cache::DAY_MS;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use serde_json::{Value, json};
 
 const WINDOW_MS: i64 = 2_000;
-/// The policy's period (its default granularity) and a day.
+/// The policy's period (its default granularity).
 const HOUR_MS: i64 = 3_600_000;
-const DAY_MS: i64 = 86_400_000;
 /// Queries per second a query pod answers from MySQL while the cache is down.
 const RATE: u32 = 5;
 

@@ -46,9 +46,6 @@ pub struct Inputs {
     pub slave_memory_mib: i64,
 }
 
-/// The slaves' bound on events held when no policy is found (the CRD's default).
-pub const DEFAULT_SLAVE_MEMORY_MIB: i64 = 512;
-
 /// Names of a pipeline's objects.
 pub fn object_name(pipeline: &str, role: &str) -> String {
     format!("{pipeline}-{role}")

@@ -324,12 +324,7 @@ async fn reconcile_pipeline(ap: &Arc<AnalyticsPipeline>, ctx: &Context) -> Resul
     let inputs = desired::Inputs {
         slave_replicas: publication.slave_replicas,
         config_hash: config_hash(ap, &fetched),
-        slave_memory_mib: fetched
-            .policy
-            .as_ref()
-            .map_or(desired::DEFAULT_SLAVE_MEMORY_MIB, |p| {
-                i64::from(p.spec.kv.max_memory_mib)
-            }),
+        slave_memory_mib: i64::from(valid.policy.kv.max_memory_mib),
     };
     let objects = desired::objects(ap, &owner, &inputs);
     apply::apply(&ctx.client, &ns, &objects).await?;

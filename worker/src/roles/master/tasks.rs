@@ -13,7 +13,7 @@ pub use super::snapshot::{Kind, OpenTask, Planned, Snapshot, TaskKey};
 use ballast_node::master_report::{FailingWindow, MasterReport, short_error};
 
 mod to_date;
-pub use to_date::{Cadence, DAY_MS, ToDate, Track};
+pub use to_date::{Cadence, ToDate, Track};
 
 /// Most open tasks: at about 250 bytes each persisted, the state stays near
 /// half a MiB, well inside a ConfigMap's 1 MiB. Reached only when windows keep

@@ -35,8 +35,7 @@ pub struct Found {
     /// Which store answered.
     pub source: Source,
     /// A cached day served before it was checked against the hot MySQL:
-    /// the checks were over their rate (the cache came back after an
-    /// outage, or many merchants read for the first time today).
+    /// the checks were over their rate while the cache re-warms after an outage.
     pub unchecked: bool,
 }
 

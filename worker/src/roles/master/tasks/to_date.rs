@@ -15,8 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::super::plan::{partitions, period_of};
 use super::{Kind, MAX_TASKS_PER_WINDOW, Planned, Table, Task, TaskKey};
 
-/// A UTC day, in milliseconds.
-pub const DAY_MS: i64 = 86_400_000;
+use crate::results::cache::DAY_MS;
 
 /// How often to-date results are computed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
