@@ -75,8 +75,8 @@ pub enum ReasonCode {
     LocalCache,
     /// Windows still inside the lateness: late events may still change them.
     LateDataPossible,
-    /// The computation of a window (or a KV-degraded hour) keeps failing:
-    /// its results are missing until a retry succeeds.
+    /// The computation of a window (or of an hour or the day to date) keeps
+    /// failing: its results are missing until a retry succeeds.
     WindowFailing,
     /// Served from the cache before it was checked against the hot MySQL
     /// (the checks are paced): results computed while the cache was down may
@@ -241,7 +241,10 @@ pub fn today_reasons(modes: &Modes, facts: &TodayFacts<'_>) -> Vec<Reason> {
                 message: format!(
                     "computing this {} keeps failing ({} attempts so far): its results are missing \
                      until a retry succeeds",
-                    if failing.kind == "hour" { "hour" } else { "window" },
+                    match failing.kind.as_str() {
+                        kind @ ("hour" | "day") => kind,
+                        _ => "window",
+                    },
                     failing.attempts
                 ),
                 from_ms,
