@@ -184,6 +184,25 @@ async fn operator_reconciles_and_switches_modes_against_real_servers() -> anyhow
             .map(String::as_str),
         Some("restricted")
     );
+    // ...which is enforced: a pod without those settings is refused there.
+    let bare: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
+        "metadata": {"name": "unhardened"},
+        "spec": {"containers": [{"name": "c", "image": "ballast-worker"}]},
+    }))?;
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &ns);
+    match pods
+        .create(
+            &kube::api::PostParams {
+                dry_run: true,
+                ..Default::default()
+            },
+            &bare,
+        )
+        .await
+    {
+        Err(kube::Error::Api(e)) if e.code == 403 && e.message.contains("PodSecurity") => {}
+        other => anyhow::bail!("an unhardened pod in a restricted namespace: {other:?}"),
+    }
     let budgets: Api<k8s_openapi::api::policy::v1::PodDisruptionBudget> =
         Api::namespaced(client.clone(), &ns);
     for role in ["master", "intake"] {
