@@ -114,7 +114,8 @@ fn default_merchant_column() -> String {
 pub struct ColdStoreSpec {
     /// The Elasticsearch cluster.
     pub elasticsearch: ElasticsearchRef,
-    /// Prefix of the daily rollup indices (`<prefix>-YYYY.MM.DD`).
+    /// Prefix of the rollup indices: one document per merchant and day, in
+    /// monthly indices `<prefix>-YYYY.MM` made from the index template `<prefix>`.
     #[schemars(length(min = 1, max = 200), regex(pattern = r"^[a-z0-9][a-z0-9._-]*$"))]
     pub index_prefix: String,
 }

@@ -131,6 +131,20 @@ impl Metrics {
         })
     }
 
+    /// The metrics as the slaves store them (a JSON object of the sample SQL's columns).
+    pub fn to_json(&self) -> Map<String, Value> {
+        let mut m = Map::new();
+        m.insert("gmv".into(), self.gmv.into());
+        m.insert("orders".into(), self.orders.into());
+        m.insert("paid_orders".into(), self.paid_orders.into());
+        m.insert("paying_users".into(), self.paying_users.into());
+        m.insert("avg_order_value".into(), self.avg_order_value.into());
+        m.insert("refunds".into(), self.refunds.into());
+        m.insert("refund_amount".into(), self.refund_amount.into());
+        m.insert("top_items".into(), self.top_items.clone().into());
+        m
+    }
+
     /// Equal, with the average compared to a relative 1e-9 (engines round differently).
     pub fn matches(&self, other: &Self) -> bool {
         let avg = match (self.avg_order_value, other.avg_order_value) {
@@ -160,6 +174,17 @@ pub async fn expected(
     window_ms: i64,
     condition: &str,
 ) -> Result<BTreeMap<(i64, String), Metrics>, mysql_async::Error> {
+    expected_in(conn, "orders", prefix, window_ms, condition).await
+}
+
+/// [`expected`] over the rows of `table` (a table shaped as `orders`).
+pub async fn expected_in(
+    conn: &mut mysql_async::Conn,
+    table: &str,
+    prefix: &str,
+    window_ms: i64,
+    condition: &str,
+) -> Result<BTreeMap<(i64, String), Metrics>, mysql_async::Error> {
     let window = format!("FLOOR(UNIX_TIMESTAMP(created_at) * 1000 / {window_ms}) * {window_ms}");
     let filter = format!("merchant_id LIKE '{prefix}-%' AND ({condition})");
     let totals: Vec<Totals> = conn
@@ -168,7 +193,7 @@ pub async fn expected(
              CAST(SUM(IF(status = 'paid', amount, 0)) AS SIGNED), COUNT(*), \
              CAST(SUM(status = 'paid') AS SIGNED), COUNT(DISTINCT IF(status = 'paid', user_id, NULL)), \
              CAST(SUM(status = 'refunded') AS SIGNED), CAST(SUM(IF(status = 'refunded', amount, 0)) AS SIGNED) \
-             FROM orders WHERE {filter} GROUP BY w, merchant_id"
+             FROM {table} WHERE {filter} GROUP BY w, merchant_id"
         ))
         .await?;
     let tops: Vec<(i64, String, String)> = conn
@@ -176,7 +201,7 @@ pub async fn expected(
             "SELECT w, merchant_id, GROUP_CONCAT(item ORDER BY n DESC, item ASC SEPARATOR ',') FROM ( \
                SELECT w, merchant_id, item, n, \
                       ROW_NUMBER() OVER (PARTITION BY w, merchant_id ORDER BY n DESC, item ASC) rn FROM ( \
-                 SELECT CAST({window} AS SIGNED) w, merchant_id, item, COUNT(*) n FROM orders \
+                 SELECT CAST({window} AS SIGNED) w, merchant_id, item, COUNT(*) n FROM {table} \
                  WHERE {filter} AND status = 'paid' GROUP BY w, merchant_id, item) counted) ranked \
              WHERE rn <= 3 GROUP BY w, merchant_id"
         ))

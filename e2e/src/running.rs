@@ -28,6 +28,9 @@ pub enum RunError {
     /// The source database refused a statement.
     #[error("source database: {0}")]
     Source(#[from] mysql_async::Error),
+    /// No pod of the role runs.
+    #[error("no {0} pod runs")]
+    NotRunning(&'static str),
 }
 
 /// What to run.
@@ -125,6 +128,16 @@ impl RunningPipeline {
         })
         .await?;
         Ok(())
+    }
+
+    /// The loopback port the running query pod serves on.
+    pub async fn query_port(&self) -> Result<u16, RunError> {
+        let pods: Api<k8s_openapi::api::core::v1::Pod> =
+            Api::namespaced(self.client.clone(), &self.namespace);
+        self.kubelet
+            .role_port(&pods, "query")
+            .await?
+            .ok_or(RunError::NotRunning("query"))
     }
 
     /// Inserts four batches of 30 orders over about 2 s.

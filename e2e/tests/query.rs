@@ -19,8 +19,6 @@ use ballast_e2e::running::{self, Launch, RunningPipeline};
 use ballast_e2e::scenario::{self, HttpResponse};
 use ballast_e2e::stack_script;
 use ballast_worker::results::cache::DAY_MS;
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::Api;
 use serde_json::{Value, json};
 
 const WINDOW_MS: i64 = 2_000;
@@ -41,7 +39,6 @@ where
 /// A pipeline with one query pod, its operator and its workers.
 struct Running {
     run: RunningPipeline,
-    pods: Api<Pod>,
 }
 
 impl Running {
@@ -63,19 +60,12 @@ impl Running {
             ],
         })
         .await?;
-        Ok(Self {
-            pods: Api::namespaced(run.client.clone(), &run.namespace),
-            run,
-        })
+        Ok(Self { run })
     }
 
     /// The port the running query pod serves on.
     async fn query_port(&self) -> anyhow::Result<u16> {
-        self.run
-            .kubelet
-            .role_port(&self.pods, "query")
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("no query pod runs"))
+        Ok(self.run.query_port().await?)
     }
 
     async fn get(&self, path: &str) -> anyhow::Result<HttpResponse> {

@@ -5,7 +5,11 @@
 //!     merchant's day hash: one round trip, as the service makes) by the
 //!     same client at the same concurrency; answers per second, p50, p99;
 //! (b) cache-down mode: answers from the in-process cache (hits), and the
-//!     429 answer over the rate limit (p99; target under 1 ms).
+//!     429 answer over the rate limit (p99; target under 1 ms);
+//! (c) the cache back after an outage: MySQL reads paced and unpaced;
+//! (d) history from the cold store: a filtered, grouped, sorted answer over
+//!     90 days through the API, against the raw Elasticsearch search with the
+//!     same filter and routing by the same client at the same concurrency.
 //! Each figure is the median of 3 runs.
 
 use std::sync::Arc;
@@ -13,12 +17,13 @@ use std::time::{Duration, Instant};
 
 use ballast_crds::{Dependency, Mode};
 use ballast_e2e::Stack;
+use ballast_worker::cold::{ColdStore, Day, Rollup};
 use ballast_worker::compute::MerchantResult;
 use ballast_worker::modes::Modes;
 use ballast_worker::results::cache::{ResultCache, day_key, day_of};
 use ballast_worker::results::hot::HotStore;
 use ballast_worker::results::{Granularity, Slot};
-use ballast_worker::roles::query::{self, api, metrics, read};
+use ballast_worker::roles::query::{self, api, history, metrics, read};
 use prometheus_client::registry::Registry;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -238,8 +243,10 @@ async fn main() -> anyhow::Result<()> {
         Arc::clone(&metrics),
     );
     let (modes_tx, modes) = watch::channel(Modes::default());
+    let cold = cold_rollups(&stack, now).await?;
     let app = Arc::new(api::App {
         reader,
+        cold: history::Cold::new(cold.clone(), Duration::from_secs(1)),
         modes,
         window_ms: WINDOW_MS,
         period_ms: 3_600_000,
@@ -342,6 +349,37 @@ async fn main() -> anyhow::Result<()> {
     }
     let (local, refused) = (medians(&local_runs), medians(&refused_runs));
 
+    // (d) History over 90 days, beside the raw search with the same filter.
+    let today = Day::of_ms(now);
+    let (from, to) = (Day(today.0 - 90), Day(today.0 - 1));
+    let history = move |i| {
+        format!(
+            "/v1/merchants/{}/history?from={from}&to={to}&where=gmv>=5000&groupBy=week\
+             &aggregate=sum:gmv&aggregate=avg:avg_order_value&aggregate=count&sort=sum_gmv:desc&limit=10",
+            cold_merchant(i)
+        )
+    };
+    let (mut history_runs, mut search_runs) = (Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        history_runs.push(api_load(port, history, |status| status == 200).await?);
+        let store = cold.clone();
+        search_runs.push(
+            load(move |_, i| {
+                let store = store.clone();
+                async move {
+                    let filter = vec![json!({"range": {"m.gmv": {"gte": 5000}}})];
+                    let found = store
+                        .search(&cold_merchant(i), (from, to), filter, Vec::new())
+                        .await?;
+                    anyhow::ensure!(!found.is_empty(), "no rollups found");
+                    Ok(())
+                }
+            })
+            .await?,
+        );
+    }
+    let (history_api, search) = (medians(&history_runs), medians(&search_runs));
+
     println!(
         "query bench ({MERCHANTS} merchants x {WINDOWS} windows, concurrency {CONCURRENCY}, medians of {RUNS} runs of {RUN:?})"
     );
@@ -356,6 +394,8 @@ async fn main() -> anyhow::Result<()> {
         ("API refused over the rate (429 mostly)", refused),
         ("API after a cache outage, checks paced", paced),
         ("API after a cache outage, unpaced", unpaced_load),
+        ("raw ES search, 90 days (baseline)", search),
+        ("API history, 90 days by week", history_api),
     ] {
         println!(
             "{name:<44} {:>12.0} {:>9.3} {:>9.3}",
@@ -374,5 +414,57 @@ async fn main() -> anyhow::Result<()> {
         paced_reads as f64 / RUN.as_secs_f64(),
         unpaced_reads as f64 / RUN.as_secs_f64(),
     );
+    println!(
+        "history API / raw ES search: {:.2} answers/s; p99 {:.2} ms vs {:.2} ms ({:.2}x)",
+        history_api.per_second / search.per_second,
+        history_api.p99_ms,
+        search.p99_ms,
+        history_api.p99_ms / search.p99_ms
+    );
     Ok(())
+}
+
+/// Merchants with a year of rollups in the cold store.
+const COLD_MERCHANTS: usize = 100;
+
+fn cold_merchant(i: usize) -> String {
+    format!("bench-cold-m{}", i % COLD_MERCHANTS)
+}
+
+/// A year of daily rollups for each of [`COLD_MERCHANTS`] in the stack's cold
+/// Elasticsearch (ids are merchant and day: a rerun rewrites the same documents).
+async fn cold_rollups(stack: &Stack, now_ms: i64) -> anyhow::Result<ColdStore> {
+    let es = ballast_worker::connect::elasticsearch(&stack.get("BALLAST_ES_COLD_URL")?, None)?;
+    let store = ColdStore::new(es, "bench-query-daily", Duration::from_secs(30));
+    store.install_template().await?;
+    let today = Day::of_ms(now_ms);
+    for m in 0..COLD_MERCHANTS {
+        let rollups: Vec<Rollup> = (1..=365)
+            .map(|back| {
+                let day = Day(today.0 - back);
+                Rollup {
+                    merchant: cold_merchant(m),
+                    day,
+                    shed: false,
+                    hourly_only: false,
+                    metrics: json!({
+                        "gmv": (day.0 as i64 * 7919 + m as i64 * 104_729) % 20_000, "orders": 30 + back % 7,
+                        "paying_users": 20, "avg_order_value": 123.5 + f64::from(back),
+                        "top_items": format!("item-{},item-2", back % 5),
+                    })
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default(),
+                }
+            })
+            .collect();
+        // The last write makes them all visible to searches.
+        let refresh = if m + 1 == COLD_MERCHANTS {
+            elasticsearch::params::Refresh::WaitFor
+        } else {
+            elasticsearch::params::Refresh::False
+        };
+        store.write_all(&rollups, refresh).await?;
+    }
+    Ok(store)
 }

@@ -6,6 +6,7 @@
 
 pub use ballast_node::{connect, health, leader, master_report, membership, probe, telemetry};
 
+pub mod cold;
 pub mod compute;
 pub mod grpc;
 pub mod kv;

@@ -259,6 +259,15 @@ struct QueryArgs {
     /// Password of the hot MySQL user.
     #[arg(long, env = "BALLAST_HOT_MYSQL_PASSWORD", hide_env_values = true)]
     hot_password: Option<String>,
+    /// Deadline of each call to the cold store.
+    #[arg(long, env = "BALLAST_COLD_DEADLINE", default_value = "1s", value_parser = parse_duration)]
+    cold_deadline: Duration,
+    /// User of the cold store (Elasticsearch), from the pipeline's credentials Secret.
+    #[arg(long, env = "BALLAST_COLD_USERNAME", hide_env_values = true)]
+    cold_username: Option<String>,
+    /// Password of the cold store's user.
+    #[arg(long, env = "BALLAST_COLD_PASSWORD", hide_env_values = true)]
+    cold_password: Option<String>,
 }
 
 async fn run_query(pod: Pod, args: QueryArgs) -> Result<(), String> {
@@ -272,6 +281,8 @@ async fn run_query(pod: Pod, args: QueryArgs) -> Result<(), String> {
         drain: pod.drain,
         cache_password: args.cache_password,
         hot_password: args.hot_password,
+        cold_credentials: args.cold_username.zip(args.cold_password),
+        cold_deadline: args.cold_deadline,
     };
     query::run(config, Deps { client }, shutdown_token())
         .await

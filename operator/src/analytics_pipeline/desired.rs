@@ -257,30 +257,44 @@ impl Builder<'_> {
     /// spec; each role gets only the passwords of the servers it talks to.
     fn secret_env(&self, role: &str) -> Vec<EnvVar> {
         let spec = &self.ap.spec;
+        let key = |r: Option<&SecretKeyRef>| r.map(|r| (r.name.clone(), r.key.clone()));
         let source = (
             "BALLAST_SOURCE_MYSQL_PASSWORD",
-            spec.source.mysql.password_secret_ref.as_ref(),
+            key(spec.source.mysql.password_secret_ref.as_ref()),
         );
         let hot = (
             "BALLAST_HOT_MYSQL_PASSWORD",
-            spec.hot_store.password_secret_ref.as_ref(),
+            key(spec.hot_store.password_secret_ref.as_ref()),
         );
-        let kv = ("BALLAST_KV_PASSWORD", spec.kv.password_secret_ref.as_ref());
-        let cache = ("BALLAST_CACHE_PASSWORD", spec.cache.password_secret_ref.as_ref());
-        let refs: Vec<(&str, Option<&SecretKeyRef>)> = match role {
+        let kv = ("BALLAST_KV_PASSWORD", key(spec.kv.password_secret_ref.as_ref()));
+        let cache = (
+            "BALLAST_CACHE_PASSWORD",
+            key(spec.cache.password_secret_ref.as_ref()),
+        );
+        // The cold store's Secret holds both keys, as Elasticsearch's basic auth needs them.
+        let cold = spec.cold_store.elasticsearch.credentials_secret_ref.as_ref();
+        let cold_user = (
+            "BALLAST_COLD_USERNAME",
+            cold.map(|s| (s.name.clone(), "username".to_owned())),
+        );
+        let cold_password = (
+            "BALLAST_COLD_PASSWORD",
+            cold.map(|s| (s.name.clone(), "password".to_owned())),
+        );
+        let refs: Vec<(&str, Option<(String, String)>)> = match role {
             "collector" => vec![source],
             "intake" | "master" => vec![kv],
-            "query" => vec![hot, cache],
+            "query" => vec![hot, cache, cold_user, cold_password],
             _ => vec![hot, kv, cache],
         };
         refs.into_iter()
             .filter_map(|(var, r)| {
-                r.map(|r| EnvVar {
+                r.map(|(name, key)| EnvVar {
                     name: var.into(),
                     value_from: Some(EnvVarSource {
                         secret_key_ref: Some(SecretKeySelector {
-                            name: r.name.clone(),
-                            key: r.key.clone(),
+                            name,
+                            key,
                             ..SecretKeySelector::default()
                         }),
                         ..EnvVarSource::default()

@@ -136,6 +136,48 @@ fn slave_replicas_follow_inputs_and_secrets_become_env_refs() {
 }
 
 #[test]
+fn only_the_query_pods_get_the_cold_stores_credentials_from_its_secret() {
+    let inputs = Inputs {
+        slave_replicas: 2,
+        config_hash: String::new(),
+        slave_memory_mib: 512,
+    };
+    let mut ap = fixture();
+    ap.spec.cold_store.elasticsearch.credentials_secret_ref = Some(ballast_crds::refs::LocalObjectRef {
+        name: "cold-es".into(),
+    });
+    let objs = objects(&ap, &owner(), &inputs);
+    for o in objs.iter().filter(|o| template(o).is_some()) {
+        let env = container(o).and_then(|c| c.env.clone()).unwrap_or_default();
+        let cold: Vec<(String, String, String)> = env
+            .iter()
+            .filter(|e| e.name.starts_with("BALLAST_COLD_"))
+            .filter_map(|e| {
+                let r = e.value_from.as_ref()?.secret_key_ref.as_ref()?;
+                Some((e.name.clone(), r.name.clone(), r.key.clone()))
+            })
+            .collect();
+        let want: Vec<(String, String, String)> = if o.name().ends_with("-query") {
+            vec![
+                (
+                    "BALLAST_COLD_USERNAME".into(),
+                    "cold-es".into(),
+                    "username".into(),
+                ),
+                (
+                    "BALLAST_COLD_PASSWORD".into(),
+                    "cold-es".into(),
+                    "password".into(),
+                ),
+            ]
+        } else {
+            Vec::new()
+        };
+        assert_eq!(cold, want, "{}", o.name());
+    }
+}
+
+#[test]
 fn each_role_gets_only_the_passwords_of_the_servers_it_talks_to() {
     let inputs = Inputs {
         slave_replicas: 2,

@@ -4,6 +4,10 @@
 //! options prints a URL with the password in it.
 
 use ballast_crds::refs::{MysqlRef, RedisRef};
+use elasticsearch::Elasticsearch;
+use elasticsearch::auth::Credentials;
+use elasticsearch::http::Url;
+use elasticsearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisConnectionInfo};
 
 /// `host` and `port` of a `host:port` address (the CRD's pattern), `default`
@@ -37,6 +41,21 @@ pub fn redis(redis: &RedisRef, password: Option<&str>) -> Result<ConnectionInfo,
     Ok(ConnectionAddr::Tcp(host, port)
         .into_connection_info()?
         .set_redis_settings(settings))
+}
+
+/// A client of the Elasticsearch cluster at `url` (its path and query are
+/// the cluster's; no credentials in it), with `credentials` (user and
+/// password) sent as HTTP basic authentication when given.
+pub fn elasticsearch(
+    url: &str,
+    credentials: Option<(String, String)>,
+) -> Result<Elasticsearch, elasticsearch::Error> {
+    let pool = SingleNodeConnectionPool::new(Url::parse(url)?);
+    let mut builder = TransportBuilder::new(pool);
+    if let Some((user, password)) = credentials {
+        builder = builder.auth(Credentials::Basic(user, password));
+    }
+    Ok(Elasticsearch::new(builder.build()?))
 }
 
 #[cfg(test)]

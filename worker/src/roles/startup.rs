@@ -34,6 +34,9 @@ pub enum StartupError {
         #[source]
         source: redis::RedisError,
     },
+    /// The cold store's connection options are not valid.
+    #[error("connection options of the cold store: {0}")]
+    ColdOptions(#[source] elasticsearch::Error),
     /// A listener could not be bound.
     #[error("binding {addr}: {source}")]
     Bind {

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::Router;
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -18,6 +18,7 @@ use tokio::sync::watch;
 
 use super::contract::Source;
 use super::contract::{self, Completeness, TodayFacts};
+use super::history::{self, Cold, ColdUnavailable, HistoryError};
 use super::input::{self, BadInput};
 use super::metrics::Metrics;
 use super::read::{Reader, Unavailable};
@@ -29,6 +30,8 @@ use crate::results::cache::day_of;
 pub struct App {
     /// The hot read path.
     pub reader: Reader,
+    /// The cold store.
+    pub cold: Cold,
     /// The published modes.
     pub modes: watch::Receiver<Modes>,
     /// Length of a window, in ms.
@@ -44,10 +47,16 @@ pub struct App {
 /// The OpenAPI document of this API.
 const OPENAPI: &str = include_str!("openapi.json");
 
+/// Path of a merchant's today.
+const TODAY: &str = "/v1/merchants/{merchant}/today";
+/// Path of a merchant's history.
+const HISTORY: &str = "/v1/merchants/{merchant}/history";
+
 /// The API's routes, to be served beside `/metrics`, `/healthz` and `/readyz`.
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
-        .route("/v1/merchants/{merchant}/today", get(today))
+        .route(TODAY, get(today))
+        .route(HISTORY, get(history))
         .route("/openapi.json", get(openapi))
         .route("/", get(page))
         .with_state(app)
@@ -71,6 +80,8 @@ enum Refused {
     Bad(#[from] BadInput),
     #[error(transparent)]
     Unavailable(#[from] Unavailable),
+    #[error(transparent)]
+    Cold(#[from] ColdUnavailable),
     #[error("writing the answer failed: {0}")]
     Render(serde_json::Error),
 }
@@ -99,6 +110,19 @@ impl Refused {
                     "internal",
                     &error.to_string(),
                     None,
+                )
+            }
+            Refused::Cold(why) => {
+                let code = match why {
+                    ColdUnavailable::Degraded => "coldUnavailable",
+                    ColdUnavailable::Failed(_) => "coldFailed",
+                };
+                metrics.unavailable.get_or_create(&[("reason", code)]).inc();
+                problem(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    code,
+                    &why.to_string(),
+                    Some("today's answers, at /v1/merchants/{merchant}/today"),
                 )
             }
             Refused::Unavailable(why) => {
@@ -132,7 +156,23 @@ fn problem(status: StatusCode, code: &str, message: &str, covered: Option<&str>)
 
 async fn today(State(app): State<Arc<App>>, merchant: Result<Path<String>, PathRejection>) -> Response {
     let started = Instant::now();
-    let response = match answer_today(&app, merchant).await {
+    let answer = answer_today(&app, merchant).await;
+    respond(&app, "today", started, answer)
+}
+
+async fn history(
+    State(app): State<Arc<App>>,
+    merchant: Result<Path<String>, PathRejection>,
+    pairs: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Response {
+    let started = Instant::now();
+    let answer = answer_history(&app, merchant, pairs).await;
+    respond(&app, "history", started, answer)
+}
+
+/// The response to an answer or a refusal, counted.
+fn respond(app: &App, endpoint: &'static str, started: Instant, answer: Result<Answer, Refused>) -> Response {
+    let response = match answer {
         Ok(answer) => {
             let labels = [
                 ("source", answer.source.as_str()),
@@ -145,10 +185,38 @@ async fn today(State(app): State<Arc<App>>, merchant: Result<Path<String>, PathR
     };
     app.metrics
         .requests
-        .get_or_create(&[("endpoint", "today"), ("code", status_label(response.status()))])
+        .get_or_create(&[("endpoint", endpoint), ("code", status_label(response.status()))])
         .inc();
     app.metrics.duration.observe(started.elapsed().as_secs_f64());
     response
+}
+
+async fn answer_history(
+    app: &App,
+    merchant: Result<Path<String>, PathRejection>,
+    pairs: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Answer, Refused> {
+    let Path(merchant) = merchant.map_err(|e| BadInput::Path(e.body_text()))?;
+    let merchant = input::merchant(&merchant)?;
+    let Query(pairs) = pairs.map_err(|e| BadInput::Query(e.body_text()))?;
+    let modes = app.modes.borrow().clone();
+    let request = history::Request {
+        merchant,
+        pairs: &pairs,
+        today: crate::cold::Day::of_ms(Timestamp::now().as_millisecond()),
+        modes: &modes,
+    };
+    let answer = history::answer(&app.cold, app.reader.flow(), request)
+        .await
+        .map_err(|e| match e {
+            HistoryError::Bad(bad) => Refused::Bad(bad),
+            HistoryError::Unavailable(why) => Refused::Cold(why),
+        })?;
+    Ok(Answer {
+        body: serde_json::to_string(&answer).map_err(Refused::Render)?,
+        source: answer.source,
+        status: answer.completeness.status,
+    })
 }
 
 /// An answer ready to send.
@@ -208,5 +276,26 @@ fn status_label(status: StatusCode) -> &'static str {
         503 => "503",
         500..=599 => "5xx",
         _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_openapi_document_describes_every_route() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap_or_default();
+        let paths: Vec<&String> = doc["paths"]
+            .as_object()
+            .map(|p| p.keys().collect())
+            .unwrap_or_default();
+        assert_eq!(paths, vec![HISTORY, TODAY]);
+        for path in [HISTORY, TODAY] {
+            assert!(
+                doc["paths"][path]["get"]["responses"]["200"].is_object(),
+                "{path}"
+            );
+        }
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod contract;
+pub mod history;
 pub mod input;
 pub mod metrics;
 pub mod path;
@@ -48,6 +49,10 @@ pub struct Config {
     pub cache_password: Option<String>,
     /// Password of the hot MySQL user.
     pub hot_password: Option<String>,
+    /// User and password of the cold store (Elasticsearch), if it has security on.
+    pub cold_credentials: Option<(String, String)>,
+    /// Deadline of each call to the cold store (a search reads up to a year of days).
+    pub cold_deadline: Duration,
 }
 
 /// Errors that stop a query process.
@@ -82,10 +87,14 @@ pub fn rules(cache: &CachePolicy, deadline: Duration) -> Rules {
         shadow: false,
     };
     let mut rules = Rules::queries_without_cache(cache);
-    rules.breakers = [GuardedDependency::Redis, GuardedDependency::Mysql]
-        .into_iter()
-        .map(|d| (d, breaker))
-        .collect();
+    rules.breakers = [
+        GuardedDependency::Redis,
+        GuardedDependency::Mysql,
+        GuardedDependency::Elasticsearch,
+    ]
+    .into_iter()
+    .map(|d| (d, breaker))
+    .collect();
     rules
 }
 
@@ -134,9 +143,19 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         flow,
         Arc::clone(&metrics),
     );
+    let es = crate::connect::elasticsearch(
+        &ap.spec.cold_store.elasticsearch.url,
+        config.cold_credentials.clone(),
+    )
+    .map_err(StartupError::ColdOptions)?;
+    let cold = history::Cold::new(
+        crate::cold::ColdStore::new(es, &ap.spec.cold_store.index_prefix, config.cold_deadline),
+        config.cold_deadline,
+    );
     let window_ms = i64::from(ap.spec.compute.window_seconds) * 1000;
     let app = Arc::new(api::App {
         reader,
+        cold,
         modes: modes.clone(),
         window_ms,
         // As the master cuts them.
