@@ -78,6 +78,10 @@ pub struct AnalyticsPipelineSpec {
     /// Replicas and resources of each role.
     #[serde(default)]
     pub roles: RolesSpec,
+    /// The nightly job: rollups into the cold store, the hot store's
+    /// retention, and the precomputed frequent cold queries.
+    #[serde(default)]
+    pub nightly: NightlySpec,
     /// Manual control for operators on call.
     #[serde(default, rename = "override", skip_serializing_if = "Option::is_none")]
     pub override_: Option<OverrideSpec>,
@@ -157,6 +161,46 @@ impl RoleSpec {
         Self {
             replicas,
             resources: None,
+        }
+    }
+}
+
+/// When the nightly job runs and what it keeps.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NightlySpec {
+    /// Cron schedule of the job (the CronJob's `schedule`): after midnight,
+    /// so that yesterday is closed past the lateness.
+    #[serde(default = "default_schedule")]
+    #[schemars(length(min = 9, max = 100))]
+    pub schedule: String,
+    /// IANA time zone of the schedule (the CronJob's `timeZone`).
+    #[serde(default = "default_time_zone")]
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z][A-Za-z0-9_+/-]*$"))]
+    pub time_zone: String,
+    /// Days of results the hot MySQL keeps once they are in the cold store
+    /// (today counts as day 0): older days are deleted after their rollup.
+    #[serde(default = "default_hot_retention_days")]
+    #[schemars(range(min = 1, max = 366))]
+    pub hot_retention_days: i32,
+}
+
+fn default_schedule() -> String {
+    "30 0 * * *".to_owned()
+}
+fn default_time_zone() -> String {
+    "Etc/UTC".to_owned()
+}
+fn default_hot_retention_days() -> i32 {
+    2
+}
+
+impl Default for NightlySpec {
+    fn default() -> Self {
+        Self {
+            schedule: default_schedule(),
+            time_zone: default_time_zone(),
+            hot_retention_days: default_hot_retention_days(),
         }
     }
 }

@@ -94,6 +94,52 @@ pub async fn insert(conn: &mut mysql_async::Conn, orders: &[Order]) -> Result<()
     .await
 }
 
+/// Creates `table`, shaped as `orders`, outside the pipeline's source (no
+/// collector reads it), and inserts `orders` with past event times: order
+/// `i` on the day `day(i)` (`YYYY-MM-DD`, UTC) at a time of day spread by
+/// `i`. The connection's time zone is set to UTC, so that MariaDB computes
+/// the days as written.
+pub async fn insert_past(
+    conn: &mut mysql_async::Conn,
+    table: &str,
+    orders: &[(Order, String)],
+) -> Result<(), mysql_async::Error> {
+    conn.query_drop("SET time_zone = '+00:00'").await?;
+    conn.query_drop(format!(
+        "CREATE TABLE {table} (merchant_id VARCHAR(64) NOT NULL, amount BIGINT NOT NULL, \
+         user_id VARCHAR(32) NOT NULL, item VARCHAR(64) NOT NULL, status VARCHAR(16) NOT NULL, \
+         created_at TIMESTAMP(3) NOT NULL)"
+    ))
+    .await?;
+    // The values are generated here (alphanumeric), never user input.
+    let rows: Vec<String> = orders
+        .iter()
+        .enumerate()
+        .map(|(i, (o, day))| {
+            let second = (i * 7919) % 86_400;
+            format!(
+                "('{}',{},'{}','{}','{}','{day} {:02}:{:02}:{:02}')",
+                o.merchant,
+                o.amount,
+                o.user,
+                o.item,
+                o.status,
+                second / 3600,
+                second / 60 % 60,
+                second % 60
+            )
+        })
+        .collect();
+    for chunk in rows.chunks(1000) {
+        conn.query_drop(format!(
+            "INSERT INTO {table} (merchant_id, amount, user_id, item, status, created_at) VALUES {}",
+            chunk.join(",")
+        ))
+        .await?;
+    }
+    Ok(())
+}
+
 /// The sample SQL's output for one merchant and window.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Metrics {

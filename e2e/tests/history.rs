@@ -140,46 +140,15 @@ async fn start() -> anyhow::Result<History> {
 /// job writes them: `shed` days for the first merchant, one hourly-only day.
 async fn past_days(h: &mut History, shed: &[Day], hourly_only: Day) -> anyhow::Result<Vec<String>> {
     let table = h.table.clone();
-    h.run.db.query_drop("SET time_zone = '+00:00'").await?;
-    h.run
-        .db
-        .query_drop(format!(
-            "CREATE TABLE {table} (merchant_id VARCHAR(64) NOT NULL, amount BIGINT NOT NULL, \
-             user_id VARCHAR(32) NOT NULL, item VARCHAR(64) NOT NULL, status VARCHAR(16) NOT NULL, \
-             created_at TIMESTAMP(3) NOT NULL)"
-        ))
-        .await?;
-    let mut stream = Orders::new(&h.run.pipeline, 3, 41);
-    let batch = stream.batch(1_500);
-    let rows: Vec<String> = batch
-        .iter()
+    let batch: Vec<(orders::Order, String)> = Orders::new(&h.run.pipeline, 3, 41)
+        .batch(1_500)
+        .into_iter()
         .enumerate()
         // Every third day of the first merchant has no orders: no rollup, no row.
         .filter(|(i, o)| !(o.merchant.ends_with("-m0") && (i % DAYS as usize) % 3 == 2))
-        .map(|(i, o)| {
-            let day = Day(h.from.0 + (i % DAYS as usize) as i32);
-            let second = (i * 7919) % 86_400;
-            format!(
-                "('{}',{},'{}','{}','{}','{} {:02}:{:02}:{:02}')",
-                o.merchant,
-                o.amount,
-                o.user,
-                o.item,
-                o.status,
-                day,
-                second / 3600,
-                second / 60 % 60,
-                second % 60
-            )
-        })
+        .map(|(i, o)| (o, Day(h.from.0 + (i % DAYS as usize) as i32).to_string()))
         .collect();
-    h.run
-        .db
-        .query_drop(format!(
-            "INSERT INTO {table} (merchant_id, amount, user_id, item, status, created_at) VALUES {}",
-            rows.join(",")
-        ))
-        .await?;
+    orders::insert_past(&mut h.run.db, &table, &batch).await?;
     let daily: BTreeMap<(i64, String), Metrics> =
         orders::expected_in(&mut h.run.db, &table, &h.run.pipeline, DAY_MS, "TRUE").await?;
     let stack = Stack::discover();

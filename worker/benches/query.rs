@@ -244,9 +244,18 @@ async fn main() -> anyhow::Result<()> {
     );
     let (modes_tx, modes) = watch::channel(Modes::default());
     let cold = cold_rollups(&stack, now).await?;
+    // The history requests are logged as in a query pod.
+    let (log, _writer) = history::logger::QueryLog::start(
+        cold.clone(),
+        Duration::from_secs(1),
+        Arc::clone(&metrics),
+        tokio_util::sync::CancellationToken::new(),
+    );
     let app = Arc::new(api::App {
         reader,
         cold: history::Cold::new(cold.clone(), Duration::from_secs(1)),
+        log,
+        precomputed: Arc::default(),
         modes,
         window_ms: WINDOW_MS,
         period_ms: 3_600_000,

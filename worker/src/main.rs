@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use ballast_worker::roles::master::{self, faults::FaultPolicy};
-use ballast_worker::roles::{Deps, collector, intake, query, slave};
+use ballast_worker::roles::{Deps, collector, intake, nightly, query, slave};
 use ballast_worker::{probe, telemetry};
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -115,6 +115,14 @@ enum Command {
         pod: Pod,
         #[command(flatten)]
         args: QueryArgs,
+    },
+    /// Nightly: rolls closed days into the cold store, trims the hot MySQL,
+    /// precomputes the frequent cold queries; prints its report (JSON) on stdout.
+    Nightly {
+        #[command(flatten)]
+        pod: Pod,
+        #[command(flatten)]
+        args: NightlyArgs,
     },
     /// Master: elects the active master on a Lease, plans window tasks and schedules them on the slaves.
     Master {
@@ -262,12 +270,62 @@ struct QueryArgs {
     /// Deadline of each call to the cold store.
     #[arg(long, env = "BALLAST_COLD_DEADLINE", default_value = "1s", value_parser = parse_duration)]
     cold_deadline: Duration,
+    /// How often today's precomputed cold answers are loaded (from the hot MySQL).
+    #[arg(long, env = "BALLAST_PRECOMPUTED_EVERY", default_value = "60s", value_parser = parse_duration)]
+    precomputed_every: Duration,
     /// User of the cold store (Elasticsearch), from the pipeline's credentials Secret.
     #[arg(long, env = "BALLAST_COLD_USERNAME", hide_env_values = true)]
     cold_username: Option<String>,
     /// Password of the cold store's user.
     #[arg(long, env = "BALLAST_COLD_PASSWORD", hide_env_values = true)]
     cold_password: Option<String>,
+}
+
+/// What the nightly job reads with.
+#[derive(Debug, Args)]
+struct NightlyArgs {
+    /// How long after closing a window late events may still change it (the master's lateness).
+    #[arg(long, env = "BALLAST_LATENESS", default_value = "120s", value_parser = parse_duration)]
+    lateness: Duration,
+    /// Deadline of each call to the cold store.
+    #[arg(long, env = "BALLAST_COLD_DEADLINE", default_value = "30s", value_parser = parse_duration)]
+    cold_deadline: Duration,
+    /// Runs as if now were this instant (Unix ms): for tests and replays.
+    #[arg(long, env = "BALLAST_NIGHTLY_NOW_MS")]
+    now_ms: Option<i64>,
+    /// Password of the hot MySQL user.
+    #[arg(long, env = "BALLAST_HOT_MYSQL_PASSWORD", hide_env_values = true)]
+    hot_password: Option<String>,
+    /// Password of the KV Redis.
+    #[arg(long, env = "BALLAST_KV_PASSWORD", hide_env_values = true)]
+    kv_password: Option<String>,
+    /// User of the cold store.
+    #[arg(long, env = "BALLAST_COLD_USERNAME", hide_env_values = true)]
+    cold_username: Option<String>,
+    /// Password of the cold store's user.
+    #[arg(long, env = "BALLAST_COLD_PASSWORD", hide_env_values = true)]
+    cold_password: Option<String>,
+}
+
+async fn run_nightly(pod: Pod, args: NightlyArgs) -> Result<(), String> {
+    let client = kube_client().await?;
+    let config = nightly::Config {
+        namespace: pod.namespace,
+        pipeline: pod.pipeline,
+        lateness: args.lateness,
+        deadline: args.cold_deadline,
+        hot_password: args.hot_password,
+        kv_password: args.kv_password,
+        cold_credentials: args.cold_username.zip(args.cold_password),
+        now_ms: args
+            .now_ms
+            .unwrap_or_else(|| k8s_openapi::jiff::Timestamp::now().as_millisecond()),
+    };
+    let report = nightly::run(config, Deps { client }, shutdown_token())
+        .await
+        .map_err(|e| e.to_string())?;
+    println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
+    Ok(())
 }
 
 async fn run_query(pod: Pod, args: QueryArgs) -> Result<(), String> {
@@ -283,6 +341,7 @@ async fn run_query(pod: Pod, args: QueryArgs) -> Result<(), String> {
         hot_password: args.hot_password,
         cold_credentials: args.cold_username.zip(args.cold_password),
         cold_deadline: args.cold_deadline,
+        precomputed_every: args.precomputed_every,
     };
     query::run(config, Deps { client }, shutdown_token())
         .await
@@ -409,6 +468,7 @@ async fn main() -> ExitCode {
         } => role("slave", cli.log_format, run_slave(pod, listen, compute, stores)).await,
         Command::Master { pod, args } => role("master", cli.log_format, run_master(pod, args)).await,
         Command::Query { pod, args } => role("query", cli.log_format, run_query(pod, args)).await,
+        Command::Nightly { pod, args } => role("nightly", cli.log_format, run_nightly(pod, args)).await,
         Command::Intake {
             pod,
             batch,

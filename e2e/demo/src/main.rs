@@ -6,9 +6,11 @@
 //! Merchants read their numbers through the query service all along. Midway
 //! it stops the KV Redis, Kafka, the hot MySQL and the result cache in turn,
 //! so the automatic degradation and recovery happen in front of you; then it
-//! prints a summary and stops everything it started.
+//! stops feeding, lets the last windows compute, prints a summary that
+//! accounts for every order fed, and stops everything it started.
 #![forbid(unsafe_code)]
 
+mod accounting;
 mod dashboard;
 mod observe;
 mod query;
@@ -191,7 +193,15 @@ async fn run() -> anyhow::Result<String> {
     let source = mysql_async::Pool::new(mysql_async::Opts::from_url(
         &stack.get("BALLAST_MYSQL_SOURCE_URL")?,
     )?);
-    let feeder = feed(source, inserted.clone(), stop.clone());
+    // The orders fed are those after this id: the source table outlives demos.
+    let first_id: u64 = {
+        use mysql_async::prelude::Queryable;
+        let mut conn = source.get_conn().await?;
+        conn.query_first("SELECT COALESCE(MAX(id), 0) FROM orders")
+            .await?
+            .unwrap_or(0)
+    };
+    let feeder = feed(source.clone(), inserted.clone(), stop.clone());
     let (query_port_tx, query_port) = tokio::sync::watch::channel(0_u16);
     let follow = "demo-m7".to_owned();
     let load = query::QueryLoad::default();
@@ -273,12 +283,26 @@ async fn run() -> anyhow::Result<String> {
 
     stop.cancel();
     let _ = feeder.await;
+    // The last windows close and compute: settled once every order fed is
+    // counted or reported, or after a minute.
+    let settle = Instant::now();
+    let account = loop {
+        let account = account(&observer, &kubelet, &pods, &source, first_id).await?;
+        if account.unexplained() == 0 || settle.elapsed() > Duration::from_secs(60) {
+            break account;
+        }
+        print!(
+            "\r  letting the last windows compute: {} orders not yet in the results...   ",
+            account.unexplained()
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    };
     drop(kubelet);
     drop(operator);
     let mut summary = format!(
-        "\nSummary after {} s\n  orders in:        {}\n  results out:      {} result rows in the hot MySQL (and the cache)\n  shed merchants:   at most {} at once while Kafka was down\n  time in each mode:\n",
+        "\nSummary after {} s\n{}  results out:      {} result rows in the hot MySQL (and the cache)\n  shed merchants:   at most {} at once while Kafka was down\n  time in each mode:\n",
         started.elapsed().as_secs(),
-        frame.orders_in,
+        account.lines(),
         frame.results_out,
         max_shed
     );
@@ -293,6 +317,60 @@ async fn run() -> anyhow::Result<String> {
     let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(client);
     let _ = namespaces.delete(&ns, &Default::default()).await;
     Ok(summary)
+}
+
+/// Where every order fed went, from the source table, the results, the
+/// workers' own counters and the pipeline's status.
+async fn account(
+    observer: &Observer,
+    kubelet: &Kubelet,
+    pods: &kube::Api<k8s_openapi::api::core::v1::Pod>,
+    source: &mysql_async::Pool,
+    first_id: u64,
+) -> anyhow::Result<accounting::Account> {
+    use mysql_async::prelude::Queryable;
+    let mut conn = source.get_conn().await?;
+    let fed: u64 = conn
+        .exec_first(
+            "SELECT COUNT(*) FROM orders WHERE id > ? AND merchant_id LIKE 'demo-%'",
+            (first_id,),
+        )
+        .await?
+        .unwrap_or(0);
+    let counted = accounting::counted(&observer.pool, &observer.hot, &observer.pipeline).await?;
+    let shed = metric_sum(kubelet, pods, "intake", "ballast_backup_intake_events_shed_total").await;
+    let memory_lost = metric_sum(kubelet, pods, "master", "ballast_master_slave_events_lost_total").await;
+    let aps: kube::Api<ballast_crds::AnalyticsPipeline> =
+        kube::Api::namespaced(observer.client.clone(), &observer.namespace);
+    let dead_lettered = aps
+        .get(&observer.pipeline)
+        .await
+        .ok()
+        .and_then(|ap| ap.status)
+        .map_or(0, |s| u64::try_from(s.dead_lettered_events).unwrap_or(0));
+    Ok(accounting::Account {
+        fed,
+        counted,
+        shed,
+        memory_lost,
+        dead_lettered,
+    })
+}
+
+/// The sum of counter `name` over every running pod of `role`.
+async fn metric_sum(
+    kubelet: &Kubelet,
+    pods: &kube::Api<k8s_openapi::api::core::v1::Pod>,
+    role: &str,
+    name: &str,
+) -> u64 {
+    let mut total = 0;
+    for port in kubelet.role_ports(pods, role).await.unwrap_or_default() {
+        if let Ok((200, text)) = scenario::http_get(port, "/metrics").await {
+            total += accounting::counter(&text, name);
+        }
+    }
+    total
 }
 
 #[tokio::main]

@@ -29,6 +29,32 @@ pub struct PodFacts {
     pub deleting: bool,
     /// `terminationGracePeriodSeconds`.
     pub grace: Duration,
+    /// `restartPolicy`.
+    pub restart: Restart,
+    /// Its phase is Succeeded or Failed: it runs no more.
+    pub finished: bool,
+}
+
+/// A pod's `restartPolicy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Restart {
+    /// Every exit restarts the container (the default; Deployments, StatefulSets).
+    Always,
+    /// Only a failure restarts it; a success completes the pod (Jobs).
+    OnFailure,
+    /// No exit restarts it.
+    Never,
+}
+
+impl Restart {
+    /// The policy a pod spec names.
+    pub fn of(policy: Option<&str>) -> Self {
+        match policy {
+            Some("OnFailure") => Restart::OnFailure,
+            Some("Never") => Restart::Never,
+            _ => Restart::Always,
+        }
+    }
 }
 
 /// The pod's process as the kubelet has it.
@@ -38,6 +64,8 @@ pub struct ProcFacts {
     pub uid: String,
     /// The process has exited.
     pub exited: bool,
+    /// Its exit code, once exited (none when a signal ended it).
+    pub exit_code: Option<i32>,
     /// How long ago SIGTERM was sent, if it was.
     pub terminating_for: Option<Duration>,
 }
@@ -59,6 +87,10 @@ pub enum Step {
     Remove,
     /// The process is gone and so is the pod: forget it.
     Forget,
+    /// The container exited 0 and the pod does not restart on success: report it Succeeded.
+    Succeed,
+    /// The container failed and the pod does not restart: report it Failed.
+    Fail,
 }
 
 /// The next step. Pure.
@@ -84,7 +116,16 @@ pub fn step(pod: Option<&PodFacts>, proc: Option<&ProcFacts>) -> Step {
         (true, Some(process)) => stop(process, pod.grace),
         (true, None) => Step::Remove,
         (false, Some(_)) => Step::Wait,
-        (false, None) => Step::Start,
+        (false, None) if pod.finished => Step::Wait,
+        (false, None) => {
+            // How this pod's own process ended, if it ran.
+            let ended = proc.filter(|p| p.uid == pod.uid && p.exited).map(|p| p.exit_code);
+            match (ended, pod.restart) {
+                (Some(Some(0)), Restart::OnFailure | Restart::Never) => Step::Succeed,
+                (Some(_), Restart::Never) => Step::Fail,
+                _ => Step::Start,
+            }
+        }
     }
 }
 
@@ -107,6 +148,33 @@ pub struct Reported {
     pub started: Time,
     /// When readiness last changed.
     pub ready_since: Time,
+}
+
+/// The status of a pod whose container ended for good: Succeeded (exit 0)
+/// or Failed, with the container's exit code.
+pub fn finished_patch(image: &str, exit_code: Option<i32>) -> Value {
+    let code = exit_code.unwrap_or(137);
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    json!({"status": {
+        "phase": if code == 0 { "Succeeded" } else { "Failed" },
+        "conditions": [
+            {"type": "Ready", "status": "False", "lastTransitionTime": now, "reason": "PodCompleted"},
+            {"type": "ContainersReady", "status": "False", "lastTransitionTime": now, "reason": "PodCompleted"},
+        ],
+        "containerStatuses": [{
+            "name": "worker",
+            "image": image,
+            "imageID": "",
+            "ready": false,
+            "started": false,
+            "restartCount": 0,
+            "state": {"terminated": {
+                "exitCode": code,
+                "reason": if code == 0 { "Completed" } else { "Error" },
+                "finishedAt": now,
+            }},
+        }],
+    }})
 }
 
 /// The pod's status, as a merge patch of the status subresource. No pod IP:
@@ -148,6 +216,8 @@ mod tests {
             bound,
             deleting,
             grace: GRACE,
+            restart: Restart::Always,
+            finished: false,
         }
     }
 
@@ -155,8 +225,44 @@ mod tests {
         ProcFacts {
             uid: uid.into(),
             exited,
+            exit_code: exited.then_some(1),
             terminating_for: terminating_for.map(Duration::from_secs),
         }
+    }
+
+    #[test]
+    fn a_job_pod_completes_on_success_and_restarts_or_fails_by_its_policy() {
+        let job = |restart, finished| PodFacts {
+            restart,
+            finished,
+            ..pod(Bound::Here, false)
+        };
+        let ended = |code| ProcFacts {
+            exit_code: code,
+            ..proc("new", true, None)
+        };
+        let cases = [
+            (
+                job(Restart::OnFailure, false),
+                Some(ended(Some(0))),
+                Step::Succeed,
+            ),
+            (job(Restart::OnFailure, false), Some(ended(Some(1))), Step::Start),
+            (job(Restart::OnFailure, false), Some(ended(None)), Step::Start),
+            (job(Restart::Never, false), Some(ended(Some(0))), Step::Succeed),
+            (job(Restart::Never, false), Some(ended(Some(2))), Step::Fail),
+            (job(Restart::Never, false), Some(ended(None)), Step::Fail),
+            (job(Restart::Always, false), Some(ended(Some(0))), Step::Start),
+            (job(Restart::OnFailure, false), None, Step::Start),
+            (job(Restart::OnFailure, true), Some(ended(Some(0))), Step::Wait),
+            (job(Restart::OnFailure, true), None, Step::Wait),
+        ];
+        for (pod, process, want) in cases {
+            assert_eq!(step(Some(&pod), process.as_ref()), want, "{pod:?} {process:?}");
+        }
+        let done = finished_patch("w", Some(0));
+        assert_eq!(done["status"]["phase"], "Succeeded");
+        assert_eq!(finished_patch("w", None)["status"]["phase"], "Failed");
     }
 
     #[test]

@@ -90,13 +90,19 @@ impl Kubelet {
     /// The `/metrics` port of a running pod of `role` (the query role serves
     /// its API there too), among the pods `pods` lists; none while none runs.
     pub async fn role_port(&self, pods: &Api<Pod>, role: &str) -> Result<Option<u16>, kube::Error> {
+        Ok(self.role_ports(pods, role).await?.first().copied())
+    }
+
+    /// The `/metrics` ports of every running pod of `role` among the pods `pods` lists.
+    pub async fn role_ports(&self, pods: &Api<Pod>, role: &str) -> Result<Vec<u16>, kube::Error> {
         let selector = ListParams::default().labels(&format!("ballast.dev/role={role}"));
         let list = pods.list(&selector).await?;
         Ok(list
             .items
             .iter()
             .filter_map(|p| p.metadata.name.as_deref())
-            .find_map(|name| self.metrics_port(name)))
+            .filter_map(|name| self.metrics_port(name))
+            .collect())
     }
 
     /// Kills `pod`'s process outright (SIGKILL: a crash, no draining); it is
@@ -207,6 +213,21 @@ async fn run(
                     let spec = listed.get(name).and_then(|p| p.spec.as_ref());
                     starting.insert(name.clone(), process::secret_env(&secrets, spec).await);
                 }
+                Step::Succeed | Step::Fail => {
+                    let (image, code) = {
+                        let mut running = procs.lock().unwrap_or_else(PoisonError::into_inner);
+                        running.get_mut(name).map_or((String::new(), None), |p| {
+                            (p.image.clone(), process::exit_code(&mut p.child).flatten())
+                        })
+                    };
+                    let patch = lifecycle::finished_patch(&image, code);
+                    if let Err(error) = pods
+                        .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await
+                    {
+                        eprintln!("kubelet: completing {name}: {error}");
+                    }
+                }
                 _ => {}
             }
         }
@@ -233,10 +254,14 @@ fn plan(procs: &Mutex<BTreeMap<String, Proc>>, listed: &BTreeMap<String, Pod>) -
         .into_iter()
         .map(|name| {
             let pod = listed.get(&name).map(facts);
-            let proc = running.get_mut(&name).map(|p| ProcFacts {
-                uid: p.uid.clone(),
-                exited: process::exited(&mut p.child),
-                terminating_for: p.terminated_at.map(|at| at.elapsed()),
+            let proc = running.get_mut(&name).map(|p| {
+                let exit_code = process::exit_code(&mut p.child);
+                ProcFacts {
+                    uid: p.uid.clone(),
+                    exited: exit_code.is_some(),
+                    exit_code: exit_code.flatten(),
+                    terminating_for: p.terminated_at.map(|at| at.elapsed()),
+                }
             });
             let step = lifecycle::step(pod.as_ref(), proc.as_ref());
             (name, step)
@@ -260,6 +285,12 @@ fn facts(pod: &Pod) -> PodFacts {
                 .max(0)
                 .unsigned_abs(),
         ),
+        restart: lifecycle::Restart::of(spec.and_then(|s| s.restart_policy.as_deref())),
+        finished: pod
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.as_deref())
+            .is_some_and(|phase| matches!(phase, "Succeeded" | "Failed")),
     }
 }
 
@@ -327,7 +358,7 @@ fn act(
                 Err(error) => eprintln!("kubelet: starting {name}: {error}"),
             }
         }
-        Step::Wait | Step::Bind => {}
+        Step::Wait | Step::Bind | Step::Succeed | Step::Fail => {}
     }
 }
 

@@ -98,6 +98,16 @@ pub fn exited(child: &mut Child) -> bool {
     !matches!(child.try_wait(), Ok(None))
 }
 
+/// How the process ended, once it has: `Some(code)`, the code none when a signal ended it.
+pub fn exit_code(child: &mut Child) -> Option<Option<i32>> {
+    match child.try_wait() {
+        Ok(Some(status)) => Some(status.code()),
+        Ok(None) => None,
+        // Not waitable: as good as gone.
+        Err(_) => Some(None),
+    }
+}
+
 /// Kills outright (with anything it started) and reaps.
 pub fn kill(child: &mut Child) {
     let _ = crate::signal_group(child.id(), "-KILL");

@@ -24,6 +24,7 @@ pub async fn apply(client: &kube::Client, namespace: &str, objects: &[Owned]) ->
             Owned::StatefulSet(o) => one(client, namespace, o).await?,
             Owned::Service(o) => one(client, namespace, o).await?,
             Owned::PodDisruptionBudget(o) => one(client, namespace, o).await?,
+            Owned::CronJob(o) => one(client, namespace, o.as_ref()).await?,
         }
     }
     Ok(())

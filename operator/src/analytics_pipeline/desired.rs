@@ -78,6 +78,11 @@ pub fn objects(ap: &AnalyticsPipeline, owner: &OwnerReference, inputs: &Inputs) 
     out.push(Owned::StatefulSet(b.slave_statefulset()));
     out.push(Owned::Service(b.service("intake", INTAKE_PORT, "grpc")));
     out.push(Owned::Service(b.query_service()));
+    out.push(Owned::CronJob(Box::new(super::nightly::cron_job(
+        b.metadata(object_name(&name, "nightly"), "nightly"),
+        b.pod_template("nightly", None),
+        &ap.spec.nightly,
+    ))));
     out
 }
 
@@ -285,6 +290,7 @@ impl Builder<'_> {
             "collector" => vec![source],
             "intake" | "master" => vec![kv],
             "query" => vec![hot, cache, cold_user, cold_password],
+            "nightly" => vec![hot, kv, cold_user, cold_password],
             _ => vec![hot, kv, cache],
         };
         refs.into_iter()
@@ -353,9 +359,11 @@ impl Builder<'_> {
             ports: Some(ports),
             readiness_probe: Some(http_probe("/readyz", 2)),
             liveness_probe: Some(http_probe("/healthz", 10)),
+            // The nightly job has no role spec of its own: its defaults.
             resources: Some(
                 spec.resources
                     .clone()
+                    .filter(|_| role != "nightly")
                     .unwrap_or_else(|| pods::default_resources(role, self.inputs.slave_memory_mib)),
             ),
             ..Container::default()

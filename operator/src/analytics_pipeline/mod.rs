@@ -4,6 +4,7 @@
 pub mod apply;
 pub mod desired;
 pub mod fetch;
+pub mod nightly;
 pub mod owned;
 pub mod pods;
 pub mod publish;

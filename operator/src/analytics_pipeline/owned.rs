@@ -2,6 +2,7 @@
 //! dispatches on and what the rollout judges.
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::batch::v1::CronJob;
 use k8s_openapi::api::core::v1::{Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
@@ -24,6 +25,8 @@ pub enum Owned {
     Service(Service),
     /// One pod at a time of the master pair, and of the intakes, in a drain.
     PodDisruptionBudget(PodDisruptionBudget),
+    /// The nightly job (boxed: the largest kind by far).
+    CronJob(Box<CronJob>),
 }
 
 impl Owned {
@@ -37,6 +40,7 @@ impl Owned {
             Self::StatefulSet(_) => "StatefulSet",
             Self::Service(_) => "Service",
             Self::PodDisruptionBudget(_) => "PodDisruptionBudget",
+            Self::CronJob(_) => "CronJob",
         }
     }
 
@@ -50,6 +54,7 @@ impl Owned {
             Self::StatefulSet(o) => &o.metadata,
             Self::Service(o) => &o.metadata,
             Self::PodDisruptionBudget(o) => &o.metadata,
+            Self::CronJob(o) => &o.metadata,
         }
     }
 
@@ -69,6 +74,7 @@ impl Owned {
             Self::StatefulSet(o) => serde_json::to_value(o),
             Self::Service(o) => serde_json::to_value(o),
             Self::PodDisruptionBudget(o) => serde_json::to_value(o),
+            Self::CronJob(o) => serde_json::to_value(o),
         }
     }
 }

@@ -80,7 +80,7 @@ pub fn default_resources(role: &str, slave_memory_mib: i64) -> ResourceRequireme
             let limit = 2 * (slave_memory_mib.max(16) + SLAVE_OVERHEAD_MIB);
             ("500m", limit, limit)
         }
-        "intake" | "query" => ("200m", 256, 512),
+        "intake" | "query" | "nightly" => ("200m", 256, 512),
         _ => ("100m", 128, 256),
     };
     ResourceRequirements {

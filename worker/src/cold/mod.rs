@@ -6,6 +6,7 @@
 //! job writes the rollups; the query service reads them.
 
 pub mod day;
+pub mod log;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -158,12 +159,17 @@ impl ColdStore {
 
     /// Installs (or updates) the index template; idempotent.
     pub async fn install_template(&self) -> Result<(), ColdError> {
+        self.put_template(&self.prefix, self.template()).await
+    }
+
+    /// Puts the index template `name`; idempotent.
+    async fn put_template(&self, name: &str, body: Value) -> Result<(), ColdError> {
         let response = self
             .es
             .indices()
-            .put_index_template(IndicesPutIndexTemplateParts::Name(&self.prefix))
+            .put_index_template(IndicesPutIndexTemplateParts::Name(name))
             .request_timeout(self.deadline)
-            .body(self.template())
+            .body(body)
             .send()
             .await?;
         checked(response).await.map(drop)
@@ -219,6 +225,11 @@ impl ColdStore {
                     .into()
             })
             .collect();
+        self.bulk(operations, refresh).await
+    }
+
+    /// One bulk request; an error names the first operation refused.
+    async fn bulk(&self, operations: Vec<BulkOperation<Value>>, refresh: Refresh) -> Result<(), ColdError> {
         let response = self
             .es
             .bulk(BulkParts::None)

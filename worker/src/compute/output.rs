@@ -15,8 +15,15 @@ pub const SQL_COLUMN: &str = "_sql";
 /// it covers so far, in Unix milliseconds.
 pub const THROUGH_COLUMN: &str = "_throughMs";
 
+/// The metric a to-date result carries: where its events came from, `kv`
+/// (every event of the span so far, from the KV store) or `memory` (the
+/// events the slaves held while the KV store was down). Readers tell an
+/// hour computed from memory (its events are in no window result) from one
+/// that sums the windows.
+pub const FROM_COLUMN: &str = "_from";
+
 /// Columns a pipeline's SQL may not produce: the slave adds them.
-const RESERVED: [&str; 2] = [SQL_COLUMN, THROUGH_COLUMN];
+const RESERVED: [&str; 3] = [SQL_COLUMN, THROUGH_COLUMN, FROM_COLUMN];
 
 /// The final statement's rows as merchant results.
 pub(crate) fn results(schema: &Schema, batches: &[RecordBatch]) -> Result<Vec<MerchantResult>, ComputeError> {

@@ -25,8 +25,8 @@ const CHUNK_ROWS: usize = 1000;
 /// The hot result store over a MySQL pool.
 #[derive(Clone, Debug)]
 pub struct HotStore {
-    pool: Pool,
-    base: String,
+    pub(super) pool: Pool,
+    pub(super) base: String,
     databases: u32,
     tables: u32,
 }
@@ -54,7 +54,7 @@ impl HotStore {
         format!("{}.`results_{table}`", database_name(&self.base, database))
     }
 
-    fn shards(&self) -> impl Iterator<Item = (u32, u32)> + use<> {
+    pub(super) fn shards(&self) -> impl Iterator<Item = (u32, u32)> + use<> {
         let tables = self.tables;
         (0..self.databases).flat_map(move |d| (0..tables).map(move |t| (d, t)))
     }
@@ -239,11 +239,11 @@ impl HotStore {
 }
 
 /// The quoted name of shard database `database`; backticks are doubled inside a quoted identifier.
-fn database_name(base: &str, database: u32) -> String {
+pub(super) fn database_name(base: &str, database: u32) -> String {
     format!("`{}_r{database}`", base.replace('`', "``"))
 }
 
-fn parse_metrics(
+pub(super) fn parse_metrics(
     text: &str,
     table: &str,
     merchant: &str,

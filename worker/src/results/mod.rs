@@ -4,6 +4,7 @@
 //! a write with a lower version than the stored one never replaces it.
 
 pub mod cache;
+pub mod days;
 pub mod hot;
 
 pub use cache::ResultCache;

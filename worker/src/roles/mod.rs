@@ -3,13 +3,14 @@
 pub mod collector;
 pub mod intake;
 pub mod master;
+pub mod nightly;
 pub mod query;
 pub mod slave;
 pub mod startup;
 
 /// The roles `ballast-worker` has, as its subcommands name them (a test of the
 /// binary keeps the two equal; the operator runs no workload for any other).
-pub const NAMES: [&str; 5] = ["collector", "intake", "master", "query", "slave"];
+pub const NAMES: [&str; 6] = ["collector", "intake", "master", "nightly", "query", "slave"];
 
 /// What a role talks to besides its own servers.
 #[derive(Clone)]

@@ -32,6 +32,10 @@ pub struct App {
     pub reader: Reader,
     /// The cold store.
     pub cold: Cold,
+    /// Where history requests are recorded.
+    pub log: history::logger::QueryLog,
+    /// Today's precomputed cold answers.
+    pub precomputed: Arc<history::precomputed::Precomputed>,
     /// The published modes.
     pub modes: watch::Receiver<Modes>,
     /// Length of a window, in ms.
@@ -80,8 +84,8 @@ enum Refused {
     Bad(#[from] BadInput),
     #[error(transparent)]
     Unavailable(#[from] Unavailable),
-    #[error(transparent)]
-    Cold(#[from] ColdUnavailable),
+    #[error("{0}")]
+    Cold(ColdUnavailable, Vec<String>),
     #[error("writing the answer failed: {0}")]
     Render(serde_json::Error),
 }
@@ -112,17 +116,22 @@ impl Refused {
                     None,
                 )
             }
-            Refused::Cold(why) => {
+            Refused::Cold(why, covered) => {
                 let code = match why {
                     ColdUnavailable::Degraded => "coldUnavailable",
                     ColdUnavailable::Failed(_) => "coldFailed",
                 };
                 metrics.unavailable.get_or_create(&[("reason", code)]).inc();
-                problem(
+                // The precomputed queries, as requests a client can send.
+                respond_problem(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    code,
-                    &why.to_string(),
-                    Some("today's answers, at /v1/merchants/{merchant}/today"),
+                    json!({
+                        "error": code,
+                        "message": why.to_string(),
+                        "covered": "today's answers (at /v1/merchants/{merchant}/today), and this \
+                                    merchant's frequent history queries precomputed for today (coveredQueries)",
+                        "coveredQueries": covered,
+                    }),
                 )
             }
             Refused::Unavailable(why) => {
@@ -144,6 +153,11 @@ fn problem(status: StatusCode, code: &str, message: &str, covered: Option<&str>)
     if let Some(covered) = covered {
         body["covered"] = json!(covered);
     }
+    respond_problem(status, body)
+}
+
+/// A refusal with `body`; a 503 says when to try again.
+fn respond_problem(status: StatusCode, body: serde_json::Value) -> Response {
     let mut response = (status, Json(body)).into_response();
     if status == StatusCode::SERVICE_UNAVAILABLE {
         // The store may be back within the operator's next probes.
@@ -200,22 +214,75 @@ async fn answer_history(
     let merchant = input::merchant(&merchant)?;
     let Query(pairs) = pairs.map_err(|e| BadInput::Query(e.body_text()))?;
     let modes = app.modes.borrow().clone();
+    let today = crate::cold::Day::of_ms(Timestamp::now().as_millisecond());
+    let key = crate::cold::log::normalize(&pairs, today);
     let request = history::Request {
         merchant,
         pairs: &pairs,
-        today: crate::cold::Day::of_ms(Timestamp::now().as_millisecond()),
+        today,
         modes: &modes,
     };
-    let answer = history::answer(&app.cold, app.reader.flow(), request)
-        .await
-        .map_err(|e| match e {
-            HistoryError::Bad(bad) => Refused::Bad(bad),
-            HistoryError::Unavailable(why) => Refused::Cold(why),
-        })?;
-    Ok(Answer {
-        body: serde_json::to_string(&answer).map_err(Refused::Render)?,
-        source: answer.source,
-        status: answer.completeness.status,
+    let asked = Instant::now();
+    let answered = history::answer(&app.cold, app.reader.flow(), request).await;
+    if let (Some(key), Ok(_) | Err(HistoryError::Unavailable(_))) = (&key, &answered) {
+        app.log.record(crate::cold::log::Entry {
+            merchant: merchant.to_owned(),
+            day: today.to_string(),
+            key: key.clone(),
+            took_ms: if answered.is_ok() {
+                u64::try_from(asked.elapsed().as_millis()).unwrap_or(u64::MAX)
+            } else {
+                0
+            },
+        });
+    }
+    match answered {
+        Ok(answer) => Ok(Answer {
+            body: serde_json::to_string(&answer).map_err(Refused::Render)?,
+            source: answer.source,
+            status: answer.completeness.status,
+        }),
+        Err(HistoryError::Bad(bad)) => Err(Refused::Bad(bad)),
+        Err(HistoryError::Unavailable(why)) => {
+            let found = key
+                .as_deref()
+                .and_then(|k| app.precomputed.answer(merchant, k, today));
+            match found.and_then(|text| precomputed_answer(&text, &modes)) {
+                Some(answer) => Ok(answer),
+                None => Err(Refused::Cold(
+                    why,
+                    app.precomputed
+                        .covered(merchant, today)
+                        .iter()
+                        .filter_map(|k| crate::cold::log::resolve(k, today))
+                        .map(|pairs| {
+                            pairs
+                                .iter()
+                                .map(|(k, v)| format!("{k}={v}"))
+                                .collect::<Vec<_>>()
+                                .join("&")
+                        })
+                        .collect(),
+                )),
+            }
+        }
+    }
+}
+
+/// A precomputed answer as served now: its source says so, and the modes are
+/// today's (its rows, `asOfMs` and completeness are as computed). Pure.
+fn precomputed_answer(text: &str, modes: &Modes) -> Option<Answer> {
+    let mut answer: serde_json::Value = serde_json::from_str(text).ok()?;
+    answer["source"] = json!(Source::Precomputed);
+    answer["modes"] = serde_json::to_value(contract::modes_of(modes)).ok()?;
+    let status = match answer["completeness"]["status"].as_str() {
+        Some("complete") => contract::Status::Complete,
+        _ => contract::Status::Partial,
+    };
+    Some(Answer {
+        body: answer.to_string(),
+        source: Source::Precomputed,
+        status,
     })
 }
 

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub fills: Counter,
     /// Cached days served unchecked: their check was over the rate.
     pub unchecked: Counter,
+    /// Cold query log entries, by outcome (`written`, `dropped`, `failed`).
+    pub query_log: Family<Labels<1>, Counter>,
     /// Time to answer, whatever the answer.
     pub duration: Histogram,
 }
@@ -40,6 +42,7 @@ impl Metrics {
             store_failures: Family::default(),
             fills: Counter::default(),
             unchecked: Counter::default(),
+            query_log: Family::default(),
             // 100 µs to about 1.6 s.
             duration: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
                 0.0001, 2.0, 15,
@@ -80,6 +83,11 @@ impl Metrics {
             "Cached days served before their check against the hot MySQL, which was over its rate",
             metrics.unchecked.clone(),
         );
+        r.register(
+            "log_entries",
+            "Cold query log entries, by outcome: written, dropped (queue full), failed (the cold store refused)",
+            metrics.query_log.clone(),
+        );
         r.register_with_unit(
             "request_duration",
             "Time to answer a request",
@@ -87,6 +95,11 @@ impl Metrics {
             metrics.duration.clone(),
         );
         metrics
+    }
+
+    /// Counts `n` query log entries with `outcome`.
+    pub fn logged(&self, outcome: &'static str, n: u64) {
+        self.query_log.get_or_create(&[("outcome", outcome)]).inc_by(n);
     }
 
     /// Counts a failed call to `store`.

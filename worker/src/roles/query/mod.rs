@@ -53,6 +53,8 @@ pub struct Config {
     pub cold_credentials: Option<(String, String)>,
     /// Deadline of each call to the cold store (a search reads up to a year of days).
     pub cold_deadline: Duration,
+    /// How often today's precomputed cold answers are loaded from the hot MySQL.
+    pub precomputed_every: Duration,
 }
 
 /// Errors that stop a query process.
@@ -139,7 +141,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
             local_ttl: Duration::from_secs(u64::try_from(policy.local_cache_ttl_seconds).unwrap_or(1)),
         },
         cache_rx,
-        hot,
+        hot.clone(),
         flow,
         Arc::clone(&metrics),
     );
@@ -148,14 +150,28 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         config.cold_credentials.clone(),
     )
     .map_err(StartupError::ColdOptions)?;
-    let cold = history::Cold::new(
-        crate::cold::ColdStore::new(es, &ap.spec.cold_store.index_prefix, config.cold_deadline),
-        config.cold_deadline,
+    let cold_store = crate::cold::ColdStore::new(es, &ap.spec.cold_store.index_prefix, config.cold_deadline);
+    let (log, log_writer) = history::logger::QueryLog::start(
+        cold_store.clone(),
+        Duration::from_secs(1),
+        Arc::clone(&metrics),
+        stopped.clone(),
     );
+    let precomputed = Arc::new(history::precomputed::Precomputed::default());
+    tokio::spawn(history::precomputed::refresh(
+        Arc::clone(&precomputed),
+        hot.clone(),
+        config.pipeline.clone(),
+        (config.precomputed_every, config.store_deadline * 4),
+        stopped.clone(),
+    ));
+    let cold = history::Cold::new(cold_store, config.cold_deadline);
     let window_ms = i64::from(ap.spec.compute.window_seconds) * 1000;
     let app = Arc::new(api::App {
         reader,
         cold,
+        log,
+        precomputed,
         modes: modes.clone(),
         window_ms,
         // As the master cuts them.
@@ -176,7 +192,13 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
     // Not ready first, so that the Service stops sending before the server stops.
     let _ = ready_tx.send(false);
     serving.cancel();
-    match tokio::time::timeout(config.drain, server).await {
+    let served = tokio::time::timeout(config.drain, server).await;
+    // The query log's last entries, within the drain.
+    stopped.cancel();
+    if tokio::time::timeout(config.drain, log_writer).await.is_err() {
+        tracing::warn!("the query log's last entries were not written within the drain");
+    }
+    match served {
         Ok(Ok(Ok(()))) => Ok(()),
         Ok(Ok(Err(error))) => Err(Error::Serve(error)),
         Ok(Err(join)) => Err(Error::Serve(std::io::Error::other(join))),

@@ -19,7 +19,7 @@ use tonic::Status;
 
 use super::lock;
 use super::store::{SpanExpired, Store};
-use crate::compute::output::{SQL_COLUMN, THROUGH_COLUMN};
+use crate::compute::output::{FROM_COLUMN, SQL_COLUMN, THROUGH_COLUMN};
 use crate::compute::runtime::Engine;
 use crate::compute::{ComputeError, MerchantResult, Sql};
 use crate::health::counter;
@@ -217,9 +217,12 @@ impl Computer {
             Ok(crate::wire::Granularity::Day) => Granularity::Day,
             _ => return Err(malformed()),
         };
-        let events = match DataSource::try_from(task.source) {
-            Ok(DataSource::Kv) => self.read_kv(task).await?,
-            Ok(DataSource::Memory) => lock(&self.memory).span(task.window_start_ms, task.window_end_ms)?,
+        let (events, from) = match DataSource::try_from(task.source) {
+            Ok(DataSource::Kv) => (self.read_kv(task).await?, "kv"),
+            Ok(DataSource::Memory) => (
+                lock(&self.memory).span(task.window_start_ms, task.window_end_ms)?,
+                "memory",
+            ),
             _ => return Err(malformed()),
         };
         self.metrics.events.inc_by(events.len() as u64);
@@ -238,6 +241,9 @@ impl Computer {
                 result
                     .metrics
                     .insert(THROUGH_COLUMN.to_owned(), serde_json::Value::from(through));
+                result
+                    .metrics
+                    .insert(FROM_COLUMN.to_owned(), serde_json::Value::from(from));
             }
         }
         let slot = Slot {

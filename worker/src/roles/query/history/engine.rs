@@ -222,12 +222,14 @@ pub fn evaluate(query: &Query, rows: &[Row]) -> Vec<Group> {
         .iter()
         .filter(|r| r.day >= query.from && r.day <= query.to)
         .filter(|r| query.filters.iter().all(|f| meets(r, f)));
+    // Sorted by key, equal keys side by side: one pass groups them.
+    let mut keyed: Vec<(Key, &Row)> = kept.map(|row| (Key::of(&query.group, row), row)).collect();
+    keyed.sort_by(|a, b| a.0.order(&b.0, false));
     let mut groups: Vec<(Key, Vec<&Row>)> = Vec::new();
-    for row in kept {
-        let key = Key::of(&query.group, row);
-        match groups.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, members)) => members.push(row),
-            None => groups.push((key, vec![row])),
+    for (key, row) in keyed {
+        match groups.last_mut() {
+            Some((last, members)) if last.order(&key, false) == Ordering::Equal => members.push(row),
+            _ => groups.push((key, vec![row])),
         }
     }
     let mut out: Vec<Group> = groups

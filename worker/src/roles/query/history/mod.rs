@@ -5,6 +5,8 @@
 
 pub mod arrow;
 pub mod engine;
+pub mod logger;
+pub mod precomputed;
 pub mod query;
 
 use std::sync::{Arc, Mutex};
