@@ -363,7 +363,7 @@ async fn main() -> anyhow::Result<()> {
     let (from, to) = (Day(today.0 - 90), Day(today.0 - 1));
     let history = move |i| {
         format!(
-            "/v1/merchants/{}/history?from={from}&to={to}&where=gmv>=5000&groupBy=week\
+            "/v1/merchants/{}/history?from={from}&to={to}&where=gmv%3E=5000&groupBy=week\
              &aggregate=sum:gmv&aggregate=avg:avg_order_value&aggregate=count&sort=sum_gmv:desc&limit=10",
             cold_merchant(i)
         )

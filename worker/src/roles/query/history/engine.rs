@@ -276,8 +276,14 @@ pub fn evaluate(query: &Query, rows: &[Row]) -> Vec<Group> {
         let primary = if query.sort.by == "key" {
             a.key.order(&b.key, query.sort.descending)
         } else {
-            let value = |g: &Group| g.values.get(&query.sort.by).cloned().flatten();
-            nulls_last(value(a).as_ref(), value(b).as_ref(), query.sort.descending)
+            fn value<'g>(g: &'g Group, by: &str) -> Option<&'g Value> {
+                g.values.get(by).and_then(Option::as_ref)
+            }
+            nulls_last(
+                value(a, &query.sort.by),
+                value(b, &query.sort.by),
+                query.sort.descending,
+            )
         };
         // Ties in key order, so that an answer is the same every time.
         primary.then(by_key)
