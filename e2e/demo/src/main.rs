@@ -284,16 +284,23 @@ async fn run() -> anyhow::Result<String> {
     stop.cancel();
     let _ = feeder.await;
     // The last windows close and compute: settled once every order fed is
-    // counted or reported, or after a minute.
+    // counted or shed, or the count has not moved for 10 s, or after a minute.
     let settle = Instant::now();
+    let mut moved = (Instant::now(), u64::MAX);
     let account = loop {
         let account = account(&observer, &kubelet, &pods, &source, first_id).await?;
-        if account.unexplained() == 0 || settle.elapsed() > Duration::from_secs(60) {
+        if account.counted != moved.1 {
+            moved = (Instant::now(), account.counted);
+        }
+        if account.lost() <= 0
+            || moved.0.elapsed() > Duration::from_secs(10)
+            || settle.elapsed() > Duration::from_secs(60)
+        {
             break account;
         }
         print!(
             "\r  letting the last windows compute: {} orders not yet in the results...   ",
-            account.unexplained()
+            account.lost()
         );
         tokio::time::sleep(Duration::from_secs(2)).await;
     };
