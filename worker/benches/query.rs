@@ -253,7 +253,12 @@ async fn main() -> anyhow::Result<()> {
     );
     let app = Arc::new(api::App {
         reader,
-        cold: history::Cold::new(cold.clone(), Duration::from_secs(1)),
+        // The service's deadline on the cold store, as a query pod's default.
+        cold: history::Cold::new(ColdStore::new(
+            ballast_worker::connect::elasticsearch(&stack.get("BALLAST_ES_COLD_URL")?, None)?,
+            "bench-query-daily",
+            Duration::from_secs(1),
+        )),
         log,
         precomputed: Arc::default(),
         modes,

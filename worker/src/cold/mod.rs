@@ -88,6 +88,11 @@ impl ColdStore {
         }
     }
 
+    /// How long each request may take.
+    pub fn deadline(&self) -> Duration {
+        self.deadline
+    }
+
     /// The monthly index holding `day`.
     pub fn index_of(&self, day: Day) -> String {
         format!("{}-{}", self.prefix, day.month_suffix())

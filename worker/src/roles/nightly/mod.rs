@@ -116,7 +116,8 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
     let period_ms = (i64::from(dp.spec.kv.granularity_seconds) * 1000).max(window_ms);
     let lateness_ms = i64::try_from(config.lateness.as_millis()).unwrap_or(i64::MAX);
     let today = Day::of_ms(config.now_ms);
-    let mut kv = kv_store(&ap, config.kv_password.as_deref(), window_ms).await;
+    let layout = Layout::new(config.pipeline.clone(), window_ms);
+    let mut kv = kv_store(&ap, config.kv_password.as_deref(), layout).await;
     let mut report = Report::default();
 
     // Rollups: every closed, whole day still in the hot MySQL.
@@ -180,7 +181,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
     );
     let mut registry = Registry::default();
     let flow = Flow::new(Rules::default(), &mut registry);
-    let cold = Cold::new(store.clone(), config.deadline);
+    let cold = Cold::new(store.clone());
     let modes = Modes::default();
     let mut answers = Vec::new();
     for (merchant, keys) in picked {
@@ -224,16 +225,14 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
 async fn kv_store(
     ap: &ballast_crds::AnalyticsPipeline,
     password: Option<&str>,
-    window_ms: i64,
+    layout: Layout,
 ) -> Option<KvStore> {
     let info = startup::redis_info(&ap.spec.kv, password, "KV store").ok()?;
-    let client = redis::Client::open(info).ok()?;
-    let conn = tokio::time::timeout(Duration::from_secs(5), client.get_connection_manager())
+    let conn = tokio::time::timeout(Duration::from_secs(5), startup::redis_connection(&info))
         .await
         .ok()?
         .ok()?;
     // Only counted: the TTL is that of the intake's writes, never applied here.
-    let layout = Layout::new(ap.metadata.name.clone().unwrap_or_default(), window_ms);
     Some(KvStore::new(conn, layout, crate::kv::BUCKET_TTL_SECONDS))
 }
 

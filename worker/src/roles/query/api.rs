@@ -117,10 +117,7 @@ impl Refused {
                 )
             }
             Refused::Cold(why, covered) => {
-                let code = match why {
-                    ColdUnavailable::Degraded => "coldUnavailable",
-                    ColdUnavailable::Failed(_) => "coldFailed",
-                };
+                let code = why.code();
                 metrics.unavailable.get_or_create(&[("reason", code)]).inc();
                 // The precomputed queries, as requests a client can send.
                 respond_problem(

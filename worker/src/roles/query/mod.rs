@@ -165,7 +165,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         (config.precomputed_every, config.store_deadline * 4),
         stopped.clone(),
     ));
-    let cold = history::Cold::new(cold_store, config.cold_deadline);
+    let cold = history::Cold::new(cold_store);
     let window_ms = i64::from(ap.spec.compute.window_seconds) * 1000;
     let app = Arc::new(api::App {
         reader,

@@ -37,19 +37,27 @@ pub enum ColdUnavailable {
     Failed(String),
 }
 
+impl ColdUnavailable {
+    /// Machine-readable reason, as the 503 body and the metric label name it.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ColdUnavailable::Degraded => "coldUnavailable",
+            ColdUnavailable::Failed(_) => "coldFailed",
+        }
+    }
+}
+
 /// The cold store and what the query service remembers of it.
 pub struct Cold {
     store: ColdStore,
-    deadline: Duration,
     columns: Mutex<Option<(Instant, Arc<Columns>)>>,
 }
 
 impl Cold {
-    /// Reads `store`, each call within `deadline`.
-    pub fn new(store: ColdStore, deadline: Duration) -> Self {
+    /// Reads `store`, each call within the store's deadline.
+    pub fn new(store: ColdStore) -> Self {
         Self {
             store,
-            deadline,
             columns: Mutex::new(None),
         }
     }
@@ -69,7 +77,7 @@ impl Cold {
         let columns = Arc::new(
             flow.call(
                 GuardedDependency::Elasticsearch,
-                self.deadline,
+                self.store.deadline(),
                 self.store.columns(),
             )
             .await
@@ -262,7 +270,7 @@ pub async fn answer(cold: &Cold, flow: &Flow, request: Request<'_>) -> Result<Hi
     let rollups = flow
         .call(
             GuardedDependency::Elasticsearch,
-            cold.deadline,
+            cold.store.deadline(),
             cold.store
                 .search(request.merchant, (query.from, query.to), must, must_not),
         )
