@@ -1,8 +1,10 @@
-//! Generates the gRPC types and services of `proto/ballast.proto` (needs `protoc`,
+//! Generates the gRPC types and services of `proto/ballast.proto` and `proto/members.proto` (needs `protoc`,
 //! which the stack's installer provides).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/ballast.proto");
-    tonic_prost_build::configure().compile_protos(&["proto/ballast.proto"], &["proto"])?;
+    println!("cargo:rerun-if-changed=proto/members.proto");
+    tonic_prost_build::configure()
+        .compile_protos(&["proto/ballast.proto", "proto/members.proto"], &["proto"])?;
     Ok(())
 }

@@ -5,7 +5,8 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::refs::{ElasticsearchRef, MysqlRef, RedisRef};
+use crate::mode::DependencyStatus;
+use crate::refs::{ElasticsearchRef, KafkaRef, MysqlRef, RedisRef};
 
 /// A unified member-identity service: MySQL sharded by member id (master in
 /// the primary DC, replicas elsewhere), relations double-written to
@@ -64,6 +65,11 @@ pub struct MemberStoreSpec {
     #[x_kube(validation = Rule::new("self >= 1 && self <= 65536").message("logicalShards must be between 1 and 65536"))]
     #[x_kube(validation = Rule::new("self == oldSelf").message("logicalShards is immutable: changing it would re-home every member"))]
     pub logical_shards: i32,
+    /// Kafka topic of the member changes: every accepted write, in order, as
+    /// the member's state after it. It feeds the marketing cluster, and while
+    /// MySQL is down it is the journal replayed into MySQL when it returns
+    /// (one partition: the replay keeps the order of writes across members).
+    pub change_stream: KafkaRef,
     /// Separate Elasticsearch for high-volume marketing callers, so that they
     /// never slow down order-flow lookups.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -331,4 +337,9 @@ pub struct MemberStoreStatus {
     /// Writes accepted by Elasticsearch while MySQL was down, not yet replayed to it.
     #[serde(default)]
     pub pending_replay: i64,
+    /// The published mode of the member MySQL (the primary's): while it is
+    /// Degraded or Recovering, members are read from and written to
+    /// Elasticsearch, and the writes journaled for the replay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mysql: Option<DependencyStatus>,
 }

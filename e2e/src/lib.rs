@@ -14,6 +14,7 @@ mod command;
 pub mod kafka;
 pub mod kubelet;
 pub mod manifests;
+pub mod members;
 pub mod orders;
 pub mod poison;
 pub mod running;

@@ -8,8 +8,10 @@ pub use ballast_node::{connect, health, leader, master_report, membership, probe
 
 pub mod cold;
 pub mod compute;
+pub mod es;
 pub mod grpc;
 pub mod kv;
+pub mod members;
 pub mod modes;
 pub mod results;
 pub mod roles;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use ballast_worker::roles::master::{self, faults::FaultPolicy};
-use ballast_worker::roles::{Deps, collector, intake, nightly, query, slave};
+use ballast_worker::roles::{Deps, collector, intake, member, nightly, query, slave};
 use ballast_worker::{probe, telemetry};
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -123,6 +123,11 @@ enum Command {
         pod: Pod,
         #[command(flatten)]
         args: NightlyArgs,
+    },
+    /// Member: the member-identity service of one data centre (gRPC `ballast.v1.Members`).
+    Member {
+        #[command(flatten)]
+        args: MemberArgs,
     },
     /// Master: elects the active master on a Lease, plans window tasks and schedules them on the slaves.
     Master {
@@ -279,6 +284,67 @@ struct QueryArgs {
     /// Password of the cold store's user.
     #[arg(long, env = "BALLAST_COLD_PASSWORD", hide_env_values = true)]
     cold_password: Option<String>,
+}
+
+/// Who a member process is and what it reads with.
+#[derive(Debug, Args)]
+struct MemberArgs {
+    /// The MemberStore it serves.
+    #[arg(long, env = "BALLAST_MEMBER_STORE")]
+    store: String,
+    /// Namespace of the MemberStore.
+    #[arg(long, env = "BALLAST_MEMBER_STORE_NAMESPACE")]
+    store_namespace: String,
+    /// The data centre it serves in (one of the MemberStore's).
+    #[arg(long, env = "BALLAST_DATA_CENTER")]
+    data_center: String,
+    /// Where the gRPC API listens (port 0 picks one).
+    #[arg(long, env = "BALLAST_LISTEN_ADDR", default_value = "0.0.0.0:7072")]
+    listen: SocketAddr,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served (port 0 picks one).
+    #[arg(long, env = "BALLAST_METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    metrics_addr: SocketAddr,
+    /// Deadline of each store call.
+    #[arg(long, env = "BALLAST_STORE_DEADLINE", default_value = "1s", value_parser = parse_duration)]
+    store_deadline: Duration,
+    /// Longest a replica read waits for a write it must show before asking the primary.
+    #[arg(long, env = "BALLAST_READ_AFTER_WAIT", default_value = "500ms", value_parser = parse_duration)]
+    read_after_wait: Duration,
+    /// How long draining may take on shutdown.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    drain: Duration,
+    /// Password of the member MySQL user.
+    #[arg(long, env = "BALLAST_MEMBER_MYSQL_PASSWORD", hide_env_values = true)]
+    mysql_password: Option<String>,
+    /// Password of the member Redis servers.
+    #[arg(long, env = "BALLAST_MEMBER_REDIS_PASSWORD", hide_env_values = true)]
+    redis_password: Option<String>,
+    /// User of the member Elasticsearch clusters.
+    #[arg(long, env = "BALLAST_MEMBER_ES_USERNAME", hide_env_values = true)]
+    es_username: Option<String>,
+    /// Password of the member Elasticsearch clusters' user.
+    #[arg(long, env = "BALLAST_MEMBER_ES_PASSWORD", hide_env_values = true)]
+    es_password: Option<String>,
+}
+
+async fn run_member(args: MemberArgs) -> Result<(), String> {
+    let client = kube_client().await?;
+    let config = member::Config {
+        namespace: args.store_namespace,
+        store: args.store,
+        data_center: args.data_center,
+        listen: args.listen,
+        metrics: args.metrics_addr,
+        deadline: args.store_deadline,
+        read_after_wait: args.read_after_wait,
+        drain: args.drain,
+        mysql_password: args.mysql_password,
+        redis_password: args.redis_password,
+        es_credentials: args.es_username.zip(args.es_password),
+    };
+    member::run(config, Deps { client }, shutdown_token())
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// What the nightly job reads with.
@@ -467,6 +533,7 @@ async fn main() -> ExitCode {
             stores,
         } => role("slave", cli.log_format, run_slave(pod, listen, compute, stores)).await,
         Command::Master { pod, args } => role("master", cli.log_format, run_master(pod, args)).await,
+        Command::Member { args } => role("member", cli.log_format, run_member(args)).await,
         Command::Query { pod, args } => role("query", cli.log_format, run_query(pod, args)).await,
         Command::Nightly { pod, args } => role("nightly", cli.log_format, run_nightly(pod, args)).await,
         Command::Intake {

@@ -10,7 +10,7 @@ use elasticsearch::{BulkOperation, SearchParts};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::{ColdError, ColdStore, Day, checked};
+use super::{ColdStore, Day, EsError, checked};
 
 /// One cold request, as logged.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -138,13 +138,13 @@ impl ColdStore {
     }
 
     /// Installs (or updates) the log indices' template; idempotent.
-    pub async fn install_log_template(&self) -> Result<(), ColdError> {
+    pub async fn install_log_template(&self) -> Result<(), EsError> {
         self.put_template(&self.log_prefix(), template(&self.prefix))
             .await
     }
 
     /// Appends `entries` to the log (each in the index of the day it was asked).
-    pub async fn log(&self, entries: &[Entry], refresh: Refresh) -> Result<(), ColdError> {
+    pub async fn log(&self, entries: &[Entry], refresh: Refresh) -> Result<(), EsError> {
         if entries.is_empty() {
             return Ok(());
         }
@@ -162,7 +162,7 @@ impl ColdStore {
 
     /// How often each merchant asked each query from `from` to `to`
     /// (inclusive), read with a paged composite aggregation.
-    pub async fn frequencies(&self, from: Day, to: Day) -> Result<Vec<Frequency>, ColdError> {
+    pub async fn frequencies(&self, from: Day, to: Day) -> Result<Vec<Frequency>, EsError> {
         let pattern = format!("{}-*", self.log_prefix());
         let mut out = Vec::new();
         let mut after: Option<Value> = None;

@@ -11,10 +11,13 @@ pub mod log;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use elasticsearch::indices::{IndicesGetFieldMappingParts, IndicesPutIndexTemplateParts};
+use elasticsearch::indices::IndicesGetFieldMappingParts;
 use elasticsearch::params::Refresh;
 use elasticsearch::{BulkOperation, BulkParts, Elasticsearch, IndexParts, SearchParts};
 use serde_json::{Map, Value, json};
+
+pub use crate::es::EsError;
+use crate::es::checked;
 
 pub use day::Day;
 
@@ -30,25 +33,6 @@ pub enum ColumnType {
 
 /// The rollups' columns and their types.
 pub type Columns = BTreeMap<String, ColumnType>;
-
-/// Why a cold store call failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ColdError {
-    /// The cluster could not be reached or did not answer in time.
-    #[error("Elasticsearch transport: {0}")]
-    Transport(#[from] elasticsearch::Error),
-    /// The cluster refused the request.
-    #[error("Elasticsearch answered HTTP {status}: {reason}")]
-    Refused {
-        /// HTTP status.
-        status: u16,
-        /// The error's type and reason, as Elasticsearch gives them.
-        reason: String,
-    },
-    /// The answer was not what this store writes.
-    #[error("unexpected Elasticsearch answer: {0}")]
-    Decode(String),
-}
 
 /// One merchant's rollup of one closed day.
 #[derive(Clone, Debug, PartialEq)]
@@ -163,21 +147,13 @@ impl ColdStore {
     }
 
     /// Installs (or updates) the index template; idempotent.
-    pub async fn install_template(&self) -> Result<(), ColdError> {
+    pub async fn install_template(&self) -> Result<(), EsError> {
         self.put_template(&self.prefix, self.template()).await
     }
 
     /// Puts the index template `name`; idempotent.
-    async fn put_template(&self, name: &str, body: Value) -> Result<(), ColdError> {
-        let response = self
-            .es
-            .indices()
-            .put_index_template(IndicesPutIndexTemplateParts::Name(name))
-            .request_timeout(self.deadline)
-            .body(body)
-            .send()
-            .await?;
-        checked(response).await.map(drop)
+    async fn put_template(&self, name: &str, body: Value) -> Result<(), EsError> {
+        crate::es::put_template(&self.es, name, body, self.deadline).await
     }
 
     /// The document of a rollup. Pure.
@@ -199,7 +175,7 @@ impl ColdStore {
 
     /// Writes a rollup (replacing the day's earlier one), visible to searches
     /// once `refresh` says.
-    pub async fn write(&self, rollup: &Rollup, refresh: Refresh) -> Result<(), ColdError> {
+    pub async fn write(&self, rollup: &Rollup, refresh: Refresh) -> Result<(), EsError> {
         let index = self.index_of(rollup.day);
         let id = Self::id(&rollup.merchant, rollup.day);
         let response = self
@@ -216,7 +192,7 @@ impl ColdStore {
 
     /// Writes many rollups in one bulk request (each replacing its day's
     /// earlier one); an error names the first document refused.
-    pub async fn write_all(&self, rollups: &[Rollup], refresh: Refresh) -> Result<(), ColdError> {
+    pub async fn write_all(&self, rollups: &[Rollup], refresh: Refresh) -> Result<(), EsError> {
         if rollups.is_empty() {
             return Ok(());
         }
@@ -234,7 +210,7 @@ impl ColdStore {
     }
 
     /// One bulk request; an error names the first operation refused.
-    async fn bulk(&self, operations: Vec<BulkOperation<Value>>, refresh: Refresh) -> Result<(), ColdError> {
+    async fn bulk(&self, operations: Vec<BulkOperation<Value>>, refresh: Refresh) -> Result<(), EsError> {
         let response = self
             .es
             .bulk(BulkParts::None)
@@ -251,7 +227,7 @@ impl ColdStore {
                 .flatten()
                 .find_map(|item| item["index"]["error"]["reason"].as_str().map(str::to_owned))
                 .unwrap_or_else(|| "a document was refused".into());
-            return Err(ColdError::Refused {
+            return Err(EsError::Refused {
                 status: 400,
                 reason: refused,
             });
@@ -260,7 +236,7 @@ impl ColdStore {
     }
 
     /// The result columns the rollups hold, and their types.
-    pub async fn columns(&self) -> Result<Columns, ColdError> {
+    pub async fn columns(&self) -> Result<Columns, EsError> {
         let pattern = format!("{}-*", self.prefix);
         let response = self
             .es
@@ -283,7 +259,7 @@ impl ColdStore {
         (from, to): (Day, Day),
         filters: Vec<Value>,
         exclusions: Vec<Value>,
-    ) -> Result<Vec<Rollup>, ColdError> {
+    ) -> Result<Vec<Rollup>, EsError> {
         let indices = self.indices(from, to);
         let indices: Vec<&str> = indices.iter().map(String::as_str).collect();
         let body = search_body(merchant, (from, to), filters, exclusions);
@@ -323,20 +299,6 @@ pub fn search_body(
     })
 }
 
-async fn checked(response: elasticsearch::http::response::Response) -> Result<Value, ColdError> {
-    let status = response.status_code().as_u16();
-    let body: Value = response.json().await?;
-    if (200..300).contains(&status) {
-        return Ok(body);
-    }
-    let error = &body["error"];
-    let reason = match (error["type"].as_str(), error["reason"].as_str()) {
-        (Some(kind), Some(reason)) => format!("{kind}: {reason}"),
-        _ => body.to_string().chars().take(300).collect(),
-    };
-    Err(ColdError::Refused { status, reason })
-}
-
 /// The columns of a field-mapping answer (every index's `m.*` fields). Pure.
 pub fn columns_of(answer: &Value) -> Columns {
     let mut columns = Columns::new();
@@ -360,17 +322,17 @@ pub fn columns_of(answer: &Value) -> Columns {
 }
 
 /// The rollups of a search answer. Pure.
-pub fn rollups_of(answer: &Value) -> Result<Vec<Rollup>, ColdError> {
+pub fn rollups_of(answer: &Value) -> Result<Vec<Rollup>, EsError> {
     let hits = answer["hits"]["hits"]
         .as_array()
-        .ok_or_else(|| ColdError::Decode("no hits in a search answer".into()))?;
+        .ok_or_else(|| EsError::Decode("no hits in a search answer".into()))?;
     hits.iter()
         .map(|hit| {
             let source = &hit["_source"];
             let day = source["day"]
                 .as_str()
                 .and_then(Day::parse)
-                .ok_or_else(|| ColdError::Decode(format!("a rollup without a day: {}", hit["_id"])))?;
+                .ok_or_else(|| EsError::Decode(format!("a rollup without a day: {}", hit["_id"])))?;
             Ok(Rollup {
                 merchant: source["merchant"].as_str().unwrap_or_default().to_owned(),
                 day,

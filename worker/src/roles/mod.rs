@@ -3,6 +3,7 @@
 pub mod collector;
 pub mod intake;
 pub mod master;
+pub mod member;
 pub mod nightly;
 pub mod query;
 pub mod slave;
@@ -10,7 +11,15 @@ pub mod startup;
 
 /// The roles `ballast-worker` has, as its subcommands name them (a test of the
 /// binary keeps the two equal; the operator runs no workload for any other).
-pub const NAMES: [&str; 6] = ["collector", "intake", "master", "nightly", "query", "slave"];
+pub const NAMES: [&str; 7] = [
+    "collector",
+    "intake",
+    "master",
+    "member",
+    "nightly",
+    "query",
+    "slave",
+];
 
 /// What a role talks to besides its own servers.
 #[derive(Clone)]

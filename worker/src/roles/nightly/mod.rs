@@ -23,7 +23,7 @@ use self::rollup::NotRolled;
 use super::Deps;
 use super::query::history::{self, Cold};
 use super::startup::{self, StartupError};
-use crate::cold::{ColdError, ColdStore, Day};
+use crate::cold::{ColdStore, Day, EsError};
 use crate::kv::{KvStore, Layout};
 use crate::modes::Modes;
 use crate::results::ResultsError;
@@ -63,7 +63,7 @@ pub enum Error {
     Hot(#[from] ResultsError),
     /// The cold store failed.
     #[error(transparent)]
-    Cold(#[from] ColdError),
+    Cold(#[from] EsError),
     /// Stopped before the end.
     #[error("stopped before the end; a rerun completes the work")]
     Stopped,

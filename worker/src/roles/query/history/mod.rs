@@ -20,7 +20,7 @@ use serde_json::{Value as Json, json};
 use self::engine::{Group, Row, Value};
 use self::query::{Filter, GroupBy, Op, Query};
 use super::contract::{Completeness, ModeOf, Reason, ReasonCode, Source};
-use crate::cold::{ColdError, ColdStore, Columns, Day, Rollup};
+use crate::cold::{ColdStore, Columns, Day, EsError, Rollup};
 
 /// How long the rollups' columns are trusted before they are read again:
 /// a new column appears when a pipeline's SQL changes, rarely.
@@ -92,7 +92,7 @@ impl Cold {
     }
 }
 
-fn failed(error: CallError<ColdError>) -> ColdUnavailable {
+fn failed(error: CallError<EsError>) -> ColdUnavailable {
     ColdUnavailable::Failed(error.to_string())
 }
 

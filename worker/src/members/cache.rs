@@ -1,0 +1,288 @@
+//! The member cache: one Redis per data centre, read locally, invalidated in
+//! every data centre by each write, which succeeds only when all of them
+//! accept (seed 004's 双中心多集群).
+//!
+//! Consistency against Elasticsearch's one-second refresh (and a replica's
+//! lag) is a lease, as memcache's: each key has a version and a lock. A
+//! write, in one script per key set, bumps each key's version, takes its
+//! lock for [`LOCK`] (longer than a refresh) and deletes it: once before the
+//! stores are written and once after. A reader that misses gets the
+//! version with its miss, reads the store, and may fill only through a
+//! script that checks, atomically with the fill, that no lock is held and
+//! the version is the one it got. The seed's race (a reader stalled between
+//! its check and its fill while a writer locks and deletes) therefore ends
+//! with the fill refused: the writer changed the version.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::Script;
+use redis::aio::ConnectionManager;
+
+use super::model::Identity;
+
+/// How long a write's lock keeps readers from filling: longer than
+/// Elasticsearch's refresh interval (1 s) and a replica's usual lag, as the
+/// seed's 2 s.
+pub const LOCK: Duration = Duration::from_secs(2);
+
+/// How long a filled entry lives: a missed invalidation heals by then.
+pub const TTL: Duration = Duration::from_secs(600);
+
+/// How long a key's version is kept after its last write: longer than any
+/// reader may take between its miss and its fill ([`MAX_FILL_DELAY`]).
+const VERSION_TTL: Duration = Duration::from_secs(86_400);
+
+/// A reader that took longer than this between its miss and its fill does
+/// not fill (its version may have expired and come back as the same value).
+pub const MAX_FILL_DELAY: Duration = Duration::from_secs(60);
+
+/// What a cache entry answers.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Key {
+    /// A member by id.
+    Member(u64),
+    /// The member an identity is bound to.
+    Identity(Identity),
+}
+
+/// The key names of one store's cache, under a prefix of its own.
+#[derive(Clone, Debug)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    /// The keys of MemberStore `name` in `namespace`.
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Self {
+            prefix: format!("ballast:members:{namespace}/{name}:"),
+        }
+    }
+
+    /// The entry's Redis key. Pure.
+    pub fn entry(&self, key: &Key) -> String {
+        match key {
+            Key::Member(id) => format!("{}m:{id}", self.prefix),
+            Key::Identity(i) => format!("{}i:{}:{}", self.prefix, i.kind.as_str(), i.value),
+        }
+    }
+
+    /// Every key of the store (for invalidating a whole cache).
+    pub fn pattern(&self) -> String {
+        format!("{}*", self.prefix)
+    }
+}
+
+/// A miss: the token a fill must present.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// The key's version when the miss was seen.
+    pub version: i64,
+    /// A write held the key's lock: do not fill at all.
+    pub locked: bool,
+    /// When the miss was seen.
+    pub at: std::time::Instant,
+}
+
+/// What a read of the cache found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// The cached answer.
+    Hit(String),
+    /// Nothing cached; fill with this lease.
+    Miss(Lease),
+}
+
+/// Whether a fill was made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fill {
+    /// The entry is cached.
+    Filled,
+    /// A write held the lock or changed the version since the miss: the
+    /// answer read may be stale, and is not cached.
+    Refused,
+    /// The miss saw a lock, or is too old: no fill was tried.
+    Skipped,
+}
+
+// Suffixes of a key's version and lock.
+const VERSION: &str = "|v";
+const LOCKED: &str = "|l";
+
+/// KEYS: the entry. Returns {entry or false, version or false, lock exists}.
+const READ: &str = r"
+local value = redis.call('GET', KEYS[1])
+local version = redis.call('GET', KEYS[1] .. '|v')
+local locked = redis.call('EXISTS', KEYS[1] .. '|l')
+return {value, version, locked}
+";
+
+/// KEYS: the entry. ARGV: the lease's version, the value, TTL ms. Fills only
+/// if no lock is held and the version is unchanged: 1 filled, 0 refused.
+const FILL: &str = r"
+if redis.call('EXISTS', KEYS[1] .. '|l') == 1 then return 0 end
+local version = tonumber(redis.call('GET', KEYS[1] .. '|v') or '0')
+if version ~= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+";
+
+/// KEYS: entries. ARGV: lock ms, version TTL ms. Bumps each version, locks
+/// and deletes each entry.
+const INVALIDATE: &str = r"
+for _, key in ipairs(KEYS) do
+  redis.call('INCR', key .. '|v')
+  redis.call('PEXPIRE', key .. '|v', ARGV[2])
+  redis.call('SET', key .. '|l', '1', 'PX', ARGV[1])
+  redis.call('DEL', key)
+end
+return #KEYS
+";
+
+/// One data centre's member cache.
+#[derive(Clone)]
+pub struct DcCache {
+    /// The data centre's name.
+    pub name: String,
+    conn: ConnectionManager,
+    scripts: Arc<Scripts>,
+}
+
+/// The scripts, with their digests (`EVALSHA` first, `EVAL` when the server lacks them).
+struct Scripts {
+    read: Script,
+    fill: Script,
+    invalidate: Script,
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl DcCache {
+    /// The cache of data centre `name` on `conn` (whose response timeout is
+    /// the deadline of each call).
+    pub fn new(name: &str, conn: ConnectionManager) -> Self {
+        Self {
+            name: name.to_owned(),
+            conn,
+            scripts: Arc::new(Scripts {
+                read: Script::new(READ),
+                fill: Script::new(FILL),
+                invalidate: Script::new(INVALIDATE),
+            }),
+        }
+    }
+
+    /// The entry `key`, or a lease to fill it.
+    pub async fn read(&self, key: &str) -> Result<Lookup, redis::RedisError> {
+        let mut conn = self.conn.clone();
+        let (value, version, locked): (Option<String>, Option<i64>, i64) =
+            self.scripts.read.key(key).invoke_async(&mut conn).await?;
+        Ok(match value {
+            Some(v) => Lookup::Hit(v),
+            None => Lookup::Miss(Lease {
+                version: version.unwrap_or(0),
+                locked: locked == 1,
+                at: std::time::Instant::now(),
+            }),
+        })
+    }
+
+    /// Caches `value` under `key` if `lease` still holds.
+    pub async fn fill(&self, key: &str, lease: &Lease, value: &str) -> Result<Fill, redis::RedisError> {
+        if lease.locked || lease.at.elapsed() > MAX_FILL_DELAY {
+            return Ok(Fill::Skipped);
+        }
+        let mut conn = self.conn.clone();
+        let filled: i64 = self
+            .scripts
+            .fill
+            .key(key)
+            .arg(lease.version)
+            .arg(value)
+            .arg(millis(TTL))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(if filled == 1 { Fill::Filled } else { Fill::Refused })
+    }
+
+    /// Bumps, locks and deletes every key of `keys`, in one script.
+    pub async fn invalidate(&self, keys: &[String]) -> Result<(), redis::RedisError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let mut invocation = self.scripts.invalidate.prepare_invoke();
+        for key in keys {
+            invocation.key(key);
+        }
+        let _: i64 = invocation
+            .arg(millis(LOCK))
+            .arg(millis(VERSION_TTL))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes every entry (not versions or locks) matching `pattern`: a
+    /// cache that missed invalidations is emptied before it serves again.
+    pub async fn purge(&self, pattern: &str) -> Result<u64, redis::RedisError> {
+        let mut conn = self.conn.clone();
+        let mut cursor: u64 = 0;
+        let mut purged = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await?;
+            let entries: Vec<&String> = keys
+                .iter()
+                .filter(|k| !k.ends_with(VERSION) && !k.ends_with(LOCKED))
+                .collect();
+            if !entries.is_empty() {
+                let n: u64 = redis::cmd("DEL").arg(&entries).query_async(&mut conn).await?;
+                purged += n;
+            }
+            if next == 0 {
+                return Ok(purged);
+            }
+            cursor = next;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::members::model::IdentityKind;
+
+    #[test]
+    fn every_answer_has_its_own_key_under_the_store_prefix() {
+        let keys = Keys::new("ns", "ms");
+        let phone = Identity {
+            kind: IdentityKind::Phone,
+            value: "13812345678".into(),
+        };
+        assert_eq!(keys.entry(&Key::Member(7)), "ballast:members:ns/ms:m:7");
+        assert_eq!(
+            keys.entry(&Key::Identity(phone)),
+            "ballast:members:ns/ms:i:phone:13812345678"
+        );
+        assert!(
+            keys.entry(&Key::Member(7))
+                .starts_with(keys.pattern().trim_end_matches('*'))
+        );
+    }
+
+    #[test]
+    fn the_lock_outlasts_an_elasticsearch_refresh() {
+        assert!(LOCK > Duration::from_secs(1));
+        assert!(VERSION_TTL > MAX_FILL_DELAY * 10);
+    }
+}

@@ -1,0 +1,193 @@
+//! The journal's consuming side: the replay of the writes Elasticsearch took
+//! while MySQL was down, in the stream's order, each applied to MySQL only if
+//! newer than its row (so a replay repeated after a crash changes nothing),
+//! its offset stored only once applied; and the path task, which measures the
+//! replay's progress, probes a MySQL whose breaker is open, and decides the
+//! path ([`super::path::next`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ballast_crds::refs::KafkaRef;
+use ballast_flow::GuardedDependency::Mysql;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use super::path::{self, Path};
+use super::service::Members;
+use crate::members::stream::{self, Record};
+
+/// How often the path is decided again.
+pub const STEER_EVERY: Duration = Duration::from_millis(200);
+
+/// The consumer group of MemberStore `name` in `namespace`'s replay: one
+/// member of it holds the partition and replays; every process reads the
+/// group's committed offset to know how far the replay is.
+pub fn group(namespace: &str, name: &str) -> String {
+    format!("ballast-members-{namespace}.{name}-replay")
+}
+
+/// The replay's consumer, subscribed to the stream.
+pub fn consumer(kafka: &KafkaRef, group: &str) -> Result<StreamConsumer, KafkaError> {
+    let consumer: StreamConsumer = stream::client_config(kafka)
+        .set("group.id", group)
+        // Offsets are stored only once their record is applied, and
+        // committed from the store in the background.
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.commit.interval.ms", "200")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "3000")
+        .create()?;
+    consumer.subscribe(&[&kafka.topic])?;
+    Ok(consumer)
+}
+
+/// Replays until `shutdown`; what was applied is committed before it returns.
+pub async fn replay(members: Arc<Members>, consumer: Arc<StreamConsumer>, shutdown: CancellationToken) {
+    let metrics = Arc::clone(&members.metrics);
+    loop {
+        let message = tokio::select! {
+            () = shutdown.cancelled() => break,
+            m = consumer.recv() => m,
+        };
+        let message = match message {
+            Ok(m) => m,
+            Err(error) => {
+                tracing::warn!(%error, "reading the member journal failed; retrying");
+                if pause(&shutdown, Duration::from_secs(1)).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        match message.payload().map(Record::decode) {
+            Some(Ok(record)) if record.path == stream::Path::Elasticsearch => {
+                let member = &record.member;
+                // Applied or not, nothing past this record is stored until it is.
+                loop {
+                    let applied = members
+                        .call(Mysql, "mysql", members.stores.primary.put_state(member))
+                        .await;
+                    match applied {
+                        Ok(true) => {
+                            metrics.replayed.get_or_create(&[("result", "applied")]).inc();
+                            break;
+                        }
+                        Ok(false) => {
+                            metrics.replayed.get_or_create(&[("result", "current")]).inc();
+                            break;
+                        }
+                        Err(failure) => {
+                            tracing::debug!(member = member.id, %failure, "replay waits for MySQL");
+                            if pause(&shutdown, Duration::from_millis(500)).await {
+                                commit(&consumer);
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+            // A MySQL-path record is in MySQL already.
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => {
+                tracing::error!(
+                    offset = message.offset(),
+                    "an unreadable member journal record was skipped"
+                );
+                metrics.replayed.get_or_create(&[("result", "unreadable")]).inc();
+            }
+        }
+        if let Err(error) = consumer.store_offset_from_message(&message) {
+            tracing::warn!(%error, "storing a replayed offset failed");
+        }
+    }
+    commit(&consumer);
+}
+
+fn commit(consumer: &StreamConsumer) {
+    // Nothing stored yet is not an error worth a word.
+    if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync)
+        && !matches!(
+            error,
+            KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)
+        )
+    {
+        tracing::warn!(%error, "committing the replay's offsets failed");
+    }
+}
+
+/// Sleeps `d`; whether `shutdown` came first.
+async fn pause(shutdown: &CancellationToken, d: Duration) -> bool {
+    tokio::select! {
+        () = shutdown.cancelled() => true,
+        () = tokio::time::sleep(d) => false,
+    }
+}
+
+/// The journal's end and the replay's committed offset, if Kafka answers
+/// within `deadline` (blocking calls, made off the runtime's threads).
+async fn offsets(
+    consumer: &Arc<StreamConsumer>,
+    topic: &str,
+    deadline: Duration,
+) -> (Option<i64>, Option<i64>) {
+    let consumer = Arc::clone(consumer);
+    let topic = topic.to_owned();
+    let read = tokio::task::spawn_blocking(move || {
+        let end = consumer
+            .fetch_watermarks(&topic, 0, deadline)
+            .ok()
+            .map(|(_, high)| high);
+        let mut partitions = TopicPartitionList::new();
+        partitions.add_partition(&topic, 0);
+        let committed = consumer
+            .committed_offsets(partitions, deadline)
+            .ok()
+            .and_then(|list| list.find_partition(&topic, 0).map(|p| p.offset()))
+            .and_then(|offset| match offset {
+                Offset::Offset(o) => Some(o),
+                // Nothing committed yet: the replay starts at the beginning.
+                Offset::Invalid => Some(0),
+                _ => None,
+            });
+        (end, committed)
+    });
+    tokio::time::timeout(deadline * 2, read)
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or((None, None))
+}
+
+/// Decides the path every [`STEER_EVERY`] until `shutdown`.
+pub async fn steer(
+    members: Arc<Members>,
+    consumer: Arc<StreamConsumer>,
+    topic: String,
+    shutdown: CancellationToken,
+) {
+    let mut current = Path::Mysql;
+    let deadline = members.timing.deadline;
+    loop {
+        let (end, committed) = offsets(&consumer, &topic, deadline).await;
+        if let (Some(end), Some(committed)) = (end, committed) {
+            members.metrics.replay_pending.set((end - committed).max(0));
+        }
+        let inputs = members.path_inputs(end, committed);
+        if inputs.breaker_open {
+            // An open breaker closes only after trial calls, which nothing
+            // else makes while the path avoids MySQL.
+            let _ = members.call(Mysql, "mysql", members.stores.primary.ping()).await;
+        }
+        let inputs = members.path_inputs(end, committed);
+        current = path::next(current, inputs);
+        members.set_path(current, &inputs);
+        if pause(&shutdown, STEER_EVERY).await {
+            return;
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! The member operations, apart from how they arrive: [`Members`] holds the
+//! stores, the flow control and the path in use; the writes
+//! ([`super::write`]) and reads ([`super::read`]) are its methods. Every store
+//! call goes through the dependency's breaker within the deadline.
+
+use std::fmt::Display;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use ballast_crds::Mode;
+use ballast_flow::breaker::State;
+use ballast_flow::{CallError, Flow, GuardedDependency, Refusal};
+use tokio::sync::watch;
+
+use super::caller::{Caller, CallerError, Known};
+use super::metrics::Metrics;
+use super::path::{Inputs, Path};
+use crate::members::cache::{DcCache, Key, Keys};
+use crate::members::claims::Claims;
+use crate::members::model::{Conflict, Invalid, Member};
+use crate::members::search::MemberIndex;
+use crate::members::sql::MemberDb;
+use crate::members::stream::ChangeStream;
+
+/// Where the members are.
+#[derive(Clone)]
+pub struct Stores {
+    /// The primary data centre's MySQL: every write.
+    pub primary: MemberDb,
+    /// This data centre's MySQL (a replica outside the primary DC): reads.
+    pub local: MemberDb,
+    /// Whether `local` is the primary.
+    pub local_is_primary: bool,
+    /// The active Elasticsearch cluster's member index.
+    pub index: MemberIndex,
+    /// The identity claims beside it.
+    pub claims: Claims,
+    /// The marketing cluster's member index, if there is one.
+    pub marketing: Option<MemberIndex>,
+    /// Every data centre's cache; each write invalidates all of them.
+    pub caches: Vec<DcCache>,
+    /// Which of `caches` is this data centre's (reads).
+    pub local_cache: usize,
+    /// The cache's key names.
+    pub keys: Keys,
+    /// The change stream (and journal).
+    pub stream: ChangeStream,
+}
+
+/// Settings of the operations.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// Deadline of each store call.
+    pub deadline: Duration,
+    /// Longest a replica read waits for a write it must see before asking the primary.
+    pub read_after_wait: Duration,
+}
+
+/// Why an operation did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    /// The request is malformed.
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    /// The caller is missing, malformed or unknown.
+    #[error(transparent)]
+    Caller(#[from] CallerError),
+    /// The change conflicts with the stored state.
+    #[error(transparent)]
+    Conflict(#[from] Conflict),
+    /// Flow control refused it.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// A dependency failed; nothing was acknowledged.
+    #[error("{dependency} is unavailable: {detail}")]
+    Unavailable {
+        /// Which one (`mysql`, `elasticsearch`, `redis dc-b`, `kafka`).
+        dependency: String,
+        /// What happened.
+        detail: String,
+    },
+    /// Writers kept racing on one member.
+    #[error("member {0} is being changed by other writers; retry")]
+    Contended(u64),
+}
+
+/// The member operations of one process.
+pub struct Members {
+    pub(super) stores: Stores,
+    pub(super) flow: Arc<Flow>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) timing: Timing,
+    known: ArcSwap<Known>,
+    published: watch::Receiver<Mode>,
+    path: AtomicU8,
+    es_writes: AtomicU32,
+}
+
+/// A write on the Elasticsearch path, in flight until dropped.
+pub(super) struct InFlight<'a>(&'a AtomicU32);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Members {
+    /// The operations over `stores`, under `flow`, following the published
+    /// MySQL mode; on the MySQL path until the path task says otherwise.
+    pub fn new(
+        stores: Stores,
+        flow: Arc<Flow>,
+        metrics: Arc<Metrics>,
+        timing: Timing,
+        published: watch::Receiver<Mode>,
+    ) -> Self {
+        Self {
+            stores,
+            flow,
+            metrics,
+            timing,
+            known: ArcSwap::from_pointee(Known::default()),
+            published,
+            path: AtomicU8::new(0),
+            es_writes: AtomicU32::new(0),
+        }
+    }
+
+    /// The stores.
+    pub fn stores(&self) -> &Stores {
+        &self.stores
+    }
+
+    /// The flow control.
+    pub fn flow(&self) -> &Flow {
+        &self.flow
+    }
+
+    /// Puts `known` in force as the accounts admitted.
+    pub fn set_known(&self, known: Known) {
+        self.known.store(Arc::new(known));
+    }
+
+    /// Whether `caller` may call, and whether flow control lets its request
+    /// about `key` in now.
+    pub fn admit(&self, caller: &Caller, key: Option<&str>) -> Result<ballast_flow::Admission<'_>, Failure> {
+        self.known.load().admits(&caller.account)?;
+        Ok(self.flow.admit(&caller.account, key)?)
+    }
+
+    /// The path in use now (a catch-up's barrier is the path task's business).
+    pub fn path(&self) -> Path {
+        match self.path.load(Ordering::Acquire) {
+            0 => Path::Mysql,
+            1 => Path::Catchup { barrier: None },
+            _ => Path::Elasticsearch,
+        }
+    }
+
+    /// Puts `next` in force (the path task's decision), logged and counted when it changes.
+    pub fn set_path(&self, next: Path, inputs: &Inputs) {
+        let code = u8::try_from(next.code()).unwrap_or(2);
+        let before = self.path.swap(code, Ordering::AcqRel);
+        if before != code {
+            self.metrics.path.set(next.code());
+            tracing::warn!(
+                to = next.as_str(),
+                published = ?inputs.published,
+                breaker_open = inputs.breaker_open,
+                end = ?inputs.end,
+                committed = ?inputs.committed,
+                "member store path changed"
+            );
+        }
+    }
+
+    /// What the path depends on now, apart from the journal's offsets.
+    pub fn path_inputs(&self, end: Option<i64>, committed: Option<i64>) -> Inputs {
+        Inputs {
+            published: *self.published.borrow(),
+            breaker_open: !matches!(
+                self.flow.breaker_state(GuardedDependency::Mysql),
+                Some(State::Closed) | None
+            ),
+            es_writes_in_flight: self.es_writes.load(Ordering::Acquire),
+            end,
+            committed,
+        }
+    }
+
+    /// Counts a write on the Elasticsearch path as in flight until dropped.
+    pub(super) fn es_write(&self) -> InFlight<'_> {
+        self.es_writes.fetch_add(1, Ordering::AcqRel);
+        InFlight(&self.es_writes)
+    }
+
+    /// `call` to `dependency` through its breaker within the deadline; a
+    /// failure is [`Failure::Unavailable`] naming `name`.
+    pub(super) async fn call<T, E: Display>(
+        &self,
+        dependency: GuardedDependency,
+        name: &str,
+        call: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, Failure> {
+        self.flow
+            .call(dependency, self.timing.deadline, call)
+            .await
+            .map_err(|e| self.failed(name, e))
+    }
+
+    /// A failed call as a [`Failure`], counted.
+    pub(super) fn failed<E: Display>(&self, name: &str, error: CallError<E>) -> Failure {
+        let detail = match error {
+            CallError::Refused(refusal) => return Failure::Refused(refusal),
+            CallError::TimedOut { deadline, .. } => format!("no answer within {} ms", deadline.as_millis()),
+            CallError::Failed(e) => e.to_string(),
+        };
+        self.metrics
+            .store_failures
+            .get_or_create(&[("dependency", static_name(name))])
+            .inc();
+        Failure::Unavailable {
+            dependency: name.to_owned(),
+            detail,
+        }
+    }
+
+    /// Bumps, locks and deletes `keys` in every data centre's cache at once;
+    /// fails, naming the first data centre that did not accept, unless all did.
+    pub(super) async fn invalidate(&self, keys: &[Key]) -> Result<(), Failure> {
+        let names: Vec<String> = keys.iter().map(|k| self.stores.keys.entry(k)).collect();
+        let calls = self.stores.caches.iter().map(|cache| {
+            let names = &names;
+            async move {
+                let name = format!("redis {}", cache.name);
+                self.call(GuardedDependency::Redis, &name, cache.invalidate(names))
+                    .await
+            }
+        });
+        for outcome in futures::future::join_all(calls).await {
+            outcome?;
+        }
+        Ok(())
+    }
+
+    /// The local data centre's cache.
+    pub(super) fn local_cache(&self) -> &DcCache {
+        &self.stores.caches[self.stores.local_cache]
+    }
+
+    /// The cache entry of `member` (or of its absence). Pure.
+    pub(super) fn encode(member: Option<&Member>) -> String {
+        serde_json::to_string(&member).unwrap_or_else(|_| "null".into())
+    }
+
+    /// A cache entry's member; an unreadable entry reads as a miss.
+    pub(super) fn decode(entry: &str) -> Option<Option<Member>> {
+        serde_json::from_str(entry).ok()
+    }
+}
+
+/// A dependency's name as a metric label (a closed set).
+fn static_name(name: &str) -> &'static str {
+    match name.split(' ').next() {
+        Some("mysql") => "mysql",
+        Some("elasticsearch") => "elasticsearch",
+        Some("redis") => "redis",
+        Some("kafka") => "kafka",
+        _ => "other",
+    }
+}
+
+/// A deadline for the change stream, which has no breaker of its own.
+pub(super) async fn within<T, E: Display>(
+    deadline: Duration,
+    name: &str,
+    call: impl Future<Output = Result<T, E>>,
+) -> Result<T, Failure> {
+    match tokio::time::timeout(deadline, call).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(Failure::Unavailable {
+            dependency: name.to_owned(),
+            detail: e.to_string(),
+        }),
+        Err(_) => Err(Failure::Unavailable {
+            dependency: name.to_owned(),
+            detail: format!("no answer within {} ms", deadline.as_millis()),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cached_answer_round_trips_including_no_member() {
+        assert_eq!(Members::decode(&Members::encode(None)), Some(None));
+        let member = Member {
+            id: 3,
+            name: "n".into(),
+            level: "l".into(),
+            identities: Default::default(),
+            version: 1,
+            updated_ms: 2,
+        };
+        assert_eq!(
+            Members::decode(&Members::encode(Some(&member))),
+            Some(Some(member))
+        );
+        assert_eq!(Members::decode("{garbage"), None);
+    }
+
+    #[test]
+    fn dependency_labels_are_a_closed_set() {
+        assert_eq!(static_name("redis dc-b"), "redis");
+        assert_eq!(static_name("mysql"), "mysql");
+        assert_eq!(static_name("anything"), "other");
+    }
+}

@@ -1,0 +1,327 @@
+//! The write path. Every write first invalidates the member's cache entries
+//! in every data centre: if one does not accept, nothing is written and the
+//! write fails naming it (no half-success). Then, on the MySQL path, one
+//! transaction (the member's row and its identity claims), the member's
+//! document and claims in Elasticsearch, the change stream; on the
+//! Elasticsearch path (MySQL down), the claims and the document (whose
+//! external version orders racing writers), then the journal record. Last,
+//! the entries are invalidated again, so that the lock's two seconds start
+//! once the stores hold the write. A write is acknowledged only after all
+//! of it.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use ballast_flow::GuardedDependency::{Elasticsearch, Mysql, Redis};
+
+use super::path::Path;
+use super::service::{Failure, Members, within};
+use crate::members::cache::Key;
+use crate::members::claims::Claim;
+use crate::members::model::{self, Change, Conflict, Identity, Member};
+use crate::members::search::Put;
+use crate::members::sql::{WriteError, Written};
+use crate::members::stream::{self, Record};
+
+/// Attempts at a registration's random id, or at a write racing others on
+/// the Elasticsearch path.
+const ATTEMPTS: usize = 3;
+
+/// A write's result.
+#[derive(Clone, Debug)]
+pub struct Done {
+    /// The member after it.
+    pub member: Member,
+    /// What a replica must have applied to show it (`read_after`).
+    pub read_after: Option<String>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// A new member id: milliseconds since 2020 and 20 random bits, so ids grow
+/// with time (their order is roughly registration order) and two processes
+/// registering in the same millisecond almost never meet (a meeting is
+/// refused by the store, and another id is drawn).
+pub fn new_member_id(now_ms: i64, random: u32) -> u64 {
+    const EPOCH_2020_MS: i64 = 1_577_836_800_000;
+    let since = u64::try_from(now_ms.saturating_sub(EPOCH_2020_MS)).unwrap_or(0);
+    ((since << 20) | u64::from(random & 0xF_FFFF)).max(1)
+}
+
+/// The identity a change names, if any.
+fn named(change: &Change) -> Vec<&Identity> {
+    match change {
+        Change::Register { identities, .. } => identities.iter().collect(),
+        Change::Bind(i) | Change::Unbind(i) => vec![i],
+        Change::Update { .. } => Vec::new(),
+    }
+}
+
+/// The cache entries a change to member `id` makes stale.
+fn stale_keys<'a>(id: u64, identities: impl IntoIterator<Item = &'a Identity>) -> Vec<Key> {
+    let mut keys: Vec<Key> = identities.into_iter().cloned().map(Key::Identity).collect();
+    keys.push(Key::Member(id));
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+impl Members {
+    /// Registers a new member.
+    pub async fn register(&self, change: Change) -> Result<Done, Failure> {
+        for _ in 0..ATTEMPTS {
+            let id = new_member_id(now_ms(), fastrand::u32(..));
+            match self.write(id, change.clone()).await {
+                Err(Failure::Conflict(Conflict::IdTaken(_))) => continue,
+                other => return other,
+            }
+        }
+        Err(Failure::Unavailable {
+            dependency: "member ids".into(),
+            detail: "every id drawn was taken; retry".into(),
+        })
+    }
+
+    /// Makes `change` to member `id`, on the path in use.
+    pub async fn write(&self, id: u64, change: Change) -> Result<Done, Failure> {
+        let path = self.path();
+        let done = match path {
+            Path::Mysql => self.write_mysql(id, &change, false).await,
+            Path::Catchup { .. } => self.write_mysql(id, &change, true).await,
+            Path::Elasticsearch => {
+                let _in_flight = self.es_write();
+                self.write_elasticsearch(id, &change).await
+            }
+        }?;
+        self.metrics
+            .writes
+            .get_or_create(&[("path", path.as_str())])
+            .inc();
+        Ok(done)
+    }
+
+    /// The MySQL path; with `repair` (catching up), the member's row is first
+    /// brought up to Elasticsearch's version of it.
+    async fn write_mysql(&self, id: u64, change: &Change, repair: bool) -> Result<Done, Failure> {
+        let stores = &self.stores;
+        let registering = matches!(change, Change::Register { .. });
+        if repair && !registering {
+            let newest = self
+                .call(Elasticsearch, "elasticsearch", stores.index.get(id))
+                .await?;
+            if let Some(newest) = newest {
+                self.call(Mysql, "mysql", stores.primary.put_state(&newest))
+                    .await?;
+            }
+        }
+        let before = if registering {
+            None
+        } else {
+            self.call(Mysql, "mysql", stores.primary.get(id)).await?
+        };
+        let before_ids = before.iter().flat_map(|m| m.identities.iter());
+        let mut keys = stale_keys(id, before_ids.chain(named(change)));
+        self.invalidate(&keys).await?;
+        let written = self
+            .call(Mysql, "mysql", async {
+                // A conflict is an answer, not a failure of MySQL.
+                match stores.primary.write(id, change, now_ms()).await {
+                    Ok(written) => Ok(Ok(written)),
+                    Err(WriteError::Conflict(conflict)) => Ok(Err(conflict)),
+                    Err(WriteError::Db(e)) => Err(e),
+                }
+            })
+            .await??;
+        let Written { effect, gtid } = written;
+        // Unchanged (a repeated bind), the rest is still written: a retry of
+        // a write whose first attempt failed midway completes it.
+        let after = &effect.after;
+        self.call(Elasticsearch, "elasticsearch", stores.index.put(after))
+            .await?;
+        for identity in &effect.claimed {
+            self.call(Elasticsearch, "elasticsearch", stores.claims.set(identity, id))
+                .await?;
+        }
+        self.release_claims(&effect.released, id).await?;
+        self.publish(stream::Path::Mysql, after).await?;
+        keys.extend(stale_keys(id, effect.touched()));
+        self.invalidate_again(&keys).await;
+        Ok(Done {
+            member: effect.after,
+            read_after: gtid,
+        })
+    }
+
+    async fn write_elasticsearch(&self, id: u64, change: &Change) -> Result<Done, Failure> {
+        let stores = &self.stores;
+        for _ in 0..ATTEMPTS {
+            let before = self
+                .call(Elasticsearch, "elasticsearch", stores.index.get(id))
+                .await?;
+            let before_ids = before.iter().flat_map(|m| m.identities.iter());
+            let mut keys = stale_keys(id, before_ids.chain(named(change)));
+            let effect = model::apply(before.as_ref(), id, change, now_ms())?;
+            if !effect.changed() {
+                return Ok(Done {
+                    member: effect.after,
+                    read_after: None,
+                });
+            }
+            self.invalidate(&keys).await?;
+            let mut taken: Vec<&Identity> = Vec::new();
+            for identity in &effect.claimed {
+                let claim = self
+                    .call(Elasticsearch, "elasticsearch", stores.claims.claim(identity, id))
+                    .await;
+                match claim {
+                    Ok(Claim::Held) => taken.push(identity),
+                    Ok(Claim::HeldBy(owner)) => {
+                        self.release_all(&taken, id).await;
+                        return Err(Conflict::BoundElsewhere {
+                            identity: identity.clone(),
+                            owner,
+                        }
+                        .into());
+                    }
+                    Err(failure) => {
+                        self.release_all(&taken, id).await;
+                        return Err(failure);
+                    }
+                }
+            }
+            let put = self
+                .call(
+                    Elasticsearch,
+                    "elasticsearch",
+                    stores.index.put_next(&effect.after),
+                )
+                .await;
+            match put {
+                Ok(Put::Stored) => {}
+                Ok(Put::Stale) if before.is_none() => {
+                    self.release_all(&taken, id).await;
+                    return Err(Conflict::IdTaken(id).into());
+                }
+                Ok(Put::Stale) => {
+                    // Another writer took this version: start again from its.
+                    self.release_all(&taken, id).await;
+                    continue;
+                }
+                Err(failure) => {
+                    self.release_all(&taken, id).await;
+                    return Err(failure);
+                }
+            }
+            self.release_claims(&effect.released, id).await?;
+            // Only after Elasticsearch took it: the journal holds the winners
+            // only, in the order Elasticsearch accepted them.
+            if let Err(failure) = self.publish(stream::Path::Elasticsearch, &effect.after).await {
+                tracing::error!(member = id, %failure, "a write Elasticsearch took is not in the journal; a retry of it journals it");
+                return Err(failure);
+            }
+            keys.extend(stale_keys(id, effect.touched()));
+            self.invalidate_again(&keys).await;
+            return Ok(Done {
+                member: effect.after,
+                read_after: None,
+            });
+        }
+        Err(Failure::Contended(id))
+    }
+
+    /// Releases member `id`'s claims of `released` in Elasticsearch.
+    async fn release_claims(&self, released: &[Identity], id: u64) -> Result<(), Failure> {
+        for identity in released {
+            self.call(
+                Elasticsearch,
+                "elasticsearch",
+                self.stores.claims.release(identity, id),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Gives back claims taken for a write that did not happen (best effort:
+    /// a claim left behind binds the identity to a member that does not list
+    /// it, which a later bind of that member, or the replay, settles).
+    async fn release_all(&self, taken: &[&Identity], id: u64) {
+        for identity in taken {
+            if let Err(failure) = self
+                .call(
+                    Elasticsearch,
+                    "elasticsearch",
+                    self.stores.claims.release(identity, id),
+                )
+                .await
+            {
+                tracing::warn!(member = id, %failure, "a claim of a write that did not happen was not given back");
+            }
+        }
+    }
+
+    async fn publish(&self, path: stream::Path, member: &Member) -> Result<(), Failure> {
+        let record = Record {
+            path,
+            member: member.clone(),
+        };
+        within(self.timing.deadline, "kafka", self.stores.stream.publish(&record))
+            .await
+            .map(drop)
+    }
+
+    /// The second invalidation: the write is made whatever it does; a data
+    /// centre that misses it is counted (its entries were deleted by the
+    /// first, its lock expires, and a returning cache is purged).
+    async fn invalidate_again(&self, keys: &[Key]) {
+        let names: Vec<String> = keys.iter().map(|k| self.stores.keys.entry(k)).collect();
+        for cache in &self.stores.caches {
+            let name = format!("redis {}", cache.name);
+            let outcome = self.call(Redis, &name, cache.invalidate(&names)).await;
+            if let Err(failure) = outcome {
+                tracing::warn!(dc = %cache.name, %failure, "the invalidation after a write failed");
+                self.metrics
+                    .late_invalidations_failed
+                    .get_or_create(&vec![("dc".to_owned(), cache.name.clone())])
+                    .inc();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::members::model::IdentityKind;
+
+    #[test]
+    fn member_ids_grow_with_time_and_keep_twenty_random_bits() {
+        let t = 1_800_000_000_000;
+        let a = new_member_id(t, 0);
+        let b = new_member_id(t, 0xF_FFFF);
+        let c = new_member_id(t + 1, 0);
+        assert!(a < b && b < c);
+        assert_eq!(b - a, 0xF_FFFF);
+        assert_eq!(new_member_id(t, 0x1F_FFFF), b, "only twenty bits are random");
+        assert_eq!(new_member_id(0, 0), 1, "never zero");
+    }
+
+    #[test]
+    fn a_change_makes_stale_the_member_and_every_identity_it_names() {
+        let phone = Identity {
+            kind: IdentityKind::Phone,
+            value: "13812345678".into(),
+        };
+        let keys = stale_keys(7, named(&Change::Bind(phone.clone())).into_iter().chain([&phone]));
+        assert_eq!(keys, vec![Key::Member(7), Key::Identity(phone)]);
+        let update = Change::Update {
+            name: None,
+            level: Some("x".into()),
+        };
+        assert_eq!(stale_keys(7, named(&update)), vec![Key::Member(7)]);
+    }
+}
