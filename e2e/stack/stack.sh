@@ -354,9 +354,11 @@ bootstrap_mysql() { # name port [primary-port]
   if [ -z "$primary" ]; then
     mysql_root "$name" "CREATE DATABASE IF NOT EXISTS ballast" || die "creating database on mysql-$name failed"
   else
-    # The replica gets the database (and everything else) from the primary's binlog.
+    # The replica gets the database (and everything else) from the primary's binlog,
+    # and reconnects within a second of a stopped primary's return (not 60 s).
     mysql_root "$name" "CHANGE MASTER TO MASTER_HOST='$host', MASTER_PORT=$primary,
-      MASTER_USER='ballast', MASTER_PASSWORD='ballast', MASTER_USE_GTID=slave_pos; START SLAVE;" ||
+      MASTER_USER='ballast', MASTER_PASSWORD='ballast', MASTER_USE_GTID=slave_pos,
+      MASTER_CONNECT_RETRY=1; START SLAVE;" ||
       die "starting replication on mysql-$name from port $primary failed"
   fi
   touch "$dir/bootstrapped"

@@ -12,7 +12,7 @@ use ballast_crds::{MemberStore, Mode};
 use ballast_e2e::Stack;
 use ballast_e2e::scenario::eventually;
 use ballast_flow::Flow;
-use ballast_worker::members::cache::{DcCache, Fill, Key, Lookup};
+use ballast_worker::members::cache::{DcCache, Fill, Key, Lookup, Stale};
 use ballast_worker::members::model::{Change, Identity, IdentityKind, Member};
 use ballast_worker::roles::member::service::{Failure, Members, Stores, Timing};
 use ballast_worker::roles::member::{self, caller::Class, metrics::Metrics};
@@ -83,6 +83,10 @@ async fn a_reader_stalled_between_its_miss_and_its_fill_cannot_fill_what_a_write
     let stores = stores(&store, &name, "dc-a").await?;
     let (a, b) = (&stores.caches[0], &stores.caches[1]);
     let key = stores.keys.entry(&Key::Member(1));
+    let stale = [Stale {
+        key: key.clone(),
+        floor: 0,
+    }];
 
     // The seed's race: the reader checks (no lock) and stalls; the writer
     // locks and deletes in both data centres; the reader's fill is refused.
@@ -90,9 +94,9 @@ async fn a_reader_stalled_between_its_miss_and_its_fill_cannot_fill_what_a_write
         bail!("a fresh key is cached");
     };
     ensure!(!lease.locked, "no write has locked a fresh key");
-    a.invalidate(std::slice::from_ref(&key)).await?;
-    b.invalidate(std::slice::from_ref(&key)).await?;
-    assert_eq!(a.fill(&key, &lease, "stale").await?, Fill::Refused);
+    a.invalidate(&stale).await?;
+    b.invalidate(&stale).await?;
+    assert_eq!(a.fill(&key, &lease, "stale", 1).await?, Fill::Refused);
     assert!(
         matches!(a.read(&key).await?, Lookup::Miss(_)),
         "nothing was cached"
@@ -103,23 +107,23 @@ async fn a_reader_stalled_between_its_miss_and_its_fill_cannot_fill_what_a_write
         bail!("the key is cached");
     };
     ensure!(locked.locked, "the write's lock is held");
-    assert_eq!(a.fill(&key, &locked, "stale").await?, Fill::Skipped);
+    assert_eq!(a.fill(&key, &locked, "stale", 1).await?, Fill::Skipped);
 
     // The lock alone is not the guard: a reader stalled past it is still
     // refused, by the version its miss saw.
     let Lookup::Miss(old) = a.read(&key).await? else {
         bail!("the key is cached");
     };
-    a.invalidate(std::slice::from_ref(&key)).await?;
+    a.invalidate(&stale).await?;
     lock_gone(a, &key).await?;
     let old_unlocked = ballast_worker::members::cache::Lease { locked: false, ..old };
-    assert_eq!(a.fill(&key, &old_unlocked, "stale").await?, Fill::Refused);
+    assert_eq!(a.fill(&key, &old_unlocked, "stale", 1).await?, Fill::Refused);
 
     // A reader that misses after the lock fills.
     let Lookup::Miss(fresh) = a.read(&key).await? else {
         bail!("the key is cached");
     };
-    assert_eq!(a.fill(&key, &fresh, "fresh").await?, Fill::Filled);
+    assert_eq!(a.fill(&key, &fresh, "fresh", 1).await?, Fill::Filled);
     assert_eq!(a.read(&key).await?, Lookup::Hit("fresh".into()));
     assert!(
         matches!(b.read(&key).await?, Lookup::Miss(_)),

@@ -12,6 +12,10 @@
 //! the version is the one it got. The seed's race (a reader stalled between
 //! its check and its fill while a writer locks and deletes) therefore ends
 //! with the fill refused: the writer changed the version.
+//!
+//! A member's entry also keeps a floor: the member's version after the last
+//! write. A fill of an older member (or of none) is refused whenever it
+//! comes, so a replica lagging longer than the lock cannot cache the past.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -106,9 +110,10 @@ pub enum Fill {
     Skipped,
 }
 
-// Suffixes of a key's version and lock.
+// Suffixes of a key's version, lock and floor.
 const VERSION: &str = "|v";
 const LOCKED: &str = "|l";
+const FLOOR: &str = "|f";
 
 /// KEYS: the entry. Returns {entry or false, version or false, lock exists}.
 const READ: &str = r"
@@ -118,27 +123,45 @@ local locked = redis.call('EXISTS', KEYS[1] .. '|l')
 return {value, version, locked}
 ";
 
-/// KEYS: the entry. ARGV: the lease's version, the value, TTL ms. Fills only
-/// if no lock is held and the version is unchanged: 1 filled, 0 refused.
+/// KEYS: the entry. ARGV: the lease's version, the value, TTL ms, the
+/// value's member version (0: no member). Fills only if no lock is held,
+/// the version is unchanged and the value is not below the floor: 1 filled,
+/// 0 refused.
 const FILL: &str = r"
 if redis.call('EXISTS', KEYS[1] .. '|l') == 1 then return 0 end
 local version = tonumber(redis.call('GET', KEYS[1] .. '|v') or '0')
 if version ~= tonumber(ARGV[1]) then return 0 end
+local floor = tonumber(redis.call('GET', KEYS[1] .. '|f') or '0')
+if tonumber(ARGV[4]) < floor then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 return 1
 ";
 
-/// KEYS: entries. ARGV: lock ms, version TTL ms. Bumps each version, locks
-/// and deletes each entry.
+/// KEYS: entries. ARGV: lock ms, version TTL ms, then one floor per entry
+/// (0: none). Bumps each version, raises each floor, locks and deletes each
+/// entry.
 const INVALIDATE: &str = r"
-for _, key in ipairs(KEYS) do
+for i, key in ipairs(KEYS) do
   redis.call('INCR', key .. '|v')
   redis.call('PEXPIRE', key .. '|v', ARGV[2])
+  local floor = tonumber(ARGV[2 + i])
+  if floor > tonumber(redis.call('GET', key .. '|f') or '0') then
+    redis.call('SET', key .. '|f', floor, 'PX', ARGV[2])
+  end
   redis.call('SET', key .. '|l', '1', 'PX', ARGV[1])
   redis.call('DEL', key)
 end
 return #KEYS
 ";
+
+/// An entry to invalidate, with the floor its fills must reach.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stale {
+    /// The entry's Redis key.
+    pub key: String,
+    /// The least member version a fill may cache (0: any, or none).
+    pub floor: u64,
+}
 
 /// One data centre's member cache.
 #[derive(Clone)]
@@ -190,8 +213,15 @@ impl DcCache {
         })
     }
 
-    /// Caches `value` under `key` if `lease` still holds.
-    pub async fn fill(&self, key: &str, lease: &Lease, value: &str) -> Result<Fill, redis::RedisError> {
+    /// Caches `value` (of a member at `version`, 0 for none) under `key` if
+    /// `lease` still holds and the key's floor allows it.
+    pub async fn fill(
+        &self,
+        key: &str,
+        lease: &Lease,
+        value: &str,
+        version: u64,
+    ) -> Result<Fill, redis::RedisError> {
         if lease.locked || lease.at.elapsed() > MAX_FILL_DELAY {
             return Ok(Fill::Skipped);
         }
@@ -203,26 +233,27 @@ impl DcCache {
             .arg(lease.version)
             .arg(value)
             .arg(millis(TTL))
+            .arg(version)
             .invoke_async(&mut conn)
             .await?;
         Ok(if filled == 1 { Fill::Filled } else { Fill::Refused })
     }
 
-    /// Bumps, locks and deletes every key of `keys`, in one script.
-    pub async fn invalidate(&self, keys: &[String]) -> Result<(), redis::RedisError> {
-        if keys.is_empty() {
+    /// Bumps, raises the floor of, locks and deletes every entry of `stale`, in one script.
+    pub async fn invalidate(&self, stale: &[Stale]) -> Result<(), redis::RedisError> {
+        if stale.is_empty() {
             return Ok(());
         }
         let mut conn = self.conn.clone();
         let mut invocation = self.scripts.invalidate.prepare_invoke();
-        for key in keys {
-            invocation.key(key);
+        for entry in stale {
+            invocation.key(&entry.key);
         }
-        let _: i64 = invocation
-            .arg(millis(LOCK))
-            .arg(millis(VERSION_TTL))
-            .invoke_async(&mut conn)
-            .await?;
+        invocation.arg(millis(LOCK)).arg(millis(VERSION_TTL));
+        for entry in stale {
+            invocation.arg(entry.floor);
+        }
+        let _: i64 = invocation.invoke_async(&mut conn).await?;
         Ok(())
     }
 
@@ -243,7 +274,7 @@ impl DcCache {
                 .await?;
             let entries: Vec<&String> = keys
                 .iter()
-                .filter(|k| !k.ends_with(VERSION) && !k.ends_with(LOCKED))
+                .filter(|k| !k.ends_with(VERSION) && !k.ends_with(LOCKED) && !k.ends_with(FLOOR))
                 .collect();
             if !entries.is_empty() {
                 let n: u64 = redis::cmd("DEL").arg(&entries).query_async(&mut conn).await?;

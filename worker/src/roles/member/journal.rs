@@ -108,7 +108,8 @@ pub async fn replay(members: Arc<Members>, consumer: Arc<StreamConsumer>, shutdo
     commit(&consumer);
 }
 
-fn commit(consumer: &StreamConsumer) {
+/// Commits the offsets stored so far, synchronously.
+pub(super) fn commit(consumer: &StreamConsumer) {
     // Nothing stored yet is not an error worth a word.
     if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync)
         && !matches!(
@@ -121,7 +122,7 @@ fn commit(consumer: &StreamConsumer) {
 }
 
 /// Sleeps `d`; whether `shutdown` came first.
-async fn pause(shutdown: &CancellationToken, d: Duration) -> bool {
+pub(super) async fn pause(shutdown: &CancellationToken, d: Duration) -> bool {
     tokio::select! {
         () = shutdown.cancelled() => true,
         () = tokio::time::sleep(d) => false,

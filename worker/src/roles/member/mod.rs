@@ -6,6 +6,7 @@
 //! Elasticsearch alone with every write journaled and replayed on return.
 
 pub mod caller;
+pub mod feed;
 pub mod follow;
 pub mod grpc;
 pub mod journal;
@@ -305,6 +306,21 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         stopped.clone(),
     ));
 
+    let feed = match members.stores().marketing.clone() {
+        Some(marketing) => {
+            let consumer = feed::consumer(
+                &spec.change_stream,
+                &feed::group(&config.namespace, &config.store),
+            )?;
+            Some(tokio::spawn(feed::run(
+                Arc::clone(&members),
+                consumer,
+                marketing,
+                stopped.clone(),
+            )))
+        }
+        None => None,
+    };
     let (ready_tx, ready) = watch::channel(false);
     let (bound, health) = crate::health::serve(config.metrics, Arc::new(registry), ready, stopped.clone())
         .await
@@ -325,6 +341,11 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
     stopped.cancel();
     if tokio::time::timeout(config.drain, replay).await.is_err() {
         tracing::warn!("the replay did not stop within the drain");
+    }
+    if let Some(feed) = feed
+        && tokio::time::timeout(config.drain, feed).await.is_err()
+    {
+        tracing::warn!("the marketing feed did not stop within the drain");
     }
     drop(health);
     match served {

@@ -8,7 +8,7 @@
 use ballast_flow::GuardedDependency::{Elasticsearch, Mysql, Redis};
 
 use super::caller::Class;
-use super::service::{Failure, Members};
+use super::service::{Failure, Members, within};
 use crate::members::cache::{Fill, Key, Lease, Lookup};
 use crate::members::model::{Identity, Invalid, Member};
 use crate::members::sql::valid_gtid;
@@ -100,9 +100,19 @@ impl Members {
             (Some(marketing), Class::Marketing) => (marketing, "marketing", false),
             _ => (&self.stores.index, "primary", true),
         };
-        let found = self
-            .call(Elasticsearch, "elasticsearch", index.lookup(&asked))
-            .await?;
+        // The marketing cluster is outside the Elasticsearch breaker, which
+        // guards the order flow's cluster: its failures must not open it.
+        let found = if fill {
+            self.call(Elasticsearch, "elasticsearch", index.lookup(&asked))
+                .await?
+        } else {
+            within(
+                self.timing.deadline,
+                "elasticsearch marketing",
+                index.lookup(&asked),
+            )
+            .await?
+        };
         self.metrics.searches.get_or_create(&[("cluster", cluster)]).inc();
         for ((at, lease), member) in misses.into_iter().zip(found) {
             if let (true, Some(lease)) = (fill, lease) {
@@ -148,7 +158,7 @@ impl Members {
             .call(
                 Redis,
                 &format!("redis {}", cache.name),
-                cache.fill(name, lease, &entry),
+                cache.fill(name, lease, &entry, member.map_or(0, |m| m.version)),
             )
             .await;
         let result = match filled {

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use super::caller::{Caller, CallerError, Known};
 use super::metrics::Metrics;
 use super::path::{Inputs, Path};
-use crate::members::cache::{DcCache, Key, Keys};
+use crate::members::cache::{DcCache, Key, Keys, Stale};
 use crate::members::claims::Claims;
 use crate::members::model::{Conflict, Invalid, Member};
 use crate::members::search::MemberIndex;
@@ -229,15 +229,30 @@ impl Members {
         }
     }
 
-    /// Bumps, locks and deletes `keys` in every data centre's cache at once;
-    /// fails, naming the first data centre that did not accept, unless all did.
-    pub(super) async fn invalidate(&self, keys: &[Key]) -> Result<(), Failure> {
-        let names: Vec<String> = keys.iter().map(|k| self.stores.keys.entry(k)).collect();
+    /// The entries of `keys` to invalidate; `after`, the member a write
+    /// leaves, raises its own entry's floor to its version.
+    pub(super) fn stale(&self, keys: &[Key], after: Option<&Member>) -> Vec<Stale> {
+        keys.iter()
+            .map(|k| Stale {
+                key: self.stores.keys.entry(k),
+                floor: match (k, after) {
+                    (Key::Member(id), Some(m)) if *id == m.id => m.version,
+                    _ => 0,
+                },
+            })
+            .collect()
+    }
+
+    /// Bumps, locks and deletes `keys` in every data centre's cache at once
+    /// (raising `after`'s floor); fails, naming the first data centre that
+    /// did not accept, unless all did.
+    pub(super) async fn invalidate(&self, keys: &[Key], after: Option<&Member>) -> Result<(), Failure> {
+        let stale = self.stale(keys, after);
         let calls = self.stores.caches.iter().map(|cache| {
-            let names = &names;
+            let stale = &stale;
             async move {
                 let name = format!("redis {}", cache.name);
-                self.call(GuardedDependency::Redis, &name, cache.invalidate(names))
+                self.call(GuardedDependency::Redis, &name, cache.invalidate(stale))
                     .await
             }
         });

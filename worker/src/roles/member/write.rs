@@ -125,7 +125,7 @@ impl Members {
         };
         let before_ids = before.iter().flat_map(|m| m.identities.iter());
         let mut keys = stale_keys(id, before_ids.chain(named(change)));
-        self.invalidate(&keys).await?;
+        self.invalidate(&keys, None).await?;
         let written = self
             .call(Mysql, "mysql", async {
                 // A conflict is an answer, not a failure of MySQL.
@@ -149,7 +149,7 @@ impl Members {
         self.release_claims(&effect.released, id).await?;
         self.publish(stream::Path::Mysql, after).await?;
         keys.extend(stale_keys(id, effect.touched()));
-        self.invalidate_again(&keys).await;
+        self.invalidate_again(&keys, &effect.after).await;
         Ok(Done {
             member: effect.after,
             read_after: gtid,
@@ -171,7 +171,7 @@ impl Members {
                     read_after: None,
                 });
             }
-            self.invalidate(&keys).await?;
+            self.invalidate(&keys, None).await?;
             let mut taken: Vec<&Identity> = Vec::new();
             for identity in &effect.claimed {
                 let claim = self
@@ -224,7 +224,7 @@ impl Members {
                 return Err(failure);
             }
             keys.extend(stale_keys(id, effect.touched()));
-            self.invalidate_again(&keys).await;
+            self.invalidate_again(&keys, &effect.after).await;
             return Ok(Done {
                 member: effect.after,
                 read_after: None,
@@ -274,14 +274,15 @@ impl Members {
             .map(drop)
     }
 
-    /// The second invalidation: the write is made whatever it does; a data
-    /// centre that misses it is counted (its entries were deleted by the
-    /// first, its lock expires, and a returning cache is purged).
-    async fn invalidate_again(&self, keys: &[Key]) {
-        let names: Vec<String> = keys.iter().map(|k| self.stores.keys.entry(k)).collect();
+    /// The second invalidation, raising the member's floor: the write is
+    /// made whatever it does; a data centre that misses it is counted (its
+    /// entries were deleted by the first, its lock expires, and a returning
+    /// cache is purged).
+    async fn invalidate_again(&self, keys: &[Key], after: &Member) {
+        let stale = self.stale(keys, Some(after));
         for cache in &self.stores.caches {
             let name = format!("redis {}", cache.name);
-            let outcome = self.call(Redis, &name, cache.invalidate(&names)).await;
+            let outcome = self.call(Redis, &name, cache.invalidate(&stale)).await;
             if let Err(failure) = outcome {
                 tracing::warn!(dc = %cache.name, %failure, "the invalidation after a write failed");
                 self.metrics

@@ -1,0 +1,83 @@
+//! Feeding the marketing cluster from the change stream: every record's
+//! member stored in the marketing index (a newer version there is kept), in
+//! the stream's order, its offset stored only once applied. Order-flow
+//! traffic never waits on it; marketing callers read what it has applied.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ballast_crds::refs::KafkaRef;
+use rdkafka::Message;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use tokio_util::sync::CancellationToken;
+
+use super::journal::{commit, pause};
+use super::service::{Members, within};
+use crate::members::search::MemberIndex;
+use crate::members::stream::{self, Record};
+
+/// The consumer group that feeds MemberStore `name` in `namespace`'s marketing cluster.
+pub fn group(namespace: &str, name: &str) -> String {
+    format!("ballast-members-{namespace}.{name}-marketing")
+}
+
+/// The feed's consumer, subscribed to the stream.
+pub fn consumer(kafka: &KafkaRef, group: &str) -> Result<StreamConsumer, KafkaError> {
+    let consumer: StreamConsumer = stream::client_config(kafka)
+        .set("group.id", group)
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.commit.interval.ms", "200")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "3000")
+        .create()?;
+    consumer.subscribe(&[&kafka.topic])?;
+    Ok(consumer)
+}
+
+/// Feeds `marketing` until `shutdown`; what was applied is committed before it returns.
+pub async fn run(
+    members: Arc<Members>,
+    consumer: StreamConsumer,
+    marketing: MemberIndex,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let message = tokio::select! {
+            () = shutdown.cancelled() => break,
+            m = consumer.recv() => m,
+        };
+        let message = match message {
+            Ok(m) => m,
+            Err(error) => {
+                tracing::warn!(%error, "reading the member change stream failed; retrying");
+                if pause(&shutdown, Duration::from_secs(1)).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        if let Some(Ok(record)) = message.payload().map(Record::decode) {
+            // Not through the Elasticsearch breaker, which guards the
+            // order flow's cluster: a failing marketing cluster must not open
+            // it. A record is retried, never skipped.
+            let deadline = members.timing.deadline;
+            while let Err(failure) =
+                within(deadline, "elasticsearch marketing", marketing.put(&record.member)).await
+            {
+                tracing::debug!(%failure, "the marketing feed waits for its cluster");
+                if pause(&shutdown, Duration::from_millis(500)).await {
+                    commit(&consumer);
+                    return;
+                }
+            }
+            members.metrics.fed.inc();
+        }
+        if let Err(error) = consumer.store_offset_from_message(&message) {
+            tracing::warn!(%error, "storing a fed offset failed");
+        }
+    }
+    commit(&consumer);
+}
