@@ -6,35 +6,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ballast_crds::refs::KafkaRef;
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::error::KafkaError;
 use tokio_util::sync::CancellationToken;
 
-use super::journal::{commit, pause};
+use super::journal::{commit, next, pause};
 use super::service::{Members, within};
 use crate::members::search::MemberIndex;
-use crate::members::stream::{self, Record};
+use crate::members::stream::Record;
 
 /// The consumer group that feeds MemberStore `name` in `namespace`'s marketing cluster.
 pub fn group(namespace: &str, name: &str) -> String {
     format!("ballast-members-{namespace}.{name}-marketing")
-}
-
-/// The feed's consumer, subscribed to the stream.
-pub fn consumer(kafka: &KafkaRef, group: &str) -> Result<StreamConsumer, KafkaError> {
-    let consumer: StreamConsumer = stream::client_config(kafka)
-        .set("group.id", group)
-        .set("enable.auto.commit", "true")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.commit.interval.ms", "200")
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "3000")
-        .create()?;
-    consumer.subscribe(&[&kafka.topic])?;
-    Ok(consumer)
 }
 
 /// Feeds `marketing` until `shutdown`; what was applied is committed before it returns.
@@ -44,21 +27,7 @@ pub async fn run(
     marketing: MemberIndex,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let message = tokio::select! {
-            () = shutdown.cancelled() => break,
-            m = consumer.recv() => m,
-        };
-        let message = match message {
-            Ok(m) => m,
-            Err(error) => {
-                tracing::warn!(%error, "reading the member change stream failed; retrying");
-                if pause(&shutdown, Duration::from_secs(1)).await {
-                    break;
-                }
-                continue;
-            }
-        };
+    while let Some(message) = next(&consumer, &shutdown).await {
         if let Some(Ok(record)) = message.payload().map(Record::decode) {
             // Not through the Elasticsearch breaker, which guards the
             // order flow's cluster: a failing marketing cluster must not open

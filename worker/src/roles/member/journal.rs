@@ -29,12 +29,11 @@ pub fn group(namespace: &str, name: &str) -> String {
     format!("ballast-members-{namespace}.{name}-replay")
 }
 
-/// The replay's consumer, subscribed to the stream.
+/// A consumer of the stream in `group`: offsets are stored only once their
+/// record is applied, and committed from the store in the background.
 pub fn consumer(kafka: &KafkaRef, group: &str) -> Result<StreamConsumer, KafkaError> {
     let consumer: StreamConsumer = stream::client_config(kafka)
         .set("group.id", group)
-        // Offsets are stored only once their record is applied, and
-        // committed from the store in the background.
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false")
         .set("auto.commit.interval.ms", "200")
@@ -46,24 +45,33 @@ pub fn consumer(kafka: &KafkaRef, group: &str) -> Result<StreamConsumer, KafkaEr
     Ok(consumer)
 }
 
+/// The next record of `consumer`, retrying a failed read each second;
+/// `None` once `shutdown` comes.
+pub(super) async fn next<'c>(
+    consumer: &'c StreamConsumer,
+    shutdown: &CancellationToken,
+) -> Option<rdkafka::message::BorrowedMessage<'c>> {
+    loop {
+        let message = tokio::select! {
+            () = shutdown.cancelled() => return None,
+            m = consumer.recv() => m,
+        };
+        match message {
+            Ok(m) => return Some(m),
+            Err(error) => {
+                tracing::warn!(%error, "reading the member change stream failed; retrying");
+                if pause(shutdown, Duration::from_secs(1)).await {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
 /// Replays until `shutdown`; what was applied is committed before it returns.
 pub async fn replay(members: Arc<Members>, consumer: Arc<StreamConsumer>, shutdown: CancellationToken) {
     let metrics = Arc::clone(&members.metrics);
-    loop {
-        let message = tokio::select! {
-            () = shutdown.cancelled() => break,
-            m = consumer.recv() => m,
-        };
-        let message = match message {
-            Ok(m) => m,
-            Err(error) => {
-                tracing::warn!(%error, "reading the member journal failed; retrying");
-                if pause(&shutdown, Duration::from_secs(1)).await {
-                    break;
-                }
-                continue;
-            }
-        };
+    while let Some(message) = next(&consumer, &shutdown).await {
         match message.payload().map(Record::decode) {
             Some(Ok(record)) if record.path == stream::Path::Elasticsearch => {
                 let member = &record.member;

@@ -308,7 +308,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
 
     let feed = match members.stores().marketing.clone() {
         Some(marketing) => {
-            let consumer = feed::consumer(
+            let consumer = journal::consumer(
                 &spec.change_stream,
                 &feed::group(&config.namespace, &config.store),
             )?;
