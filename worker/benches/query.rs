@@ -13,7 +13,7 @@
 //! Each figure is the median of 3 runs.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ballast_crds::{Dependency, Mode};
 use ballast_e2e::Stack;
@@ -29,6 +29,10 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
+mod support;
+
+use support::{Run, medians};
+
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -40,71 +44,13 @@ const CONCURRENCY: usize = 16;
 const RUN: Duration = Duration::from_secs(3);
 const RUNS: usize = 3;
 
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
-/// What one run measured.
-#[derive(Clone, Copy, Debug, Default)]
-struct Run {
-    per_second: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-}
-
-fn summarize(mut latencies: Vec<Duration>, elapsed: Duration) -> Run {
-    latencies.sort();
-    let at = |q: f64| {
-        latencies
-            .get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)))
-            .map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
-    };
-    Run {
-        per_second: latencies.len() as f64 / elapsed.as_secs_f64(),
-        p50_ms: at(0.50),
-        p99_ms: at(0.99),
-    }
-}
-
-fn medians(runs: &[Run]) -> Run {
-    let of = |f: fn(&Run) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
-    Run {
-        per_second: of(|r| r.per_second),
-        p50_ms: of(|r| r.p50_ms),
-        p99_ms: of(|r| r.p99_ms),
-    }
-}
-
 /// `CONCURRENCY` tasks each calling `one(task, i)` back to back for `RUN`.
 async fn load<F, Fut>(one: F) -> anyhow::Result<Run>
 where
     F: Fn(usize, usize) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
 {
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..CONCURRENCY)
-        .map(|task| {
-            let one = one.clone();
-            tokio::spawn(async move {
-                let mut latencies = Vec::new();
-                let mut i = task;
-                while started.elapsed() < RUN {
-                    let t = Instant::now();
-                    one(task, i).await?;
-                    latencies.push(t.elapsed());
-                    i += CONCURRENCY;
-                }
-                Ok::<_, anyhow::Error>(latencies)
-            })
-        })
-        .collect();
-    let mut all = Vec::new();
-    for task in tasks {
-        all.extend(task.await??);
-    }
-    Ok(summarize(all, started.elapsed()))
+    support::load(CONCURRENCY, RUN, one).await
 }
 
 /// A keep-alive HTTP/1.1 connection issuing GETs; returns each status.
