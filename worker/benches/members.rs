@@ -2,7 +2,9 @@
 //! control, caller checks and all), each beside a raw baseline by the same
 //! kind of client at the same concurrency in the same run:
 //! (a) lookups by phone answered from the cache, against raw GETs of the
-//!     same cache entries from the same Redis;
+//!     same cache entries from the same Redis, and against the gRPC floor: a
+//!     server on the same transport answering every lookup with a fixed
+//!     member, no work at all (what the protocol costs on these two cores);
 //! (b) lookups by phone that miss the cache and are answered by a term query
 //!     on the primary Elasticsearch cluster, against the same term queries
 //!     issued raw;
@@ -75,7 +77,7 @@ fn request<T>(message: T) -> tonic::Request<T> {
     request
 }
 
-async fn clients(port: u16) -> anyhow::Result<Vec<MembersClient<Channel>>> {
+async fn connect_clients(port: u16) -> anyhow::Result<Vec<MembersClient<Channel>>> {
     let mut clients = Vec::new();
     for _ in 0..CONCURRENCY {
         let channel = Channel::from_shared(format!("http://127.0.0.1:{port}"))?
@@ -85,6 +87,63 @@ async fn clients(port: u16) -> anyhow::Result<Vec<MembersClient<Channel>>> {
         clients.push(MembersClient::new(channel));
     }
     Ok(clients)
+}
+
+/// The gRPC floor: every lookup answered at once with the same member.
+struct Floor(wire::Member);
+
+#[tonic::async_trait]
+impl wire::members_server::Members for Floor {
+    async fn register(
+        &self,
+        _: tonic::Request<wire::RegisterRequest>,
+    ) -> Result<tonic::Response<wire::WriteReply>, tonic::Status> {
+        Err(tonic::Status::unimplemented("floor"))
+    }
+    async fn update(
+        &self,
+        _: tonic::Request<UpdateRequest>,
+    ) -> Result<tonic::Response<wire::WriteReply>, tonic::Status> {
+        Err(tonic::Status::unimplemented("floor"))
+    }
+    async fn bind(
+        &self,
+        _: tonic::Request<wire::BindRequest>,
+    ) -> Result<tonic::Response<wire::WriteReply>, tonic::Status> {
+        Err(tonic::Status::unimplemented("floor"))
+    }
+    async fn unbind(
+        &self,
+        _: tonic::Request<wire::BindRequest>,
+    ) -> Result<tonic::Response<wire::WriteReply>, tonic::Status> {
+        Err(tonic::Status::unimplemented("floor"))
+    }
+    async fn get(
+        &self,
+        _: tonic::Request<wire::GetRequest>,
+    ) -> Result<tonic::Response<wire::Member>, tonic::Status> {
+        Err(tonic::Status::unimplemented("floor"))
+    }
+    async fn lookup(
+        &self,
+        _: tonic::Request<LookupRequest>,
+    ) -> Result<tonic::Response<wire::LookupReply>, tonic::Status> {
+        Ok(tonic::Response::new(wire::LookupReply {
+            member: Some(self.0.clone()),
+        }))
+    }
+    async fn lookup_many(
+        &self,
+        _: tonic::Request<wire::LookupManyRequest>,
+    ) -> Result<tonic::Response<wire::LookupManyReply>, tonic::Status> {
+        Err(tonic::Status::unimplemented("floor"))
+    }
+    async fn bindings(
+        &self,
+        _: tonic::Request<wire::GetRequest>,
+    ) -> Result<tonic::Response<wire::BindingsReply>, tonic::Status> {
+        Err(tonic::Status::unimplemented("floor"))
+    }
 }
 
 fn line(what: &str, run: Run) {
@@ -159,7 +218,7 @@ async fn main() -> anyhow::Result<()> {
     for chunk in all.chunks(100) {
         members.lookup(chunk, member::caller::Class::OrderFlow).await?;
     }
-    let clients = Arc::new(clients(port).await?);
+    let clients = Arc::new(connect_clients(port).await?);
     let cache = redis::Client::open(stack.get("BALLAST_REDIS_MEMBER_DC_A_URL")?)?;
     let mut redis_conns = Vec::new();
     for _ in 0..CONCURRENCY {
@@ -177,9 +236,38 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     anyhow::ensure!(hit.contains("m0"), "the cache holds the members: {hit}");
 
+    // The floor's server, answering with a registered member as the service would.
+    let sample = members.get(ids[0], None).await?.context("a registered member")?;
+    let floor_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let floor_port = floor_listener.local_addr()?.port();
+    tokio::spawn(
+        ballast_worker::grpc::server()
+            .add_service(wire::members_server::MembersServer::new(Floor(
+                member::grpc::to_wire(&sample),
+            )))
+            .serve_with_incoming(ballast_worker::grpc::incoming(floor_listener)),
+    );
+    let floor_clients = Arc::new(connect_clients(floor_port).await?);
+
     // (a) cache hits.
-    let (mut api_hits, mut raw_gets) = (Vec::new(), Vec::new());
+    let (mut api_hits, mut raw_gets, mut floors) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..RUNS {
+        let c = Arc::clone(&floor_clients);
+        floors.push(
+            support::load(CONCURRENCY, RUN, move |task, i| {
+                let mut client = c[task].clone();
+                let identity = to_wire(&phone(i as u64 % MEMBERS));
+                async move {
+                    client
+                        .lookup(request(LookupRequest {
+                            identity: Some(identity),
+                        }))
+                        .await?;
+                    Ok(())
+                }
+            })
+            .await?,
+        );
         let c = Arc::clone(&clients);
         api_hits.push(
             support::load(CONCURRENCY, RUN, move |task, i| {
@@ -374,7 +462,7 @@ async fn main() -> anyhow::Result<()> {
         );
     }
 
-    let (hits, gets) = (medians(&api_hits), medians(&raw_gets));
+    let (hits, gets, floor) = (medians(&api_hits), medians(&raw_gets), medians(&floors));
     let (misses, searches) = (medians(&api_misses), medians(&raw_searches));
     let (writes, raw) = (medians(&api_writes), medians(&raw_writes));
     println!(
@@ -383,7 +471,12 @@ async fn main() -> anyhow::Result<()> {
     println!("lookup by phone, cache hit (target: 30000/s, p99 under 2 ms):");
     line("through the API", hits);
     line("raw Redis GET of the same entries", gets);
-    println!("  ratio {:.2} of raw", hits.per_second / gets.per_second);
+    line("gRPC floor (fixed answer, no work)", floor);
+    println!(
+        "  ratio {:.2} of raw Redis, {:.2} of the gRPC floor",
+        hits.per_second / gets.per_second,
+        hits.per_second / floor.per_second
+    );
     println!("lookup by phone, cache miss, primary cluster:");
     line("through the API (search, then fill)", misses);
     line("raw Elasticsearch term query", searches);

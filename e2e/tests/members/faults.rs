@@ -199,3 +199,56 @@ fn fastrand_like(seed: u64) -> impl Fn(u64) -> usize {
         usize::try_from((x >> 33) % 1_000_003).unwrap_or(0)
     }
 }
+
+/// Publishes `mode` for the member MySQL in the MemberStore's status, as the operator would.
+async fn publish_mysql(f: &Fixture, mode: &str, epoch: i64) -> anyhow::Result<()> {
+    use kube::api::{Api, Patch, PatchParams};
+    let api: Api<ballast_crds::MemberStore> = Api::namespaced(f.stack.kube_client().await?, &f.namespace);
+    let since = k8s_openapi::jiff::Timestamp::now().to_string();
+    let status = serde_json::json!({"status": {"mysql": {"mode": mode, "since": since, "epoch": epoch}}});
+    api.patch_status(&f.name, &PatchParams::default(), &Patch::Merge(&status))
+        .await?;
+    Ok(())
+}
+
+async fn until_path(port: u16, code: f64) -> anyhow::Result<()> {
+    eventually(&format!("ballast_member_path {code}"), 30, || async {
+        Ok::<_, std::io::Error>((metric(port, "ballast_member_path").await? == Some(code)).then_some(()))
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_published_degraded_mysql_moves_writes_to_elasticsearch_and_back_once_they_are_replayed()
+-> anyhow::Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let f = Fixture::start("ms-mode").await?;
+    let a = f.caller('a', "orders", "order-flow").await?;
+    let id = id_of(&a.register("辛", vec![card(7)]).await?);
+    publish_mysql(&f, "Degraded", 1).await?;
+    until_path(f.a.metrics, 2.0).await?;
+    let written = a.level(&id, "through-es").await?;
+    assert!(written.read_after.is_empty(), "no MySQL transaction, no GTID");
+    let es_writes = metric(f.a.metrics, "ballast_member_writes_total{path=\"elasticsearch\"}").await?;
+    assert_eq!(es_writes, Some(1.0));
+    // MySQL answers: the replay brings the journaled write into it meanwhile.
+    let primary = f.stack.get(ballast_e2e::members::PRIMARY_MYSQL)?;
+    let db = MemberDb::replica(
+        mysql_async::Pool::new(mysql_async::Opts::from_url(&primary)?),
+        &f.home,
+        1024,
+    )
+    .await?;
+    let n: u64 = id.parse()?;
+    eventually("the journaled write replayed into MySQL", 30, || async {
+        Ok::<_, anyhow::Error>(db.get(n).await?.filter(|m| m.level == "through-es"))
+    })
+    .await?;
+    publish_mysql(&f, "Normal", 2).await?;
+    until_path(f.a.metrics, 0.0).await?;
+    let back = a.level(&id, "through-mysql").await?;
+    ensure!(!back.read_after.is_empty(), "back on MySQL: the write has a GTID");
+    assert_eq!(a.get(&id, &back.read_after).await?.level, "through-mysql");
+    Ok(())
+}

@@ -201,6 +201,12 @@ impl DcCache {
     /// The entry `key`, or a lease to fill it.
     pub async fn read(&self, key: &str) -> Result<Lookup, redis::RedisError> {
         let mut conn = self.conn.clone();
+        // A hit, most reads, is one plain GET; only a miss runs the script
+        // that reads its lease (and the entry again, should it have been filled).
+        let hit: Option<String> = redis::cmd("GET").arg(key).query_async(&mut conn).await?;
+        if let Some(value) = hit {
+            return Ok(Lookup::Hit(value));
+        }
         let (value, version, locked): (Option<String>, Option<i64>, i64) =
             self.scripts.read.key(key).invoke_async(&mut conn).await?;
         Ok(match value {

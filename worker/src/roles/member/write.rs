@@ -166,6 +166,9 @@ impl Members {
             let mut keys = stale_keys(id, before_ids.chain(named(change)));
             let effect = model::apply(before.as_ref(), id, change, now_ms())?;
             if !effect.changed() {
+                // Journaled again: a retry of a write whose record Kafka did
+                // not take completes the journal.
+                self.publish(stream::Path::Elasticsearch, &effect.after).await?;
                 return Ok(Done {
                     member: effect.after,
                     read_after: None,
