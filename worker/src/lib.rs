@@ -4,7 +4,7 @@
 //! in `ballast-node`, re-exported here.
 #![forbid(unsafe_code)]
 
-pub use ballast_node::{connect, health, leader, master_report, membership, probe, telemetry};
+pub use ballast_node::{connect, health, leader, master_report, membership, probe, secret, telemetry};
 
 pub mod cold;
 pub mod compute;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use ballast_worker::roles::master::{self, faults::FaultPolicy};
 use ballast_worker::roles::{Deps, collector, intake, member, nightly, query, slave};
+use ballast_worker::secret::Secret;
 use ballast_worker::{probe, telemetry};
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -72,7 +73,7 @@ enum Command {
         pod: Pod,
         /// Password of the source database user (from the pipeline's Secret).
         #[arg(long, env = "BALLAST_SOURCE_MYSQL_PASSWORD", hide_env_values = true)]
-        source_password: Option<String>,
+        source_password: Option<Secret>,
         /// Bytes of one transaction's events held before they are delivered
         /// ahead of its commit (a bulk UPDATE streams instead of filling memory).
         #[arg(long, env = "BALLAST_COLLECTOR_PART_BYTES", default_value_t = collector::PART_BYTES)]
@@ -90,7 +91,7 @@ enum Command {
         linger: Duration,
         /// Password of the KV Redis (from the pipeline's Secret).
         #[arg(long, env = "BALLAST_KV_PASSWORD", hide_env_values = true)]
-        kv_password: Option<String>,
+        kv_password: Option<Secret>,
         /// Where the backup intake (gRPC) listens (port 0 picks one).
         #[arg(long, env = "BALLAST_LISTEN_ADDR", default_value = "0.0.0.0:7070")]
         listen: SocketAddr,
@@ -143,13 +144,13 @@ enum Command {
 struct StorePasswords {
     /// Password of the KV Redis.
     #[arg(long, env = "BALLAST_KV_PASSWORD", hide_env_values = true)]
-    kv_password: Option<String>,
+    kv_password: Option<Secret>,
     /// Password of the cache Redis.
     #[arg(long, env = "BALLAST_CACHE_PASSWORD", hide_env_values = true)]
-    cache_password: Option<String>,
+    cache_password: Option<Secret>,
     /// Password of the hot MySQL user.
     #[arg(long, env = "BALLAST_HOT_MYSQL_PASSWORD", hide_env_values = true)]
-    hot_password: Option<String>,
+    hot_password: Option<Secret>,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -254,7 +255,7 @@ struct MasterArgs {
     delay_base: Duration,
     /// Password of the KV Redis (from the pipeline's Secret).
     #[arg(long, env = "BALLAST_KV_PASSWORD", hide_env_values = true)]
-    kv_password: Option<String>,
+    kv_password: Option<Secret>,
 }
 
 /// How the query service reads.
@@ -268,10 +269,10 @@ struct QueryArgs {
     lateness: Duration,
     /// Password of the cache Redis.
     #[arg(long, env = "BALLAST_CACHE_PASSWORD", hide_env_values = true)]
-    cache_password: Option<String>,
+    cache_password: Option<Secret>,
     /// Password of the hot MySQL user.
     #[arg(long, env = "BALLAST_HOT_MYSQL_PASSWORD", hide_env_values = true)]
-    hot_password: Option<String>,
+    hot_password: Option<Secret>,
     /// Deadline of each call to the cold store.
     #[arg(long, env = "BALLAST_COLD_DEADLINE", default_value = "1s", value_parser = parse_duration)]
     cold_deadline: Duration,
@@ -283,7 +284,7 @@ struct QueryArgs {
     cold_username: Option<String>,
     /// Password of the cold store's user.
     #[arg(long, env = "BALLAST_COLD_PASSWORD", hide_env_values = true)]
-    cold_password: Option<String>,
+    cold_password: Option<Secret>,
 }
 
 /// Who a member process is and what it reads with.
@@ -315,16 +316,16 @@ struct MemberArgs {
     drain: Duration,
     /// Password of the member MySQL user.
     #[arg(long, env = "BALLAST_MEMBER_MYSQL_PASSWORD", hide_env_values = true)]
-    mysql_password: Option<String>,
+    mysql_password: Option<Secret>,
     /// Password of the member Redis servers.
     #[arg(long, env = "BALLAST_MEMBER_REDIS_PASSWORD", hide_env_values = true)]
-    redis_password: Option<String>,
+    redis_password: Option<Secret>,
     /// User of the member Elasticsearch clusters.
     #[arg(long, env = "BALLAST_MEMBER_ES_USERNAME", hide_env_values = true)]
     es_username: Option<String>,
     /// Password of the member Elasticsearch clusters' user.
     #[arg(long, env = "BALLAST_MEMBER_ES_PASSWORD", hide_env_values = true)]
-    es_password: Option<String>,
+    es_password: Option<Secret>,
 }
 
 async fn run_member(args: MemberArgs) -> Result<(), String> {
@@ -361,16 +362,16 @@ struct NightlyArgs {
     now_ms: Option<i64>,
     /// Password of the hot MySQL user.
     #[arg(long, env = "BALLAST_HOT_MYSQL_PASSWORD", hide_env_values = true)]
-    hot_password: Option<String>,
+    hot_password: Option<Secret>,
     /// Password of the KV Redis.
     #[arg(long, env = "BALLAST_KV_PASSWORD", hide_env_values = true)]
-    kv_password: Option<String>,
+    kv_password: Option<Secret>,
     /// User of the cold store.
     #[arg(long, env = "BALLAST_COLD_USERNAME", hide_env_values = true)]
     cold_username: Option<String>,
     /// Password of the cold store's user.
     #[arg(long, env = "BALLAST_COLD_PASSWORD", hide_env_values = true)]
-    cold_password: Option<String>,
+    cold_password: Option<Secret>,
 }
 
 async fn run_nightly(pod: Pod, args: NightlyArgs) -> Result<(), String> {
@@ -440,7 +441,7 @@ async fn run_master(pod: Pod, args: MasterArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-async fn run_collector(pod: Pod, source_password: Option<String>, part_bytes: usize) -> Result<(), String> {
+async fn run_collector(pod: Pod, source_password: Option<Secret>, part_bytes: usize) -> Result<(), String> {
     let client = kube_client().await?;
     let config = collector::Config {
         namespace: pod.namespace,
@@ -459,7 +460,7 @@ async fn run_intake(
     pod: Pod,
     batch: usize,
     linger: Duration,
-    kv_password: Option<String>,
+    kv_password: Option<Secret>,
     listen: SocketAddr,
 ) -> Result<(), String> {
     let client = kube_client().await?;
@@ -570,6 +571,33 @@ mod tests {
             let got = parse_duration(text).ok().map(|d| d.as_millis() as u64);
             assert_eq!(got, want, "{text}");
         }
+    }
+
+    #[test]
+    fn a_password_given_on_the_command_line_never_prints() -> Result<(), clap::Error> {
+        let cli = Cli::try_parse_from([
+            "ballast-worker",
+            "member",
+            "--store",
+            "s",
+            "--store-namespace",
+            "n",
+            "--data-center",
+            "dc-a",
+            "--mysql-password",
+            "hunter2",
+            "--es-username",
+            "elastic",
+            "--es-password",
+            "hunter3",
+        ])?;
+        let shown = format!("{cli:?} {cli:#?}");
+        assert!(!shown.contains("hunter"), "{shown}");
+        let Command::Member { args } = cli.command else {
+            panic!("parsed as another subcommand");
+        };
+        assert_eq!(args.mysql_password.as_ref().map(Secret::expose), Some("hunter2"));
+        Ok(())
     }
 
     #[test]

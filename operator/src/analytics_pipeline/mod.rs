@@ -285,7 +285,8 @@ async fn reconcile_pipeline(ap: &Arc<AnalyticsPipeline>, ctx: &Context) -> Resul
         .mysql
         .password_secret_ref
         .as_ref()
-        .and_then(|r| valid.secret(r));
+        .and_then(|r| valid.secret(r))
+        .map(ballast_node::secret::Secret::from);
     let source_schema = schema(ctx, &key, ap, password);
     let previous_sql = ap.status.as_ref().and_then(|s| s.sql.as_ref());
     let sql = sql::decide(
@@ -416,7 +417,7 @@ fn schema(
     ctx: &Context,
     key: &ObjectRef<AnalyticsPipeline>,
     ap: &AnalyticsPipeline,
-    password: Option<String>,
+    password: Option<ballast_node::secret::Secret>,
 ) -> Option<ballast_crds::SourceSchema> {
     let mut pipelines = ctx.pipelines();
     let state = &mut pipelines.entry(key.clone()).or_default().source_schema;
@@ -428,7 +429,7 @@ fn schema(
         let (ctx, key) = (ctx.clone(), key.clone());
         let source = ap.spec.source.clone();
         tokio::spawn(async move {
-            match source_schema::read(&source.mysql, password, &source.tables).await {
+            match source_schema::read(&source.mysql, password.as_ref(), &source.tables).await {
                 Ok(schema) => {
                     if let Some(state) = ctx.pipelines().get_mut(&key) {
                         state.source_schema.read = Some(schema);

@@ -52,7 +52,7 @@ pub fn schema_of(rows: Vec<(String, String, String)>, tables: &[String]) -> Sour
 /// connection options (the password is never part of a formatted URL).
 pub async fn read(
     source: &MysqlRef,
-    password: Option<String>,
+    password: Option<&ballast_node::secret::Secret>,
     tables: &[String],
 ) -> Result<SourceSchema, SchemaError> {
     let address = source.address.clone();

@@ -10,4 +10,5 @@ pub mod leader;
 pub mod master_report;
 pub mod membership;
 pub mod probe;
+pub mod secret;
 pub mod telemetry;

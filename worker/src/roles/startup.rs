@@ -7,6 +7,8 @@ use ballast_crds::{AnalyticsPipeline, DegradationPolicy};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::Api;
 
+use crate::secret::Secret;
+
 /// Why a role could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -100,7 +102,7 @@ pub async fn sql(
 /// The Redis connection options of `store` (`kv` or `cache`), with its password.
 pub fn redis_info(
     redis: &ballast_crds::refs::RedisRef,
-    password: Option<&str>,
+    password: Option<&Secret>,
     store: &'static str,
 ) -> Result<redis::ConnectionInfo, StartupError> {
     crate::connect::redis(redis, password).map_err(|source| StartupError::Options { store, source })

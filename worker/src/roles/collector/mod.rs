@@ -27,6 +27,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 
 use crate::health::counter;
+use crate::secret::Secret;
 use rdkafka::ClientConfig;
 use rdkafka::producer::FutureProducer;
 use tokio::sync::{mpsc, watch};
@@ -51,7 +52,7 @@ pub struct Config {
     /// Where `/healthz`, `/readyz` and `/metrics` are served.
     pub metrics: SocketAddr,
     /// Password of the source database user, if it has one.
-    pub source_password: Option<String>,
+    pub source_password: Option<Secret>,
     /// Bytes of a transaction's events held before they are delivered ahead
     /// of its commit ([`PART_BYTES`] unless set).
     pub part_bytes: usize,
@@ -223,7 +224,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         .await
         .map_err(startup::bind_error(config.metrics))?;
 
-    let opts = crate::connect::mysql(&source.mysql, config.source_password.clone());
+    let opts = crate::connect::mysql(&source.mysql, config.source_password.as_ref());
     let mut conn = Conn::new(opts.clone()).await?;
     let mut schema = columns(&mut conn, &source.mysql.database, &source.tables).await?;
 

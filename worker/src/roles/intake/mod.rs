@@ -26,6 +26,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 
 use crate::health::{counter, gauge};
+use crate::secret::Secret;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -59,7 +60,7 @@ pub struct Config {
     /// Longest wait to fill a batch.
     pub linger: Duration,
     /// Password of the KV Redis, if it has one.
-    pub kv_password: Option<String>,
+    pub kv_password: Option<Secret>,
     /// Pod name: the membership Lease's name.
     pub identity: String,
     /// Where the backup intake (gRPC) listens (port 0 picks one).
@@ -312,7 +313,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
     .await
     .map_err(startup::bind_error(config.metrics))?;
 
-    let kv_info = startup::redis_info(&spec.kv, config.kv_password.as_deref(), "KV store")?;
+    let kv_info = startup::redis_info(&spec.kv, config.kv_password.as_ref(), "KV store")?;
     let conn = startup::redis_connection(&kv_info).await?;
     let layout = Layout::new(&config.pipeline, i64::from(spec.compute.window_seconds) * 1000);
     let (refills_tx, mut refills) = watch::channel(0_u64);

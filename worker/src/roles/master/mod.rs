@@ -42,6 +42,7 @@ use super::startup::{self, StartupError};
 use crate::kv::{KvStore, Layout};
 use crate::leader::Election;
 use crate::routing::stable_hash;
+use crate::secret::Secret;
 use crate::wire::TaskReport;
 use ballast_node::master_report::{MasterReport, MemoryLoss, SqlInUse, SqlRefused, short_error};
 
@@ -71,7 +72,7 @@ pub struct Config {
     /// Fault handling.
     pub faults: FaultPolicy,
     /// Password of the KV Redis.
-    pub kv_password: Option<String>,
+    pub kv_password: Option<Secret>,
 }
 
 /// Errors that stop a master.
@@ -151,7 +152,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
     let window_ms = i64::from(ap.spec.compute.window_seconds) * 1000;
     let active = Active {
         owner: ap.owner_ref(&()),
-        kv: startup::redis_info(&ap.spec.kv, config.kv_password.as_deref(), "KV store")?,
+        kv: startup::redis_info(&ap.spec.kv, config.kv_password.as_ref(), "KV store")?,
         layout: Layout::new(&config.pipeline, window_ms),
         window_ms,
         // The granularity of KV-degraded results (an hour unless the policy says otherwise).

@@ -36,6 +36,7 @@ use crate::members::claims::Claims;
 use crate::members::search::MemberIndex;
 use crate::members::sql::{DbError, MemberDb};
 use crate::members::stream::{ChangeStream, StreamError};
+use crate::secret::Secret;
 use service::{Members, Stores, Timing};
 pub use write::{Done, new_member_id};
 
@@ -59,11 +60,11 @@ pub struct Config {
     /// How long draining may take on shutdown.
     pub drain: Duration,
     /// Password of the member MySQL user (the same user in every data centre).
-    pub mysql_password: Option<String>,
+    pub mysql_password: Option<Secret>,
     /// Password of the member Redis servers.
-    pub redis_password: Option<String>,
+    pub redis_password: Option<Secret>,
     /// User and password of the Elasticsearch clusters, if security is on.
-    pub es_credentials: Option<(String, String)>,
+    pub es_credentials: Option<(String, Secret)>,
 }
 
 /// Errors that stop a member process.
@@ -131,7 +132,7 @@ fn data_centre<'a>(store: &'a MemberStore, name: &str) -> Option<&'a DataCenter>
 /// Connects to `dc`'s Redis, retrying each second until it answers or `shutdown`.
 async fn cache(
     dc: &DataCenter,
-    password: Option<&str>,
+    password: Option<&Secret>,
     deadline: Duration,
     shutdown: &CancellationToken,
 ) -> Result<Option<DcCache>, StartupError> {
@@ -189,7 +190,7 @@ pub async fn connect(
     let logical = u32::try_from(spec.logical_shards).unwrap_or(1).max(1);
 
     let pool = |dc: &DataCenter| {
-        mysql_async::Pool::new(crate::connect::mysql(&dc.mysql, config.mysql_password.clone()))
+        mysql_async::Pool::new(crate::connect::mysql(&dc.mysql, config.mysql_password.as_ref()))
     };
     let primary_db = tokio::time::timeout(
         deadline * 10,
@@ -234,7 +235,7 @@ pub async fn connect(
     };
     let mut caches = Vec::new();
     for dc in &spec.data_centers {
-        match cache(dc, config.redis_password.as_deref(), deadline, shutdown).await? {
+        match cache(dc, config.redis_password.as_ref(), deadline, shutdown).await? {
             Some(cache) => caches.push(cache),
             None => return Ok(None),
         }

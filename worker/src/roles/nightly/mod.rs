@@ -29,6 +29,7 @@ use crate::modes::Modes;
 use crate::results::ResultsError;
 use crate::results::days::Precomputed;
 use crate::results::hot::HotStore;
+use crate::secret::Secret;
 use crate::shedding;
 
 /// Settings of a nightly run.
@@ -43,11 +44,11 @@ pub struct Config {
     /// Deadline of each cold store call.
     pub deadline: Duration,
     /// Password of the hot MySQL user.
-    pub hot_password: Option<String>,
+    pub hot_password: Option<Secret>,
     /// Password of the KV store.
-    pub kv_password: Option<String>,
+    pub kv_password: Option<Secret>,
     /// User and password of the cold store.
-    pub cold_credentials: Option<(String, String)>,
+    pub cold_credentials: Option<(String, Secret)>,
     /// Now, in ms (the clock, unless a test sets it).
     pub now_ms: i64,
 }
@@ -97,7 +98,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
     let hot = HotStore::new(
         mysql_async::Pool::new(crate::connect::mysql(
             &ap.spec.hot_store,
-            config.hot_password.clone(),
+            config.hot_password.as_ref(),
         )),
         &ap.spec.hot_store.database,
         HotStore::DEFAULT_DATABASES,
@@ -117,7 +118,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
     let lateness_ms = i64::try_from(config.lateness.as_millis()).unwrap_or(i64::MAX);
     let today = Day::of_ms(config.now_ms);
     let layout = Layout::new(config.pipeline.clone(), window_ms);
-    let mut kv = kv_store(&ap, config.kv_password.as_deref(), layout).await;
+    let mut kv = kv_store(&ap, config.kv_password.as_ref(), layout).await;
     let mut report = Report::default();
 
     // Rollups: every closed, whole day still in the hot MySQL.
@@ -224,7 +225,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
 /// checked (the master's failing windows still are).
 async fn kv_store(
     ap: &ballast_crds::AnalyticsPipeline,
-    password: Option<&str>,
+    password: Option<&Secret>,
     layout: Layout,
 ) -> Option<KvStore> {
     let info = startup::redis_info(&ap.spec.kv, password, "KV store").ok()?;

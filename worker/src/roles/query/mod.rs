@@ -29,6 +29,7 @@ use super::Deps;
 use super::startup::{self, StartupError};
 use crate::results::cache::ResultCache;
 use crate::results::hot::HotStore;
+use crate::secret::Secret;
 
 /// Settings of a query process.
 #[derive(Clone, Debug)]
@@ -46,11 +47,11 @@ pub struct Config {
     /// How long draining may take on shutdown.
     pub drain: Duration,
     /// Password of the cache Redis.
-    pub cache_password: Option<String>,
+    pub cache_password: Option<Secret>,
     /// Password of the hot MySQL user.
-    pub hot_password: Option<String>,
+    pub hot_password: Option<Secret>,
     /// User and password of the cold store (Elasticsearch), if it has security on.
-    pub cold_credentials: Option<(String, String)>,
+    pub cold_credentials: Option<(String, Secret)>,
     /// Deadline of each call to the cold store (a search reads up to a year of days).
     pub cold_deadline: Duration,
     /// How often today's precomputed cold answers are loaded from the hot MySQL.
@@ -109,13 +110,13 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
     let hot = HotStore::new(
         mysql_async::Pool::new(crate::connect::mysql(
             &ap.spec.hot_store,
-            config.hot_password.clone(),
+            config.hot_password.as_ref(),
         )),
         &ap.spec.hot_store.database,
         HotStore::DEFAULT_DATABASES,
         HotStore::DEFAULT_TABLES,
     );
-    let cache_info = startup::redis_info(&ap.spec.cache, config.cache_password.as_deref(), "cache")?;
+    let cache_info = startup::redis_info(&ap.spec.cache, config.cache_password.as_ref(), "cache")?;
     let stopped = CancellationToken::new();
     let _stopped_guard = stopped.clone().drop_guard();
     let (cache_tx, cache_rx) = watch::channel(None);

@@ -21,6 +21,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::health::{counter, gauge};
+use crate::secret::Secret;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -65,11 +66,11 @@ pub struct Config {
     /// Bytes the SQL's operators may hold between them (`None`: unbounded).
     pub compute_memory: Option<usize>,
     /// Password of the KV Redis.
-    pub kv_password: Option<String>,
+    pub kv_password: Option<Secret>,
     /// Password of the cache Redis.
-    pub cache_password: Option<String>,
+    pub cache_password: Option<Secret>,
     /// Password of the hot MySQL user.
-    pub hot_password: Option<String>,
+    pub hot_password: Option<Secret>,
 }
 
 /// Errors that stop a slave.
@@ -287,9 +288,9 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
     let mut registry = Registry::with_prefix("ballast");
     let metrics = Arc::new(Metrics::register(&mut registry));
     let compute_metrics = Arc::new(compute::Metrics::register(&mut registry));
-    let hot_opts = crate::connect::mysql(&ap.spec.hot_store, config.hot_password.clone());
+    let hot_opts = crate::connect::mysql(&ap.spec.hot_store, config.hot_password.as_ref());
     let stores = Stores {
-        kv: startup::redis_info(&ap.spec.kv, config.kv_password.as_deref(), "KV store")?,
+        kv: startup::redis_info(&ap.spec.kv, config.kv_password.as_ref(), "KV store")?,
         layout: Layout::new(&config.pipeline, i64::from(ap.spec.compute.window_seconds) * 1000),
         hot: HotStore::new(
             mysql_async::Pool::new(hot_opts),
@@ -297,7 +298,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
             2,
             4,
         ),
-        cache: startup::redis_info(&ap.spec.cache, config.cache_password.as_deref(), "cache")?,
+        cache: startup::redis_info(&ap.spec.cache, config.cache_password.as_ref(), "cache")?,
     };
     // Its own stop: the drain after `shutdown` still needs the published slave
     // set (a hand-off stamped with a stale generation is refused) and the
