@@ -58,7 +58,8 @@ async fn an_identity_bound_to_one_member_cannot_be_bound_to_another_and_the_refu
 }
 
 #[tokio::test]
-async fn bad_input_is_refused_with_a_status_naming_the_problem_and_counted() -> anyhow::Result<()> {
+async fn bad_input_and_a_caller_over_its_rate_are_refused_with_a_status_naming_the_problem_and_counted()
+-> anyhow::Result<()> {
     let _one = ONE_AT_A_TIME.lock().await;
     let f = Fixture::start("ms-bad").await?;
     let orders = f.caller('a', "orders", "order-flow").await?;
@@ -89,6 +90,27 @@ async fn bad_input_is_refused_with_a_status_naming_the_problem_and_counted() -> 
         assert_eq!(status.code(), code, "{what}: {}", status.message());
         assert!(status.message().contains(says), "{what}: {}", status.message());
     }
+    // A caller over its own rate is refused at once, told when to come back.
+    let trickle = f.caller('a', "trickle", "order-flow").await?;
+    let mut refused = None;
+    for _ in 0..5 {
+        if let Err(status) = trickle.lookup(card(2)).await {
+            refused = Some(status);
+            break;
+        }
+    }
+    let refused =
+        refused.ok_or_else(|| anyhow::anyhow!("five calls at once passed a rate of one a second"))?;
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{}", refused.message());
+    assert!(
+        refused.message().contains("caller account trickle"),
+        "{}",
+        refused.message()
+    );
+    assert!(
+        refused.metadata().get("retry-after-ms").is_some(),
+        "a refusal says when to retry"
+    );
     for (reason, at_least) in [
         ("phone", 1.0),
         ("caller_unknown", 1.0),

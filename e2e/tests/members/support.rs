@@ -38,13 +38,15 @@ impl Fixture {
         let home = format!("m_{}", name.replace('-', "_"));
         stack.member_home(&home).await?;
         let mut store = stack.member_store(&name, &home)?;
-        // Two known callers, and no rate for unlisted ones: a stranger is refused.
+        // Three known callers (one held to a request a second), and no rate
+        // for unlisted ones: a stranger is refused.
         store["spec"]["flowControl"] = serde_json::json!({
             "globalRatePerSecond": 100_000,
             "hotKeyRatePerSecond": 100_000,
             "callers": [
                 {"caller": "orders", "ratePerSecond": 100_000},
                 {"caller": "campaign", "ratePerSecond": 100_000},
+                {"caller": "trickle", "ratePerSecond": 1},
             ],
         });
         Api::<ballast_crds::MemberStore>::namespaced(client, &namespace)
