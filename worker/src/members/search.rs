@@ -124,6 +124,44 @@ impl MemberIndex {
     }
 }
 
+/// Members changed at or after a time, a page at a time, oldest first.
+impl MemberIndex {
+    /// Up to `size` members changed at `since_ms` or later, after the
+    /// `after` cursor (the last page's last `(updated_ms, id)`).
+    pub async fn changed_since(
+        &self,
+        since_ms: i64,
+        after: Option<(i64, u64)>,
+        size: usize,
+    ) -> Result<Vec<Member>, EsError> {
+        let response = self
+            .es
+            .search(SearchParts::Index(&[&self.index]))
+            .allow_no_indices(true)
+            .ignore_unavailable(true)
+            .request_timeout(self.deadline)
+            .body(changed_body(since_ms, after, size))
+            .send()
+            .await?;
+        members_of(&checked(response).await?)
+    }
+}
+
+/// The search of members changed since `since_ms`, sorted by change time
+/// and id, resuming after `after`: filter context, no total count. Pure.
+pub fn changed_body(since_ms: i64, after: Option<(i64, u64)>, size: usize) -> Value {
+    let mut body = json!({
+        "size": size,
+        "track_total_hits": false,
+        "sort": [{ "updatedMs": "asc" }, { "memberId": "asc" }],
+        "query": { "bool": { "filter": { "range": { "updatedMs": { "gte": since_ms } } } } }
+    });
+    if let Some((updated_ms, id)) = after {
+        body["search_after"] = json!([updated_ms, id.to_string()]);
+    }
+    body
+}
+
 /// What [`MemberIndex::put_next`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Put {
@@ -162,7 +200,7 @@ pub fn template() -> Value {
                     "tcCard": keyword,
                     "elCard": keyword,
                     "version": { "type": "long" },
-                    "updatedMs": { "type": "long", "index": false }
+                    "updatedMs": { "type": "long" }
                 }
             }
         }
@@ -313,6 +351,18 @@ mod tests {
             owner_of(&identity(IdentityKind::Phone, "13900000000"), &hits),
             None
         );
+    }
+
+    #[test]
+    fn a_sweep_pages_by_change_time_and_id_from_a_time() {
+        let first = changed_body(1_000, None, 500);
+        assert_eq!(
+            first["query"]["bool"]["filter"]["range"]["updatedMs"]["gte"],
+            1_000
+        );
+        assert!(first.get("search_after").is_none());
+        let next = changed_body(1_000, Some((1_200, 42)), 500);
+        assert_eq!(next["search_after"], json!([1_200, "42"]));
     }
 
     #[test]

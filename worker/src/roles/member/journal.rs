@@ -2,14 +2,14 @@
 //! while MySQL was down, in the stream's order, each applied to MySQL only if
 //! newer than its row (so a replay repeated after a crash changes nothing),
 //! its offset stored only once applied; and the path task, which measures the
-//! replay's progress, probes a MySQL whose breaker is open, and decides the
-//! path ([`super::path::next`]).
+//! replay's progress, probes a MySQL whose breaker is open, sweeps once per
+//! catch-up, and decides the path ([`super::path::next`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use ballast_crds::refs::KafkaRef;
-use ballast_flow::GuardedDependency::Mysql;
+use ballast_flow::GuardedDependency::{Elasticsearch, Mysql};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -172,7 +172,57 @@ async fn offsets(
         .unwrap_or((None, None))
 }
 
-/// Decides the path every [`STEER_EVERY`] until `shutdown`.
+/// How far before the path left MySQL a sweep starts: writers' clocks may
+/// disagree by this much.
+const SWEEP_MARGIN_MS: i64 = 60_000;
+
+/// Members read per page of a sweep.
+const SWEEP_PAGE: usize = 500;
+
+/// Brings into MySQL every member Elasticsearch changed since `since_ms`
+/// that MySQL holds an older version of (what the journal may lack: a write
+/// Elasticsearch took whose record Kafka did not); how many it brought.
+async fn sweep(members: &Members, since_ms: i64) -> Result<u64, super::service::Failure> {
+    let stores = &members.stores;
+    let mut after = None;
+    let mut brought = 0;
+    loop {
+        let page = members
+            .call(
+                Elasticsearch,
+                "elasticsearch",
+                stores.index.changed_since(since_ms, after, SWEEP_PAGE),
+            )
+            .await?;
+        for member in &page {
+            if members
+                .call(Mysql, "mysql", stores.primary.put_state(member))
+                .await?
+            {
+                brought += 1;
+                members
+                    .metrics
+                    .replayed
+                    .get_or_create(&[("result", "swept")])
+                    .inc();
+            }
+        }
+        match page.last() {
+            Some(last) if page.len() == SWEEP_PAGE => after = Some((last.updated_ms, last.id)),
+            _ => return Ok(brought),
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Decides the path every [`STEER_EVERY`] until `shutdown`; sweeps once per
+/// catch-up.
 pub async fn steer(
     members: Arc<Members>,
     consumer: Arc<StreamConsumer>,
@@ -180,20 +230,42 @@ pub async fn steer(
     shutdown: CancellationToken,
 ) {
     let mut current = Path::Mysql;
+    // When the path last left MySQL, and whether this catch-up has swept.
+    let mut left_mysql_ms = None;
+    let mut swept = false;
     let deadline = members.timing.deadline;
     loop {
         let (end, committed) = offsets(&consumer, &topic, deadline).await;
         if let (Some(end), Some(committed)) = (end, committed) {
             members.metrics.replay_pending.set((end - committed).max(0));
         }
-        let inputs = members.path_inputs(end, committed);
-        if inputs.breaker_open {
+        if members.path_inputs(end, committed, swept).breaker_open {
             // An open breaker closes only after trial calls, which nothing
             // else makes while the path avoids MySQL.
             let _ = members.call(Mysql, "mysql", members.stores.primary.ping()).await;
         }
-        let inputs = members.path_inputs(end, committed);
-        current = path::next(current, inputs);
+        if let (Path::Catchup { .. }, false, Some(since)) = (current, swept, left_mysql_ms) {
+            match sweep(&members, since - SWEEP_MARGIN_MS).await {
+                Ok(brought) => {
+                    tracing::info!(brought, "swept the members changed while MySQL was away");
+                    swept = true;
+                }
+                Err(failure) => tracing::warn!(%failure, "the catch-up's sweep failed; retrying"),
+            }
+        }
+        let inputs = members.path_inputs(end, committed, swept);
+        let next = path::next(current, inputs);
+        match (current, next) {
+            (Path::Mysql, Path::Elasticsearch) => {
+                left_mysql_ms = Some(now_ms());
+                swept = false;
+            }
+            // Back on Elasticsearch mid-catch-up: sweep again from the same start.
+            (Path::Catchup { .. }, Path::Elasticsearch) => swept = false,
+            (_, Path::Mysql) => left_mysql_ms = None,
+            _ => {}
+        }
+        current = next;
         members.set_path(current, &inputs);
         if pause(&shutdown, STEER_EVERY).await {
             return;

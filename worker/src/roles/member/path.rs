@@ -8,7 +8,9 @@
 //!   version (so that a replayed older record cannot overwrite it, nor it a
 //!   newer record); reads stay on Elasticsearch. The journal's end is taken
 //!   as the barrier once no write on the Elasticsearch path is in flight
-//!   here, and the path is MySQL again once the replay has passed it.
+//!   here, and the path is MySQL again once the replay has passed it and
+//!   the sweep (every member Elasticsearch changed since the path left MySQL,
+//!   brought into MySQL if newer there: what the journal may lack) is done.
 
 use ballast_crds::Mode;
 
@@ -64,6 +66,8 @@ pub struct Inputs {
     pub end: Option<i64>,
     /// The replay's committed offset (the next record it will apply), if known.
     pub committed: Option<i64>,
+    /// The sweep of this catch-up is done.
+    pub swept: bool,
 }
 
 /// The path after `current`, given `inputs`.
@@ -82,7 +86,11 @@ pub fn next(current: Path, inputs: Inputs) -> Path {
         Path::Catchup { barrier: None } if inputs.es_writes_in_flight == 0 => {
             Path::Catchup { barrier: inputs.end }
         }
-        Path::Catchup { barrier: Some(end) } if inputs.committed.is_some_and(|c| c >= end) => Path::Mysql,
+        Path::Catchup { barrier: Some(end) }
+            if inputs.swept && inputs.committed.is_some_and(|c| c >= end) =>
+        {
+            Path::Mysql
+        }
         catchup @ Path::Catchup { .. } => catchup,
     }
 }
@@ -98,30 +106,33 @@ mod tests {
         let at = |b| Path::Catchup { barrier: Some(b) };
         #[rustfmt::skip]
         let table = [
-            // current, published, breaker open, ES writes in flight, end, committed, next
-            (Path::Mysql, Normal, false, 0, Some(9), Some(0), Path::Mysql),
-            (Path::Mysql, Degraded, false, 0, None, None, Path::Elasticsearch),
-            (Path::Mysql, Recovering, false, 0, None, None, Path::Elasticsearch),
-            (Path::Mysql, Normal, true, 0, None, None, Path::Elasticsearch),
-            (Path::Elasticsearch, Degraded, false, 0, None, None, Path::Elasticsearch),
-            (Path::Elasticsearch, Normal, true, 0, None, None, Path::Elasticsearch),
-            (Path::Elasticsearch, Normal, false, 3, Some(9), Some(2), none),
-            (none, Normal, false, 3, Some(9), Some(2), none),
-            (none, Normal, false, 0, None, Some(2), none),
-            (none, Normal, false, 0, Some(9), Some(2), at(9)),
-            (at(9), Normal, false, 0, Some(12), Some(8), at(9)),
-            (at(9), Normal, false, 0, Some(12), None, at(9)),
-            (at(9), Normal, false, 0, Some(12), Some(9), Path::Mysql),
-            (at(9), Normal, true, 0, Some(12), Some(9), Path::Elasticsearch),
-            (none, Degraded, false, 0, Some(9), Some(9), Path::Elasticsearch),
+            // current, published, breaker open, ES writes in flight, end, committed, swept, next
+            (Path::Mysql, Normal, false, 0, Some(9), Some(0), true, Path::Mysql),
+            (Path::Mysql, Degraded, false, 0, None, None, true, Path::Elasticsearch),
+            (Path::Mysql, Recovering, false, 0, None, None, true, Path::Elasticsearch),
+            (Path::Mysql, Normal, true, 0, None, None, true, Path::Elasticsearch),
+            (Path::Elasticsearch, Degraded, false, 0, None, None, true, Path::Elasticsearch),
+            (Path::Elasticsearch, Normal, true, 0, None, None, true, Path::Elasticsearch),
+            (Path::Elasticsearch, Normal, false, 3, Some(9), Some(2), true, none),
+            (none, Normal, false, 3, Some(9), Some(2), true, none),
+            (none, Normal, false, 0, None, Some(2), true, none),
+            (none, Normal, false, 0, Some(9), Some(2), true, at(9)),
+            (at(9), Normal, false, 0, Some(12), Some(8), true, at(9)),
+            (at(9), Normal, false, 0, Some(12), None, true, at(9)),
+            (at(9), Normal, false, 0, Some(12), Some(9), true, Path::Mysql),
+            (at(9), Normal, false, 0, Some(12), Some(9), false, at(9)),
+            (at(9), Normal, true, 0, Some(12), Some(9), true, Path::Elasticsearch),
+            (none, Degraded, false, 0, Some(9), Some(9), true, Path::Elasticsearch),
         ];
-        for (current, published, breaker_open, es_writes_in_flight, end, committed, expected) in table {
+        for (current, published, breaker_open, es_writes_in_flight, end, committed, swept, expected) in table
+        {
             let inputs = Inputs {
                 published,
                 breaker_open,
                 es_writes_in_flight,
                 end,
                 committed,
+                swept,
             };
             assert_eq!(next(current, inputs), expected, "{current:?} {inputs:?}");
         }

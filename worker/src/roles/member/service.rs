@@ -178,8 +178,9 @@ impl Members {
         }
     }
 
-    /// What the path depends on now, apart from the journal's offsets.
-    pub fn path_inputs(&self, end: Option<i64>, committed: Option<i64>) -> Inputs {
+    /// What the path depends on now, given the journal's offsets and whether
+    /// the catch-up's sweep is done.
+    pub fn path_inputs(&self, end: Option<i64>, committed: Option<i64>, swept: bool) -> Inputs {
         Inputs {
             published: *self.published.borrow(),
             breaker_open: !matches!(
@@ -189,6 +190,7 @@ impl Members {
             es_writes_in_flight: self.es_writes.load(Ordering::Acquire),
             end,
             committed,
+            swept,
         }
     }
 
