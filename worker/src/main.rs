@@ -13,6 +13,10 @@ use ballast_worker::{probe, telemetry};
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+mod args;
+
+use args::{ComputeArgs, MasterArgs, MemberArgs, NightlyArgs, QueryArgs, StorePasswords, parse_duration};
+
 /// Every role allocates per event (rows, messages, batches); mimalloc spends a
 /// fraction of what glibc's allocator did on it.
 #[global_allocator]
@@ -139,32 +143,6 @@ enum Command {
     },
 }
 
-/// Passwords of the stores a slave reads and writes (from the pipeline's Secrets).
-#[derive(Debug, Args)]
-struct StorePasswords {
-    /// Password of the KV Redis.
-    #[arg(long, env = "BALLAST_KV_PASSWORD", hide_env_values = true)]
-    kv_password: Option<Secret>,
-    /// Password of the cache Redis.
-    #[arg(long, env = "BALLAST_CACHE_PASSWORD", hide_env_values = true)]
-    cache_password: Option<Secret>,
-    /// Password of the hot MySQL user.
-    #[arg(long, env = "BALLAST_HOT_MYSQL_PASSWORD", hide_env_values = true)]
-    hot_password: Option<Secret>,
-}
-
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let (digits, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("`{text}`: expected a number followed by ms or s"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" | "" => Ok(Duration::from_secs(n)),
-        _ => Err(format!("`{text}`: unit must be ms or s")),
-    }
-}
-
 /// Cancels the returned token on SIGTERM or Ctrl-C.
 fn shutdown_token() -> CancellationToken {
     let token = CancellationToken::new();
@@ -181,20 +159,6 @@ async fn kube_client() -> Result<kube::Client, String> {
     kube::Client::try_default()
         .await
         .map_err(|e| format!("Kubernetes client: {e}"))
-}
-
-/// How a slave computes.
-#[derive(clap::Args, Debug)]
-struct ComputeArgs {
-    /// Compute tasks run at once.
-    #[arg(long, env = "BALLAST_COMPUTE_SLOTS", default_value_t = 2)]
-    slots: u32,
-    /// Bytes the SQL's operators may hold between them (default: half the pod's memory limit).
-    #[arg(long, env = "BALLAST_COMPUTE_MEMORY_BYTES")]
-    memory_bytes: Option<u64>,
-    /// The container's memory limit, in bytes (the operator passes it from the downward API).
-    #[arg(long, env = "BALLAST_MEMORY_LIMIT_BYTES")]
-    pod_memory_limit: Option<u64>,
 }
 
 async fn run_slave(
@@ -227,107 +191,6 @@ async fn run_slave(
         .map_err(|e| e.to_string())
 }
 
-/// Settings of the master subcommand beyond the pod's.
-#[derive(Debug, Args)]
-struct MasterArgs {
-    /// How long after its end a window is computed (late events land first).
-    #[arg(long, env = "BALLAST_WINDOW_GRACE", default_value = "2s", value_parser = parse_duration)]
-    grace: Duration,
-    /// Events per task: larger windows are split by merchant partition.
-    #[arg(long, default_value_t = 200_000)]
-    events_per_task: u64,
-    /// Tasks in flight per slave.
-    #[arg(long, default_value_t = 4)]
-    in_flight_per_slave: usize,
-    /// How long after closing a window late events still get it computed again.
-    #[arg(long, env = "BALLAST_LATENESS", default_value = "120s", value_parser = parse_duration)]
-    lateness: Duration,
-    /// Least window time between two computations of the hour (period) or
-    /// the day to date, each of which reads the whole span so far; the one
-    /// that completes a span always runs.
-    #[arg(long, env = "BALLAST_TO_DATE_EVERY", default_value = "60s", value_parser = parse_duration)]
-    to_date_every: Duration,
-    /// A task is hung after running this long and ten times its estimate.
-    #[arg(long, env = "BALLAST_HUNG_AFTER", default_value = "30s", value_parser = parse_duration)]
-    hung_after: Duration,
-    /// First back-off of the delay queue (doubling up to 5 minutes).
-    #[arg(long, env = "BALLAST_DELAY_BASE", default_value = "10s", value_parser = parse_duration)]
-    delay_base: Duration,
-    /// Password of the KV Redis (from the pipeline's Secret).
-    #[arg(long, env = "BALLAST_KV_PASSWORD", hide_env_values = true)]
-    kv_password: Option<Secret>,
-}
-
-/// How the query service reads.
-#[derive(Debug, Args)]
-struct QueryArgs {
-    /// Deadline of each call to the cache or the hot MySQL.
-    #[arg(long, env = "BALLAST_STORE_DEADLINE", default_value = "250ms", value_parser = parse_duration)]
-    store_deadline: Duration,
-    /// How long after closing a window late events may still change it (the master's lateness).
-    #[arg(long, env = "BALLAST_LATENESS", default_value = "120s", value_parser = parse_duration)]
-    lateness: Duration,
-    /// Password of the cache Redis.
-    #[arg(long, env = "BALLAST_CACHE_PASSWORD", hide_env_values = true)]
-    cache_password: Option<Secret>,
-    /// Password of the hot MySQL user.
-    #[arg(long, env = "BALLAST_HOT_MYSQL_PASSWORD", hide_env_values = true)]
-    hot_password: Option<Secret>,
-    /// Deadline of each call to the cold store.
-    #[arg(long, env = "BALLAST_COLD_DEADLINE", default_value = "1s", value_parser = parse_duration)]
-    cold_deadline: Duration,
-    /// How often today's precomputed cold answers are loaded (from the hot MySQL).
-    #[arg(long, env = "BALLAST_PRECOMPUTED_EVERY", default_value = "60s", value_parser = parse_duration)]
-    precomputed_every: Duration,
-    /// User of the cold store (Elasticsearch), from the pipeline's credentials Secret.
-    #[arg(long, env = "BALLAST_COLD_USERNAME", hide_env_values = true)]
-    cold_username: Option<String>,
-    /// Password of the cold store's user.
-    #[arg(long, env = "BALLAST_COLD_PASSWORD", hide_env_values = true)]
-    cold_password: Option<Secret>,
-}
-
-/// Who a member process is and what it reads with.
-#[derive(Debug, Args)]
-struct MemberArgs {
-    /// The MemberStore it serves.
-    #[arg(long, env = "BALLAST_MEMBER_STORE")]
-    store: String,
-    /// Namespace of the MemberStore.
-    #[arg(long, env = "BALLAST_MEMBER_STORE_NAMESPACE")]
-    store_namespace: String,
-    /// The data centre it serves in (one of the MemberStore's).
-    #[arg(long, env = "BALLAST_DATA_CENTER")]
-    data_center: String,
-    /// Where the gRPC API listens (port 0 picks one).
-    #[arg(long, env = "BALLAST_LISTEN_ADDR", default_value = "0.0.0.0:7072")]
-    listen: SocketAddr,
-    /// Where `/healthz`, `/readyz` and `/metrics` are served (port 0 picks one).
-    #[arg(long, env = "BALLAST_METRICS_ADDR", default_value = "0.0.0.0:9090")]
-    metrics_addr: SocketAddr,
-    /// Deadline of each store call.
-    #[arg(long, env = "BALLAST_STORE_DEADLINE", default_value = "1s", value_parser = parse_duration)]
-    store_deadline: Duration,
-    /// Longest a replica read waits for a write it must show before asking the primary.
-    #[arg(long, env = "BALLAST_READ_AFTER_WAIT", default_value = "500ms", value_parser = parse_duration)]
-    read_after_wait: Duration,
-    /// How long draining may take on shutdown.
-    #[arg(long, default_value = "20s", value_parser = parse_duration)]
-    drain: Duration,
-    /// Password of the member MySQL user.
-    #[arg(long, env = "BALLAST_MEMBER_MYSQL_PASSWORD", hide_env_values = true)]
-    mysql_password: Option<Secret>,
-    /// Password of the member Redis servers.
-    #[arg(long, env = "BALLAST_MEMBER_REDIS_PASSWORD", hide_env_values = true)]
-    redis_password: Option<Secret>,
-    /// User of the member Elasticsearch clusters.
-    #[arg(long, env = "BALLAST_MEMBER_ES_USERNAME", hide_env_values = true)]
-    es_username: Option<String>,
-    /// Password of the member Elasticsearch clusters' user.
-    #[arg(long, env = "BALLAST_MEMBER_ES_PASSWORD", hide_env_values = true)]
-    es_password: Option<Secret>,
-}
-
 async fn run_member(args: MemberArgs) -> Result<(), String> {
     let client = kube_client().await?;
     let config = member::Config {
@@ -346,32 +209,6 @@ async fn run_member(args: MemberArgs) -> Result<(), String> {
     member::run(config, Deps { client }, shutdown_token())
         .await
         .map_err(|e| e.to_string())
-}
-
-/// What the nightly job reads with.
-#[derive(Debug, Args)]
-struct NightlyArgs {
-    /// How long after closing a window late events may still change it (the master's lateness).
-    #[arg(long, env = "BALLAST_LATENESS", default_value = "120s", value_parser = parse_duration)]
-    lateness: Duration,
-    /// Deadline of each call to the cold store.
-    #[arg(long, env = "BALLAST_COLD_DEADLINE", default_value = "30s", value_parser = parse_duration)]
-    cold_deadline: Duration,
-    /// Runs as if now were this instant (Unix ms): for tests and replays.
-    #[arg(long, env = "BALLAST_NIGHTLY_NOW_MS")]
-    now_ms: Option<i64>,
-    /// Password of the hot MySQL user.
-    #[arg(long, env = "BALLAST_HOT_MYSQL_PASSWORD", hide_env_values = true)]
-    hot_password: Option<Secret>,
-    /// Password of the KV Redis.
-    #[arg(long, env = "BALLAST_KV_PASSWORD", hide_env_values = true)]
-    kv_password: Option<Secret>,
-    /// User of the cold store.
-    #[arg(long, env = "BALLAST_COLD_USERNAME", hide_env_values = true)]
-    cold_username: Option<String>,
-    /// Password of the cold store's user.
-    #[arg(long, env = "BALLAST_COLD_PASSWORD", hide_env_values = true)]
-    cold_password: Option<Secret>,
 }
 
 async fn run_nightly(pod: Pod, args: NightlyArgs) -> Result<(), String> {
