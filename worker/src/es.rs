@@ -38,6 +38,16 @@ pub async fn checked(response: elasticsearch::http::response::Response) -> Resul
     Err(EsError::Refused { status, reason })
 }
 
+/// The answer of a get by id, if the document exists (a 404, or an answer
+/// saying it was not found, is none).
+pub async fn found(response: elasticsearch::http::response::Response) -> Result<Option<Value>, EsError> {
+    if response.status_code().as_u16() == 404 {
+        return Ok(None);
+    }
+    let answer = checked(response).await?;
+    Ok((answer["found"].as_bool() == Some(true)).then_some(answer))
+}
+
 /// Puts the index template `name` (`body`) on `es` within `deadline`. Idempotent.
 pub async fn put_template(
     es: &elasticsearch::Elasticsearch,

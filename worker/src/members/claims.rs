@@ -11,7 +11,7 @@ use elasticsearch::{DeleteParts, Elasticsearch, GetParts, IndexParts};
 use serde_json::{Value, json};
 
 use super::model::Identity;
-use crate::es::{EsError, checked, put_template};
+use crate::es::{EsError, checked, found, put_template};
 
 /// Name (and index pattern stem) of the claims' template.
 pub const TEMPLATE: &str = "ballast-claims";
@@ -130,11 +130,7 @@ impl Claims {
             .request_timeout(self.deadline)
             .send()
             .await?;
-        if response.status_code().as_u16() == 404 {
-            return Ok(None);
-        }
-        let answer = checked(response).await?;
-        Ok(owner_of(&answer))
+        Ok(found(response).await?.as_ref().and_then(owner_of))
     }
 }
 
@@ -143,11 +139,8 @@ pub fn doc_id(identity: &Identity) -> String {
     format!("{}:{}", identity.kind.as_str(), identity.value)
 }
 
-/// The owner, sequence number and primary term of a get's answer. Pure.
+/// The owner, sequence number and primary term of a found claim's get answer. Pure.
 fn owner_of(answer: &Value) -> Option<(u64, i64, i64)> {
-    if answer["found"].as_bool() != Some(true) {
-        return None;
-    }
     let owner = answer["_source"]["memberId"].as_str()?.parse().ok()?;
     Some((
         owner,
@@ -185,6 +178,6 @@ mod tests {
         let answer = json!({"found": true, "_seq_no": 4, "_primary_term": 1,
                             "_source": {"memberId": "77"}});
         assert_eq!(owner_of(&answer), Some((77, 4, 1)));
-        assert_eq!(owner_of(&json!({"found": false})), None);
+        assert_eq!(owner_of(&json!({"_seq_no": 4})), None, "no owner, no claim");
     }
 }

@@ -13,7 +13,7 @@ use elasticsearch::{Elasticsearch, GetParts, IndexParts, SearchParts};
 use serde_json::{Value, json};
 
 use super::model::{Identity, IdentityKind, Member};
-use crate::es::{EsError, checked, put_template};
+use crate::es::{EsError, checked, found, put_template};
 
 /// Name (and index pattern stem) of the template every member index is made from.
 pub const TEMPLATE: &str = "ballast-members";
@@ -93,14 +93,10 @@ impl MemberIndex {
             .request_timeout(self.deadline)
             .send()
             .await?;
-        if response.status_code().as_u16() == 404 {
-            return Ok(None);
-        }
-        let answer = checked(response).await?;
-        if answer["found"].as_bool() != Some(true) {
-            return Ok(None);
-        }
-        member_of(&answer["_source"]).map(Some)
+        found(response)
+            .await?
+            .map(|answer| member_of(&answer["_source"]))
+            .transpose()
     }
 
     /// The members each of `identities` is bound to, in order, in one search
@@ -109,23 +105,10 @@ impl MemberIndex {
         if identities.is_empty() {
             return Ok(Vec::new());
         }
-        let response = self
-            .es
-            .search(SearchParts::Index(&[&self.index]))
-            .allow_no_indices(true)
-            .ignore_unavailable(true)
-            .request_timeout(self.deadline)
-            .body(lookup_body(identities))
-            .send()
-            .await?;
-        let answer = checked(response).await?;
-        let hits = members_of(&answer)?;
+        let hits = self.search(lookup_body(identities)).await?;
         Ok(identities.iter().map(|i| owner_of(i, &hits)).collect())
     }
-}
 
-/// Members changed at or after a time, a page at a time, oldest first.
-impl MemberIndex {
     /// Up to `size` members changed at `since_ms` or later, after the
     /// `after` cursor (the last page's last `(updated_ms, id)`).
     pub async fn changed_since(
@@ -134,13 +117,18 @@ impl MemberIndex {
         after: Option<(i64, u64)>,
         size: usize,
     ) -> Result<Vec<Member>, EsError> {
+        self.search(changed_body(since_ms, after, size)).await
+    }
+
+    /// The members a search of this index finds.
+    async fn search(&self, body: Value) -> Result<Vec<Member>, EsError> {
         let response = self
             .es
             .search(SearchParts::Index(&[&self.index]))
             .allow_no_indices(true)
             .ignore_unavailable(true)
             .request_timeout(self.deadline)
-            .body(changed_body(since_ms, after, size))
+            .body(body)
             .send()
             .await?;
         members_of(&checked(response).await?)

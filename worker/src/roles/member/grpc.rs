@@ -80,6 +80,25 @@ impl MemberApi {
     }
 }
 
+impl MemberApi {
+    /// A bind or an unbind (`change` of the identity the request names).
+    async fn change_binding(
+        &self,
+        method: &'static str,
+        request: Request<wire::BindRequest>,
+        change: fn(Identity) -> Change,
+    ) -> Result<Response<wire::WriteReply>, Status> {
+        let key = request.get_ref().member_id.clone();
+        self.serve(method, &request, Some(&key), |_| async {
+            let r = request.get_ref();
+            let id = model::parse_member_id(&r.member_id)?;
+            let identity = identity(r.identity.as_ref())?;
+            self.members.write(id, change(identity)).await.map(reply)
+        })
+        .await
+    }
+}
+
 /// The status a failure answers with. Pure.
 pub fn status(failure: Failure) -> Status {
     match failure {
@@ -227,28 +246,14 @@ impl wire::members_server::Members for MemberApi {
     }
 
     async fn bind(&self, request: Request<wire::BindRequest>) -> Result<Response<wire::WriteReply>, Status> {
-        let key = request.get_ref().member_id.clone();
-        self.serve("bind", &request, Some(&key), |_| async {
-            let r = request.get_ref();
-            let id = model::parse_member_id(&r.member_id)?;
-            let identity = identity(r.identity.as_ref())?;
-            self.members.write(id, Change::Bind(identity)).await.map(reply)
-        })
-        .await
+        self.change_binding("bind", request, Change::Bind).await
     }
 
     async fn unbind(
         &self,
         request: Request<wire::BindRequest>,
     ) -> Result<Response<wire::WriteReply>, Status> {
-        let key = request.get_ref().member_id.clone();
-        self.serve("unbind", &request, Some(&key), |_| async {
-            let r = request.get_ref();
-            let id = model::parse_member_id(&r.member_id)?;
-            let identity = identity(r.identity.as_ref())?;
-            self.members.write(id, Change::Unbind(identity)).await.map(reply)
-        })
-        .await
+        self.change_binding("unbind", request, Change::Unbind).await
     }
 
     async fn get(&self, request: Request<wire::GetRequest>) -> Result<Response<wire::Member>, Status> {

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::path::{self, Path};
 use super::service::Members;
+use super::write::now_ms;
 use crate::members::stream::{self, Record};
 
 /// How often the path is decided again.
@@ -212,13 +213,6 @@ async fn sweep(members: &Members, since_ms: i64) -> Result<u64, super::service::
             _ => return Ok(brought),
         }
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 /// Decides the path every [`STEER_EVERY`] until `shutdown`; sweeps once per

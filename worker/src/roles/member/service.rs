@@ -249,19 +249,22 @@ impl Members {
     /// (raising `after`'s floor); fails, naming the first data centre that
     /// did not accept, unless all did.
     pub(super) async fn invalidate(&self, keys: &[Key], after: Option<&Member>) -> Result<(), Failure> {
-        let stale = self.stale(keys, after);
-        let calls = self.stores.caches.iter().map(|cache| {
-            let stale = &stale;
-            async move {
-                let name = format!("redis {}", cache.name);
-                self.call(GuardedDependency::Redis, &name, cache.invalidate(stale))
-                    .await
-            }
-        });
-        for outcome in futures::future::join_all(calls).await {
+        for (_, outcome) in self.invalidate_each(&self.stale(keys, after)).await {
             outcome?;
         }
         Ok(())
+    }
+
+    /// `stale` invalidated in every data centre's cache at once; each one's outcome.
+    pub(super) async fn invalidate_each(&self, stale: &[Stale]) -> Vec<(&DcCache, Result<(), Failure>)> {
+        let calls = self.stores.caches.iter().map(|cache| async move {
+            let name = format!("redis {}", cache.name);
+            let outcome = self
+                .call(GuardedDependency::Redis, &name, cache.invalidate(stale))
+                .await;
+            (cache, outcome)
+        });
+        futures::future::join_all(calls).await
     }
 
     /// The local data centre's cache.

@@ -11,7 +11,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use ballast_flow::GuardedDependency::{Elasticsearch, Mysql, Redis};
+use ballast_flow::GuardedDependency::{Elasticsearch, Mysql};
 
 use super::path::Path;
 use super::service::{Failure, Members, within};
@@ -35,7 +35,8 @@ pub struct Done {
     pub read_after: Option<String>,
 }
 
-fn now_ms() -> i64 {
+/// The wall clock in milliseconds since the Unix epoch.
+pub(super) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -282,10 +283,7 @@ impl Members {
     /// entries were deleted by the first, its lock expires, and a returning
     /// cache is purged).
     async fn invalidate_again(&self, keys: &[Key], after: &Member) {
-        let stale = self.stale(keys, Some(after));
-        for cache in &self.stores.caches {
-            let name = format!("redis {}", cache.name);
-            let outcome = self.call(Redis, &name, cache.invalidate(&stale)).await;
+        for (cache, outcome) in self.invalidate_each(&self.stale(keys, Some(after))).await {
             if let Err(failure) = outcome {
                 tracing::warn!(dc = %cache.name, %failure, "the invalidation after a write failed");
                 self.metrics
