@@ -109,6 +109,21 @@ impl MemberIndex {
         Ok(identities.iter().map(|i| owner_of(i, &hits)).collect())
     }
 
+    /// Makes every write so far visible to searches (a search otherwise sees
+    /// the index as of its last refresh, up to a second behind).
+    pub async fn refresh(&self) -> Result<(), EsError> {
+        let response = self
+            .es
+            .indices()
+            .refresh(elasticsearch::indices::IndicesRefreshParts::Index(&[&self.index]))
+            .allow_no_indices(true)
+            .ignore_unavailable(true)
+            .request_timeout(self.deadline)
+            .send()
+            .await?;
+        checked(response).await.map(drop)
+    }
+
     /// Up to `size` members changed at `since_ms` or later, after the
     /// `after` cursor (the last page's last `(updated_ms, id)`).
     pub async fn changed_since(

@@ -185,6 +185,11 @@ const SWEEP_PAGE: usize = 500;
 /// Elasticsearch took whose record Kafka did not); how many it brought.
 async fn sweep(members: &Members, since_ms: i64) -> Result<u64, super::service::Failure> {
     let stores = &members.stores;
+    // A search sees the index as of its last refresh: a write made just
+    // before the catch-up would be missed.
+    members
+        .call(Elasticsearch, "elasticsearch", stores.index.refresh())
+        .await?;
     let mut after = None;
     let mut brought = 0;
     loop {
