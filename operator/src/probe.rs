@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use ballast_crds::degradation_policy::ProbeSpec;
 use ballast_crds::{AnalyticsPipeline, DegradationPolicySpec, Dependency, ForcedMode, Mode};
-use ballast_node::probe::{Kind, Prober};
+use ballast_node::probe::{Endpoint, Prober};
+use ballast_node::secret::Secret;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::reflector::ObjectRef;
 use tokio_util::sync::CancellationToken;
@@ -22,85 +23,56 @@ use crate::mode::{self, Input, Observation, Thresholds};
 pub struct Target {
     /// The dependency.
     pub dependency: Dependency,
-    /// Which client to use.
-    pub kind: Kind,
-    /// Where the server is, credentials included.
-    pub url: String,
+    /// Where the server is, with its credentials as typed fields.
+    pub endpoint: Endpoint,
     /// Period, timeout and thresholds.
     pub probe: ProbeSpec,
 }
 
 /// The probe targets of a pipeline, from its spec, policy and Secrets.
-/// `password(secret_ref)` resolves a Secret key fetched earlier.
+/// `password(secret_ref)` resolves a Secret key fetched earlier;
+/// `cold_credentials` are the cold store's user and password, if secured.
 pub fn targets(
     ap: &AnalyticsPipeline,
     policy: &DegradationPolicySpec,
-    password: impl Fn(&ballast_crds::refs::SecretKeyRef) -> Option<String>,
+    password: impl Fn(&ballast_crds::refs::SecretKeyRef) -> Option<Secret>,
+    cold_credentials: Option<(String, Secret)>,
 ) -> Vec<Target> {
     let spec = &ap.spec;
-    let redis_url = |r: &ballast_crds::refs::RedisRef| {
-        let auth = r
-            .password_secret_ref
-            .as_ref()
-            .and_then(&password)
-            .map(|p| format!(":{}@", encode(&p)));
-        format!("redis://{}{}/{}", auth.unwrap_or_default(), r.address, r.database)
+    let redis = |r: &ballast_crds::refs::RedisRef| {
+        Endpoint::redis(r, r.password_secret_ref.as_ref().and_then(&password))
     };
     let m = &spec.hot_store;
-    let mysql_pass = m
-        .password_secret_ref
-        .as_ref()
-        .and_then(&password)
-        .map(|p| format!(":{}", encode(&p)));
-    let mysql_url = format!(
-        "mysql://{}{}@{}/{}",
-        encode(&m.user),
-        mysql_pass.unwrap_or_default(),
-        m.address,
-        m.database
-    );
     vec![
         Target {
             dependency: Dependency::Mq,
-            kind: Kind::Kafka,
-            url: spec.kafka.bootstrap_servers.clone(),
+            endpoint: Endpoint::Kafka(spec.kafka.bootstrap_servers.clone()),
             probe: policy.mq.probe.clone(),
         },
         Target {
             dependency: Dependency::Kv,
-            kind: Kind::Redis,
-            url: redis_url(&spec.kv),
+            endpoint: redis(&spec.kv),
             probe: policy.kv.probe.clone(),
         },
         Target {
             dependency: Dependency::Mysql,
-            kind: Kind::Mysql,
-            url: mysql_url,
+            endpoint: Endpoint::mysql(m, m.password_secret_ref.as_ref().and_then(&password)),
             probe: policy.mysql.probe.clone(),
         },
         Target {
             dependency: Dependency::Cache,
-            kind: Kind::Redis,
-            url: redis_url(&spec.cache),
+            endpoint: redis(&spec.cache),
             probe: policy.cache.probe.clone(),
         },
         Target {
             dependency: Dependency::Cold,
-            kind: Kind::Elasticsearch,
-            url: spec.cold_store.elasticsearch.url.clone(),
+            endpoint: Endpoint::Elasticsearch {
+                url: spec.cold_store.elasticsearch.url.clone(),
+                credentials: cold_credentials,
+            },
             probe: policy.cold.probe.clone(),
         },
     ]
-}
-
-/// Percent-encodes what may not stand in a URL's user-info.
-fn encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// The thresholds of a probe spec, as the machine takes them.
@@ -128,8 +100,7 @@ pub fn forced(ap: &AnalyticsPipeline, dependency: Dependency) -> Option<ForcedMo
 /// operator holds one client per server, not one per pipeline.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct TargetKey {
-    kind: Kind,
-    url: String,
+    endpoint: Endpoint,
     period_seconds: i32,
     timeout_seconds: i32,
 }
@@ -137,8 +108,7 @@ pub struct TargetKey {
 impl TargetKey {
     fn of(target: &Target) -> Self {
         Self {
-            kind: target.kind,
-            url: target.url.clone(),
+            endpoint: target.endpoint.clone(),
             period_seconds: target.probe.period_seconds,
             timeout_seconds: target.probe.timeout_seconds,
         }
@@ -193,14 +163,14 @@ pub fn unsubscribe(ctx: &Context, key: &ObjectRef<AnalyticsPipeline>) {
     });
 }
 
-#[tracing::instrument(skip_all, fields(kind = %target.kind))]
+#[tracing::instrument(skip_all, fields(kind = %target.endpoint.kind(), endpoint = %target.endpoint))]
 async fn run(ctx: Context, target: TargetKey, token: CancellationToken) {
     let period = Duration::from_secs(u64::try_from(target.period_seconds.max(1)).unwrap_or(1));
     let timeout = Duration::from_secs(u64::try_from(target.timeout_seconds.max(1)).unwrap_or(1));
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut prober = Prober::new(target.kind, target.url.clone());
-    let kind = target.kind.to_string();
+    let mut prober = Prober::new(target.endpoint.clone());
+    let kind = target.endpoint.kind().to_string();
     loop {
         tokio::select! {
             () = token.cancelled() => return,
@@ -293,16 +263,5 @@ impl PipelineState {
             }
             None => false,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn credentials_are_percent_encoded_into_urls() {
-        assert_eq!(encode("p@ss:w/rd"), "p%40ss%3Aw%2Frd");
-        assert_eq!(encode("plain-Pass_1.~"), "plain-Pass_1.~");
     }
 }

@@ -5,8 +5,63 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use ballast_worker::probe::{Endpoint, Kind};
 use ballast_worker::secret::Secret;
 use clap::Args;
+
+/// The server `ballast-worker probe` checks, in typed parts: the password
+/// travels apart from the address (from the environment, never the command
+/// line's output).
+#[derive(Debug, Args)]
+pub(crate) struct ProbeTarget {
+    /// Which kind of server it is.
+    pub(crate) kind: Kind,
+    /// Its address: `host:port` (Kafka: a comma-separated list; Elasticsearch: its URL).
+    pub(crate) address: String,
+    /// User to connect as (MySQL; Elasticsearch with security).
+    #[arg(long)]
+    pub(crate) user: Option<String>,
+    /// The MySQL database, or the Redis database number (default 0).
+    #[arg(long)]
+    pub(crate) database: Option<String>,
+    /// Password of the user, or Redis's `AUTH` password.
+    #[arg(long, env = "BALLAST_PROBE_PASSWORD", hide_env_values = true)]
+    pub(crate) password: Option<Secret>,
+}
+
+impl ProbeTarget {
+    /// The endpoint these parts name, or what is missing or wrong. Pure.
+    pub(crate) fn endpoint(&self) -> Result<Endpoint, String> {
+        let password = self.password.clone();
+        Ok(match self.kind {
+            Kind::Kafka => Endpoint::Kafka(self.address.clone()),
+            Kind::Redis => Endpoint::Redis {
+                address: self.address.clone(),
+                database: match &self.database {
+                    Some(db) => db.parse().ok().filter(|n| (0..=15).contains(n)).ok_or_else(|| {
+                        format!("--database {db:?} is not a Redis database number (0 to 15)")
+                    })?,
+                    None => 0,
+                },
+                password,
+            },
+            Kind::Mysql => Endpoint::Mysql {
+                address: self.address.clone(),
+                user: self.user.clone().ok_or("a MySQL probe needs --user")?,
+                database: self.database.clone().ok_or("a MySQL probe needs --database")?,
+                password,
+            },
+            Kind::Elasticsearch => Endpoint::Elasticsearch {
+                url: self.address.clone(),
+                credentials: match (&self.user, password) {
+                    (Some(user), Some(password)) => Some((user.clone(), password)),
+                    (Some(_), None) => return Err("--user needs a password (BALLAST_PROBE_PASSWORD)".into()),
+                    (None, _) => None,
+                },
+            },
+        })
+    }
+}
 
 /// Passwords of the stores a slave reads and writes (from the pipeline's Secrets).
 #[derive(Debug, Args)]

@@ -15,7 +15,9 @@ use tokio_util::sync::CancellationToken;
 
 mod args;
 
-use args::{ComputeArgs, MasterArgs, MemberArgs, NightlyArgs, QueryArgs, StorePasswords, parse_duration};
+use args::{
+    ComputeArgs, MasterArgs, MemberArgs, NightlyArgs, ProbeTarget, QueryArgs, StorePasswords, parse_duration,
+};
 
 /// Every role allocates per event (rows, messages, batches); mimalloc spends a
 /// fraction of what glibc's allocator did on it.
@@ -63,10 +65,8 @@ struct Pod {
 enum Command {
     /// Checks one dependency once with its real client; exit 0 when it answers.
     Probe {
-        /// Which kind of server `url` is.
-        kind: probe::Kind,
-        /// Its address: `host:port` for Kafka, a URL for the others.
-        url: String,
+        #[command(flatten)]
+        target: ProbeTarget,
         /// How long to wait for an answer.
         #[arg(long, default_value = "5s", value_parser = parse_duration)]
         timeout: Duration,
@@ -338,16 +338,23 @@ async fn role(
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Probe { kind, url, timeout } => {
-            // Printed without its password, whatever the client said.
-            let shown = probe::redacted(&url);
-            match probe::once(kind, &url, timeout).await {
+        Command::Probe { target, timeout } => {
+            let endpoint = match target.endpoint() {
+                Ok(endpoint) => endpoint,
+                Err(problem) => {
+                    eprintln!("{}: {problem}", target.kind);
+                    return ExitCode::from(2);
+                }
+            };
+            // An endpoint prints without its password, and errors are scrubbed of it.
+            let kind = endpoint.kind();
+            match probe::once(endpoint.clone(), timeout).await {
                 Ok(detail) => {
-                    println!("{kind}: {shown}: healthy ({detail})");
+                    println!("{kind}: {endpoint}: healthy ({detail})");
                     ExitCode::SUCCESS
                 }
                 Err(error) => {
-                    eprintln!("{kind}: {shown}: {error}");
+                    eprintln!("{kind}: {endpoint}: {error}");
                     ExitCode::FAILURE
                 }
             }
@@ -435,6 +442,60 @@ mod tests {
         };
         assert_eq!(args.mysql_password.as_ref().map(Secret::expose), Some("hunter2"));
         Ok(())
+    }
+
+    #[test]
+    fn a_probe_target_is_an_endpoint_or_names_what_is_missing() {
+        // (arguments after `probe`, the endpoint as printed or the problem)
+        let cases: [(&[&str], Result<&str, &str>); 8] = [
+            (&["kafka", "k:9092"], Ok("k:9092")),
+            (&["redis", "kv:6379"], Ok("kv:6379/0")),
+            (&["redis", "kv:6379", "--database", "3"], Ok("kv:6379/3")),
+            (
+                &["redis", "kv:6379", "--database", "16"],
+                Err("not a Redis database number"),
+            ),
+            (
+                &[
+                    "mysql",
+                    "db:3306",
+                    "--user",
+                    "u",
+                    "--database",
+                    "d",
+                    "--password",
+                    "p@ss/w",
+                ],
+                Ok("u@db:3306/d"),
+            ),
+            (&["mysql", "db:3306", "--database", "d"], Err("needs --user")),
+            (
+                &["elasticsearch", "http://es:9200", "--user", "elastic"],
+                Err("needs a password"),
+            ),
+            (
+                &[
+                    "elasticsearch",
+                    "http://es:9200",
+                    "--user",
+                    "e",
+                    "--password",
+                    "p",
+                ],
+                Ok("http://es:9200 as e"),
+            ),
+        ];
+        for (args, want) in cases {
+            let cli = Cli::try_parse_from(["ballast-worker", "probe"].iter().chain(args)).expect("parses");
+            let Command::Probe { target, .. } = cli.command else {
+                panic!("parsed as another subcommand");
+            };
+            match (target.endpoint(), want) {
+                (Ok(endpoint), Ok(printed)) => assert_eq!(endpoint.to_string(), printed, "{args:?}"),
+                (Err(problem), Err(part)) => assert!(problem.contains(part), "{args:?}: {problem}"),
+                (got, _) => panic!("{args:?}: {got:?}"),
+            }
+        }
     }
 
     #[test]

@@ -35,19 +35,62 @@ pub struct Fetched {
     pub master_report: MasterReport,
 }
 
-/// Names of the Secrets a pipeline references.
-pub fn secret_names(ap: &AnalyticsPipeline) -> Vec<String> {
+/// One Secret key a pipeline references, with the spec field that names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretUse {
+    /// The field, as a person would find it in the spec.
+    pub field: &'static str,
+    /// The Secret's name.
+    pub name: String,
+    /// The key within it.
+    pub key: String,
+}
+
+/// Every Secret key a pipeline references: the servers' passwords, and the
+/// cold store's user and password (both in its one Secret, as basic
+/// authentication needs them). Pure.
+pub fn secret_uses(ap: &AnalyticsPipeline) -> Vec<SecretUse> {
     let s = &ap.spec;
-    let mut names: Vec<String> = [
-        s.source.mysql.password_secret_ref.as_ref(),
-        s.hot_store.password_secret_ref.as_ref(),
-        s.kv.password_secret_ref.as_ref(),
-        s.cache.password_secret_ref.as_ref(),
-    ]
-    .into_iter()
-    .flatten()
-    .map(|r| r.name.clone())
-    .collect();
+    let passwords = [
+        (
+            "source.mysql.passwordSecretRef",
+            s.source.mysql.password_secret_ref.as_ref(),
+        ),
+        (
+            "hotStore.passwordSecretRef",
+            s.hot_store.password_secret_ref.as_ref(),
+        ),
+        ("kv.passwordSecretRef", s.kv.password_secret_ref.as_ref()),
+        ("cache.passwordSecretRef", s.cache.password_secret_ref.as_ref()),
+    ];
+    let mut uses: Vec<SecretUse> = passwords
+        .into_iter()
+        .filter_map(|(field, r)| {
+            r.map(|r| SecretUse {
+                field,
+                name: r.name.clone(),
+                key: r.key.clone(),
+            })
+        })
+        .collect();
+    if let Some(cold) = &s.cold_store.elasticsearch.credentials_secret_ref {
+        for key in COLD_CREDENTIAL_KEYS {
+            uses.push(SecretUse {
+                field: "coldStore.elasticsearch.credentialsSecretRef",
+                name: cold.name.clone(),
+                key: key.to_owned(),
+            });
+        }
+    }
+    uses
+}
+
+/// The keys of the cold store's credentials Secret: user, then password.
+pub const COLD_CREDENTIAL_KEYS: [&str; 2] = ["username", "password"];
+
+/// Names of the Secrets a pipeline references, each once.
+pub fn secret_names(ap: &AnalyticsPipeline) -> Vec<String> {
+    let mut names: Vec<String> = secret_uses(ap).into_iter().map(|u| u.name).collect();
     names.sort();
     names.dedup();
     names

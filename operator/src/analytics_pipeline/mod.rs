@@ -278,15 +278,14 @@ async fn reconcile_pipeline(ap: &Arc<AnalyticsPipeline>, ctx: &Context) -> Resul
         }
     };
 
-    let targets = probe::targets(ap, valid.policy, |r| valid.secret(r));
+    let targets = probe::targets(ap, valid.policy, |r| valid.secret(r), valid.cold_credentials(ap));
     let password = ap
         .spec
         .source
         .mysql
         .password_secret_ref
         .as_ref()
-        .and_then(|r| valid.secret(r))
-        .map(ballast_node::secret::Secret::from);
+        .and_then(|r| valid.secret(r));
     let source_schema = schema(ctx, &key, ap, password);
     let previous_sql = ap.status.as_ref().and_then(|s| s.sql.as_ref());
     let sql = sql::decide(

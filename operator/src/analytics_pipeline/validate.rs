@@ -2,9 +2,10 @@
 
 use ballast_crds::refs::SecretKeyRef;
 use ballast_crds::{AnalyticsPipeline, DegradationPolicySpec};
+use ballast_node::secret::Secret;
 use k8s_openapi::ByteString;
 
-use super::fetch::Fetched;
+use super::fetch::{COLD_CREDENTIAL_KEYS, Fetched, secret_uses};
 
 /// Why a pipeline waits: a condition reason and message for a person.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,9 +42,26 @@ impl Valid<'_> {
     }
 
     /// The value of a referenced Secret key (validated to exist).
-    pub fn secret(&self, r: &SecretKeyRef) -> Option<String> {
-        let data = self.fetched.secrets.get(&r.name)?.data.as_ref()?;
-        data.get(&r.key)
+    pub fn secret(&self, r: &SecretKeyRef) -> Option<Secret> {
+        self.value(&r.name, &r.key).map(Secret::from)
+    }
+
+    /// The cold store's user and password, when its cluster is secured.
+    pub fn cold_credentials(&self, ap: &AnalyticsPipeline) -> Option<(String, Secret)> {
+        let name = &ap
+            .spec
+            .cold_store
+            .elasticsearch
+            .credentials_secret_ref
+            .as_ref()?
+            .name;
+        let [user, password] = COLD_CREDENTIAL_KEYS.map(|key| self.value(name, key));
+        Some((user?, Secret::from(password?)))
+    }
+
+    fn value(&self, name: &str, key: &str) -> Option<String> {
+        let data = self.fetched.secrets.get(name)?.data.as_ref()?;
+        data.get(key)
             .map(|ByteString(bytes)| String::from_utf8_lossy(bytes).into_owned())
     }
 }
@@ -57,34 +75,27 @@ pub fn validate<'a>(ap: &AnalyticsPipeline, fetched: &'a Fetched) -> Result<Vali
             ap.spec.policy_ref.name
         ),
     })?;
-    let s = &ap.spec;
-    let refs = [
-        ("source.mysql", s.source.mysql.password_secret_ref.as_ref()),
-        ("hotStore", s.hot_store.password_secret_ref.as_ref()),
-        ("kv", s.kv.password_secret_ref.as_ref()),
-        ("cache", s.cache.password_secret_ref.as_ref()),
-    ];
-    for (field, r) in refs {
-        let Some(r) = r else { continue };
-        let Some(secret) = fetched.secrets.get(&r.name) else {
+    for used in secret_uses(ap) {
+        let Some(secret) = fetched.secrets.get(&used.name) else {
             return Err(Invalid {
                 reason: "SecretNotFound",
                 message: format!(
-                    "Secret {:?} named by spec.{field}.passwordSecretRef does not exist",
-                    r.name
+                    "Secret {:?} named by spec.{} does not exist",
+                    used.name, used.field
                 ),
             });
         };
-        if !secret.data.as_ref().is_some_and(|d| d.contains_key(&r.key)) {
+        if !secret.data.as_ref().is_some_and(|d| d.contains_key(&used.key)) {
             return Err(Invalid {
                 reason: "SecretKeyNotFound",
                 message: format!(
-                    "Secret {:?} has no key {:?} (spec.{field}.passwordSecretRef)",
-                    r.name, r.key
+                    "Secret {:?} has no key {:?} (spec.{})",
+                    used.name, used.key, used.field
                 ),
             });
         }
     }
+    let s = &ap.spec;
     if let Some(cm) = &s.compute.sql_config_map_ref {
         let has_key = fetched
             .sql_config_map
@@ -110,7 +121,7 @@ pub fn validate<'a>(ap: &AnalyticsPipeline, fetched: &'a Fetched) -> Result<Vali
 mod tests {
     use super::*;
     use ballast_crds::DegradationPolicy;
-    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret as Secret8s};
 
     fn pipeline() -> AnalyticsPipeline {
         serde_yaml::from_str(include_str!("../../../manifests/samples/analyticspipeline.yaml"))
@@ -121,7 +132,7 @@ mod tests {
         let policy: DegradationPolicy =
             serde_yaml::from_str(include_str!("../../../manifests/samples/degradationpolicy.yaml"))
                 .expect("sample");
-        let secret = |name: &str| -> Secret {
+        let secret = |name: &str| -> Secret8s {
             serde_json::from_value(
                 serde_json::json!({"metadata": {"name": name}, "data": {"password": "cHc="}}),
             )
@@ -147,7 +158,42 @@ mod tests {
         let ap = pipeline();
         let valid = validate(&ap, &fetched).expect("valid");
         let r = ap.spec.hot_store.password_secret_ref.as_ref().expect("ref");
-        assert_eq!(valid.secret(r).as_deref(), Some("pw"));
+        assert_eq!(valid.secret(r).as_ref().map(Secret::expose), Some("pw"));
+        assert_eq!(valid.cold_credentials(&ap), None);
+    }
+
+    #[test]
+    fn the_cold_stores_secret_needs_a_user_and_a_password() {
+        let mut ap = pipeline();
+        ap.spec.cold_store.elasticsearch.credentials_secret_ref = Some(ballast_crds::refs::LocalObjectRef {
+            name: "es-cold".into(),
+        });
+        let with = |data: serde_json::Value| {
+            let mut fetched = complete();
+            let secret: Secret8s =
+                serde_json::from_value(serde_json::json!({"metadata": {"name": "es-cold"}, "data": data}))
+                    .expect("secret");
+            fetched.secrets.insert("es-cold".into(), secret);
+            fetched
+        };
+        // Missing Secret, missing key: each named.
+        let err = validate(&ap, &complete()).expect_err("no Secret");
+        assert_eq!(err.reason, "SecretNotFound");
+        assert!(
+            err.message
+                .contains("spec.coldStore.elasticsearch.credentialsSecretRef"),
+            "{}",
+            err.message
+        );
+        let fetched = with(serde_json::json!({"username": "ZWxhc3RpYw=="}));
+        let err = validate(&ap, &fetched).expect_err("no password");
+        assert_eq!(err.reason, "SecretKeyNotFound");
+        assert!(err.message.contains("\"password\""), "{}", err.message);
+        // Both keys: the prober's credentials.
+        let fetched = with(serde_json::json!({"username": "ZWxhc3RpYw==", "password": "cHc="}));
+        let valid = validate(&ap, &fetched).expect("valid");
+        let (user, password) = valid.cold_credentials(&ap).expect("credentials");
+        assert_eq!((user.as_str(), password.expose()), ("elastic", "pw"));
     }
 
     #[test]

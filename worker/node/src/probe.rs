@@ -7,10 +7,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use elasticsearch::http::transport::Transport;
+use ballast_crds::refs::{MysqlRef, RedisRef};
 use mysql_async::prelude::Queryable;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+
+use crate::connect;
+use crate::secret::Secret;
 
 /// The kinds of server a worker depends on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -34,6 +37,112 @@ impl std::fmt::Display for Kind {
             .map(|v| v.get_name().to_owned())
             .unwrap_or_default();
         f.write_str(&name)
+    }
+}
+
+/// Where a prober connects. Address and credentials are typed fields, never
+/// a formatted URL: any character of a password reaches the server as
+/// written, and printing an endpoint never prints a credential.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    /// Kafka's comma-separated `host:port` bootstrap brokers.
+    Kafka(String),
+    /// A Redis server (`host:port`), its database and password.
+    Redis {
+        /// `host:port`.
+        address: String,
+        /// Logical database number.
+        database: i32,
+        /// `AUTH` password, if the server has one.
+        password: Option<Secret>,
+    },
+    /// A MySQL server (`host:port`), user, database and password.
+    Mysql {
+        /// `host:port`.
+        address: String,
+        /// User to connect as.
+        user: String,
+        /// Database (schema) name.
+        database: String,
+        /// The user's password, if it has one.
+        password: Option<Secret>,
+    },
+    /// An Elasticsearch cluster's URL, and user and password when it is secured.
+    Elasticsearch {
+        /// HTTP endpoint, e.g. `http://es:9200`.
+        url: String,
+        /// User and password, sent as HTTP basic authentication.
+        credentials: Option<(String, Secret)>,
+    },
+}
+
+impl Endpoint {
+    /// The kind of server this is.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Self::Kafka(_) => Kind::Kafka,
+            Self::Redis { .. } => Kind::Redis,
+            Self::Mysql { .. } => Kind::Mysql,
+            Self::Elasticsearch { .. } => Kind::Elasticsearch,
+        }
+    }
+
+    /// The endpoint of the MySQL server `server` names.
+    pub fn mysql(server: &MysqlRef, password: Option<Secret>) -> Self {
+        Self::Mysql {
+            address: server.address.clone(),
+            user: server.user.clone(),
+            database: server.database.clone(),
+            password,
+        }
+    }
+
+    /// The endpoint of the Redis server `server` names.
+    pub fn redis(server: &RedisRef, password: Option<Secret>) -> Self {
+        Self::Redis {
+            address: server.address.clone(),
+            database: server.database,
+            password,
+        }
+    }
+
+    /// The password this endpoint carries, if any.
+    fn password(&self) -> Option<&Secret> {
+        match self {
+            Self::Kafka(_) => None,
+            Self::Redis { password, .. } | Self::Mysql { password, .. } => password.as_ref(),
+            Self::Elasticsearch { credentials, .. } => credentials.as_ref().map(|(_, p)| p),
+        }
+    }
+}
+
+/// What may be printed or logged: the address, never a password.
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Kafka(bootstrap) => f.write_str(bootstrap),
+            Self::Redis {
+                address, database, ..
+            } => write!(f, "{address}/{database}"),
+            Self::Mysql {
+                address,
+                user,
+                database,
+                ..
+            } => write!(f, "{user}@{address}/{database}"),
+            Self::Elasticsearch { url, credentials } => match credentials {
+                Some((user, _)) => write!(f, "{} as {user}", redacted(url)),
+                None => f.write_str(&redacted(url)),
+            },
+        }
+    }
+}
+
+/// As displayed, so that a password written into an Elasticsearch URL
+/// (against the CRD's advice) is hidden from `{:?}` too.
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}({self})", self.kind())
     }
 }
 
@@ -77,17 +186,15 @@ enum Client {
 
 /// Probes one server again and again with one client.
 pub struct Prober {
-    kind: Kind,
-    url: String,
+    endpoint: Endpoint,
     client: Option<Client>,
 }
 
 impl Prober {
-    /// A prober of `kind` for `url` (`host:port[,…]` for Kafka, a URL otherwise); connects on first check.
-    pub fn new(kind: Kind, url: impl Into<String>) -> Self {
+    /// A prober of `endpoint`; connects on first check.
+    pub fn new(endpoint: Endpoint) -> Self {
         Self {
-            kind,
-            url: url.into(),
+            endpoint,
             client: None,
         }
     }
@@ -102,16 +209,16 @@ impl Prober {
         }
         // A client's error may quote what it was given: never the password.
         result.map_err(|error| match error {
-            ProbeError::Failed(text) => ProbeError::Failed(scrub(&text, &self.url)),
+            ProbeError::Failed(text) => ProbeError::Failed(scrub(&text, self.endpoint.password())),
             other => other,
         })
     }
 
     async fn connect(&self) -> Result<Client, ProbeError> {
-        Ok(match self.kind {
-            Kind::Kafka => {
+        Ok(match &self.endpoint {
+            Endpoint::Kafka(bootstrap) => {
                 let consumer: BaseConsumer = ClientConfig::new()
-                    .set("bootstrap.servers", &self.url)
+                    .set("bootstrap.servers", bootstrap)
                     // Fail a dead broker fast instead of retrying in the background.
                     .set("socket.connection.setup.timeout.ms", "1000")
                     .set("reconnect.backoff.max.ms", "1000")
@@ -119,17 +226,38 @@ impl Prober {
                     .map_err(failed)?;
                 Client::Kafka(Arc::new(consumer))
             }
-            Kind::Redis => {
-                let client = redis::Client::open(self.url.as_str()).map_err(failed)?;
+            Endpoint::Redis {
+                address,
+                database,
+                password,
+            } => {
+                let server = RedisRef {
+                    address: address.clone(),
+                    database: *database,
+                    password_secret_ref: None,
+                };
+                let info = connect::redis(&server, password.as_ref()).map_err(failed)?;
+                let client = redis::Client::open(info).map_err(failed)?;
                 Client::Redis(client.get_multiplexed_async_connection().await.map_err(failed)?)
             }
-            Kind::Mysql => {
-                let opts = mysql_async::Opts::from_url(&self.url).map_err(failed)?;
+            Endpoint::Mysql {
+                address,
+                user,
+                database,
+                password,
+            } => {
+                let server = MysqlRef {
+                    address: address.clone(),
+                    database: database.clone(),
+                    user: user.clone(),
+                    password_secret_ref: None,
+                };
+                let opts = connect::mysql(&server, password.as_ref());
                 Client::Mysql(mysql_async::Conn::new(opts).await.map_err(failed)?)
             }
-            Kind::Elasticsearch => Client::Elasticsearch(elasticsearch::Elasticsearch::new(
-                Transport::single_node(&self.url).map_err(failed)?,
-            )),
+            Endpoint::Elasticsearch { url, credentials } => {
+                Client::Elasticsearch(connect::elasticsearch(url, credentials.clone()).map_err(failed)?)
+            }
         })
     }
 
@@ -211,46 +339,17 @@ fn password_span(url: &str) -> Option<(usize, usize)> {
     (colon + 1 < at).then_some((colon + 1, at))
 }
 
-/// `text` with the password of `url` (as written, and percent-decoded) replaced by `***`.
-pub fn scrub(text: &str, url: &str) -> String {
-    let Some((start, end)) = password_span(url) else {
-        return text.to_owned();
-    };
-    let raw = &url[start..end];
-    let decoded = percent_decode(raw);
-    let mut out = text.replace(raw, "***");
-    if !decoded.is_empty() && decoded != raw {
-        out = out.replace(decoded.as_str(), "***");
+/// `text` with `password`, wherever it is quoted, replaced by `***`. Pure.
+pub fn scrub(text: &str, password: Option<&Secret>) -> String {
+    match password.map(Secret::expose).filter(|p| !p.is_empty()) {
+        Some(password) => text.replace(password, "***"),
+        None => text.to_owned(),
     }
-    out
 }
 
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(byte)) => {
-                out.push(byte);
-                i += 3;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Runs one probe of `kind` against `url`.
-pub async fn once(kind: Kind, url: &str, timeout: Duration) -> Result<String, ProbeError> {
-    Prober::new(kind, url).check(timeout).await
+/// Runs one probe of `endpoint`.
+pub async fn once(endpoint: Endpoint, timeout: Duration) -> Result<String, ProbeError> {
+    Prober::new(endpoint).check(timeout).await
 }
 
 #[cfg(test)]
@@ -282,31 +381,68 @@ mod tests {
     }
 
     #[test]
+    fn an_endpoint_prints_its_address_and_never_its_password() {
+        let pw = || Some(Secret::from("s3cret"));
+        // (endpoint, as printed)
+        let cases = [
+            (Endpoint::Kafka("k1:9092,k2:9092".into()), "k1:9092,k2:9092"),
+            (
+                Endpoint::Redis {
+                    address: "kv:6379".into(),
+                    database: 2,
+                    password: pw(),
+                },
+                "kv:6379/2",
+            ),
+            (
+                Endpoint::Mysql {
+                    address: "db:3306".into(),
+                    user: "ballast".into(),
+                    database: "orders".into(),
+                    password: pw(),
+                },
+                "ballast@db:3306/orders",
+            ),
+            (
+                Endpoint::Elasticsearch {
+                    url: "https://es:9200".into(),
+                    credentials: Some(("elastic".into(), Secret::from("s3cret"))),
+                },
+                "https://es:9200 as elastic",
+            ),
+            // A password written into the URL against the CRD's advice is still hidden.
+            (
+                Endpoint::Elasticsearch {
+                    url: "http://elastic:s3cret@es:9200".into(),
+                    credentials: None,
+                },
+                "http://elastic:***@es:9200",
+            ),
+        ];
+        for (endpoint, printed) in cases {
+            assert_eq!(endpoint.to_string(), printed);
+            assert!(!format!("{endpoint:?}").contains("s3cret"), "{endpoint:?}");
+        }
+    }
+
+    #[test]
     fn passwords_never_leave_a_url_or_an_error() {
         // (URL, as printed)
         let cases = [
-            (
-                "mysql://ballast:s3cret@db:3306/ballast",
-                "mysql://ballast:***@db:3306/ballast",
-            ),
-            (
-                "redis://:s3cret@127.0.0.1:6379/0",
-                "redis://:***@127.0.0.1:6379/0",
-            ),
-            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
+            ("http://elastic:s3cret@es:9200", "http://elastic:***@es:9200"),
             ("http://elastic@es:9200", "http://elastic@es:9200"),
-            ("mysql://u:p%40ss%2Fw@db/x", "mysql://u:***@db/x"),
+            ("https://u:p%40ss%2Fw@es/x", "https://u:***@es/x"),
             ("http://es:9200/path@x", "http://es:9200/path@x"),
-            ("127.0.0.1:9092", "127.0.0.1:9092"),
         ];
         for (url, printed) in cases {
             assert_eq!(redacted(url), printed, "{url}");
         }
-        let url = "mysql://u:p%40ss%2Fw@db/x";
+        let password = Secret::from("p@ss/w");
         assert_eq!(
-            scrub("access denied for u with p@ss/w and p%40ss%2Fw", url),
-            "access denied for u with *** and ***"
+            scrub("access denied for u with p@ss/w", Some(&password)),
+            "access denied for u with ***"
         );
-        assert_eq!(scrub("no password here", "redis://db:6379"), "no password here");
+        assert_eq!(scrub("no password here", None), "no password here");
+        assert_eq!(scrub("empty stays", Some(&Secret::from(""))), "empty stays");
     }
 }

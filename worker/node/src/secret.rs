@@ -6,7 +6,7 @@ use std::fmt;
 use std::str::FromStr;
 
 /// A password or token. Its `Debug` and `Display` never show it.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Secret(String);
 
 impl Secret {

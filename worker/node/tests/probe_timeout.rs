@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use ballast_e2e::scenario::RestoreStack;
 use ballast_e2e::{Stack, host_port, stack_script};
-use ballast_node::probe::{Kind, ProbeError, Prober};
+use ballast_node::probe::{Endpoint, ProbeError, Prober};
+use ballast_node::secret::Secret;
 use tokio::time::Instant;
 
 const TIMEOUT: Duration = Duration::from_millis(800);
@@ -18,13 +19,34 @@ async fn a_hung_server_fails_its_probe_as_a_timeout_within_the_timeout() -> anyh
     let _restore = RestoreStack;
     let kafka = stack.get("BALLAST_KAFKA_BOOTSTRAP")?;
     let servers = [
-        ("redis-cache", Kind::Redis, stack.get("BALLAST_REDIS_CACHE_URL")?),
-        ("mysql-hot", Kind::Mysql, stack.get("BALLAST_MYSQL_HOT_URL")?),
-        ("es-cold", Kind::Elasticsearch, stack.get("BALLAST_ES_COLD_URL")?),
-        ("kafka", Kind::Kafka, host_port(&kafka).to_owned()),
+        (
+            "redis-cache",
+            Endpoint::Redis {
+                address: host_port(&stack.get("BALLAST_REDIS_CACHE_URL")?).to_owned(),
+                database: 0,
+                password: None,
+            },
+        ),
+        (
+            "mysql-hot",
+            Endpoint::Mysql {
+                address: host_port(&stack.get("BALLAST_MYSQL_HOT_URL")?).to_owned(),
+                user: "ballast".into(),
+                database: "ballast".into(),
+                password: Some(Secret::from("ballast")),
+            },
+        ),
+        (
+            "es-cold",
+            Endpoint::Elasticsearch {
+                url: stack.get("BALLAST_ES_COLD_URL")?,
+                credentials: None,
+            },
+        ),
+        ("kafka", Endpoint::Kafka(host_port(&kafka).to_owned())),
     ];
-    for (server, kind, url) in servers {
-        let mut prober = Prober::new(kind, url);
+    for (server, endpoint) in servers {
+        let mut prober = Prober::new(endpoint);
         // Connected and answering first, so that the hang is met mid-connection.
         prober
             .check(Duration::from_secs(10))
