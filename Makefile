@@ -9,7 +9,7 @@ STACK := e2e/stack/stack.sh
 # Exports the stack's endpoints (KUBECONFIG, BALLAST_*) into a recipe's shell.
 WITH_STACK = set -a; source "$$($(STACK) env)"; set +a;
 
-.PHONY: demo test bench stack-up stack-down stack-status build lint fmt crds
+.PHONY: demo test bench stack-up stack-down stack-status build image lint fmt crds
 
 ## demo: the main job: the whole platform on the local stack, failing and recovering, in one terminal
 demo:
@@ -49,6 +49,11 @@ crds:
 ## build: compile every crate
 build:
 	cargo build --workspace --locked
+
+## image: the operator and worker container images, from scratch and without a Docker daemon, as OCI archives in ~/.cache/ballast/images/ (image/build.sh; image/Containerfile builds the same with Docker or Podman)
+image:
+	cargo build --release --locked -p ballast-operator -p ballast-worker --bins
+	image/build.sh
 
 ## lint: formatting and clippy, warnings are errors
 lint:

@@ -55,9 +55,12 @@ use crate::refs::{ConfigMapKeyRef, ElasticsearchRef, KafkaRef, LocalObjectRef, M
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AnalyticsPipelineSpec {
-    /// Container image of `ballast-worker`, which every role runs.
+    /// Container image of `ballast-worker`, which every role runs. Defaults to
+    /// the worker image the operator was given (`BALLAST_WORKER_IMAGE`, which
+    /// the chart and kustomize set to the worker of the operator's own version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 512))]
-    pub image: String,
+    pub image: Option<String>,
     /// The `DegradationPolicy` (same namespace) that says how failures are
     /// detected and what each degraded mode does.
     pub policy_ref: LocalObjectRef,

@@ -46,8 +46,10 @@ use crate::refs::{ElasticsearchRef, KafkaRef, MysqlRef, RedisRef};
 #[x_kube(validation = Rule::new("self.dataCenters.exists(dc, dc.name == self.primary)").message("spec.primary must name one of spec.dataCenters").field_path(".primary"))]
 pub struct MemberStoreSpec {
     /// Container image of `ballast-worker`, which the member service runs.
+    /// Defaults to the worker image the operator was given (`BALLAST_WORKER_IMAGE`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 512))]
-    pub image: String,
+    pub image: Option<String>,
     /// The data centres, each in its own namespace, with its own servers.
     // The namespace rule maps to strings before comparing: the API server's cost
     // estimate cannot bound two struct fields compared inside nested loops.

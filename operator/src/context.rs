@@ -38,6 +38,8 @@ pub struct Context {
     ready: Arc<watch::Sender<bool>>,
     /// The one namespace watched, or `None` for the whole cluster.
     scope: Option<String>,
+    /// The `ballast-worker` image of pipelines that name none.
+    pub worker_image: Option<String>,
 }
 
 /// The operator's Prometheus metrics (`ballast_operator_*`).
@@ -221,6 +223,7 @@ impl Context {
         client: kube::Client,
         instance: String,
         scope: Option<String>,
+        worker_image: Option<String>,
     ) -> (Self, mpsc::UnboundedReceiver<ObjectRef<AnalyticsPipeline>>) {
         let (triggers, receiver) = mpsc::unbounded_channel();
         let mut registry = Registry::with_prefix("ballast_operator");
@@ -238,6 +241,7 @@ impl Context {
             triggers,
             ready: Arc::new(watch::channel(false).0),
             scope,
+            worker_image,
         };
         (ctx, receiver)
     }

@@ -42,6 +42,10 @@ struct Args {
     /// the ClusterRole); the whole cluster when unset.
     #[arg(long, env = "BALLAST_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
+    /// The `ballast-worker` image pipelines run unless their spec names one
+    /// (the chart sets it to the worker of the operator's own version).
+    #[arg(long, env = "BALLAST_WORKER_IMAGE")]
+    worker_image: Option<String>,
     /// Seconds a leader keeps the Lease without renewing it.
     #[arg(long, default_value_t = 15)]
     lease_seconds: u64,
@@ -57,8 +61,12 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| format!("ballast-operator-{}", std::process::id()));
 
     let client = kube::Client::try_default().await?;
-    let (ctx, triggers) =
-        context::Context::new(client.clone(), identity.clone(), args.watch_namespace.clone());
+    let (ctx, triggers) = context::Context::new(
+        client.clone(),
+        identity.clone(),
+        args.watch_namespace.clone(),
+        args.worker_image.clone(),
+    );
     let shutdown = CancellationToken::new();
     let (addr, server) = health::serve(
         args.metrics_addr,

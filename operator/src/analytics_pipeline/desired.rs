@@ -38,6 +38,8 @@ pub const QUERY_PORT: i32 = 80;
 /// What the builders need besides the pipeline itself.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Inputs {
+    /// The `ballast-worker` image every role runs (the spec's, or the operator's default).
+    pub image: String,
     /// Slave replicas to run: the base, or base × scale factor while the KV store is down.
     pub slave_replicas: i32,
     /// Changes when a referenced Secret or ConfigMap changes, so pods restart with it.
@@ -353,7 +355,7 @@ impl Builder<'_> {
         }
         let mut container = Container {
             name: "worker".into(),
-            image: Some(self.ap.spec.image.clone()),
+            image: Some(self.inputs.image.clone()),
             args: Some(vec![role.to_owned()]),
             env: Some(env),
             ports: Some(ports),

@@ -10,6 +10,9 @@ pub(crate) fn fixture() -> AnalyticsPipeline {
     ap
 }
 
+/// The worker image the sample names, as the operator would pass it.
+const IMAGE: &str = "ghcr.io/ballast-dev/ballast-worker:0.1.0";
+
 fn owner() -> OwnerReference {
     OwnerReference {
         api_version: "ballast.dev/v1alpha1".into(),
@@ -24,6 +27,7 @@ fn owner() -> OwnerReference {
 #[test]
 fn objects_match_the_golden_snapshot() {
     let inputs = Inputs {
+        image: IMAGE.into(),
         slave_replicas: 4,
         config_hash: "abc123".into(),
         slave_memory_mib: 512,
@@ -71,6 +75,7 @@ fn every_workload_runs_a_role_the_worker_binary_has() -> Result<(), ballast_e2e:
             .is_ok_and(|out| out.status.success())
     };
     let inputs = Inputs {
+        image: IMAGE.into(),
         slave_replicas: 2,
         config_hash: "abc123".into(),
         slave_memory_mib: 512,
@@ -97,6 +102,7 @@ fn every_workload_runs_a_role_the_worker_binary_has() -> Result<(), ballast_e2e:
 #[test]
 fn every_object_is_owned_by_the_pipeline_as_controller() {
     let inputs = Inputs {
+        image: IMAGE.into(),
         slave_replicas: 2,
         config_hash: String::new(),
         slave_memory_mib: 512,
@@ -117,6 +123,7 @@ fn every_object_is_owned_by_the_pipeline_as_controller() {
 #[test]
 fn slave_replicas_follow_inputs_and_secrets_become_env_refs() {
     let inputs = Inputs {
+        image: IMAGE.into(),
         slave_replicas: 12,
         config_hash: String::new(),
         slave_memory_mib: 512,
@@ -138,6 +145,7 @@ fn slave_replicas_follow_inputs_and_secrets_become_env_refs() {
 #[test]
 fn only_the_query_pods_get_the_cold_stores_credentials_from_its_secret() {
     let inputs = Inputs {
+        image: IMAGE.into(),
         slave_replicas: 2,
         config_hash: String::new(),
         slave_memory_mib: 512,
@@ -180,6 +188,7 @@ fn only_the_query_pods_get_the_cold_stores_credentials_from_its_secret() {
 #[test]
 fn each_role_gets_only_the_passwords_of_the_servers_it_talks_to() {
     let inputs = Inputs {
+        image: IMAGE.into(),
         slave_replicas: 2,
         config_hash: String::new(),
         slave_memory_mib: 512,
@@ -217,6 +226,7 @@ fn each_role_gets_only_the_passwords_of_the_servers_it_talks_to() {
 #[test]
 fn role_grants_only_this_pipeline_and_its_policy() {
     let inputs = Inputs {
+        image: IMAGE.into(),
         slave_replicas: 2,
         config_hash: String::new(),
         slave_memory_mib: 512,

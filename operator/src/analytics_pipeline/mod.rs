@@ -268,8 +268,10 @@ async fn reconcile_pipeline(ap: &Arc<AnalyticsPipeline>, ctx: &Context) -> Resul
     let fetched = fetch::fetch(&ctx.client, ap).await?;
     let now = Timestamp::now();
 
-    let valid = match validate::validate(ap, &fetched) {
-        Ok(valid) => valid,
+    let checked = validate::validate(ap, &fetched)
+        .and_then(|valid| Ok((validate::worker_image(ap, ctx.worker_image.as_deref())?, valid)));
+    let (image, valid) = match checked {
+        Ok(checked) => checked,
         Err(invalid) => {
             tracing::warn!(reason = invalid.reason, message = %invalid.message, "pipeline waits for its references");
             let outcome = status::Outcome::Invalid(invalid);
@@ -323,6 +325,7 @@ async fn reconcile_pipeline(ap: &Arc<AnalyticsPipeline>, ctx: &Context) -> Resul
 
     let owner = ap.controller_owner_ref(&()).ok_or(Error::MissingNamespace)?;
     let inputs = desired::Inputs {
+        image,
         slave_replicas: publication.slave_replicas,
         config_hash: config_hash(ap, &fetched),
         slave_memory_mib: i64::from(valid.policy.kv.max_memory_mib),

@@ -66,6 +66,22 @@ impl Valid<'_> {
     }
 }
 
+/// The worker image a pipeline's pods run: its own, or the operator's
+/// default; a pipeline naming none under an operator given none waits. Pure.
+pub fn worker_image(ap: &AnalyticsPipeline, default: Option<&str>) -> Result<String, Invalid> {
+    ap.spec
+        .image
+        .as_deref()
+        .or(default)
+        .map(str::to_owned)
+        .ok_or_else(|| Invalid {
+            reason: "NoWorkerImage",
+            message: "spec.image is not set and the operator was given no worker image \
+                      (BALLAST_WORKER_IMAGE, set by the chart's workerImage values)"
+                .into(),
+        })
+}
+
 /// Checks that the policy, every Secret key and the SQL ConfigMap key exist.
 pub fn validate<'a>(ap: &AnalyticsPipeline, fetched: &'a Fetched) -> Result<Valid<'a>, Invalid> {
     let policy = fetched.policy.as_ref().ok_or_else(|| Invalid {
@@ -194,6 +210,28 @@ mod tests {
         let valid = validate(&ap, &fetched).expect("valid");
         let (user, password) = valid.cold_credentials(&ap).expect("credentials");
         assert_eq!((user.as_str(), password.expose()), ("elastic", "pw"));
+    }
+
+    #[test]
+    fn the_pipelines_image_wins_over_the_operators_and_one_is_needed() {
+        let mut ap = pipeline();
+        let own = String::from("ghcr.io/team/ballast-worker:pinned");
+        // (pipeline's image, operator's default, image run or the reason it waits)
+        let cases = [
+            (Some(own.as_str()), Some("ghcr.io/x/w:2"), Ok(own.as_str())),
+            (Some(own.as_str()), None, Ok(own.as_str())),
+            (None, Some("ghcr.io/x/w:2"), Ok("ghcr.io/x/w:2")),
+            (None, None, Err("NoWorkerImage")),
+        ];
+        for (image, default, want) in cases {
+            ap.spec.image = image.map(str::to_owned);
+            let got = worker_image(&ap, default);
+            assert_eq!(
+                got.as_deref().map_err(|e| e.reason),
+                want,
+                "{image:?} {default:?}"
+            );
+        }
     }
 
     #[test]
