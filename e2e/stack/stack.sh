@@ -399,6 +399,7 @@ write_env() {
 # Written by e2e/stack/stack.sh up: where the local stack's servers are.
 KUBECONFIG=$state/kube/admin.kubeconfig
 BALLAST_HELM=$bin/helm
+BALLAST_KUBECTL=$bin/kubectl
 BALLAST_KAFKA_BOOTSTRAP=$host:$BALLAST_PORT_KAFKA
 BALLAST_MYSQL_SOURCE_URL=$url:$BALLAST_PORT_MYSQL_SOURCE/ballast
 BALLAST_MYSQL_HOT_URL=$url:$BALLAST_PORT_MYSQL_HOT/ballast

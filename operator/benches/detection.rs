@@ -110,8 +110,8 @@ async fn main() -> anyhow::Result<()> {
     let stack = Stack::discover();
     let client = stack.kube_client().await?;
     ballast_e2e::install_crds(&client).await?;
-    ballast_e2e::install_operator_rbac(&client).await?;
     let ns = ballast_e2e::pipeline_namespace(&client, "bench").await?;
+    ballast_e2e::install_operator_rbac(&client, &ns).await?;
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let aps: Api<AnalyticsPipeline> = Api::namespaced(client.clone(), &ns);
     let ssa = PatchParams::apply("bench").force();

@@ -40,6 +40,8 @@ pub struct Context {
     scope: Option<String>,
     /// The `ballast-worker` image of pipelines that name none.
     pub worker_image: Option<String>,
+    /// The kind of the workers' shipped write role.
+    pub writes_role: crate::analytics_pipeline::desired::WritesRole,
 }
 
 /// The operator's Prometheus metrics (`ballast_operator_*`).
@@ -242,6 +244,7 @@ impl Context {
             ready: Arc::new(watch::channel(false).0),
             scope,
             worker_image,
+            writes_role: Default::default(),
         };
         (ctx, receiver)
     }

@@ -46,6 +46,15 @@ struct Args {
     /// (the chart sets it to the worker of the operator's own version).
     #[arg(long, env = "BALLAST_WORKER_IMAGE")]
     worker_image: Option<String>,
+    /// The kind of the workers' shipped write role `ballast-worker`: the
+    /// ClusterRole, or a Role in each watched namespace (namespaced install).
+    #[arg(
+        long,
+        env = "BALLAST_WORKER_WRITES_ROLE",
+        value_enum,
+        default_value = "cluster-role"
+    )]
+    worker_writes_role: analytics_pipeline::desired::WritesRole,
     /// Seconds a leader keeps the Lease without renewing it.
     #[arg(long, default_value_t = 15)]
     lease_seconds: u64,
@@ -61,12 +70,13 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| format!("ballast-operator-{}", std::process::id()));
 
     let client = kube::Client::try_default().await?;
-    let (ctx, triggers) = context::Context::new(
+    let (mut ctx, triggers) = context::Context::new(
         client.clone(),
         identity.clone(),
         args.watch_namespace.clone(),
         args.worker_image.clone(),
     );
+    ctx.writes_role = args.worker_writes_role;
     let shutdown = CancellationToken::new();
     let (addr, server) = health::serve(
         args.metrics_addr,

@@ -41,7 +41,7 @@ async fn a_mode_is_not_published_before_its_event() -> anyhow::Result<()> {
     let stack = Stack::discover();
     let client = stack.kube_client().await?;
     let (ns, pipeline) = stack.pipeline_fixture(&client, "evorder", json!({})).await?;
-    ballast_e2e::install_operator_rbac(&client).await?;
+    ballast_e2e::install_operator_rbac(&client, &ns).await?;
 
     // The shipped operator ClusterRole without its Events rule, for a user of its own.
     let name = format!("ballast-e2e-no-events-{ns}");
@@ -83,6 +83,7 @@ async fn a_mode_is_not_published_before_its_event() -> anyhow::Result<()> {
         )
         .await?;
 
+    ballast_e2e::grant_election(&client, &ns, &user).await?;
     let port = scenario::free_port()?;
     let binary = std::path::Path::new(env!("CARGO_BIN_EXE_ballast-operator"));
     let _operator = stack.operator_as(binary, &ns, &format!("127.0.0.1:{port}"), &user)?;

@@ -4,14 +4,16 @@
 //! a worker write Leases in its namespace (it must create its own, named
 //! after pods not known in advance); the shipped admission policy refuses
 //! every write to a Lease of another pipeline: deleting its master Lease or
-//! collector checkpoint, taking them over, or creating one in its name.
+//! collector checkpoint, taking them over, or creating one in its name; and
+//! every write to a ConfigMap but its own master's state.
 
 mod common;
 
 use ballast_e2e::Stack;
 use common::eventually;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::rbac::v1::Role;
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
@@ -47,10 +49,17 @@ async fn a_pipelines_workers_cannot_write_another_pipelines_leases() -> anyhow::
     let binary = std::path::Path::new(env!("CARGO_BIN_EXE_ballast-operator"));
     let _operator = stack.operator(binary, &ns).await?;
     let roles: Api<Role> = Api::namespaced(admin.clone(), &ns);
+    let bindings: Api<RoleBinding> = Api::namespaced(admin.clone(), &ns);
     for pipeline in [&mine, &theirs] {
         let role = format!("{pipeline}-worker");
         eventually(&format!("the operator granting Role {role}"), 60, || async {
             Ok(roles.get_opt(&role).await?)
+        })
+        .await?;
+        // Bound without the operator holding what ballast-worker grants (`bind` on it).
+        let writes = format!("{pipeline}-worker-writes");
+        eventually(&format!("the operator binding {writes}"), 60, || async {
+            Ok(bindings.get_opt(&writes).await?)
         })
         .await?;
     }
@@ -120,6 +129,52 @@ async fn a_pipelines_workers_cannot_write_another_pipelines_leases() -> anyhow::
             )
             .await,
     )?;
+
+    // ConfigMaps: their master's state and any other ConfigMap are refused;
+    // my master's state is mine to write.
+    let configmap = |name: &str| -> anyhow::Result<ConfigMap> {
+        Ok(serde_json::from_value(
+            json!({"metadata": {"name": name}, "data": {"k": "v"}}),
+        )?)
+    };
+    let admin_maps: Api<ConfigMap> = Api::namespaced(admin.clone(), &ns);
+    let my_maps: Api<ConfigMap> = Api::namespaced(stack.kube_client_as(&user(&mine)).await?, &ns);
+    for name in [format!("{theirs}-master-state"), format!("{mine}-sql")] {
+        let existing = match admin_maps
+            .create(&PostParams::default(), &configmap(&name)?)
+            .await
+        {
+            Ok(created) => created,
+            Err(kube::Error::Api(e)) if e.code == 409 => admin_maps.get(&name).await?,
+            Err(e) => return Err(e.into()),
+        };
+        let message = refused(
+            &format!("rewriting ConfigMap {name}"),
+            my_maps.replace(&name, &PostParams::default(), &existing).await,
+        )?;
+        assert!(
+            message.contains("may write only its master state ConfigMap"),
+            "{message}"
+        );
+    }
+    refused(
+        "creating a ConfigMap other than its master state",
+        my_maps
+            .create(&PostParams::default(), &configmap(&format!("{mine}-other"))?)
+            .await,
+    )?;
+    let mine_state = format!("{mine}-master-state");
+    eventually("my workers creating their master state", 30, || async {
+        match my_maps
+            .create(&PostParams::default(), &configmap(&mine_state)?)
+            .await
+        {
+            Ok(_) => Ok(Some(())),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(Some(())),
+            Err(e) => Err(e.into()),
+        }
+    })
+    .await?;
 
     // My workers' own Leases are theirs to write.
     let mine_master = format!("{mine}-master");

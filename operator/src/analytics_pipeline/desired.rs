@@ -35,9 +35,35 @@ const DEPLOYMENT_ROLES: [&str; 4] = ["collector", "intake", "master", "query"];
 /// Port of the query Service: the merchant API, served by the query pods on their metrics port.
 pub const QUERY_PORT: i32 = 80;
 
+/// The shipped role of the workers' writes (manifests/operator/rbac.yaml).
+pub const WORKER_WRITES_ROLE: &str = "ballast-worker";
+
+/// The kind of the shipped role of the workers' writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum WritesRole {
+    /// A ClusterRole (the cluster-wide install).
+    #[default]
+    ClusterRole,
+    /// A Role in each watched namespace (the namespaced install).
+    Role,
+}
+
+impl WritesRole {
+    fn kind(self) -> &'static str {
+        match self {
+            Self::ClusterRole => "ClusterRole",
+            Self::Role => "Role",
+        }
+    }
+}
+
 /// What the builders need besides the pipeline itself.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Inputs {
+    /// Where the workers' shipped write role is: the ClusterRole
+    /// `ballast-worker`, or (a namespaced install) a Role of that name in the
+    /// pipeline's namespace.
+    pub writes_role: WritesRole,
     /// The `ballast-worker` image every role runs (the spec's, or the operator's default).
     pub image: String,
     /// Slave replicas to run: the base, or base × scale factor while the KV store is down.
@@ -66,6 +92,7 @@ pub fn objects(ap: &AnalyticsPipeline, owner: &OwnerReference, inputs: &Inputs) 
         Owned::ServiceAccount(b.service_account()),
         Owned::Role(b.role()),
         Owned::RoleBinding(b.role_binding()),
+        Owned::RoleBinding(b.writes_binding()),
     ];
     for role in DEPLOYMENT_ROLES {
         out.push(Owned::Deployment(b.deployment(role)));
@@ -186,9 +213,10 @@ impl Builder<'_> {
         }
     }
 
-    /// Least privilege: read this pipeline and its policy (modes are in status),
-    /// keep membership Leases, read the SQL ConfigMap, keep the master's state
-    /// ConfigMap (create cannot be narrowed by name in RBAC). Nothing else.
+    /// Least privilege, what the workers read: this pipeline and its policy
+    /// (modes are in status), the master's state ConfigMap and the SQL
+    /// ConfigMap, by name. What they write is the shipped ClusterRole
+    /// `ballast-worker`, bound by [`Self::writes_binding`].
     fn role(&self) -> Role {
         let mut rules = vec![
             rule(
@@ -204,18 +232,11 @@ impl Builder<'_> {
                 &["get", "list", "watch"],
             ),
             rule(
-                "coordination.k8s.io",
-                &["leases"],
-                None,
-                &["get", "list", "watch", "create", "update", "patch", "delete"],
-            ),
-            rule(
                 "",
                 &["configmaps"],
                 Some(vec![format!("{}-master-state", self.name)]),
-                &["get", "update"],
+                &["get"],
             ),
-            rule("", &["configmaps"], None, &["create"]),
         ];
         if let Some(cm) = &self.ap.spec.compute.sql_config_map_ref {
             rules.push(rule(
@@ -231,18 +252,32 @@ impl Builder<'_> {
         }
     }
 
+    /// The workers' Role, bound to their ServiceAccount.
     fn role_binding(&self) -> RoleBinding {
-        let account = self.worker_account();
+        self.binding(self.worker_account(), "Role", self.worker_account())
+    }
+
+    /// The shipped role `ballast-worker` (Lease and state writes, which RBAC
+    /// cannot narrow by pipeline; the shipped admission policy does), bound
+    /// in this namespace only. The operator holds `bind` on it instead of the
+    /// writes themselves.
+    fn writes_binding(&self) -> RoleBinding {
+        let name = format!("{}-writes", self.worker_account());
+        let kind = self.inputs.writes_role.kind();
+        self.binding(name, kind, WORKER_WRITES_ROLE.to_owned())
+    }
+
+    fn binding(&self, name: String, kind: &str, role: String) -> RoleBinding {
         RoleBinding {
-            metadata: self.metadata(account.clone(), "worker"),
+            metadata: self.metadata(name, "worker"),
             role_ref: RoleRef {
                 api_group: "rbac.authorization.k8s.io".into(),
-                kind: "Role".into(),
-                name: account.clone(),
+                kind: kind.into(),
+                name: role,
             },
             subjects: Some(vec![Subject {
                 kind: "ServiceAccount".into(),
-                name: account,
+                name: self.worker_account(),
                 namespace: self.ap.metadata.namespace.clone(),
                 ..Subject::default()
             }]),

@@ -28,6 +28,7 @@ fn owner() -> OwnerReference {
 fn objects_match_the_golden_snapshot() {
     let inputs = Inputs {
         image: IMAGE.into(),
+        writes_role: WritesRole::ClusterRole,
         slave_replicas: 4,
         config_hash: "abc123".into(),
         slave_memory_mib: 512,
@@ -76,6 +77,7 @@ fn every_workload_runs_a_role_the_worker_binary_has() -> Result<(), ballast_e2e:
     };
     let inputs = Inputs {
         image: IMAGE.into(),
+        writes_role: WritesRole::ClusterRole,
         slave_replicas: 2,
         config_hash: "abc123".into(),
         slave_memory_mib: 512,
@@ -103,6 +105,7 @@ fn every_workload_runs_a_role_the_worker_binary_has() -> Result<(), ballast_e2e:
 fn every_object_is_owned_by_the_pipeline_as_controller() {
     let inputs = Inputs {
         image: IMAGE.into(),
+        writes_role: WritesRole::ClusterRole,
         slave_replicas: 2,
         config_hash: String::new(),
         slave_memory_mib: 512,
@@ -124,6 +127,7 @@ fn every_object_is_owned_by_the_pipeline_as_controller() {
 fn slave_replicas_follow_inputs_and_secrets_become_env_refs() {
     let inputs = Inputs {
         image: IMAGE.into(),
+        writes_role: WritesRole::ClusterRole,
         slave_replicas: 12,
         config_hash: String::new(),
         slave_memory_mib: 512,
@@ -146,6 +150,7 @@ fn slave_replicas_follow_inputs_and_secrets_become_env_refs() {
 fn only_the_query_pods_get_the_cold_stores_credentials_from_its_secret() {
     let inputs = Inputs {
         image: IMAGE.into(),
+        writes_role: WritesRole::ClusterRole,
         slave_replicas: 2,
         config_hash: String::new(),
         slave_memory_mib: 512,
@@ -189,6 +194,7 @@ fn only_the_query_pods_get_the_cold_stores_credentials_from_its_secret() {
 fn each_role_gets_only_the_passwords_of_the_servers_it_talks_to() {
     let inputs = Inputs {
         image: IMAGE.into(),
+        writes_role: WritesRole::ClusterRole,
         slave_replicas: 2,
         config_hash: String::new(),
         slave_memory_mib: 512,
@@ -227,6 +233,7 @@ fn each_role_gets_only_the_passwords_of_the_servers_it_talks_to() {
 fn role_grants_only_this_pipeline_and_its_policy() {
     let inputs = Inputs {
         image: IMAGE.into(),
+        writes_role: WritesRole::ClusterRole,
         slave_replicas: 2,
         config_hash: String::new(),
         slave_memory_mib: 512,

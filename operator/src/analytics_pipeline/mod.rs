@@ -326,6 +326,7 @@ async fn reconcile_pipeline(ap: &Arc<AnalyticsPipeline>, ctx: &Context) -> Resul
     let owner = ap.controller_owner_ref(&()).ok_or(Error::MissingNamespace)?;
     let inputs = desired::Inputs {
         image,
+        writes_role: ctx.writes_role,
         slave_replicas: publication.slave_replicas,
         config_hash: config_hash(ap, &fetched),
         slave_memory_mib: i64::from(valid.policy.kv.max_memory_mib),

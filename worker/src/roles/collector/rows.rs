@@ -92,6 +92,15 @@ pub fn image(raw: Vec<BinlogValue<'_>>) -> Image {
         unconverted: Vec::new(),
     };
     for (i, value) in raw.into_iter().enumerate() {
+        // A plain value is taken as it is, never printed: mysql_common's Debug
+        // of a TIME beyond MySQL's range overflows (the fuzz test found it).
+        let value = match value {
+            BinlogValue::Value(plain) => {
+                out.values.push(plain);
+                continue;
+            }
+            other => other,
+        };
         let text = format!("{value:?}");
         match Value::try_from(value) {
             Ok(v) => out.values.push(v),

@@ -157,7 +157,8 @@ pub fn identity(wire: Option<&wire::Identity>) -> Result<Identity, Invalid> {
     Identity::parse(kind, &wire.value)
 }
 
-fn identities(wire: &[wire::Identity], max: usize, what: &'static str) -> Result<Vec<Identity>, Invalid> {
+/// Wire identities as valid ones (at most `max`, else `TooMany` naming `what`), or why not. Pure.
+pub fn identities(wire: &[wire::Identity], max: usize, what: &'static str) -> Result<Vec<Identity>, Invalid> {
     if wire.len() > max {
         return Err(Invalid::TooMany {
             what,
