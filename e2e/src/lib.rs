@@ -186,6 +186,11 @@ impl Stack {
     }
 }
 
+/// The data-plane token of every fixture's pipeline (its Secret
+/// `<pipeline>-data-plane`, which the operator then keeps) and of every
+/// worker a test starts.
+pub const DATA_PLANE_TOKEN: &str = "ballast-e2e-data-plane-token";
+
 /// Label of the namespaces fixtures create, so that leftovers can be found.
 pub const FIXTURE_LABEL: &str = "ballast.dev/fixture";
 
@@ -307,6 +312,13 @@ impl Stack {
             .await?;
         let mut ap = self.pipeline(&pipeline, "p")?;
         merge(&mut ap["spec"], &spec_patch);
+        // Its data-plane token, as a team may provide it (the operator keeps an existing one).
+        let token = serde_json::json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": format!("{pipeline}-data-plane")},
+            "stringData": {"token": DATA_PLANE_TOKEN}});
+        Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), &ns)
+            .patch(&format!("{pipeline}-data-plane"), &ssa, &Patch::Apply(&token))
+            .await?;
         Api::<ballast_crds::AnalyticsPipeline>::namespaced(client.clone(), &ns)
             .patch(&pipeline, &ssa, &Patch::Apply(&ap))
             .await?;
@@ -385,6 +397,7 @@ impl Stack {
             // What the kubelet would read from the Secret `mysql` the fixtures create.
             .env("BALLAST_SOURCE_MYSQL_PASSWORD", "ballast")
             .env("BALLAST_HOT_MYSQL_PASSWORD", "ballast")
+            .env("BALLAST_DATA_PLANE_TOKEN", DATA_PLANE_TOKEN)
             .envs(env.iter().copied())
             .stdout(std::process::Stdio::from(log.try_clone().map_err(failed)?))
             .stderr(std::process::Stdio::from(log))

@@ -179,7 +179,11 @@ impl Running {
         let list = self.leases.list(&ListParams::default().labels(&selector)).await?;
         let mut fullest = (String::new(), 0);
         for (slave, address) in ballast_worker::membership::ready_members(&list.items, Timestamp::now()) {
-            let mut client = SlaveClient::connect(format!("http://{address}")).await?;
+            let mut client = SlaveClient::new(ballast_worker::auth::channel(
+                &address,
+                ballast_worker::grpc::STORE_DEADLINE,
+                &ballast_e2e::DATA_PLANE_TOKEN.parse()?,
+            )?);
             let windows = client.holdings(HoldingsRequest {}).await?.into_inner().windows;
             let events = windows.iter().map(|w| w.events).sum::<u64>();
             if events > fullest.1 {

@@ -63,6 +63,27 @@ async fn a_pipelines_workers_cannot_write_another_pipelines_leases() -> anyhow::
         })
         .await?;
     }
+    // Theirs came without a data-plane token: the operator made one, owned by the pipeline.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(admin.clone(), &ns);
+    let made = secrets.get(&format!("{theirs}-data-plane")).await?;
+    let token = made
+        .data
+        .unwrap_or_default()
+        .remove("token")
+        .map(|t| t.0)
+        .unwrap_or_default();
+    assert!(
+        token.len() == 64 && token.iter().all(u8::is_ascii_hexdigit),
+        "{} bytes",
+        token.len()
+    );
+    let owners = made.metadata.owner_references.unwrap_or_default();
+    assert!(
+        owners
+            .iter()
+            .any(|o| o.kind == "AnalyticsPipeline" && o.name == theirs)
+    );
+
     let user = |pipeline: &str| format!("system:serviceaccount:{ns}:{pipeline}-worker");
     let my_leases: Api<Lease> = Api::namespaced(stack.kube_client_as(&user(&mine)).await?, &ns);
     let their_leases: Api<Lease> = Api::namespaced(stack.kube_client_as(&user(&theirs)).await?, &ns);

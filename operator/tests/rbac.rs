@@ -4,7 +4,8 @@
 //! them), granting more than the workers' role (the API server's own
 //! SubjectAccessReview). Namespaced (the chart's `scope: namespace`), an
 //! operator bound only to Roles of its namespace reconciles a pipeline there
-//! and is refused everywhere else.
+//! and is refused everywhere else. The operator creates no Secret but a
+//! pipeline's data-plane token (the shipped admission policy).
 
 mod common;
 
@@ -148,5 +149,41 @@ async fn a_namespaced_operator_reconciles_its_namespace_and_nothing_else() -> an
             "{action:?} in {namespace}"
         );
     }
+    Ok(())
+}
+
+/// RBAC cannot narrow `create` by name: the shipped admission policy keeps the
+/// operator's Secret creates to data-plane tokens, so it cannot mint a
+/// ServiceAccount token Secret and read it back.
+#[tokio::test]
+async fn the_operator_may_create_only_data_plane_token_secrets() -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::PostParams;
+    let stack = Stack::discover();
+    let admin = stack.kube_client().await?;
+    ballast_e2e::install_crds(&admin).await?;
+    ballast_e2e::install_operator_rbac(&admin, "ballast-system").await?;
+    let ns = ballast_e2e::pipeline_namespace(&admin, "opsecrets").await?;
+    let secrets: Api<Secret> = Api::namespaced(stack.kube_client_as(OPERATOR_USER).await?, &ns);
+    let secret = |value: serde_json::Value| -> anyhow::Result<Secret> { Ok(serde_json::from_value(value)?) };
+    let minted = secret(json!({
+        "metadata": {"name": "shop-data-plane-sa", "annotations": {"kubernetes.io/service-account.name": "default"}},
+        "type": "kubernetes.io/service-account-token",
+    }))?;
+    let other = secret(json!({"metadata": {"name": "mysql-admin"}, "stringData": {"password": "x"}}))?;
+    for (what, object) in [("a ServiceAccount token", &minted), ("another Secret", &other)] {
+        // The policy may still be on its way to the API server's cache.
+        let message = eventually(&format!("{what} refused"), 30, || async {
+            match secrets.create(&PostParams::default(), object).await {
+                Err(kube::Error::Api(e)) if e.code == 403 => Ok(Some(e.message)),
+                Ok(created) => anyhow::bail!("{what} was created: {:?}", created.metadata.name),
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await?;
+        assert!(message.contains("creates only Opaque Secrets"), "{message}");
+    }
+    let token = secret(json!({"metadata": {"name": "shop-data-plane"}, "stringData": {"token": "t"}}))?;
+    secrets.create(&PostParams::default(), &token).await?;
     Ok(())
 }

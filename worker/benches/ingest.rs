@@ -150,6 +150,17 @@ impl Intake for Echo {
     }
 }
 
+/// A connection to a worker of the bench's pipeline, carrying its data-plane token
+/// (connected on first use, so the first call of a measurement pays the connect: each warms first).
+fn data_plane(address: &str) -> anyhow::Result<ballast_worker::auth::Authed> {
+    let token = ballast_e2e::DATA_PLANE_TOKEN.parse()?;
+    Ok(ballast_worker::auth::channel(
+        address,
+        Duration::from_secs(60),
+        &token,
+    )?)
+}
+
 /// Collectors send concurrently: `STREAMS` clients, each its share of the batches in order.
 const STREAMS: usize = 4;
 
@@ -157,7 +168,7 @@ async fn ingest_all(address: &str, tag: &str) -> anyhow::Result<Duration> {
     let all = events(tag, ROWS);
     let mut clients = Vec::new();
     for _ in 0..STREAMS {
-        clients.push(IntakeClient::connect(format!("http://{address}")).await?);
+        clients.push(IntakeClient::new(data_plane(address)?));
     }
     let batches: Vec<&[ChangeEvent]> = all.chunks(BATCH).collect();
     let started = Instant::now();
@@ -521,6 +532,7 @@ async fn main() -> anyhow::Result<()> {
         KvStore::new(kv_conn, Layout::new(&pipeline, WINDOW_MS), 600),
         mode,
         members,
+        ballast_e2e::DATA_PLANE_TOKEN.parse()?,
     );
     // One batch each before the clock starts (connecting to the slaves is once
     // per epoch, not per event), retried until every slave follows the set.
@@ -541,7 +553,7 @@ async fn main() -> anyhow::Result<()> {
         .filter(|m| ring.owner(m) == Some(one_id.as_str()))
         .take(MERCHANTS)
         .collect();
-    let mut direct = SlaveClient::connect(format!("http://{one}")).await?;
+    let mut direct = SlaveClient::new(data_plane(one)?);
     direct
         .deliver(EventBatch {
             events: events_of("direct-warm", BATCH, &own),

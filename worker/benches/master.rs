@@ -139,7 +139,7 @@ async fn main() -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let slaves = Slaves::default();
+    let slaves = Slaves::new(ballast_e2e::DATA_PLANE_TOKEN.parse()?);
     slaves.update(&members);
     // Warm the connections.
     rpc_floor(&slaves, &members).await?;

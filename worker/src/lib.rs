@@ -6,6 +6,7 @@
 
 pub use ballast_node::{connect, health, leader, master_report, membership, probe, secret, telemetry};
 
+pub mod auth;
 pub mod cold;
 pub mod compute;
 pub mod es;

@@ -59,6 +59,22 @@ struct Pod {
     /// How long draining may take on shutdown.
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     drain: Duration,
+    /// The pipeline's data-plane token (from its Secret `<pipeline>-data-plane`):
+    /// the collector, intakes, master and slaves carry it on every gRPC call and
+    /// refuse a call without it.
+    #[arg(long, env = "BALLAST_DATA_PLANE_TOKEN", hide_env_values = true)]
+    data_plane_token: Option<Secret>,
+}
+
+impl Pod {
+    /// The data-plane token, which the roles that call each other need.
+    fn token(&self) -> Result<ballast_worker::auth::Token, String> {
+        let secret = self
+            .data_plane_token
+            .as_ref()
+            .ok_or("BALLAST_DATA_PLANE_TOKEN is not set: the data plane's gRPC calls are authenticated")?;
+        ballast_worker::auth::Token::new(secret).map_err(|e| e.to_string())
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -168,7 +184,9 @@ async fn run_slave(
     stores: StorePasswords,
 ) -> Result<(), String> {
     let client = kube_client().await?;
+    let token = pod.token()?;
     let config = slave::Config {
+        token,
         namespace: pod.namespace,
         pipeline: pod.pipeline,
         identity: pod.identity,
@@ -255,7 +273,9 @@ async fn run_query(pod: Pod, args: QueryArgs) -> Result<(), String> {
 async fn run_master(pod: Pod, args: MasterArgs) -> Result<(), String> {
     let client = kube_client().await?;
     let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    let token = pod.token()?;
     let config = master::Config {
+        token,
         namespace: pod.namespace,
         pipeline: pod.pipeline,
         identity: pod.identity,
@@ -280,7 +300,9 @@ async fn run_master(pod: Pod, args: MasterArgs) -> Result<(), String> {
 
 async fn run_collector(pod: Pod, source_password: Option<Secret>, part_bytes: usize) -> Result<(), String> {
     let client = kube_client().await?;
+    let token = pod.token()?;
     let config = collector::Config {
+        token,
         namespace: pod.namespace,
         pipeline: pod.pipeline,
         identity: pod.identity,
@@ -301,7 +323,9 @@ async fn run_intake(
     listen: SocketAddr,
 ) -> Result<(), String> {
     let client = kube_client().await?;
+    let token = pod.token()?;
     let config = intake::Config {
+        token,
         namespace: pod.namespace,
         pipeline: pod.pipeline,
         metrics: pod.metrics_addr,

@@ -44,7 +44,11 @@ async fn backup_intake_at_three_times_its_budget_sheds_whole_merchants_only() ->
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let mut intake = IntakeClient::connect(format!("http://{address}")).await?;
+    let mut intake = IntakeClient::new(ballast_worker::auth::channel(
+        &address,
+        ballast_worker::grpc::STORE_DEADLINE,
+        &ballast_e2e::DATA_PLANE_TOKEN.parse()?,
+    )?);
 
     // 3x the budget: every merchant sends 3 events a second, in 10 batches a second.
     let start = Timestamp::now().as_millisecond() / WINDOW_MS * WINDOW_MS;

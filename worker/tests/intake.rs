@@ -220,7 +220,11 @@ async fn intake_stores_each_event_once_dead_letters_garbage_and_follows_the_kv_m
     let held = async |addresses: &BTreeMap<String, String>| -> anyhow::Result<BTreeMap<String, u64>> {
         let mut out = BTreeMap::new();
         for (slave, address) in addresses {
-            let mut client = SlaveClient::connect(format!("http://{address}")).await?;
+            let mut client = SlaveClient::new(ballast_worker::auth::channel(
+                address,
+                ballast_worker::grpc::STORE_DEADLINE,
+                &ballast_e2e::DATA_PLANE_TOKEN.parse()?,
+            )?);
             let windows = client.holdings(HoldingsRequest {}).await?.into_inner().windows;
             out.insert(slave.clone(), windows.iter().map(|w| w.events).sum::<u64>());
         }

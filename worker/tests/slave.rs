@@ -2,7 +2,8 @@
 //! it joins the membership, stores routed events (deduplicated) within its
 //! memory bound, refuses deliveries not routed over the published slave set,
 //! reports its holdings, and leaves the membership on SIGTERM;
-//! it refuses to compute a span whose events have partly aged out of memory.
+//! it refuses to compute a span whose events have partly aged out of memory,
+//! and any call without the pipeline's data-plane token (UNAUTHENTICATED).
 
 use std::time::{Duration, Instant};
 
@@ -131,7 +132,11 @@ async fn slave_joins_stores_routed_events_and_leaves_on_sigterm() -> anyhow::Res
         "slave"
     );
 
-    let mut grpc = SlaveClient::connect(format!("http://{address}")).await?;
+    let mut grpc = SlaveClient::new(ballast_worker::auth::channel(
+        address,
+        ballast_worker::grpc::STORE_DEADLINE,
+        &ballast_e2e::DATA_PLANE_TOKEN.parse()?,
+    )?);
     let now = Timestamp::now().as_millisecond();
     let batch = vec![
         event("e1", "m1", now, b"{}".to_vec()),
@@ -265,7 +270,11 @@ async fn a_memory_task_reaching_back_before_the_retention_is_refused_not_compute
         &[],
     )
     .await?;
-    let mut grpc = SlaveClient::connect(format!("http://{}", running.address)).await?;
+    let mut grpc = SlaveClient::new(ballast_worker::auth::channel(
+        &running.address,
+        ballast_worker::grpc::STORE_DEADLINE,
+        &ballast_e2e::DATA_PLANE_TOKEN.parse()?,
+    )?);
 
     // Events 58 s old: inside the 60 s retention on arrival, outside it seconds later.
     let then = Timestamp::now().as_millisecond() - 58_000;
@@ -321,7 +330,11 @@ async fn a_window_heavier_than_the_compute_budget_fails_as_a_task_and_the_slave_
         &[("BALLAST_COMPUTE_MEMORY_BYTES", "65536")],
     )
     .await?;
-    let mut grpc = SlaveClient::connect(format!("http://{}", running.address)).await?;
+    let mut grpc = SlaveClient::new(ballast_worker::auth::channel(
+        &running.address,
+        ballast_worker::grpc::STORE_DEADLINE,
+        &ballast_e2e::DATA_PLANE_TOKEN.parse()?,
+    )?);
     let now = Timestamp::now().as_millisecond();
     for chunk in 0..10 {
         let events: Vec<ChangeEvent> = (0..1_000)
@@ -358,5 +371,57 @@ async fn a_window_heavier_than_the_compute_budget_fails_as_a_task_and_the_slave_
     // The process lives on with everything it held: the master retries elsewhere.
     let holdings = grpc.holdings(HoldingsRequest {}).await?.into_inner();
     assert_eq!(holdings.windows.iter().map(|w| w.events).sum::<u64>(), 10_000);
+    running.remove().await
+}
+
+#[tokio::test]
+async fn a_call_without_the_pipelines_token_is_refused_unauthenticated_and_counted() -> anyhow::Result<()> {
+    let port = ballast_e2e::scenario::free_port()?;
+    let metrics = format!("127.0.0.1:{port}");
+    let running = Running::start(
+        "slaveauth",
+        json!({}),
+        json!({}),
+        "shop-slave-0",
+        &[("BALLAST_METRICS_ADDR", metrics.as_str())],
+    )
+    .await?;
+    let deadline = ballast_worker::grpc::STORE_DEADLINE;
+    let batch = || EventBatch {
+        events: vec![event(
+            "e1",
+            "m1",
+            Timestamp::now().as_millisecond(),
+            b"{}".to_vec(),
+        )],
+        epoch: 0,
+        generation: 0,
+    };
+    // No token, then another pipeline's token: refused before the handler runs.
+    let mut bare = SlaveClient::new(ballast_worker::grpc::channel(&running.address, deadline)?);
+    let other: ballast_worker::auth::Token = "another-pipelines-token".parse()?;
+    let mut wrong = SlaveClient::new(ballast_worker::auth::channel(&running.address, deadline, &other)?);
+    for (who, refused) in [
+        ("no token", bare.deliver(batch()).await),
+        ("a wrong token", wrong.deliver(batch()).await),
+    ] {
+        let status = refused.err().ok_or_else(|| anyhow::anyhow!("{who}: served"))?;
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{who}: {status:?}");
+        assert!(status.message().contains("data-plane token"), "{who}: {status:?}");
+    }
+    let counted =
+        ballast_e2e::scenario::metric(port, "ballast_data_plane_unauthenticated_calls_total").await?;
+    assert_eq!(counted, Some(2.0));
+    // The pipeline's token: served (whatever the slave then says of the batch).
+    let token: ballast_worker::auth::Token = ballast_e2e::DATA_PLANE_TOKEN.parse()?;
+    let mut authed = SlaveClient::new(ballast_worker::auth::channel(&running.address, deadline, &token)?);
+    let answered = authed.deliver(batch()).await;
+    assert!(
+        answered
+            .as_ref()
+            .err()
+            .is_none_or(|s| s.code() != tonic::Code::Unauthenticated),
+        "{answered:?}"
+    );
     running.remove().await
 }

@@ -25,6 +25,7 @@ pub async fn apply(client: &kube::Client, namespace: &str, objects: &[Owned]) ->
             Owned::Service(o) => one(client, namespace, o).await?,
             Owned::PodDisruptionBudget(o) => one(client, namespace, o).await?,
             Owned::CronJob(o) => one(client, namespace, o.as_ref()).await?,
+            Owned::NetworkPolicy(o) => one(client, namespace, o).await?,
         }
     }
     Ok(())
@@ -50,4 +51,30 @@ where
             source,
         })?;
     Ok(())
+}
+
+/// Creates the pipeline's data-plane Secret with a new token; never replaces
+/// one (a team's own, or the one the pods run with). A Secret created
+/// meanwhile by another replica is read back.
+pub async fn data_plane_secret(
+    client: &kube::Client,
+    namespace: &str,
+    pipeline: &str,
+    owner: &k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference,
+) -> Result<k8s_openapi::api::core::v1::Secret, Error> {
+    use k8s_openapi::api::core::v1::Secret;
+    let name = super::data_plane::secret_name(pipeline);
+    let apply_error = |source| Error::Apply {
+        kind: "Secret",
+        name: name.clone(),
+        source,
+    };
+    let token = super::data_plane::new_token().map_err(Error::Random)?;
+    let secret = super::data_plane::secret(pipeline, namespace, owner, &token);
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    match api.create(&kube::api::PostParams::default(), &secret).await {
+        Ok(created) => Ok(created),
+        Err(kube::Error::Api(e)) if e.code == 409 => api.get(&name).await.map_err(apply_error),
+        Err(source) => Err(apply_error(source)),
+    }
 }

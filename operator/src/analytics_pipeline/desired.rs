@@ -2,6 +2,7 @@
 //! found: typed k8s-openapi structs ([`Owned`]), applied by server-side
 //! apply; a golden YAML snapshot test pins the whole set.
 
+use super::data_plane;
 use std::collections::BTreeMap;
 
 use ballast_crds::AnalyticsPipeline;
@@ -107,6 +108,11 @@ pub fn objects(ap: &AnalyticsPipeline, owner: &OwnerReference, inputs: &Inputs) 
     out.push(Owned::StatefulSet(b.slave_statefulset()));
     out.push(Owned::Service(b.service("intake", INTAKE_PORT, "grpc")));
     out.push(Owned::Service(b.query_service()));
+    out.push(Owned::NetworkPolicy(data_plane::network_policy(
+        b.metadata(data_plane::secret_name(&name), "data-plane"),
+        &name,
+        METRICS_PORT,
+    )));
     out.push(Owned::CronJob(Box::new(super::nightly::cron_job(
         b.metadata(object_name(&name, "nightly"), "nightly"),
         b.pod_template("nightly", None),
@@ -323,13 +329,23 @@ impl Builder<'_> {
             "BALLAST_COLD_PASSWORD",
             cold.map(|s| (s.name.clone(), "password".to_owned())),
         );
-        let refs: Vec<(&str, Option<(String, String)>)> = match role {
+        let token = (
+            data_plane::TOKEN_ENV,
+            Some((
+                data_plane::secret_name(self.name),
+                data_plane::TOKEN_KEY.to_owned(),
+            )),
+        );
+        let mut refs: Vec<(&str, Option<(String, String)>)> = match role {
             "collector" => vec![source],
             "intake" | "master" => vec![kv],
             "query" => vec![hot, cache, cold_user, cold_password],
             "nightly" => vec![hot, kv, cold_user, cold_password],
             _ => vec![hot, kv, cache],
         };
+        if data_plane::TOKEN_ROLES.contains(&role) {
+            refs.push(token);
+        }
         refs.into_iter()
             .filter_map(|(var, r)| {
                 r.map(|(name, key)| EnvVar {

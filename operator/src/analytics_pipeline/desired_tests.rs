@@ -200,18 +200,23 @@ fn each_role_gets_only_the_passwords_of_the_servers_it_talks_to() {
         slave_memory_mib: 512,
     };
     let objs = objects(&fixture(), &owner(), &inputs);
-    // The sample references the source, cache and hot MySQL passwords (the KV store has none).
+    // The sample references the source, cache and hot MySQL passwords (the KV
+    // store has none); the roles that call each other carry the data-plane token.
+    let token = "BALLAST_DATA_PLANE_TOKEN";
     let cases: [(&str, &[&str]); 5] = [
-        ("merchant-analytics-collector", &["BALLAST_SOURCE_MYSQL_PASSWORD"]),
-        ("merchant-analytics-intake", &[]),
-        ("merchant-analytics-master", &[]),
+        (
+            "merchant-analytics-collector",
+            &["BALLAST_SOURCE_MYSQL_PASSWORD", token],
+        ),
+        ("merchant-analytics-intake", &[token]),
+        ("merchant-analytics-master", &[token]),
         (
             "merchant-analytics-query",
             &["BALLAST_HOT_MYSQL_PASSWORD", "BALLAST_CACHE_PASSWORD"],
         ),
         (
             "merchant-analytics-slave",
-            &["BALLAST_HOT_MYSQL_PASSWORD", "BALLAST_CACHE_PASSWORD"],
+            &["BALLAST_HOT_MYSQL_PASSWORD", "BALLAST_CACHE_PASSWORD", token],
         ),
     ];
     for (name, want) in cases {

@@ -88,9 +88,15 @@ pub fn secret_uses(ap: &AnalyticsPipeline) -> Vec<SecretUse> {
 /// The keys of the cold store's credentials Secret: user, then password.
 pub const COLD_CREDENTIAL_KEYS: [&str; 2] = ["username", "password"];
 
-/// Names of the Secrets a pipeline references, each once.
+/// Names of the Secrets a pipeline references, each once, and its data-plane
+/// Secret (read to know whether it exists; its version rolls the pods).
 pub fn secret_names(ap: &AnalyticsPipeline) -> Vec<String> {
-    let mut names: Vec<String> = secret_uses(ap).into_iter().map(|u| u.name).collect();
+    let own = super::data_plane::secret_name(ap.metadata.name.as_deref().unwrap_or_default());
+    let mut names: Vec<String> = secret_uses(ap)
+        .into_iter()
+        .map(|u| u.name)
+        .chain(std::iter::once(own))
+        .collect();
     names.sort();
     names.dedup();
     names

@@ -2,6 +2,7 @@
 //! desired objects → apply → status, one file per step.
 
 pub mod apply;
+pub mod data_plane;
 pub mod desired;
 pub mod fetch;
 pub mod nightly;
@@ -63,6 +64,9 @@ pub enum Error {
     /// Publishing an Event failed.
     #[error("publishing an event: {0}")]
     Event(#[source] kube::Error),
+    /// The system gave no randomness for a new data-plane token.
+    #[error("generating a data-plane token: {0}")]
+    Random(#[source] getrandom::Error),
 }
 
 impl Error {
@@ -73,6 +77,7 @@ impl Error {
             Self::Apply { .. } => "apply",
             Self::Status(_) => "status",
             Self::Event(_) => "event",
+            Self::Random(_) => "random",
         }
     }
 }
@@ -265,7 +270,14 @@ async fn reconcile_pipeline(ap: &Arc<AnalyticsPipeline>, ctx: &Context) -> Resul
     let key = ObjectRef::from_obj(ap.as_ref());
     let ns = ap.namespace().ok_or(Error::MissingNamespace)?;
     let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
-    let fetched = fetch::fetch(&ctx.client, ap).await?;
+    let mut fetched = fetch::fetch(&ctx.client, ap).await?;
+    let name = ap.name_any();
+    let token_secret = data_plane::secret_name(&name);
+    if let std::collections::btree_map::Entry::Vacant(missing) = fetched.secrets.entry(token_secret) {
+        // Before the config hash is taken: the pods start with the token.
+        let owner = ap.controller_owner_ref(&()).ok_or(Error::MissingNamespace)?;
+        missing.insert(apply::data_plane_secret(&ctx.client, &ns, &name, &owner).await?);
+    }
     let now = Timestamp::now();
 
     let checked = validate::validate(ap, &fetched)

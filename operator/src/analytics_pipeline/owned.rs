@@ -4,6 +4,7 @@
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::batch::v1::CronJob;
 use k8s_openapi::api::core::v1::{Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -27,6 +28,8 @@ pub enum Owned {
     PodDisruptionBudget(PodDisruptionBudget),
     /// The nightly job (boxed: the largest kind by far).
     CronJob(Box<CronJob>),
+    /// Ingress to the pipeline's pods: its gRPC ports for its own pods only.
+    NetworkPolicy(NetworkPolicy),
 }
 
 impl Owned {
@@ -41,6 +44,7 @@ impl Owned {
             Self::Service(_) => "Service",
             Self::PodDisruptionBudget(_) => "PodDisruptionBudget",
             Self::CronJob(_) => "CronJob",
+            Self::NetworkPolicy(_) => "NetworkPolicy",
         }
     }
 
@@ -55,6 +59,7 @@ impl Owned {
             Self::Service(o) => &o.metadata,
             Self::PodDisruptionBudget(o) => &o.metadata,
             Self::CronJob(o) => &o.metadata,
+            Self::NetworkPolicy(o) => &o.metadata,
         }
     }
 
@@ -75,6 +80,7 @@ impl Owned {
             Self::Service(o) => serde_json::to_value(o),
             Self::PodDisruptionBudget(o) => serde_json::to_value(o),
             Self::CronJob(o) => serde_json::to_value(o),
+            Self::NetworkPolicy(o) => serde_json::to_value(o),
         }
     }
 }

@@ -40,7 +40,9 @@ pub(super) struct Sender {
     pub(super) retries: u32,
     pub(super) modes: watch::Receiver<Modes>,
     pub(super) intakes: watch::Receiver<BTreeMap<String, String>>,
-    pub(super) clients: HashMap<String, IntakeClient<tonic::transport::Channel>>,
+    /// The data-plane token every backup ingest carries.
+    pub(super) token: crate::auth::Token,
+    pub(super) clients: HashMap<String, IntakeClient<crate::auth::Authed>>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) last_kafka_check: tokio::time::Instant,
     /// Most events per backup intake call: a tenth of its rate budget, so
@@ -221,7 +223,7 @@ impl Sender {
             .next()
             .ok_or(("no backup intake in the membership".to_owned(), None))?;
         if !self.clients.contains_key(address) {
-            let channel = crate::grpc::channel(address, crate::grpc::STORE_DEADLINE)
+            let channel = crate::auth::channel(address, crate::grpc::STORE_DEADLINE, &self.token)
                 .map_err(|e| (e.to_string(), None))?;
             let client = IntakeClient::new(channel);
             self.clients.insert(address.clone(), client);

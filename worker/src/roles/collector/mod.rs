@@ -56,6 +56,8 @@ pub struct Config {
     /// Bytes of a transaction's events held before they are delivered ahead
     /// of its commit ([`PART_BYTES`] unless set).
     pub part_bytes: usize,
+    /// The pipeline's data-plane token, carried by and required of every gRPC call.
+    pub token: crate::auth::Token,
 }
 
 /// The most bytes of one transaction's events the collector holds: a larger
@@ -260,6 +262,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         .create()?;
     let sender = Sender {
         path: Path::Kafka,
+        token: config.token.clone(),
         producer,
         dead_letter_topic: ap
             .spec

@@ -69,6 +69,8 @@ pub struct Config {
     pub advertise_host: String,
     /// Duration of the membership Lease.
     pub lease: Duration,
+    /// The pipeline's data-plane token, carried by and required of every gRPC call.
+    pub token: crate::auth::Token,
 }
 
 /// Errors that stop an intake.
@@ -303,6 +305,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
     let mut registry = Registry::with_prefix("ballast");
     let metrics = Arc::new(Metrics::register(&mut registry));
     let backup_metrics = Metrics::register_backup(&mut registry);
+    let guard = crate::auth::Guard::register(config.token.clone(), &mut registry);
     let (ready_tx, ready) = watch::channel(false);
     let (_, health) = crate::health::serve(
         config.metrics,
@@ -337,7 +340,12 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         "slave",
         shutdown.clone(),
     );
-    let sink = Arc::new(tokio::sync::Mutex::new(Sink::new(kv, mode, slaves)));
+    let sink = Arc::new(tokio::sync::Mutex::new(Sink::new(
+        kv,
+        mode,
+        slaves,
+        config.token.clone(),
+    )));
 
     // The backup intake, and the membership Lease that tells collectors where it is.
     let (listener, port) = startup::bind(config.listen).await?;
@@ -355,7 +363,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
     };
     let server = tokio::spawn(
         crate::grpc::server()
-            .add_service(IntakeServer::new(backup))
+            .add_service(IntakeServer::with_interceptor(backup, guard))
             .serve_with_incoming_shutdown(
                 crate::grpc::incoming(listener),
                 shutdown.clone().cancelled_owned(),

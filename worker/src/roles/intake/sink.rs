@@ -1,11 +1,11 @@
 //! Where the intake stores events, whichever path they came by (Kafka or the
 //! backup intake): the KV store, or the slaves while the KV store is Degraded.
 
+use crate::auth::{Authed, Token};
 use std::collections::{BTreeMap, HashMap};
 
 use ballast_crds::Dependency;
 use tokio::sync::watch;
-use tonic::transport::Channel;
 
 use super::route::{self, Route, Slaves};
 use crate::grpc;
@@ -37,8 +37,10 @@ pub struct Sink {
     kv: KvStore,
     mode: watch::Receiver<Modes>,
     slaves: watch::Receiver<Slaves>,
+    /// The data-plane token every delivery carries.
+    token: Token,
     /// One lazily connected channel per slave address (made without I/O).
-    clients: HashMap<String, SlaveClient<Channel>>,
+    clients: HashMap<String, SlaveClient<Authed>>,
 }
 
 /// Where one batch goes, decided under the sink's lock and written outside it.
@@ -59,18 +61,24 @@ struct Shares {
 struct Share {
     slave: String,
     address: String,
-    client: SlaveClient<Channel>,
+    client: SlaveClient<Authed>,
     events: Vec<ChangeEvent>,
 }
 
 impl Sink {
     /// A sink following the published KV `mode` (with its slave set) and the
     /// slave membership (for the members' addresses).
-    pub fn new(kv: KvStore, mode: watch::Receiver<Modes>, slaves: watch::Receiver<Slaves>) -> Self {
+    pub fn new(
+        kv: KvStore,
+        mode: watch::Receiver<Modes>,
+        slaves: watch::Receiver<Slaves>,
+        token: Token,
+    ) -> Self {
         Self {
             kv,
             mode,
             slaves,
+            token,
             clients: HashMap::new(),
         }
     }
@@ -137,8 +145,8 @@ impl Sink {
             let client = match self.clients.get(address) {
                 Some(client) => client.clone(),
                 None => {
-                    let channel =
-                        grpc::channel(address, grpc::STORE_DEADLINE).map_err(|e| format!("{slave}: {e}"))?;
+                    let channel = crate::auth::channel(address, grpc::STORE_DEADLINE, &self.token)
+                        .map_err(|e| format!("{slave}: {e}"))?;
                     let client = SlaveClient::new(channel);
                     self.clients.insert(address.clone(), client.clone());
                     client

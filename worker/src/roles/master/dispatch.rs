@@ -2,13 +2,13 @@
 //! slave address, the `Compute` calls, and the `Load` poller that feeds the
 //! scheduler each slave's queue depth and CPU use.
 
+use crate::auth::{Authed, Token};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 use super::faults::Failure;
 use super::losses::Memory;
@@ -20,11 +20,12 @@ use crate::wire::{
 };
 
 /// A slave's address and its client.
-type Connection = (String, SlaveClient<Channel>);
+type Connection = (String, SlaveClient<Authed>);
 
 /// gRPC clients of the live slaves, by identity.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Slaves {
+    token: Token,
     clients: Arc<Mutex<BTreeMap<String, Connection>>>,
 }
 
@@ -32,18 +33,28 @@ pub struct Slaves {
 /// sets its own, shorter deadline; this one only backs them up).
 const CALL_BOUND: Duration = Duration::from_secs(600);
 
-fn client(address: &str) -> Option<SlaveClient<Channel>> {
-    Some(SlaveClient::new(crate::grpc::channel(address, CALL_BOUND).ok()?))
+fn client(address: &str, token: &Token) -> Option<SlaveClient<Authed>> {
+    Some(SlaveClient::new(
+        crate::auth::channel(address, CALL_BOUND, token).ok()?,
+    ))
 }
 
 impl Slaves {
+    /// No clients yet; each call will carry `token`.
+    pub fn new(token: Token) -> Self {
+        Self {
+            token,
+            clients: Arc::default(),
+        }
+    }
+
     /// Keeps a client per member of `members` (identity → address).
     pub fn update(&self, members: &BTreeMap<String, String>) {
         let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
         clients.retain(|id, (addr, _)| members.get(id) == Some(addr));
         for (id, address) in members {
             if !clients.contains_key(id)
-                && let Some(c) = client(address)
+                && let Some(c) = client(address, &self.token)
             {
                 clients.insert(id.clone(), (address.clone(), c));
             }
@@ -51,12 +62,12 @@ impl Slaves {
     }
 
     /// The client of `slave`, if it is a member.
-    pub fn get(&self, slave: &str) -> Option<SlaveClient<Channel>> {
+    pub fn get(&self, slave: &str) -> Option<SlaveClient<Authed>> {
         let clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
         clients.get(slave).map(|(_, c)| c.clone())
     }
 
-    fn all(&self) -> Vec<(String, SlaveClient<Channel>)> {
+    fn all(&self) -> Vec<(String, SlaveClient<Authed>)> {
         let clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
         clients
             .iter()
@@ -84,7 +95,7 @@ impl Slaves {
 /// Sends one task; a hung slave is bounded by `timeout` (far beyond the hang
 /// detection, which moves the task long before).
 pub async fn compute(
-    mut client: SlaveClient<Channel>,
+    mut client: SlaveClient<Authed>,
     task: ComputeTask,
     timeout: Duration,
 ) -> Result<TaskReport, tonic::Status> {

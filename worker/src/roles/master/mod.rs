@@ -73,6 +73,8 @@ pub struct Config {
     pub faults: FaultPolicy,
     /// Password of the KV Redis.
     pub kv_password: Option<Secret>,
+    /// The pipeline's data-plane token, carried by and required of every gRPC call.
+    pub token: crate::auth::Token,
 }
 
 /// Errors that stop a master.
@@ -256,7 +258,7 @@ impl Active<'_> {
             "slave",
             stop.clone(),
         );
-        let slaves = Slaves::default();
+        let slaves = Slaves::new(config.token.clone());
         let mut loads = dispatch::poll_loads(slaves.clone(), Duration::from_millis(500), stop.clone());
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Finished>();
         let mut estimator = Estimator::default();

@@ -6,6 +6,7 @@
 //! A slave that is stopped hands everything it holds to the others the same
 //! way before it goes.
 
+use crate::auth::{Authed, Token};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -97,7 +98,8 @@ pub struct Handoff {
     /// The published modes (the KV epoch goes with delivered batches).
     modes: watch::Receiver<Modes>,
     metrics: Metrics,
-    clients: HashMap<String, SlaveClient<tonic::transport::Channel>>,
+    token: Token,
+    clients: HashMap<String, SlaveClient<Authed>>,
 }
 
 impl Handoff {
@@ -108,6 +110,7 @@ impl Handoff {
         members: watch::Receiver<Members>,
         modes: watch::Receiver<Modes>,
         metrics: Metrics,
+        token: Token,
     ) -> Self {
         Self {
             me,
@@ -115,6 +118,7 @@ impl Handoff {
             members,
             modes,
             metrics,
+            token,
             clients: HashMap::new(),
         }
     }
@@ -204,7 +208,7 @@ impl Handoff {
             let events = lock(&self.store).events_of(&merchants);
             let mut moved = 0;
             for chunk in events.chunks(BATCH) {
-                match deliver(&mut self.clients, address, chunk, stamp).await {
+                match deliver(&mut self.clients, &self.token, address, chunk, stamp).await {
                     Ok(()) => moved += lock(&self.store).remove(chunk),
                     Err(error) => {
                         self.metrics.failures.inc();
@@ -227,14 +231,15 @@ impl Handoff {
 
 /// Delivers one chunk to the slave at `address`, connecting on first use.
 async fn deliver(
-    clients: &mut HashMap<String, SlaveClient<tonic::transport::Channel>>,
+    clients: &mut HashMap<String, SlaveClient<Authed>>,
+    token: &Token,
     address: &str,
     events: &[crate::wire::ChangeEvent],
     (epoch, generation): (i64, i64),
 ) -> Result<(), String> {
     if !clients.contains_key(address) {
         let channel =
-            crate::grpc::channel(address, crate::grpc::STORE_DEADLINE).map_err(|e| e.to_string())?;
+            crate::auth::channel(address, crate::grpc::STORE_DEADLINE, token).map_err(|e| e.to_string())?;
         let client = SlaveClient::new(channel);
         clients.insert(address.to_owned(), client);
     }

@@ -71,6 +71,8 @@ pub struct Config {
     pub cache_password: Option<Secret>,
     /// Password of the hot MySQL user.
     pub hot_password: Option<Secret>,
+    /// The pipeline's data-plane token, carried by and required of every gRPC call.
+    pub token: crate::auth::Token,
 }
 
 /// Errors that stop a slave.
@@ -288,6 +290,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
     let mut registry = Registry::with_prefix("ballast");
     let metrics = Arc::new(Metrics::register(&mut registry));
     let compute_metrics = Arc::new(compute::Metrics::register(&mut registry));
+    let guard = crate::auth::Guard::register(config.token.clone(), &mut registry);
     let hot_opts = crate::connect::mysql(&ap.spec.hot_store, config.hot_password.as_ref());
     let stores = Stores {
         kv: startup::redis_info(&ap.spec.kv, config.kv_password.as_ref(), "KV store")?,
@@ -369,6 +372,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         ),
         modes,
         metrics.handoff.clone(),
+        config.token.clone(),
     );
     let rounds = {
         let shutdown = shutdown.clone();
@@ -403,7 +407,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
     let _ = ready_tx.send(true);
     let serving = CancellationToken::new();
     let served = crate::grpc::server()
-        .add_service(SlaveServer::new(service))
+        .add_service(SlaveServer::with_interceptor(service, guard))
         .serve_with_incoming_shutdown(incoming, {
             let serving = serving.clone();
             async move { serving.cancelled().await }
