@@ -313,11 +313,12 @@ impl Stack {
         let mut ap = self.pipeline(&pipeline, "p")?;
         merge(&mut ap["spec"], &spec_patch);
         // Its data-plane token, as a team may provide it (the operator keeps an existing one).
+        let token_secret = format!("{pipeline}-data-plane");
         let token = serde_json::json!({"apiVersion": "v1", "kind": "Secret",
-            "metadata": {"name": format!("{pipeline}-data-plane")},
+            "metadata": {"name": token_secret},
             "stringData": {"token": DATA_PLANE_TOKEN}});
         Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), &ns)
-            .patch(&format!("{pipeline}-data-plane"), &ssa, &Patch::Apply(&token))
+            .patch(&token_secret, &ssa, &Patch::Apply(&token))
             .await?;
         Api::<ballast_crds::AnalyticsPipeline>::namespaced(client.clone(), &ns)
             .patch(&pipeline, &ssa, &Patch::Apply(&ap))

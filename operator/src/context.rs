@@ -226,6 +226,7 @@ impl Context {
         instance: String,
         scope: Option<String>,
         worker_image: Option<String>,
+        writes_role: crate::analytics_pipeline::desired::WritesRole,
     ) -> (Self, mpsc::UnboundedReceiver<ObjectRef<AnalyticsPipeline>>) {
         let (triggers, receiver) = mpsc::unbounded_channel();
         let mut registry = Registry::with_prefix("ballast_operator");
@@ -244,7 +245,7 @@ impl Context {
             ready: Arc::new(watch::channel(false).0),
             scope,
             worker_image,
-            writes_role: Default::default(),
+            writes_role,
         };
         (ctx, receiver)
     }

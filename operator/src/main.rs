@@ -70,13 +70,13 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| format!("ballast-operator-{}", std::process::id()));
 
     let client = kube::Client::try_default().await?;
-    let (mut ctx, triggers) = context::Context::new(
+    let (ctx, triggers) = context::Context::new(
         client.clone(),
         identity.clone(),
         args.watch_namespace.clone(),
         args.worker_image.clone(),
+        args.worker_writes_role,
     );
-    ctx.writes_role = args.worker_writes_role;
     let shutdown = CancellationToken::new();
     let (addr, server) = health::serve(
         args.metrics_addr,

@@ -1,7 +1,8 @@
 //! The pipeline's data plane, closed to everyone else: the token its roles
 //! carry on every gRPC call (a Secret the operator creates once, or one a
 //! team provides under the same name), and the NetworkPolicy that admits
-//! only the pipeline's own pods to their gRPC ports. Pure.
+//! only the pipeline's own pods to their gRPC ports. Pure, but for the
+//! randomness of a new token.
 
 use std::collections::BTreeMap;
 

@@ -2,7 +2,6 @@
 //! found: typed k8s-openapi structs ([`Owned`]), applied by server-side
 //! apply; a golden YAML snapshot test pins the whole set.
 
-use super::data_plane;
 use std::collections::BTreeMap;
 
 use ballast_crds::AnalyticsPipeline;
@@ -21,7 +20,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 pub use super::owned::{Owned, workloads};
-use super::pods;
+use super::{data_plane, pods};
 
 /// Port of the backup intake (gRPC) on intake pods.
 pub const INTAKE_PORT: i32 = 7070;

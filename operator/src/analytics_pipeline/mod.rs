@@ -270,12 +270,12 @@ async fn reconcile_pipeline(ap: &Arc<AnalyticsPipeline>, ctx: &Context) -> Resul
     let key = ObjectRef::from_obj(ap.as_ref());
     let ns = ap.namespace().ok_or(Error::MissingNamespace)?;
     let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+    let owner = ap.controller_owner_ref(&()).ok_or(Error::MissingNamespace)?;
     let mut fetched = fetch::fetch(&ctx.client, ap).await?;
     let name = ap.name_any();
     let token_secret = data_plane::secret_name(&name);
     if let std::collections::btree_map::Entry::Vacant(missing) = fetched.secrets.entry(token_secret) {
         // Before the config hash is taken: the pods start with the token.
-        let owner = ap.controller_owner_ref(&()).ok_or(Error::MissingNamespace)?;
         missing.insert(apply::data_plane_secret(&ctx.client, &ns, &name, &owner).await?);
     }
     let now = Timestamp::now();
@@ -335,7 +335,6 @@ async fn reconcile_pipeline(ap: &Arc<AnalyticsPipeline>, ctx: &Context) -> Resul
     let previous_set = ap.status.as_ref().and_then(|s| s.slave_set.as_ref());
     publication.slave_set = ballast_crds::SlaveSet::next(previous_set, kv, &ready);
 
-    let owner = ap.controller_owner_ref(&()).ok_or(Error::MissingNamespace)?;
     let inputs = desired::Inputs {
         image,
         writes_role: ctx.writes_role,
