@@ -24,7 +24,9 @@
 #
 # Environment: BALLAST_CACHE (~/.cache/ballast), CARGO_TARGET_DIR ($BALLAST_CACHE/target),
 # BALLAST_IMAGE_BIN_DIR (the binaries; $CARGO_TARGET_DIR/release),
-# BALLAST_IMAGE_REPOSITORY (ghcr.io/ballast-dev), SOURCE_DATE_EPOCH (the time every file
+# BALLAST_IMAGE_REPOSITORY (ghcr.io/ballast-dev), BALLAST_IMAGE_OUT (where the archives go;
+# $BALLAST_CACHE/images), BALLAST_IMAGE_TAG (the first tag; <version>-<commit>; the real
+# node's scenario builds its own from the debug binaries), SOURCE_DATE_EPOCH (the time every file
 # and the image config carry; the commit's time, so a rebuild gives the same layers).
 set -euo pipefail
 
@@ -36,7 +38,7 @@ contents=$here/contents
 : "${CARGO_TARGET_DIR:=$BALLAST_CACHE/target}"
 : "${BALLAST_IMAGE_BIN_DIR:=$CARGO_TARGET_DIR/release}"
 : "${BALLAST_IMAGE_REPOSITORY:=ghcr.io/ballast-dev}"
-out=$BALLAST_CACHE/images
+out=${BALLAST_IMAGE_OUT:-$BALLAST_CACHE/images}
 
 die() { echo "image: $*" >&2; exit 1; }
 say() { echo "image: $*"; }
@@ -222,7 +224,7 @@ main() {
   local commit
   commit=$(git -C "$repo" rev-parse --short HEAD)
   git -C "$repo" diff --quiet HEAD -- || commit=$commit-dirty
-  tag=$version-$commit
+  tag=${BALLAST_IMAGE_TAG:-$version-$commit}
   : "${SOURCE_DATE_EPOCH:=$(git -C "$repo" log -1 --format=%ct)}"
   arch=$(dpkg --print-architecture 2>/dev/null || echo amd64)
 

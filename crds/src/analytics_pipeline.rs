@@ -6,6 +6,7 @@ use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 use crate::mode::{DependencyModes, ForcedModes};
+use crate::placement::Placement;
 use crate::refs::{ConfigMapKeyRef, ElasticsearchRef, KafkaRef, LocalObjectRef, MysqlRef, RedisRef};
 
 /// A real-time analytics pipeline: collectors tail the business database's
@@ -81,6 +82,10 @@ pub struct AnalyticsPipelineSpec {
     /// Replicas and resources of each role.
     #[serde(default)]
     pub roles: RolesSpec,
+    /// Where every pod of the pipeline runs (node selector, tolerations,
+    /// scheduler, priority); unset, where the default scheduler puts them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<Placement>,
     /// The nightly job: rollups into the cold store, the hot store's
     /// retention, and the precomputed frequent cold queries.
     #[serde(default)]

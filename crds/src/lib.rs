@@ -9,6 +9,7 @@ pub mod conditions;
 pub mod degradation_policy;
 pub mod member_store;
 pub mod mode;
+pub mod placement;
 pub mod refs;
 pub mod source_schema;
 pub mod sql;
@@ -19,6 +20,7 @@ pub use analytics_pipeline::{
 pub use degradation_policy::{DegradationPolicy, DegradationPolicySpec, DegradationPolicyStatus};
 pub use member_store::{MemberStore, MemberStoreSpec, MemberStoreStatus};
 pub use mode::{Dependency, DependencyModes, DependencyStatus, Fenced, ForcedMode, Mode, SlaveSet};
+pub use placement::Placement;
 pub use source_schema::{ColumnType, SourceColumn, SourceSchema};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -1,20 +1,23 @@
 //! Running the stack's tools to completion: `stack.sh` (failure injection and
-//! recovery), promtool and helm, through one runner that reports their output.
+//! recovery), promtool, helm, kubectl, and the real node's image tools, through
+//! one runner that reports their output.
 
 use crate::{Stack, StackError};
 
 /// What a finished command printed.
-struct Printed {
-    stdout: String,
-    stderr: String,
+pub(crate) struct Printed {
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
-/// Runs `program` with `args` to completion, feeding it `stdin` if given:
+/// Runs `program` with `args` (and `env` added to its environment) to
+/// completion, feeding it `stdin` if given:
 /// what it printed, or an error with its output. `label` names it in errors;
 /// `missing` says how to get it when it cannot be started.
-fn run(
+pub(crate) fn run(
     program: &str,
     args: &[&str],
+    env: &[(&str, &str)],
     stdin: Option<&str>,
     label: &str,
     missing: &str,
@@ -32,6 +35,7 @@ fn run(
     };
     let mut child = std::process::Command::new(program)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(input)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -65,7 +69,7 @@ pub fn stack_script(args: &[&str]) -> Result<(), StackError> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/stack/stack.sh");
     let mut with_script = vec![script];
     with_script.extend_from_slice(args);
-    run("bash", &with_script, None, "stack.sh", "").map(drop)
+    run("bash", &with_script, &[], None, "stack.sh", "").map(drop)
 }
 
 /// Runs promtool with `args` (and `stdin`, if given): its output, or an error
@@ -78,7 +82,7 @@ pub fn promtool(args: &[&str], stdin: Option<&str>) -> Result<String, StackError
         .unwrap_or_else(|| "promtool".to_owned());
     let missing = ": run `make stack-up`, which installs Debian's prometheus package \
                    (/usr/bin/promtool), or set BALLAST_PROMTOOL";
-    let printed = run(&binary, args, stdin, "promtool", missing)?;
+    let printed = run(&binary, args, &[], stdin, "promtool", missing)?;
     Ok(format!("{}{}", printed.stdout, printed.stderr))
 }
 
@@ -89,6 +93,7 @@ impl Stack {
         Ok(run(
             &binary,
             args,
+            &[],
             None,
             "helm",
             ": run `make stack-up`, which installs helm",
@@ -99,6 +104,11 @@ impl Stack {
     /// Runs the stack's kubectl with `args` (against the stack's API server);
     /// its stdout, or an error with its output.
     pub fn kubectl(&self, args: &[&str]) -> Result<String, StackError> {
+        self.kubectl_with(args, None)
+    }
+
+    /// [`Stack::kubectl`] fed `stdin` (a manifest for `-f -`).
+    pub fn kubectl_with(&self, args: &[&str], stdin: Option<&str>) -> Result<String, StackError> {
         let binary = self.get("BALLAST_KUBECTL")?;
         let kubeconfig = format!("--kubeconfig={}", self.get("KUBECONFIG")?);
         let args: Vec<&str> = std::iter::once(kubeconfig.as_str())
@@ -107,7 +117,8 @@ impl Stack {
         Ok(run(
             &binary,
             &args,
-            None,
+            &[],
+            stdin,
             "kubectl",
             ": run `make stack-up`, which builds kubectl",
         )?

@@ -1,6 +1,7 @@
 //! Ballast's end-to-end support: where the local stack's servers are (the
 //! endpoints `e2e/stack/stack.sh` publishes), fixtures on them, and a stand-in
-//! kubelet ([`kubelet`]) that runs the operator's workloads as local processes.
+//! kubelet ([`kubelet`]) that runs the operator's workloads as local processes,
+//! and the real node ([`node`]) that runs them as pods.
 //!
 //! `stack.sh up` writes `stack.env` (KEY=VALUE lines) into its state directory.
 //! Tests read the endpoints from the process environment first (the Makefile
@@ -15,6 +16,7 @@ pub mod kafka;
 pub mod kubelet;
 pub mod manifests;
 pub mod members;
+pub mod node;
 pub mod orders;
 pub mod poison;
 pub mod running;

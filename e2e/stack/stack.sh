@@ -3,7 +3,7 @@
 #
 #   stack.sh up       install what is missing, start what is not running, wait until healthy
 #   stack.sh down     stop what `up` started (by its pid files, never by process name)
-#   stack.sh status   one health line per server; exit 1 if any is unhealthy
+#   stack.sh status   one health line per server and the node; exit 1 if any is unhealthy
 #   stack.sh stop|pause|resume SERVER   failure injection for tests: stop, freeze (SIGSTOP), thaw
 #
 # Caches (builds, downloads) live in $BALLAST_CACHE (~/.cache/ballast), outside
@@ -24,6 +24,8 @@ logs=$state/logs
 pids=$state/pids
 pki=$state/pki
 host=127.0.0.1
+# shellcheck source=node/node.sh
+source "$here/node/node.sh"
 
 # Heaps of the JVM servers, sized so the whole stack stays near 5 GiB.
 : "${BALLAST_KAFKA_HEAP:=512m}"
@@ -58,6 +60,13 @@ apt_packages=(
   # The merchant page's test drives a real browser (headless) over WebDriver.
   /usr/bin/chromium:chromium
   /usr/bin/chromedriver:chromium-driver
+  # The real node (node/node.sh): the container runtime, the pod network, the pause image.
+  /usr/bin/containerd:containerd
+  /usr/sbin/runc:runc
+  /usr/lib/cni/bridge:containernetworking-plugins
+  /usr/sbin/iptables:iptables
+  /usr/bin/umoci:umoci
+  /usr/bin/skopeo:skopeo
 )
 
 install_packages() {
@@ -101,12 +110,12 @@ build_kube() {
   local src=$here/kube stamp=$bin/.kube.stamp want
   want=$(stamp_of "$src/go.mod" "$src/go.sum" "$src/tools.go")
   if [ -x "$bin/kube-apiserver" ] && [ -x "$bin/kube-controller-manager" ] && [ -x "$bin/kubectl" ] &&
-    [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+    [ -x "$bin/kubelet" ] && [ -x "$bin/kube-scheduler" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
     return 0
   fi
   need_tool go "building kube-apiserver from the Go module proxy"
   mkdir -p "$bin" "$logs"
-  say "building kube-apiserver, kube-controller-manager, kubectl (cold: ~10-15 min on 2 cores; cached after)"
+  say "building kube-apiserver, kube-controller-manager, kubectl, kubelet, kube-scheduler (cold: ~15 min on 2 cores; cached after)"
   # The version the binaries report (kubectl version, /version) is stamped at link time.
   local version minor
   version=$(awk '$1 == "require" && $2 == "k8s.io/kubernetes" {print $3}' "$src/go.mod")
@@ -117,7 +126,8 @@ build_kube() {
   (cd "$src" && GOFLAGS=-mod=readonly GONOSUMDB='*' \
     go build -ldflags="$ldflags" -o "$bin/" \
     k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-    k8s.io/kubernetes/cmd/kubectl) >"$logs/kube-build.log" 2>&1 ||
+    k8s.io/kubernetes/cmd/kubectl k8s.io/kubernetes/cmd/kubelet \
+    k8s.io/kubernetes/cmd/kube-scheduler) >"$logs/kube-build.log" 2>&1 ||
     die "building kube-apiserver failed (see $logs/kube-build.log)"
   echo "$want" >"$stamp"
 }
@@ -207,7 +217,9 @@ stop() { # name
 
 cert() { # name subject [san]
   local name=$1 subj=$2 san=${3:-}
-  [ -f "$pki/$name.crt" ] && return 0
+  # Made again when its subject or names change (a server running it reloads it).
+  [ -f "$pki/$name.crt" ] && [ "$(cat "$pki/$name.for" 2>/dev/null)" = "$subj $san" ] && return 0
+  echo "$subj $san" >"$pki/$name.for"
   openssl genrsa -out "$pki/$name.key" 2048 2>/dev/null
   openssl req -new -key "$pki/$name.key" -subj "$subj" -out "$pki/$name.csr" 2>/dev/null
   local ext=$pki/$name.ext
@@ -247,8 +259,11 @@ pki_and_kubeconfigs() {
     openssl req -x509 -newkey rsa:2048 -nodes -keyout "$pki/ca.key" -out "$pki/ca.crt" \
       -days 3650 -subj "/CN=ballast-local-ca" 2>/dev/null
   fi
-  cert apiserver "/CN=kube-apiserver" "IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc"
+  # 10.96.0.1: the `kubernetes` Service, which the real node's pods dial (node/node.sh).
+  cert apiserver "/CN=kube-apiserver" "IP:127.0.0.1,IP:$node_kubernetes_ip,DNS:localhost,DNS:kubernetes.default.svc"
   cert admin "/O=system:masters/CN=ballast-admin"
+  # The API server's identity towards the kubelet (logs, exec, port-forward).
+  cert apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client"
   # A local test stack: the controller manager runs all controllers under one
   # privileged identity rather than one service account per controller.
   cert controller-manager "/O=system:masters/CN=system:kube-controller-manager"
@@ -277,6 +292,8 @@ start_kubernetes() {
     --etcd-servers "http://$host:$BALLAST_PORT_ETCD" \
     --bind-address "$host" --advertise-address "$host" --secure-port "$BALLAST_PORT_APISERVER" \
     --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
+    --kubelet-client-certificate "$pki/apiserver-kubelet-client.crt" \
+    --kubelet-client-key "$pki/apiserver-kubelet-client.key" \
     --client-ca-file "$pki/ca.crt" \
     --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
     --service-account-issuer https://kubernetes.default.svc \
@@ -412,6 +429,13 @@ BALLAST_REDIS_MEMBER_DC_B_URL=redis://$host:$BALLAST_PORT_REDIS_MEMBER_DC_B
 BALLAST_ES_DC_A_URL=http://$host:$BALLAST_PORT_ES_DC_A
 BALLAST_ES_DC_B_URL=http://$host:$BALLAST_PORT_ES_DC_B
 BALLAST_ES_COLD_URL=http://$host:$BALLAST_PORT_ES_COLD
+# The real node: its name, its scheduler, its containerd, and the address its pods reach
+# the servers above at (the same ports).
+BALLAST_NODE_NAME=$node_name
+BALLAST_NODE_SCHEDULER=$node_scheduler
+BALLAST_NODE_CONTAINERD=$node_sock
+BALLAST_NODE_GATEWAY=$NODE_GATEWAY
+BALLAST_NODE_KAFKA_BOOTSTRAP=$NODE_GATEWAY:$BALLAST_PORT_KAFKA_NODE
 EOF
 }
 
@@ -423,7 +447,8 @@ up() {
   start_es dc-a "$BALLAST_PORT_ES_DC_A" "$BALLAST_PORT_ES_DC_A_TRANSPORT"
   start_es dc-b "$BALLAST_PORT_ES_DC_B" "$BALLAST_PORT_ES_DC_B_TRANSPORT"
   start_es cold "$BALLAST_PORT_ES_COLD" "$BALLAST_PORT_ES_COLD_TRANSPORT"
-  start kafka "$BALLAST_PORT_KAFKA" "$here/kafka/run.sh" "$BALLAST_PORT_KAFKA" \
+  start kafka "$BALLAST_PORT_KAFKA" env BALLAST_KAFKA_NODE_LISTENER="$BALLAST_PORT_KAFKA_NODE@$NODE_GATEWAY" \
+    "$here/kafka/run.sh" "$BALLAST_PORT_KAFKA" \
     "$BALLAST_PORT_KAFKA_CONTROLLER" "$state/kafka" "$BALLAST_KAFKA_HEAP"
   start_kubernetes
   start_mysql source "$BALLAST_PORT_MYSQL_SOURCE" 1
@@ -452,18 +477,21 @@ up() {
   wait_for es-dc-b 180 es_health "$BALLAST_PORT_ES_DC_B"
   wait_for es-cold 180 es_health "$BALLAST_PORT_ES_COLD"
   wait_for mysql-member-dc-b 60 replica_running
+  node_up
+  node_wait
   write_env
   say "up in $((SECONDS - t0))s; endpoints in $state/stack.env"
 }
 
 # Reverse start order: clients of a server stop before it.
-services=(kube-controller-manager kube-apiserver etcd
+services=(kube-scheduler kubelet containerd kube-controller-manager kube-apiserver etcd
   mysql-source mysql-hot mysql-member-dc-b mysql-member-dc-a
   redis-kv redis-cache redis-member-dc-a redis-member-dc-b
   kafka es-dc-a es-dc-b es-cold)
 
 down() {
   local s
+  node_down
   for s in "${services[@]}"; do
     if running "$s"; then say "stopping $s"; fi
     stop "$s"
@@ -500,6 +528,10 @@ status() {
   line es-dc-a "http://$host:$BALLAST_PORT_ES_DC_A" es_health "$BALLAST_PORT_ES_DC_A"
   line es-dc-b "http://$host:$BALLAST_PORT_ES_DC_B" es_health "$BALLAST_PORT_ES_DC_B"
   line es-cold "http://$host:$BALLAST_PORT_ES_COLD (cold + marketing)" es_health "$BALLAST_PORT_ES_COLD"
+  line containerd "$node_sock" node_ctr version
+  line kubelet "node $node_name (pods on $NODE_SUBNET)" node_ready
+  line kube-scheduler "https://$host:$BALLAST_PORT_SCHEDULER /healthz" \
+    curl -skf "https://$host:$BALLAST_PORT_SCHEDULER/healthz"
   return $bad
 }
 

@@ -11,6 +11,10 @@
 #                    only once; a second run on the same DATA_DIR keeps the data.
 #   HEAP             -Xms/-Xmx, default 512m
 #
+# BALLAST_KAFKA_NODE_LISTENER=PORT@HOST adds a listener NODE on 127.0.0.1:PORT that
+# advertises HOST:PORT: the real node's pods reach the broker at HOST (the node's bridge,
+# forwarded to loopback), and must be told to come back there, not to 127.0.0.1.
+#
 # Needs e2e/stack/kafka/build.sh to have been run (same BALLAST_CACHE).
 # The last step is `exec java ... kafka.Kafka`, so this script's pid is the
 # broker's pid: background it and record $! to stop it later.
@@ -32,6 +36,13 @@ heap="${4:-512m}"
 [[ "$broker_port" =~ ^[0-9]+$ && "$controller_port" =~ ^[0-9]+$ ]] || die "ports must be numbers"
 [[ "$broker_port" != "$controller_port" ]] || die "broker and controller ports must differ"
 [[ "$heap" =~ ^[0-9]+[kKmMgG]?$ ]] || die "bad heap size: $heap"
+node_listener= node_advertised=
+if [[ -n "${BALLAST_KAFKA_NODE_LISTENER:-}" ]]; then
+  [[ "$BALLAST_KAFKA_NODE_LISTENER" =~ ^([0-9]+)@([0-9.]+)$ ]] ||
+    die "BALLAST_KAFKA_NODE_LISTENER must be PORT@HOST, not $BALLAST_KAFKA_NODE_LISTENER"
+  node_listener=",NODE://127.0.0.1:${BASH_REMATCH[1]}"
+  node_advertised=",NODE://${BASH_REMATCH[2]}:${BASH_REMATCH[1]}"
+fi
 
 root="${BALLAST_CACHE:-$HOME/.cache/ballast}/kafka"
 lib="$root/lib"
@@ -59,10 +70,10 @@ process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:${controller_port}
 controller.listener.names=CONTROLLER
-listeners=PLAINTEXT://127.0.0.1:${broker_port},CONTROLLER://127.0.0.1:${controller_port}
-advertised.listeners=PLAINTEXT://127.0.0.1:${broker_port}
+listeners=PLAINTEXT://127.0.0.1:${broker_port},CONTROLLER://127.0.0.1:${controller_port}${node_listener}
+advertised.listeners=PLAINTEXT://127.0.0.1:${broker_port}${node_advertised}
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,NODE:PLAINTEXT
 
 log.dirs=${log_dir}
 num.partitions=3

@@ -448,6 +448,9 @@ impl Builder<'_> {
         }
         pod.containers = vec![container];
         pods::restrict(&mut pod);
+        if let Some(placement) = &self.ap.spec.placement {
+            placement.apply_to(&mut pod);
+        }
         let mut labels = self.labels(role);
         labels.insert("ballast.dev/role".into(), role.to_owned());
         PodTemplateSpec {

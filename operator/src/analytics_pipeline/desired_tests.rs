@@ -13,6 +13,17 @@ pub(crate) fn fixture() -> AnalyticsPipeline {
 /// The worker image the sample names, as the operator would pass it.
 const IMAGE: &str = "ghcr.io/ballast-dev/ballast-worker:0.1.0";
 
+/// What the operator derives besides the pipeline, with `slave_replicas` slaves.
+fn inputs(slave_replicas: i32) -> Inputs {
+    Inputs {
+        image: IMAGE.into(),
+        writes_role: WritesRole::ClusterRole,
+        slave_replicas,
+        config_hash: String::new(),
+        slave_memory_mib: 512,
+    }
+}
+
 fn owner() -> OwnerReference {
     OwnerReference {
         api_version: "ballast.dev/v1alpha1".into(),
@@ -27,11 +38,8 @@ fn owner() -> OwnerReference {
 #[test]
 fn objects_match_the_golden_snapshot() {
     let inputs = Inputs {
-        image: IMAGE.into(),
-        writes_role: WritesRole::ClusterRole,
-        slave_replicas: 4,
         config_hash: "abc123".into(),
-        slave_memory_mib: 512,
+        ..inputs(4)
     };
     let yaml = to_yaml(&objects(&fixture(), &owner(), &inputs));
     let path = concat!(
@@ -76,11 +84,8 @@ fn every_workload_runs_a_role_the_worker_binary_has() -> Result<(), ballast_e2e:
             .is_ok_and(|out| out.status.success())
     };
     let inputs = Inputs {
-        image: IMAGE.into(),
-        writes_role: WritesRole::ClusterRole,
-        slave_replicas: 2,
         config_hash: "abc123".into(),
-        slave_memory_mib: 512,
+        ..inputs(2)
     };
     let objects = objects(&fixture(), &owner(), &inputs);
     assert_eq!(
@@ -103,13 +108,7 @@ fn every_workload_runs_a_role_the_worker_binary_has() -> Result<(), ballast_e2e:
 
 #[test]
 fn every_object_is_owned_by_the_pipeline_as_controller() {
-    let inputs = Inputs {
-        image: IMAGE.into(),
-        writes_role: WritesRole::ClusterRole,
-        slave_replicas: 2,
-        config_hash: String::new(),
-        slave_memory_mib: 512,
-    };
+    let inputs = inputs(2);
     for o in objects(&fixture(), &owner(), &inputs) {
         let refs = o.metadata().owner_references.clone().unwrap_or_default();
         assert_eq!(refs.len(), 1, "{}", o.name());
@@ -125,13 +124,7 @@ fn every_object_is_owned_by_the_pipeline_as_controller() {
 
 #[test]
 fn slave_replicas_follow_inputs_and_secrets_become_env_refs() {
-    let inputs = Inputs {
-        image: IMAGE.into(),
-        writes_role: WritesRole::ClusterRole,
-        slave_replicas: 12,
-        config_hash: String::new(),
-        slave_memory_mib: 512,
-    };
+    let inputs = inputs(12);
     let objs = objects(&fixture(), &owner(), &inputs);
     let Some(sts @ Owned::StatefulSet(set)) = objs.iter().find(|o| o.kind() == "StatefulSet") else {
         panic!("no statefulset");
@@ -148,13 +141,7 @@ fn slave_replicas_follow_inputs_and_secrets_become_env_refs() {
 
 #[test]
 fn only_the_query_pods_get_the_cold_stores_credentials_from_its_secret() {
-    let inputs = Inputs {
-        image: IMAGE.into(),
-        writes_role: WritesRole::ClusterRole,
-        slave_replicas: 2,
-        config_hash: String::new(),
-        slave_memory_mib: 512,
-    };
+    let inputs = inputs(2);
     let mut ap = fixture();
     ap.spec.cold_store.elasticsearch.credentials_secret_ref = Some(ballast_crds::refs::LocalObjectRef {
         name: "cold-es".into(),
@@ -192,13 +179,7 @@ fn only_the_query_pods_get_the_cold_stores_credentials_from_its_secret() {
 
 #[test]
 fn each_role_gets_only_the_passwords_of_the_servers_it_talks_to() {
-    let inputs = Inputs {
-        image: IMAGE.into(),
-        writes_role: WritesRole::ClusterRole,
-        slave_replicas: 2,
-        config_hash: String::new(),
-        slave_memory_mib: 512,
-    };
+    let inputs = inputs(2);
     let objs = objects(&fixture(), &owner(), &inputs);
     // The sample references the source, cache and hot MySQL passwords (the KV
     // store has none); the roles that call each other carry the data-plane token.
@@ -236,13 +217,7 @@ fn each_role_gets_only_the_passwords_of_the_servers_it_talks_to() {
 
 #[test]
 fn role_grants_only_this_pipeline_and_its_policy() {
-    let inputs = Inputs {
-        image: IMAGE.into(),
-        writes_role: WritesRole::ClusterRole,
-        slave_replicas: 2,
-        config_hash: String::new(),
-        slave_memory_mib: 512,
-    };
+    let inputs = inputs(2);
     let objs = objects(&fixture(), &owner(), &inputs);
     let Some(Owned::Role(role)) = objs.iter().find(|o| o.kind() == "Role") else {
         panic!("no role");
@@ -252,4 +227,46 @@ fn role_grants_only_this_pipeline_and_its_policy() {
     assert_eq!(rules[0].resource_names, only);
     assert_eq!(rules[1].resource_names, only);
     assert!(rules.iter().all(|r| !r.verbs.iter().any(|v| v == "*")));
+}
+
+#[test]
+fn every_pod_of_the_pipeline_gets_its_placement() {
+    let inputs = inputs(2);
+    let mut ap = fixture();
+    let placement = ballast_crds::Placement {
+        node_selector: [("pool".to_owned(), "analytics".to_owned())].into(),
+        scheduler_name: Some("ballast-real-node".into()),
+        ..ballast_crds::Placement::default()
+    };
+    ap.spec.placement = Some(placement.clone());
+    let objs = objects(&ap, &owner(), &inputs);
+    let specs: Vec<(String, &k8s_openapi::api::core::v1::PodSpec)> = objs
+        .iter()
+        .filter_map(|o| {
+            let template = match o {
+                Owned::CronJob(c) => c
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.job_template.spec.as_ref())
+                    .map(|s| &s.template),
+                other => template(other),
+            }?;
+            Some((o.name().to_owned(), template.spec.as_ref()?))
+        })
+        .collect();
+    // Collector, intake, master, query, slaves and the nightly job.
+    assert_eq!(
+        specs.len(),
+        6,
+        "pod templates: {:?}",
+        specs.iter().map(|s| &s.0).collect::<Vec<_>>()
+    );
+    for (name, spec) in specs {
+        assert_eq!(
+            spec.node_selector.as_ref(),
+            Some(&placement.node_selector),
+            "{name}"
+        );
+        assert_eq!(spec.scheduler_name, placement.scheduler_name, "{name}");
+    }
 }
