@@ -151,6 +151,32 @@ pub(crate) struct QueryArgs {
     pub(crate) cold_password: Option<Secret>,
 }
 
+/// Which MemberStore a replicator keeps the clusters of, and what it reads with.
+#[derive(Debug, Args)]
+pub(crate) struct ReplicatorArgs {
+    /// The MemberStore whose change stream it applies.
+    #[arg(long, env = "BALLAST_MEMBER_STORE")]
+    pub(crate) store: String,
+    /// Namespace of the MemberStore.
+    #[arg(long, env = "BALLAST_MEMBER_STORE_NAMESPACE")]
+    pub(crate) store_namespace: String,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served (port 0 picks one).
+    #[arg(long, env = "BALLAST_METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    pub(crate) metrics_addr: SocketAddr,
+    /// Deadline of each call to a cluster or to Kafka.
+    #[arg(long, env = "BALLAST_STORE_DEADLINE", default_value = "2s", value_parser = parse_duration)]
+    pub(crate) store_deadline: Duration,
+    /// How long draining may take on shutdown.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub(crate) drain: Duration,
+    /// User of the member Elasticsearch clusters.
+    #[arg(long, env = "BALLAST_MEMBER_ES_USERNAME", hide_env_values = true)]
+    pub(crate) es_username: Option<String>,
+    /// Password of the member Elasticsearch clusters' user.
+    #[arg(long, env = "BALLAST_MEMBER_ES_PASSWORD", hide_env_values = true)]
+    pub(crate) es_password: Option<Secret>,
+}
+
 /// Who a member process is and what it reads with.
 #[derive(Debug, Args)]
 pub(crate) struct MemberArgs {

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use ballast_worker::roles::master::{self, faults::FaultPolicy};
-use ballast_worker::roles::{Deps, collector, intake, member, nightly, query, slave};
+use ballast_worker::roles::{Deps, collector, intake, member, nightly, query, replicator, slave};
 use ballast_worker::secret::Secret;
 use ballast_worker::{probe, telemetry};
 use clap::{Args, Parser, Subcommand};
@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 mod args;
 
 use args::{
-    ComputeArgs, MasterArgs, MemberArgs, NightlyArgs, ProbeTarget, QueryArgs, StorePasswords, parse_duration,
+    ComputeArgs, MasterArgs, MemberArgs, NightlyArgs, ProbeTarget, QueryArgs, ReplicatorArgs, StorePasswords,
+    parse_duration,
 };
 
 /// Every role allocates per event (rows, messages, batches); mimalloc spends a
@@ -150,6 +151,11 @@ enum Command {
         #[command(flatten)]
         args: MemberArgs,
     },
+    /// Replicator: keeps the standby data centres' and the marketing Elasticsearch in step with the member change stream.
+    Replicator {
+        #[command(flatten)]
+        args: ReplicatorArgs,
+    },
     /// Master: elects the active master on a Lease, plans window tasks and schedules them on the slaves.
     Master {
         #[command(flatten)]
@@ -225,6 +231,21 @@ async fn run_member(args: MemberArgs) -> Result<(), String> {
         es_credentials: args.es_username.zip(args.es_password),
     };
     member::run(config, Deps { client }, shutdown_token())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn run_replicator(args: ReplicatorArgs) -> Result<(), String> {
+    let client = kube_client().await?;
+    let config = replicator::Config {
+        namespace: args.store_namespace,
+        store: args.store,
+        metrics: args.metrics_addr,
+        deadline: args.store_deadline,
+        drain: args.drain,
+        es_credentials: args.es_username.zip(args.es_password),
+    };
+    replicator::run(config, Deps { client }, shutdown_token())
         .await
         .map_err(|e| e.to_string())
 }
@@ -403,6 +424,7 @@ async fn main() -> ExitCode {
         } => role("slave", cli.log_format, run_slave(pod, listen, compute, stores)).await,
         Command::Master { pod, args } => role("master", cli.log_format, run_master(pod, args)).await,
         Command::Member { args } => role("member", cli.log_format, run_member(args)).await,
+        Command::Replicator { args } => role("replicator", cli.log_format, run_replicator(args)).await,
         Command::Query { pod, args } => role("query", cli.log_format, run_query(pod, args)).await,
         Command::Nightly { pod, args } => role("nightly", cli.log_format, run_nightly(pod, args)).await,
         Command::Intake {

@@ -6,18 +6,20 @@ pub mod master;
 pub mod member;
 pub mod nightly;
 pub mod query;
+pub mod replicator;
 pub mod slave;
 pub mod startup;
 
 /// The roles `ballast-worker` has, as its subcommands name them (a test of the
 /// binary keeps the two equal; the operator runs no workload for any other).
-pub const NAMES: [&str; 7] = [
+pub const NAMES: [&str; 8] = [
     "collector",
     "intake",
     "master",
     "member",
     "nightly",
     "query",
+    "replicator",
     "slave",
 ];
 

@@ -8,16 +8,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ballast_crds::refs::KafkaRef;
 use ballast_flow::GuardedDependency::{Elasticsearch, Mysql};
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::error::KafkaError;
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::Message;
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use tokio_util::sync::CancellationToken;
 
 use super::path::{self, Path};
 use super::service::Members;
 use super::write::now_ms;
+use crate::members::consume::{commit, next, offsets, pause};
 use crate::members::stream::{self, Record};
 
 /// How often the path is decided again.
@@ -28,45 +27,6 @@ pub const STEER_EVERY: Duration = Duration::from_millis(200);
 /// group's committed offset to know how far the replay is.
 pub fn group(namespace: &str, name: &str) -> String {
     format!("ballast-members-{namespace}.{name}-replay")
-}
-
-/// A consumer of the stream in `group`: offsets are stored only once their
-/// record is applied, and committed from the store in the background.
-pub fn consumer(kafka: &KafkaRef, group: &str) -> Result<StreamConsumer, KafkaError> {
-    let consumer: StreamConsumer = stream::client_config(kafka)
-        .set("group.id", group)
-        .set("enable.auto.commit", "true")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.commit.interval.ms", "200")
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "3000")
-        .create()?;
-    consumer.subscribe(&[&kafka.topic])?;
-    Ok(consumer)
-}
-
-/// The next record of `consumer`, retrying a failed read each second;
-/// `None` once `shutdown` comes.
-pub(super) async fn next<'c>(
-    consumer: &'c StreamConsumer,
-    shutdown: &CancellationToken,
-) -> Option<rdkafka::message::BorrowedMessage<'c>> {
-    loop {
-        let message = tokio::select! {
-            () = shutdown.cancelled() => return None,
-            m = consumer.recv() => m,
-        };
-        match message {
-            Ok(m) => return Some(m),
-            Err(error) => {
-                tracing::warn!(%error, "reading the member change stream failed; retrying");
-                if pause(shutdown, Duration::from_secs(1)).await {
-                    return None;
-                }
-            }
-        }
-    }
 }
 
 /// Replays until `shutdown`; what was applied is committed before it returns.
@@ -115,62 +75,6 @@ pub async fn replay(members: Arc<Members>, consumer: Arc<StreamConsumer>, shutdo
         }
     }
     commit(&consumer);
-}
-
-/// Commits the offsets stored so far, synchronously.
-pub(super) fn commit(consumer: &StreamConsumer) {
-    // Nothing stored yet is not an error worth a word.
-    if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync)
-        && !matches!(
-            error,
-            KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)
-        )
-    {
-        tracing::warn!(%error, "committing the replay's offsets failed");
-    }
-}
-
-/// Sleeps `d`; whether `shutdown` came first.
-pub(super) async fn pause(shutdown: &CancellationToken, d: Duration) -> bool {
-    tokio::select! {
-        () = shutdown.cancelled() => true,
-        () = tokio::time::sleep(d) => false,
-    }
-}
-
-/// The journal's end and the replay's committed offset, if Kafka answers
-/// within `deadline` (blocking calls, made off the runtime's threads).
-async fn offsets(
-    consumer: &Arc<StreamConsumer>,
-    topic: &str,
-    deadline: Duration,
-) -> (Option<i64>, Option<i64>) {
-    let consumer = Arc::clone(consumer);
-    let topic = topic.to_owned();
-    let read = tokio::task::spawn_blocking(move || {
-        let end = consumer
-            .fetch_watermarks(&topic, 0, deadline)
-            .ok()
-            .map(|(_, high)| high);
-        let mut partitions = TopicPartitionList::new();
-        partitions.add_partition(&topic, 0);
-        let committed = consumer
-            .committed_offsets(partitions, deadline)
-            .ok()
-            .and_then(|list| list.find_partition(&topic, 0).map(|p| p.offset()))
-            .and_then(|offset| match offset {
-                Offset::Offset(o) => Some(o),
-                // Nothing committed yet: the replay starts at the beginning.
-                Offset::Invalid => Some(0),
-                _ => None,
-            });
-        (end, committed)
-    });
-    tokio::time::timeout(deadline * 2, read)
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .unwrap_or((None, None))
 }
 
 /// How far before the path left MySQL a sweep starts: writers' clocks may

@@ -33,6 +33,7 @@ use super::Deps;
 use super::startup::{self, StartupError};
 use crate::members::cache::{DcCache, Keys};
 use crate::members::claims::Claims;
+use crate::members::consume;
 use crate::members::search::MemberIndex;
 use crate::members::sql::{DbError, MemberDb};
 use crate::members::stream::{ChangeStream, StreamError};
@@ -291,7 +292,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
     let _stopped_guard = stopped.clone().drop_guard();
     follow::follow(api, &config.store, Arc::clone(&members), mode_tx, stopped.clone());
 
-    let consumer = Arc::new(journal::consumer(
+    let consumer = Arc::new(consume::consumer(
         &spec.change_stream,
         &journal::group(&config.namespace, &config.store),
     )?);
@@ -309,7 +310,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
 
     let feed = match members.stores().marketing.clone() {
         Some(marketing) => {
-            let consumer = journal::consumer(
+            let consumer = consume::consumer(
                 &spec.change_stream,
                 &feed::group(&config.namespace, &config.store),
             )?;
