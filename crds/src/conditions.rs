@@ -12,6 +12,8 @@ pub const DEGRADED: &str = "Degraded";
 pub const COMPUTING: &str = "Computing";
 /// The pipeline's SQL is allowed and published (a refused one leaves the last valid one running).
 pub const SQL_VALID: &str = "SqlValid";
+/// Every standby data centre of a MemberStore is within the promotion's lag budget.
+pub const STANDBY_IN_SYNC: &str = "StandbyInSync";
 
 /// The condition type that reports one dependency's health, e.g. `KvAvailable`.
 pub fn dependency_condition(dependency: crate::Dependency) -> &'static str {

@@ -92,6 +92,92 @@ pub struct MemberStoreSpec {
     /// replayed everything it missed) or waits for a person.
     #[serde(default)]
     pub failback: Failback,
+    /// How far behind a standby may be for a promotion to it: what a
+    /// failover may lose at most. The `StandbyInSync` condition reports it.
+    #[serde(default)]
+    pub promotion: Promotion,
+}
+
+/// The replication-lag budget of a promotion.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Promotion {
+    /// Change records a standby may lack.
+    #[serde(default = "default_max_lag_events")]
+    #[schemars(range(min = 0))]
+    pub max_lag_events: i64,
+    /// Age, in seconds, of the oldest change record a standby may lack.
+    #[serde(default = "default_max_lag_seconds")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub max_lag_seconds: i32,
+}
+
+fn default_max_lag_events() -> i64 {
+    1000
+}
+fn default_max_lag_seconds() -> i32 {
+    30
+}
+
+impl Default for Promotion {
+    fn default() -> Self {
+        Self {
+            max_lag_events: default_max_lag_events(),
+            max_lag_seconds: default_max_lag_seconds(),
+        }
+    }
+}
+
+/// The name the marketing cluster goes by among the kept clusters.
+pub const MARKETING: &str = "marketing";
+
+/// An Elasticsearch cluster the replicator keeps in step with the change
+/// stream (the services do not write it).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct KeptCluster {
+    /// The data centre's name, or [`MARKETING`].
+    pub name: String,
+    /// The cluster's URL.
+    pub url: String,
+}
+
+impl MemberStore {
+    /// The data centre whose Elasticsearch the member services write: the one
+    /// the operator published, else the primary.
+    pub fn active_data_center(&self) -> &str {
+        self.status
+            .as_ref()
+            .and_then(|s| s.active_data_center.as_deref())
+            .unwrap_or(&self.spec.primary)
+    }
+
+    /// The clusters the replicator keeps: every data centre's but the
+    /// active one's, and the marketing cluster; in a stable order.
+    pub fn kept_clusters(&self) -> Vec<KeptCluster> {
+        let active = self.active_data_center();
+        let mut kept: Vec<KeptCluster> = self
+            .spec
+            .data_centers
+            .iter()
+            .filter(|dc| dc.name != active)
+            .map(|dc| KeptCluster {
+                name: dc.name.clone(),
+                url: dc.elasticsearch.url.clone(),
+            })
+            .collect();
+        kept.extend(self.spec.marketing_elasticsearch.as_ref().map(|m| KeptCluster {
+            name: MARKETING.to_owned(),
+            url: m.url.clone(),
+        }));
+        kept.sort();
+        kept
+    }
+}
+
+/// The consumer group that keeps cluster `kept` of MemberStore `name` in
+/// `namespace`: its committed offset is what the cluster holds.
+pub fn replica_group(namespace: &str, name: &str, kept: &str) -> String {
+    format!("ballast-members-{namespace}.{name}-replica-{kept}")
 }
 
 fn default_shards() -> i32 {
@@ -344,4 +430,90 @@ pub struct MemberStoreStatus {
     /// Elasticsearch, and the writes journaled for the replay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mysql: Option<DependencyStatus>,
+    /// How far behind the change stream each kept cluster is, as the
+    /// operator last measured it from its replicator's consumer group.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["cluster".into()]))]
+    pub replication: Vec<Replica>,
+}
+
+/// One kept cluster's replication.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Replica {
+    /// The data centre's name, or `marketing`.
+    pub cluster: String,
+    /// Change records the cluster has applied (its group's committed offset).
+    pub applied: i64,
+    /// Change records it lacks.
+    pub lag_events: i64,
+    /// Age, in seconds, of the oldest record it lacks (0 when none).
+    pub lag_seconds: f64,
+    /// When this was measured.
+    pub measured_at: Time,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> MemberStore {
+        serde_yaml::from_str(include_str!("../../manifests/samples/memberstore.yaml"))
+            .unwrap_or_else(|e| panic!("sample MemberStore: {e}"))
+    }
+
+    fn names(store: &MemberStore) -> Vec<String> {
+        store.kept_clusters().into_iter().map(|t| t.name).collect()
+    }
+
+    #[test]
+    fn the_replicator_keeps_every_cluster_but_the_active_one() {
+        let mut store = sample();
+        let primary = store.spec.primary.clone();
+        let others: Vec<String> = store
+            .spec
+            .data_centers
+            .iter()
+            .map(|dc| dc.name.clone())
+            .filter(|n| *n != primary)
+            .collect();
+        let marketing = store.spec.marketing_elasticsearch.is_some();
+        // (what the store says, the targets)
+        let mut want = others.clone();
+        if marketing {
+            want.push(MARKETING.to_owned());
+        }
+        want.sort();
+        assert_eq!(names(&store), want, "nothing published: the primary is active");
+
+        let promoted = others[0].clone();
+        store.status = Some(MemberStoreStatus {
+            active_data_center: Some(promoted.clone()),
+            ..MemberStoreStatus::default()
+        });
+        let kept = names(&store);
+        assert!(
+            kept.contains(&primary),
+            "the old primary is kept once another is active: {kept:?}"
+        );
+        assert!(
+            !kept.contains(&promoted),
+            "the promoted one is written, not kept: {kept:?}"
+        );
+
+        store.spec.marketing_elasticsearch = None;
+        assert!(!names(&store).contains(&MARKETING.to_owned()));
+    }
+
+    #[test]
+    fn each_cluster_has_a_group_of_its_own() {
+        assert_ne!(
+            replica_group("ns", "members", "dc-b"),
+            replica_group("ns", "members", MARKETING)
+        );
+        assert_ne!(
+            replica_group("ns", "members", "dc-b"),
+            replica_group("ns", "other", "dc-b")
+        );
+    }
 }

@@ -6,6 +6,7 @@
 mod analytics_pipeline;
 mod context;
 mod degradation_policy;
+mod member_store;
 mod mode;
 mod probe;
 
@@ -114,7 +115,8 @@ async fn main() -> anyhow::Result<()> {
     let controllers = async {
         tokio::join!(
             analytics_pipeline::run(ctx.clone(), triggers, lost.clone()),
-            degradation_policy::run(ctx, lost.clone()),
+            degradation_policy::run(ctx.clone(), lost.clone()),
+            member_store::run(ctx, lost.clone()),
         )
     };
     // Reconciles in flight get a deadline to finish after SIGTERM: a slow API

@@ -9,7 +9,6 @@
 //! it keeps.
 
 pub mod lag;
-pub mod targets;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,6 +16,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use ballast_crds::MemberStore;
+use ballast_crds::member_store::{KeptCluster as Target, replica_group};
 use ballast_crds::refs::KafkaRef;
 use futures::{StreamExt, TryStreamExt};
 use kube::api::Api;
@@ -36,7 +36,6 @@ use crate::members::replica;
 use crate::members::search::MemberIndex;
 use crate::members::stream::{ChangeStream, StreamError};
 use crate::secret::Secret;
-use targets::Target;
 
 /// How often each cluster's lag is measured.
 const MEASURE_EVERY: Duration = Duration::from_secs(1);
@@ -169,7 +168,7 @@ async fn keep(shared: &Arc<Shared>, targets: Vec<Target>) -> Result<Keeping, Err
             .map_err(StartupError::ColdOptions)?;
         let index = MemberIndex::new(es, &config.namespace, &config.store, config.deadline);
         index.install().await?;
-        let group = targets::group(&config.namespace, &config.store, &target.name);
+        let group = replica_group(&config.namespace, &config.store, &target.name);
         let consumer = Arc::new(consume::consumer(&shared.kafka, &group)?);
         tracing::info!(target = %target.name, index = index.index(), %group, "keeping a replica");
         tasks.push(tokio::spawn(replicate(
@@ -283,7 +282,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         metrics,
     });
 
-    let mut keeping = Some(keep(&shared, targets::of(&store)).await?);
+    let mut keeping = Some(keep(&shared, store.kept_clusters()).await?);
     let _ = ready_tx.send(true);
     let selector = watcher::Config::default().fields(&format!("metadata.name={}", shared.config.store));
     let mut updates = watcher(api, selector).default_backoff().applied_objects().boxed();
@@ -292,7 +291,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
             () = shutdown.cancelled() => break Ok(()),
             next = updates.try_next() => match next {
                 Ok(Some(store)) => {
-                    let want = targets::of(&store);
+                    let want = store.kept_clusters();
                     let kept = keeping.as_ref().map(|k| k.targets.clone()).unwrap_or_default();
                     if want != kept {
                         let names = |t: &[Target]| t.iter().map(|t| t.name.clone()).collect::<Vec<_>>();

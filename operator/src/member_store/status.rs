@@ -1,0 +1,234 @@
+//! The MemberStore's status from what a reconcile measured: each kept
+//! cluster's replication, and whether every standby data centre is within
+//! the promotion's lag budget (`StandbyInSync`), which a promotion to it
+//! must be. Pure.
+
+use ballast_crds::conditions::{self, Desired};
+use ballast_crds::member_store::{KeptCluster, MARKETING, Replica};
+use ballast_crds::{MemberStore, MemberStoreStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+
+use super::lag::Measured;
+
+/// A kept cluster's measurement, or why there is none.
+pub type Measurement = (KeptCluster, Result<Measured, String>);
+
+/// The replication of a cluster as measured at `now`. Pure.
+pub fn replica(cluster: &str, measured: &Measured, now: Timestamp) -> Replica {
+    let age_ms = measured
+        .oldest_missing_ms
+        .map_or(0, |ms| (now.as_millisecond() - ms).max(0));
+    Replica {
+        cluster: cluster.to_owned(),
+        applied: measured.applied,
+        lag_events: (measured.end - measured.applied).max(0),
+        // Milliseconds to seconds: exact for any lag this side of 2^53 ms.
+        #[allow(clippy::cast_precision_loss)]
+        lag_seconds: age_ms as f64 / 1000.0,
+        measured_at: Time(now),
+    }
+}
+
+/// Whether every standby data centre is within `store`'s budget. Pure.
+pub fn in_sync(store: &MemberStore, measured: &[Measurement], replicas: &[Replica]) -> Desired {
+    let budget = &store.spec.promotion;
+    let standbys = measured.iter().filter(|(c, _)| c.name != MARKETING);
+    let unknown: Vec<String> = standbys
+        .clone()
+        .filter_map(|(c, m)| m.as_ref().err().map(|e| format!("{} ({e})", c.name)))
+        .collect();
+    if !unknown.is_empty() {
+        return Desired::fails(
+            conditions::STANDBY_IN_SYNC,
+            "LagUnknown",
+            format!(
+                "the replication lag of {} could not be measured from Kafka: a promotion would wait until it is",
+                unknown.join(", ")
+            ),
+        );
+    }
+    let over: Vec<String> = standbys
+        .filter_map(|(c, _)| replicas.iter().find(|r| r.cluster == c.name))
+        .filter(|r| r.lag_events > budget.max_lag_events || r.lag_seconds > f64::from(budget.max_lag_seconds))
+        .map(|r| {
+            format!(
+                "{} lacks {} change record(s), the oldest {:.1} s old",
+                r.cluster, r.lag_events, r.lag_seconds
+            )
+        })
+        .collect();
+    if over.is_empty() {
+        Desired::holds(
+            conditions::STANDBY_IN_SYNC,
+            "WithinBudget",
+            format!(
+                "every standby lacks at most {} change record(s) and {} s of the stream",
+                budget.max_lag_events, budget.max_lag_seconds
+            ),
+        )
+    } else {
+        Desired::fails(
+            conditions::STANDBY_IN_SYNC,
+            "LagOverBudget",
+            format!(
+                "{}; over the budget of {} record(s) and {} s (spec.promotion): a promotion to it now would lose them, \
+                 so it would wait; check that the replicator runs and its clusters answer",
+                over.join("; "),
+                budget.max_lag_events,
+                budget.max_lag_seconds
+            ),
+        )
+    }
+}
+
+/// The status to publish: the measured clusters' replication (a cluster
+/// that could not be measured keeps its last entry, with its time), the
+/// condition, the generation; everything else as it was. Pure.
+pub fn compute(store: &MemberStore, measured: &[Measurement], now: Timestamp) -> MemberStoreStatus {
+    let previous = store.status.clone().unwrap_or_default();
+    let replication: Vec<Replica> = measured
+        .iter()
+        .filter_map(|(cluster, m)| match m {
+            Ok(m) => Some(replica(&cluster.name, m, now)),
+            Err(_) => previous
+                .replication
+                .iter()
+                .find(|r| r.cluster == cluster.name)
+                .cloned(),
+        })
+        .collect();
+    let desired = [in_sync(store, measured, &replication)];
+    MemberStoreStatus {
+        observed_generation: store.metadata.generation,
+        conditions: conditions::compute(
+            &previous.conditions,
+            &desired,
+            store.metadata.generation,
+            &Time(now),
+        ),
+        replication,
+        ..previous
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> MemberStore {
+        let mut store: MemberStore =
+            serde_yaml::from_str(include_str!("../../../manifests/samples/memberstore.yaml"))
+                .unwrap_or_else(|e| panic!("sample MemberStore: {e}"));
+        store.spec.promotion.max_lag_events = 10;
+        store.spec.promotion.max_lag_seconds = 30;
+        store
+    }
+
+    fn at(ms: i64) -> Timestamp {
+        Timestamp::from_millisecond(ms).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn measured(applied: i64, end: i64, oldest_missing_ms: Option<i64>) -> Result<Measured, String> {
+        Ok(Measured {
+            applied,
+            end,
+            oldest_missing_ms,
+        })
+    }
+
+    #[test]
+    fn a_replica_counts_what_its_cluster_lacks_and_how_old_the_oldest_is() {
+        // (applied, end, oldest missing at, now) → (lag events, lag seconds)
+        let cases = [
+            ((50, 50, None, 90_000), (0, 0.0)),
+            ((40, 50, Some(80_000), 90_000), (10, 10.0)),
+            // A producer clock ahead of the operator's is no negative age.
+            ((40, 50, Some(95_000), 90_000), (10, 0.0)),
+            // Kafka said nothing of the record: the count stands alone.
+            ((40, 50, None, 90_000), (10, 0.0)),
+        ];
+        for ((applied, end, oldest, now), want) in cases {
+            let m = Measured {
+                applied,
+                end,
+                oldest_missing_ms: oldest,
+            };
+            let r = replica("dc-b", &m, at(now));
+            assert_eq!((r.lag_events, r.lag_seconds), want, "{m:?}");
+        }
+    }
+
+    #[test]
+    fn a_standby_is_in_sync_only_within_both_budgets_and_marketing_never_counts() {
+        let s = store();
+        let dc_b = s
+            .kept_clusters()
+            .into_iter()
+            .find(|c| c.name != MARKETING)
+            .unwrap_or_else(|| panic!("a standby"));
+        let marketing = KeptCluster {
+            name: MARKETING.into(),
+            url: "http://m".into(),
+        };
+        let now = 100_000;
+        // (the standby's measurement, marketing's) → (status, reason)
+        let cases = [
+            (
+                (measured(5, 5, None), measured(5, 5, None)),
+                (true, "WithinBudget"),
+            ),
+            (
+                (measured(0, 10, Some(now - 5_000)), measured(5, 5, None)),
+                (true, "WithinBudget"),
+            ),
+            (
+                (measured(0, 11, Some(now - 5_000)), measured(5, 5, None)),
+                (false, "LagOverBudget"),
+            ),
+            (
+                (measured(9, 10, Some(now - 31_000)), measured(5, 5, None)),
+                (false, "LagOverBudget"),
+            ),
+            (
+                (measured(5, 5, None), measured(0, 500, Some(0))),
+                (true, "WithinBudget"),
+            ),
+            (
+                (Err("timed out".to_owned()), measured(5, 5, None)),
+                (false, "LagUnknown"),
+            ),
+            (
+                (measured(5, 5, None), Err("timed out".to_owned())),
+                (true, "WithinBudget"),
+            ),
+        ];
+        for ((standby, market), (holds, reason)) in cases {
+            let measured = [(dc_b.clone(), standby), (marketing.clone(), market)];
+            let status = compute(&s, &measured, at(now));
+            let c = &status.conditions[0];
+            assert_eq!(
+                (c.status == "True", c.reason.as_str()),
+                (holds, reason),
+                "{measured:?}: {}",
+                c.message
+            );
+        }
+    }
+
+    #[test]
+    fn an_unmeasured_cluster_keeps_its_last_replication_and_the_rest_stays() {
+        let mut s = store();
+        let dc_b = s.kept_clusters().into_iter().find(|c| c.name != MARKETING);
+        let dc_b = dc_b.unwrap_or_else(|| panic!("a standby"));
+        let first = compute(&s, &[(dc_b.clone(), measured(3, 7, Some(1_000)))], at(2_000));
+        s.status = Some(MemberStoreStatus {
+            epoch: 4,
+            ..first.clone()
+        });
+        let second = compute(&s, &[(dc_b, Err("down".into()))], at(9_000));
+        assert_eq!(second.replication, first.replication);
+        assert_eq!(second.epoch, 4, "what the reconcile does not decide stays");
+        assert_eq!(second.conditions[0].reason, "LagUnknown");
+    }
+}
