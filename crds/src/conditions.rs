@@ -14,6 +14,8 @@ pub const COMPUTING: &str = "Computing";
 pub const SQL_VALID: &str = "SqlValid";
 /// Every standby data centre of a MemberStore is within the promotion's lag budget.
 pub const STANDBY_IN_SYNC: &str = "StandbyInSync";
+/// A MemberStore's active data centre's Elasticsearch answers (after a promotion if need be).
+pub const ACTIVE_AVAILABLE: &str = "ActiveAvailable";
 
 /// The condition type that reports one dependency's health, e.g. `KvAvailable`.
 pub fn dependency_condition(dependency: crate::Dependency) -> &'static str {

@@ -98,10 +98,23 @@ pub struct MemberStoreSpec {
     pub promotion: Promotion,
 }
 
-/// The replication-lag budget of a promotion.
+/// When the operator promotes another data centre's Elasticsearch: the
+/// active one found down by `probe`, a standby within the lag budget (or a
+/// person's `ballast.dev/promote` annotation naming it), the operator
+/// holding its Lease. And when it fails back (`spec.failback`): the primary
+/// answering again and caught up for `failbackDwellSeconds`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Promotion {
+    /// How each data centre's Elasticsearch is probed, and how many lost
+    /// probes find it down.
+    #[serde(default)]
+    pub probe: crate::degradation_policy::ProbeSpec,
+    /// Seconds the recovered primary must stay caught up (lacking no change
+    /// record) before the failback.
+    #[serde(default = "default_failback_dwell")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub failback_dwell_seconds: i32,
     /// Change records a standby may lack.
     #[serde(default = "default_max_lag_events")]
     #[schemars(range(min = 0))]
@@ -112,6 +125,9 @@ pub struct Promotion {
     pub max_lag_seconds: i32,
 }
 
+fn default_failback_dwell() -> i32 {
+    60
+}
 fn default_max_lag_events() -> i64 {
     1000
 }
@@ -122,11 +138,18 @@ fn default_max_lag_seconds() -> i32 {
 impl Default for Promotion {
     fn default() -> Self {
         Self {
+            probe: crate::degradation_policy::ProbeSpec::default(),
+            failback_dwell_seconds: default_failback_dwell(),
             max_lag_events: default_max_lag_events(),
             max_lag_seconds: default_max_lag_seconds(),
         }
     }
 }
+
+/// The annotation with which a person promotes the data centre it names
+/// whatever its lag (losing what it lacks), when the active one is down; or
+/// fails back to the primary when `spec.failback` is Manual.
+pub const PROMOTE_ANNOTATION: &str = "ballast.dev/promote";
 
 /// The name the marketing cluster goes by among the kept clusters.
 pub const MARKETING: &str = "marketing";

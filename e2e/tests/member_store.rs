@@ -1,9 +1,12 @@
 //! The operator's MemberStore controller against the real API server, Kafka
-//! and Elasticsearch: it publishes how far each kept cluster is behind the
+//! and Elasticsearch. It publishes how far each kept cluster is behind the
 //! change stream, measured from the replicator's consumer groups, and whether
 //! the standby is within the promotion's lag budget: in sync with nothing to
-//! replicate, over budget (by count and by age) while no replicator runs,
-//! in sync again once one has caught up.
+//! replicate, over budget (by count and by age) while no replicator runs, in
+//! sync again once one has caught up. And it decides the active data centre:
+//! no promotion over the budget, a promotion when a person names the standby,
+//! the failback once DC A has replayed what it missed and the dwell passed,
+//! and a promotion by itself when the standby is in step.
 
 use std::time::Duration;
 
@@ -14,10 +17,14 @@ use ballast_e2e::scenario::{self, eventually};
 use ballast_worker::members::model::Member;
 use ballast_worker::members::stream::{ChangeStream, Path, Record};
 use ballast_worker::roles::{Deps, replicator};
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use tokio_util::sync::CancellationToken;
 
 const DEADLINE: Duration = Duration::from_secs(2);
+
+/// The scenarios stop the stack's DC A Elasticsearch, which every operator
+/// under test probes: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The `StandbyInSync` condition's status and reason, and the replication, as published.
 async fn published(
@@ -54,37 +61,9 @@ async fn until_in_sync(api: &Api<MemberStore>, name: &str, what: &str) -> anyhow
     Ok(())
 }
 
-#[tokio::test]
-async fn the_operator_publishes_each_standby_s_lag_and_whether_a_promotion_would_lose_writes()
--> anyhow::Result<()> {
-    let stack = Stack::discover();
-    let client = stack.kube_client().await?;
-    ballast_e2e::install_crds(&client).await?;
-    let ns = ballast_e2e::pipeline_namespace(&client, "member-lag").await?;
-    let name = format!("lagging-{}", std::process::id());
-    let mut store = stack.member_store(&name, "unused")?;
-    store["spec"]["promotion"] = serde_json::json!({"maxLagEvents": 10, "maxLagSeconds": 3});
-    let api: Api<MemberStore> = Api::namespaced(client.clone(), &ns);
-    api.patch(
-        &name,
-        &PatchParams::apply("member-lag-test").force(),
-        &Patch::Apply(&store),
-    )
-    .await?;
-    let spec: MemberStore = serde_json::from_value(store)?;
-    ChangeStream::ensure_topic(&spec.spec.change_stream, DEADLINE * 5).await?;
-    let _operator = stack
-        .operator(&ballast_e2e::binary("ballast-operator")?, &ns)
-        .await?;
-
-    // 1. Nothing to replicate: both kept clusters at lag 0, the standby in sync.
-    until_in_sync(&api, &name, "dc-b and marketing at lag 0, StandbyInSync").await?;
-
-    // 2. 20 records and no replicator: both lag 20, and growing older; over the
-    // budget of 10 records, then of 3 s too. Marketing's lag is published but
-    // never makes the standby out of sync.
-    let stream = ChangeStream::new(&spec.spec.change_stream, DEADLINE)?;
-    for id in 1..=20 {
+/// Publishes members 1 to `n` (version 1) on the change stream.
+async fn publish(stream: &ChangeStream, n: u64) -> anyhow::Result<()> {
+    for id in 1..=n {
         let member = Member {
             id,
             name: format!("member {id}"),
@@ -100,6 +79,82 @@ async fn the_operator_publishes_each_standby_s_lag_and_whether_a_promotion_would
             })
             .await?;
     }
+    Ok(())
+}
+
+type Replicating = tokio::task::JoinHandle<Result<(), replicator::Error>>;
+
+/// Runs a replicator of MemberStore `name` in `ns` until the returned token is cancelled.
+fn start_replicator(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+) -> anyhow::Result<(CancellationToken, Replicating)> {
+    let port = scenario::free_port()?;
+    let shutdown = CancellationToken::new();
+    let config = replicator::Config {
+        namespace: ns.to_owned(),
+        store: name.to_owned(),
+        metrics: format!("127.0.0.1:{port}").parse()?,
+        deadline: DEADLINE,
+        drain: Duration::from_secs(5),
+        es_credentials: None,
+    };
+    let deps = Deps {
+        client: client.clone(),
+    };
+    Ok((
+        shutdown.clone(),
+        tokio::spawn(replicator::run(config, deps, shutdown)),
+    ))
+}
+
+/// A MemberStore `<prefix>-<pid>` over the stack's member servers with `promotion`,
+/// in a fresh namespace, with its change stream's topic made; (namespace, name, store).
+async fn fixture(
+    stack: &Stack,
+    client: &kube::Client,
+    prefix: &str,
+    promotion: serde_json::Value,
+) -> anyhow::Result<(String, String, MemberStore)> {
+    ballast_e2e::install_crds(client).await?;
+    let ns = ballast_e2e::pipeline_namespace(client, prefix).await?;
+    let name = format!("{prefix}-{}", std::process::id());
+    let mut store = stack.member_store(&name, "unused")?;
+    store["spec"]["promotion"] = promotion;
+    Api::<MemberStore>::namespaced(client.clone(), &ns)
+        .patch(
+            &name,
+            &PatchParams::apply("member-store-test").force(),
+            &Patch::Apply(&store),
+        )
+        .await?;
+    let store: MemberStore = serde_json::from_value(store)?;
+    ChangeStream::ensure_topic(&store.spec.change_stream, DEADLINE * 5).await?;
+    Ok((ns, name, store))
+}
+
+#[tokio::test]
+async fn the_operator_publishes_each_standby_s_lag_and_whether_a_promotion_would_lose_writes()
+-> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let stack = Stack::discover();
+    let client = stack.kube_client().await?;
+    let budget = serde_json::json!({"maxLagEvents": 10, "maxLagSeconds": 3});
+    let (ns, name, store) = fixture(&stack, &client, "member-lag", budget).await?;
+    let api: Api<MemberStore> = Api::namespaced(client.clone(), &ns);
+    let _operator = stack
+        .operator(&ballast_e2e::binary("ballast-operator")?, &ns)
+        .await?;
+
+    // 1. Nothing to replicate: both kept clusters at lag 0, the standby in sync.
+    until_in_sync(&api, &name, "dc-b and marketing at lag 0, StandbyInSync").await?;
+
+    // 2. 20 records and no replicator: both lag 20, and growing older; over the
+    // budget of 10 records, then of 3 s too. Marketing's lag is published but
+    // never makes the standby out of sync.
+    let stream = ChangeStream::new(&store.spec.change_stream, DEADLINE)?;
+    publish(&stream, 20).await?;
     eventually(
         "dc-b 20 records and over 3 s behind, LagOverBudget",
         60,
@@ -115,24 +170,104 @@ async fn the_operator_publishes_each_standby_s_lag_and_whether_a_promotion_would
     .await?;
 
     // 3. A replicator catches both up: in sync again.
-    let port = scenario::free_port()?;
-    let shutdown = CancellationToken::new();
-    let config = replicator::Config {
-        namespace: ns.clone(),
-        store: name.clone(),
-        metrics: format!("127.0.0.1:{port}").parse()?,
-        deadline: DEADLINE,
-        drain: Duration::from_secs(5),
-        es_credentials: None,
-    };
-    let running = tokio::spawn(replicator::run(
-        config,
-        Deps {
-            client: client.clone(),
-        },
-        shutdown.clone(),
-    ));
+    let (shutdown, running) = start_replicator(&client, &ns, &name)?;
     until_in_sync(&api, &name, "dc-b and marketing caught up, StandbyInSync again").await?;
+    shutdown.cancel();
+    running.await??;
+    Ok(())
+}
+
+/// The active data centre, the epoch and the `ActiveAvailable` reason, as published.
+async fn active(api: &Api<MemberStore>, name: &str) -> kube::Result<(String, i64, String)> {
+    let ms = api.get(name).await?;
+    let status = ms.status.clone().unwrap_or_default();
+    let reason = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == ballast_crds::conditions::ACTIVE_AVAILABLE)
+        .map(|c| c.reason.clone())
+        .unwrap_or_default();
+    Ok((ms.active_data_center().to_owned(), status.epoch, reason))
+}
+
+/// Waits until `want.0` is active at epoch `want.1` and an Event of the store
+/// has reason `want.2` (a promotion's reason is an Event; the condition says
+/// what holds after it).
+async fn until_active(
+    client: &kube::Client,
+    api: &Api<MemberStore>,
+    name: &str,
+    want: (&str, i64, &str),
+    secs: u64,
+) -> anyhow::Result<()> {
+    let what = format!("{} active at epoch {} ({})", want.0, want.1, want.2);
+    let ns = api.get(name).await?.metadata.namespace.unwrap_or_default();
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), &ns);
+    eventually(&what, secs, || async {
+        let (dc, epoch, _) = active(api, name).await?;
+        let told =
+            events.list(&ListParams::default()).await?.items.iter().any(|e| {
+                e.reason.as_deref() == Some(want.2) && e.involved_object.name.as_deref() == Some(name)
+            });
+        Ok::<_, kube::Error>((dc == want.0 && epoch == want.1 && told).then_some(()))
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_operator_promotes_the_standby_only_within_the_lag_budget_or_when_named_and_fails_back()
+-> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let stack = Stack::discover();
+    let client = stack.kube_client().await?;
+    let promotion = serde_json::json!({
+        "maxLagEvents": 10, "maxLagSeconds": 600, "failbackDwellSeconds": 3,
+        "probe": {"periodSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 2, "successThreshold": 2},
+    });
+    let (ns, name, store) = fixture(&stack, &client, "member-promote", promotion).await?;
+    let api: Api<MemberStore> = Api::namespaced(client.clone(), &ns);
+    let _operator = stack
+        .operator(&ballast_e2e::binary("ballast-operator")?, &ns)
+        .await?;
+    let _restore = scenario::RestoreStack;
+    eventually("dc-a active and answering", 60, || async {
+        let now = active(&api, &name).await?;
+        Ok::<_, kube::Error>((now == ("dc-a".into(), 0, "Answering".into())).then_some(()))
+    })
+    .await?;
+
+    // 1. 20 records the standby lacks (no replicator), then DC A's cluster stops:
+    // no promotion; the condition and an Event say why and how to force it.
+    let stream = ChangeStream::new(&store.spec.change_stream, DEADLINE)?;
+    publish(&stream, 20).await?;
+    ballast_e2e::stack_script(&["stop", "es-dc-a"])?;
+    until_active(&client, &api, &name, ("dc-a", 0, "LagOverBudget"), 60).await?;
+
+    // 2. A person names DC B: promoted whatever it lacks, epoch 1.
+    let named = serde_json::json!({"metadata": {"annotations": {"ballast.dev/promote": "dc-b"}}});
+    api.patch(&name, &PatchParams::default(), &Patch::Merge(&named))
+        .await?;
+    until_active(&client, &api, &name, ("dc-b", 1, "PromotedByPerson"), 30).await?;
+    let unnamed = serde_json::json!({"metadata": {"annotations": {"ballast.dev/promote": null}}});
+    api.patch(&name, &PatchParams::default(), &Patch::Merge(&unnamed))
+        .await?;
+
+    // 3. DC A returns; the replicator, which now keeps it, replays into it what
+    // it missed; after the dwell it is active again, epoch 2.
+    let (shutdown, running) = start_replicator(&client, &ns, &name)?;
+    ballast_e2e::stack_script(&["up"])?;
+    until_active(&client, &api, &name, ("dc-a", 2, "FailedBack"), 120).await?;
+
+    // 4. With the standby in step, losing DC A promotes DC B by itself.
+    until_in_sync(&api, &name, "dc-b and marketing caught up").await?;
+    let lost = std::time::Instant::now();
+    ballast_e2e::stack_script(&["stop", "es-dc-a"])?;
+    until_active(&client, &api, &name, ("dc-b", 3, "Promoted"), 60).await?;
+    println!(
+        "promoted {:.1?} after DC A's Elasticsearch stopped",
+        lost.elapsed()
+    );
     shutdown.cancel();
     running.await??;
     Ok(())

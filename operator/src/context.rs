@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use ballast_crds::{AnalyticsPipeline, Dependency, DependencyModes, Mode};
+use ballast_crds::{AnalyticsPipeline, Dependency, DependencyModes, MemberStore, Mode};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::runtime::events::Reporter;
@@ -16,6 +16,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, watch};
 
+use crate::member_store::StoreState;
 use crate::mode::{Observation, Thresholds};
 use crate::probe::{PipelineState, Shared, TargetKey};
 
@@ -33,8 +34,10 @@ pub struct Context {
     /// Who the operator says it is in Events.
     pub reporter: Reporter,
     pipelines: Arc<Mutex<HashMap<ObjectRef<AnalyticsPipeline>, PipelineState>>>,
+    stores: Arc<Mutex<HashMap<ObjectRef<MemberStore>, StoreState>>>,
     probers: Arc<Mutex<HashMap<TargetKey, Shared>>>,
     triggers: mpsc::UnboundedSender<ObjectRef<AnalyticsPipeline>>,
+    store_triggers: mpsc::UnboundedSender<ObjectRef<MemberStore>>,
     ready: Arc<watch::Sender<bool>>,
     /// The one namespace watched, or `None` for the whole cluster.
     scope: Option<String>,
@@ -42,6 +45,14 @@ pub struct Context {
     pub worker_image: Option<String>,
     /// The kind of the workers' shipped write role.
     pub writes_role: crate::analytics_pipeline::desired::WritesRole,
+}
+
+/// Where the probers ask for reconciles: one receiver per controller.
+pub struct Triggers {
+    /// Pipelines whose dependency's mode changed.
+    pub pipelines: mpsc::UnboundedReceiver<ObjectRef<AnalyticsPipeline>>,
+    /// MemberStores one of whose data centres' Elasticsearch changed.
+    pub stores: mpsc::UnboundedReceiver<ObjectRef<MemberStore>>,
 }
 
 /// The operator's Prometheus metrics (`ballast_operator_*`).
@@ -54,6 +65,9 @@ pub struct Metrics {
     pub reconcile_errors: Family<Labels, Counter>,
     /// Published mode changes, by dependency and new mode.
     pub mode_transitions: Family<Labels, Counter>,
+    /// MemberStore active data centre changes, by reason (`Promoted`,
+    /// `PromotedByPerson`, `FailedBack`).
+    pub member_promotions: Family<Labels, Counter>,
     /// Time a reconcile took, by kind.
     pub reconcile_duration: Family<Labels, Histogram>,
     probe_failures: Family<Labels, Counter>,
@@ -96,6 +110,12 @@ impl Metrics {
             "mode_transitions",
             "Published dependency mode changes",
             mode_transitions.clone(),
+        );
+        let member_promotions = Family::default();
+        registry.register(
+            "member_promotions",
+            "Changes of a MemberStore's active data centre, by reason",
+            member_promotions.clone(),
         );
         let probe_failures = Family::default();
         registry.register(
@@ -144,6 +164,7 @@ impl Metrics {
             reconciles,
             reconcile_errors,
             mode_transitions,
+            member_promotions,
             reconcile_duration,
             probe_failures,
             probe_durations,
@@ -227,8 +248,9 @@ impl Context {
         scope: Option<String>,
         worker_image: Option<String>,
         writes_role: crate::analytics_pipeline::desired::WritesRole,
-    ) -> (Self, mpsc::UnboundedReceiver<ObjectRef<AnalyticsPipeline>>) {
+    ) -> (Self, Triggers) {
         let (triggers, receiver) = mpsc::unbounded_channel();
+        let (store_triggers, stores) = mpsc::unbounded_channel();
         let mut registry = Registry::with_prefix("ballast_operator");
         let metrics = Arc::new(Metrics::register(&mut registry));
         let ctx = Self {
@@ -240,14 +262,22 @@ impl Context {
                 instance: Some(instance),
             },
             pipelines: Arc::default(),
+            stores: Arc::default(),
             probers: Arc::default(),
             triggers,
+            store_triggers,
             ready: Arc::new(watch::channel(false).0),
             scope,
             worker_image,
             writes_role,
         };
-        (ctx, receiver)
+        (
+            ctx,
+            Triggers {
+                pipelines: receiver,
+                stores,
+            },
+        )
     }
 
     /// The API of `K` where the operator watches: one namespace, or all.
@@ -291,6 +321,32 @@ impl Context {
         self.pipelines
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The shared state of every MemberStore (as [`Context::pipelines`]).
+    pub fn stores(&self) -> MutexGuard<'_, HashMap<ObjectRef<MemberStore>, StoreState>> {
+        self.stores
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Feeds one probe of data centre `dc`'s Elasticsearch to a store's
+    /// machine; true when its mode changed.
+    pub fn observe_store(
+        &self,
+        key: &ObjectRef<MemberStore>,
+        dc: &str,
+        observation: Observation,
+        thresholds: Thresholds,
+    ) -> bool {
+        self.stores()
+            .get_mut(key)
+            .is_some_and(|state| state.step(dc, Some(observation), thresholds, Timestamp::now()))
+    }
+
+    /// Asks for a reconcile of MemberStore `key` soon.
+    pub fn trigger_store(&self, key: ObjectRef<MemberStore>) {
+        let _ = self.store_triggers.send(key);
     }
 
     /// The shared probers, by target.

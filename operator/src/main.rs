@@ -114,9 +114,9 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(election.hold(client, held, shutdown.clone(), lost.clone()));
     let controllers = async {
         tokio::join!(
-            analytics_pipeline::run(ctx.clone(), triggers, lost.clone()),
+            analytics_pipeline::run(ctx.clone(), triggers.pipelines, lost.clone()),
             degradation_policy::run(ctx.clone(), lost.clone()),
-            member_store::run(ctx, lost.clone()),
+            member_store::run(ctx, triggers.stores, lost.clone()),
         )
     };
     // Reconciles in flight get a deadline to finish after SIGTERM: a slow API

@@ -1,4 +1,5 @@
-//! Health probers: one task per dependency of each pipeline, probing with the
+//! Health probers: one task per probed server, shared by every pipeline
+//! dependency and MemberStore data centre that probes it, probing with the
 //! data plane's own clients and feeding the pure mode machine.
 //!
 //! Probing is I/O at the edge; the decision is `mode::machine::step`. A
@@ -8,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use ballast_crds::degradation_policy::ProbeSpec;
-use ballast_crds::{AnalyticsPipeline, DegradationPolicySpec, Dependency, ForcedMode, Mode};
+use ballast_crds::{AnalyticsPipeline, DegradationPolicySpec, Dependency, ForcedMode, MemberStore, Mode};
 use ballast_node::probe::{Endpoint, Prober};
 use ballast_node::secret::Secret;
 use k8s_openapi::jiff::Timestamp;
@@ -106,20 +107,28 @@ pub struct TargetKey {
 }
 
 impl TargetKey {
-    fn of(target: &Target) -> Self {
+    fn new(endpoint: &Endpoint, probe: &ProbeSpec) -> Self {
         Self {
-            endpoint: target.endpoint.clone(),
-            period_seconds: target.probe.period_seconds,
-            timeout_seconds: target.probe.timeout_seconds,
+            endpoint: endpoint.clone(),
+            period_seconds: probe.period_seconds,
+            timeout_seconds: probe.timeout_seconds,
         }
     }
 }
 
-/// A pipeline's dependency that a shared prober feeds.
+/// Whose machine a shared prober's results feed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Feed {
+    /// One dependency of a pipeline.
+    Pipeline(ObjectRef<AnalyticsPipeline>, Dependency),
+    /// One data centre's Elasticsearch of a MemberStore.
+    Store(ObjectRef<MemberStore>, String),
+}
+
+/// A machine that a shared prober feeds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Subscriber {
-    pipeline: ObjectRef<AnalyticsPipeline>,
-    dependency: Dependency,
+    feed: Feed,
     thresholds: Thresholds,
 }
 
@@ -132,29 +141,39 @@ pub struct Shared {
 
 /// Subscribes `key`'s dependencies to the shared probers of `targets`, starting those not yet running.
 pub fn subscribe(ctx: &Context, key: &ObjectRef<AnalyticsPipeline>, targets: &[Target]) {
-    let mut probers = ctx.probers();
     for target in targets {
-        let subscriber = Subscriber {
-            pipeline: key.clone(),
-            dependency: target.dependency,
-            thresholds: thresholds(&target.probe),
-        };
-        let shared = probers.entry(TargetKey::of(target)).or_insert_with(|| {
-            let token = CancellationToken::new();
-            tokio::spawn(run(ctx.clone(), TargetKey::of(target), token.clone()));
-            Shared {
-                subscribers: Vec::new(),
-                token,
-            }
-        });
-        shared.subscribers.push(subscriber);
+        let feed = Feed::Pipeline(key.clone(), target.dependency);
+        attach(ctx, feed, &target.endpoint, &target.probe);
     }
+}
+
+/// Feeds `feed` from the shared prober of `endpoint` probed as `probe`, starting it if need be.
+pub fn attach(ctx: &Context, feed: Feed, endpoint: &Endpoint, probe: &ProbeSpec) {
+    let mut probers = ctx.probers();
+    let key = TargetKey::new(endpoint, probe);
+    let shared = probers.entry(key.clone()).or_insert_with(|| {
+        let token = CancellationToken::new();
+        tokio::spawn(run(ctx.clone(), key, token.clone()));
+        Shared {
+            subscribers: Vec::new(),
+            token,
+        }
+    });
+    shared.subscribers.push(Subscriber {
+        feed,
+        thresholds: thresholds(probe),
+    });
 }
 
 /// Removes every subscription of `key`; probers left without subscribers stop.
 pub fn unsubscribe(ctx: &Context, key: &ObjectRef<AnalyticsPipeline>) {
+    detach(ctx, |feed| matches!(feed, Feed::Pipeline(k, _) if k == key));
+}
+
+/// Removes every subscription whose feed `matches`; probers left without subscribers stop.
+pub fn detach(ctx: &Context, matches: impl Fn(&Feed) -> bool) {
     ctx.probers().retain(|_, shared| {
-        shared.subscribers.retain(|s| &s.pipeline != key);
+        shared.subscribers.retain(|s| !matches(&s.feed));
         let keep = !shared.subscribers.is_empty();
         if !keep {
             shared.token.cancel();
@@ -195,8 +214,17 @@ async fn run(ctx: Context, target: TargetKey, token: CancellationToken) {
             .map(|s| s.subscribers.clone())
             .unwrap_or_default();
         for s in subscribers {
-            if ctx.observe(&s.pipeline, s.dependency, Some(observation), s.thresholds) {
-                ctx.trigger(s.pipeline.clone());
+            match s.feed {
+                Feed::Pipeline(key, dependency) => {
+                    if ctx.observe(&key, dependency, Some(observation), s.thresholds) {
+                        ctx.trigger(key);
+                    }
+                }
+                Feed::Store(key, dc) => {
+                    if ctx.observe_store(&key, &dc, observation, s.thresholds) {
+                        ctx.trigger_store(key);
+                    }
+                }
             }
         }
     }

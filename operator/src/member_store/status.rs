@@ -4,7 +4,7 @@
 //! must be. Pure.
 
 use ballast_crds::conditions::{self, Desired};
-use ballast_crds::member_store::{KeptCluster, MARKETING, Replica};
+use ballast_crds::member_store::{KeptCluster, MARKETING, Promotion, Replica};
 use ballast_crds::{MemberStore, MemberStoreStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -30,6 +30,11 @@ pub fn replica(cluster: &str, measured: &Measured, now: Timestamp) -> Replica {
     }
 }
 
+/// Whether `replica` lacks more than `budget` allows, by count or by age. Pure.
+pub fn over_budget(replica: &Replica, budget: &Promotion) -> bool {
+    replica.lag_events > budget.max_lag_events || replica.lag_seconds > f64::from(budget.max_lag_seconds)
+}
+
 /// Whether every standby data centre is within `store`'s budget. Pure.
 pub fn in_sync(store: &MemberStore, measured: &[Measurement], replicas: &[Replica]) -> Desired {
     let budget = &store.spec.promotion;
@@ -50,7 +55,7 @@ pub fn in_sync(store: &MemberStore, measured: &[Measurement], replicas: &[Replic
     }
     let over: Vec<String> = standbys
         .filter_map(|(c, _)| replicas.iter().find(|r| r.cluster == c.name))
-        .filter(|r| r.lag_events > budget.max_lag_events || r.lag_seconds > f64::from(budget.max_lag_seconds))
+        .filter(|r| over_budget(r, budget))
         .map(|r| {
             format!(
                 "{} lacks {} change record(s), the oldest {:.1} s old",

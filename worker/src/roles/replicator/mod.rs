@@ -63,9 +63,6 @@ pub enum Error {
     /// The MemberStore could not be read or the metrics listener bound.
     #[error(transparent)]
     Startup(#[from] StartupError),
-    /// A cluster's index template could not be installed.
-    #[error("member Elasticsearch: {0}")]
-    Elasticsearch(#[from] crate::es::EsError),
     /// The change stream's topic could not be prepared.
     #[error(transparent)]
     Stream(#[from] StreamError),
@@ -167,7 +164,6 @@ async fn keep(shared: &Arc<Shared>, targets: Vec<Target>) -> Result<Keeping, Err
         let es = crate::connect::elasticsearch(&target.url, config.es_credentials.clone())
             .map_err(StartupError::ColdOptions)?;
         let index = MemberIndex::new(es, &config.namespace, &config.store, config.deadline);
-        index.install().await?;
         let group = replica_group(&config.namespace, &config.store, &target.name);
         let consumer = Arc::new(consume::consumer(&shared.kafka, &group)?);
         tracing::info!(target = %target.name, index = index.index(), %group, "keeping a replica");
@@ -190,6 +186,15 @@ async fn replicate(
     consumer: Arc<rdkafka::consumer::StreamConsumer>,
     stop: CancellationToken,
 ) {
+    // A kept cluster may be down (that is why it is kept): its template is
+    // installed once it answers, before anything is applied to it.
+    while let Err(error) = index.install().await {
+        tracing::warn!(%target, %error, "a kept cluster does not take its template yet; retrying");
+        shared.metrics.apply_failures.get_or_create(&by(&target)).inc();
+        if consume::pause(&stop, Duration::from_secs(1)).await {
+            return;
+        }
+    }
     let labels = by(&target);
     let last_applied_ms = Arc::new(AtomicI64::new(i64::MIN));
     let measure = tokio::spawn(measure(
