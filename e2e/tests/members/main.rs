@@ -8,6 +8,7 @@
 
 mod api;
 mod faults;
+mod promotion;
 mod support;
 
 /// Held by each scenario for its whole run.

@@ -1,7 +1,8 @@
 //! Following the MemberStore: one Kubernetes watch on the object, which
-//! puts its flow-control rules and admitted callers in force and passes on
-//! the MySQL mode the operator publishes. An unreachable API server keeps
-//! what is in force.
+//! puts its flow-control rules and admitted callers in force, passes on
+//! the MySQL mode the operator publishes, and moves the service to the
+//! Elasticsearch of the data centre the operator promotes. An unreachable
+//! API server keeps what is in force.
 
 use std::sync::Arc;
 
@@ -46,15 +47,51 @@ pub fn apply(
     });
 }
 
-/// Watches MemberStore `name` of `api` until `shutdown`.
+/// Moves `members` to the Elasticsearch of the data centre `store` publishes
+/// as active, if it is not there: retried each second until it is, or a
+/// newer MemberStore or `shutdown` comes (the caller then decides again).
+async fn activate(
+    store: &MemberStore,
+    config: &super::Config,
+    members: &Members,
+    shutdown: &CancellationToken,
+) {
+    let active = store.active_data_center();
+    let current = members.stores().search();
+    if current.data_center == active {
+        return;
+    }
+    let Some(dc) = store.spec.data_centers.iter().find(|dc| dc.name == active) else {
+        tracing::error!(%active, "the published active data centre is not one of the MemberStore's");
+        return;
+    };
+    loop {
+        match super::search_of(config, dc).await {
+            Ok(search) => {
+                tracing::warn!(from = %current.data_center, to = %active, epoch = store.status.as_ref().map_or(0, |s| s.epoch), "the active Elasticsearch changed: writes and reads move");
+                members.stores().search.store(Arc::new(search));
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%active, %error, "the promoted Elasticsearch is not usable yet; retrying")
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Watches the MemberStore of `config` until `shutdown`.
 pub fn follow(
     api: Api<MemberStore>,
-    name: &str,
+    config: super::Config,
     members: Arc<Members>,
     mode: watch::Sender<Mode>,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    let selector = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let selector = watcher::Config::default().fields(&format!("metadata.name={}", config.store));
     let deadline = members.timing.deadline;
     tokio::spawn(async move {
         let mut updates = watcher(api, selector).default_backoff().applied_objects().boxed();
@@ -62,7 +99,10 @@ pub fn follow(
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 next = updates.try_next() => match next {
-                    Ok(Some(store)) => apply(&store, &members, deadline, &mode),
+                    Ok(Some(store)) => {
+                        apply(&store, &members, deadline, &mode);
+                        activate(&store, &config, &members, &shutdown).await;
+                    }
                     Ok(None) => return,
                     Err(error) => tracing::warn!(%error, "watching the MemberStore failed; keeping what is in force"),
                 }

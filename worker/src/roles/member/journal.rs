@@ -92,7 +92,7 @@ async fn sweep(members: &Members, since_ms: i64) -> Result<u64, super::service::
     // A search sees the index as of its last refresh: a write made just
     // before the catch-up would be missed.
     members
-        .call(Elasticsearch, "elasticsearch", stores.index.refresh())
+        .call(Elasticsearch, "elasticsearch", stores.search().index.refresh())
         .await?;
     let mut after = None;
     let mut brought = 0;
@@ -101,7 +101,7 @@ async fn sweep(members: &Members, since_ms: i64) -> Result<u64, super::service::
             .call(
                 Elasticsearch,
                 "elasticsearch",
-                stores.index.changed_since(since_ms, after, SWEEP_PAGE),
+                stores.search().index.changed_since(since_ms, after, SWEEP_PAGE),
             )
             .await?;
         for member in &page {

@@ -20,6 +20,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+
 use ballast_crds::member_store::{DataCenter, GuardedDependency};
 use ballast_crds::{MemberStore, Mode};
 use ballast_flow::breaker::BreakerConfig;
@@ -38,7 +40,7 @@ use crate::members::search::MemberIndex;
 use crate::members::sql::{DbError, MemberDb};
 use crate::members::stream::{ChangeStream, StreamError};
 use crate::secret::Secret;
-use service::{Members, Stores, Timing};
+use service::{Members, Search, Stores, Timing};
 pub use write::{Done, new_member_id};
 
 /// Settings of a member process.
@@ -165,6 +167,22 @@ async fn cache(
     }
 }
 
+/// The member index and claims of data centre `dc`'s Elasticsearch, their
+/// templates installed.
+pub async fn search_of(config: &Config, dc: &DataCenter) -> Result<Search, Error> {
+    let es = crate::connect::elasticsearch(&dc.elasticsearch.url, config.es_credentials.clone())
+        .map_err(StartupError::ColdOptions)?;
+    let index = MemberIndex::new(es.clone(), &config.namespace, &config.store, config.deadline);
+    let claims = Claims::new(es, &config.namespace, &config.store, config.deadline);
+    index.install().await?;
+    claims.install().await?;
+    Ok(Search {
+        data_center: dc.name.clone(),
+        index,
+        claims,
+    })
+}
+
 /// Connects to everything `store` names for data centre `config.data_center`:
 /// prepares MySQL (shard map, tables), the Elasticsearch templates and the
 /// change stream's topic, and waits for every data centre's cache to answer
@@ -218,14 +236,10 @@ pub async fn connect(
             ))
         })??
     };
+    let search = search_of(config, active).await?;
     let es = |url: &str| {
         crate::connect::elasticsearch(url, config.es_credentials.clone()).map_err(StartupError::ColdOptions)
     };
-    let active_es = es(&active.elasticsearch.url)?;
-    let index = MemberIndex::new(active_es.clone(), &config.namespace, &config.store, deadline);
-    let claims = Claims::new(active_es, &config.namespace, &config.store, deadline);
-    index.install().await?;
-    claims.install().await?;
     let marketing = match &spec.marketing_elasticsearch {
         Some(m) => {
             let index = MemberIndex::new(es(&m.url)?, &config.namespace, &config.store, deadline);
@@ -252,8 +266,7 @@ pub async fn connect(
         primary: primary_db,
         local: local_db,
         local_is_primary,
-        index,
-        claims,
+        search: Arc::new(ArcSwap::from_pointee(search)),
         marketing,
         caches,
         local_cache,
@@ -290,7 +303,13 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
     follow::apply(&store, &members, deadline, &mode_tx);
     let stopped = CancellationToken::new();
     let _stopped_guard = stopped.clone().drop_guard();
-    follow::follow(api, &config.store, Arc::clone(&members), mode_tx, stopped.clone());
+    follow::follow(
+        api,
+        config.clone(),
+        Arc::clone(&members),
+        mode_tx,
+        stopped.clone(),
+    );
 
     let consumer = Arc::new(consume::consumer(
         &spec.change_stream,

@@ -40,7 +40,7 @@ impl Members {
             },
         };
         let member = if self.path().reads_elasticsearch() {
-            self.call(Elasticsearch, "elasticsearch", self.stores.index.get(id))
+            self.call(Elasticsearch, "elasticsearch", self.stores.search().index.get(id))
                 .await?
         } else {
             self.read_mysql(id, read_after).await?
@@ -96,9 +96,10 @@ impl Members {
             return Ok(answers);
         }
         let asked: Vec<Identity> = misses.iter().map(|(at, _)| identities[*at].clone()).collect();
+        let search = self.stores.search();
         let (index, cluster, fill) = match (&self.stores.marketing, class) {
             (Some(marketing), Class::Marketing) => (marketing, "marketing", false),
-            _ => (&self.stores.index, "primary", true),
+            _ => (&search.index, "primary", true),
         };
         // The marketing cluster is outside the Elasticsearch breaker, which
         // guards the order flow's cluster: its failures must not open it.

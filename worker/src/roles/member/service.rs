@@ -34,10 +34,9 @@ pub struct Stores {
     pub local: MemberDb,
     /// Whether `local` is the primary.
     pub local_is_primary: bool,
-    /// The active Elasticsearch cluster's member index.
-    pub index: MemberIndex,
-    /// The identity claims beside it.
-    pub claims: Claims,
+    /// The active data centre's Elasticsearch, replaced when the operator
+    /// promotes another.
+    pub search: Arc<ArcSwap<Search>>,
     /// The marketing cluster's member index, if there is one.
     pub marketing: Option<MemberIndex>,
     /// Every data centre's cache; each write invalidates all of them.
@@ -48,6 +47,24 @@ pub struct Stores {
     pub keys: Keys,
     /// The change stream (and journal).
     pub stream: ChangeStream,
+}
+
+/// The active data centre's Elasticsearch: its member index and the
+/// identity claims beside it.
+pub struct Search {
+    /// The data centre.
+    pub data_center: String,
+    /// Its member index.
+    pub index: MemberIndex,
+    /// Its identity claims.
+    pub claims: Claims,
+}
+
+impl Stores {
+    /// The active data centre's Elasticsearch, as it is now.
+    pub fn search(&self) -> Arc<Search> {
+        self.search.load_full()
+    }
 }
 
 /// Settings of the operations.

@@ -112,7 +112,7 @@ impl Members {
         let registering = matches!(change, Change::Register { .. });
         if repair && !registering {
             let newest = self
-                .call(Elasticsearch, "elasticsearch", stores.index.get(id))
+                .call(Elasticsearch, "elasticsearch", stores.search().index.get(id))
                 .await?;
             if let Some(newest) = newest {
                 self.call(Mysql, "mysql", stores.primary.put_state(&newest))
@@ -141,11 +141,15 @@ impl Members {
         // Unchanged (a repeated bind), the rest is still written: a retry of
         // a write whose first attempt failed midway completes it.
         let after = &effect.after;
-        self.call(Elasticsearch, "elasticsearch", stores.index.put(after))
+        self.call(Elasticsearch, "elasticsearch", stores.search().index.put(after))
             .await?;
         for identity in &effect.claimed {
-            self.call(Elasticsearch, "elasticsearch", stores.claims.set(identity, id))
-                .await?;
+            self.call(
+                Elasticsearch,
+                "elasticsearch",
+                stores.search().claims.set(identity, id),
+            )
+            .await?;
         }
         self.release_claims(&effect.released, id).await?;
         self.publish(stream::Path::Mysql, after).await?;
@@ -161,7 +165,7 @@ impl Members {
         let stores = &self.stores;
         for _ in 0..ATTEMPTS {
             let before = self
-                .call(Elasticsearch, "elasticsearch", stores.index.get(id))
+                .call(Elasticsearch, "elasticsearch", stores.search().index.get(id))
                 .await?;
             let before_ids = before.iter().flat_map(|m| m.identities.iter());
             let mut keys = stale_keys(id, before_ids.chain(named(change)));
@@ -179,7 +183,11 @@ impl Members {
             let mut taken: Vec<&Identity> = Vec::new();
             for identity in &effect.claimed {
                 let claim = self
-                    .call(Elasticsearch, "elasticsearch", stores.claims.claim(identity, id))
+                    .call(
+                        Elasticsearch,
+                        "elasticsearch",
+                        stores.search().claims.claim(identity, id),
+                    )
                     .await;
                 match claim {
                     Ok(Claim::Held) => taken.push(identity),
@@ -201,7 +209,7 @@ impl Members {
                 .call(
                     Elasticsearch,
                     "elasticsearch",
-                    stores.index.put_next(&effect.after),
+                    stores.search().index.put_next(&effect.after),
                 )
                 .await;
             match put {
@@ -243,7 +251,7 @@ impl Members {
             self.call(
                 Elasticsearch,
                 "elasticsearch",
-                self.stores.claims.release(identity, id),
+                self.stores.search().claims.release(identity, id),
             )
             .await?;
         }
@@ -259,7 +267,7 @@ impl Members {
                 .call(
                     Elasticsearch,
                     "elasticsearch",
-                    self.stores.claims.release(identity, id),
+                    self.stores.search().claims.release(identity, id),
                 )
                 .await
             {
