@@ -200,8 +200,11 @@ node_pki() {
   kubeconfig "$state/kube/scheduler.kubeconfig" kube-scheduler
 }
 
+# The kubelet answers on its own, and the API server says the node is Ready (a Node
+# object outlives a stopped kubelet, Ready, until the lifecycle controller notices).
 node_ready() {
-  "$bin/kubectl" --kubeconfig "$state/kube/admin.kubeconfig" get node "$node_name" \
+  curl -sf "http://$host:$BALLAST_PORT_KUBELET_HEALTHZ/healthz" >/dev/null &&
+    "$bin/kubectl" --kubeconfig "$state/kube/admin.kubeconfig" get node "$node_name" \
     -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null | grep -qx True
 }
 
