@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ballast_crds::degradation_policy::ProbeSpec;
-use ballast_crds::member_store::{MARKETING, PROMOTE_ANNOTATION, replica_group};
+use ballast_crds::member_store::{PROMOTE_ANNOTATION, replica_group};
 use ballast_crds::{MemberStore, Mode};
 use ballast_node::probe::Endpoint;
 use futures::StreamExt;
@@ -202,8 +202,8 @@ async fn reconcile(ms: Arc<MemberStore>, ctl: Arc<Ctl>) -> Result<Action, Error>
         measured.push((cluster, m));
     }
     let now = Timestamp::now();
-    let mut computed = status::compute(&ms, &measured, now);
-    let lags = lag_verdicts(&ms, &measured, &computed.replication);
+    let replication = status::replication(&ms, &measured, now);
+    let lags = status::verdicts(&ms, &measured, &replication);
 
     let active = ms.active_data_center().to_owned();
     let primary = ms.spec.primary.clone();
@@ -252,16 +252,15 @@ async fn reconcile(ms: Arc<MemberStore>, ctl: Arc<Ctl>) -> Result<Action, Error>
             message.clone(),
         ),
     };
-    let previous = ms.status.clone().unwrap_or_default();
-    let desired = [status::in_sync(&ms, &measured, &computed.replication), condition];
-    computed.conditions =
-        ballast_crds::conditions::compute(&previous.conditions, &desired, ms.metadata.generation, &Time(now));
+    let previous_epoch = ms.status.as_ref().map_or(0, |s| s.epoch);
+    let desired = [status::in_sync(&ms, &measured, &lags), condition];
+    let mut computed = status::compute(&ms, replication, &desired, now);
 
     let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
     let reference = ms.object_ref(&());
     if let Decision::Promote { to, reason, message } = &decision {
         computed.active_data_center = Some(to.clone());
-        computed.epoch = previous.epoch + 1;
+        computed.epoch = previous_epoch + 1;
         computed.since = Some(Time(now));
         tracing::warn!(from = %active, to = %to, epoch = computed.epoch, reason, %message, "active data centre changed");
         ctx.metrics
@@ -315,31 +314,6 @@ async fn reconcile(ms: Arc<MemberStore>, ctl: Arc<Ctl>) -> Result<Action, Error>
     let period =
         Duration::from_secs(u64::try_from(ms.spec.promotion.probe.period_seconds.max(1)).unwrap_or(1));
     Ok(Action::requeue(MEASURE_EVERY.min(period * 2)))
-}
-
-/// Each kept data centre's lag as the promotion weighs it. Pure.
-fn lag_verdicts(
-    ms: &MemberStore,
-    measured: &[status::Measurement],
-    replication: &[ballast_crds::member_store::Replica],
-) -> BTreeMap<String, Lag> {
-    let budget = &ms.spec.promotion;
-    measured
-        .iter()
-        .filter(|(cluster, _)| cluster.name != MARKETING)
-        .map(|(cluster, m)| {
-            let replica = replication.iter().find(|r| r.cluster == cluster.name);
-            let lag = match (m, replica) {
-                (Ok(_), Some(r)) if status::over_budget(r, budget) => Lag::Over(format!(
-                    "{} lacks {} change record(s), the oldest {:.1} s old, over the budget of {} and {} s",
-                    r.cluster, r.lag_events, r.lag_seconds, budget.max_lag_events, budget.max_lag_seconds
-                )),
-                (Ok(_), Some(r)) => Lag::Within(r.lag_events),
-                _ => Lag::Unknown,
-            };
-            (cluster.name.clone(), lag)
-        })
-        .collect()
 }
 
 async fn publish(

@@ -183,7 +183,8 @@ fn promote_from_down(f: &Facts<'_>) -> Decision {
         Some(Lag::Over(lacks)) => Decision::Wait {
             reason: "LagOverBudget",
             message: format!(
-                "{active}'s Elasticsearch is down and {to} is not promoted: {lacks}; it is promoted once it has \
+                "{active}'s Elasticsearch is down and {to} is not promoted: {lacks}, over spec.promotion's budget; \
+                 it is promoted once it has \
                  caught up, or now with `kubectl annotate memberstore <name> ballast.dev/promote={to}`, losing them"
             ),
         },

@@ -1,7 +1,9 @@
 //! The MemberStore's status from what a reconcile measured: each kept
-//! cluster's replication, and whether every standby data centre is within
-//! the promotion's lag budget (`StandbyInSync`), which a promotion to it
-//! must be. Pure.
+//! cluster's replication, each standby's lag as the promotion weighs it, and
+//! whether every standby data centre is within the promotion's lag budget
+//! (`StandbyInSync`), which a promotion to it must be. Pure.
+
+use std::collections::BTreeMap;
 
 use ballast_crds::conditions::{self, Desired};
 use ballast_crds::member_store::{KeptCluster, MARKETING, Promotion, Replica};
@@ -10,6 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
 use super::lag::Measured;
+use super::promotion::Lag;
 
 /// A kept cluster's measurement, or why there is none.
 pub type Measurement = (KeptCluster, Result<Measured, String>);
@@ -35,12 +38,56 @@ pub fn over_budget(replica: &Replica, budget: &Promotion) -> bool {
     replica.lag_events > budget.max_lag_events || replica.lag_seconds > f64::from(budget.max_lag_seconds)
 }
 
-/// Whether every standby data centre is within `store`'s budget. Pure.
-pub fn in_sync(store: &MemberStore, measured: &[Measurement], replicas: &[Replica]) -> Desired {
+/// The replication to publish: each measured cluster's, and for a cluster
+/// that could not be measured its last entry, with its time. Pure.
+pub fn replication(store: &MemberStore, measured: &[Measurement], now: Timestamp) -> Vec<Replica> {
+    let previous = store
+        .status
+        .as_ref()
+        .map(|s| s.replication.as_slice())
+        .unwrap_or_default();
+    measured
+        .iter()
+        .filter_map(|(cluster, m)| match m {
+            Ok(m) => Some(replica(&cluster.name, m, now)),
+            Err(_) => previous.iter().find(|r| r.cluster == cluster.name).cloned(),
+        })
+        .collect()
+}
+
+/// Each standby data centre's lag as the promotion weighs it (the marketing
+/// cluster is never promoted). Pure.
+pub fn verdicts(
+    store: &MemberStore,
+    measured: &[Measurement],
+    replication: &[Replica],
+) -> BTreeMap<String, Lag> {
     let budget = &store.spec.promotion;
-    let standbys = measured.iter().filter(|(c, _)| c.name != MARKETING);
-    let unknown: Vec<String> = standbys
-        .clone()
+    measured
+        .iter()
+        .filter(|(cluster, _)| cluster.name != MARKETING)
+        .map(|(cluster, m)| {
+            let replica = replication.iter().find(|r| r.cluster == cluster.name);
+            let lag = match (m, replica) {
+                (Ok(_), Some(r)) if over_budget(r, budget) => Lag::Over(format!(
+                    "{} lacks {} change record(s), the oldest {:.1} s old",
+                    r.cluster, r.lag_events, r.lag_seconds
+                )),
+                (Ok(_), Some(r)) => Lag::Within(r.lag_events),
+                _ => Lag::Unknown,
+            };
+            (cluster.name.clone(), lag)
+        })
+        .collect()
+}
+
+/// Whether every standby data centre is within `store`'s budget, from its
+/// measurements (what failed, and why) and their `verdicts`. Pure.
+pub fn in_sync(store: &MemberStore, measured: &[Measurement], verdicts: &BTreeMap<String, Lag>) -> Desired {
+    let budget = &store.spec.promotion;
+    let unknown: Vec<String> = measured
+        .iter()
+        .filter(|(c, _)| c.name != MARKETING)
         .filter_map(|(c, m)| m.as_ref().err().map(|e| format!("{} ({e})", c.name)))
         .collect();
     if !unknown.is_empty() {
@@ -53,14 +100,11 @@ pub fn in_sync(store: &MemberStore, measured: &[Measurement], replicas: &[Replic
             ),
         );
     }
-    let over: Vec<String> = standbys
-        .filter_map(|(c, _)| replicas.iter().find(|r| r.cluster == c.name))
-        .filter(|r| over_budget(r, budget))
-        .map(|r| {
-            format!(
-                "{} lacks {} change record(s), the oldest {:.1} s old",
-                r.cluster, r.lag_events, r.lag_seconds
-            )
+    let over: Vec<&str> = verdicts
+        .values()
+        .filter_map(|lag| match lag {
+            Lag::Over(lacks) => Some(lacks.as_str()),
+            Lag::Within(_) | Lag::Unknown => None,
         })
         .collect();
     if over.is_empty() {
@@ -87,28 +131,20 @@ pub fn in_sync(store: &MemberStore, measured: &[Measurement], replicas: &[Replic
     }
 }
 
-/// The status to publish: the measured clusters' replication (a cluster
-/// that could not be measured keeps its last entry, with its time), the
-/// condition, the generation; everything else as it was. Pure.
-pub fn compute(store: &MemberStore, measured: &[Measurement], now: Timestamp) -> MemberStoreStatus {
+/// The status to publish: `replication`, the `desired` conditions, the
+/// generation; everything else as it was. Pure.
+pub fn compute(
+    store: &MemberStore,
+    replication: Vec<Replica>,
+    desired: &[Desired],
+    now: Timestamp,
+) -> MemberStoreStatus {
     let previous = store.status.clone().unwrap_or_default();
-    let replication: Vec<Replica> = measured
-        .iter()
-        .filter_map(|(cluster, m)| match m {
-            Ok(m) => Some(replica(&cluster.name, m, now)),
-            Err(_) => previous
-                .replication
-                .iter()
-                .find(|r| r.cluster == cluster.name)
-                .cloned(),
-        })
-        .collect();
-    let desired = [in_sync(store, measured, &replication)];
     MemberStoreStatus {
         observed_generation: store.metadata.generation,
         conditions: conditions::compute(
             &previous.conditions,
-            &desired,
+            desired,
             store.metadata.generation,
             &Time(now),
         ),
@@ -132,6 +168,13 @@ mod tests {
 
     fn at(ms: i64) -> Timestamp {
         Timestamp::from_millisecond(ms).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The status a reconcile would publish from `measured` (the standby condition only).
+    fn status_of(s: &MemberStore, measured: &[Measurement], now: Timestamp) -> MemberStoreStatus {
+        let replication = replication(s, measured, now);
+        let condition = in_sync(s, measured, &verdicts(s, measured, &replication));
+        compute(s, replication, &[condition], now)
     }
 
     fn measured(applied: i64, end: i64, oldest_missing_ms: Option<i64>) -> Result<Measured, String> {
@@ -210,7 +253,7 @@ mod tests {
         ];
         for ((standby, market), (holds, reason)) in cases {
             let measured = [(dc_b.clone(), standby), (marketing.clone(), market)];
-            let status = compute(&s, &measured, at(now));
+            let status = status_of(&s, &measured, at(now));
             let c = &status.conditions[0];
             assert_eq!(
                 (c.status == "True", c.reason.as_str()),
@@ -226,12 +269,12 @@ mod tests {
         let mut s = store();
         let dc_b = s.kept_clusters().into_iter().find(|c| c.name != MARKETING);
         let dc_b = dc_b.unwrap_or_else(|| panic!("a standby"));
-        let first = compute(&s, &[(dc_b.clone(), measured(3, 7, Some(1_000)))], at(2_000));
+        let first = status_of(&s, &[(dc_b.clone(), measured(3, 7, Some(1_000)))], at(2_000));
         s.status = Some(MemberStoreStatus {
             epoch: 4,
             ..first.clone()
         });
-        let second = compute(&s, &[(dc_b, Err("down".into()))], at(9_000));
+        let second = status_of(&s, &[(dc_b, Err("down".into()))], at(9_000));
         assert_eq!(second.replication, first.replication);
         assert_eq!(second.epoch, 4, "what the reconcile does not decide stays");
         assert_eq!(second.conditions[0].reason, "LagUnknown");

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use ballast_crds::{AnalyticsPipeline, DegradationPolicy};
+use ballast_crds::{AnalyticsPipeline, DegradationPolicy, MemberStore};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::Api;
 
@@ -69,6 +69,21 @@ pub async fn pipeline(
         .await
         .map_err(read(format!("DegradationPolicy {policy}")))?;
     Ok((ap, dp))
+}
+
+/// The MemberStore `name` in `namespace`.
+pub async fn member_store(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+) -> Result<MemberStore, StartupError> {
+    Api::<MemberStore>::namespaced(client.clone(), namespace)
+        .get(name)
+        .await
+        .map_err(|source| StartupError::Read {
+            what: format!("MemberStore {name}"),
+            source,
+        })
 }
 
 /// The pipeline's compute SQL: inline, or from its ConfigMap (read through the

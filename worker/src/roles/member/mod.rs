@@ -279,13 +279,7 @@ pub async fn connect(
 #[tracing::instrument(skip_all, fields(store = %config.store, dc = %config.data_center))]
 pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Result<(), Error> {
     let api: Api<MemberStore> = Api::namespaced(deps.client.clone(), &config.namespace);
-    let store = api
-        .get(&config.store)
-        .await
-        .map_err(|source| StartupError::Read {
-            what: format!("MemberStore {}", config.store),
-            source,
-        })?;
+    let store = startup::member_store(&deps.client, &config.namespace, &config.store).await?;
     let spec = &store.spec;
     let Some(stores) = connect(&store, &config, &shutdown).await? else {
         return Ok(());

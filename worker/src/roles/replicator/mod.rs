@@ -262,13 +262,7 @@ async fn measure(
 #[tracing::instrument(skip_all, fields(store = %config.store))]
 pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Result<(), Error> {
     let api: Api<MemberStore> = Api::namespaced(deps.client.clone(), &config.namespace);
-    let store = api
-        .get(&config.store)
-        .await
-        .map_err(|source| StartupError::Read {
-            what: format!("MemberStore {}", config.store),
-            source,
-        })?;
+    let store = startup::member_store(&deps.client, &config.namespace, &config.store).await?;
     let kafka = store.spec.change_stream.clone();
     ChangeStream::ensure_topic(&kafka, config.deadline * 5).await?;
     let mut registry = Registry::with_prefix("ballast");
