@@ -192,7 +192,7 @@ async fn samples_are_accepted_and_invalid_specs_rejected_with_their_message() ->
     ballast_e2e::install_crds(&client).await?;
 
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    let ns = format!("crd-validation-{}", std::process::id());
+    let ns = format!("crd-validation-{}", ballast_e2e::run_id());
     namespaces
         .create(
             &PostParams::default(),

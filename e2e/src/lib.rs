@@ -28,6 +28,26 @@ pub use manifests::{OPERATOR_USER, apply_manifest, grant_election, install_crds,
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+/// A number naming this test process's fixtures (Kafka topics, tables,
+/// namespaces, member identities), unique within and across runs of one stack.
+///
+/// The process id alone is not: with `pid_max` at 32768 a full `make test`
+/// reuses ids, and the stack's servers keep what earlier runs left (a fresh
+/// CI machine also hands out the same ids in the same order), so a test
+/// found an earlier test's topic or claim under its own name. The id is
+/// combined with the clock's seconds modulo 36^3 (13 h): two processes
+/// collide only with the same id in the same second of that cycle.
+pub fn run_id() -> u32 {
+    static ID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *ID.get_or_init(|| {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let cycle = u32::try_from(secs % 46_656).unwrap_or(0);
+        std::process::id().wrapping_mul(46_656).wrapping_add(cycle)
+    })
+}
+
 /// Why the stack's endpoints could not be found.
 #[derive(Debug, thiserror::Error)]
 pub enum StackError {
@@ -225,7 +245,7 @@ pub async fn delete_fixtures(client: &kube::Client) -> Result<usize, StackError>
 pub async fn pipeline_namespace(client: &kube::Client, prefix: &str) -> Result<String, StackError> {
     use k8s_openapi::api::core::v1::{Namespace, Secret};
     use kube::api::{Api, PostParams};
-    let name = format!("{prefix}-{}", std::process::id());
+    let name = format!("{prefix}-{}", run_id());
     let ns: Namespace = serde_json::from_value(
         // Every scenario's pods are admitted under the restricted Pod Security
         // Standard, as a hardened cluster would enforce it.
@@ -305,7 +325,7 @@ impl Stack {
         use kube::api::{Api, Patch, PatchParams};
         install_crds(client).await?;
         let ns = pipeline_namespace(client, prefix).await?;
-        let pipeline = format!("{prefix}{}", std::process::id());
+        let pipeline = format!("{prefix}{}", run_id());
         let ssa = PatchParams::apply("ballast-e2e").force();
         let policy = serde_json::json!({"apiVersion": "ballast.dev/v1alpha1", "kind": "DegradationPolicy",
                                         "metadata": {"name": "p"}, "spec": policy_spec});

@@ -156,8 +156,8 @@ fn line(what: &str, run: Run) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let stack = Stack::discover();
-    let name = format!("bench-{}", std::process::id());
-    let home = format!("m_bench_{}", std::process::id());
+    let name = format!("bench-{}", ballast_e2e::run_id());
+    let home = format!("m_bench_{}", ballast_e2e::run_id());
     stack.member_home(&home).await?;
     let mut spec = stack.member_store(&name, &home)?;
     spec["spec"]["flowControl"] =

@@ -37,7 +37,7 @@ async fn insert(conn: &mut mysql_async::Conn, table: &str, from: usize, n: usize
 /// A table of this test's own, shaped like `orders`: tests run in parallel,
 /// and each collector sees every insert into the tables it tracks.
 async fn own_table(db: &mut mysql_async::Conn, prefix: &str) -> anyhow::Result<String> {
-    let table = format!("{prefix}{}", std::process::id());
+    let table = format!("{prefix}{}", ballast_e2e::run_id());
     db.query_drop(format!("DROP TABLE IF EXISTS `{table}`")).await?;
     db.query_drop(format!("CREATE TABLE `{table}` LIKE orders"))
         .await?;
@@ -203,7 +203,7 @@ async fn a_dead_letter_survives_a_refusing_kafka_and_a_crash_and_carries_its_row
     let collector = f.collector().await?;
 
     // An empty merchant id: the row cannot be keyed, so it is a dead letter.
-    let amount = 700_000 + u64::from(std::process::id() % 100_000);
+    let amount = 700_000 + u64::from(ballast_e2e::run_id() % 100_000);
     insert(&mut db, &table, 0, 20).await?;
     db.exec_drop(
         format!("INSERT INTO `{table}` (merchant_id, amount) VALUES ('', ?)"),
@@ -296,7 +296,7 @@ async fn a_column_added_to_the_source_table_never_shifts_values_into_the_wrong_c
     let _serial = SERIAL.lock().await;
     let stack = Stack::discover();
     let client = stack.kube_client().await?;
-    let table = format!("altered{}", std::process::id());
+    let table = format!("altered{}", ballast_e2e::run_id());
     let patch = json!({"source": {"tables": [table]}});
     let (ns, pipeline) = stack
         .pipeline_fixture_with(&client, "ca", json!({}), patch)

@@ -32,7 +32,7 @@ fn event(id: &str, merchant: &str, time_ms: i64) -> ChangeEvent {
 #[tokio::test]
 async fn kv_buckets_read_back_by_window_and_merchant_without_duplicates() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
-    let pipeline = format!("kvtest-{}", std::process::id());
+    let pipeline = format!("kvtest-{}", ballast_e2e::run_id());
     let (mut kv, _) = store(&pipeline).await?;
 
     let batch = vec![
@@ -84,7 +84,7 @@ async fn kv_buckets_read_back_by_window_and_merchant_without_duplicates() -> any
 async fn a_key_recreated_after_a_kv_restart_gets_its_ttl_at_the_next_write() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let _restore = scenario::RestoreStack;
-    let pipeline = format!("kvttl-{}", std::process::id());
+    let pipeline = format!("kvttl-{}", ballast_e2e::run_id());
     let (mut kv, mut conn) = store(&pipeline).await?;
     let key = Layout::new(&pipeline, 60_000).merchant_key(60_000, "m1");
     let ttl = |mut conn: redis::aio::ConnectionManager| {

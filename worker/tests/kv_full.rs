@@ -70,7 +70,7 @@ async fn a_full_kv_store_refuses_writes_and_keeps_every_event_it_took() -> anyho
         .query_async(&mut admin)
         .await?;
 
-    let pipeline = format!("full{}", std::process::id());
+    let pipeline = format!("full{}", ballast_e2e::run_id());
     let mut kv = KvStore::new(
         client.get_connection_manager().await?,
         Layout::new(&pipeline, WINDOW_MS),

@@ -24,7 +24,7 @@ const DEADLINE: Duration = Duration::from_secs(2);
 /// A MemberStore of this test process named `name`, with its home database made.
 async fn store(name: &str) -> anyhow::Result<(MemberStore, String)> {
     let stack = Stack::discover();
-    let name = format!("{name}-{}", std::process::id());
+    let name = format!("{name}-{}", ballast_e2e::run_id());
     let home = format!("m_{}", name.replace('-', "_"));
     stack.member_home(&home).await?;
     let store: MemberStore = serde_json::from_value(stack.member_store(&name, &home)?)?;
@@ -157,7 +157,7 @@ async fn many_readers_and_writers_in_both_data_centres_leave_no_stale_entry() ->
     let (store, name) = store("stress").await?;
     let dc_a = members(&store, stores(&store, &name, "dc-a").await?);
     let dc_b = members(&store, stores(&store, &name, "dc-b").await?);
-    let base = u64::from(std::process::id()) * 1_000;
+    let base = u64::from(ballast_e2e::run_id()) * 1_000;
     let mut ids = Vec::new();
     for n in 0..8u64 {
         let change = Change::Register {

@@ -48,7 +48,7 @@ fn slot(test: &str) -> Slot {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
     Slot {
-        pipeline: format!("{test}-{}-{nanos}", std::process::id()),
+        pipeline: format!("{test}-{}-{nanos}", ballast_e2e::run_id()),
         granularity: Granularity::Window,
         window_start_ms: 1_800_000,
     }

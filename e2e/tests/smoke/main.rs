@@ -17,5 +17,5 @@ fn unique(prefix: &str) -> String {
         .duration_since(UNIX_EPOCH)
         .expect("clock after 1970")
         .as_nanos();
-    format!("{prefix}-{}-{nanos}", std::process::id())
+    format!("{prefix}-{}-{nanos}", ballast_e2e::run_id())
 }

@@ -34,7 +34,7 @@ async fn mysql_insert_is_read_back_from_the_binlog_stream() -> anyhow::Result<()
     )
     .await?;
 
-    let server_id = 1_000_000 + std::process::id() % 1_000_000;
+    let server_id = 1_000_000 + ballast_e2e::run_id() % 1_000_000;
     let mut stream = Conn::new(opts)
         .await?
         .get_binlog_stream(
