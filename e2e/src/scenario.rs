@@ -1,7 +1,7 @@
 //! What scenario tests and the demo wait on: a condition polled until a
 //! deadline, a pipeline's or a worker's readiness, a free port, and a metric
-//! scraped from a worker's `/metrics`; and the guard that restarts servers a
-//! scenario stopped.
+//! scraped from a worker's `/metrics`; and the guards that restart servers a
+//! scenario stopped and thaw one it froze.
 
 use std::time::{Duration, Instant};
 
@@ -14,6 +14,16 @@ pub struct RestoreStack;
 impl Drop for RestoreStack {
     fn drop(&mut self) {
         let _ = crate::stack_script(&["up"]);
+    }
+}
+
+/// Thaws (`stack.sh resume`) the server a scenario froze when dropped,
+/// whatever happened: a failed assertion must not leave it frozen.
+pub struct Thaw(pub &'static str);
+
+impl Drop for Thaw {
+    fn drop(&mut self) {
+        let _ = crate::stack_script(&["resume", self.0]);
     }
 }
 

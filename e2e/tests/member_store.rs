@@ -76,6 +76,7 @@ async fn publish(stream: &ChangeStream, n: u64) -> anyhow::Result<()> {
             .publish(&Record {
                 path: Path::Mysql,
                 member,
+                epoch: 0,
             })
             .await?;
     }
@@ -119,7 +120,7 @@ async fn fixture(
 ) -> anyhow::Result<(String, String, MemberStore)> {
     ballast_e2e::install_crds(client).await?;
     let ns = ballast_e2e::pipeline_namespace(client, prefix).await?;
-    let name = format!("{prefix}-{}", std::process::id());
+    let name = format!("{prefix}-{}", ballast_e2e::run_id());
     let mut store = stack.member_store(&name, "unused")?;
     store["spec"]["promotion"] = promotion;
     Api::<MemberStore>::namespaced(client.clone(), &ns)

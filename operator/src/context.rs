@@ -16,7 +16,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, watch};
 
-use crate::member_store::StoreState;
+use crate::member_store::{StoreState, Watched};
 use crate::mode::{Observation, Thresholds};
 use crate::probe::{PipelineState, Shared, TargetKey};
 
@@ -330,18 +330,19 @@ impl Context {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Feeds one probe of data centre `dc`'s Elasticsearch to a store's
+    /// Feeds one probe of what a store watches in data centre `dc` to its
     /// machine; true when its mode changed.
     pub fn observe_store(
         &self,
         key: &ObjectRef<MemberStore>,
+        watched: Watched,
         dc: &str,
         observation: Observation,
         thresholds: Thresholds,
     ) -> bool {
         self.stores()
             .get_mut(key)
-            .is_some_and(|state| state.step(dc, Some(observation), thresholds, Timestamp::now()))
+            .is_some_and(|state| state.step(watched, dc, Some(observation), thresholds, Timestamp::now()))
     }
 
     /// Asks for a reconcile of MemberStore `key` soon.

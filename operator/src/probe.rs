@@ -17,6 +17,7 @@ use kube::runtime::reflector::ObjectRef;
 use tokio_util::sync::CancellationToken;
 
 use crate::context::Context;
+use crate::member_store::Watched;
 use crate::mode::{self, Input, Observation, Thresholds};
 
 /// What one prober probes and how.
@@ -121,8 +122,8 @@ impl TargetKey {
 pub enum Feed {
     /// One dependency of a pipeline.
     Pipeline(ObjectRef<AnalyticsPipeline>, Dependency),
-    /// One data centre's Elasticsearch of a MemberStore.
-    Store(ObjectRef<MemberStore>, String),
+    /// One data centre's Elasticsearch or cache of a MemberStore.
+    Store(ObjectRef<MemberStore>, Watched, String),
 }
 
 /// A machine that a shared prober feeds.
@@ -220,8 +221,8 @@ async fn run(ctx: Context, target: TargetKey, token: CancellationToken) {
                         ctx.trigger(key);
                     }
                 }
-                Feed::Store(key, dc) => {
-                    if ctx.observe_store(&key, &dc, observation, s.thresholds) {
+                Feed::Store(key, watched, dc) => {
+                    if ctx.observe_store(&key, watched, &dc, observation, s.thresholds) {
                         ctx.trigger_store(key);
                     }
                 }

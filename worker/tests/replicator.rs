@@ -75,6 +75,7 @@ async fn publish(stream: &ChangeStream, members: impl IntoIterator<Item = Member
             .publish(&Record {
                 path: Path::Mysql,
                 member,
+                epoch: 0,
             })
             .await?;
     }
@@ -106,7 +107,7 @@ async fn the_replicator_keeps_the_standby_and_marketing_clusters_and_replays_onl
     let client = stack.kube_client().await?;
     ballast_e2e::install_crds(&client).await?;
     let namespace = ballast_e2e::pipeline_namespace(&client, "replicator").await?;
-    let name = format!("replicated-{}", std::process::id());
+    let name = format!("replicated-{}", ballast_e2e::run_id());
     let store: MemberStore = serde_json::from_value(stack.member_store(&name, "unused")?)?;
     Api::<MemberStore>::namespaced(client.clone(), &namespace)
         .patch(

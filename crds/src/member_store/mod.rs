@@ -176,6 +176,11 @@ impl MemberStore {
             .unwrap_or(&self.spec.primary)
     }
 
+    /// The epoch of the active data centre (0 until the operator first promotes one).
+    pub fn epoch(&self) -> i64 {
+        self.status.as_ref().map_or(0, |s| s.epoch)
+    }
+
     /// The clusters the replicator keeps: every data centre's but the
     /// active one's, and the marketing cluster; in a stable order.
     pub fn kept_clusters(&self) -> Vec<KeptCluster> {
@@ -453,7 +458,7 @@ mod tests {
     use super::*;
 
     fn sample() -> MemberStore {
-        serde_yaml::from_str(include_str!("../../manifests/samples/memberstore.yaml"))
+        serde_yaml::from_str(include_str!("../../../manifests/samples/memberstore.yaml"))
             .unwrap_or_else(|e| panic!("sample MemberStore: {e}"))
     }
 

@@ -253,7 +253,7 @@ async fn a_published_degraded_mysql_moves_writes_to_elasticsearch_and_back_once_
     unjournaled.level = "unjournaled".into();
     unjournaled.version += 1;
     unjournaled.updated_ms = k8s_openapi::jiff::Timestamp::now().as_millisecond();
-    index.put_next(&unjournaled).await?;
+    index.put_next(&unjournaled, 0).await?;
     publish_mysql(&f, "Normal", 2).await?;
     until_path(f.a.metrics, 0.0).await?;
     // The catch-up's sweep brought it into MySQL before the path came back.

@@ -7,6 +7,7 @@
 //! they run one at a time.
 
 mod api;
+mod caches;
 mod faults;
 mod promotion;
 mod support;

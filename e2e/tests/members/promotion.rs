@@ -10,7 +10,7 @@ use ballast_crds::MemberStore;
 use ballast_e2e::scenario::{self, eventually};
 use ballast_worker::members::search::MemberIndex;
 use ballast_worker::roles::{Deps, replicator};
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use tokio_util::sync::CancellationToken;
 
 use crate::ONE_AT_A_TIME;
@@ -23,15 +23,7 @@ async fn a_promotion_moves_both_data_centres_writes_and_reads_to_the_standby_wit
     let f = Fixture::start("ms-promote").await?;
     let client = f.stack.kube_client().await?;
     let api: Api<MemberStore> = Api::namespaced(client.clone(), &f.namespace);
-    let fast = serde_json::json!({"spec": {"promotion": {
-        "probe": {"periodSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 2, "successThreshold": 2},
-    }}});
-    api.patch(&f.name, &PatchParams::default(), &Patch::Merge(&fast))
-        .await?;
-    let _operator = f
-        .stack
-        .operator(&ballast_e2e::binary("ballast-operator")?, &f.namespace)
-        .await?;
+    let _operator = f.operate().await?;
     let port = scenario::free_port()?;
     let shutdown = CancellationToken::new();
     let config = replicator::Config {

@@ -34,7 +34,7 @@ impl Fixture {
         let client = stack.kube_client().await?;
         install_crds(&client).await?;
         let namespace = pipeline_namespace(&client, prefix).await?;
-        let name = format!("{prefix}{}", std::process::id());
+        let name = format!("{prefix}{}", ballast_e2e::run_id());
         let home = format!("m_{}", name.replace('-', "_"));
         stack.member_home(&home).await?;
         let mut store = stack.member_store(&name, &home)?;
@@ -84,6 +84,23 @@ impl Fixture {
             account: account.into(),
             class: class.into(),
         })
+    }
+
+    /// Runs the operator on the store's namespace, probing each data centre
+    /// every second (1 s timeout; 2 lost probes find a server down, 2
+    /// answers back up).
+    pub async fn operate(&self) -> anyhow::Result<ballast_e2e::KillOnDrop> {
+        let client = self.stack.kube_client().await?;
+        let fast = serde_json::json!({"spec": {"promotion": {
+            "probe": {"periodSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 2, "successThreshold": 2},
+        }}});
+        Api::<ballast_crds::MemberStore>::namespaced(client, &self.namespace)
+            .patch(&self.name, &PatchParams::default(), &Patch::Merge(&fast))
+            .await?;
+        Ok(self
+            .stack
+            .operator(&ballast_e2e::binary("ballast-operator")?, &self.namespace)
+            .await?)
     }
 
     /// The cache key of member `id`'s entry.
@@ -171,7 +188,7 @@ impl Caller {
 pub fn phone(n: u64) -> Identity {
     Identity {
         kind: IdentityKind::Phone.into(),
-        value: format!("139{:04}{:04}", std::process::id() % 10_000, n % 10_000),
+        value: format!("139{:04}{:04}", ballast_e2e::run_id() % 10_000, n % 10_000),
     }
 }
 
@@ -179,7 +196,7 @@ pub fn phone(n: u64) -> Identity {
 pub fn card(n: u64) -> Identity {
     Identity {
         kind: IdentityKind::ElongCard.into(),
-        value: format!("{}{:06}", std::process::id(), n),
+        value: format!("{}{:06}", ballast_e2e::run_id(), n),
     }
 }
 

@@ -1,5 +1,7 @@
-//! The MemberStore controller: probes each data centre's Elasticsearch
-//! through the shared probers (the pure mode machine finds it down), measures
+//! The MemberStore controller: probes each data centre's Elasticsearch and
+//! member cache through the shared probers (the pure mode machine finds them
+//! down), takes a cache that does not answer out of use and empties it when
+//! it returns, before it is read again ([`caches`]), measures
 //! how far each kept cluster is behind the change stream from its
 //! replicator's consumer group ([`lag`]), decides which data centre is active
 //! ([`promotion`]: promotion within the lag budget or when a person names
@@ -8,6 +10,8 @@
 //! and the conditions ([`status`]), an Event and a log line per promotion.
 //! The member-service and replicator workloads come next (#16).
 
+pub mod caches;
+pub mod fetch;
 pub mod lag;
 pub mod promotion;
 pub mod status;
@@ -57,15 +61,30 @@ pub enum Error {
     /// Publishing an Event failed.
     #[error("publishing an event: {0}")]
     Event(#[source] kube::Error),
+    /// A credential the spec references could not be read: the probes keep
+    /// what they had rather than probe without it (and find a secured server down).
+    #[error(transparent)]
+    Credentials(#[from] fetch::FetchError),
+}
+
+/// What a MemberStore's probers watch in each data centre.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Watched {
+    /// Its Elasticsearch: down, another data centre is promoted.
+    Elasticsearch,
+    /// Its member cache (Redis): down, writes leave it out ([`caches`]).
+    Cache,
 }
 
 /// What the probers and the reconciles of one MemberStore share.
 #[derive(Debug, Default)]
 pub struct StoreState {
-    /// The detected health of each data centre's Elasticsearch.
-    pub machines: BTreeMap<String, mode::Machine>,
-    /// What the store is subscribed to probe: (data centre, endpoint, probe).
-    targets: Option<Vec<(String, Endpoint, ProbeSpec)>>,
+    /// The detected health of what is watched in each data centre.
+    pub machines: BTreeMap<(Watched, String), mode::Machine>,
+    /// What the store is subscribed to probe.
+    targets: Option<Vec<Target>>,
+    /// Each data centre's cache since it last changed mode.
+    caches: BTreeMap<String, caches::Returning>,
     /// Since when the primary, while kept, has lacked no record (this
     /// operator's clock: a new leader starts the dwell again).
     primary_caught_up_since: Option<tokio::time::Instant>,
@@ -74,10 +93,14 @@ pub struct StoreState {
     last_reason: Option<&'static str>,
 }
 
+/// One probe of a store: what, in which data centre, where and how.
+type Target = (Watched, String, Endpoint, ProbeSpec);
+
 impl StoreState {
-    /// Steps data centre `dc`'s machine; true when its mode changed.
+    /// Steps the machine of `watched` in data centre `dc`; true when its mode changed.
     pub fn step(
         &mut self,
+        watched: Watched,
         dc: &str,
         observation: Option<Observation>,
         thresholds: Thresholds,
@@ -85,25 +108,49 @@ impl StoreState {
     ) -> bool {
         let machine = self
             .machines
-            .entry(dc.to_owned())
+            .entry((watched, dc.to_owned()))
             .or_insert_with(|| mode::Machine::new(now));
+        let switched_back = match watched {
+            // An answering cluster is usable at once.
+            Watched::Elasticsearch => true,
+            // A returning cache only once it has been emptied.
+            Watched::Cache => self.caches.get(dc).is_some_and(|c| c.emptied),
+        };
         let input = Input {
             observation,
-            // Nothing switches back: an answering cluster is usable at once.
-            switched_back: true,
+            switched_back,
             forced: None,
             paused: false,
         };
         let step = mode::machine::step(machine, input, thresholds, now);
         *machine = step.machine;
-        step.transition.is_some()
+        let Some(transition) = step.transition else {
+            return false;
+        };
+        if watched == Watched::Cache {
+            let mode = machine.mode;
+            self.caches.entry(dc.to_owned()).or_default().entered(
+                mode,
+                transition.reason(),
+                tokio::time::Instant::now(),
+            );
+        }
+        true
+    }
+
+    /// The mode of what is watched in `dc` (Normal until probed).
+    fn mode(&self, watched: Watched, dc: &str) -> Mode {
+        self.machines
+            .get(&(watched, dc.to_owned()))
+            .map_or(Mode::Normal, |m| m.mode)
     }
 
     /// Whether each probed data centre's Elasticsearch answers.
     fn up(&self) -> BTreeMap<String, bool> {
         self.machines
             .iter()
-            .map(|(dc, m)| (dc.clone(), m.mode != Mode::Degraded))
+            .filter(|((watched, _), _)| *watched == Watched::Elasticsearch)
+            .map(|((_, dc), m)| (dc.clone(), m.mode != Mode::Degraded))
             .collect()
     }
 }
@@ -141,40 +188,70 @@ pub async fn run(
     ctx.stores().clear();
 }
 
-/// The probes of each data centre's Elasticsearch.
-fn targets(ms: &MemberStore) -> Vec<(String, Endpoint, ProbeSpec)> {
+/// The probes of each data centre's Elasticsearch and cache, with their credentials.
+fn targets(ms: &MemberStore, credentials: &fetch::Credentials) -> Vec<Target> {
+    let probe = &ms.spec.promotion.probe;
     ms.spec
         .data_centers
         .iter()
-        .map(|dc| {
-            let endpoint = Endpoint::Elasticsearch {
+        .flat_map(|dc| {
+            let search = Endpoint::Elasticsearch {
                 url: dc.elasticsearch.url.clone(),
-                credentials: None,
+                credentials: credentials.elasticsearch.get(&dc.name).cloned(),
             };
-            (dc.name.clone(), endpoint, ms.spec.promotion.probe.clone())
+            let cache = Endpoint::redis(&dc.redis, credentials.redis.get(&dc.name).cloned());
+            [
+                (Watched::Elasticsearch, dc.name.clone(), search, probe.clone()),
+                (Watched::Cache, dc.name.clone(), cache, probe.clone()),
+            ]
         })
         .collect()
 }
 
 /// Brings the store's subscriptions in line with its spec and steps each
 /// machine once without a probe; the state's copy for the decision.
-fn sync(ctx: &Context, key: &ObjectRef<MemberStore>, ms: &MemberStore) -> BTreeMap<String, bool> {
-    let want = targets(ms);
+fn sync(
+    ctx: &Context,
+    key: &ObjectRef<MemberStore>,
+    ms: &MemberStore,
+    credentials: &fetch::Credentials,
+) -> BTreeMap<String, bool> {
+    let want = targets(ms, credentials);
     let thresholds = probe::thresholds(&ms.spec.promotion.probe);
     let changed = ctx.stores().get(key).and_then(|s| s.targets.as_ref()) != Some(&want);
     if changed {
         // Subscribing takes the probers' lock: never while holding the stores'.
-        probe::detach(ctx, |feed| matches!(feed, Feed::Store(k, _) if k == key));
-        for (dc, endpoint, spec) in &want {
-            probe::attach(ctx, Feed::Store(key.clone(), dc.clone()), endpoint, spec);
+        probe::detach(ctx, |feed| matches!(feed, Feed::Store(k, ..) if k == key));
+        for (watched, dc, endpoint, spec) in &want {
+            probe::attach(
+                ctx,
+                Feed::Store(key.clone(), *watched, dc.clone()),
+                endpoint,
+                spec,
+            );
         }
     }
     let mut stores = ctx.stores();
     let state = stores.entry(key.clone()).or_default();
     state.targets = Some(want);
     let now = Timestamp::now();
+    for published in ms.status.iter().flat_map(|s| &s.caches) {
+        // A new leader goes on from what was published: a cache published
+        // down stays out of use until it has answered and been emptied.
+        let since = published.since.0;
+        state
+            .machines
+            .entry((Watched::Cache, published.data_center.clone()))
+            .or_insert_with(|| mode::Machine {
+                mode: published.mode,
+                since,
+                ..mode::Machine::new(since)
+            });
+    }
     for dc in &ms.spec.data_centers {
-        state.step(&dc.name, None, thresholds, now);
+        for watched in [Watched::Elasticsearch, Watched::Cache] {
+            state.step(watched, &dc.name, None, thresholds, now);
+        }
     }
     state.up()
 }
@@ -188,7 +265,9 @@ async fn reconcile(ms: Arc<MemberStore>, ctl: Arc<Ctl>) -> Result<Action, Error>
     let ns = ms.namespace().ok_or(Error::MissingNamespace)?;
     let name = ms.name_any();
     let key = ObjectRef::from_obj(ms.as_ref());
-    let up = sync(ctx, &key, &ms);
+    let credentials = fetch::credentials(&ctx.client, &ns, &ms).await?;
+    let up = sync(ctx, &key, &ms, &credentials);
+    let grace_left = caches::settle(ctx, &key, &ms, &credentials).await;
 
     let mut measured = Vec::new();
     for cluster in ms.kept_clusters() {
@@ -255,6 +334,11 @@ async fn reconcile(ms: Arc<MemberStore>, ctl: Arc<Ctl>) -> Result<Action, Error>
     let previous_epoch = ms.status.as_ref().map_or(0, |s| s.epoch);
     let desired = [status::in_sync(&ms, &measured, &lags), condition];
     let mut computed = status::compute(&ms, replication, &desired, now);
+    computed.caches = ctx
+        .stores()
+        .get(&key)
+        .map(|state| caches::published(&ms, state))
+        .unwrap_or_default();
 
     let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
     let reference = ms.object_ref(&());
@@ -293,6 +377,21 @@ async fn reconcile(ms: Arc<MemberStore>, ctl: Arc<Ctl>) -> Result<Action, Error>
         publish(&recorder, &reference, EventType::Warning, reason, message.clone()).await?;
     }
 
+    let before = ms
+        .status
+        .as_ref()
+        .map(|s| s.caches.as_slice())
+        .unwrap_or_default();
+    for said in caches::announcements(before, &computed.caches) {
+        tracing::warn!(reason = said.reason, message = %said.message, "member cache mode changed");
+        let type_ = if said.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        publish(&recorder, &reference, type_, said.reason, said.message).await?;
+    }
+
     if ms.status.as_ref() != Some(&computed) {
         let api: Api<MemberStore> = Api::namespaced(ctx.client.clone(), &ns);
         let patch = json!({"status": {
@@ -302,6 +401,7 @@ async fn reconcile(ms: Arc<MemberStore>, ctl: Arc<Ctl>) -> Result<Action, Error>
             "activeDataCenter": computed.active_data_center,
             "epoch": computed.epoch,
             "since": computed.since,
+            "caches": computed.caches,
         }});
         api.patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
             .await
@@ -313,7 +413,8 @@ async fn reconcile(ms: Arc<MemberStore>, ctl: Arc<Ctl>) -> Result<Action, Error>
         .observe(started.elapsed().as_secs_f64());
     let period =
         Duration::from_secs(u64::try_from(ms.spec.promotion.probe.period_seconds.max(1)).unwrap_or(1));
-    Ok(Action::requeue(MEASURE_EVERY.min(period * 2)))
+    let next = MEASURE_EVERY.min(period * 2);
+    Ok(Action::requeue(grace_left.map_or(next, |left| left.min(next))))
 }
 
 async fn publish(
@@ -344,6 +445,7 @@ fn error_policy(ms: Arc<MemberStore>, error: &Error, ctl: Arc<Ctl>) -> Action {
         Error::MissingNamespace => "missing_namespace",
         Error::Status(_) => "status",
         Error::Event(_) => "event",
+        Error::Credentials(_) => "credentials",
     };
     ctl.ctx
         .metrics

@@ -60,7 +60,7 @@ impl Keys {
     /// The keys of MemberStore `name` in `namespace`.
     pub fn new(namespace: &str, name: &str) -> Self {
         Self {
-            prefix: format!("ballast:members:{namespace}/{name}:"),
+            prefix: ballast_crds::member_store::cache_prefix(namespace, name),
         }
     }
 
@@ -70,11 +70,6 @@ impl Keys {
             Key::Member(id) => format!("{}m:{id}", self.prefix),
             Key::Identity(i) => format!("{}i:{}:{}", self.prefix, i.kind.as_str(), i.value),
         }
-    }
-
-    /// Every key of the store (for invalidating a whole cache).
-    pub fn pattern(&self) -> String {
-        format!("{}*", self.prefix)
     }
 }
 
@@ -109,11 +104,6 @@ pub enum Fill {
     /// The miss saw a lock, or is too old: no fill was tried.
     Skipped,
 }
-
-// Suffixes of a key's version, lock and floor.
-const VERSION: &str = "|v";
-const LOCKED: &str = "|l";
-const FLOOR: &str = "|f";
 
 /// KEYS: the entry. Returns {entry or false, version or false, lock exists}.
 const READ: &str = r"
@@ -262,42 +252,36 @@ impl DcCache {
         let _: i64 = invocation.invoke_async(&mut conn).await?;
         Ok(())
     }
-
-    /// Deletes every entry (not versions or locks) matching `pattern`: a
-    /// cache that missed invalidations is emptied before it serves again.
-    pub async fn purge(&self, pattern: &str) -> Result<u64, redis::RedisError> {
-        let mut conn = self.conn.clone();
-        let mut cursor: u64 = 0;
-        let mut purged = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await?;
-            let entries: Vec<&String> = keys
-                .iter()
-                .filter(|k| !k.ends_with(VERSION) && !k.ends_with(LOCKED) && !k.ends_with(FLOOR))
-                .collect();
-            if !entries.is_empty() {
-                let n: u64 = redis::cmd("DEL").arg(&entries).query_async(&mut conn).await?;
-                purged += n;
-            }
-            if next == 0 {
-                return Ok(purged);
-            }
-            cursor = next;
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::members::model::IdentityKind;
+
+    #[test]
+    fn the_scripts_keep_their_bookkeeping_under_the_suffixes_a_purge_spares() {
+        for suffix in ballast_crds::member_store::CACHE_BOOKKEEPING {
+            let quoted = format!("'{suffix}'");
+            assert!(
+                READ.contains(&quoted) || FILL.contains(&quoted) || INVALIDATE.contains(&quoted),
+                "no script uses {suffix}"
+            );
+        }
+        for script in [READ, FILL, INVALIDATE] {
+            for used in script
+                .split('\'')
+                .skip(1)
+                .step_by(2)
+                .filter(|s| s.starts_with('|'))
+            {
+                assert!(
+                    ballast_crds::member_store::CACHE_BOOKKEEPING.contains(&used),
+                    "{used} is not spared by a purge"
+                );
+            }
+        }
+    }
 
     #[test]
     fn every_answer_has_its_own_key_under_the_store_prefix() {
@@ -313,7 +297,8 @@ mod tests {
         );
         assert!(
             keys.entry(&Key::Member(7))
-                .starts_with(keys.pattern().trim_end_matches('*'))
+                .starts_with(&ballast_crds::member_store::cache_prefix("ns", "ms")),
+            "the operator empties a returning cache by this prefix"
         );
     }
 

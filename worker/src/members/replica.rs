@@ -44,7 +44,7 @@ pub async fn apply(
     while let Some(message) = next(consumer, shutdown).await {
         match message.payload().map(Record::decode) {
             Some(Ok(record)) => loop {
-                match tokio::time::timeout(deadline, index.put(&record.member)).await {
+                match tokio::time::timeout(deadline, index.put(&record.member, record.epoch)).await {
                     Ok(Ok(())) => {
                         applied(Applied {
                             offset: message.offset(),

@@ -2,8 +2,12 @@
 //! per member, routed by member id, its identities in keyword fields (no
 //! text fields, so nothing is analysed twice), found by identity with term
 //! queries in filter context (no scoring); several hits are ordered here, not
-//! in the cluster. Each document carries the member's version as its
-//! external version, so a store given an older state keeps the newer one.
+//! in the cluster. Each document's external version is the member's version
+//! under the epoch of the write ([`fenced_version`]), so a store given an
+//! older state keeps the newer one, and any write under a newer epoch wins
+//! over every write under an older one: a process that has not yet seen a
+//! promotion has its writes refused by each document the promoted side has
+//! written since.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -47,10 +51,10 @@ impl MemberIndex {
         put_template(&self.es, TEMPLATE, template(), self.deadline).await
     }
 
-    /// Stores `member` unless the index holds a newer version of it (which is
-    /// then kept: not an error).
-    pub async fn put(&self, member: &Member) -> Result<(), EsError> {
-        self.index_versioned(member, VersionType::ExternalGte)
+    /// Stores `member`, written under `epoch`, unless the index holds a newer
+    /// version of it (which is then kept: not an error).
+    pub async fn put(&self, member: &Member, epoch: i64) -> Result<(), EsError> {
+        self.index_versioned(member, epoch, VersionType::ExternalGte)
             .await
             .map(drop)
     }
@@ -59,17 +63,22 @@ impl MemberIndex {
     /// none): of two writers racing from one version, one wins and the
     /// other is told [`Put::Stale`] (Elasticsearch alone, MySQL being down,
     /// orders the writes).
-    pub async fn put_next(&self, member: &Member) -> Result<Put, EsError> {
-        self.index_versioned(member, VersionType::External).await
+    pub async fn put_next(&self, member: &Member, epoch: i64) -> Result<Put, EsError> {
+        self.index_versioned(member, epoch, VersionType::External).await
     }
 
-    async fn index_versioned(&self, member: &Member, version_type: VersionType) -> Result<Put, EsError> {
+    async fn index_versioned(
+        &self,
+        member: &Member,
+        epoch: i64,
+        version_type: VersionType,
+    ) -> Result<Put, EsError> {
         let id = member.id.to_string();
         let response = self
             .es
             .index(IndexParts::IndexId(&self.index, &id))
             .routing(&id)
-            .version(i64::try_from(member.version).unwrap_or(i64::MAX))
+            .version(fenced_version(epoch, member.version))
             .version_type(version_type)
             .refresh(Refresh::False)
             .request_timeout(self.deadline)
@@ -172,6 +181,21 @@ pub enum Put {
     Stored,
     /// The index holds this version or a newer one: another write won.
     Stale,
+}
+
+/// Bits of a fenced version that hold the member's version (a member changed
+/// a thousand times a second would need 35 years to exhaust them).
+const VERSION_BITS: u32 = 40;
+
+/// The external version of a member at `version` written under `epoch`:
+/// the epoch above the member's version, so that every write under a newer
+/// epoch outranks every write under an older one, and epoch 0 (no promotion
+/// yet) is the member's version itself. Pure.
+pub fn fenced_version(epoch: i64, version: u64) -> i64 {
+    // Elasticsearch takes versions up to i64::MAX: 23 bits of epoch remain.
+    let epoch = epoch.clamp(0, (1 << (63 - VERSION_BITS)) - 1);
+    let version = i64::try_from(version.min((1 << VERSION_BITS) - 1)).unwrap_or(0);
+    (epoch << VERSION_BITS) | version
 }
 
 /// The index of MemberStore `name` in `namespace`. Pure.
@@ -292,6 +316,37 @@ pub fn owner_of(identity: &Identity, hits: &[Member]) -> Option<Member> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_write_under_a_newer_epoch_outranks_every_write_under_an_older_one() {
+        // (epoch, version) pairs in the order Elasticsearch must rank them.
+        let ranked = [
+            (0, 1),
+            (0, 2),
+            (0, 1_000_000),
+            (1, 1),
+            (1, 2),
+            (2, 1),
+            (7, 1 << 39),
+        ];
+        for pair in ranked.windows(2) {
+            let (a, b) = (pair[0], pair[1]);
+            assert!(
+                fenced_version(a.0, a.1) < fenced_version(b.0, b.1),
+                "{a:?} !< {b:?}"
+            );
+        }
+        assert_eq!(
+            fenced_version(0, 42),
+            42,
+            "no promotion yet: the member's version"
+        );
+        assert_eq!(fenced_version(-3, 42), 42, "a negative epoch counts as none");
+        assert!(
+            fenced_version(i64::MAX, u64::MAX) > 0,
+            "never past Elasticsearch's range"
+        );
+    }
 
     fn identity(kind: IdentityKind, value: &str) -> Identity {
         Identity {

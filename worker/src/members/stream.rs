@@ -45,6 +45,12 @@ pub struct Record {
     pub path: Path,
     /// The member after the write.
     pub member: Member,
+    /// The epoch the writing process followed (`status.epoch`): its
+    /// Elasticsearch documents are versioned under it, so a replica given a
+    /// record from before a promotion keeps what the promoted side wrote
+    /// since. Absent in records from before epochs were written: 0.
+    #[serde(default)]
+    pub epoch: i64,
 }
 
 impl Record {
@@ -163,10 +169,17 @@ mod tests {
                 version: 4,
                 updated_ms: 77,
             },
+            epoch: 2,
         };
         let bytes = record.encode();
         assert!(String::from_utf8_lossy(&bytes).contains("\"path\":\"elasticsearch\""));
         assert_eq!(Record::decode(&bytes)?, record);
+        let before_epochs = br#"{"path":"mysql","member":{"id":9,"name":"n","level":"l","identities":[],"version":1,"updatedMs":1}}"#;
+        assert_eq!(
+            Record::decode(before_epochs)?.epoch,
+            0,
+            "a record from before epochs is epoch 0"
+        );
         assert!(Record::decode(b"{").is_err());
         Ok(())
     }

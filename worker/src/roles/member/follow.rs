@@ -1,6 +1,6 @@
 //! Following the MemberStore: one Kubernetes watch on the object, which
 //! puts its flow-control rules and admitted callers in force, passes on
-//! the MySQL mode the operator publishes, and moves the service to the
+//! the MySQL and cache modes the operator publishes, and moves the service to the
 //! Elasticsearch of the data centre the operator promotes. An unreachable
 //! API server keeps what is in force.
 
@@ -36,6 +36,8 @@ pub fn apply(
         tracing::info!("flow-control rules reloaded");
     }
     members.set_known(Known::of(&store.spec.flow_control));
+    members.set_cache_modes(store);
+    members.set_epoch(store);
     mode.send_if_modified(|current| {
         let published = published_mysql(store);
         let changed = *current != published;
@@ -48,8 +50,9 @@ pub fn apply(
 }
 
 /// Moves `members` to the Elasticsearch of the data centre `store` publishes
-/// as active, if it is not there: retried each second until it is, or a
-/// newer MemberStore or `shutdown` comes (the caller then decides again).
+/// as active, under its epoch, if it is not there: retried each second
+/// until it is, or a newer MemberStore or `shutdown` comes (the caller then
+/// decides again).
 async fn activate(
     store: &MemberStore,
     config: &super::Config,
@@ -57,8 +60,17 @@ async fn activate(
     shutdown: &CancellationToken,
 ) {
     let active = store.active_data_center();
+    let epoch = store.epoch();
     let current = members.stores().search();
     if current.data_center == active {
+        if current.epoch != epoch {
+            // Promoted away and back while this process looked elsewhere:
+            // the same cluster, under the new epoch.
+            tracing::warn!(dc = %active, from = current.epoch, to = epoch, "the epoch changed");
+            let mut search = (*current).clone();
+            search.epoch = epoch;
+            members.stores().search.store(Arc::new(search));
+        }
         return;
     }
     let Some(dc) = store.spec.data_centers.iter().find(|dc| dc.name == active) else {
@@ -66,9 +78,9 @@ async fn activate(
         return;
     };
     loop {
-        match super::search_of(config, dc).await {
+        match super::search_of(config, dc, epoch).await {
             Ok(search) => {
-                tracing::warn!(from = %current.data_center, to = %active, epoch = store.status.as_ref().map_or(0, |s| s.epoch), "the active Elasticsearch changed: writes and reads move");
+                tracing::warn!(from = %current.data_center, to = %active, epoch, "the active Elasticsearch changed: writes and reads move");
                 members.stores().search.store(Arc::new(search));
                 return;
             }

@@ -115,7 +115,8 @@ pub fn status(failure: Failure) -> Status {
             Conflict::IdTaken(_) => Status::aborted(c.to_string()),
         },
         Failure::Refused(refusal) => refusal.into(),
-        Failure::Unavailable { .. } => Status::unavailable(failure.to_string()),
+        // The process is moving to the promoted side: a retry goes there.
+        Failure::Unavailable { .. } | Failure::Fenced { .. } => Status::unavailable(failure.to_string()),
         Failure::Contended(_) => Status::aborted(failure.to_string()),
     }
 }
@@ -348,6 +349,7 @@ mod tests {
             (Conflict::Full(4).into(), Code::FailedPrecondition, "16 identities"),
             (Failure::Unavailable { dependency: "redis dc-b".into(), detail: "refused".into() }, Code::Unavailable, "redis dc-b"),
             (Failure::Contended(4), Code::Aborted, "retry"),
+            (Failure::Fenced { written: 1, now: 2 }, Code::Unavailable, "epoch 1, now 2"),
         ];
         for (failure, code, says) in table {
             let s = status(failure);

@@ -16,7 +16,7 @@ pub struct Metrics {
     /// Requests refused as bad input or an unknown caller, by reason.
     pub invalid: Family<Labels<1>, Counter>,
     /// Cache reads and fills by outcome (`hit`, `miss`, `filled`, `refused`,
-    /// `skipped`, `unavailable`).
+    /// `skipped`, `unavailable`, `bypassed`).
     pub cache: Family<Labels<1>, Counter>,
     /// Writes made, by the store that took them (`mysql`, `elasticsearch`).
     pub writes: Family<Labels<1>, Counter>,
@@ -25,6 +25,10 @@ pub struct Metrics {
     /// Invalidations that failed after a write was made, by data centre
     /// (its entries expire, or are purged when it returns).
     pub late_invalidations_failed: Family<Vec<(String, String)>, Counter>,
+    /// Invalidations a data centre's cache missed while it may (published
+    /// Degraded: not sent; Recovering: failed), by data centre; the operator
+    /// empties it before it is read again.
+    pub invalidations_missed: Family<Vec<(String, String)>, Counter>,
     /// Lookups by the cluster that answered (`primary`, `marketing`).
     pub searches: Family<Labels<1>, Counter>,
     /// Journal records replayed into MySQL by outcome (`applied`, `current`, `unreadable`).
@@ -50,6 +54,7 @@ impl Metrics {
             writes: Family::default(),
             store_failures: Family::default(),
             late_invalidations_failed: Family::default(),
+            invalidations_missed: Family::default(),
             searches: Family::default(),
             replayed: Family::default(),
             fed: Counter::default(),
@@ -81,6 +86,11 @@ impl Metrics {
             "late_invalidations_failed",
             "Invalidations that failed after a write was made, by data centre",
             m.late_invalidations_failed.clone(),
+        );
+        r.register(
+            "invalidations_missed",
+            "Invalidations a cache published Degraded or Recovering missed, by data centre",
+            m.invalidations_missed.clone(),
         );
         r.register(
             "searches",

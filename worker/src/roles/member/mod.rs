@@ -5,6 +5,7 @@
 //! centre kept consistent by leases, the change stream; when MySQL fails,
 //! Elasticsearch alone with every write journaled and replayed on return.
 
+pub mod caches;
 pub mod caller;
 pub mod feed;
 pub mod follow;
@@ -169,7 +170,7 @@ async fn cache(
 
 /// The member index and claims of data centre `dc`'s Elasticsearch, their
 /// templates installed.
-pub async fn search_of(config: &Config, dc: &DataCenter) -> Result<Search, Error> {
+pub async fn search_of(config: &Config, dc: &DataCenter, epoch: i64) -> Result<Search, Error> {
     let es = crate::connect::elasticsearch(&dc.elasticsearch.url, config.es_credentials.clone())
         .map_err(StartupError::ColdOptions)?;
     let index = MemberIndex::new(es.clone(), &config.namespace, &config.store, config.deadline);
@@ -178,6 +179,7 @@ pub async fn search_of(config: &Config, dc: &DataCenter) -> Result<Search, Error
     claims.install().await?;
     Ok(Search {
         data_center: dc.name.clone(),
+        epoch,
         index,
         claims,
     })
@@ -200,11 +202,7 @@ pub async fn connect(
     };
     let local = data_centre(store, &config.data_center).ok_or_else(|| no_dc(&config.data_center))?;
     let primary = data_centre(store, &spec.primary).ok_or_else(|| no_dc(&spec.primary))?;
-    let active_name = store
-        .status
-        .as_ref()
-        .and_then(|s| s.active_data_center.as_deref())
-        .unwrap_or(&spec.primary);
+    let active_name = store.active_data_center();
     let active = data_centre(store, active_name).ok_or_else(|| no_dc(active_name))?;
     let logical = u32::try_from(spec.logical_shards).unwrap_or(1).max(1);
 
@@ -236,7 +234,7 @@ pub async fn connect(
             ))
         })??
     };
-    let search = search_of(config, active).await?;
+    let search = search_of(config, active, store.epoch()).await?;
     let es = |url: &str| {
         crate::connect::elasticsearch(url, config.es_credentials.clone()).map_err(StartupError::ColdOptions)
     };

@@ -2,8 +2,8 @@
 //! member by id from the local MySQL, or Elasticsearch while MySQL is down;
 //! an identity from Elasticsearch, the marketing cluster for marketing
 //! callers), then a fill under the miss's lease, which the cache refuses if
-//! a write came in between. A cache that fails is read around, never a
-//! reason to fail a read.
+//! a write came in between. A cache that fails, or that the operator
+//! publishes as not to be read, is read around, never a reason to fail a read.
 
 use ballast_flow::GuardedDependency::{Elasticsearch, Mysql, Redis};
 
@@ -127,6 +127,11 @@ impl Members {
     async fn cached(&self, name: &str) -> Cached {
         let cache = self.local_cache();
         let label = |result| [("result", result)];
+        if !self.cache_use(&cache.name).read {
+            // Published down, or back but not yet emptied of what it missed.
+            self.metrics.cache.get_or_create(&label("bypassed")).inc();
+            return Cached::Unusable;
+        }
         match self
             .call(Redis, &format!("redis {}", cache.name), cache.read(name))
             .await

@@ -3,10 +3,11 @@
 //! ([`super::write`]) and reads ([`super::read`]) are its methods. Every store
 //! call goes through the dependency's breaker within the deadline.
 
+use std::collections::BTreeMap;
 use std::fmt::Display;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU32, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -15,6 +16,7 @@ use ballast_flow::breaker::State;
 use ballast_flow::{CallError, Flow, GuardedDependency, Refusal};
 use tokio::sync::watch;
 
+use super::caches::{self, Invalidation};
 use super::caller::{Caller, CallerError, Known};
 use super::metrics::Metrics;
 use super::path::{Inputs, Path};
@@ -51,9 +53,13 @@ pub struct Stores {
 
 /// The active data centre's Elasticsearch: its member index and the
 /// identity claims beside it.
+#[derive(Clone)]
 pub struct Search {
     /// The data centre.
     pub data_center: String,
+    /// The epoch under which it is active (`status.epoch`): its writes are
+    /// versioned under it, and acknowledged only while it is in force.
+    pub epoch: i64,
     /// Its member index.
     pub index: MemberIndex,
     /// Its identity claims.
@@ -99,6 +105,15 @@ pub enum Failure {
         /// What happened.
         detail: String,
     },
+    /// The write was made under an epoch the operator has since replaced
+    /// (another data centre was promoted meanwhile): not acknowledged.
+    #[error("the active data centre changed during the write (epoch {written}, now {now}); retry")]
+    Fenced {
+        /// The epoch the write was made under.
+        written: i64,
+        /// The epoch in force.
+        now: i64,
+    },
     /// Writers kept racing on one member.
     #[error("member {0} is being changed by other writers; retry")]
     Contended(u64),
@@ -111,6 +126,11 @@ pub struct Members {
     pub(super) metrics: Arc<Metrics>,
     pub(super) timing: Timing,
     known: ArcSwap<Known>,
+    /// The epoch the operator last published (ahead of `stores.search`
+    /// while this process moves to a promoted cluster).
+    epoch: AtomicI64,
+    /// Each data centre's cache mode, as the operator last published it.
+    cache_modes: ArcSwap<BTreeMap<String, Mode>>,
     published: watch::Receiver<Mode>,
     path: AtomicU8,
     es_writes: AtomicU32,
@@ -141,6 +161,8 @@ impl Members {
             metrics,
             timing,
             known: ArcSwap::from_pointee(Known::default()),
+            epoch: AtomicI64::new(0),
+            cache_modes: ArcSwap::from_pointee(BTreeMap::new()),
             published,
             path: AtomicU8::new(0),
             es_writes: AtomicU32::new(0),
@@ -160,6 +182,38 @@ impl Members {
     /// Puts `known` in force as the accounts admitted.
     pub fn set_known(&self, known: Known) {
         self.known.store(Arc::new(known));
+    }
+
+    /// Puts in force the epoch `store` publishes: from now on no write made
+    /// under an older one is acknowledged.
+    pub fn set_epoch(&self, store: &ballast_crds::MemberStore) {
+        self.epoch.fetch_max(store.epoch(), Ordering::AcqRel);
+    }
+
+    /// The epoch in force: the newest this process has seen published.
+    pub fn epoch(&self) -> i64 {
+        self.epoch.load(Ordering::Acquire).max(self.stores.search().epoch)
+    }
+
+    /// Puts in force the cache modes `store` publishes; logged when one changes.
+    pub fn set_cache_modes(&self, store: &ballast_crds::MemberStore) {
+        let next: BTreeMap<String, Mode> = self
+            .stores
+            .caches
+            .iter()
+            .map(|c| (c.name.clone(), store.cache_mode(&c.name)))
+            .collect();
+        let before = self.cache_modes.swap(Arc::new(next.clone()));
+        for (dc, mode) in &next {
+            if before.get(dc).copied().unwrap_or_default() != *mode {
+                tracing::warn!(%dc, ?mode, "published cache mode changed");
+            }
+        }
+    }
+
+    /// How data centre `dc`'s cache is used now.
+    pub(super) fn cache_use(&self, dc: &str) -> caches::Use {
+        caches::use_of(self.cache_modes.load().get(dc).copied().unwrap_or_default())
     }
 
     /// Whether `caller` may call, and whether flow control lets its request
@@ -264,24 +318,52 @@ impl Members {
 
     /// Bumps, locks and deletes `keys` in every data centre's cache at once
     /// (raising `after`'s floor); fails, naming the first data centre that
-    /// did not accept, unless all did.
+    /// did not accept, unless each that did not may miss it (see [`caches`]).
     pub(super) async fn invalidate(&self, keys: &[Key], after: Option<&Member>) -> Result<(), Failure> {
-        for (_, outcome) in self.invalidate_each(&self.stale(keys, after)).await {
-            outcome?;
+        for (cache, outcome) in self.invalidate_each(&self.stale(keys, after)).await {
+            match (outcome, self.cache_use(&cache.name).invalidation) {
+                (Ok(()), _) => {}
+                (Err(failure), Invalidation::Required) => return Err(failure),
+                (Err(failure), _) => self.missed(cache, &failure),
+            }
         }
         Ok(())
     }
 
-    /// `stale` invalidated in every data centre's cache at once; each one's outcome.
+    /// `stale` invalidated at once in every data centre's cache a write
+    /// calls (not those published Degraded); each one's outcome.
     pub(super) async fn invalidate_each(&self, stale: &[Stale]) -> Vec<(&DcCache, Result<(), Failure>)> {
-        let calls = self.stores.caches.iter().map(|cache| async move {
-            let name = format!("redis {}", cache.name);
-            let outcome = self
-                .call(GuardedDependency::Redis, &name, cache.invalidate(stale))
-                .await;
-            (cache, outcome)
-        });
+        let calls = self
+            .stores
+            .caches
+            .iter()
+            .filter(|cache| {
+                let skipped = self.cache_use(&cache.name).invalidation == Invalidation::Skipped;
+                if skipped {
+                    self.metrics
+                        .invalidations_missed
+                        .get_or_create(&vec![("dc".to_owned(), cache.name.clone())])
+                        .inc();
+                }
+                !skipped
+            })
+            .map(|cache| async move {
+                let name = format!("redis {}", cache.name);
+                let outcome = self
+                    .call(GuardedDependency::Redis, &name, cache.invalidate(stale))
+                    .await;
+                (cache, outcome)
+            });
         futures::future::join_all(calls).await
+    }
+
+    /// Counts an invalidation `cache` did not take while it may miss it.
+    pub(super) fn missed(&self, cache: &DcCache, failure: &Failure) {
+        tracing::debug!(dc = %cache.name, %failure, "a recovering cache missed an invalidation");
+        self.metrics
+            .invalidations_missed
+            .get_or_create(&vec![("dc".to_owned(), cache.name.clone())])
+            .inc();
     }
 
     /// The local data centre's cache.

@@ -14,7 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use ballast_flow::GuardedDependency::{Elasticsearch, Mysql};
 
 use super::path::Path;
-use super::service::{Failure, Members, within};
+use super::service::{Failure, Members, Search, within};
 use crate::members::cache::Key;
 use crate::members::claims::Claim;
 use crate::members::model::{self, Change, Conflict, Identity, Member};
@@ -53,6 +53,13 @@ pub fn new_member_id(now_ms: i64, random: u32) -> u64 {
     ((since << 20) | u64::from(random & 0xF_FFFF)).max(1)
 }
 
+/// Whether a write made under `written` must not be acknowledged now that
+/// `now` is in force: the operator promoted another data centre meanwhile,
+/// and the write landed on the side that lost. Pure.
+pub fn fenced(written: i64, now: i64) -> bool {
+    written < now
+}
+
 /// The identity a change names, if any.
 fn named(change: &Change) -> Vec<&Identity> {
     match change {
@@ -87,17 +94,42 @@ impl Members {
         })
     }
 
-    /// Makes `change` to member `id`, on the path in use.
+    /// Makes `change` to member `id`, on the path in use, in the active
+    /// data centre's Elasticsearch under its epoch; acknowledged only if that
+    /// epoch is still the one in force once the write is made.
     pub async fn write(&self, id: u64, change: Change) -> Result<Done, Failure> {
         let path = self.path();
+        // One cluster and one epoch for the whole write, whatever a promotion does meanwhile.
+        let search = self.stores.search();
+        let now = self.epoch();
+        if fenced(search.epoch, now) {
+            // Published, but this process has not reached the promoted cluster yet.
+            return Err(Failure::Fenced {
+                written: search.epoch,
+                now,
+            });
+        }
         let done = match path {
-            Path::Mysql => self.write_mysql(id, &change, false).await,
-            Path::Catchup { .. } => self.write_mysql(id, &change, true).await,
+            Path::Mysql => self.write_mysql(&search, id, &change, false).await,
+            Path::Catchup { .. } => self.write_mysql(&search, id, &change, true).await,
             Path::Elasticsearch => {
                 let _in_flight = self.es_write();
-                self.write_elasticsearch(id, &change).await
+                self.write_elasticsearch(&search, id, &change).await
             }
         }?;
+        let now = self.epoch();
+        if fenced(search.epoch, now) {
+            tracing::warn!(
+                member = id,
+                written = search.epoch,
+                now,
+                "a write made under a superseded epoch is not acknowledged"
+            );
+            return Err(Failure::Fenced {
+                written: search.epoch,
+                now,
+            });
+        }
         self.metrics
             .writes
             .get_or_create(&[("path", path.as_str())])
@@ -107,12 +139,18 @@ impl Members {
 
     /// The MySQL path; with `repair` (catching up), the member's row is first
     /// brought up to Elasticsearch's version of it.
-    async fn write_mysql(&self, id: u64, change: &Change, repair: bool) -> Result<Done, Failure> {
+    async fn write_mysql(
+        &self,
+        search: &Search,
+        id: u64,
+        change: &Change,
+        repair: bool,
+    ) -> Result<Done, Failure> {
         let stores = &self.stores;
         let registering = matches!(change, Change::Register { .. });
         if repair && !registering {
             let newest = self
-                .call(Elasticsearch, "elasticsearch", stores.search().index.get(id))
+                .call(Elasticsearch, "elasticsearch", search.index.get(id))
                 .await?;
             if let Some(newest) = newest {
                 self.call(Mysql, "mysql", stores.primary.put_state(&newest))
@@ -141,18 +179,18 @@ impl Members {
         // Unchanged (a repeated bind), the rest is still written: a retry of
         // a write whose first attempt failed midway completes it.
         let after = &effect.after;
-        self.call(Elasticsearch, "elasticsearch", stores.search().index.put(after))
-            .await?;
+        self.call(
+            Elasticsearch,
+            "elasticsearch",
+            search.index.put(after, search.epoch),
+        )
+        .await?;
         for identity in &effect.claimed {
-            self.call(
-                Elasticsearch,
-                "elasticsearch",
-                stores.search().claims.set(identity, id),
-            )
-            .await?;
+            self.call(Elasticsearch, "elasticsearch", search.claims.set(identity, id))
+                .await?;
         }
-        self.release_claims(&effect.released, id).await?;
-        self.publish(stream::Path::Mysql, after).await?;
+        self.release_claims(search, &effect.released, id).await?;
+        self.publish(stream::Path::Mysql, after, search.epoch).await?;
         keys.extend(stale_keys(id, effect.touched()));
         self.invalidate_again(&keys, &effect.after).await;
         Ok(Done {
@@ -161,11 +199,10 @@ impl Members {
         })
     }
 
-    async fn write_elasticsearch(&self, id: u64, change: &Change) -> Result<Done, Failure> {
-        let stores = &self.stores;
+    async fn write_elasticsearch(&self, search: &Search, id: u64, change: &Change) -> Result<Done, Failure> {
         for _ in 0..ATTEMPTS {
             let before = self
-                .call(Elasticsearch, "elasticsearch", stores.search().index.get(id))
+                .call(Elasticsearch, "elasticsearch", search.index.get(id))
                 .await?;
             let before_ids = before.iter().flat_map(|m| m.identities.iter());
             let mut keys = stale_keys(id, before_ids.chain(named(change)));
@@ -173,7 +210,8 @@ impl Members {
             if !effect.changed() {
                 // Journaled again: a retry of a write whose record Kafka did
                 // not take completes the journal.
-                self.publish(stream::Path::Elasticsearch, &effect.after).await?;
+                self.publish(stream::Path::Elasticsearch, &effect.after, search.epoch)
+                    .await?;
                 return Ok(Done {
                     member: effect.after,
                     read_after: None,
@@ -183,16 +221,12 @@ impl Members {
             let mut taken: Vec<&Identity> = Vec::new();
             for identity in &effect.claimed {
                 let claim = self
-                    .call(
-                        Elasticsearch,
-                        "elasticsearch",
-                        stores.search().claims.claim(identity, id),
-                    )
+                    .call(Elasticsearch, "elasticsearch", search.claims.claim(identity, id))
                     .await;
                 match claim {
                     Ok(Claim::Held) => taken.push(identity),
                     Ok(Claim::HeldBy(owner)) => {
-                        self.release_all(&taken, id).await;
+                        self.release_all(search, &taken, id).await;
                         return Err(Conflict::BoundElsewhere {
                             identity: identity.clone(),
                             owner,
@@ -200,7 +234,7 @@ impl Members {
                         .into());
                     }
                     Err(failure) => {
-                        self.release_all(&taken, id).await;
+                        self.release_all(search, &taken, id).await;
                         return Err(failure);
                     }
                 }
@@ -209,29 +243,32 @@ impl Members {
                 .call(
                     Elasticsearch,
                     "elasticsearch",
-                    stores.search().index.put_next(&effect.after),
+                    search.index.put_next(&effect.after, search.epoch),
                 )
                 .await;
             match put {
                 Ok(Put::Stored) => {}
                 Ok(Put::Stale) if before.is_none() => {
-                    self.release_all(&taken, id).await;
+                    self.release_all(search, &taken, id).await;
                     return Err(Conflict::IdTaken(id).into());
                 }
                 Ok(Put::Stale) => {
                     // Another writer took this version: start again from its.
-                    self.release_all(&taken, id).await;
+                    self.release_all(search, &taken, id).await;
                     continue;
                 }
                 Err(failure) => {
-                    self.release_all(&taken, id).await;
+                    self.release_all(search, &taken, id).await;
                     return Err(failure);
                 }
             }
-            self.release_claims(&effect.released, id).await?;
+            self.release_claims(search, &effect.released, id).await?;
             // Only after Elasticsearch took it: the journal holds the winners
             // only, in the order Elasticsearch accepted them.
-            if let Err(failure) = self.publish(stream::Path::Elasticsearch, &effect.after).await {
+            if let Err(failure) = self
+                .publish(stream::Path::Elasticsearch, &effect.after, search.epoch)
+                .await
+            {
                 tracing::error!(member = id, %failure, "a write Elasticsearch took is not in the journal; a retry of it journals it");
                 return Err(failure);
             }
@@ -246,12 +283,12 @@ impl Members {
     }
 
     /// Releases member `id`'s claims of `released` in Elasticsearch.
-    async fn release_claims(&self, released: &[Identity], id: u64) -> Result<(), Failure> {
+    async fn release_claims(&self, search: &Search, released: &[Identity], id: u64) -> Result<(), Failure> {
         for identity in released {
             self.call(
                 Elasticsearch,
                 "elasticsearch",
-                self.stores.search().claims.release(identity, id),
+                search.claims.release(identity, id),
             )
             .await?;
         }
@@ -261,13 +298,13 @@ impl Members {
     /// Gives back claims taken for a write that did not happen (best effort:
     /// a claim left behind binds the identity to a member that does not list
     /// it, which a later bind of that member, or the replay, settles).
-    async fn release_all(&self, taken: &[&Identity], id: u64) {
+    async fn release_all(&self, search: &Search, taken: &[&Identity], id: u64) {
         for identity in taken {
             if let Err(failure) = self
                 .call(
                     Elasticsearch,
                     "elasticsearch",
-                    self.stores.search().claims.release(identity, id),
+                    search.claims.release(identity, id),
                 )
                 .await
             {
@@ -276,10 +313,11 @@ impl Members {
         }
     }
 
-    async fn publish(&self, path: stream::Path, member: &Member) -> Result<(), Failure> {
+    async fn publish(&self, path: stream::Path, member: &Member, epoch: i64) -> Result<(), Failure> {
         let record = Record {
             path,
             member: member.clone(),
+            epoch,
         };
         within(self.timing.deadline, "kafka", self.stores.stream.publish(&record))
             .await
@@ -307,6 +345,20 @@ impl Members {
 mod tests {
     use super::*;
     use crate::members::model::IdentityKind;
+
+    #[test]
+    fn only_a_write_under_an_epoch_older_than_the_one_in_force_is_fenced() {
+        let table = [
+            (0, 0, false),
+            (3, 3, false),
+            (2, 3, true),
+            (0, 1, true),
+            (4, 3, false),
+        ];
+        for (written, now, want) in table {
+            assert_eq!(fenced(written, now), want, "written {written}, now {now}");
+        }
+    }
 
     #[test]
     fn member_ids_grow_with_time_and_keep_twenty_random_bits() {
