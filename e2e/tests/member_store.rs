@@ -6,7 +6,9 @@
 //! sync again once one has caught up. And it decides the active data centre:
 //! no promotion over the budget, a promotion when a person names the standby,
 //! the failback once DC A has replayed what it missed and the dwell passed,
-//! and a promotion by itself when the standby is in step.
+//! and a promotion by itself when the standby is in step; with two replicas,
+//! a leader killed while the promotion is under way, and the other one
+//! making it, once.
 
 use std::time::Duration;
 
@@ -253,6 +255,14 @@ async fn the_operator_promotes_the_standby_only_within_the_lag_budget_or_when_na
     let unnamed = serde_json::json!({"metadata": {"annotations": {"ballast.dev/promote": null}}});
     api.patch(&name, &PatchParams::default(), &Patch::Merge(&unnamed))
         .await?;
+    // DC A holds every record written while it was active: its replica
+    // group starts at the stream's end, not at its beginning.
+    eventually("dc-a's replica group handed the stream's end", 30, || async {
+        let (_, replication) = published(&api, &name).await?;
+        let dc_a = replication.iter().find(|r| r.cluster == "dc-a");
+        Ok::<_, kube::Error>(dc_a.filter(|r| r.applied == 20 && r.lag_events == 0).map(|_| ()))
+    })
+    .await?;
 
     // 3. DC A returns; the replicator, which now keeps it, replays into it what
     // it missed; after the dwell it is active again, epoch 2.
@@ -271,5 +281,101 @@ async fn the_operator_promotes_the_standby_only_within_the_lag_budget_or_when_na
     );
     shutdown.cancel();
     running.await??;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_promotion_whose_leader_is_killed_midway_is_made_once_by_the_other_replica() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let stack = Stack::discover();
+    let client = stack.kube_client().await?;
+    // Four lost probes (4 s) find DC A down: the leader is killed before that.
+    let promotion = serde_json::json!({
+        "probe": {"periodSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 4, "successThreshold": 2},
+    });
+    let (ns, name, _store) = fixture(&stack, &client, "member-kill", promotion).await?;
+    let api: Api<MemberStore> = Api::namespaced(client.clone(), &ns);
+    let binary = ballast_e2e::binary("ballast-operator")?;
+    let mut replicas = [
+        stack.operator(&binary, &ns).await?,
+        stack.operator_as(&binary, &ns, "127.0.0.1:0", ballast_e2e::OPERATOR_USER)?,
+    ];
+    let _restore = scenario::RestoreStack;
+    eventually("dc-a active and answering", 60, || async {
+        let now = active(&api, &name).await?;
+        Ok::<_, kube::Error>((now == ("dc-a".into(), 0, "Answering".into())).then_some(()))
+    })
+    .await?;
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), &ns);
+    let holder = || async {
+        let lease = leases.get("ballast-operator").await?;
+        Ok::<_, kube::Error>(lease.spec.and_then(|s| s.holder_identity).unwrap_or_default())
+    };
+    let leader = holder().await?;
+    let at = replicas
+        .iter()
+        .position(|r| leader == format!("ballast-operator-{}", r.0.id()))
+        .ok_or_else(|| anyhow::anyhow!("the Lease is held by {leader:?}, neither replica"))?;
+
+    // Every epoch and active data centre published from here on, in order.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(i64, String)>::new()));
+    let watching = {
+        let (api, name, seen) = (api.clone(), name.clone(), seen.clone());
+        tokio::spawn(async move {
+            loop {
+                if let Ok(ms) = api.get(&name).await {
+                    let now = (ms.epoch(), ms.active_data_center().to_owned());
+                    let mut seen = seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if seen.last() != Some(&now) {
+                        seen.push(now);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+
+    // DC A's cluster stops; the leader, probing it, is killed before it can
+    // have found it down.
+    ballast_e2e::stack_script(&["stop", "es-dc-a"])?;
+    let before = active(&api, &name).await?;
+    replicas[at].0.kill()?;
+    replicas[at].0.wait()?;
+    anyhow::ensure!(
+        before.1 == 0,
+        "the leader promoted before it was killed: {before:?}"
+    );
+    let killed = std::time::Instant::now();
+
+    // The other replica takes the Lease once it lapses and makes the promotion, once.
+    until_active(&client, &api, &name, ("dc-b", 1, "Promoted"), 60).await?;
+    let survivor = format!("ballast-operator-{}", replicas[1 - at].0.id());
+    assert_eq!(
+        holder().await?,
+        survivor,
+        "the promotion was made by the other replica"
+    );
+    println!(
+        "promoted by the other replica {:.1?} after the leader was killed",
+        killed.elapsed()
+    );
+    // It stays made: a later reconcile (it measured the lag again since) published no other epoch.
+    eventually("a reconcile after the promotion", 30, || async {
+        let status = api.get(&name).await?.status.unwrap_or_default();
+        let since = status.since.map(|t| t.0);
+        let later = status.replication.iter().any(|r| Some(r.measured_at.0) > since);
+        Ok::<_, kube::Error>(later.then_some(()))
+    })
+    .await?;
+    watching.abort();
+    let seen = seen
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    assert_eq!(
+        seen,
+        vec![(0, "dc-a".to_owned()), (1, "dc-b".to_owned())],
+        "the epochs published, in order"
+    );
     Ok(())
 }

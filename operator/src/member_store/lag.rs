@@ -1,12 +1,13 @@
 //! Measuring a kept cluster's replication lag from outside its replicator:
 //! its consumer group's committed offset against the change stream's end,
-//! and the time Kafka took the oldest record past it. I/O at the edge; the
+//! and the time Kafka took the oldest record past it; and handing a demoted
+//! cluster's group the stream's end ([`hand_over`]). I/O at the edge; the
 //! judgement is [`super::status`].
 
 use std::time::Duration;
 
 use ballast_crds::refs::KafkaRef;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{Message, Timestamp};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
@@ -41,24 +42,35 @@ pub enum LagError {
 /// without joining the group (its members keep their partition) or
 /// committing anything.
 pub async fn measure(kafka: &KafkaRef, group: &str, deadline: Duration) -> Result<Measured, LagError> {
-    let kafka = kafka.clone();
-    let group = group.to_owned();
-    // librdkafka's calls block: off the runtime's threads.
-    let read = tokio::task::spawn_blocking(move || measure_blocking(&kafka, &group, deadline));
-    match tokio::time::timeout(deadline * 4, read).await {
-        Ok(Ok(measured)) => measured,
+    let (kafka, group) = (kafka.clone(), group.to_owned());
+    blocking(deadline, move || measure_blocking(&kafka, &group, deadline)).await
+}
+
+/// Runs `call` (librdkafka's calls block) off the runtime's threads, within
+/// four times `deadline` (it makes up to four calls of its own).
+async fn blocking<T: Send + 'static>(
+    deadline: Duration,
+    call: impl FnOnce() -> Result<T, LagError> + Send + 'static,
+) -> Result<T, LagError> {
+    match tokio::time::timeout(deadline * 4, tokio::task::spawn_blocking(call)).await {
+        Ok(Ok(answer)) => answer,
         Ok(Err(join)) => Err(LagError::Stopped(join.to_string())),
         Err(_) => Err(LagError::Timeout(deadline * 4)),
     }
 }
 
-fn measure_blocking(kafka: &KafkaRef, group: &str, deadline: Duration) -> Result<Measured, LagError> {
-    let consumer: BaseConsumer = ClientConfig::new()
+/// A client of group `group` that neither joins it nor commits by itself.
+fn consumer(kafka: &KafkaRef, group: &str) -> Result<BaseConsumer, LagError> {
+    Ok(ClientConfig::new()
         .set("bootstrap.servers", &kafka.bootstrap_servers)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .create()?;
+        .create()?)
+}
+
+fn measure_blocking(kafka: &KafkaRef, group: &str, deadline: Duration) -> Result<Measured, LagError> {
+    let consumer = consumer(kafka, group)?;
     let topic = kafka.topic.as_str();
     let (start, end) = consumer.fetch_watermarks(topic, 0, deadline)?;
     let mut partition = TopicPartitionList::new();
@@ -92,4 +104,25 @@ fn measure_blocking(kafka: &KafkaRef, group: &str, deadline: Duration) -> Result
         end,
         oldest_missing_ms,
     })
+}
+
+/// Commits the stream's end as group `group`'s offset: the cluster it keeps
+/// was the active one until now, so it holds every record written so far
+/// (the services wrote it directly), and the replicator, keeping it from
+/// now on, must replay only what it misses from here, not the stream from
+/// wherever its group last stopped. The group has no member while its
+/// cluster is active, so the commit needs none. The offset committed.
+pub async fn hand_over(kafka: &KafkaRef, group: &str, deadline: Duration) -> Result<i64, LagError> {
+    let (kafka, group) = (kafka.clone(), group.to_owned());
+    blocking(deadline, move || hand_over_blocking(&kafka, &group, deadline)).await
+}
+
+fn hand_over_blocking(kafka: &KafkaRef, group: &str, deadline: Duration) -> Result<i64, LagError> {
+    let consumer = consumer(kafka, group)?;
+    let topic = kafka.topic.as_str();
+    let (_, end) = consumer.fetch_watermarks(topic, 0, deadline)?;
+    let mut at = TopicPartitionList::new();
+    at.add_partition_offset(topic, 0, Offset::Offset(end))?;
+    consumer.commit(&at, CommitMode::Sync)?;
+    Ok(end)
 }

@@ -343,6 +343,16 @@ async fn reconcile(ms: Arc<MemberStore>, ctl: Arc<Ctl>) -> Result<Action, Error>
     let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
     let reference = ms.object_ref(&());
     if let Decision::Promote { to, reason, message } = &decision {
+        // Before the status moves the replicator to keep the demoted cluster.
+        let group = replica_group(&ns, &name, &active);
+        match lag::hand_over(&ms.spec.change_stream, &group, KAFKA_DEADLINE).await {
+            Ok(offset) => {
+                tracing::info!(cluster = %active, offset, "the demoted cluster's replica group starts at the stream's end")
+            }
+            Err(error) => {
+                tracing::warn!(cluster = %active, %error, "handing the demoted cluster's replica group the stream's end failed: it replays from where it last stopped")
+            }
+        }
         computed.active_data_center = Some(to.clone());
         computed.epoch = previous_epoch + 1;
         computed.since = Some(Time(now));
