@@ -26,9 +26,9 @@ test: stack-up
 	$(WITH_STACK) "$(BALLAST_CACHE)/bin/kubectl" delete namespace -l ballast.dev/fixture --wait=false >/dev/null
 	$(WITH_STACK) cargo test --workspace --locked
 
-## bench: operator detection and memory; ingestion, compute and dispatch throughput; master failover; query answers; the history engine against DataFusion; nightly rollups and the precomputed hit rate; member lookups and writes; flow-control decisions; membership API load (each beside a baseline)
+## bench: operator detection and memory; ingestion, compute and dispatch throughput; master failover; query answers; the history engine against DataFusion; nightly rollups and the precomputed hit rate; member lookups and writes; member promotion and failback replay; flow-control decisions; membership API load (each beside a baseline)
 bench: stack-up
-	$(WITH_STACK) cargo bench --locked -p ballast-operator -p ballast-worker -p ballast-flow -p ballast-node --bench detection --bench ingest --bench compute --bench master --bench query --bench history --bench nightly --bench members --bench decisions --bench membership
+	$(WITH_STACK) cargo bench --locked -p ballast-operator -p ballast-worker -p ballast-flow -p ballast-node --bench detection --bench ingest --bench compute --bench master --bench query --bench history --bench nightly --bench members --bench promotion --bench decisions --bench membership
 
 ## stack-up: install what is missing and start the local stack (idempotent)
 stack-up:
