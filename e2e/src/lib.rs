@@ -19,11 +19,13 @@ pub mod members;
 pub mod node;
 pub mod orders;
 pub mod poison;
+mod process;
 pub mod running;
 pub mod scenario;
 
 pub use command::{promtool, stack_script};
 pub use manifests::{OPERATOR_USER, apply_manifest, grant_election, install_crds, install_operator_rbac};
+pub use process::{KillOnDrop, binary, in_own_group, signal, signal_group, worker_binary};
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -274,33 +276,6 @@ pub async fn pipeline_namespace(client: &kube::Client, prefix: &str) -> Result<S
     Ok(name)
 }
 
-/// The `ballast-worker` binary of this build (`cargo test --workspace` builds it
-/// beside the test executables).
-pub fn worker_binary() -> Result<PathBuf, StackError> {
-    binary("ballast-worker")
-}
-
-/// The binary `name` of this build (`cargo test --workspace` builds every
-/// package's binaries beside the test executables).
-pub fn binary(name: &str) -> Result<PathBuf, StackError> {
-    let missing = |detail: String| StackError::Script {
-        command: format!("locate {name}"),
-        message: detail,
-    };
-    let exe = std::env::current_exe().map_err(|e| missing(e.to_string()))?;
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let path = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(|dir| dir.join(name));
-    match path {
-        Some(path) if path.exists() => Ok(path),
-        other => Err(missing(format!(
-            "{other:?} not found: build it with `cargo build -p {name}`"
-        ))),
-    }
-}
-
 impl Stack {
     /// A fresh namespace holding DegradationPolicy `p` (with `policy_spec`) and
     /// pipeline `<prefix><pid>` on this stack that uses it; returns (namespace, pipeline).
@@ -500,58 +475,6 @@ impl Stack {
             .map_err(failed)?;
         Ok(KillOnDrop(child))
     }
-}
-
-/// A child process killed (and reaped) when dropped, whatever the test's outcome.
-pub struct KillOnDrop(pub std::process::Child);
-
-impl KillOnDrop {
-    /// Sends `signal` to the process (see [`signal`]).
-    pub fn signal(&self, signal: &str) -> std::io::Result<()> {
-        crate::signal(self.0.id(), signal)
-    }
-}
-
-/// Sends `signal` (as `kill` spells it: `-TERM`, `-STOP`, `-CONT`, `-KILL`) to process `pid`.
-pub fn signal(pid: u32, signal: &str) -> std::io::Result<()> {
-    let status = std::process::Command::new("kill")
-        .args([signal, &pid.to_string()])
-        .status()?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(std::io::Error::other(format!("kill {signal} {pid} failed")))
-    }
-}
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        // Already exited is fine: the point is that nothing outlives the test,
-        // not even a process the child started (each child leads its own group).
-        let _ = signal_group(self.0.id(), "-KILL");
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Sends `signal` to the process group led by `pid` (see [`in_own_group`]).
-pub fn signal_group(pid: u32, signal: &str) -> std::io::Result<()> {
-    let status = std::process::Command::new("kill")
-        .args([signal, "--", &format!("-{pid}")])
-        .stderr(std::process::Stdio::null())
-        .status()?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(std::io::Error::other(format!("kill {signal} -- -{pid} failed")))
-    }
-}
-
-/// Makes `command` start its process as the leader of a new process group,
-/// so that killing the group reaches whatever it starts too.
-pub fn in_own_group(command: &mut std::process::Command) -> &mut std::process::Command {
-    use std::os::unix::process::CommandExt;
-    command.process_group(0)
 }
 
 fn state_dir() -> PathBuf {

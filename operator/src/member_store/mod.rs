@@ -331,7 +331,6 @@ async fn reconcile(ms: Arc<MemberStore>, ctl: Arc<Ctl>) -> Result<Action, Error>
             message.clone(),
         ),
     };
-    let previous_epoch = ms.status.as_ref().map_or(0, |s| s.epoch);
     let desired = [status::in_sync(&ms, &measured, &lags), condition];
     let mut computed = status::compute(&ms, replication, &desired, now);
     computed.caches = ctx
@@ -354,7 +353,7 @@ async fn reconcile(ms: Arc<MemberStore>, ctl: Arc<Ctl>) -> Result<Action, Error>
             }
         }
         computed.active_data_center = Some(to.clone());
-        computed.epoch = previous_epoch + 1;
+        computed.epoch = ms.epoch() + 1;
         computed.since = Some(Time(now));
         tracing::warn!(from = %active, to = %to, epoch = computed.epoch, reason, %message, "active data centre changed");
         ctx.metrics

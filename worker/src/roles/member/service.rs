@@ -340,10 +340,7 @@ impl Members {
             .filter(|cache| {
                 let skipped = self.cache_use(&cache.name).invalidation == Invalidation::Skipped;
                 if skipped {
-                    self.metrics
-                        .invalidations_missed
-                        .get_or_create(&vec![("dc".to_owned(), cache.name.clone())])
-                        .inc();
+                    self.count_missed(cache);
                 }
                 !skipped
             })
@@ -360,6 +357,10 @@ impl Members {
     /// Counts an invalidation `cache` did not take while it may miss it.
     pub(super) fn missed(&self, cache: &DcCache, failure: &Failure) {
         tracing::debug!(dc = %cache.name, %failure, "a recovering cache missed an invalidation");
+        self.count_missed(cache);
+    }
+
+    fn count_missed(&self, cache: &DcCache) {
         self.metrics
             .invalidations_missed
             .get_or_create(&vec![("dc".to_owned(), cache.name.clone())])

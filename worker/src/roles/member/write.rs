@@ -101,14 +101,8 @@ impl Members {
         let path = self.path();
         // One cluster and one epoch for the whole write, whatever a promotion does meanwhile.
         let search = self.stores.search();
-        let now = self.epoch();
-        if fenced(search.epoch, now) {
-            // Published, but this process has not reached the promoted cluster yet.
-            return Err(Failure::Fenced {
-                written: search.epoch,
-                now,
-            });
-        }
+        // Published, but this process has not reached the promoted cluster yet.
+        self.in_force(search.epoch)?;
         let done = match path {
             Path::Mysql => self.write_mysql(&search, id, &change, false).await,
             Path::Catchup { .. } => self.write_mysql(&search, id, &change, true).await,
@@ -117,19 +111,13 @@ impl Members {
                 self.write_elasticsearch(&search, id, &change).await
             }
         }?;
-        let now = self.epoch();
-        if fenced(search.epoch, now) {
+        self.in_force(search.epoch).inspect_err(|_| {
             tracing::warn!(
                 member = id,
                 written = search.epoch,
-                now,
                 "a write made under a superseded epoch is not acknowledged"
             );
-            return Err(Failure::Fenced {
-                written: search.epoch,
-                now,
-            });
-        }
+        })?;
         self.metrics
             .writes
             .get_or_create(&[("path", path.as_str())])
@@ -280,6 +268,16 @@ impl Members {
             });
         }
         Err(Failure::Contended(id))
+    }
+
+    /// Whether a write under `written` may go on or be acknowledged: not
+    /// if the operator has published a newer epoch ([`fenced`]).
+    fn in_force(&self, written: i64) -> Result<(), Failure> {
+        let now = self.epoch();
+        if fenced(written, now) {
+            return Err(Failure::Fenced { written, now });
+        }
+        Ok(())
     }
 
     /// Releases member `id`'s claims of `released` in Elasticsearch.
