@@ -16,6 +16,8 @@ pub const SQL_VALID: &str = "SqlValid";
 pub const STANDBY_IN_SYNC: &str = "StandbyInSync";
 /// A MemberStore's active data centre's Elasticsearch answers (after a promotion if need be).
 pub const ACTIVE_AVAILABLE: &str = "ActiveAvailable";
+/// A MemberStore's MySQL master answers (after a promotion if need be).
+pub const MYSQL_MASTER_AVAILABLE: &str = "MysqlMasterAvailable";
 
 /// The condition type that reports one dependency's health, e.g. `KvAvailable`.
 pub fn dependency_condition(dependency: crate::Dependency) -> &'static str {

@@ -263,13 +263,16 @@ pub async fn pipeline_namespace(client: &kube::Client, prefix: &str) -> Result<S
     Api::<Namespace>::all(client.clone())
         .create(&PostParams::default(), &ns)
         .await?;
-    let secret: Secret = serde_json::from_value(
-        serde_json::json!({"metadata": {"name": "mysql"}, "stringData": {"password": "ballast"}}),
-    )
-    .map_err(|e| StackError::Script {
-        command: "secret".into(),
-        message: e.to_string(),
-    })?;
+    let secret: Secret =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "mysql"}, "stringData": {
+            "password": "ballast",
+            // The member servers' failover account (a MemberStore's spec.mysqlAdmin).
+            "admin-password": "ballast-admin",
+        }}))
+        .map_err(|e| StackError::Script {
+            command: "secret".into(),
+            message: e.to_string(),
+        })?;
     Api::<Secret>::namespaced(client.clone(), &name)
         .create(&PostParams::default(), &secret)
         .await?;

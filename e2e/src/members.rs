@@ -22,12 +22,15 @@ pub struct MemberProcess {
 impl Stack {
     /// MemberStore `name` over both member data centres (dc-a primary, dc-b
     /// its replica), home database `home`, change stream `<name>-changes`,
-    /// and the cold cluster standing in for the marketing cluster.
+    /// the cold cluster standing in for the marketing cluster, and the
+    /// failover account `ballast_admin`; the passwords come from the Secret
+    /// `mysql` every fixture namespace holds.
     pub fn member_store(&self, name: &str, home: &str) -> Result<serde_json::Value, StackError> {
         let dc = |dc: &str, mysql: &str, es: &str, redis: &str| -> Result<serde_json::Value, StackError> {
             Ok(serde_json::json!({
                 "name": dc, "namespace": format!("{name}-{dc}"),
-                "mysql": {"address": host_port(&self.get(mysql)?), "database": home, "user": "ballast"},
+                "mysql": {"address": host_port(&self.get(mysql)?), "database": home, "user": "ballast",
+                          "passwordSecretRef": {"name": "mysql", "key": "password"}},
                 "elasticsearch": {"url": self.get(es)?},
                 "redis": {"address": host_port(&self.get(redis)?)},
             }))
@@ -44,6 +47,8 @@ impl Stack {
                 ],
                 "changeStream": {"bootstrapServers": self.get("BALLAST_KAFKA_BOOTSTRAP")?, "topic": format!("{name}-changes")},
                 "marketingElasticsearch": {"url": self.get("BALLAST_ES_COLD_URL")?},
+                "mysqlAdmin": {"user": "ballast_admin",
+                               "passwordSecretRef": {"name": "mysql", "key": "admin-password"}},
             }
         }))
     }

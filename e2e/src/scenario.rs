@@ -17,6 +17,19 @@ impl Drop for RestoreStack {
     }
 }
 
+/// Restarts any server a scenario stopped and makes DC A's member MySQL the
+/// master again (`stack.sh member-topology`) when dropped, whatever
+/// happened: a MySQL failover scenario stopped midway must not leave DC B's
+/// the master for the scenarios after it.
+pub struct RestoreMemberTopology;
+
+impl Drop for RestoreMemberTopology {
+    fn drop(&mut self) {
+        let _ = crate::stack_script(&["up"]);
+        let _ = crate::stack_script(&["member-topology"]);
+    }
+}
+
 /// Thaws (`stack.sh resume`) the server a scenario froze when dropped,
 /// whatever happened: a failed assertion must not leave it frozen.
 pub struct Thaw(pub &'static str);

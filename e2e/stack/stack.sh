@@ -5,6 +5,7 @@
 #   stack.sh down     stop what `up` started (by its pid files, never by process name)
 #   stack.sh status   one health line per server and the node; exit 1 if any is unhealthy
 #   stack.sh stop|pause|resume SERVER   failure injection for tests: stop, freeze (SIGSTOP), thaw
+#   stack.sh member-topology   DC A's member MySQL the master and DC B's its replica again
 #
 # Caches (builds, downloads) live in $BALLAST_CACHE (~/.cache/ballast), outside
 # any clone, so a second `up` takes seconds. Running state (data, logs, pids,
@@ -381,6 +382,46 @@ bootstrap_mysql() { # name port [primary-port]
   touch "$dir/bootstrapped"
 }
 
+# The member servers' failover account (MemberStore spec.mysqlAdmin), and the
+# member user without READ_ONLY ADMIN: the operator fences a demoted master
+# with read_only, which that privilege passes through.
+member_accounts() { # name
+  mysql_root "$1" "SET sql_log_bin = 0;
+CREATE USER IF NOT EXISTS 'ballast_admin'@'127.0.0.1' IDENTIFIED BY 'ballast-admin';
+GRANT ALL PRIVILEGES ON *.* TO 'ballast_admin'@'127.0.0.1';
+REVOKE READ_ONLY ADMIN ON *.* FROM 'ballast'@'127.0.0.1', 'ballast'@'localhost';
+SET sql_log_bin = 1;" || die "setting the member accounts on mysql-$1 failed"
+}
+
+mysql_value() { # name sql
+  mariadb --no-defaults --protocol=socket -S "$state/mysql/$1/mysqld.sock" -uroot -N -B -e "$2"
+}
+
+# A failover scenario stopped midway can leave DC B's MySQL the master: DC A
+# is made the master again and DC B its replica (from DC B's own position).
+member_topology() {
+  local a=member-dc-a b=member-dc-b
+  if [ -n "$(mysql_value $a 'SHOW SLAVE STATUS')" ] || [ "$(mysql_value $a 'SELECT @@read_only')" != 0 ]; then
+    say "mysql-$a: made the member master again"
+    mysql_root $a "STOP SLAVE; RESET SLAVE ALL; SET GLOBAL read_only = 0;" ||
+      die "reopening mysql-$a as the master failed"
+  fi
+  local source
+  source=$(mysql_root $b 'SHOW SLAVE STATUS\G' | awk '/ Master_Port:/ {print $2}')
+  if [ "$source" != "$BALLAST_PORT_MYSQL_MEMBER_DC_A" ]; then
+    say "mysql-$b: made a replica of mysql-$a again"
+    mysql_root $b "STOP SLAVE; CHANGE MASTER TO MASTER_HOST='$host', MASTER_PORT=$BALLAST_PORT_MYSQL_MEMBER_DC_A,
+      MASTER_USER='ballast', MASTER_PASSWORD='ballast', MASTER_USE_GTID=current_pos,
+      MASTER_CONNECT_RETRY=1; START SLAVE;" || die "re-pointing mysql-$b at mysql-$a failed"
+  fi
+}
+
+# DC B's member MySQL replicates, unless a failover scenario running now has
+# made it the master (it then has no source at all).
+replica_settled() {
+  [ -z "$(mysql_value member-dc-b 'SHOW SLAVE STATUS')" ] || replica_running
+}
+
 replica_running() {
   mariadb --no-defaults --protocol=tcp -h "$host" -P "$BALLAST_PORT_MYSQL_MEMBER_DC_B" -uballast -pballast \
     -e 'SHOW SLAVE STATUS\G' 2>/dev/null | grep -cE 'Slave_(IO|SQL)_Running: Yes' | grep -qx 2
@@ -467,6 +508,8 @@ up() {
   bootstrap_mysql hot "$BALLAST_PORT_MYSQL_HOT"
   bootstrap_mysql member-dc-a "$BALLAST_PORT_MYSQL_MEMBER_DC_A"
   bootstrap_mysql member-dc-b "$BALLAST_PORT_MYSQL_MEMBER_DC_B" "$BALLAST_PORT_MYSQL_MEMBER_DC_A"
+  member_accounts member-dc-a
+  member_accounts member-dc-b
   wait_for redis-kv 20 redis_ping "$BALLAST_PORT_REDIS_KV"
   wait_for redis-cache 20 redis_ping "$BALLAST_PORT_REDIS_CACHE"
   wait_for redis-member-dc-a 20 redis_ping "$BALLAST_PORT_REDIS_MEMBER_DC_A"
@@ -476,7 +519,7 @@ up() {
   wait_for es-dc-a 180 es_health "$BALLAST_PORT_ES_DC_A"
   wait_for es-dc-b 180 es_health "$BALLAST_PORT_ES_DC_B"
   wait_for es-cold 180 es_health "$BALLAST_PORT_ES_COLD"
-  wait_for mysql-member-dc-b 60 replica_running
+  wait_for mysql-member-dc-b 60 replica_settled
   node_up
   node_wait
   write_env
@@ -554,5 +597,7 @@ case "${1:-}" in
   status) status ;;
   install) install_all ;;
   env) echo "$state/stack.env" ;;
-  *) die "usage: stack.sh up|down|status|install|env|stop SERVER|pause SERVER|resume SERVER" ;;
+  # After a MySQL failover scenario: DC A's member MySQL the master again.
+  member-topology) member_topology ;;
+  *) die "usage: stack.sh up|down|status|install|env|member-topology|stop SERVER|pause SERVER|resume SERVER" ;;
 esac

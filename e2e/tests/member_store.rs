@@ -123,7 +123,9 @@ async fn fixture(
     ballast_e2e::install_crds(client).await?;
     let ns = ballast_e2e::pipeline_namespace(client, prefix).await?;
     let name = format!("{prefix}-{}", ballast_e2e::run_id());
-    let mut store = stack.member_store(&name, "unused")?;
+    let home = format!("m_{}", name.replace('-', "_"));
+    stack.member_home(&home).await?;
+    let mut store = stack.member_store(&name, &home)?;
     store["spec"]["promotion"] = promotion;
     Api::<MemberStore>::namespaced(client.clone(), &ns)
         .patch(

@@ -391,7 +391,7 @@ async fn main() -> anyhow::Result<()> {
             .get_multiplexed_async_connection()
             .await?,
     ];
-    let place = |id: u64| stores.primary.map().member_place(id).members();
+    let place = |id: u64| stores.primary().db.map().member_place(id).members();
     let tables: Arc<Vec<String>> = Arc::new(ids.iter().map(|id| place(*id)).collect());
     let (mut api_writes, mut raw_writes) = (Vec::new(), Vec::new());
     for run in 0..RUNS {

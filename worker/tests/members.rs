@@ -144,10 +144,10 @@ fn card(kind: IdentityKind, n: u64) -> Identity {
 async fn truth(stores: &Stores, key: &Key) -> anyhow::Result<Option<Member>> {
     let id = match key {
         Key::Member(id) => Some(*id),
-        Key::Identity(identity) => stores.primary.owner(identity).await?,
+        Key::Identity(identity) => stores.primary().db.owner(identity).await?,
     };
     match id {
-        Some(id) => Ok(stores.primary.get(id).await?),
+        Some(id) => Ok(stores.primary().db.get(id).await?),
         None => Ok(None),
     }
 }

@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 use crate::mode::Mode;
 use crate::refs::{ElasticsearchRef, KafkaRef, MysqlRef, RedisRef};
 
+mod mysql;
 mod status;
+pub use mysql::{MysqlAdmin, MysqlPromotion, MysqlReplica, PROMOTE_MYSQL_ANNOTATION};
 pub use status::{CacheStatus, MemberStoreStatus, Replica};
 
 /// A unified member-identity service: MySQL sharded by member id (master in
@@ -98,6 +100,11 @@ pub struct MemberStoreSpec {
     /// failover may lose at most. The `StandbyInSync` condition reports it.
     #[serde(default)]
     pub promotion: Promotion,
+    /// The account the operator promotes, fences and re-points the member
+    /// MySQL servers with. Unset, the operator publishes the master's mode
+    /// but never changes the topology: a lost master waits for a person.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mysql_admin: Option<MysqlAdmin>,
 }
 
 /// When the operator promotes another data centre's Elasticsearch: the
@@ -125,6 +132,12 @@ pub struct Promotion {
     #[serde(default = "default_max_lag_seconds")]
     #[schemars(range(min = 0, max = 86400))]
     pub max_lag_seconds: i32,
+    /// Whether a MySQL replica is promoted by itself when the master is down
+    /// (needs `spec.mysqlAdmin`). The switch back to the primary follows
+    /// `spec.failback`, after the old master has been fenced, re-pointed and
+    /// caught up for `failbackDwellSeconds`.
+    #[serde(default)]
+    pub mysql: MysqlPromotion,
 }
 
 fn default_failback_dwell() -> i32 {
@@ -144,6 +157,7 @@ impl Default for Promotion {
             failback_dwell_seconds: default_failback_dwell(),
             max_lag_events: default_max_lag_events(),
             max_lag_seconds: default_max_lag_seconds(),
+            mysql: MysqlPromotion::default(),
         }
     }
 }
@@ -173,6 +187,15 @@ impl MemberStore {
         self.status
             .as_ref()
             .and_then(|s| s.active_data_center.as_deref())
+            .unwrap_or(&self.spec.primary)
+    }
+
+    /// The data centre whose MySQL is the master: the one the operator
+    /// published, else the primary.
+    pub fn mysql_master(&self) -> &str {
+        self.status
+            .as_ref()
+            .and_then(|s| s.mysql_master.as_deref())
             .unwrap_or(&self.spec.primary)
     }
 
@@ -255,7 +278,8 @@ pub struct DataCenter {
         regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     )]
     pub namespace: String,
-    /// The data centre's MySQL: the master in the primary DC, a replica elsewhere.
+    /// The data centre's MySQL: the master in the primary DC, a replica
+    /// elsewhere (until a failover makes another the master).
     pub mysql: MysqlRef,
     /// The data centre's Elasticsearch cluster.
     pub elasticsearch: ElasticsearchRef,

@@ -37,6 +37,19 @@ pub struct MemberStoreStatus {
     /// Elasticsearch, and the writes journaled for the replay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mysql: Option<DependencyStatus>,
+    /// The data centre whose MySQL is the master now (the primary until the
+    /// operator first promotes a replica). A change raises `epoch`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mysql_master: Option<String>,
+    /// The data centre whose MySQL lost the master role and has not yet been
+    /// fenced (`read_only`) and re-pointed as a replica of the new master:
+    /// the operator does both as soon as it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mysql_demoted: Option<String>,
+    /// Each replica data centre's MySQL replication, as last measured.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["dataCenter".into()]))]
+    pub mysql_replication: Vec<super::MysqlReplica>,
     /// How far behind the change stream each kept cluster is, as the
     /// operator last measured it from its replicator's consumer group.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

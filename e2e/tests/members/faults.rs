@@ -15,7 +15,7 @@ use ballast_worker::wire::{Member, WriteReply};
 use tonic::{Code, Status};
 
 use crate::ONE_AT_A_TIME;
-use crate::support::{Caller, Fixture, card, id_of};
+use crate::support::{Caller, Fixture, card, id_of, until_path};
 
 #[tokio::test]
 async fn with_one_data_centre_s_cache_stopped_a_write_fails_naming_it_and_nothing_is_written()
@@ -142,10 +142,7 @@ async fn a_thousand_writes_made_while_mysql_is_down_are_all_in_mysql_once_it_ret
 
     stack_script(&["up"])?;
     for port in [f.a.metrics, f.b.metrics] {
-        eventually("the path back on MySQL after the replay", 120, || async {
-            Ok::<_, std::io::Error>((metric(port, "ballast_member_path").await? == Some(0.0)).then_some(()))
-        })
-        .await?;
+        until_path(port, 0.0, 120).await?;
     }
     // MySQL equals Elasticsearch equals what was acknowledged.
     let primary = f.stack.get(ballast_e2e::members::PRIMARY_MYSQL)?;
@@ -211,14 +208,6 @@ async fn publish_mysql(f: &Fixture, mode: &str, epoch: i64) -> anyhow::Result<()
     Ok(())
 }
 
-async fn until_path(port: u16, code: f64) -> anyhow::Result<()> {
-    eventually(&format!("ballast_member_path {code}"), 30, || async {
-        Ok::<_, std::io::Error>((metric(port, "ballast_member_path").await? == Some(code)).then_some(()))
-    })
-    .await?;
-    Ok(())
-}
-
 #[tokio::test]
 async fn a_published_degraded_mysql_moves_writes_to_elasticsearch_and_back_once_they_are_replayed()
 -> anyhow::Result<()> {
@@ -227,7 +216,7 @@ async fn a_published_degraded_mysql_moves_writes_to_elasticsearch_and_back_once_
     let a = f.caller('a', "orders", "order-flow").await?;
     let id = id_of(&a.register("辛", vec![card(7)]).await?);
     publish_mysql(&f, "Degraded", 1).await?;
-    until_path(f.a.metrics, 2.0).await?;
+    until_path(f.a.metrics, 2.0, 30).await?;
     let written = a.level(&id, "through-es").await?;
     assert!(written.read_after.is_empty(), "no MySQL transaction, no GTID");
     let es_writes = metric(f.a.metrics, "ballast_member_writes_total{path=\"elasticsearch\"}").await?;
@@ -255,7 +244,7 @@ async fn a_published_degraded_mysql_moves_writes_to_elasticsearch_and_back_once_
     unjournaled.updated_ms = k8s_openapi::jiff::Timestamp::now().as_millisecond();
     index.put_next(&unjournaled, 0).await?;
     publish_mysql(&f, "Normal", 2).await?;
-    until_path(f.a.metrics, 0.0).await?;
+    until_path(f.a.metrics, 0.0, 30).await?;
     // The catch-up's sweep brought it into MySQL before the path came back.
     let row = db.get(n).await?.context("the member's row")?;
     assert_eq!(

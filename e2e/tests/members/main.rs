@@ -9,6 +9,7 @@
 mod api;
 mod caches;
 mod faults;
+mod mysql;
 mod promotion;
 mod support;
 

@@ -225,3 +225,15 @@ pub async fn searches(url: &str, index: &str) -> anyhow::Result<u64> {
         .as_u64()
         .with_context(|| format!("no search stats for {index}: {body}"))
 }
+
+/// Waits up to `secs` until the member process serving metrics on `port`
+/// reports path `code` (`ballast_member_path`: 0 MySQL, 1 catch-up, 2
+/// Elasticsearch).
+pub async fn until_path(port: u16, code: f64, secs: u64) -> anyhow::Result<()> {
+    ballast_e2e::scenario::eventually(&format!("ballast_member_path {code}"), secs, || async {
+        let path = ballast_e2e::scenario::metric(port, "ballast_member_path").await?;
+        Ok::<_, std::io::Error>((path == Some(code)).then_some(()))
+    })
+    .await?;
+    Ok(())
+}

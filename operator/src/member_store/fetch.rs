@@ -1,5 +1,6 @@
-//! What a MemberStore's probes need besides its spec: each data centre's
-//! Redis password and Elasticsearch user and password, read by name from the
+//! What a MemberStore's probes and failovers need besides its spec: each
+//! data centre's Redis password, Elasticsearch user and password and MySQL
+//! password, and the MySQL admin account's, read by name from the
 //! Secrets of the store's namespace that the spec references (never listed
 //! or watched, as a pipeline's). A rotated password reaches the probes at
 //! the next reconcile.
@@ -22,6 +23,10 @@ pub struct Credentials {
     pub redis: BTreeMap<String, Secret>,
     /// Each Elasticsearch's user and password, where the spec names them.
     pub elasticsearch: BTreeMap<String, (String, Secret)>,
+    /// Each MySQL's password of the member user, where the spec names one.
+    pub mysql: BTreeMap<String, Secret>,
+    /// The MySQL admin account, if the spec names one.
+    pub mysql_admin: Option<super::mysql::Admin>,
 }
 
 /// Why a referenced credential could not be read.
@@ -76,6 +81,10 @@ pub async fn credentials(
     };
     let mut credentials = Credentials::default();
     for dc in &ms.spec.data_centers {
+        if let Some(r) = &dc.mysql.password_secret_ref {
+            let password = value(&dc.name, &r.name, &r.key).await?;
+            credentials.mysql.insert(dc.name.clone(), password);
+        }
         if let Some(r) = &dc.redis.password_secret_ref {
             let password = value(&dc.name, &r.name, &r.key).await?;
             credentials.redis.insert(dc.name.clone(), password);
@@ -88,6 +97,16 @@ pub async fn credentials(
                 .elasticsearch
                 .insert(dc.name.clone(), (user, password));
         }
+    }
+    if let Some(admin) = &ms.spec.mysql_admin {
+        let password = match &admin.password_secret_ref {
+            Some(r) => Some(value("(every)", &r.name, &r.key).await?),
+            None => None,
+        };
+        credentials.mysql_admin = Some(super::mysql::Admin {
+            user: admin.user.clone(),
+            password,
+        });
     }
     Ok(credentials)
 }

@@ -8,11 +8,16 @@
 //! one, failback after the catch-up and the dwell, only while this operator
 //! holds its Lease), and publishes it under a new epoch with the replication
 //! and the conditions ([`status`]), an Event and a log line per promotion.
-//! The member-service and replicator workloads come next (#16).
+//! It probes each data centre's MySQL too, publishes the master's mode, and
+//! promotes, fences and switches back the MySQL servers ([`mysql`]) under
+//! the same epoch. The member-service and replicator workloads come next (#16).
 
 pub mod caches;
 pub mod fetch;
 pub mod lag;
+pub mod mysql;
+pub mod mysql_failover;
+pub mod mysql_topology;
 pub mod promotion;
 pub mod status;
 
@@ -74,6 +79,9 @@ pub enum Watched {
     Elasticsearch,
     /// Its member cache (Redis): down, writes leave it out ([`caches`]).
     Cache,
+    /// Its MySQL: the master down, the member services write through
+    /// Elasticsearch and a replica may be promoted ([`mysql`]).
+    Mysql,
 }
 
 /// What the probers and the reconciles of one MemberStore share.
@@ -91,6 +99,13 @@ pub struct StoreState {
     /// The reason of the last `ActiveAvailable` decision, so that a wait is
     /// announced once.
     last_reason: Option<&'static str>,
+    /// The cause of each machine's last transition.
+    reasons: BTreeMap<(Watched, String), &'static str>,
+    /// Since when the primary's MySQL, while a replica, has lacked nothing
+    /// of the master (this operator's clock).
+    mysql_primary_caught_up_since: Option<tokio::time::Instant>,
+    /// The reason of the last `MysqlMasterAvailable` decision.
+    mysql_last_reason: Option<&'static str>,
 }
 
 /// One probe of a store: what, in which data centre, where and how.
@@ -111,8 +126,9 @@ impl StoreState {
             .entry((watched, dc.to_owned()))
             .or_insert_with(|| mode::Machine::new(now));
         let switched_back = match watched {
-            // An answering cluster is usable at once.
-            Watched::Elasticsearch => true,
+            // An answering cluster or server is usable at once (the member
+            // services replay into MySQL what they journaled).
+            Watched::Elasticsearch | Watched::Mysql => true,
             // A returning cache only once it has been emptied.
             Watched::Cache => self.caches.get(dc).is_some_and(|c| c.emptied),
         };
@@ -127,6 +143,7 @@ impl StoreState {
         let Some(transition) = step.transition else {
             return false;
         };
+        self.reasons.insert((watched, dc.to_owned()), transition.reason());
         if watched == Watched::Cache {
             let mode = machine.mode;
             self.caches.entry(dc.to_owned()).or_default().entered(
@@ -200,9 +217,11 @@ fn targets(ms: &MemberStore, credentials: &fetch::Credentials) -> Vec<Target> {
                 credentials: credentials.elasticsearch.get(&dc.name).cloned(),
             };
             let cache = Endpoint::redis(&dc.redis, credentials.redis.get(&dc.name).cloned());
+            let mysql = Endpoint::mysql(&dc.mysql, credentials.mysql.get(&dc.name).cloned());
             [
                 (Watched::Elasticsearch, dc.name.clone(), search, probe.clone()),
                 (Watched::Cache, dc.name.clone(), cache, probe.clone()),
+                (Watched::Mysql, dc.name.clone(), mysql, probe.clone()),
             ]
         })
         .collect()
@@ -249,7 +268,7 @@ fn sync(
             });
     }
     for dc in &ms.spec.data_centers {
-        for watched in [Watched::Elasticsearch, Watched::Cache] {
+        for watched in [Watched::Elasticsearch, Watched::Cache, Watched::Mysql] {
             state.step(watched, &dc.name, None, thresholds, now);
         }
     }
@@ -268,6 +287,8 @@ async fn reconcile(ms: Arc<MemberStore>, ctl: Arc<Ctl>) -> Result<Action, Error>
     let credentials = fetch::credentials(&ctx.client, &ns, &ms).await?;
     let up = sync(ctx, &key, &ms, &credentials);
     let grace_left = caches::settle(ctx, &key, &ms, &credentials).await;
+    let leading = !ctl.leading.is_cancelled();
+    let mysql = mysql::reconcile(ctx, &key, &ms, credentials.mysql_admin.as_ref(), leading).await;
 
     let mut measured = Vec::new();
     for cluster in ms.kept_clusters() {
@@ -310,7 +331,7 @@ async fn reconcile(ms: Arc<MemberStore>, ctl: Arc<Ctl>) -> Result<Action, Error>
         lag: &lags,
         // Judged now, on this replica's clock: the Lease's holder renews it
         // or cancels this token before it lapses.
-        leading: !ctl.leading.is_cancelled(),
+        leading,
         named,
         failback: ms.spec.failback,
         primary_caught_up_for: caught_up_for,
@@ -331,13 +352,28 @@ async fn reconcile(ms: Arc<MemberStore>, ctl: Arc<Ctl>) -> Result<Action, Error>
             message.clone(),
         ),
     };
-    let desired = [status::in_sync(&ms, &measured, &lags), condition];
+    let desired = [
+        status::in_sync(&ms, &measured, &lags),
+        condition,
+        mysql.condition.clone(),
+    ];
     let mut computed = status::compute(&ms, replication, &desired, now);
     computed.caches = ctx
         .stores()
         .get(&key)
         .map(|state| caches::published(&ms, state))
         .unwrap_or_default();
+    computed.mysql = mysql.mode.clone();
+    computed.mysql_master = Some(mysql.master.clone());
+    computed.mysql_demoted = mysql.demoted.clone();
+    computed.mysql_replication = mysql.replication.clone();
+    if mysql.changed {
+        computed.epoch = ms.epoch() + 1;
+        ctx.metrics
+            .member_promotions
+            .get_or_create(&vec![("reason", format!("mysql-{}", mysql.condition.reason))])
+            .inc();
+    }
 
     let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
     let reference = ms.object_ref(&());
@@ -369,11 +405,7 @@ async fn reconcile(ms: Arc<MemberStore>, ctl: Arc<Ctl>) -> Result<Action, Error>
         )
         .await?;
     }
-    let reason = match &decision {
-        Decision::Stay { reason, .. } | Decision::Wait { reason, .. } | Decision::Promote { reason, .. } => {
-            *reason
-        }
-    };
+    let reason = decision.reason();
     let announce = {
         let mut stores = ctx.stores();
         let state = stores.entry(key.clone()).or_default();
@@ -391,6 +423,14 @@ async fn reconcile(ms: Arc<MemberStore>, ctl: Arc<Ctl>) -> Result<Action, Error>
         .as_ref()
         .map(|s| s.caches.as_slice())
         .unwrap_or_default();
+    for (warning, reason, message) in &mysql.events {
+        let type_ = if *warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        publish(&recorder, &reference, type_, reason, message.clone()).await?;
+    }
     for said in caches::announcements(before, &computed.caches) {
         tracing::warn!(reason = said.reason, message = %said.message, "member cache mode changed");
         let type_ = if said.warning {
@@ -411,6 +451,10 @@ async fn reconcile(ms: Arc<MemberStore>, ctl: Arc<Ctl>) -> Result<Action, Error>
             "epoch": computed.epoch,
             "since": computed.since,
             "caches": computed.caches,
+            "mysql": computed.mysql,
+            "mysqlMaster": computed.mysql_master,
+            "mysqlDemoted": computed.mysql_demoted,
+            "mysqlReplication": computed.mysql_replication,
         }});
         api.patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
             .await
@@ -423,6 +467,12 @@ async fn reconcile(ms: Arc<MemberStore>, ctl: Arc<Ctl>) -> Result<Action, Error>
     let period =
         Duration::from_secs(u64::try_from(ms.spec.promotion.probe.period_seconds.max(1)).unwrap_or(1));
     let next = MEASURE_EVERY.min(period * 2);
+    // A promoted MySQL master is opened at the next reconcile.
+    let next = if mysql.hurry {
+        Duration::from_millis(200)
+    } else {
+        next
+    };
     Ok(Action::requeue(grace_left.map_or(next, |left| left.min(next))))
 }
 

@@ -75,6 +75,15 @@ pub enum Decision {
     },
 }
 
+impl Decision {
+    /// The CamelCase cause.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Stay { reason, .. } | Self::Wait { reason, .. } | Self::Promote { reason, .. } => reason,
+        }
+    }
+}
+
 /// Decides which data centre is active. Pure.
 pub fn decide(f: &Facts<'_>) -> Decision {
     let active = f.active;
@@ -137,18 +146,31 @@ pub fn decide(f: &Facts<'_>) -> Decision {
     }
 }
 
+/// The data centre to promote in place of `down`: the one a person `named`
+/// if it answers, else the first answering one in `order`; and whether it
+/// was named. Pure.
+pub fn candidate<'a>(
+    order: &'a [String],
+    down: &str,
+    up: &BTreeMap<String, bool>,
+    named: Option<&'a str>,
+) -> Option<(&'a str, bool)> {
+    let answers = |dc: &str| dc != down && up.get(dc).copied() == Some(true);
+    match named.filter(|n| answers(n)) {
+        Some(named) => Some((named, true)),
+        None => order
+            .iter()
+            .map(String::as_str)
+            .find(|dc| answers(dc))
+            .map(|dc| (dc, false)),
+    }
+}
+
 /// The active data centre is down: promote the named or first answering
 /// standby, if allowed.
 fn promote_from_down(f: &Facts<'_>) -> Decision {
     let active = f.active;
-    let answering: Vec<&str> = f
-        .order
-        .iter()
-        .map(String::as_str)
-        .filter(|dc| *dc != active && f.up.get(*dc).copied() == Some(true))
-        .collect();
-    let named = f.named.filter(|n| answering.contains(n));
-    let Some(to) = named.or_else(|| answering.first().copied()) else {
+    let Some((to, named)) = candidate(f.order, active, f.up, f.named) else {
         return Decision::Wait {
             reason: "NoStandbyAnswers",
             message: format!("{active}'s Elasticsearch is down and no other data centre's answers"),
@@ -163,7 +185,7 @@ fn promote_from_down(f: &Facts<'_>) -> Decision {
             ),
         };
     }
-    if named.is_some() {
+    if named {
         return Decision::Promote {
             to: to.to_owned(),
             reason: "PromotedByPerson",

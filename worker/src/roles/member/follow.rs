@@ -1,8 +1,9 @@
 //! Following the MemberStore: one Kubernetes watch on the object, which
 //! puts its flow-control rules and admitted callers in force, passes on
 //! the MySQL and cache modes the operator publishes, and moves the service to the
-//! Elasticsearch of the data centre the operator promotes. An unreachable
-//! API server keeps what is in force.
+//! Elasticsearch and the MySQL master of the data centres the operator
+//! promotes (the master first: the mode published with it is the new
+//! master's). An unreachable API server keeps what is in force.
 
 use std::sync::Arc;
 
@@ -95,6 +96,41 @@ async fn activate(
     }
 }
 
+/// Moves `members` to the MySQL master `store` publishes, if it is not
+/// there: retried each second until it is, or `shutdown` comes.
+async fn relocate(
+    store: &MemberStore,
+    config: &super::Config,
+    members: &Members,
+    shutdown: &CancellationToken,
+) {
+    let master = store.mysql_master();
+    let current = members.stores().primary();
+    if current.data_center == master {
+        return;
+    }
+    let Some(dc) = store.spec.data_centers.iter().find(|dc| dc.name == master) else {
+        tracing::error!(%master, "the published MySQL master is not one of the MemberStore's data centres");
+        return;
+    };
+    loop {
+        match super::primary_of(config, store, dc).await {
+            Ok(primary) => {
+                tracing::warn!(from = %current.data_center, to = %master, "the MySQL master changed: writes move");
+                members.stores().primary.store(Arc::new(primary));
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%master, %error, "the promoted MySQL master is not usable yet; retrying")
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+        }
+    }
+}
+
 /// Watches the MemberStore of `config` until `shutdown`.
 pub fn follow(
     api: Api<MemberStore>,
@@ -112,6 +148,7 @@ pub fn follow(
                 () = shutdown.cancelled() => return,
                 next = updates.try_next() => match next {
                     Ok(Some(store)) => {
+                        relocate(&store, &config, &members, &shutdown).await;
                         apply(&store, &members, deadline, &mode);
                         activate(&store, &config, &members, &shutdown).await;
                     }

@@ -39,7 +39,7 @@ pub async fn replay(members: Arc<Members>, consumer: Arc<StreamConsumer>, shutdo
                 // Applied or not, nothing past this record is stored until it is.
                 loop {
                     let applied = members
-                        .call(Mysql, "mysql", members.stores.primary.put_state(member))
+                        .call(Mysql, "mysql", members.stores.primary().db.put_state(member))
                         .await;
                     match applied {
                         Ok(true) => {
@@ -106,7 +106,7 @@ async fn sweep(members: &Members, since_ms: i64) -> Result<u64, super::service::
             .await?;
         for member in &page {
             if members
-                .call(Mysql, "mysql", stores.primary.put_state(member))
+                .call(Mysql, "mysql", stores.primary().db.put_state(member))
                 .await?
             {
                 brought += 1;
@@ -145,7 +145,9 @@ pub async fn steer(
         if members.path_inputs(end, committed, swept).breaker_open {
             // An open breaker closes only after trial calls, which nothing
             // else makes while the path avoids MySQL.
-            let _ = members.call(Mysql, "mysql", members.stores.primary.ping()).await;
+            let _ = members
+                .call(Mysql, "mysql", members.stores.primary().db.ping())
+                .await;
         }
         if let (Path::Catchup { .. }, false, Some(since)) = (current, swept, left_mysql_ms) {
             match sweep(&members, since - SWEEP_MARGIN_MS).await {

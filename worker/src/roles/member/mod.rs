@@ -41,7 +41,7 @@ use crate::members::search::MemberIndex;
 use crate::members::sql::{DbError, MemberDb};
 use crate::members::stream::{ChangeStream, StreamError};
 use crate::secret::Secret;
-use service::{Members, Search, Stores, Timing};
+use service::{Members, Primary, Search, Stores, Timing};
 pub use write::{Done, new_member_id};
 
 /// Settings of a member process.
@@ -168,6 +168,30 @@ async fn cache(
     }
 }
 
+/// A pool of data centre `dc`'s MySQL, as the member user.
+fn pool(config: &Config, dc: &DataCenter) -> mysql_async::Pool {
+    mysql_async::Pool::new(crate::connect::mysql(&dc.mysql, config.mysql_password.as_ref()))
+}
+
+/// Data centre `dc`'s MySQL as the master, its shard map read from it.
+pub async fn primary_of(config: &Config, store: &MemberStore, dc: &DataCenter) -> Result<Primary, Error> {
+    let logical = u32::try_from(store.spec.logical_shards).unwrap_or(1).max(1);
+    let db = tokio::time::timeout(
+        config.deadline * 10,
+        MemberDb::replica(pool(config, dc), &dc.mysql.database, logical),
+    )
+    .await
+    .map_err(|_| {
+        DbError::Mysql(mysql_async::Error::Other(
+            "reading the master's shard map timed out".into(),
+        ))
+    })??;
+    Ok(Primary {
+        data_center: dc.name.clone(),
+        db,
+    })
+}
+
 /// The member index and claims of data centre `dc`'s Elasticsearch, their
 /// templates installed.
 pub async fn search_of(config: &Config, dc: &DataCenter, epoch: i64) -> Result<Search, Error> {
@@ -201,14 +225,13 @@ pub async fn connect(
         data_center: data_center.to_owned(),
     };
     let local = data_centre(store, &config.data_center).ok_or_else(|| no_dc(&config.data_center))?;
-    let primary = data_centre(store, &spec.primary).ok_or_else(|| no_dc(&spec.primary))?;
+    let master = store.mysql_master();
+    let primary = data_centre(store, master).ok_or_else(|| no_dc(master))?;
     let active_name = store.active_data_center();
     let active = data_centre(store, active_name).ok_or_else(|| no_dc(active_name))?;
     let logical = u32::try_from(spec.logical_shards).unwrap_or(1).max(1);
 
-    let pool = |dc: &DataCenter| {
-        mysql_async::Pool::new(crate::connect::mysql(&dc.mysql, config.mysql_password.as_ref()))
-    };
+    let pool = |dc: &DataCenter| pool(config, dc);
     let primary_db = tokio::time::timeout(
         deadline * 10,
         MemberDb::install(pool(primary), &primary.mysql.database, logical),
@@ -219,8 +242,7 @@ pub async fn connect(
             "installing the shard map timed out".into(),
         ))
     })??;
-    let local_is_primary = local.name == primary.name;
-    let local_db = if local_is_primary {
+    let local_db = if local.name == primary.name {
         primary_db.clone()
     } else {
         tokio::time::timeout(
@@ -261,9 +283,12 @@ pub async fn connect(
     ChangeStream::ensure_topic(&spec.change_stream, deadline * 5).await?;
     let stream = ChangeStream::new(&spec.change_stream, deadline)?;
     Ok(Some(Stores {
-        primary: primary_db,
+        primary: Arc::new(ArcSwap::from_pointee(Primary {
+            data_center: primary.name.clone(),
+            db: primary_db,
+        })),
         local: local_db,
-        local_is_primary,
+        local_data_center: local.name.clone(),
         search: Arc::new(ArcSwap::from_pointee(search)),
         marketing,
         caches,

@@ -53,7 +53,7 @@ impl Members {
 
     async fn read_mysql(&self, id: u64, read_after: Option<&str>) -> Result<Option<Member>, Failure> {
         let stores = &self.stores;
-        let Some(token) = read_after.filter(|_| !stores.local_is_primary) else {
+        let Some(token) = read_after.filter(|_| !stores.local_is_primary()) else {
             return self.call(Mysql, "mysql", stores.local.get(id)).await;
         };
         let wait = self.timing.read_after_wait;
@@ -64,7 +64,7 @@ impl Members {
         if caught_up {
             self.call(Mysql, "mysql replica", stores.local.get(id)).await
         } else {
-            self.call(Mysql, "mysql", stores.primary.get(id)).await
+            self.call(Mysql, "mysql", stores.primary().db.get(id)).await
         }
     }
 

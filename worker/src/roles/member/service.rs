@@ -30,12 +30,13 @@ use crate::members::stream::ChangeStream;
 /// Where the members are.
 #[derive(Clone)]
 pub struct Stores {
-    /// The primary data centre's MySQL: every write.
-    pub primary: MemberDb,
-    /// This data centre's MySQL (a replica outside the primary DC): reads.
+    /// The MySQL master: every write. Replaced when the operator promotes
+    /// another data centre's MySQL.
+    pub primary: Arc<ArcSwap<Primary>>,
+    /// This data centre's MySQL (a replica outside the master's DC): reads.
     pub local: MemberDb,
-    /// Whether `local` is the primary.
-    pub local_is_primary: bool,
+    /// This data centre's name.
+    pub local_data_center: String,
     /// The active data centre's Elasticsearch, replaced when the operator
     /// promotes another.
     pub search: Arc<ArcSwap<Search>>,
@@ -66,10 +67,29 @@ pub struct Search {
     pub claims: Claims,
 }
 
+/// The MySQL master.
+#[derive(Clone)]
+pub struct Primary {
+    /// Its data centre.
+    pub data_center: String,
+    /// Its member database.
+    pub db: MemberDb,
+}
+
 impl Stores {
     /// The active data centre's Elasticsearch, as it is now.
     pub fn search(&self) -> Arc<Search> {
         self.search.load_full()
+    }
+
+    /// The MySQL master, as it is now.
+    pub fn primary(&self) -> Arc<Primary> {
+        self.primary.load_full()
+    }
+
+    /// Whether this data centre's MySQL is the master.
+    pub fn local_is_primary(&self) -> bool {
+        self.primary.load().data_center == self.local_data_center
     }
 }
 

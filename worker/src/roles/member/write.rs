@@ -19,7 +19,7 @@ use crate::members::cache::Key;
 use crate::members::claims::Claim;
 use crate::members::model::{self, Change, Conflict, Identity, Member};
 use crate::members::search::Put;
-use crate::members::sql::{WriteError, Written};
+use crate::members::sql::{MemberDb, WriteError, Written};
 use crate::members::stream::{self, Record};
 
 /// Attempts at a registration's random id, or at a write racing others on
@@ -99,13 +99,15 @@ impl Members {
     /// epoch is still the one in force once the write is made.
     pub async fn write(&self, id: u64, change: Change) -> Result<Done, Failure> {
         let path = self.path();
-        // One cluster and one epoch for the whole write, whatever a promotion does meanwhile.
+        // One cluster, one master and one epoch for the whole write, whatever
+        // a promotion does meanwhile.
         let search = self.stores.search();
+        let primary = self.stores.primary();
         // Published, but this process has not reached the promoted cluster yet.
         self.in_force(search.epoch)?;
         let done = match path {
-            Path::Mysql => self.write_mysql(&search, id, &change, false).await,
-            Path::Catchup { .. } => self.write_mysql(&search, id, &change, true).await,
+            Path::Mysql => self.write_mysql(&search, &primary.db, id, &change, false).await,
+            Path::Catchup { .. } => self.write_mysql(&search, &primary.db, id, &change, true).await,
             Path::Elasticsearch => {
                 let _in_flight = self.es_write();
                 self.write_elasticsearch(&search, id, &change).await
@@ -130,25 +132,24 @@ impl Members {
     async fn write_mysql(
         &self,
         search: &Search,
+        primary: &MemberDb,
         id: u64,
         change: &Change,
         repair: bool,
     ) -> Result<Done, Failure> {
-        let stores = &self.stores;
         let registering = matches!(change, Change::Register { .. });
         if repair && !registering {
             let newest = self
                 .call(Elasticsearch, "elasticsearch", search.index.get(id))
                 .await?;
             if let Some(newest) = newest {
-                self.call(Mysql, "mysql", stores.primary.put_state(&newest))
-                    .await?;
+                self.call(Mysql, "mysql", primary.put_state(&newest)).await?;
             }
         }
         let before = if registering {
             None
         } else {
-            self.call(Mysql, "mysql", stores.primary.get(id)).await?
+            self.call(Mysql, "mysql", primary.get(id)).await?
         };
         let before_ids = before.iter().flat_map(|m| m.identities.iter());
         let mut keys = stale_keys(id, before_ids.chain(named(change)));
@@ -156,7 +157,7 @@ impl Members {
         let written = self
             .call(Mysql, "mysql", async {
                 // A conflict is an answer, not a failure of MySQL.
-                match stores.primary.write(id, change, now_ms()).await {
+                match primary.write(id, change, now_ms()).await {
                     Ok(written) => Ok(Ok(written)),
                     Err(WriteError::Conflict(conflict)) => Ok(Err(conflict)),
                     Err(WriteError::Db(e)) => Err(e),
