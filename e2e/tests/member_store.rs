@@ -16,11 +16,14 @@ use ballast_crds::MemberStore;
 use ballast_crds::member_store::Replica;
 use ballast_e2e::Stack;
 use ballast_e2e::scenario::{self, eventually};
-use ballast_worker::members::model::Member;
-use ballast_worker::members::stream::{ChangeStream, Path, Record};
+use ballast_worker::members::stream::ChangeStream;
 use ballast_worker::roles::{Deps, replicator};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use tokio_util::sync::CancellationToken;
+
+#[path = "shared/changes.rs"]
+mod changes;
+use changes::publish;
 
 const DEADLINE: Duration = Duration::from_secs(2);
 
@@ -60,28 +63,6 @@ async fn until_in_sync(api: &Api<MemberStore>, name: &str, what: &str) -> anyhow
         Ok::<_, kube::Error>((zero && in_sync).then_some(()))
     })
     .await?;
-    Ok(())
-}
-
-/// Publishes members 1 to `n` (version 1) on the change stream.
-async fn publish(stream: &ChangeStream, n: u64) -> anyhow::Result<()> {
-    for id in 1..=n {
-        let member = Member {
-            id,
-            name: format!("member {id}"),
-            level: "gold".into(),
-            identities: Default::default(),
-            version: 1,
-            updated_ms: 1_700_000_000_000,
-        };
-        stream
-            .publish(&Record {
-                path: Path::Mysql,
-                member,
-                epoch: 0,
-            })
-            .await?;
-    }
     Ok(())
 }
 

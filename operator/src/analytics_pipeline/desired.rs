@@ -128,7 +128,12 @@ struct Builder<'a> {
 }
 
 /// A rule of the workers' Role; `names` narrows it to those objects.
-fn rule(group: &str, resources: &[&str], names: Option<Vec<String>>, verbs: &[&str]) -> PolicyRule {
+pub(crate) fn rule(
+    group: &str,
+    resources: &[&str],
+    names: Option<Vec<String>>,
+    verbs: &[&str],
+) -> PolicyRule {
     PolicyRule {
         api_groups: Some(vec![group.to_owned()]),
         resources: Some(resources.iter().map(|r| (*r).to_owned()).collect()),
@@ -139,7 +144,7 @@ fn rule(group: &str, resources: &[&str], names: Option<Vec<String>>, verbs: &[&s
 }
 
 /// An env var from the pod's own fields (the downward API).
-fn field_env(name: &str, path: &str) -> EnvVar {
+pub(crate) fn field_env(name: &str, path: &str) -> EnvVar {
     EnvVar {
         name: name.into(),
         value_from: Some(EnvVarSource {
@@ -153,7 +158,8 @@ fn field_env(name: &str, path: &str) -> EnvVar {
     }
 }
 
-fn http_probe(path: &str, period: i32) -> Probe {
+/// A probe of the worker's `metrics` port at `path`, every `period` seconds.
+pub(crate) fn http_probe(path: &str, period: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
@@ -165,7 +171,8 @@ fn http_probe(path: &str, period: i32) -> Probe {
     }
 }
 
-fn service_port(name: &str, port: i32) -> ServicePort {
+/// A Service port `name` forwarding `port` to the same port.
+pub(crate) fn service_port(name: &str, port: i32) -> ServicePort {
     ServicePort {
         name: Some(name.into()),
         port,

@@ -10,9 +10,12 @@
 //! and the conditions ([`status`]), an Event and a log line per promotion.
 //! It probes each data centre's MySQL too, publishes the master's mode, and
 //! promotes, fences and switches back the MySQL servers ([`mysql`]) under
-//! the same epoch. The member-service and replicator workloads come next (#16).
+//! the same epoch. It runs the member services in each data centre's
+//! namespace and the replicator ([`desired`], [`workloads`]), and a finalizer
+//! removes what it made outside the store's own namespace.
 
 pub mod caches;
+pub mod desired;
 pub mod fetch;
 pub mod lag;
 pub mod mysql;
@@ -20,6 +23,7 @@ pub mod mysql_failover;
 pub mod mysql_topology;
 pub mod promotion;
 pub mod status;
+pub mod workloads;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -36,6 +40,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::finalizer::{self, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
@@ -66,6 +71,13 @@ pub enum Error {
     /// Publishing an Event failed.
     #[error("publishing an event: {0}")]
     Event(#[source] kube::Error),
+    /// Removing the workloads of a deleted store, or adding or removing its
+    /// finalizer, failed.
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    /// The workloads of a deleted store could not be removed.
+    #[error(transparent)]
+    Workloads(#[from] workloads::WorkloadError),
     /// A credential the spec references could not be read: the probes keep
     /// what they had rather than probe without it (and find a secured server down).
     #[error(transparent)]
@@ -277,6 +289,32 @@ fn sync(
 
 #[tracing::instrument(skip_all, fields(store = %ms.name_any(), namespace = ms.namespace().unwrap_or_default()))]
 async fn reconcile(ms: Arc<MemberStore>, ctl: Arc<Ctl>) -> Result<Action, Error> {
+    let ns = ms.namespace().ok_or(Error::MissingNamespace)?;
+    let api: Api<MemberStore> = Api::namespaced(ctl.ctx.client.clone(), &ns);
+    finalizer(&api, desired::FINALIZER, ms, |event| async {
+        match event {
+            finalizer::Event::Apply(ms) => run_store(ms, &ctl).await,
+            finalizer::Event::Cleanup(ms) => retire(ms, &ctl).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+/// The store is being deleted: what it made in the data centres' namespaces
+/// goes, and its probers stop.
+async fn retire(ms: Arc<MemberStore>, ctl: &Ctl) -> Result<Action, Error> {
+    let ctx = &ctl.ctx;
+    let ns = ms.namespace().ok_or(Error::MissingNamespace)?;
+    workloads::clean_up(&ctx.client, &ms, &ns).await?;
+    let key = ObjectRef::from_obj(ms.as_ref());
+    probe::detach(ctx, |feed| matches!(feed, Feed::Store(k, ..) if *k == key));
+    ctx.stores().remove(&key);
+    tracing::info!("the MemberStore's workloads in its data centres' namespaces were deleted");
+    Ok(Action::await_change())
+}
+
+async fn run_store(ms: Arc<MemberStore>, ctl: &Ctl) -> Result<Action, Error> {
     let ctx = &ctl.ctx;
     let kind = vec![("kind", "MemberStore".to_owned())];
     ctx.metrics.reconciles.get_or_create(&kind).inc();
@@ -352,7 +390,21 @@ async fn reconcile(ms: Arc<MemberStore>, ctl: Arc<Ctl>) -> Result<Action, Error>
             message.clone(),
         ),
     };
+    let ready = match ms.spec.image.as_deref().or(ctx.worker_image.as_deref()) {
+        Some(image) => {
+            let owner = ms.controller_owner_ref(&()).unwrap_or_default();
+            let placed = desired::objects(&ms, &ns, &owner, image);
+            workloads::ensure(&ctx.client, &ms, &ns, &placed).await
+        }
+        None => ballast_crds::conditions::Desired::fails(
+            ballast_crds::conditions::READY,
+            "NoWorkerImage",
+            "spec.image is not set and the operator was given no worker image \
+             (BALLAST_WORKER_IMAGE, set by the chart's workerImage values)",
+        ),
+    };
     let desired = [
+        ready,
         status::in_sync(&ms, &measured, &lags),
         condition,
         mysql.condition.clone(),
@@ -505,6 +557,8 @@ fn error_policy(ms: Arc<MemberStore>, error: &Error, ctl: Arc<Ctl>) -> Action {
         Error::Status(_) => "status",
         Error::Event(_) => "event",
         Error::Credentials(_) => "credentials",
+        Error::Finalizer(_) => "finalizer",
+        Error::Workloads(_) => "workloads",
     };
     ctl.ctx
         .metrics
