@@ -224,8 +224,9 @@ async fn marketing_lookups_never_reach_the_primary_cluster() -> anyhow::Result<(
     let f = Fixture::start("ms-mkt").await?;
     let orders = f.caller('a', "orders", "order-flow").await?;
     let campaign = f.caller('b', "campaign", "marketing").await?;
+    let (stop, replicating) = f.replicate().await?;
     let id = id_of(&orders.register("己", vec![phone(5)]).await?);
-    // The marketing cluster is fed from the change stream.
+    // The replicator feeds the marketing cluster from the change stream.
     eventually("the marketing cluster to find the member", 30, || async {
         Ok::<_, tonic::Status>(campaign.lookup(phone(5)).await?.filter(|m| m.member_id == id))
     })
@@ -260,5 +261,7 @@ async fn marketing_lookups_never_reach_the_primary_cluster() -> anyhow::Result<(
         searches(&primary_url, &index).await? > primary_after,
         "order-flow lookups search the primary"
     );
+    stop.cancel();
+    replicating.await??;
     Ok(())
 }

@@ -9,9 +9,7 @@ use std::time::Duration;
 use ballast_crds::MemberStore;
 use ballast_e2e::scenario::{self, eventually};
 use ballast_worker::members::search::MemberIndex;
-use ballast_worker::roles::{Deps, replicator};
 use kube::api::Api;
-use tokio_util::sync::CancellationToken;
 
 use crate::ONE_AT_A_TIME;
 use crate::support::{Fixture, card, id_of};
@@ -24,23 +22,7 @@ async fn a_promotion_moves_both_data_centres_writes_and_reads_to_the_standby_wit
     let client = f.stack.kube_client().await?;
     let api: Api<MemberStore> = Api::namespaced(client.clone(), &f.namespace);
     let _operator = f.operate().await?;
-    let port = scenario::free_port()?;
-    let shutdown = CancellationToken::new();
-    let config = replicator::Config {
-        namespace: f.namespace.clone(),
-        store: f.name.clone(),
-        metrics: format!("127.0.0.1:{port}").parse()?,
-        deadline: Duration::from_secs(2),
-        drain: Duration::from_secs(5),
-        es_credentials: None,
-    };
-    let replicating = tokio::spawn(replicator::run(
-        config,
-        Deps {
-            client: client.clone(),
-        },
-        shutdown.clone(),
-    ));
+    let (shutdown, replicating) = f.replicate().await?;
     let _restore = scenario::RestoreStack;
 
     // Before: written through DC A, replicated to DC B.

@@ -7,14 +7,19 @@ use anyhow::Context;
 use ballast_e2e::members::MemberProcess;
 use ballast_e2e::scenario::until_ready;
 use ballast_e2e::{Stack, install_crds, pipeline_namespace, worker_binary};
+use ballast_worker::roles::{Deps, replicator};
 use ballast_worker::wire::members_client::MembersClient;
 use ballast_worker::wire::{
     BindRequest, GetRequest, Identity, IdentityKind, LookupRequest, Member, RegisterRequest, UpdateRequest,
     WriteReply,
 };
 use kube::api::{Api, Patch, PatchParams};
+use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tonic::{Request, Status};
+
+/// A replicator running in the test's process.
+pub type Replicating = tokio::task::JoinHandle<Result<(), replicator::Error>>;
 
 /// A MemberStore and its two member processes.
 pub struct Fixture {
@@ -101,6 +106,29 @@ impl Fixture {
             .stack
             .operator(&ballast_e2e::binary("ballast-operator")?, &self.namespace)
             .await?)
+    }
+
+    /// Runs a replicator of the store in this process, as its Deployment
+    /// would: it keeps DC B's and the marketing cluster from the change
+    /// stream until the returned token is cancelled.
+    pub async fn replicate(&self) -> anyhow::Result<(CancellationToken, Replicating)> {
+        let port = ballast_e2e::scenario::free_port()?;
+        let shutdown = CancellationToken::new();
+        let config = replicator::Config {
+            namespace: self.namespace.clone(),
+            store: self.name.clone(),
+            metrics: format!("127.0.0.1:{port}").parse()?,
+            deadline: Duration::from_secs(2),
+            drain: Duration::from_secs(5),
+            es_credentials: None,
+        };
+        let deps = Deps {
+            client: self.stack.kube_client().await?,
+        };
+        Ok((
+            shutdown.clone(),
+            tokio::spawn(replicator::run(config, deps, shutdown)),
+        ))
     }
 
     /// The cache key of member `id`'s entry.

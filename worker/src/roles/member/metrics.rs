@@ -33,8 +33,6 @@ pub struct Metrics {
     pub searches: Family<Labels<1>, Counter>,
     /// Journal records replayed into MySQL by outcome (`applied`, `current`, `unreadable`).
     pub replayed: Family<Labels<1>, Counter>,
-    /// Change records applied to the marketing cluster.
-    pub fed: Counter,
     /// Journal records not yet replayed (all records, for this store's group).
     pub replay_pending: Gauge,
     /// The path in use: 0 MySQL, 1 Elasticsearch.
@@ -57,7 +55,6 @@ impl Metrics {
             invalidations_missed: Family::default(),
             searches: Family::default(),
             replayed: Family::default(),
-            fed: Counter::default(),
             replay_pending: Gauge::default(),
             path: Gauge::default(),
             // 50 µs to about 0.8 s.
@@ -101,11 +98,6 @@ impl Metrics {
             "replayed",
             "Journal records replayed into MySQL, by outcome",
             m.replayed.clone(),
-        );
-        r.register(
-            "marketing_fed",
-            "Change records applied to the marketing cluster",
-            m.fed.clone(),
         );
         r.register(
             "replay_pending",

@@ -7,7 +7,6 @@
 
 pub mod caches;
 pub mod caller;
-pub mod feed;
 pub mod follow;
 pub mod grpc;
 pub mod journal;
@@ -344,21 +343,6 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         stopped.clone(),
     ));
 
-    let feed = match members.stores().marketing.clone() {
-        Some(marketing) => {
-            let consumer = consume::consumer(
-                &spec.change_stream,
-                &feed::group(&config.namespace, &config.store),
-            )?;
-            Some(tokio::spawn(feed::run(
-                Arc::clone(&members),
-                consumer,
-                marketing,
-                stopped.clone(),
-            )))
-        }
-        None => None,
-    };
     let (ready_tx, ready) = watch::channel(false);
     let (bound, health) = crate::health::serve(config.metrics, Arc::new(registry), ready, stopped.clone())
         .await
@@ -379,11 +363,6 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
     stopped.cancel();
     if tokio::time::timeout(config.drain, replay).await.is_err() {
         tracing::warn!("the replay did not stop within the drain");
-    }
-    if let Some(feed) = feed
-        && tokio::time::timeout(config.drain, feed).await.is_err()
-    {
-        tracing::warn!("the marketing feed did not stop within the drain");
     }
     drop(health);
     match served {
