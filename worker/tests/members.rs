@@ -288,3 +288,46 @@ async fn many_readers_and_writers_in_both_data_centres_leave_no_stale_entry() ->
     ensure!(cached > keys.len(), "the caches were filled ({cached} entries)");
     Ok(())
 }
+
+/// The journal can hold two members' records in another order than their
+/// claims were made: a former holder's older record (still listing the
+/// identity) replayed after the new holder's. Replayed with what
+/// Elasticsearch's claims give each member now, it does not take the
+/// identity back, and the former holder's release leaves it with the new one.
+#[tokio::test]
+async fn a_former_holder_s_late_record_does_not_take_back_an_identity_claimed_since() -> anyhow::Result<()> {
+    let (store, name) = store("replay-order").await?;
+    let stores = stores(&store, &name, "dc-a").await?;
+    let db = stores.primary().db.clone();
+    let identity = card(
+        IdentityKind::ElongCard,
+        7_000 + u64::from(ballast_e2e::run_id() % 1_000),
+    );
+    let member = |id: u64, version: u64, holds: bool| Member {
+        id,
+        name: format!("m{id}"),
+        level: "silver".into(),
+        identities: if holds {
+            BTreeSet::from([identity.clone()])
+        } else {
+            BTreeSet::new()
+        },
+        version,
+        updated_ms: 1_700_000_000_000,
+    };
+    let (former, holder) = (
+        1_000_000 + u64::from(ballast_e2e::run_id()),
+        2_000_000 + u64::from(ballast_e2e::run_id()),
+    );
+    let claimed = BTreeSet::from([identity.clone()]);
+    // In Elasticsearch: the former holder bound it (v3), released it (v4), then the holder bound it.
+    // In the journal: the holder's bind first, then the former holder's v3 and v4.
+    ensure!(db.put_state(&member(holder, 1, true), &claimed).await?);
+    ensure!(db.put_state(&member(former, 3, true), &BTreeSet::new()).await?);
+    ensure!(db.put_state(&member(former, 4, false), &BTreeSet::new()).await?);
+    assert_eq!(db.owner(&identity).await?, Some(holder));
+    // A state the claims give it takes the identity from whoever holds it in MySQL.
+    ensure!(db.put_state(&member(former, 5, true), &claimed).await?);
+    assert_eq!(db.owner(&identity).await?, Some(former));
+    Ok(())
+}

@@ -180,6 +180,22 @@ pub struct KeptCluster {
     pub url: String,
 }
 
+/// A member Elasticsearch cluster the replicator follows the change stream
+/// into: every data centre's and the marketing cluster.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Replicated {
+    /// The data centre's name, or [`MARKETING`].
+    pub name: String,
+    /// The cluster's URL.
+    pub url: String,
+    /// For the active cluster, the epoch it became active at: the member
+    /// services wrote it every record of that epoch or a later one, so only
+    /// older records (written to the cluster active before, which it may
+    /// lack after a failback) are applied to it. `None` for a kept cluster:
+    /// every record is applied.
+    pub written_since: Option<i64>,
+}
+
 impl MemberStore {
     /// The data centre whose Elasticsearch the member services write: the one
     /// the operator published, else the primary.
@@ -224,6 +240,31 @@ impl MemberStore {
         }));
         kept.sort();
         kept
+    }
+
+    /// Every cluster the replicator follows the stream into, in a stable
+    /// order: the kept ones whole, and the active one for what was written
+    /// elsewhere before it became active (a failback's records in flight).
+    pub fn replicated_clusters(&self) -> Vec<Replicated> {
+        let active = self.active_data_center();
+        let epoch = self.epoch();
+        let mut all: Vec<Replicated> = self
+            .spec
+            .data_centers
+            .iter()
+            .map(|dc| Replicated {
+                name: dc.name.clone(),
+                url: dc.elasticsearch.url.clone(),
+                written_since: (dc.name == active).then_some(epoch),
+            })
+            .collect();
+        all.extend(self.spec.marketing_elasticsearch.as_ref().map(|m| Replicated {
+            name: MARKETING.to_owned(),
+            url: m.url.clone(),
+            written_since: None,
+        }));
+        all.sort();
+        all
     }
 
     /// How the member services must use data centre `dc`'s cache, as the

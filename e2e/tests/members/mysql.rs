@@ -7,7 +7,6 @@
 //! fences DC B's, lets DC A's apply everything, publishes it and re-points
 //! DC B's at it. Nothing acknowledged is lost, and both servers end identical.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -17,13 +16,11 @@ use ballast_crds::MemberStore;
 use ballast_e2e::scenario::{RestoreMemberTopology, eventually};
 use ballast_e2e::stack_script;
 use ballast_worker::members::sql::MemberDb;
-use ballast_worker::wire::Member;
 use kube::api::{Api, Patch, PatchParams};
 use mysql_async::prelude::Queryable;
-use tonic::Code;
 
 use crate::ONE_AT_A_TIME;
-use crate::support::{Caller, Fixture, card, id_of, until_path};
+use crate::support::{Fixture, Traffic, run_traffic, until_path};
 
 /// What the operator's admin account reads of a member server: whether it
 /// is `read_only`, the port it replicates from (both threads running) if
@@ -51,84 +48,6 @@ async fn server(url: &str) -> anyhow::Result<(bool, Option<u16>, String, String)
     });
     conn.disconnect().await?;
     Ok((read_only != 0, source, binlog, current))
-}
-
-/// What the writer acknowledged and the lookups answered.
-#[derive(Default)]
-struct Traffic {
-    /// Each member's latest acknowledged state.
-    acknowledged: BTreeMap<String, Member>,
-    /// When each write was acknowledged.
-    acked_at: Vec<Instant>,
-    /// When each lookup was answered.
-    read_at: Vec<Instant>,
-}
-
-impl Traffic {
-    fn acked_since(&self, t: Instant) -> usize {
-        self.acked_at.iter().filter(|a| **a >= t).count()
-    }
-    fn read_between(&self, from: Instant, to: Instant) -> usize {
-        self.read_at.iter().filter(|r| **r >= from && **r <= to).count()
-    }
-}
-
-/// Writes and looks up through `a` and `b` in turn until `stop`; a write
-/// refused as one to retry is not acknowledged, and is not retried.
-async fn run_traffic(
-    a: Caller,
-    b: Caller,
-    traffic: Arc<std::sync::Mutex<Traffic>>,
-    stop: Arc<AtomicBool>,
-) -> anyhow::Result<()> {
-    let mut ids: Vec<String> = Vec::new();
-    let mut n = 0u64;
-    while !stop.load(Ordering::Relaxed) {
-        n += 1;
-        let caller = if n.is_multiple_of(2) { &a } else { &b };
-        let written = if n % 4 == 1 || ids.is_empty() {
-            caller.register(&format!("m{n}"), vec![card(60_000 + n)]).await
-        } else {
-            let id = &ids[usize::try_from(n).unwrap_or(0) % ids.len()];
-            caller.level(id, &format!("l{n}")).await
-        };
-        match written {
-            Ok(reply) => {
-                let member = reply.member.clone().context("a reply without its member")?;
-                if n % 4 == 1 || ids.is_empty() {
-                    ids.push(id_of(&reply));
-                }
-                let mut t = traffic.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-                t.acked_at.push(Instant::now());
-                let newer = t
-                    .acknowledged
-                    .get(&member.member_id)
-                    .is_none_or(|m| m.version <= member.version);
-                if newer {
-                    t.acknowledged.insert(member.member_id.clone(), member);
-                }
-            }
-            Err(s)
-                if matches!(
-                    s.code(),
-                    Code::Unavailable | Code::Aborted | Code::ResourceExhausted
-                ) =>
-            {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(s) => anyhow::bail!("write {n}: {s}"),
-        }
-        if let Some(id) = ids.last()
-            && caller.get(id, "").await.is_ok()
-        {
-            traffic
-                .lock()
-                .map_err(|_| anyhow::anyhow!("poisoned"))?
-                .read_at
-                .push(Instant::now());
-        }
-    }
-    Ok(())
 }
 
 #[tokio::test]

@@ -1,26 +1,36 @@
-//! A promotion moves the member services: with the operator deciding and a
-//! replicator keeping DC B's cluster, DC A's Elasticsearch stops; the
-//! operator promotes DC B, and both data centres' member processes write and
-//! read there within seconds, without a restart. What was written before
-//! is there too (the replicator had applied it).
+//! A promotion moves the member services and the failback brings them back:
+//! with the operator deciding, a replicator keeping the other clusters, and
+//! writes and lookups running through both data centres' member processes,
+//! DC A's Elasticsearch stops; the operator promotes DC B, and both
+//! processes write and read there within seconds, without a restart. What
+//! was written before is there too (the replicator had applied it). Started
+//! again, DC A's cluster replays what it missed and is active again after
+//! the dwell, and every acknowledged write is on both sides, identical.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::ensure;
 
 use ballast_crds::MemberStore;
 use ballast_e2e::scenario::{self, eventually};
 use ballast_worker::members::search::MemberIndex;
-use kube::api::Api;
+use kube::api::{Api, Patch, PatchParams};
 
 use crate::ONE_AT_A_TIME;
-use crate::support::{Fixture, card, id_of};
+use crate::support::{Fixture, Traffic, card, id_of, run_traffic};
 
 #[tokio::test]
-async fn a_promotion_moves_both_data_centres_writes_and_reads_to_the_standby_within_seconds()
+async fn a_promotion_moves_both_data_centres_to_the_standby_and_the_failback_brings_them_back_losing_nothing()
 -> anyhow::Result<()> {
     let _one = ONE_AT_A_TIME.lock().await;
     let f = Fixture::start("ms-promote").await?;
     let client = f.stack.kube_client().await?;
     let api: Api<MemberStore> = Api::namespaced(client.clone(), &f.namespace);
+    let dwell = serde_json::json!({"spec": {"promotion": {"failbackDwellSeconds": 3}}});
+    api.patch(&f.name, &PatchParams::default(), &Patch::Merge(&dwell))
+        .await?;
     let _operator = f.operate().await?;
     let (shutdown, replicating) = f.replicate().await?;
     let _restore = scenario::RestoreStack;
@@ -45,9 +55,26 @@ async fn a_promotion_moves_both_data_centres_writes_and_reads_to_the_standby_wit
     })
     .await?;
 
+    // Writes and lookups run through both data centres from here on.
+    let traffic = Arc::new(std::sync::Mutex::new(Traffic::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let running = tokio::spawn(run_traffic(
+        a.clone(),
+        b.clone(),
+        Arc::clone(&traffic),
+        Arc::clone(&stop),
+    ));
+    let acked_since = |t: Instant| traffic.lock().map(|g| g.acked_since(t)).unwrap_or(0);
+    let started = Instant::now();
+    eventually("writes under way", 30, || async {
+        Ok::<_, anyhow::Error>((acked_since(started) >= 20).then_some(()))
+    })
+    .await?;
+    let epoch = api.get(&f.name).await?.epoch();
+
     // DC A's cluster stops: DC B is promoted, and both processes write there.
     // Timed from the stop's start: Elasticsearch stops answering during its shutdown.
-    let lost = std::time::Instant::now();
+    let lost = Instant::now();
     ballast_e2e::stack_script(&["stop", "es-dc-a"])?;
     eventually("DC B active", 60, || async {
         let ms = api.get(&f.name).await?;
@@ -82,8 +109,82 @@ async fn a_promotion_moves_both_data_centres_writes_and_reads_to_the_standby_wit
         Ok::<_, tonic::Status>((found.as_deref() == Some(want.as_str())).then_some(()))
     })
     .await?;
+    let promoted_at = Instant::now();
+    eventually("writes acknowledged through DC B", 30, || async {
+        Ok::<_, anyhow::Error>((acked_since(promoted_at) >= 20).then_some(()))
+    })
+    .await?;
+    let returned = Instant::now();
+    let reads = traffic
+        .lock()
+        .map(|t| t.read_between(lost, returned))
+        .unwrap_or(0);
+    ensure!(reads > 0, "no lookup answered while DC A's cluster was down");
+
+    // DC A's cluster returns: it replays what it missed, and is active again after the dwell.
+    ballast_e2e::stack_script(&["up"])?;
+    let back = eventually("DC A active again", 120, || async {
+        let ms = api.get(&f.name).await?;
+        Ok::<_, kube::Error>((ms.active_data_center() == "dc-a").then_some(ms))
+    })
+    .await?;
+    ensure!(back.epoch() == epoch + 2, "epoch {} after {epoch}", back.epoch());
+    let failed_back = Instant::now();
+    let again = eventually("writes acknowledged through DC A again", 60, || async {
+        let done = running.is_finished() || acked_since(failed_back) >= 20;
+        Ok::<_, anyhow::Error>(done.then_some(()))
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    running.await??;
+    again?;
+
+    // Both sides hold every acknowledged write, identically.
+    eventually("DC B caught up with what DC A took last", 60, || async {
+        let status = api.get(&f.name).await?.status.unwrap_or_default();
+        let caught_up = status
+            .replication
+            .iter()
+            .any(|r| r.cluster == "dc-b" && r.lag_events == 0);
+        Ok::<_, kube::Error>(caught_up.then_some(()))
+    })
+    .await?;
+    let primary = es("BALLAST_ES_DC_A_URL")?;
+    let acknowledged = traffic
+        .lock()
+        .map(|t| t.acknowledged.clone())
+        .map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let mut differ = Vec::new();
+    for (id, member) in &acknowledged {
+        let n: u64 = id.parse()?;
+        let (in_a, in_b) = (primary.get(n).await?, standby.get(n).await?);
+        if in_a.as_ref().is_none_or(|m| m.version < member.version) {
+            differ.push(format!(
+                "{id}: acknowledged version {}, DC A has {in_a:?}",
+                member.version
+            ));
+        }
+        if in_a != in_b {
+            differ.push(format!("{id}: DC A {in_a:?}, DC B {in_b:?}"));
+        }
+    }
+    assert!(
+        differ.is_empty(),
+        "{} differences:\n{}",
+        differ.len(),
+        differ.join("\n")
+    );
+    ensure!(
+        acknowledged.len() >= 30,
+        "{} members acknowledged",
+        acknowledged.len()
+    );
     println!(
-        "DC B published {promoted:.1?} and written through by both data centres {moved:.1?} after DC A's Elasticsearch stopped"
+        "DC B published {promoted:.1?} and written through by both data centres {moved:.1?} after DC A's Elasticsearch stopped; \
+         {} members acknowledged through the promotion and the failback, {reads} lookups answered in the outage, \
+         {} writes unanswered within the client's 10 s",
+        acknowledged.len(),
+        traffic.lock().map(|t| t.unanswered).unwrap_or(0)
     );
     shutdown.cancel();
     replicating.await??;

@@ -41,8 +41,8 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{self, finalizer};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, reflector};
+use kube::runtime::{Predicate, PredicateConfig, WatchStreamExt, predicates, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -206,7 +206,25 @@ pub async fn run(
         ctx: ctx.clone(),
         leading: shutdown,
     });
-    Controller::new(ctx.api::<MemberStore>(), watcher::Config::default())
+    // The reconcile writes the status every time (the lag is measured anew),
+    // so a change of status alone must not trigger one, or it would loop:
+    // the spec, an annotation (`ballast.dev/promote`), the finalizers and a
+    // deletion do; the probes' triggers and the requeue do the rest. The
+    // store still sees every change, status included.
+    let (reader, writer) = reflector::store();
+    let changes = reflector(
+        writer,
+        watcher(ctx.api::<MemberStore>(), watcher::Config::default()),
+    )
+    .default_backoff()
+    .applied_objects()
+    .predicate_filter(
+        predicates::generation
+            .combine(predicates::annotations)
+            .combine(predicates::finalizers),
+        PredicateConfig::default(),
+    );
+    Controller::for_stream(changes, reader)
         .reconcile_on(triggers)
         .graceful_shutdown_on(async move { stop.cancelled().await })
         .run(reconcile, error_policy, ctl)
@@ -348,7 +366,12 @@ async fn run_store(ms: Arc<MemberStore>, ctl: &Ctl) -> Result<Action, Error> {
     let caught_up_for = {
         let mut stores = ctx.stores();
         let state = stores.entry(key.clone()).or_default();
-        let caught_up = active != primary && matches!(lags.get(&primary), Some(Lag::Within(0)));
+        let measured = matches!(lags.get(&primary), Some(Lag::Within(_)));
+        let caught_up = active != primary
+            && measured
+            && replication
+                .iter()
+                .any(|r| r.cluster == primary && status::caught_up(r));
         if caught_up {
             let since = *state
                 .primary_caught_up_since

@@ -41,7 +41,7 @@ pub struct Facts<'a> {
     pub named: Option<&'a str>,
     /// Whether the failback is automatic.
     pub failback: Failback,
-    /// How long the primary, while kept, has lacked no record.
+    /// How long the primary, while kept, has been caught up ([`super::status::caught_up`]).
     pub primary_caught_up_for: Option<Duration>,
     /// How long it must have before the failback.
     pub dwell: Duration,
@@ -114,7 +114,7 @@ pub fn decide(f: &Facts<'_>) -> Decision {
         return Decision::Stay {
             reason: "Replaying",
             message: format!(
-                "{primary} answers again and replays what it missed ({lag}); {active} stays active until it has lacked nothing for {} s",
+                "{primary} answers again and replays what it missed ({lag}); {active} stays active until it has been caught up for {} s",
                 f.dwell.as_secs()
             ),
         };

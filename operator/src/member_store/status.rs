@@ -33,6 +33,19 @@ pub fn replica(cluster: &str, measured: &Measured, now: Timestamp) -> Replica {
     }
 }
 
+/// How old the oldest record a cluster lacks may be for it to count as
+/// caught up: under a steady stream of writes a kept cluster always lacks
+/// the few records in flight, so "lacks none" would never hold for long.
+/// What it lacks at a failback is still applied to it afterwards (the
+/// replicator follows the active cluster for older epochs' records).
+pub const CAUGHT_UP_SECONDS: f64 = 1.0;
+
+/// Whether `replica` has caught up: it lacks nothing, or only records
+/// younger than [`CAUGHT_UP_SECONDS`]. Pure.
+pub fn caught_up(replica: &Replica) -> bool {
+    replica.lag_events == 0 || replica.lag_seconds <= CAUGHT_UP_SECONDS
+}
+
 /// Whether `replica` lacks more than `budget` allows, by count or by age. Pure.
 pub fn over_budget(replica: &Replica, budget: &Promotion) -> bool {
     replica.lag_events > budget.max_lag_events || replica.lag_seconds > f64::from(budget.max_lag_seconds)
@@ -204,6 +217,28 @@ mod tests {
             };
             let r = replica("dc-b", &m, at(now));
             assert_eq!((r.lag_events, r.lag_seconds), want, "{m:?}");
+        }
+    }
+
+    #[test]
+    fn a_replica_has_caught_up_when_it_lacks_nothing_or_only_what_is_in_flight() {
+        // (lag events, lag seconds) → caught up
+        let cases = [
+            ((0, 0.0), true),
+            ((6, 0.3), true),
+            ((6, 1.0), true),
+            ((6, 1.5), false),
+            ((1, 40.0), false),
+        ];
+        for ((events, seconds), want) in cases {
+            let r = Replica {
+                cluster: "dc-a".into(),
+                applied: 10,
+                lag_events: events,
+                lag_seconds: seconds,
+                measured_at: Time(at(0)),
+            };
+            assert_eq!(caught_up(&r), want, "{events} records, {seconds} s");
         }
     }
 

@@ -5,7 +5,9 @@
 //! so that the group's committed offset is exactly what the cluster holds
 //! (what is already fetched goes in one bulk request).
 //! A cluster that was away replays from there what it missed, and nothing
-//! else. A record is retried, never skipped.
+//! else. A record is retried, never skipped. The active cluster is followed
+//! too, for the records written elsewhere before it became active (a
+//! failback's in flight); what the services wrote it is passed over.
 
 use std::time::Duration;
 
@@ -18,6 +20,13 @@ use super::consume::{commit, next, pause};
 use super::model::Member;
 use super::search::MemberIndex;
 use super::stream::Record;
+
+/// Whether a record of epoch `record_epoch` must be applied to a cluster the
+/// services have written every record of epoch `written_since` or later
+/// (its active one), or every record (`None`: a kept cluster). Pure.
+pub fn needed(record_epoch: i64, written_since: Option<i64>) -> bool {
+    written_since.is_none_or(|since| record_epoch < since)
+}
 
 /// How long to wait before retrying a batch the cluster did not take.
 const RETRY: Duration = Duration::from_millis(500);
@@ -46,6 +55,7 @@ pub struct Applied {
 pub async fn apply(
     consumer: &StreamConsumer,
     index: &MemberIndex,
+    written_since: Option<i64>,
     deadline: Duration,
     shutdown: &CancellationToken,
     mut applied: impl FnMut(Applied),
@@ -74,8 +84,13 @@ pub async fn apply(
                 }
             })
             .collect();
-        let members: Vec<(&Member, i64)> = records.iter().flatten().map(|r| (&r.member, r.epoch)).collect();
-        loop {
+        let members: Vec<(&Member, i64)> = records
+            .iter()
+            .flatten()
+            .filter(|r| needed(r.epoch, written_since))
+            .map(|r| (&r.member, r.epoch))
+            .collect();
+        while !members.is_empty() {
             match tokio::time::timeout(deadline, index.put_all(&members)).await {
                 Ok(Ok(())) => break,
                 Ok(Err(error)) => {
@@ -108,4 +123,29 @@ pub async fn apply(
         }
     }
     commit(consumer);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_active_cluster_takes_only_what_was_written_before_it_became_active() {
+        // (record's epoch, the cluster written since) → applied
+        let cases = [
+            (0, None, true),
+            (5, None, true),
+            (0, Some(1), true),
+            (1, Some(1), false),
+            (2, Some(1), false),
+            (1, Some(2), true),
+        ];
+        for (epoch, since, want) in cases {
+            assert_eq!(
+                needed(epoch, since),
+                want,
+                "epoch {epoch}, written since {since:?}"
+            );
+        }
+    }
 }

@@ -5,6 +5,7 @@
 //! row locked, the change applied (a pure function), identities claimed and
 //! released, the row written with its next version.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use mysql_async::prelude::Queryable;
@@ -284,10 +285,13 @@ impl MemberDb {
     }
 
     /// Brings member `m` to the state `m` (a replayed write), unless the
-    /// row is already at its version or newer. Its identities are claimed
-    /// for it whoever held them: Elasticsearch decided while MySQL was down,
-    /// and the former holder's own record releases them (in either order).
-    pub async fn put_state(&self, m: &Member) -> Result<bool, DbError> {
+    /// row is already at its version or newer. Of its identities, those in
+    /// `held` (the ones Elasticsearch's claims, which decided while MySQL
+    /// was down, give it now) are claimed for it whoever held them in MySQL;
+    /// the others are not: records of two members can reach the journal in
+    /// another order than their claims were made, and an older record of a
+    /// former holder must not take back what was since claimed by another.
+    pub async fn put_state(&self, m: &Member, held: &BTreeSet<Identity>) -> Result<bool, DbError> {
         let mut conn = self.pool.get_conn().await?;
         let place = self.map.member_place(m.id);
         let mut tx = conn.start_transaction(TxOpts::default()).await?;
@@ -307,7 +311,7 @@ impl MemberDb {
             )
             .await?;
         }
-        for claimed in &m.identities {
+        for claimed in m.identities.intersection(held) {
             tx.exec_drop(
                 format!(
                     "INSERT INTO {} (kind, value, member_id) VALUES (?, ?, ?) \

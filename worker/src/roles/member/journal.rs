@@ -38,9 +38,7 @@ pub async fn replay(members: Arc<Members>, consumer: Arc<StreamConsumer>, shutdo
                 let member = &record.member;
                 // Applied or not, nothing past this record is stored until it is.
                 loop {
-                    let applied = members
-                        .call(Mysql, "mysql", members.stores.primary().db.put_state(member))
-                        .await;
+                    let applied = members.put_state(member).await;
                     match applied {
                         Ok(true) => {
                             metrics.replayed.get_or_create(&[("result", "applied")]).inc();
@@ -105,10 +103,7 @@ async fn sweep(members: &Members, since_ms: i64) -> Result<u64, super::service::
             )
             .await?;
         for member in &page {
-            if members
-                .call(Mysql, "mysql", stores.primary().db.put_state(member))
-                .await?
-            {
+            if members.put_state(member).await? {
                 brought += 1;
                 members
                     .metrics

@@ -9,6 +9,7 @@
 //! once the stores hold the write. A write is acknowledged only after all
 //! of it.
 
+use std::collections::BTreeSet;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ballast_flow::GuardedDependency::{Elasticsearch, Mysql};
@@ -79,6 +80,32 @@ fn stale_keys<'a>(id: u64, identities: impl IntoIterator<Item = &'a Identity>) -
 }
 
 impl Members {
+    /// The identities of `member` that the active cluster's claims give it
+    /// now: what a replayed state may claim in MySQL.
+    pub(super) async fn held(&self, search: &Search, member: &Member) -> Result<BTreeSet<Identity>, Failure> {
+        let mut held = BTreeSet::new();
+        for identity in &member.identities {
+            let owner = self
+                .call(Elasticsearch, "elasticsearch", search.claims.owner(identity))
+                .await?;
+            if owner == Some(member.id) {
+                held.insert(identity.clone());
+            }
+        }
+        Ok(held)
+    }
+
+    /// Brings `member`'s MySQL row to this state (the replay, the sweep),
+    /// claiming the identities the active cluster gives it; whether it was
+    /// behind.
+    pub(super) async fn put_state(&self, member: &Member) -> Result<bool, Failure> {
+        let search = self.stores.search();
+        let held = self.held(&search, member).await?;
+        let primary = self.stores.primary();
+        self.call(Mysql, "mysql", primary.db.put_state(member, &held))
+            .await
+    }
+
     /// Registers a new member.
     pub async fn register(&self, change: Change) -> Result<Done, Failure> {
         for _ in 0..ATTEMPTS {
@@ -143,7 +170,9 @@ impl Members {
                 .call(Elasticsearch, "elasticsearch", search.index.get(id))
                 .await?;
             if let Some(newest) = newest {
-                self.call(Mysql, "mysql", primary.put_state(&newest)).await?;
+                let held = self.held(search, &newest).await?;
+                self.call(Mysql, "mysql", primary.put_state(&newest, &held))
+                    .await?;
             }
         }
         let before = if registering {

@@ -3,6 +3,9 @@
 //! cluster) in step with the member change stream, through one consumer
 //! group per cluster, so that each cluster's applied offset is its group's
 //! committed offset: a cluster that was away replays exactly what it missed.
+//! It follows the active cluster too, applying only what was written
+//! elsewhere before it became active: after a failback, the records still
+//! in flight to it.
 //! It publishes how far behind each is (`ballast_replicator_lag_events`,
 //! `ballast_replicator_lag_seconds`), what a promotion would lose, and follows
 //! the MemberStore: when the active data centre changes, so do the clusters
@@ -16,7 +19,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use ballast_crds::MemberStore;
-use ballast_crds::member_store::{KeptCluster as Target, replica_group};
+use ballast_crds::member_store::{Replicated as Target, replica_group};
 use ballast_crds::refs::KafkaRef;
 use futures::{StreamExt, TryStreamExt};
 use kube::api::Api;
@@ -169,7 +172,7 @@ async fn keep(shared: &Arc<Shared>, targets: Vec<Target>) -> Result<Keeping, Err
         tracing::info!(target = %target.name, index = index.index(), %group, "keeping a replica");
         tasks.push(tokio::spawn(replicate(
             Arc::clone(shared),
-            target.name.clone(),
+            target.clone(),
             index,
             consumer,
             stop.clone(),
@@ -181,11 +184,12 @@ async fn keep(shared: &Arc<Shared>, targets: Vec<Target>) -> Result<Keeping, Err
 /// Applies the stream to one cluster and measures its lag, until `stop`.
 async fn replicate(
     shared: Arc<Shared>,
-    target: String,
+    cluster: Target,
     index: MemberIndex,
     consumer: Arc<rdkafka::consumer::StreamConsumer>,
     stop: CancellationToken,
 ) {
+    let target = cluster.name.clone();
     // A kept cluster may be down (that is why it is kept): its template is
     // installed once it answers, before anything is applied to it.
     while let Err(error) = index.install().await {
@@ -209,6 +213,7 @@ async fn replicate(
     replica::apply(
         &consumer,
         &index,
+        cluster.written_since,
         shared.config.deadline,
         &stop,
         |done| {
@@ -281,7 +286,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
         metrics,
     });
 
-    let mut keeping = Some(keep(&shared, store.kept_clusters()).await?);
+    let mut keeping = Some(keep(&shared, store.replicated_clusters()).await?);
     let _ = ready_tx.send(true);
     let selector = watcher::Config::default().fields(&format!("metadata.name={}", shared.config.store));
     let mut updates = watcher(api, selector).default_backoff().applied_objects().boxed();
@@ -290,7 +295,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
             () = shutdown.cancelled() => break Ok(()),
             next = updates.try_next() => match next {
                 Ok(Some(store)) => {
-                    let want = store.kept_clusters();
+                    let want = store.replicated_clusters();
                     let kept = keeping.as_ref().map(|k| k.targets.clone()).unwrap_or_default();
                     if want != kept {
                         let names = |t: &[Target]| t.iter().map(|t| t.name.clone()).collect::<Vec<_>>();
