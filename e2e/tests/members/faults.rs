@@ -16,6 +16,7 @@ use tonic::{Code, Status};
 
 use crate::ONE_AT_A_TIME;
 use crate::support::{Caller, Fixture, card, id_of, until_path};
+use crate::traffic::retryable;
 
 #[tokio::test]
 async fn with_one_data_centre_s_cache_stopped_a_write_fails_naming_it_and_nothing_is_written()
@@ -54,12 +55,7 @@ where
 {
     for _ in 0..200 {
         match write().await {
-            Err(s)
-                if matches!(
-                    s.code(),
-                    Code::Unavailable | Code::Aborted | Code::ResourceExhausted
-                ) =>
-            {
+            Err(s) if retryable(s.code()) => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             answer => return Ok(answer),

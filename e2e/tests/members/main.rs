@@ -12,6 +12,7 @@ mod faults;
 mod mysql;
 mod promotion;
 mod support;
+mod traffic;
 
 /// Held by each scenario for its whole run.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

@@ -7,8 +7,6 @@
 //! fences DC B's, lets DC A's apply everything, publishes it and re-points
 //! DC B's at it. Nothing acknowledged is lost, and both servers end identical.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
@@ -20,7 +18,8 @@ use kube::api::{Api, Patch, PatchParams};
 use mysql_async::prelude::Queryable;
 
 use crate::ONE_AT_A_TIME;
-use crate::support::{Fixture, Traffic, run_traffic, until_path};
+use crate::support::{Fixture, until_path};
+use crate::traffic::Running;
 
 /// What the operator's admin account reads of a member server: whether it
 /// is `read_only`, the port it replicates from (both threads running) if
@@ -81,19 +80,13 @@ async fn a_lost_mysql_master_is_replaced_by_its_replica_then_fenced_re_pointed_a
     .await?;
     let epoch = store.epoch();
 
-    let traffic = Arc::new(std::sync::Mutex::new(Traffic::default()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let running = tokio::spawn(run_traffic(
+    let traffic = Running::start(
         f.caller('a', "orders", "order-flow").await?,
         f.caller('b', "orders", "order-flow").await?,
-        Arc::clone(&traffic),
-        Arc::clone(&stop),
-    ));
-    let acked_since = |t: Instant| traffic.lock().map(|g| g.acked_since(t)).unwrap_or(0);
-    eventually("writes under way", 30, || async {
-        Ok::<_, anyhow::Error>((acked_since(Instant::now() - Duration::from_secs(30)) >= 20).then_some(()))
-    })
-    .await?;
+    );
+    traffic
+        .until_acked("writes under way", Instant::now(), 20, 30)
+        .await?;
 
     // 1. DC A's MySQL stops: DC B's is promoted, opened, and written.
     let _restore = RestoreMemberTopology;
@@ -123,17 +116,13 @@ async fn a_lost_mysql_master_is_replaced_by_its_replica_then_fenced_re_pointed_a
     for metrics in [f.a.metrics, f.b.metrics] {
         until_path(metrics, 0.0, 90).await?;
     }
-    eventually("writes acknowledged on the promoted master", 30, || async {
-        Ok::<_, anyhow::Error>((acked_since(opened) >= 20).then_some(()))
-    })
-    .await?;
+    traffic
+        .until_acked("writes acknowledged on the promoted master", opened, 20, 30)
+        .await?;
 
     // 2. DC A's returns: fenced and re-pointed at DC B's, then switched back to.
     let returned = Instant::now();
-    let reads_in_outage = traffic
-        .lock()
-        .map(|t| t.read_between(stopped, returned))
-        .unwrap_or(0);
+    let reads_in_outage = traffic.so_far().read_between(stopped, returned);
     ensure!(
         reads_in_outage > 0,
         "no lookup answered while dc-a's MySQL was down"
@@ -162,12 +151,10 @@ async fn a_lost_mysql_master_is_replaced_by_its_replica_then_fenced_re_pointed_a
         Ok::<_, anyhow::Error>(done.then_some(()))
     })
     .await?;
-    eventually("writes acknowledged after the switch back", 60, || async {
-        Ok::<_, anyhow::Error>((acked_since(switched) >= 20).then_some(()))
-    })
-    .await?;
-    stop.store(true, Ordering::Relaxed);
-    running.await??;
+    traffic
+        .until_acked("writes acknowledged after the switch back", switched, 20, 60)
+        .await?;
+    let traffic = traffic.finish().await?;
 
     // 3. Every acknowledged write is in DC A's MySQL, and DC B's equals it.
     eventually("dc-b applied all of dc-a's", 30, || async {
@@ -181,12 +168,9 @@ async fn a_lost_mysql_master_is_replaced_by_its_replica_then_fenced_re_pointed_a
         anyhow::Ok(MemberDb::replica(pool, &f.home, 1024))
     };
     let (in_a, in_b) = (db(&url_a)?.await?, db(&url_b)?.await?);
-    let acknowledged = traffic
-        .lock()
-        .map(|t| t.acknowledged.clone())
-        .map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let acknowledged = &traffic.acknowledged;
     let mut differ = Vec::new();
-    for (id, member) in &acknowledged {
+    for (id, member) in acknowledged {
         let n: u64 = id.parse()?;
         let (a, b) = (in_a.get(n).await?, in_b.get(n).await?);
         match &a {
@@ -215,7 +199,7 @@ async fn a_lost_mysql_master_is_replaced_by_its_replica_then_fenced_re_pointed_a
         "promotion published {:.1} s after the stop; {} members, {} writes acknowledged; {reads_in_outage} lookups answered in the outage",
         promotion.as_secs_f64(),
         acknowledged.len(),
-        traffic.lock().map(|t| t.acked_at.len()).unwrap_or(0),
+        traffic.acked_at.len(),
     );
     Ok(())
 }

@@ -7,8 +7,6 @@
 //! again, DC A's cluster replays what it missed and is active again after
 //! the dwell, and every acknowledged write is on both sides, identical.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::ensure;
@@ -19,7 +17,8 @@ use ballast_worker::members::search::MemberIndex;
 use kube::api::{Api, Patch, PatchParams};
 
 use crate::ONE_AT_A_TIME;
-use crate::support::{Fixture, Traffic, card, id_of, run_traffic};
+use crate::support::{Fixture, card, id_of};
+use crate::traffic::Running;
 
 #[tokio::test]
 async fn a_promotion_moves_both_data_centres_to_the_standby_and_the_failback_brings_them_back_losing_nothing()
@@ -56,20 +55,10 @@ async fn a_promotion_moves_both_data_centres_to_the_standby_and_the_failback_bri
     .await?;
 
     // Writes and lookups run through both data centres from here on.
-    let traffic = Arc::new(std::sync::Mutex::new(Traffic::default()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let running = tokio::spawn(run_traffic(
-        a.clone(),
-        b.clone(),
-        Arc::clone(&traffic),
-        Arc::clone(&stop),
-    ));
-    let acked_since = |t: Instant| traffic.lock().map(|g| g.acked_since(t)).unwrap_or(0);
-    let started = Instant::now();
-    eventually("writes under way", 30, || async {
-        Ok::<_, anyhow::Error>((acked_since(started) >= 20).then_some(()))
-    })
-    .await?;
+    let traffic = Running::start(a.clone(), b.clone());
+    traffic
+        .until_acked("writes under way", Instant::now(), 20, 30)
+        .await?;
     let epoch = api.get(&f.name).await?.epoch();
 
     // DC A's cluster stops: DC B is promoted, and both processes write there.
@@ -110,15 +99,11 @@ async fn a_promotion_moves_both_data_centres_to_the_standby_and_the_failback_bri
     })
     .await?;
     let promoted_at = Instant::now();
-    eventually("writes acknowledged through DC B", 30, || async {
-        Ok::<_, anyhow::Error>((acked_since(promoted_at) >= 20).then_some(()))
-    })
-    .await?;
+    traffic
+        .until_acked("writes acknowledged through DC B", promoted_at, 20, 30)
+        .await?;
     let returned = Instant::now();
-    let reads = traffic
-        .lock()
-        .map(|t| t.read_between(lost, returned))
-        .unwrap_or(0);
+    let reads = traffic.so_far().read_between(lost, returned);
     ensure!(reads > 0, "no lookup answered while DC A's cluster was down");
 
     // DC A's cluster returns: it replays what it missed, and is active again after the dwell.
@@ -130,14 +115,10 @@ async fn a_promotion_moves_both_data_centres_to_the_standby_and_the_failback_bri
     .await?;
     ensure!(back.epoch() == epoch + 2, "epoch {} after {epoch}", back.epoch());
     let failed_back = Instant::now();
-    let again = eventually("writes acknowledged through DC A again", 60, || async {
-        let done = running.is_finished() || acked_since(failed_back) >= 20;
-        Ok::<_, anyhow::Error>(done.then_some(()))
-    })
-    .await;
-    stop.store(true, Ordering::Relaxed);
-    running.await??;
-    again?;
+    traffic
+        .until_acked("writes acknowledged through DC A again", failed_back, 20, 60)
+        .await?;
+    let traffic = traffic.finish().await?;
 
     // Both sides hold every acknowledged write, identically.
     eventually("DC B caught up with what DC A took last", 60, || async {
@@ -150,12 +131,9 @@ async fn a_promotion_moves_both_data_centres_to_the_standby_and_the_failback_bri
     })
     .await?;
     let primary = es("BALLAST_ES_DC_A_URL")?;
-    let acknowledged = traffic
-        .lock()
-        .map(|t| t.acknowledged.clone())
-        .map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let acknowledged = &traffic.acknowledged;
     let mut differ = Vec::new();
-    for (id, member) in &acknowledged {
+    for (id, member) in acknowledged {
         let n: u64 = id.parse()?;
         let (in_a, in_b) = (primary.get(n).await?, standby.get(n).await?);
         if in_a.as_ref().is_none_or(|m| m.version < member.version) {
@@ -184,7 +162,7 @@ async fn a_promotion_moves_both_data_centres_to_the_standby_and_the_failback_bri
          {} members acknowledged through the promotion and the failback, {reads} lookups answered in the outage, \
          {} writes unanswered within the client's 10 s",
         acknowledged.len(),
-        traffic.lock().map(|t| t.unanswered).unwrap_or(0)
+        traffic.unanswered
     );
     shutdown.cancel();
     replicating.await??;

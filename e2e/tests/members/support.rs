@@ -1,10 +1,7 @@
 //! What the member scenarios share: a MemberStore with a member process in
 //! each data centre, callers of its gRPC API, and identities no other run uses.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use ballast_e2e::members::MemberProcess;
@@ -19,7 +16,7 @@ use ballast_worker::wire::{
 use kube::api::{Api, Patch, PatchParams};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
+use tonic::{Request, Status};
 
 /// A replicator running in the test's process.
 pub type Replicating = tokio::task::JoinHandle<Result<(), replicator::Error>>;
@@ -266,93 +263,5 @@ pub async fn until_path(port: u16, code: f64, secs: u64) -> anyhow::Result<()> {
         Ok::<_, std::io::Error>((path == Some(code)).then_some(()))
     })
     .await?;
-    Ok(())
-}
-
-/// What the writer acknowledged and the lookups answered.
-#[derive(Default)]
-pub struct Traffic {
-    /// Each member's latest acknowledged state.
-    pub acknowledged: BTreeMap<String, Member>,
-    /// When each write was acknowledged.
-    pub acked_at: Vec<Instant>,
-    /// When each lookup was answered.
-    pub read_at: Vec<Instant>,
-    /// Writes the client gave up on after its timeout.
-    pub unanswered: usize,
-}
-
-impl Traffic {
-    pub fn acked_since(&self, t: Instant) -> usize {
-        self.acked_at.iter().filter(|a| **a >= t).count()
-    }
-    pub fn read_between(&self, from: Instant, to: Instant) -> usize {
-        self.read_at.iter().filter(|r| **r >= from && **r <= to).count()
-    }
-}
-
-/// Writes and looks up through `a` and `b` in turn until `stop`; a write
-/// refused as one to retry is not acknowledged, and is not retried.
-pub async fn run_traffic(
-    a: Caller,
-    b: Caller,
-    traffic: Arc<std::sync::Mutex<Traffic>>,
-    stop: Arc<AtomicBool>,
-) -> anyhow::Result<()> {
-    let mut ids: Vec<String> = Vec::new();
-    let mut n = 0u64;
-    while !stop.load(Ordering::Relaxed) {
-        n += 1;
-        let caller = if n.is_multiple_of(2) { &a } else { &b };
-        let written = if n % 4 == 1 || ids.is_empty() {
-            caller.register(&format!("m{n}"), vec![card(60_000 + n)]).await
-        } else {
-            let id = &ids[usize::try_from(n).unwrap_or(0) % ids.len()];
-            caller.level(id, &format!("l{n}")).await
-        };
-        match written {
-            Ok(reply) => {
-                let member = reply.member.clone().context("a reply without its member")?;
-                if n % 4 == 1 || ids.is_empty() {
-                    ids.push(id_of(&reply));
-                }
-                let mut t = traffic.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-                t.acked_at.push(Instant::now());
-                let newer = t
-                    .acknowledged
-                    .get(&member.member_id)
-                    .is_none_or(|m| m.version <= member.version);
-                if newer {
-                    t.acknowledged.insert(member.member_id.clone(), member);
-                }
-            }
-            Err(s)
-                if matches!(
-                    s.code(),
-                    Code::Unavailable | Code::Aborted | Code::ResourceExhausted
-                ) =>
-            {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            // No answer within the client's timeout: not acknowledged either
-            // way, and counted, since the service's deadlines should prevent it.
-            Err(s) if matches!(s.code(), Code::Cancelled | Code::DeadlineExceeded) => {
-                traffic
-                    .lock()
-                    .map_err(|_| anyhow::anyhow!("poisoned"))?
-                    .unanswered += 1;
-            }
-            Err(s) => anyhow::bail!("write {n}: {s}"),
-        }
-        if let Some(id) = ids.last()
-            && caller.get(id, "").await.is_ok()
-        {
-            traffic
-                .lock()
-                .map_err(|_| anyhow::anyhow!("poisoned"))?
-                .read_at
-                .push(Instant::now());
-        }
-    }
     Ok(())
 }
