@@ -23,7 +23,13 @@ demo:
 ## test: start the local stack if needed, then run all unit and integration tests
 test: stack-up
 	@# Namespaces left by earlier runs would give every operator under test old pipelines to reconcile.
-	$(WITH_STACK) "$(BALLAST_CACHE)/bin/kubectl" delete namespace -l ballast.dev/fixture --wait=false >/dev/null
+	@# Their MemberStores' finalizer waits for an operator that no longer runs: it is lifted first.
+	$(WITH_STACK) kubectl="$(BALLAST_CACHE)/bin/kubectl"; \
+	  { "$$kubectl" get memberstores -A -o jsonpath='{range .items[*]}{.metadata.namespace} {.metadata.name}{"\n"}{end}' 2>/dev/null || true; } | \
+	  while read -r ns name; do \
+	    "$$kubectl" -n "$$ns" patch memberstore "$$name" --type=merge -p '{"metadata":{"finalizers":null}}' >/dev/null; \
+	  done; \
+	  "$$kubectl" delete namespace -l ballast.dev/fixture --wait=false >/dev/null
 	$(WITH_STACK) cargo test --workspace --locked
 
 ## bench: operator detection and memory; ingestion, compute and dispatch throughput; master failover; query answers; the history engine against DataFusion; nightly rollups and the precomputed hit rate; member lookups and writes; member promotion and failback replay; flow-control decisions; membership API load (each beside a baseline)

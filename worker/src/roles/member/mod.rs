@@ -172,6 +172,34 @@ fn pool(config: &Config, dc: &DataCenter) -> mysql_async::Pool {
     mysql_async::Pool::new(crate::connect::mysql(&dc.mysql, config.mysql_password.as_ref()))
 }
 
+/// The member database `home` of a replica, once its shard map has arrived
+/// by replication (a process starting beside the one that installs it on the
+/// master may look first): read again every half second, up to ten deadlines.
+async fn replicated(
+    pool: mysql_async::Pool,
+    home: &str,
+    logical: u32,
+    deadline: Duration,
+) -> Result<MemberDb, DbError> {
+    let give_up = tokio::time::Instant::now() + deadline * 10;
+    loop {
+        let read = tokio::time::timeout_at(give_up, MemberDb::replica(pool.clone(), home, logical)).await;
+        match read {
+            Ok(Ok(db)) => return Ok(db),
+            Ok(Err(error)) if tokio::time::Instant::now() < give_up => {
+                tracing::info!(%error, "the replica's shard map is not complete yet; reading it again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Ok(Err(error)) => return Err(error),
+            Err(_) => {
+                return Err(DbError::Mysql(mysql_async::Error::Other(
+                    "reading the replica's shard map timed out".into(),
+                )));
+            }
+        }
+    }
+}
+
 /// Data centre `dc`'s MySQL as the master, its shard map read from it.
 pub async fn primary_of(config: &Config, store: &MemberStore, dc: &DataCenter) -> Result<Primary, Error> {
     let logical = u32::try_from(store.spec.logical_shards).unwrap_or(1).max(1);
@@ -244,16 +272,7 @@ pub async fn connect(
     let local_db = if local.name == primary.name {
         primary_db.clone()
     } else {
-        tokio::time::timeout(
-            deadline * 10,
-            MemberDb::replica(pool(local), &primary.mysql.database, logical),
-        )
-        .await
-        .map_err(|_| {
-            DbError::Mysql(mysql_async::Error::Other(
-                "reading the replica's shard map timed out".into(),
-            ))
-        })??
+        replicated(pool(local), &primary.mysql.database, logical, deadline).await?
     };
     let search = search_of(config, active, store.epoch()).await?;
     let es = |url: &str| {
