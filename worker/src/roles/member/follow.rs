@@ -17,6 +17,11 @@ use tokio_util::sync::CancellationToken;
 use super::caller::Known;
 use super::service::Members;
 
+/// How soon a move to a promoted cluster or master that failed is tried
+/// again: every write waits for it, so a try is cheap against what a
+/// second of refused writes costs.
+const RETRY: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// The MySQL mode `store` publishes (Normal if none). Pure.
 pub fn published_mysql(store: &MemberStore) -> Mode {
     store
@@ -51,7 +56,7 @@ pub fn apply(
 }
 
 /// Moves `members` to the Elasticsearch of the data centre `store` publishes
-/// as active, under its epoch, if it is not there: retried each second
+/// as active, under its epoch, if it is not there: retried every [`RETRY`]
 /// until it is, or a newer MemberStore or `shutdown` comes (the caller then
 /// decides again).
 async fn activate(
@@ -91,13 +96,13 @@ async fn activate(
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            () = tokio::time::sleep(RETRY) => {}
         }
     }
 }
 
 /// Moves `members` to the MySQL master `store` publishes, if it is not
-/// there: retried each second until it is, or `shutdown` comes.
+/// there: retried every [`RETRY`] until it is, or `shutdown` comes.
 async fn relocate(
     store: &MemberStore,
     config: &super::Config,
@@ -126,7 +131,7 @@ async fn relocate(
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            () = tokio::time::sleep(RETRY) => {}
         }
     }
 }
