@@ -16,22 +16,34 @@ pub const MANAGER: &str = "ballast-operator";
 /// Applies every object; forcing takes over fields another manager changed, which corrects drift.
 pub async fn apply(client: &kube::Client, namespace: &str, objects: &[Owned]) -> Result<(), Error> {
     for object in objects {
-        match object {
-            Owned::ServiceAccount(o) => one(client, namespace, o).await?,
-            Owned::Role(o) => one(client, namespace, o).await?,
-            Owned::RoleBinding(o) => one(client, namespace, o).await?,
-            Owned::Deployment(o) => one(client, namespace, o).await?,
-            Owned::StatefulSet(o) => one(client, namespace, o).await?,
-            Owned::Service(o) => one(client, namespace, o).await?,
-            Owned::PodDisruptionBudget(o) => one(client, namespace, o).await?,
-            Owned::CronJob(o) => one(client, namespace, o.as_ref()).await?,
-            Owned::NetworkPolicy(o) => one(client, namespace, o).await?,
-        }
+        apply_object(client, namespace, object)
+            .await
+            .map_err(|source| Error::Apply {
+                kind: object.kind(),
+                name: object.name().to_owned(),
+                source,
+            })?;
     }
     Ok(())
 }
 
-async fn one<K>(client: &kube::Client, namespace: &str, object: &K) -> Result<(), Error>
+/// Server-side applies one object into `namespace` (what a MemberStore's
+/// workloads, spread over several namespaces, are applied with too).
+pub async fn apply_object(client: &kube::Client, namespace: &str, object: &Owned) -> Result<(), kube::Error> {
+    match object {
+        Owned::ServiceAccount(o) => one(client, namespace, o).await,
+        Owned::Role(o) => one(client, namespace, o).await,
+        Owned::RoleBinding(o) => one(client, namespace, o).await,
+        Owned::Deployment(o) => one(client, namespace, o).await,
+        Owned::StatefulSet(o) => one(client, namespace, o).await,
+        Owned::Service(o) => one(client, namespace, o).await,
+        Owned::PodDisruptionBudget(o) => one(client, namespace, o).await,
+        Owned::CronJob(o) => one(client, namespace, o.as_ref()).await,
+        Owned::NetworkPolicy(o) => one(client, namespace, o).await,
+    }
+}
+
+async fn one<K>(client: &kube::Client, namespace: &str, object: &K) -> Result<(), kube::Error>
 where
     K: k8s_openapi::Resource<Scope = NamespaceResourceScope>
         + k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>
@@ -43,13 +55,7 @@ where
     let params = PatchParams::apply(MANAGER).force();
     let name = kube::Resource::meta(object).name.clone().unwrap_or_default();
     let api: Api<K> = Api::namespaced(client.clone(), namespace);
-    api.patch(&name, &params, &Patch::Apply(object))
-        .await
-        .map_err(|source| Error::Apply {
-            kind: K::KIND,
-            name,
-            source,
-        })?;
+    api.patch(&name, &params, &Patch::Apply(object)).await?;
     Ok(())
 }
 

@@ -181,27 +181,33 @@ pub(crate) fn service_port(name: &str, port: i32) -> ServicePort {
     }
 }
 
+/// The labels of a component of application `app` (`ballast`, or
+/// `ballast-members`) instance `instance`, made by the operator.
+pub(crate) fn labels(app: &str, instance: &str, component: &str) -> BTreeMap<String, String> {
+    let mut labels = selector(instance, component);
+    labels.insert("app.kubernetes.io/name".into(), app.into());
+    labels.insert("app.kubernetes.io/managed-by".into(), "ballast-operator".into());
+    labels
+}
+
+/// The labels that select a component's pods of instance `instance`.
+pub(crate) fn selector(instance: &str, component: &str) -> BTreeMap<String, String> {
+    [
+        ("app.kubernetes.io/instance", instance),
+        ("app.kubernetes.io/component", component),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
 impl Builder<'_> {
     fn labels(&self, component: &str) -> BTreeMap<String, String> {
-        [
-            ("app.kubernetes.io/name", "ballast"),
-            ("app.kubernetes.io/instance", self.name),
-            ("app.kubernetes.io/component", component),
-            ("app.kubernetes.io/managed-by", "ballast-operator"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
+        labels("ballast", self.name, component)
     }
 
     fn selector(&self, component: &str) -> BTreeMap<String, String> {
-        [
-            ("app.kubernetes.io/instance", self.name),
-            ("app.kubernetes.io/component", component),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
+        selector(self.name, component)
     }
 
     fn metadata(&self, name: String, component: &str) -> ObjectMeta {

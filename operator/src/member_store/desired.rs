@@ -20,7 +20,9 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 
-use crate::analytics_pipeline::desired::{METRICS_PORT, field_env, http_probe, rule, service_port};
+use crate::analytics_pipeline::desired::{
+    METRICS_PORT, field_env, http_probe, labels, rule, selector, service_port,
+};
 use crate::analytics_pipeline::owned::Owned;
 use crate::analytics_pipeline::pods;
 
@@ -139,21 +141,11 @@ fn es_env(credentials: Option<&LocalObjectRef>) -> Vec<EnvVar> {
 
 impl Builder<'_> {
     fn labels(&self, component: &str) -> BTreeMap<String, String> {
-        [
-            ("app.kubernetes.io/name", "ballast-members"),
-            ("app.kubernetes.io/instance", self.name),
-            ("app.kubernetes.io/component", component),
-            ("app.kubernetes.io/managed-by", "ballast-operator"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
+        labels("ballast-members", self.name, component)
     }
 
     fn selector(&self, component: &str) -> BTreeMap<String, String> {
-        let mut labels = self.labels(component);
-        labels.retain(|k, _| k == "app.kubernetes.io/instance" || k == "app.kubernetes.io/component");
-        labels
+        selector(self.name, component)
     }
 
     /// Owned by the store in its own namespace; elsewhere, annotated with it.

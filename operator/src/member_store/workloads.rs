@@ -14,13 +14,12 @@ use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Service, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::desired::{self, Placed, STORE_ANNOTATION, member_name, replicator_name};
-use crate::analytics_pipeline::apply::MANAGER;
-use crate::analytics_pipeline::owned::Owned;
+use crate::analytics_pipeline::apply::apply_object;
 
 /// Deadline of all the calls of one step (apply, judge, clean up).
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -48,7 +47,7 @@ pub enum WorkloadError {
     TimedOut,
 }
 
-/// A namespaced kind the operator applies.
+/// A namespaced kind the operator deletes.
 trait Kind:
     k8s_openapi::Resource<Scope = NamespaceResourceScope>
     + k8s_openapi::Metadata<Ty = ObjectMeta>
@@ -68,35 +67,17 @@ impl<K> Kind for K where
 {
 }
 
-async fn apply_one<K: Kind>(client: &kube::Client, namespace: &str, object: &K) -> Result<(), WorkloadError> {
-    let name = kube::Resource::meta(object).name.clone().unwrap_or_default();
-    let api: Api<K> = Api::namespaced(client.clone(), namespace);
-    api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(object))
-        .await
-        .map_err(|source| WorkloadError::Api {
-            action: "applying",
-            kind: K::KIND,
-            namespace: namespace.to_owned(),
-            name,
-            source,
-        })?;
-    Ok(())
-}
-
 async fn apply_all(client: &kube::Client, placed: &[Placed]) -> Result<(), WorkloadError> {
     for p in placed {
-        let ns = p.namespace.as_str();
-        match &p.object {
-            Owned::ServiceAccount(o) => apply_one(client, ns, o).await?,
-            Owned::Role(o) => apply_one(client, ns, o).await?,
-            Owned::RoleBinding(o) => apply_one(client, ns, o).await?,
-            Owned::Deployment(o) => apply_one(client, ns, o).await?,
-            Owned::Service(o) => apply_one(client, ns, o).await?,
-            Owned::StatefulSet(o) => apply_one(client, ns, o).await?,
-            Owned::PodDisruptionBudget(o) => apply_one(client, ns, o).await?,
-            Owned::CronJob(o) => apply_one(client, ns, o.as_ref()).await?,
-            Owned::NetworkPolicy(o) => apply_one(client, ns, o).await?,
-        }
+        apply_object(client, &p.namespace, &p.object)
+            .await
+            .map_err(|source| WorkloadError::Api {
+                action: "applying",
+                kind: p.object.kind(),
+                namespace: p.namespace.clone(),
+                name: p.object.name().to_owned(),
+                source,
+            })?;
     }
     Ok(())
 }
