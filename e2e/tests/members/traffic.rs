@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use ballast_e2e::scenario::eventually;
+use ballast_worker::members::model;
 use ballast_worker::wire::Member;
 use tokio::task::JoinHandle;
 use tonic::Code;
@@ -36,6 +37,30 @@ pub struct Traffic {
 impl Traffic {
     fn acked_since(&self, t: Instant) -> usize {
         self.acked_at.iter().filter(|a| **a >= t).count()
+    }
+
+    /// What differs from what was acknowledged, one line per problem: each
+    /// acknowledged member must be on side A (as `read` gives both sides of
+    /// a member id) at its acknowledged version or later, and equal on side B.
+    pub async fn differences<F, Fut>(&self, read: F) -> anyhow::Result<Vec<String>>
+    where
+        F: Fn(u64) -> Fut,
+        Fut: Future<Output = anyhow::Result<(Option<model::Member>, Option<model::Member>)>>,
+    {
+        let mut differ = Vec::new();
+        for (id, member) in &self.acknowledged {
+            let (a, b) = read(id.parse()?).await?;
+            if a.as_ref().is_none_or(|m| m.version < member.version) {
+                differ.push(format!(
+                    "{id}: acknowledged version {}, side A has {a:?}",
+                    member.version
+                ));
+            }
+            if a != b {
+                differ.push(format!("{id}: side A {a:?}, side B {b:?}"));
+            }
+        }
+        Ok(differ)
     }
 
     /// Lookups answered between `from` and `to`.

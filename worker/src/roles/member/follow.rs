@@ -83,19 +83,33 @@ async fn activate(
         tracing::error!(%active, "the published active data centre is not one of the MemberStore's");
         return;
     };
+    let promoted = || super::search_of(config, dc, epoch);
+    if let Some(search) = until_usable("Elasticsearch", active, shutdown, promoted).await {
+        tracing::warn!(from = %current.data_center, to = %active, epoch, "the active Elasticsearch changed: writes and reads move");
+        members.stores().search.store(Arc::new(search));
+    }
+}
+
+/// What `connect` makes of the promoted `what` of data centre `dc`, tried
+/// again every [`RETRY`] until it succeeds; `None` if `shutdown` came first.
+async fn until_usable<T, E, F, Fut>(
+    what: &str,
+    dc: &str,
+    shutdown: &CancellationToken,
+    connect: F,
+) -> Option<T>
+where
+    E: std::fmt::Display,
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
     loop {
-        match super::search_of(config, dc, epoch).await {
-            Ok(search) => {
-                tracing::warn!(from = %current.data_center, to = %active, epoch, "the active Elasticsearch changed: writes and reads move");
-                members.stores().search.store(Arc::new(search));
-                return;
-            }
-            Err(error) => {
-                tracing::warn!(%active, %error, "the promoted Elasticsearch is not usable yet; retrying")
-            }
+        match connect().await {
+            Ok(usable) => return Some(usable),
+            Err(error) => tracing::warn!(%dc, %error, "the promoted {what} is not usable yet; retrying"),
         }
         tokio::select! {
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => return None,
             () = tokio::time::sleep(RETRY) => {}
         }
     }
@@ -118,21 +132,10 @@ async fn relocate(
         tracing::error!(%master, "the published MySQL master is not one of the MemberStore's data centres");
         return;
     };
-    loop {
-        match super::primary_of(config, store, dc).await {
-            Ok(primary) => {
-                tracing::warn!(from = %current.data_center, to = %master, "the MySQL master changed: writes move");
-                members.stores().primary.store(Arc::new(primary));
-                return;
-            }
-            Err(error) => {
-                tracing::warn!(%master, %error, "the promoted MySQL master is not usable yet; retrying")
-            }
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(RETRY) => {}
-        }
+    let promoted = || super::primary_of(config, store, dc);
+    if let Some(primary) = until_usable("MySQL master", master, shutdown, promoted).await {
+        tracing::warn!(from = %current.data_center, to = %master, "the MySQL master changed: writes move");
+        members.stores().primary.store(Arc::new(primary));
     }
 }
 
