@@ -58,6 +58,8 @@ apt_packages=(
   /usr/bin/openssl:openssl
   /usr/bin/curl:curl
   /usr/bin/promtool:prometheus
+  # `stack.sh pause` checks which process listens on a server's port.
+  /usr/bin/ss:iproute2
   # The merchant page's test drives a real browser (headless) over WebDriver.
   /usr/bin/chromium:chromium
   /usr/bin/chromedriver:chromium-driver
@@ -160,13 +162,14 @@ install_all() {
 
 # --- processes --------------------------------------------------------------
 
-# A pid file holds "pid starttime": the start time guards against a reused pid.
+# A pid file holds "pid starttime port": the start time guards against a reused
+# pid; the port is the one the server listens on (see `pause`).
 proc_start_time() { awk '{print $22}' "/proc/$1/stat" 2>/dev/null; }
 
 running() { # name
   local f=$pids/$1.pid pid start
   [ -f "$f" ] || return 1
-  read -r pid start <"$f" || return 1
+  read -r pid start _ <"$f" || return 1
   [ -n "$pid" ] && [ "$(proc_start_time "$pid")" = "$start" ]
 }
 
@@ -186,7 +189,28 @@ start() { # name port command...
   setsid "$@" >"$logs/$name.log" 2>&1 </dev/null &
   local pid=$!
   sleep 0.2
-  echo "$pid $(proc_start_time "$pid")" >"$pids/$name.pid"
+  echo "$pid $(proc_start_time "$pid") $port" >"$pids/$name.pid"
+}
+
+# Freezes a server (SIGSTOP) and returns once it is frozen: every thread of
+# its pid stopped (a thread's state follows the last ')' of its stat, since
+# a thread's name may hold spaces), and that pid the only one listening on its port. A test
+# that froze another process than the one answering would see the server
+# answer and fail for a reason that is not its own; this says so instead.
+freeze() { # name
+  local pid port holders deadline=$((SECONDS + 5)) threads
+  read -r pid _ port <"$pids/$1.pid"
+  if [ -n "$port" ]; then
+    holders=$(ss -Hltnp "sport = :$port" | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -u | xargs)
+    [ "$holders" = "$pid" ] ||
+      die "pause: $1's port $port is held by pid(s) ${holders:-none}, not by its pid $pid (see $pids/$1.pid)"
+  fi
+  kill -STOP "$pid"
+  until threads=$(sed 's/.*) //; s/ .*//' /proc/"$pid"/task/*/stat 2>/dev/null | sort -u | tr '\n' ' ') &&
+    [ "$threads" = "T " ]; do
+    [ $SECONDS -lt $deadline ] || { kill -CONT "$pid"; die "pause: $1 (pid $pid) did not stop: thread states $threads"; }
+    sleep 0.05
+  done
 }
 
 wait_for() { # name seconds check-command...
@@ -204,7 +228,7 @@ stop() { # name
   local f=$pids/$1.pid pid start
   [ -f "$f" ] || return 0
   if running "$1"; then
-    read -r pid start <"$f"
+    read -r pid start _ <"$f"
     kill -TERM "$pid" 2>/dev/null || true
     # A paused server (see `pause`) gets the TERM only once it runs again.
     kill -CONT "$pid" 2>/dev/null || true
@@ -580,6 +604,21 @@ status() {
 
 [ "${BASH_SOURCE[0]}" = "$0" ] || return 0 # sourced: functions only
 
+# One invocation at a time changes the stack: two `up`s at once (two tests'
+# guards) could both find a server down and start it twice, and its pid file
+# then names the copy that never serves. `flock -o`: the servers an `up`
+# starts do not hold the lock.
+case "${1:-}" in
+  up | down | install | member-topology | stop | pause | resume)
+    if [ -z "${BALLAST_STACK_LOCKED:-}" ]; then
+      mkdir -p "$state"
+      rc=0
+      flock -o -E 75 -w 900 "$state/.lock" env BALLAST_STACK_LOCKED=1 bash "$0" "$@" || rc=$?
+      [ $rc -ne 75 ] || die "another stack.sh has held $state/.lock for 15 minutes"
+      exit $rc
+    fi ;;
+esac
+
 case "${1:-}" in
   up) up ;;
   down) down ;;
@@ -592,8 +631,7 @@ case "${1:-}" in
   pause|resume)
     [[ " ${services[*]} " == *" ${2:-} "* ]] || die "$1: unknown server '${2:-}' (one of: ${services[*]})"
     running "$2" || die "$1: $2 is not running"
-    read -r pid _ <"$pids/$2.pid"
-    if [ "$1" = pause ]; then kill -STOP "$pid"; else kill -CONT "$pid"; fi ;;
+    if [ "$1" = pause ]; then freeze "$2"; else read -r pid _ <"$pids/$2.pid"; kill -CONT "$pid"; fi ;;
   status) status ;;
   install) install_all ;;
   env) echo "$state/stack.env" ;;
