@@ -18,6 +18,9 @@ use std::time::Duration;
 
 use ballast_node::{health, leader, telemetry};
 use clap::Parser;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::Resource;
 use tokio_util::sync::CancellationToken;
 
 /// Command-line settings of the operator.
@@ -56,6 +59,11 @@ struct Args {
         default_value = "cluster-role"
     )]
     worker_writes_role: analytics_pipeline::desired::WritesRole,
+    /// The operator's own Deployment (in the Lease's namespace): it owns the
+    /// leader Lease, so that the Lease goes with it and an uninstall leaves
+    /// none. Unset, or unreadable at start, the Lease has no owner.
+    #[arg(long, env = "BALLAST_OPERATOR_DEPLOYMENT")]
+    owner_deployment: Option<String>,
     /// Seconds a leader keeps the Lease without renewing it.
     #[arg(long, default_value_t = 15)]
     lease_seconds: u64,
@@ -97,21 +105,32 @@ async fn main() -> anyhow::Result<()> {
         }
     });
 
+    let owner = match &args.owner_deployment {
+        Some(name) => lease_owner(&client, &args.lease_namespace, name).await,
+        None => None,
+    };
     let election = leader::Election {
         namespace: args.lease_namespace,
         name: args.lease_name,
         identity,
         duration: Duration::from_secs(args.lease_seconds.max(3)),
         labels: Default::default(),
+        owner,
     };
     tracing::info!(identity = %election.identity, lease = %election.name, "waiting for leadership");
     let Some(held) = election.acquire(&client, &shutdown).await else {
+        // A take in flight when the signal came may have landed.
+        release(&election, &client).await;
         server.await??;
         return Ok(());
     };
     tracing::info!(term = held.term, "leading: reconciling");
     let lost = shutdown.child_token();
-    tokio::spawn(election.hold(client, held, shutdown.clone(), lost.clone()));
+    tokio::spawn(
+        election
+            .clone()
+            .hold(client.clone(), held, shutdown.clone(), lost.clone()),
+    );
     let controllers = async {
         tokio::join!(
             analytics_pipeline::run(ctx.clone(), triggers.pipelines, lost.clone()),
@@ -132,6 +151,10 @@ async fn main() -> anyhow::Result<()> {
 
     let lost_leadership = !shutdown.is_cancelled();
     shutdown.cancel();
+    if !lost_leadership {
+        // Reconciles are over: a standby may lead now, without waiting out the Lease.
+        release(&election, &client).await;
+    }
     // Open keep-alive connections (a scraper) must not hold the exit either.
     if let Ok(joined) = tokio::time::timeout(Duration::from_secs(5), server).await {
         joined??;
@@ -139,4 +162,38 @@ async fn main() -> anyhow::Result<()> {
     // A replica that lost the Lease exits so that it restarts as a follower.
     anyhow::ensure!(!lost_leadership, "lost leadership");
     Ok(())
+}
+
+/// Gives the leader Lease up if this replica holds it, within a deadline: a
+/// hung API server must not hold the exit (the Lease then lapses as usual).
+async fn release(election: &leader::Election, client: &kube::Client) {
+    match tokio::time::timeout(Duration::from_secs(3), election.release(client)).await {
+        Ok(Ok(true)) => tracing::info!(lease = %election.name, "leader lease given up"),
+        Ok(Ok(false)) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "giving the leader lease up failed; it lapses instead"),
+        Err(_) => {
+            tracing::warn!(lease = %election.name, "giving the leader lease up timed out; it lapses instead")
+        }
+    }
+}
+
+/// An owner reference to Deployment `name` in `namespace`, read within a
+/// deadline; `None`, logged, when it cannot be read (the Lease then has no
+/// owner, as before: leading must not wait on it).
+async fn lease_owner(client: &kube::Client, namespace: &str, name: &str) -> Option<OwnerReference> {
+    let deployments: kube::Api<Deployment> = kube::Api::namespaced(client.clone(), namespace);
+    match tokio::time::timeout(Duration::from_secs(5), deployments.get(name)).await {
+        Ok(Ok(deployment)) => deployment.owner_ref(&()),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, deployment = name, "the leader Lease's owner is unreadable; the Lease has none");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(
+                deployment = name,
+                "reading the leader Lease's owner timed out; the Lease has none"
+            );
+            None
+        }
+    }
 }

@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, OwnerReference};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ObjectMeta, PostParams};
 use tokio::time::Instant;
@@ -44,6 +44,9 @@ pub struct Election {
     /// Labels the Lease is created with (a pipeline's names its pipeline:
     /// the admission policy lets a pipeline's workers write only its own).
     pub labels: std::collections::BTreeMap<String, String>,
+    /// What owns the Lease (the operator's Deployment), so that the garbage
+    /// collector removes it with its owner: an uninstall leaves none.
+    pub owner: Option<OwnerReference>,
 }
 
 /// The parts of a Lease that change when its holder renews or hands it over.
@@ -65,6 +68,35 @@ impl Record {
             transitions: spec.lease_transitions,
             duration_seconds: spec.lease_duration_seconds,
         }
+    }
+}
+
+/// Whether `lease` names `identity` as its holder: what a replica may give
+/// up. Pure.
+pub fn held_by(lease: &Lease, identity: &str) -> bool {
+    Record::of(lease).holder.as_deref() == Some(identity)
+}
+
+/// `refs` with `owner` among them (added once, by uid). Pure.
+pub fn with_owner(
+    refs: Option<Vec<OwnerReference>>,
+    owner: Option<&OwnerReference>,
+) -> Option<Vec<OwnerReference>> {
+    let Some(owner) = owner else { return refs };
+    let mut refs = refs.unwrap_or_default();
+    if !refs.iter().any(|r| r.uid == owner.uid) {
+        refs.push(owner.clone());
+    }
+    Some(refs)
+}
+
+/// `spec` given up by its holder: no holder, so that anyone may take it at
+/// once; the term (transitions) kept, so the next holder counts one more. Pure.
+pub fn released(spec: LeaseSpec) -> LeaseSpec {
+    LeaseSpec {
+        holder_identity: None,
+        acquire_time: None,
+        ..spec
     }
 }
 
@@ -182,6 +214,7 @@ impl Election {
                 metadata: ObjectMeta {
                     name: Some(self.name.clone()),
                     labels: (!self.labels.is_empty()).then(|| self.labels.clone()),
+                    owner_references: with_owner(None, self.owner.as_ref()),
                     ..ObjectMeta::default()
                 },
                 spec: Some(self.spec(Timestamp::now(), None, Some(0))),
@@ -209,6 +242,9 @@ impl Election {
             (None, Some(previous.lease_transitions.unwrap_or(0) + 1))
         };
         lease.spec = Some(self.spec(Timestamp::now(), acquired, transitions));
+        // A Lease made before its owner was known (an earlier version) gets it now.
+        lease.metadata.owner_references =
+            with_owner(lease.metadata.owner_references.take(), self.owner.as_ref());
         // The resourceVersion in `lease` makes this a compare-and-swap: a
         // concurrent taker gets 409 Conflict and stays a follower. The term is
         // taken from what the write stored, not from a later read.
@@ -218,6 +254,32 @@ impl Election {
                 sent,
             })),
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
+            Err(e) => Err(err(e)),
+        }
+    }
+
+    /// Gives the Lease up on a clean exit, as client-go's `ReleaseOnCancel`
+    /// does: if this replica holds it, the holder is cleared (the term and
+    /// the object stay), on condition that it is the version just read (a
+    /// standby that took it meanwhile keeps it). A standby then takes it at
+    /// once rather than after the duration. Whether it was given up.
+    pub async fn release(&self, client: &kube::Client) -> Result<bool, Error> {
+        let api: Api<Lease> = Api::namespaced(client.clone(), &self.namespace);
+        let err = |source| Error::Api {
+            name: self.name.clone(),
+            source,
+        };
+        let Some(mut lease) = api.get_opt(&self.name).await.map_err(err)? else {
+            return Ok(false);
+        };
+        if !held_by(&lease, &self.identity) {
+            return Ok(false);
+        }
+        lease.spec = lease.spec.map(released);
+        // The resourceVersion read makes this a compare-and-swap.
+        match api.replace(&self.name, &PostParams::default(), &lease).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => Ok(false),
             Err(e) => Err(err(e)),
         }
     }
@@ -379,6 +441,74 @@ mod tests {
             let previous = previous.map(|(record, since)| Sighting { record, since });
             let sighting = Sighting::observe(previous, read, now);
             assert_eq!(sighting.may_take("me", now), want, "{case}");
+        }
+    }
+
+    #[test]
+    fn only_the_holder_named_in_the_lease_may_give_it_up() {
+        let lease = |holder: Option<&str>| Lease {
+            spec: Some(LeaseSpec {
+                holder_identity: holder.map(str::to_owned),
+                ..LeaseSpec::default()
+            }),
+            ..Lease::default()
+        };
+        let cases = [
+            (lease(Some("me")), true),
+            (lease(Some("other")), false),
+            (lease(None), false),
+            (Lease::default(), false),
+        ];
+        for (lease, want) in cases {
+            assert_eq!(held_by(&lease, "me"), want, "{:?}", lease.spec);
+        }
+    }
+
+    #[test]
+    fn a_lease_given_up_may_be_taken_at_once_and_keeps_its_term() {
+        let held = LeaseSpec {
+            holder_identity: Some("me".into()),
+            lease_duration_seconds: Some(15),
+            lease_transitions: Some(4),
+            renew_time: Some(MicroTime(Timestamp::from_second(1).expect("valid"))),
+            ..LeaseSpec::default()
+        };
+        let given_up = released(held);
+        assert_eq!(given_up.holder_identity, None);
+        assert_eq!(given_up.lease_transitions, Some(4));
+        let lease = Lease {
+            spec: Some(given_up),
+            ..Lease::default()
+        };
+        let now = Instant::now();
+        let seen = Sighting::observe(None, Record::of(&lease), now);
+        assert!(seen.may_take("standby", now), "taken only after the duration");
+        assert!(!held_by(&lease, "me"));
+    }
+
+    #[test]
+    fn the_owner_is_added_once_and_only_when_known() {
+        let owner = |uid: &str| OwnerReference {
+            api_version: "apps/v1".into(),
+            kind: "Deployment".into(),
+            name: "ballast-operator".into(),
+            uid: uid.into(),
+            ..OwnerReference::default()
+        };
+        let cases = [
+            (None, None, None),
+            (Some(vec![owner("a")]), None, Some(vec![owner("a")])),
+            (None, Some(owner("a")), Some(vec![owner("a")])),
+            (Some(vec![owner("a")]), Some(owner("a")), Some(vec![owner("a")])),
+            // Recreated under a new uid: the new one is added.
+            (
+                Some(vec![owner("a")]),
+                Some(owner("b")),
+                Some(vec![owner("a"), owner("b")]),
+            ),
+        ];
+        for (refs, add, want) in cases {
+            assert_eq!(with_owner(refs.clone(), add.as_ref()), want, "{refs:?} + {add:?}");
         }
     }
 

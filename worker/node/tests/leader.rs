@@ -1,6 +1,7 @@
 //! Leader election against the stack's real API server: a writer whose clock
 //! is skewed does not lose its Lease while it renews, a lapsed one is taken
-//! after its duration as seen locally, and the term comes from the write.
+//! after its duration as seen locally, the term comes from the write, and a
+//! Lease its holder gives up is taken at once.
 
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ fn election(ns: &str, identity: &str) -> Election {
         identity: identity.into(),
         duration: Duration::from_secs(3),
         labels: Default::default(),
+        owner: None,
     }
 }
 
@@ -71,5 +73,52 @@ async fn a_renewing_holder_keeps_its_lease_whatever_its_clock_says_and_loses_it_
     assert_eq!(held.term, 5);
     let stored = leases.get("leader").await?.spec.and_then(|s| s.lease_transitions);
     assert_eq!(stored, Some(5));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_holder_that_gives_its_lease_up_lets_a_waiting_standby_take_it_before_the_duration()
+-> anyhow::Result<()> {
+    let stack = Stack::discover();
+    let client = stack.kube_client().await?;
+    let ns = ballast_e2e::pipeline_namespace(&client, "release").await?;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    // A duration far longer than the wait below: only a release explains a take in time.
+    let long = |identity: &str| Election {
+        duration: Duration::from_secs(40),
+        ..election(&ns, identity)
+    };
+    let holder = long("holder");
+    holder
+        .acquire(&client, &CancellationToken::new())
+        .await
+        .ok_or_else(|| anyhow::anyhow!("no lease"))?;
+    let shutdown = CancellationToken::new();
+    let standby = tokio::spawn({
+        let (client, standby) = (client.clone(), long("standby"));
+        let shutdown = shutdown.clone();
+        async move { standby.acquire(&client, &shutdown).await }
+    });
+
+    // Only the holder may give it up.
+    assert!(
+        !long("standby").release(&client).await?,
+        "a standby gave up the holder's Lease"
+    );
+    let holder_now = leases.get("leader").await?.spec.and_then(|s| s.holder_identity);
+    assert_eq!(holder_now.as_deref(), Some("holder"));
+    assert!(
+        holder.release(&client).await?,
+        "the holder did not give its Lease up"
+    );
+
+    let taken = tokio::time::timeout(Duration::from_secs(20), standby).await;
+    shutdown.cancel();
+    let held = taken??.ok_or_else(|| anyhow::anyhow!("the standby stopped without the lease"))?;
+    assert_eq!(held.term, 1, "the term goes on: one more than the holder's");
+    let holder_now = leases.get("leader").await?.spec.and_then(|s| s.holder_identity);
+    assert_eq!(holder_now.as_deref(), Some("standby"));
+    // Released again by a replica that no longer holds it: nothing happens.
+    assert!(!holder.release(&client).await?);
     Ok(())
 }

@@ -23,6 +23,7 @@ fn election(ns: &str, identity: &str) -> Election {
         identity: identity.into(),
         duration: LEASE,
         labels: Default::default(),
+        owner: None,
     }
 }
 

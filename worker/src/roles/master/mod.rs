@@ -133,6 +133,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> Res
             config.pipeline.clone(),
         )]
         .into(),
+        owner: None,
     };
     tracing::info!(lease = %election.name, "standby: waiting for the master lease");
     let Some(held) = election.acquire(&deps.client, &shutdown).await else {
