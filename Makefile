@@ -24,12 +24,17 @@ demo:
 test: stack-up
 	@# Namespaces left by earlier runs would give every operator under test old pipelines to reconcile.
 	@# Their MemberStores' finalizer waits for an operator that no longer runs: it is lifted first.
+	@# Their pods are bound to the stand-in kubelets' Node, which no kubelet serves between runs:
+	@# nothing would confirm their deletion and the namespaces would stay Terminating, so they are
+	@# force-deleted (no test runs yet; the real node's pods are on another Node).
 	$(WITH_STACK) kubectl="$(BALLAST_CACHE)/bin/kubectl"; \
 	  { "$$kubectl" get memberstores -A -o jsonpath='{range .items[*]}{.metadata.namespace} {.metadata.name}{"\n"}{end}' 2>/dev/null || true; } | \
 	  while read -r ns name; do \
 	    "$$kubectl" -n "$$ns" patch memberstore "$$name" --type=merge -p '{"metadata":{"finalizers":null}}' >/dev/null; \
 	  done; \
-	  "$$kubectl" delete namespace -l ballast.dev/fixture --wait=false >/dev/null
+	  "$$kubectl" delete namespace -l ballast.dev/fixture --wait=false >/dev/null; \
+	  "$$kubectl" delete pods -A --field-selector spec.nodeName=ballast-e2e --force --grace-period=0 \
+	    --wait=false >/dev/null 2>&1 || true
 	$(WITH_STACK) cargo test --workspace --locked
 
 ## bench: operator detection and memory; ingestion, compute and dispatch throughput; master failover; query answers; the history engine against DataFusion; nightly rollups and the precomputed hit rate; member lookups and writes; member promotion and failback replay; flow-control decisions; membership API load (each beside a baseline)
