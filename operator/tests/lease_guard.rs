@@ -5,7 +5,8 @@
 //! after pods not known in advance); the shipped admission policy refuses
 //! every write to a Lease of another pipeline: deleting its master Lease or
 //! collector checkpoint, taking them over, or creating one in its name; and
-//! every write to a ConfigMap but its own master's state.
+//! every write to a ConfigMap but its own master's state; and it leaves alone
+//! another application's account that merely ends in `-worker`.
 
 mod common;
 
@@ -208,5 +209,58 @@ async fn a_pipelines_workers_cannot_write_another_pipelines_leases() -> anyhow::
         let held = their_leases.get(name).await?.spec.and_then(|s| s.holder_identity);
         assert_eq!(held, Some(format!("{name}-holder")));
     }
+
+    // Another application's account whose name ends in -worker, allowed the
+    // same writes by its own Role, is none of the policy's business.
+    let other = "queue-worker";
+    let rules = json!([
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create", "update", "delete"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "update"]},
+    ]);
+    let ssa = PatchParams::apply("ballast-e2e").force();
+    roles
+        .patch(
+            other,
+            &ssa,
+            &Patch::Apply(json!({"apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role", "metadata": {"name": other}, "rules": rules})),
+        )
+        .await?;
+    bindings
+        .patch(
+            other,
+            &ssa,
+            &Patch::Apply(json!({"apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding", "metadata": {"name": other},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": other},
+            "subjects": [{"kind": "ServiceAccount", "name": other, "namespace": ns}]})),
+        )
+        .await?;
+    let other_client = stack
+        .kube_client_as(&format!("system:serviceaccount:{ns}:{other}"))
+        .await?;
+    let other_leases: Api<Lease> = Api::namespaced(other_client.clone(), &ns);
+    let other_maps: Api<ConfigMap> = Api::namespaced(other_client, &ns);
+    let unlabelled: Lease = serde_json::from_value(json!({"metadata": {"name": "leader-election"}}))?;
+    eventually(
+        "another application's -worker account writing its own Lease",
+        30,
+        || async {
+            match other_leases.create(&PostParams::default(), &unlabelled).await {
+                Ok(_) => Ok(Some(())),
+                Err(kube::Error::Api(e)) if e.code == 409 => Ok(Some(())),
+                // Its Role may still be on its way to the authorizer's cache; a
+                // refusal by the policy fails below.
+                Err(kube::Error::Api(e)) if e.code == 403 && !e.message.contains("may write only") => {
+                    Ok(None)
+                }
+                Err(e) => Err(e.into()),
+            }
+        },
+    )
+    .await?;
+    other_maps
+        .create(&PostParams::default(), &configmap("settings")?)
+        .await?;
     Ok(())
 }
