@@ -1,13 +1,12 @@
 //! Measuring a kept cluster's replication lag from outside its replicator:
 //! its consumer group's committed offset against the change stream's end,
-//! and the time Kafka took the oldest record past it; and handing a demoted
-//! cluster's group the stream's end ([`hand_over`]). I/O at the edge; the
+//! and the time Kafka took the oldest record past it. I/O at the edge; the
 //! judgement is [`super::status`].
 
 use std::time::Duration;
 
 use ballast_crds::refs::KafkaRef;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Message, Timestamp};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
@@ -104,25 +103,4 @@ fn measure_blocking(kafka: &KafkaRef, group: &str, deadline: Duration) -> Result
         end,
         oldest_missing_ms,
     })
-}
-
-/// Commits the stream's end as group `group`'s offset: the cluster it keeps
-/// was the active one until now, so it holds every record written so far
-/// (the services wrote it directly), and the replicator, keeping it from
-/// now on, must replay only what it misses from here, not the stream from
-/// wherever its group last stopped. The group has no member while its
-/// cluster is active, so the commit needs none. The offset committed.
-pub async fn hand_over(kafka: &KafkaRef, group: &str, deadline: Duration) -> Result<i64, LagError> {
-    let (kafka, group) = (kafka.clone(), group.to_owned());
-    blocking(deadline, move || hand_over_blocking(&kafka, &group, deadline)).await
-}
-
-fn hand_over_blocking(kafka: &KafkaRef, group: &str, deadline: Duration) -> Result<i64, LagError> {
-    let consumer = consumer(kafka, group)?;
-    let topic = kafka.topic.as_str();
-    let (_, end) = consumer.fetch_watermarks(topic, 0, deadline)?;
-    let mut at = TopicPartitionList::new();
-    at.add_partition_offset(topic, 0, Offset::Offset(end))?;
-    consumer.commit(&at, CommitMode::Sync)?;
-    Ok(end)
 }

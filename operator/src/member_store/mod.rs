@@ -453,16 +453,10 @@ async fn run_store(ms: Arc<MemberStore>, ctl: &Ctl) -> Result<Action, Error> {
     let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
     let reference = ms.object_ref(&());
     if let Decision::Promote { to, reason, message } = &decision {
-        // Before the status moves the replicator to keep the demoted cluster.
-        let group = replica_group(&ns, &name, &active);
-        match lag::hand_over(&ms.spec.change_stream, &group, KAFKA_DEADLINE).await {
-            Ok(offset) => {
-                tracing::info!(cluster = %active, offset, "the demoted cluster's replica group starts at the stream's end")
-            }
-            Err(error) => {
-                tracing::warn!(cluster = %active, %error, "handing the demoted cluster's replica group the stream's end failed: it replays from where it last stopped")
-            }
-        }
+        // The demoted cluster's replica group resumes where the replicator
+        // last committed (it follows the active cluster too, so that is
+        // recent): records it already holds are passed over by version, and
+        // the promotion waits on no Kafka call.
         computed.active_data_center = Some(to.clone());
         computed.epoch = ms.epoch() + 1;
         computed.since = Some(Time(now));
