@@ -35,6 +35,8 @@ test: stack-up
 	  "$$kubectl" delete namespace -l ballast.dev/fixture --wait=false >/dev/null; \
 	  "$$kubectl" delete pods -A --field-selector spec.nodeName=ballast-e2e --force --grace-period=0 \
 	    --wait=false >/dev/null 2>&1 || true
+	@# Their Elasticsearch indices too: a node holds 1,000 shards at most.
+	$(STACK) clean
 	$(WITH_STACK) cargo test --workspace --locked
 
 ## bench: operator detection and memory; ingestion, compute and dispatch throughput; master failover; query answers; the history engine against DataFusion; nightly rollups and the precomputed hit rate; member lookups and writes; member promotion and failback replay; flow-control decisions; membership API load (each beside a baseline)

@@ -6,6 +6,7 @@
 #   stack.sh status   one health line per server and the node; exit 1 if any is unhealthy
 #   stack.sh stop|pause|resume SERVER   failure injection for tests: stop, freeze (SIGSTOP), thaw
 #   stack.sh member-topology   DC A's member MySQL the master and DC B's its replica again
+#   stack.sh clean    delete the indices earlier test runs left in the Elasticsearch clusters
 #
 # Caches (builds, downloads) live in $BALLAST_CACHE (~/.cache/ballast), outside
 # any clone, so a second `up` takes seconds. Running state (data, logs, pids,
@@ -469,6 +470,20 @@ es_health() { # port
   curl -sf "http://$host:$1/_cluster/health" | grep -qE '"status":"(green|yellow)"'
 }
 
+# Deletes every index but the system ones (`.`-prefixed) of the cluster on
+# `port`, by name (Elasticsearch refuses wildcard deletes), some at a time so
+# that a request line stays short. Each test run makes its own indices and
+# nothing deletes them: left alone they reach the 1,000 shards a node holds.
+es_clean() { # port
+  local names
+  names=$(curl -sf "http://$host:$1/_cat/indices?h=index" | grep -v '^\.' | sort) || return 1
+  [ -n "$names" ] || return 0
+  echo "$names" | xargs -n 40 | tr ' ' ',' | while read -r batch; do
+    curl -sf -X DELETE "http://$host:$1/$batch?ignore_unavailable=true" >/dev/null ||
+      die "deleting indices on port $1 failed"
+  done
+}
+
 start_es() { # name http-port transport-port
   start "es-$1" "$2" "$here/elasticsearch/run.sh" "ballast-es-$1" "$2" "$3" "$state/es/$1" "$BALLAST_ES_HEAP"
 }
@@ -609,7 +624,7 @@ status() {
 # then names the copy that never serves. `flock -o`: the servers an `up`
 # starts do not hold the lock.
 case "${1:-}" in
-  up | down | install | member-topology | stop | pause | resume)
+  up | down | install | member-topology | clean | stop | pause | resume)
     if [ -z "${BALLAST_STACK_LOCKED:-}" ]; then
       mkdir -p "$state"
       rc=0
@@ -637,5 +652,10 @@ case "${1:-}" in
   env) echo "$state/stack.env" ;;
   # After a MySQL failover scenario: DC A's member MySQL the master again.
   member-topology) member_topology ;;
-  *) die "usage: stack.sh up|down|status|install|env|member-topology|stop SERVER|pause SERVER|resume SERVER" ;;
+  # Before a test run: the indices earlier runs left in the Elasticsearch clusters deleted.
+  clean)
+    for port in "$BALLAST_PORT_ES_DC_A" "$BALLAST_PORT_ES_DC_B" "$BALLAST_PORT_ES_COLD"; do
+      es_clean "$port" || die "clean: the Elasticsearch on port $port does not answer"
+    done ;;
+  *) die "usage: stack.sh up|down|status|install|env|member-topology|clean|stop SERVER|pause SERVER|resume SERVER" ;;
 esac
