@@ -193,10 +193,10 @@ start() { # name port command...
   echo "$pid $(proc_start_time "$pid") $port" >"$pids/$name.pid"
 }
 
-# Freezes a server (SIGSTOP) and returns once it is frozen: every thread of
-# its pid stopped (a thread's state follows the last ')' of its stat, since
-# a thread's name may hold spaces), and that pid the only one listening on its port. A test
-# that froze another process than the one answering would see the server
+# Freezes a server (SIGSTOP) and returns once it is frozen: that pid the only
+# one listening on its port, and every thread of it stopped (a thread's state
+# follows the last ')' of its stat, since a thread's name may hold spaces). A
+# test that froze another process than the one answering would see the server
 # answer and fail for a reason that is not its own; this says so instead.
 freeze() { # name
   local pid port holders deadline=$((SECONDS + 5)) threads

@@ -71,10 +71,10 @@ impl Record {
     }
 }
 
-/// Whether `lease` names `identity` as its holder: what a replica may give
-/// up. Pure.
+/// Whether `lease` names `identity` as its holder: what a replica renews
+/// rather than takes, and may give up. Pure.
 pub fn held_by(lease: &Lease, identity: &str) -> bool {
-    Record::of(lease).holder.as_deref() == Some(identity)
+    lease.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(identity)
 }
 
 /// `refs` with `owner` among them (added once, by uid). Pure.
@@ -234,8 +234,8 @@ impl Election {
         if !may_take {
             return Ok(None);
         }
+        let ours = held_by(&lease, &self.identity);
         let previous = lease.spec.clone().unwrap_or_default();
-        let ours = previous.holder_identity.as_deref() == Some(&self.identity);
         let (acquired, transitions) = if ours {
             (previous.acquire_time, previous.lease_transitions)
         } else {
