@@ -173,19 +173,41 @@ impl Running {
         .await
     }
 
-    /// The ready slave holding the most events in memory, and how many.
-    async fn fullest_slave(&self) -> anyhow::Result<(String, u64)> {
+    /// The ready slaves (identity → address).
+    async fn ready_slaves(&self) -> anyhow::Result<BTreeMap<String, String>> {
         let selector = ballast_worker::membership::selector(&self.run.pipeline, "slave");
         let list = self.leases.list(&ListParams::default().labels(&selector)).await?;
+        Ok(ballast_worker::membership::ready_members(
+            &list.items,
+            Timestamp::now(),
+        ))
+    }
+
+    /// The events the slave at `address` holds in memory.
+    async fn holdings(address: &str) -> anyhow::Result<u64> {
+        let mut client = SlaveClient::new(ballast_worker::auth::channel(
+            address,
+            ballast_worker::grpc::STORE_DEADLINE,
+            &ballast_e2e::DATA_PLANE_TOKEN.parse()?,
+        )?);
+        let windows = client.holdings(HoldingsRequest {}).await?.into_inner().windows;
+        Ok(windows.iter().map(|w| w.events).sum())
+    }
+
+    /// The events ready slave `slave` holds in memory.
+    async fn held_by(&self, slave: &str) -> anyhow::Result<u64> {
+        let slaves = self.ready_slaves().await?;
+        let address = slaves
+            .get(slave)
+            .ok_or_else(|| anyhow::anyhow!("{slave} is not a ready slave"))?;
+        Self::holdings(address).await
+    }
+
+    /// The ready slave holding the most events in memory, and how many.
+    async fn fullest_slave(&self) -> anyhow::Result<(String, u64)> {
         let mut fullest = (String::new(), 0);
-        for (slave, address) in ballast_worker::membership::ready_members(&list.items, Timestamp::now()) {
-            let mut client = SlaveClient::new(ballast_worker::auth::channel(
-                &address,
-                ballast_worker::grpc::STORE_DEADLINE,
-                &ballast_e2e::DATA_PLANE_TOKEN.parse()?,
-            )?);
-            let windows = client.holdings(HoldingsRequest {}).await?.into_inner().windows;
-            let events = windows.iter().map(|w| w.events).sum::<u64>();
+        for (slave, address) in self.ready_slaves().await? {
+            let events = Self::holdings(&address).await?;
             if events > fullest.1 {
                 fullest = (slave, events);
             }
@@ -333,16 +355,26 @@ async fn kv_failure_keeps_hourly_results_from_slave_memory_and_windows_resume_af
     p.feed(&mut stream).await?;
     let want = p.expect(HOUR_MS, &rows).await?;
     until_equal(&p.hot, &p.run.pipeline, Granularity::Hour, &want, 90).await?;
-    // The new slaves computed part of the period themselves.
-    eventually("a task done on a slave started after the change", 60, || async {
-        let mut done = 0.0;
+    // The new slaves computed part of the period themselves. Until then the
+    // wait's error says what they hold and did, so a timeout names its cause.
+    eventually("a task done on a slave started after the change", 90, || async {
+        let mut seen = Vec::new();
         for slave in ["slave-4", "slave-5"] {
-            if let Some(port) = p.run.kubelet.metrics_port(&format!("{}-{slave}", p.run.pipeline)) {
-                let series = r#"ballast_slave_tasks_total{result="done"}"#;
-                done += scenario::metric(port, series).await?.unwrap_or(0.0);
+            let pod = format!("{}-{slave}", p.run.pipeline);
+            let Some(port) = p.run.kubelet.metrics_port(&pod) else {
+                seen.push(format!("{slave} not running"));
+                continue;
+            };
+            let tasks = |result: &str| format!(r#"ballast_slave_tasks_total{{result="{result}"}}"#);
+            let done = scenario::metric(port, &tasks("done")).await?.unwrap_or(0.0);
+            if done > 0.0 {
+                return Ok(Some(()));
             }
+            let failed = scenario::metric(port, &tasks("failed")).await?.unwrap_or(0.0);
+            let held = p.held_by(&pod).await?;
+            seen.push(format!("{slave} holds {held} events, failed {failed} tasks"));
         }
-        Ok((done > 0.0).then_some(()))
+        anyhow::bail!("no task done yet: {}", seen.join("; "))
     })
     .await?;
     until_equal(&p.hot, &p.run.pipeline, Granularity::Hour, &want, 90).await?;
