@@ -476,7 +476,8 @@ es_health() { # port
 # nothing deletes them: left alone they reach the 1,000 shards a node holds.
 es_clean() { # port
   local names
-  names=$(curl -sf "http://$host:$1/_cat/indices?h=index" | grep -v '^\.' | sort) || return 1
+  # grep finding nothing (no index, or only system ones) is not a failure.
+  names=$(curl -sf "http://$host:$1/_cat/indices?h=index" | { grep -v '^\.' || true; } | sort) || return 1
   [ -n "$names" ] || return 0
   echo "$names" | xargs -n 40 | tr ' ' ',' | while read -r batch; do
     curl -sf -X DELETE "http://$host:$1/$batch?ignore_unavailable=true" >/dev/null ||
