@@ -18,6 +18,12 @@ use crate::ONE_AT_A_TIME;
 use crate::support::{Caller, Fixture, card, id_of, until_path};
 use crate::traffic::retryable;
 
+/// `dc`'s Redis breaker state (0 closed, 1 open) in the process on `port`.
+async fn redis_breaker(port: u16, dc: &str) -> anyhow::Result<Option<f64>> {
+    let series = format!("ballast_flow_breaker_state{{dependency=\"redis\",server=\"{dc}\"}}");
+    Ok(metric(port, &series).await?)
+}
+
 #[tokio::test]
 async fn with_one_data_centre_s_cache_stopped_a_write_fails_naming_it_and_nothing_is_written()
 -> anyhow::Result<()> {
@@ -37,6 +43,42 @@ async fn with_one_data_centre_s_cache_stopped_a_write_fails_naming_it_and_nothin
     // Nothing half-written: MySQL still has the member as it was.
     let member = a.get(&id, "").await?;
     assert_eq!((member.level.as_str(), member.version), ("silver", 1));
+
+    // Writes keep failing on dc-b's cache until its breaker opens; each
+    // names it. DC A's own cache has a breaker of its own, still closed, so
+    // a read in DC A right after still reaches it (one breaker for both
+    // caches would refuse it for the open period: "unavailable").
+    let opened = eventually("dc-b's redis breaker open in dc-a's process", 30, || async {
+        let refused = a
+            .level(&id, "gold")
+            .await
+            .err()
+            .context("a write without dc-b's cache succeeded")?;
+        anyhow::ensure!(refused.message().contains("redis dc-b"), "{}", refused.message());
+        Ok::<_, anyhow::Error>((redis_breaker(f.a.metrics, "dc-b").await? == Some(1.0)).then_some(refused))
+    })
+    .await?;
+    assert_eq!(opened.code(), Code::Unavailable);
+    let cache = |result: &'static str| async move {
+        let series = format!("ballast_member_cache_total{{result=\"{result}\"}}");
+        Ok::<_, anyhow::Error>(metric(f.a.metrics, &series).await?.unwrap_or(0.0))
+    };
+    let reached = || async { Ok::<_, anyhow::Error>(cache("hit").await? + cache("miss").await?) };
+    let (reached_before, unavailable_before) = (reached().await?, cache("unavailable").await?);
+    assert_eq!(a.get(&id, "").await?.level, "silver");
+    assert_eq!(
+        (
+            reached().await? - reached_before,
+            cache("unavailable").await? - unavailable_before
+        ),
+        (1.0, 0.0),
+        "a read in dc-a went to dc-a's cache (hit or miss), not around it"
+    );
+    assert_eq!(
+        redis_breaker(f.a.metrics, "dc-a").await?,
+        Some(0.0),
+        "dc-a's breaker"
+    );
     stack_script(&["up"])?;
     let written = eventually("a write once dc-b's cache is back", 60, || async {
         Ok::<_, Status>(a.level(&id, "gold").await.ok())

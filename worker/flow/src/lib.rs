@@ -15,15 +15,15 @@
 
 pub mod breaker;
 mod follow;
+mod guarded;
 mod limit;
 mod metrics;
 mod refusal;
 mod rules;
 
 use std::collections::{BTreeMap, HashMap};
-use std::future::Future;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,8 +32,9 @@ pub use ballast_crds::member_store::GuardedDependency;
 use governor::clock::{Clock, DefaultClock, Reference};
 use prometheus_client::registry::Registry;
 
-use breaker::{Call, Machine, State, Ticket, Transition};
 pub use follow::follow;
+use guarded::Servers;
+pub use guarded::{Guarded, Target};
 use limit::{Direct, Keyed, KeyedCheck};
 pub use limit::{Verdict, due_to_prune, verdict};
 use metrics::{Counters, Metrics};
@@ -54,10 +55,10 @@ pub enum CallError<E> {
     #[error(transparent)]
     Refused(Refusal),
     /// It did not answer within its deadline (counted as a failure).
-    #[error("{} did not answer within {} ms", dependency.as_str(), deadline.as_millis())]
+    #[error("{target} did not answer within {} ms", deadline.as_millis())]
     TimedOut {
-        /// The dependency called.
-        dependency: GuardedDependency,
+        /// The server called ([`Target`]'s display: `redis dc-b`).
+        target: String,
         /// The deadline it missed.
         deadline: Duration,
     },
@@ -89,15 +90,6 @@ struct Rule<L> {
     counters: Counters,
 }
 
-/// A circuit breaker's state behind its lock.
-struct BreakerCell {
-    dependency: GuardedDependency,
-    machine: Mutex<Machine>,
-    // Mirrors `machine.state() == Closed`, so that a call to a healthy
-    // dependency takes the lock once (to record), not twice.
-    closed: AtomicBool,
-}
-
 /// The rules in force, built from a [`Rules`].
 struct Active<C: Clock> {
     rules: Rules,
@@ -106,7 +98,7 @@ struct Active<C: Clock> {
     unlisted: Option<Rule<Keyed<C>>>,
     callers: HashMap<String, Rule<Direct<C>>, foldhash::fast::RandomState>,
     concurrency: Option<Rule<u32>>,
-    breakers: BTreeMap<GuardedDependency, Rule<BreakerCell>>,
+    breakers: BTreeMap<GuardedDependency, Rule<Servers>>,
 }
 
 /// A request let in; it counts as in progress until dropped.
@@ -121,16 +113,6 @@ impl Drop for Admission<'_> {
             in_flight.fetch_sub(1, Ordering::AcqRel);
         }
     }
-}
-
-/// A call to a dependency let through its breaker: [`Guarded::finish`] it
-/// with its outcome. Dropped unfinished, it is forgotten (a trial slot is
-/// given back).
-#[must_use = "finish the guarded call with its outcome"]
-pub struct Guarded<'a, C: Clock> {
-    flow: &'a Flow<C>,
-    started: Duration,
-    ticket: Option<(Arc<BreakerCell>, Ticket)>,
 }
 
 impl Flow<DefaultClock> {
@@ -226,78 +208,6 @@ impl<C: Clock + Clone> Flow<C> {
         Ok(admission)
     }
 
-    /// Whether a call to `dependency` may be made now (its breaker is not
-    /// open). Never waits.
-    pub fn guard(&self, dependency: GuardedDependency) -> Result<Guarded<'_, C>, Refusal> {
-        let started = self.now();
-        let active = self.active.load();
-        let Some(rule) = active.breakers.get(&dependency) else {
-            return Ok(Guarded {
-                flow: self,
-                started,
-                ticket: None,
-            });
-        };
-        let acquired = if rule.limiter.closed.load(Ordering::Acquire) {
-            // Closed admits without changing anything; a transition racing
-            // this read makes the call's record stale, which the machine ignores.
-            Ok((Ticket::Measured, None))
-        } else {
-            rule.limiter.acquire(started)
-        };
-        let (ticket, transition, check) = match acquired {
-            Ok((ticket, transition)) => (Some(ticket), transition, Ok(())),
-            Err(wait) => (None, None, Err(wait)),
-        };
-        if let Some(transition) = transition {
-            self.transitioned(&rule.limiter, transition);
-        }
-        decide(rule, check, || Refused::Breaker(dependency))?;
-        Ok(Guarded {
-            flow: self,
-            started,
-            ticket: ticket.map(|t| (Arc::clone(&rule.limiter), t)),
-        })
-    }
-
-    /// Makes the call `call` to `dependency` through its breaker, within
-    /// `deadline`: a refusal, a missed deadline or an error is a [`CallError`],
-    /// and the last two count against the breaker.
-    pub async fn call<T, E, F>(
-        &self,
-        dependency: GuardedDependency,
-        deadline: Duration,
-        call: F,
-    ) -> Result<T, CallError<E>>
-    where
-        F: Future<Output = Result<T, E>>,
-    {
-        let guard = self.guard(dependency).map_err(CallError::Refused)?;
-        match tokio::time::timeout(deadline, call).await {
-            Ok(Ok(value)) => {
-                guard.finish(false);
-                Ok(value)
-            }
-            Ok(Err(error)) => {
-                guard.finish(true);
-                Err(CallError::Failed(error))
-            }
-            Err(_) => {
-                guard.finish(true);
-                Err(CallError::TimedOut { dependency, deadline })
-            }
-        }
-    }
-
-    /// Where `dependency`'s breaker is, if it has one.
-    pub fn breaker_state(&self, dependency: GuardedDependency) -> Option<State> {
-        let active = self.active.load();
-        active
-            .breakers
-            .get(&dependency)
-            .map(|rule| rule.limiter.lock().state())
-    }
-
     /// Requests admitted and not yet finished.
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Acquire)
@@ -305,97 +215,6 @@ impl<C: Clock + Clone> Flow<C> {
 
     fn now(&self) -> Duration {
         Duration::from(self.clock.now().duration_since(self.origin))
-    }
-
-    /// Logs and counts a transition (outside the breaker's lock).
-    fn transitioned(&self, cell: &BreakerCell, transition: Transition) {
-        let dependency = cell.dependency.as_str();
-        let state = cell.lock().state();
-        self.metrics.breaker_state(dependency, state.code());
-        match transition {
-            Transition::Opened(reason) => {
-                tracing::warn!(
-                    dependency,
-                    reason = reason.as_str(),
-                    "circuit breaker opened: calls fail at once"
-                );
-                self.metrics.transition(dependency, "open", reason.as_str());
-            }
-            Transition::HalfOpened => {
-                tracing::info!(
-                    dependency,
-                    "circuit breaker half-open: letting trial calls through"
-                );
-                self.metrics
-                    .transition(dependency, "half_open", "open_period_over");
-            }
-            Transition::Closed => {
-                tracing::info!(dependency, "circuit breaker closed: every trial call succeeded");
-                self.metrics.transition(dependency, "closed", "trials_succeeded");
-            }
-        }
-    }
-}
-
-impl<C: Clock + Clone> Guarded<'_, C> {
-    /// Records how the call went (`failed`: an error or a missed deadline);
-    /// its response time is taken from the flow's clock.
-    pub fn finish(mut self, failed: bool) {
-        let Some((cell, ticket)) = self.ticket.take() else {
-            return;
-        };
-        let now = self.flow.now();
-        let call = Call {
-            failed,
-            elapsed: now.saturating_sub(self.started),
-        };
-        let transition = cell.record(now, ticket, call);
-        if let Some(transition) = transition {
-            self.flow.transitioned(&cell, transition);
-        }
-    }
-}
-
-impl<C: Clock> Drop for Guarded<'_, C> {
-    fn drop(&mut self) {
-        if let Some((cell, ticket)) = self.ticket.take() {
-            cell.lock().abandon(ticket);
-        }
-    }
-}
-
-impl BreakerCell {
-    fn new(dependency: GuardedDependency, machine: Machine) -> Self {
-        Self {
-            dependency,
-            closed: AtomicBool::new(machine.state() == State::Closed),
-            machine: Mutex::new(machine),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Machine> {
-        // The machine has no invariant a panicking holder could break halfway.
-        self.machine
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn acquire(&self, now: Duration) -> Result<(Ticket, Option<Transition>), Duration> {
-        let mut machine = self.lock();
-        let acquired = machine.acquire(now);
-        self.closed
-            .store(machine.state() == State::Closed, Ordering::Release);
-        acquired
-    }
-
-    fn record(&self, now: Duration, ticket: Ticket, call: Call) -> Option<Transition> {
-        let mut machine = self.lock();
-        let transition = machine.record(now, ticket, call);
-        if transition.is_some() {
-            self.closed
-                .store(machine.state() == State::Closed, Ordering::Release);
-        }
-        transition
     }
 }
 
@@ -501,10 +320,10 @@ impl<C: Clock + Clone> Active<C> {
                 let before =
                     old.and_then(|o| Some((o.breakers.get(dependency)?, o.rules.breakers.get(dependency)?)));
                 let same = before.is_some_and(|(_, was)| was.config == b.config);
-                let limiter = keep(before.map(|(rule, _)| rule), same, || {
-                    BreakerCell::new(*dependency, Machine::new(b.config))
+                let was = before.map(|(rule, _)| rule);
+                let limiter = keep(was, same, || {
+                    Servers::new(*dependency, b.config, metrics.clone(), was.map(|r| &*r.limiter))
                 });
-                metrics.breaker_state(dependency.as_str(), limiter.lock().state().code());
                 let rule = Rule {
                     limiter,
                     shadow: b.shadow,

@@ -12,8 +12,8 @@ type Decisions = Family<[(&'static str, String); 3], Counter>;
 #[derive(Clone, Default)]
 pub(crate) struct Metrics {
     decisions: Decisions,
-    breaker_state: Family<[(&'static str, &'static str); 1], Gauge>,
-    transitions: Family<[(&'static str, &'static str); 3], Counter>,
+    breaker_state: Family<[(&'static str, String); 2], Gauge>,
+    transitions: Family<[(&'static str, String); 4], Counter>,
     tracked_keys: Family<[(&'static str, &'static str); 1], Gauge>,
 }
 
@@ -39,12 +39,12 @@ impl Metrics {
         );
         r.register(
             "breaker_state",
-            "Circuit breaker state by dependency: 0 closed, 1 open, 2 half-open",
+            "Circuit breaker state by dependency and server (a data centre's; empty for the only one): 0 closed, 1 open, 2 half-open",
             metrics.breaker_state.clone(),
         );
         r.register(
             "breaker_transitions",
-            "Circuit breaker transitions by dependency, new state and reason",
+            "Circuit breaker transitions by dependency, server, new state and reason",
             metrics.transitions.clone(),
         );
         r.register(
@@ -77,15 +77,29 @@ impl Metrics {
         self.tracked_keys.get_or_create(&[("rule", rule)]).clone()
     }
 
-    pub(crate) fn breaker_state(&self, dependency: &'static str, code: i64) {
+    pub(crate) fn breaker_state(&self, dependency: &'static str, server: &str, code: i64) {
         self.breaker_state
-            .get_or_create(&[("dependency", dependency)])
+            .get_or_create(&[
+                ("dependency", dependency.to_owned()),
+                ("server", server.to_owned()),
+            ])
             .set(code);
     }
 
-    pub(crate) fn transition(&self, dependency: &'static str, to: &'static str, reason: &'static str) {
+    pub(crate) fn transition(
+        &self,
+        dependency: &'static str,
+        server: &str,
+        to: &'static str,
+        reason: &'static str,
+    ) {
         self.transitions
-            .get_or_create(&[("dependency", dependency), ("to", to), ("reason", reason)])
+            .get_or_create(&[
+                ("dependency", dependency.to_owned()),
+                ("server", server.to_owned()),
+                ("to", to.to_owned()),
+                ("reason", reason.to_owned()),
+            ])
             .inc();
     }
 }

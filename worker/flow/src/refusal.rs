@@ -20,8 +20,8 @@ pub enum Refused {
     HotKey,
     /// Requests in progress at once.
     Concurrency,
-    /// An open circuit breaker on this dependency.
-    Breaker(GuardedDependency),
+    /// An open circuit breaker on this dependency's server (empty: its only one).
+    Breaker(GuardedDependency, String),
 }
 
 /// A request refused by flow control, decided at once: it never waits.
@@ -43,7 +43,10 @@ impl Refusal {
             Refused::UnlistedCaller(c) => format!("over the rate limit of unlisted caller account {c}"),
             Refused::HotKey => "over the rate limit of this key (a hot key)".to_owned(),
             Refused::Concurrency => "too many requests in progress".to_owned(),
-            Refused::Breaker(d) => format!("{} is unavailable: its circuit breaker is open", d.as_str()),
+            Refused::Breaker(d, server) => format!(
+                "{} is unavailable: its circuit breaker is open",
+                crate::Target::new(*d, server)
+            ),
         };
         format!("{why}; retry after {} ms", self.retry_millis())
     }
@@ -62,7 +65,7 @@ impl Refusal {
 
     /// Whether a dependency is down rather than the caller over a limit.
     pub fn unavailable(&self) -> bool {
-        matches!(self.refused, Refused::Breaker(_))
+        matches!(self.refused, Refused::Breaker(..))
     }
 }
 
@@ -125,7 +128,7 @@ mod tests {
             (Refused::Caller("orders".into()), 1_500, StatusCode::TOO_MANY_REQUESTS, "2", tonic::Code::ResourceExhausted, "1500"),
             (Refused::HotKey, 0, StatusCode::TOO_MANY_REQUESTS, "1", tonic::Code::ResourceExhausted, "1"),
             (Refused::Concurrency, 100, StatusCode::TOO_MANY_REQUESTS, "1", tonic::Code::ResourceExhausted, "100"),
-            (Refused::Breaker(GuardedDependency::Elasticsearch), 29_001, StatusCode::SERVICE_UNAVAILABLE, "30", tonic::Code::Unavailable, "29001"),
+            (Refused::Breaker(GuardedDependency::Elasticsearch, String::new()), 29_001, StatusCode::SERVICE_UNAVAILABLE, "30", tonic::Code::Unavailable, "29001"),
         ];
         for (refused, millis, http, retry_after, grpc, retry_ms) in table {
             let r = refusal(refused.clone(), millis);
@@ -147,11 +150,16 @@ mod tests {
     }
 
     #[test]
-    fn a_refusal_names_its_rule_and_the_dependency_of_an_open_breaker() {
-        let r = refusal(Refused::Breaker(GuardedDependency::Mysql), 2_000);
+    fn a_refusal_names_its_rule_and_the_server_of_an_open_breaker() {
+        let r = refusal(Refused::Breaker(GuardedDependency::Mysql, String::new()), 2_000);
         assert_eq!(
             r.to_string(),
             "mysql is unavailable: its circuit breaker is open; retry after 2000 ms"
+        );
+        let r = refusal(Refused::Breaker(GuardedDependency::Redis, "dc-b".into()), 2_000);
+        assert_eq!(
+            r.to_string(),
+            "redis dc-b is unavailable: its circuit breaker is open; retry after 2000 ms"
         );
         let r = refusal(Refused::Caller("orders".into()), 5);
         assert_eq!(

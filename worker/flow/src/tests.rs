@@ -2,6 +2,7 @@
 //! shadow mode, reloads, concurrency, breakers through `guard`.
 
 use super::*;
+use crate::breaker::State;
 use governor::clock::FakeRelativeClock;
 use prometheus_client::encoding::text::encode;
 
@@ -248,14 +249,20 @@ fn an_open_breaker_refuses_at_once_naming_its_dependency_and_closes_after_a_good
         Some(State::Open { .. })
     ));
     let refusal = flow.guard(GuardedDependency::Mysql).err().expect("open");
-    assert_eq!(refusal.refused, Refused::Breaker(GuardedDependency::Mysql));
+    assert_eq!(
+        refusal.refused,
+        Refused::Breaker(GuardedDependency::Mysql, String::new())
+    );
     assert_eq!(refusal.retry_after, Duration::from_secs(2));
     assert!(
         flow.guard(GuardedDependency::Redis).is_ok(),
         "no breaker on redis"
     );
     assert_eq!(
-        metric(&registry, "ballast_flow_breaker_state{dependency=\"mysql\"}"),
+        metric(
+            &registry,
+            "ballast_flow_breaker_state{dependency=\"mysql\",server=\"\"}"
+        ),
         1.0
     );
     clock.advance(Duration::from_secs(2));
@@ -263,9 +270,56 @@ fn an_open_breaker_refuses_at_once_naming_its_dependency_and_closes_after_a_good
     clock.advance(Duration::from_millis(10));
     trial.finish(false);
     assert_eq!(flow.breaker_state(GuardedDependency::Mysql), Some(State::Closed));
-    let opened =
-        "ballast_flow_breaker_transitions_total{dependency=\"mysql\",to=\"open\",reason=\"error_count\"}";
+    let opened = "ballast_flow_breaker_transitions_total{dependency=\"mysql\",server=\"\",to=\"open\",reason=\"error_count\"}";
     assert_eq!(metric(&registry, opened), 1.0);
+}
+
+#[test]
+fn each_server_of_a_dependency_has_its_own_breaker_under_the_one_rule() {
+    let (flow, clock, registry) = flow(breaker_rules(false));
+    let dc_a = Target::new(GuardedDependency::Mysql, "dc-a");
+    let dc_b = Target::new(GuardedDependency::Mysql, "dc-b");
+    flow.guard(dc_a).expect("closed").finish(false);
+    for _ in 0..3 {
+        flow.guard(dc_b).expect("closed").finish(true);
+    }
+    assert!(matches!(flow.breaker_state(dc_b), Some(State::Open { .. })));
+    let refusal = flow.guard(dc_b).err().expect("dc-b's breaker is open");
+    assert_eq!(
+        refusal.refused,
+        Refused::Breaker(GuardedDependency::Mysql, "dc-b".into())
+    );
+    assert!(
+        refusal.to_string().starts_with("mysql dc-b is unavailable"),
+        "{refusal}"
+    );
+    // dc-a's calls go on, and its breaker counts only its own failures.
+    for _ in 0..2 {
+        flow.guard(dc_a).expect("dc-a is closed").finish(true);
+    }
+    assert_eq!(flow.breaker_state(dc_a), Some(State::Closed));
+    assert_eq!(
+        flow.breaker_state(GuardedDependency::Mysql),
+        Some(State::Closed),
+        "a server not called yet is closed"
+    );
+    let state = |server: &str| {
+        metric(
+            &registry,
+            &format!("ballast_flow_breaker_state{{dependency=\"mysql\",server=\"{server}\"}}"),
+        )
+    };
+    assert_eq!((state("dc-a"), state("dc-b")), (0.0, 1.0));
+    // A reload with new thresholds closes every server's breaker, and says so.
+    let mut changed = breaker_rules(false);
+    if let Some(b) = changed.breakers.get_mut(&GuardedDependency::Mysql) {
+        b.config.max_errors = Some(5);
+    }
+    flow.reload(changed);
+    assert_eq!(flow.breaker_state(dc_b), Some(State::Closed));
+    assert_eq!(state("dc-b"), 0.0);
+    clock.advance(Duration::from_millis(1));
+    flow.guard(dc_b).expect("closed under the new rule").finish(false);
 }
 
 #[test]

@@ -120,14 +120,14 @@ async fn a_frozen_elasticsearch_opens_the_slow_call_breaker_and_a_thawed_one_clo
         "{:?}",
         flow.breaker_state(ES)
     );
-    let opened = "ballast_flow_breaker_transitions_total{dependency=\"elasticsearch\",to=\"open\",reason=\"slow_calls\"}";
+    let opened = "ballast_flow_breaker_transitions_total{dependency=\"elasticsearch\",server=\"\",to=\"open\",reason=\"slow_calls\"}";
     assert_eq!(metric(&registry, opened), 1.0);
 
     // Open: refused without a call, naming the dependency.
     let Err(CallError::Refused(refusal)) = health(&client, &flow).await else {
         anyhow::bail!("an open breaker let a call through");
     };
-    assert_eq!(refusal.refused, Refused::Breaker(ES));
+    assert_eq!(refusal.refused, Refused::Breaker(ES, String::new()));
     let status = tonic::Status::from(refusal);
     assert_eq!(status.code(), tonic::Code::Unavailable);
     assert!(
@@ -137,7 +137,7 @@ async fn a_frozen_elasticsearch_opens_the_slow_call_breaker_and_a_thawed_one_clo
     );
 
     // Still frozen after the open period: the trial call fails and reopens it.
-    let reopened = "ballast_flow_breaker_transitions_total{dependency=\"elasticsearch\",to=\"open\",reason=\"trial_failed\"}";
+    let reopened = "ballast_flow_breaker_transitions_total{dependency=\"elasticsearch\",server=\"\",to=\"open\",reason=\"trial_failed\"}";
     call_until(&client, &flow, Duration::from_secs(10), |_| {
         metric(&registry, reopened) >= 1.0
     })

@@ -174,6 +174,11 @@ fn millis(d: Duration) -> u64 {
 }
 
 impl DcCache {
+    /// Its breaker's target: this data centre's Redis, apart from the others'.
+    pub fn target(&self) -> ballast_flow::Target<'_> {
+        ballast_flow::Target::new(ballast_flow::GuardedDependency::Redis, &self.name)
+    }
+
     /// The cache of data centre `name` on `conn` (whose response timeout is
     /// the deadline of each call).
     pub fn new(name: &str, conn: ConnectionManager) -> Self {

@@ -8,7 +8,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ballast_flow::GuardedDependency::{Elasticsearch, Mysql};
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use tokio_util::sync::CancellationToken;
@@ -89,17 +88,15 @@ async fn sweep(members: &Members, since_ms: i64) -> Result<u64, super::service::
     let stores = &members.stores;
     // A search sees the index as of its last refresh: a write made just
     // before the catch-up would be missed.
-    members
-        .call(Elasticsearch, "elasticsearch", stores.search().index.refresh())
-        .await?;
+    let search = stores.search();
+    members.call(search.target(), search.index.refresh()).await?;
     let mut after = None;
     let mut brought = 0;
     loop {
         let page = members
             .call(
-                Elasticsearch,
-                "elasticsearch",
-                stores.search().index.changed_since(since_ms, after, SWEEP_PAGE),
+                search.target(),
+                search.index.changed_since(since_ms, after, SWEEP_PAGE),
             )
             .await?;
         for member in &page {
@@ -140,9 +137,8 @@ pub async fn steer(
         if members.path_inputs(end, committed, swept).breaker_open {
             // An open breaker closes only after trial calls, which nothing
             // else makes while the path avoids MySQL.
-            let _ = members
-                .call(Mysql, "mysql", members.stores.primary().db.ping())
-                .await;
+            let primary = members.stores.primary();
+            let _ = members.call(primary.target(), primary.db.ping()).await;
         }
         if let (Path::Catchup { .. }, false, Some(since)) = (current, swept, left_mysql_ms) {
             match sweep(&members, since - SWEEP_MARGIN_MS).await {

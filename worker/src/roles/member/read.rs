@@ -5,8 +5,6 @@
 //! a write came in between. A cache that fails, or that the operator
 //! publishes as not to be read, is read around, never a reason to fail a read.
 
-use ballast_flow::GuardedDependency::{Elasticsearch, Mysql, Redis};
-
 use super::caller::Class;
 use super::service::{Failure, Members, within};
 use crate::members::cache::{Fill, Key, Lease, Lookup};
@@ -40,8 +38,8 @@ impl Members {
             },
         };
         let member = if self.path().reads_elasticsearch() {
-            self.call(Elasticsearch, "elasticsearch", self.stores.search().index.get(id))
-                .await?
+            let search = self.stores.search();
+            self.call(search.target(), search.index.get(id)).await?
         } else {
             self.read_mysql(id, read_after).await?
         };
@@ -54,17 +52,18 @@ impl Members {
     async fn read_mysql(&self, id: u64, read_after: Option<&str>) -> Result<Option<Member>, Failure> {
         let stores = &self.stores;
         let Some(token) = read_after.filter(|_| !stores.local_is_primary()) else {
-            return self.call(Mysql, "mysql", stores.local.get(id)).await;
+            return self.call(stores.local_target(), stores.local.get(id)).await;
         };
         let wait = self.timing.read_after_wait;
         let caught_up = self
-            .call(Mysql, "mysql replica", stores.local.caught_up(token, wait))
+            .call(stores.local_target(), stores.local.caught_up(token, wait))
             .await
             .unwrap_or(false);
         if caught_up {
-            self.call(Mysql, "mysql replica", stores.local.get(id)).await
+            self.call(stores.local_target(), stores.local.get(id)).await
         } else {
-            self.call(Mysql, "mysql", stores.primary().db.get(id)).await
+            let primary = stores.primary();
+            self.call(primary.target(), primary.db.get(id)).await
         }
     }
 
@@ -104,8 +103,7 @@ impl Members {
         // The marketing cluster is outside the Elasticsearch breaker, which
         // guards the order flow's cluster: its failures must not open it.
         let found = if fill {
-            self.call(Elasticsearch, "elasticsearch", index.lookup(&asked))
-                .await?
+            self.call(search.target(), index.lookup(&asked)).await?
         } else {
             within(
                 self.timing.deadline,
@@ -132,10 +130,7 @@ impl Members {
             self.metrics.cache.get_or_create(&label("bypassed")).inc();
             return Cached::Unusable;
         }
-        match self
-            .call(Redis, &format!("redis {}", cache.name), cache.read(name))
-            .await
-        {
+        match self.call(cache.target(), cache.read(name)).await {
             Ok(Lookup::Hit(entry)) => match Self::decode(&entry) {
                 Some(member) => {
                     self.metrics.cache.get_or_create(&label("hit")).inc();
@@ -162,8 +157,7 @@ impl Members {
         let entry = Self::encode(member);
         let filled = self
             .call(
-                Redis,
-                &format!("redis {}", cache.name),
+                cache.target(),
                 cache.fill(name, lease, &entry, member.map_or(0, |m| m.version)),
             )
             .await;

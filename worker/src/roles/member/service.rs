@@ -13,7 +13,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use ballast_crds::Mode;
 use ballast_flow::breaker::State;
-use ballast_flow::{CallError, Flow, GuardedDependency, Refusal};
+use ballast_flow::{CallError, Flow, GuardedDependency, Refusal, Target};
 use tokio::sync::watch;
 
 use super::caches::{self, Invalidation};
@@ -76,7 +76,26 @@ pub struct Primary {
     pub db: MemberDb,
 }
 
+impl Search {
+    /// Its breaker's target: this cluster, apart from the other data centre's.
+    pub fn target(&self) -> Target<'_> {
+        Target::new(GuardedDependency::Elasticsearch, &self.data_center)
+    }
+}
+
+impl Primary {
+    /// Its breaker's target: this master, apart from any replica.
+    pub fn target(&self) -> Target<'_> {
+        Target::new(GuardedDependency::Mysql, &self.data_center)
+    }
+}
+
 impl Stores {
+    /// This data centre's MySQL's breaker target (the master's, where it is the master).
+    pub fn local_target(&self) -> Target<'_> {
+        Target::new(GuardedDependency::Mysql, &self.local_data_center)
+    }
+
     /// The active data centre's Elasticsearch, as it is now.
     pub fn search(&self) -> Arc<Search> {
         self.search.load_full()
@@ -275,7 +294,7 @@ impl Members {
         Inputs {
             published: *self.published.borrow(),
             breaker_open: !matches!(
-                self.flow.breaker_state(GuardedDependency::Mysql),
+                self.flow.breaker_state(self.stores.primary().target()),
                 Some(State::Closed) | None
             ),
             es_writes_in_flight: self.es_writes.load(Ordering::Acquire),
@@ -291,18 +310,17 @@ impl Members {
         InFlight(&self.es_writes)
     }
 
-    /// `call` to `dependency` through its breaker within the deadline; a
-    /// failure is [`Failure::Unavailable`] naming `name`.
+    /// `call` to `target` through its breaker within the deadline; a
+    /// failure is [`Failure::Unavailable`] naming the target (`redis dc-b`).
     pub(super) async fn call<T, E: Display>(
         &self,
-        dependency: GuardedDependency,
-        name: &str,
+        target: Target<'_>,
         call: impl Future<Output = Result<T, E>>,
     ) -> Result<T, Failure> {
         self.flow
-            .call(dependency, self.timing.deadline, call)
+            .call(target, self.timing.deadline, call)
             .await
-            .map_err(|e| self.failed(name, e))
+            .map_err(|e| self.failed(&target.to_string(), e))
     }
 
     /// A failed call as a [`Failure`], counted.
@@ -365,10 +383,7 @@ impl Members {
                 !skipped
             })
             .map(|cache| async move {
-                let name = format!("redis {}", cache.name);
-                let outcome = self
-                    .call(GuardedDependency::Redis, &name, cache.invalidate(stale))
-                    .await;
+                let outcome = self.call(cache.target(), cache.invalidate(stale)).await;
                 (cache, outcome)
             });
         futures::future::join_all(calls).await

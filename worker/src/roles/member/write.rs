@@ -12,15 +12,13 @@
 use std::collections::BTreeSet;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use ballast_flow::GuardedDependency::{Elasticsearch, Mysql};
-
 use super::path::Path;
-use super::service::{Failure, Members, Search, within};
+use super::service::{Failure, Members, Primary, Search, within};
 use crate::members::cache::Key;
 use crate::members::claims::Claim;
 use crate::members::model::{self, Change, Conflict, Identity, Member};
 use crate::members::search::Put;
-use crate::members::sql::{MemberDb, WriteError, Written};
+use crate::members::sql::{WriteError, Written};
 use crate::members::stream::{self, Record};
 
 /// Attempts at a registration's random id, or at a write racing others on
@@ -85,9 +83,7 @@ impl Members {
     pub(super) async fn held(&self, search: &Search, member: &Member) -> Result<BTreeSet<Identity>, Failure> {
         let mut held = BTreeSet::new();
         for identity in &member.identities {
-            let owner = self
-                .call(Elasticsearch, "elasticsearch", search.claims.owner(identity))
-                .await?;
+            let owner = self.call(search.target(), search.claims.owner(identity)).await?;
             if owner == Some(member.id) {
                 held.insert(identity.clone());
             }
@@ -102,7 +98,7 @@ impl Members {
         let search = self.stores.search();
         let held = self.held(&search, member).await?;
         let primary = self.stores.primary();
-        self.call(Mysql, "mysql", primary.db.put_state(member, &held))
+        self.call(primary.target(), primary.db.put_state(member, &held))
             .await
     }
 
@@ -133,8 +129,8 @@ impl Members {
         // Published, but this process has not reached the promoted cluster yet.
         self.in_force(search.epoch)?;
         let done = match path {
-            Path::Mysql => self.write_mysql(&search, &primary.db, id, &change, false).await,
-            Path::Catchup { .. } => self.write_mysql(&search, &primary.db, id, &change, true).await,
+            Path::Mysql => self.write_mysql(&search, &primary, id, &change, false).await,
+            Path::Catchup { .. } => self.write_mysql(&search, &primary, id, &change, true).await,
             Path::Elasticsearch => {
                 let _in_flight = self.es_write();
                 self.write_elasticsearch(&search, id, &change).await
@@ -159,34 +155,32 @@ impl Members {
     async fn write_mysql(
         &self,
         search: &Search,
-        primary: &MemberDb,
+        primary: &Primary,
         id: u64,
         change: &Change,
         repair: bool,
     ) -> Result<Done, Failure> {
         let registering = matches!(change, Change::Register { .. });
         if repair && !registering {
-            let newest = self
-                .call(Elasticsearch, "elasticsearch", search.index.get(id))
-                .await?;
+            let newest = self.call(search.target(), search.index.get(id)).await?;
             if let Some(newest) = newest {
                 let held = self.held(search, &newest).await?;
-                self.call(Mysql, "mysql", primary.put_state(&newest, &held))
+                self.call(primary.target(), primary.db.put_state(&newest, &held))
                     .await?;
             }
         }
         let before = if registering {
             None
         } else {
-            self.call(Mysql, "mysql", primary.get(id)).await?
+            self.call(primary.target(), primary.db.get(id)).await?
         };
         let before_ids = before.iter().flat_map(|m| m.identities.iter());
         let mut keys = stale_keys(id, before_ids.chain(named(change)));
         self.invalidate(&keys, None).await?;
         let written = self
-            .call(Mysql, "mysql", async {
+            .call(primary.target(), async {
                 // A conflict is an answer, not a failure of MySQL.
-                match primary.write(id, change, now_ms()).await {
+                match primary.db.write(id, change, now_ms()).await {
                     Ok(written) => Ok(Ok(written)),
                     Err(WriteError::Conflict(conflict)) => Ok(Err(conflict)),
                     Err(WriteError::Db(e)) => Err(e),
@@ -197,14 +191,10 @@ impl Members {
         // Unchanged (a repeated bind), the rest is still written: a retry of
         // a write whose first attempt failed midway completes it.
         let after = &effect.after;
-        self.call(
-            Elasticsearch,
-            "elasticsearch",
-            search.index.put(after, search.epoch),
-        )
-        .await?;
+        self.call(search.target(), search.index.put(after, search.epoch))
+            .await?;
         for identity in &effect.claimed {
-            self.call(Elasticsearch, "elasticsearch", search.claims.set(identity, id))
+            self.call(search.target(), search.claims.set(identity, id))
                 .await?;
         }
         self.release_claims(search, &effect.released, id).await?;
@@ -219,9 +209,7 @@ impl Members {
 
     async fn write_elasticsearch(&self, search: &Search, id: u64, change: &Change) -> Result<Done, Failure> {
         for _ in 0..ATTEMPTS {
-            let before = self
-                .call(Elasticsearch, "elasticsearch", search.index.get(id))
-                .await?;
+            let before = self.call(search.target(), search.index.get(id)).await?;
             let before_ids = before.iter().flat_map(|m| m.identities.iter());
             let mut keys = stale_keys(id, before_ids.chain(named(change)));
             let effect = model::apply(before.as_ref(), id, change, now_ms())?;
@@ -239,7 +227,7 @@ impl Members {
             let mut taken: Vec<&Identity> = Vec::new();
             for identity in &effect.claimed {
                 let claim = self
-                    .call(Elasticsearch, "elasticsearch", search.claims.claim(identity, id))
+                    .call(search.target(), search.claims.claim(identity, id))
                     .await;
                 match claim {
                     Ok(Claim::Held) => taken.push(identity),
@@ -259,8 +247,7 @@ impl Members {
             }
             let put = self
                 .call(
-                    Elasticsearch,
-                    "elasticsearch",
+                    search.target(),
                     search.index.put_next(&effect.after, search.epoch),
                 )
                 .await;
@@ -313,12 +300,8 @@ impl Members {
     /// Releases member `id`'s claims of `released` in Elasticsearch.
     async fn release_claims(&self, search: &Search, released: &[Identity], id: u64) -> Result<(), Failure> {
         for identity in released {
-            self.call(
-                Elasticsearch,
-                "elasticsearch",
-                search.claims.release(identity, id),
-            )
-            .await?;
+            self.call(search.target(), search.claims.release(identity, id))
+                .await?;
         }
         Ok(())
     }
@@ -329,11 +312,7 @@ impl Members {
     async fn release_all(&self, search: &Search, taken: &[&Identity], id: u64) {
         for identity in taken {
             if let Err(failure) = self
-                .call(
-                    Elasticsearch,
-                    "elasticsearch",
-                    search.claims.release(identity, id),
-                )
+                .call(search.target(), search.claims.release(identity, id))
                 .await
             {
                 tracing::warn!(member = id, %failure, "a claim of a write that did not happen was not given back");
