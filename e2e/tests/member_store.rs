@@ -5,6 +5,7 @@
 //! replicate, over budget (by count and by age) while no replicator runs, in
 //! sync again once one has caught up. And it decides the active data centre:
 //! no promotion over the budget, a promotion when a person names the standby,
+//! a returning DC A whose replay applies nothing called stalled,
 //! the failback once DC A has replayed what it missed and the dwell passed,
 //! and a promotion by itself when the standby is in step; with two replicas,
 //! a leader killed while the promotion is under way, and the other one
@@ -16,8 +17,12 @@ use ballast_crds::MemberStore;
 use ballast_crds::member_store::Replica;
 use ballast_e2e::Stack;
 use ballast_e2e::scenario::{self, eventually};
+use ballast_worker::members::search;
 use ballast_worker::members::stream::ChangeStream;
 use ballast_worker::roles::{Deps, replicator};
+use elasticsearch::Elasticsearch;
+use elasticsearch::http::transport::Transport;
+use elasticsearch::indices::{IndicesCreateParts, IndicesPutSettingsParts};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use tokio_util::sync::CancellationToken;
 
@@ -247,13 +252,44 @@ async fn the_operator_promotes_the_standby_only_within_the_lag_budget_or_when_na
     })
     .await?;
 
-    // 3. DC A returns; the replicator, which now keeps it, replays into it what
-    // it missed; after the dwell it is active again, epoch 2.
-    let (shutdown, running) = start_replicator(&client, &ns, &name)?;
+    // 3. DC A returns with its member index refusing writes: the replicator,
+    // which now keeps it, applies nothing, and once that has lasted the stall
+    // limit the condition and an Event say so and what to look at.
     ballast_e2e::stack_script(&["up"])?;
+    let dc_a = Elasticsearch::new(Transport::single_node(&stack.get("BALLAST_ES_DC_A_URL")?)?);
+    let index = search::index_name(&ns, &name);
+    let mut body = search::template()["template"].clone();
+    body["settings"]["index.blocks.write"] = true.into();
+    let created = dc_a
+        .indices()
+        .create(IndicesCreateParts::Index(&index))
+        .body(body)
+        .send()
+        .await?;
+    anyhow::ensure!(
+        created.status_code().is_success(),
+        "creating {index} on dc-a: {}",
+        created.text().await?
+    );
+    let (shutdown, running) = start_replicator(&client, &ns, &name)?;
+    until_active(&client, &api, &name, ("dc-b", 1, "ReplayStalled"), 120).await?;
+
+    // 4. The block lifted, it replays what it missed; after the dwell it is
+    // active again, epoch 2.
+    let lifted = dc_a
+        .indices()
+        .put_settings(IndicesPutSettingsParts::Index(&[&index]))
+        .body(serde_json::json!({"index.blocks.write": null}))
+        .send()
+        .await?;
+    anyhow::ensure!(
+        lifted.status_code().is_success(),
+        "lifting the block: {}",
+        lifted.text().await?
+    );
     until_active(&client, &api, &name, ("dc-a", 2, "FailedBack"), 120).await?;
 
-    // 4. With the standby in step, losing DC A promotes DC B by itself.
+    // 5. With the standby in step, losing DC A promotes DC B by itself.
     until_in_sync(&api, &name, "dc-b and marketing caught up").await?;
     let lost = std::time::Instant::now();
     ballast_e2e::stack_script(&["stop", "es-dc-a"])?;

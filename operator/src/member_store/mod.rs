@@ -22,6 +22,7 @@ pub mod mysql;
 pub mod mysql_failover;
 pub mod mysql_topology;
 pub mod promotion;
+pub mod replay;
 pub mod status;
 pub mod workloads;
 
@@ -108,6 +109,9 @@ pub struct StoreState {
     /// Since when the primary, while kept, has lacked no record (this
     /// operator's clock: a new leader starts the dwell again).
     primary_caught_up_since: Option<tokio::time::Instant>,
+    /// The primary's applied offset while kept and lacking records, and
+    /// since when it has stood there ([`replay`]).
+    primary_applied: Option<(i64, tokio::time::Instant)>,
     /// The reason of the last `ActiveAvailable` decision, so that a wait is
     /// announced once.
     last_reason: Option<&'static str>,
@@ -363,25 +367,19 @@ async fn run_store(ms: Arc<MemberStore>, ctl: &Ctl) -> Result<Action, Error> {
 
     let active = ms.active_data_center().to_owned();
     let primary = ms.spec.primary.clone();
-    let caught_up_for = {
-        let mut stores = ctx.stores();
-        let state = stores.entry(key.clone()).or_default();
-        let measured = matches!(lags.get(&primary), Some(Lag::Within(_)));
-        let caught_up = active != primary
-            && measured
+    let seen = (active != primary).then(|| replay::Seen {
+        answers: up.get(&primary).copied() == Some(true),
+        caught_up: matches!(lags.get(&primary), Some(Lag::Within(_)))
             && replication
                 .iter()
-                .any(|r| r.cluster == primary && status::caught_up(r));
-        if caught_up {
-            let since = *state
-                .primary_caught_up_since
-                .get_or_insert_with(tokio::time::Instant::now);
-            Some(since.elapsed())
-        } else {
-            state.primary_caught_up_since = None;
-            None
-        }
-    };
+                .any(|r| r.cluster == primary && status::caught_up(r)),
+        applied: measured
+            .iter()
+            .find(|(cluster, _)| cluster.name == primary)
+            .and_then(|(_, m)| m.as_ref().ok())
+            .map(|m| (m.applied, m.applied < m.end)),
+    });
+    let replay = replay::track(ctx.stores().entry(key.clone()).or_default(), seen);
     let order: Vec<String> = ms.spec.data_centers.iter().map(|dc| dc.name.clone()).collect();
     let named = ms.annotations().get(PROMOTE_ANNOTATION).map(String::as_str);
     let facts = Facts {
@@ -395,7 +393,8 @@ async fn run_store(ms: Arc<MemberStore>, ctl: &Ctl) -> Result<Action, Error> {
         leading,
         named,
         failback: ms.spec.failback,
-        primary_caught_up_for: caught_up_for,
+        primary_caught_up_for: replay.caught_up_for,
+        primary_stalled_for: replay.stalled_for,
         dwell: Duration::from_secs(u64::try_from(ms.spec.promotion.failback_dwell_seconds).unwrap_or(0)),
     };
     let decision = promotion::decide(&facts);
@@ -482,9 +481,16 @@ async fn run_store(ms: Arc<MemberStore>, ctl: &Ctl) -> Result<Action, Error> {
         state.last_reason = Some(reason);
         changed
     };
-    if let (true, Decision::Wait { reason, message }) = (announce, &decision) {
-        tracing::warn!(reason, %message, "the active data centre is down and is not replaced");
-        publish(&recorder, &reference, EventType::Warning, reason, message.clone()).await?;
+    if let (true, Some((reason, message))) = (announce, decision.warning()) {
+        tracing::warn!(reason, %message, "the active data centre needs a person");
+        publish(
+            &recorder,
+            &reference,
+            EventType::Warning,
+            reason,
+            message.to_owned(),
+        )
+        .await?;
     }
 
     let before = ms

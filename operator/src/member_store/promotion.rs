@@ -10,6 +10,14 @@ use std::time::Duration;
 
 use ballast_crds::member_store::Failback;
 
+/// How long a kept primary may apply nothing while it lacks records before
+/// its replay is called stalled: far beyond a replicator's retry of a
+/// refused write, well within a person's patience.
+pub const STALL: Duration = Duration::from_secs(30);
+
+/// The reason of a replay that applies nothing: a person must act.
+pub const REPLAY_STALLED: &str = "ReplayStalled";
+
 /// A standby's replication, as [`super::status::in_sync`] judged it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Lag {
@@ -43,6 +51,8 @@ pub struct Facts<'a> {
     pub failback: Failback,
     /// How long the primary, while kept, has been caught up ([`super::status::caught_up`]).
     pub primary_caught_up_for: Option<Duration>,
+    /// How long the primary, while kept and lacking records, has applied none.
+    pub primary_stalled_for: Option<Duration>,
     /// How long it must have before the failback.
     pub dwell: Duration,
 }
@@ -82,6 +92,17 @@ impl Decision {
             Self::Stay { reason, .. } | Self::Wait { reason, .. } | Self::Promote { reason, .. } => reason,
         }
     }
+
+    /// The reason and message of a decision a person must act on (announced
+    /// as a Warning Event when it starts): no promotion possible, or a
+    /// replay that applies nothing.
+    pub fn warning(&self) -> Option<(&'static str, &str)> {
+        match self {
+            Self::Wait { reason, message } => Some((reason, message)),
+            Self::Stay { reason, message } if *reason == REPLAY_STALLED => Some((reason, message)),
+            Self::Stay { .. } | Self::Promote { .. } => None,
+        }
+    }
 }
 
 /// Decides which data centre is active. Pure.
@@ -111,6 +132,18 @@ pub fn decide(f: &Facts<'_>) -> Decision {
             Some(Lag::Over(m)) => m.clone(),
             Some(Lag::Unknown) | None => "its lag is not measured".to_owned(),
         };
+        if let Some(stalled) = f.primary_stalled_for.filter(|d| *d >= STALL) {
+            return Decision::Stay {
+                reason: REPLAY_STALLED,
+                message: format!(
+                    "{primary} answers again but its replay has applied nothing for {} s ({lag}): \
+                     its Elasticsearch refuses the replicator's writes (a write block, the shard limit, \
+                     a full disk; the replicator's log and ballast_replicator_apply_failures_total say which); \
+                     {active} stays active",
+                    stalled.as_secs()
+                ),
+            };
+        }
         return Decision::Stay {
             reason: "Replaying",
             message: format!(
@@ -233,6 +266,7 @@ mod tests {
         named: Option<&'static str>,
         failback: Failback,
         caught_up_secs: Option<u64>,
+        stalled_secs: Option<u64>,
         want: (&'static str, Option<&'static str>),
     }
 
@@ -246,6 +280,7 @@ mod tests {
             named: None,
             failback: Failback::Automatic,
             caught_up_secs: None,
+            stalled_secs: None,
             want: ("", None),
         }
     }
@@ -324,6 +359,20 @@ mod tests {
             },
             Case {
                 up: &[("dc-a", true), ("dc-b", true)],
+                lag: &[("dc-a", Lag::Within(4))],
+                stalled_secs: Some(29),
+                want: ("Replaying", None),
+                ..case("primary back, nothing applied for a while", "dc-b")
+            },
+            Case {
+                up: &[("dc-a", true), ("dc-b", true)],
+                lag: &[("dc-a", Lag::Within(4))],
+                stalled_secs: Some(30),
+                want: (REPLAY_STALLED, None),
+                ..case("primary back, nothing applied for the stall limit", "dc-b")
+            },
+            Case {
+                up: &[("dc-a", true), ("dc-b", true)],
                 lag: &[("dc-a", Lag::Within(0))],
                 caught_up_secs: Some(5),
                 want: ("Replaying", None),
@@ -373,6 +422,7 @@ mod tests {
                 named: c.named,
                 failback: c.failback,
                 primary_caught_up_for: c.caught_up_secs.map(Duration::from_secs),
+                primary_stalled_for: c.stalled_secs.map(Duration::from_secs),
                 dwell: Duration::from_secs(30),
             };
             let got = match decide(&facts) {
@@ -394,6 +444,7 @@ mod tests {
             named: None,
             failback: Failback::Automatic,
             primary_caught_up_for: None,
+            primary_stalled_for: None,
             dwell: Duration::from_secs(30),
         };
         let Decision::Wait { reason, message } = decide(&facts) else {
@@ -402,6 +453,23 @@ mod tests {
         assert_eq!(reason, "LagOverBudget");
         assert!(
             message.contains("ballast.dev/promote=dc-b") && message.contains("lacks 50"),
+            "{message}"
+        );
+        // A replay that applies nothing is a warning naming what to look at.
+        let up: BTreeMap<String, bool> = [("dc-a".to_owned(), true), ("dc-b".to_owned(), true)].into();
+        let lag: BTreeMap<String, Lag> = [("dc-a".to_owned(), Lag::Within(7))].into();
+        let stalled = decide(&Facts {
+            active: "dc-b",
+            up: &up,
+            lag: &lag,
+            primary_stalled_for: Some(Duration::from_secs(45)),
+            ..facts.clone()
+        });
+        let (reason, message) = stalled.warning().expect("a stalled replay warns");
+        assert_eq!(reason, REPLAY_STALLED);
+        assert!(
+            message.contains("applied nothing for 45 s (it lacks 7 change record(s))")
+                && message.contains("ballast_replicator_apply_failures_total"),
             "{message}"
         );
     }
