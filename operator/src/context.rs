@@ -68,6 +68,8 @@ pub struct Metrics {
     /// MemberStore active data centre changes, by reason (`Promoted`,
     /// `PromotedByPerson`, `FailedBack`).
     pub member_promotions: Family<Labels, Counter>,
+    /// The leader's CRD upgrades at start, by CRD and outcome ([`crate::crds`]).
+    pub crd_upgrades: Family<Labels, Counter>,
     /// Time a reconcile took, by kind.
     pub reconcile_duration: Family<Labels, Histogram>,
     probe_failures: Family<Labels, Counter>,
@@ -117,6 +119,12 @@ impl Metrics {
             "Changes of a MemberStore's active data centre, by reason",
             member_promotions.clone(),
         );
+        let crd_upgrades = Family::default();
+        registry.register(
+            "crd_upgrades",
+            "The leader's upgrades of the Ballast CRDs at start, by CRD and outcome (applied, kept_newer, not_installed, failed)",
+            crd_upgrades.clone(),
+        );
         let probe_failures = Family::default();
         registry.register(
             "probe_failures",
@@ -165,6 +173,7 @@ impl Metrics {
             reconcile_errors,
             mode_transitions,
             member_promotions,
+            crd_upgrades,
             reconcile_duration,
             probe_failures,
             probe_durations,

@@ -5,6 +5,7 @@
 
 mod analytics_pipeline;
 mod context;
+mod crds;
 mod degradation_policy;
 mod member_store;
 mod mode;
@@ -64,6 +65,10 @@ struct Args {
     /// none. Unset, or unreadable at start, the Lease has no owner.
     #[arg(long, env = "BALLAST_OPERATOR_DEPLOYMENT")]
     owner_deployment: Option<String>,
+    /// Upgrade the installed Ballast CRDs to this operator's version when it
+    /// starts leading (Helm never upgrades a chart's CRDs); see `crds`.
+    #[arg(long, env = "BALLAST_UPGRADE_CRDS")]
+    upgrade_crds: bool,
     /// Seconds a leader keeps the Lease without renewing it.
     #[arg(long, default_value_t = 15)]
     lease_seconds: u64,
@@ -131,6 +136,16 @@ async fn main() -> anyhow::Result<()> {
             .clone()
             .hold(client.clone(), held, shutdown.clone(), lost.clone()),
     );
+    // Renewed by `hold` meanwhile: a slow API server cannot cost the Lease.
+    if args.upgrade_crds {
+        let version = env!("CARGO_PKG_VERSION");
+        for (crd, outcome) in crds::upgrade(&client, version, Duration::from_secs(5)).await {
+            ctx.metrics
+                .crd_upgrades
+                .get_or_create(&vec![("crd", crd), ("outcome", outcome.as_str().to_owned())])
+                .inc();
+        }
+    }
     let controllers = async {
         tokio::join!(
             analytics_pipeline::run(ctx.clone(), triggers.pipelines, lost.clone()),

@@ -123,8 +123,9 @@ fn the_chart_grants_the_operator_exactly_what_the_manifests_grant() -> anyhow::R
     let manifests = objects(ballast_e2e::manifests::OPERATOR_RBAC.1)?;
     assert_eq!(
         manifests.len(),
-        6,
-        "ServiceAccount, ClusterRole, binding; election ClusterRole and binding; worker ClusterRole"
+        8,
+        "ServiceAccount, ClusterRole, binding; CRD upgrade ClusterRole and binding; \
+         election ClusterRole and binding; worker ClusterRole"
     );
     assert_eq!(objects(&rbac("cluster")?)?, manifests);
     let namespaced = objects(include_str!("../../manifests/namespaced/rbac.yaml"))?;

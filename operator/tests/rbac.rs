@@ -19,6 +19,7 @@ use serde_json::json;
 const LEASES: (&str, &str) = ("coordination.k8s.io", "leases");
 const CONFIGMAPS: (&str, &str) = ("", "configmaps");
 const RBAC: &str = "rbac.authorization.k8s.io";
+const CRDS: (&str, &str) = ("apiextensions.k8s.io", "customresourcedefinitions");
 
 #[tokio::test]
 async fn the_operators_cluster_rbac_allows_what_it_needs_and_refuses_the_rest() -> anyhow::Result<()> {
@@ -79,6 +80,13 @@ async fn the_operators_cluster_rbac_allows_what_it_needs_and_refuses_the_rest() 
         // Secrets: by name only.
         ("shop", ("get", "", "secrets"), Some("mysql"), true),
         ("shop", ("list", "", "secrets"), None, false),
+        // CRDs: its own three upgraded by name; none created, deleted or other.
+        ("", on(CRDS, "patch"), Some("memberstores.ballast.dev"), true),
+        ("", on(CRDS, "get"), Some("analyticspipelines.ballast.dev"), true),
+        ("", on(CRDS, "patch"), Some("certificates.cert-manager.io"), false),
+        ("", on(CRDS, "create"), None, false),
+        ("", on(CRDS, "delete"), Some("memberstores.ballast.dev"), false),
+        ("", on(CRDS, "list"), None, false),
     ];
     for (namespace, action, name, allowed) in cases {
         let got = rbac_allows(&admin, OPERATOR_USER, namespace, action, name).await?;
