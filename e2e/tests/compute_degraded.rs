@@ -245,6 +245,19 @@ impl Running {
             .ok_or_else(|| anyhow::anyhow!("no master holds the lease"))
     }
 
+    /// The master's report, from its state ConfigMap.
+    async fn report(&self) -> anyhow::Result<ballast_node::master_report::MasterReport> {
+        let state = self
+            .config_maps
+            .get(&format!("{}-master-state", self.run.pipeline))
+            .await?;
+        let json = state
+            .data
+            .and_then(|mut d| d.remove(ballast_node::master_report::KEY))
+            .unwrap_or_else(|| "{}".into());
+        Ok(serde_json::from_str(&json)?)
+    }
+
     /// Waits until the master's report (in its state ConfigMap) records that
     /// `slave` went holding `events`, seen at or after `after_ms`.
     async fn until_loss_reported(
@@ -254,18 +267,13 @@ impl Running {
         after_ms: i64,
         secs: u64,
     ) -> anyhow::Result<()> {
-        let name = format!("{}-master-state", self.run.pipeline);
         eventually(
             &format!("the master reporting {slave} gone holding {events}"),
             secs,
             || async {
-                let state = self.config_maps.get(&name).await?;
-                let json = state
-                    .data
-                    .and_then(|mut d| d.remove(ballast_node::master_report::KEY))
-                    .unwrap_or_else(|| "{}".into());
-                let report: ballast_node::master_report::MasterReport = serde_json::from_str(&json)?;
-                let reported = report
+                let reported = self
+                    .report()
+                    .await?
                     .losses
                     .iter()
                     .any(|l| l.slave == slave && l.events == events && l.at_ms >= after_ms);
@@ -374,7 +382,12 @@ async fn kv_failure_keeps_hourly_results_from_slave_memory_and_windows_resume_af
             let held = p.held_by(&pod).await?;
             seen.push(format!("{slave} holds {held} events, failed {failed} tasks"));
         }
-        anyhow::bail!("no task done yet: {}", seen.join("; "))
+        let report = p.report().await?;
+        anyhow::bail!(
+            "no task done yet: {}; the master's failing tasks: {:?}",
+            seen.join("; "),
+            report.failing
+        )
     })
     .await?;
     until_equal(&p.hot, &p.run.pipeline, Granularity::Hour, &want, 90).await?;

@@ -4,8 +4,9 @@
 //! - Rate limits (GCRA, governor): per caller account, per hot key (a member
 //!   id), global; a concurrency limit. Checked most specific first, so one
 //!   flooding caller or one hot key cannot use up everyone's global budget.
-//! - Circuit breakers per dependency on slow calls, average response time,
-//!   error ratio and error count ([`breaker`]).
+//! - Circuit breakers on slow calls, average response time, error ratio and
+//!   error count ([`breaker`]): a rule per dependency, a state per server of
+//!   it ([`Target`]: each data centre's Redis apart).
 //! - Rules come from the custom resources ([`Rules`]); a reload keeps the
 //!   state of every rule whose parameters did not change, and a rule in
 //!   shadow mode counts what it would refuse and refuses nothing.
