@@ -24,13 +24,17 @@ fn ours(name: &str) -> anyhow::Result<Value> {
     Ok(serde_json::to_value(crd)?)
 }
 
+/// The description of a CRD's schema, the field the test changes.
+fn description(crd: &mut Value) -> &mut Value {
+    &mut crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["description"]
+}
+
 /// CRD `name` as another version of Ballast wrote it: `written_by` in the
 /// annotation, and a schema description of its own.
 fn as_written_by(name: &str, written_by: &str) -> anyhow::Result<Value> {
     let mut crd = ours(name)?;
     crd["metadata"]["annotations"] = json!({ "ballast.dev/version": written_by });
-    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["description"] =
-        json!(format!("as {written_by} wrote it"));
+    *description(&mut crd) = json!(format!("as {written_by} wrote it"));
     Ok(crd)
 }
 
@@ -39,10 +43,10 @@ async fn installed(
     crds: &Api<CustomResourceDefinition>,
     name: &str,
 ) -> anyhow::Result<(Option<String>, Option<String>)> {
-    let crd = serde_json::to_value(crds.get(name).await?)?;
+    let mut crd = serde_json::to_value(crds.get(name).await?)?;
     let text = |v: &Value| v.as_str().map(str::to_owned);
     Ok((
-        text(&crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["description"]),
+        text(description(&mut crd)),
         text(&crd["metadata"]["annotations"]["ballast.dev/version"]),
     ))
 }
@@ -71,12 +75,10 @@ async fn the_leader_upgrades_an_older_crd_to_its_version_and_keeps_a_newer_one()
     )?;
 
     let version = env!("CARGO_PKG_VERSION").to_owned();
-    let description = |crd: &Value| {
-        crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["description"]
-            .as_str()
-            .map(str::to_owned)
-    };
-    let want = (description(&ours(OLDER)?), Some(version.clone()));
+    let want = (
+        description(&mut ours(OLDER)?).as_str().map(str::to_owned),
+        Some(version.clone()),
+    );
     eventually(&format!("{OLDER} at version {version}"), 60, || async {
         Ok((installed(&crds, OLDER).await? == want).then_some(()))
     })

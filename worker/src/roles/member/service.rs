@@ -320,11 +320,11 @@ impl Members {
         self.flow
             .call(target, self.timing.deadline, call)
             .await
-            .map_err(|e| self.failed(&target.to_string(), e))
+            .map_err(|e| self.failed(target, e))
     }
 
-    /// A failed call as a [`Failure`], counted.
-    pub(super) fn failed<E: Display>(&self, name: &str, error: CallError<E>) -> Failure {
+    /// A failed call to `target` as a [`Failure`], counted by its kind.
+    fn failed<E: Display>(&self, target: Target<'_>, error: CallError<E>) -> Failure {
         let detail = match error {
             CallError::Refused(refusal) => return Failure::Refused(refusal),
             CallError::TimedOut { deadline, .. } => format!("no answer within {} ms", deadline.as_millis()),
@@ -332,10 +332,10 @@ impl Members {
         };
         self.metrics
             .store_failures
-            .get_or_create(&[("dependency", static_name(name))])
+            .get_or_create(&[("dependency", target.dependency.as_str())])
             .inc();
         Failure::Unavailable {
-            dependency: name.to_owned(),
+            dependency: target.to_string(),
             detail,
         }
     }
@@ -418,17 +418,6 @@ impl Members {
     }
 }
 
-/// A dependency's name as a metric label (a closed set).
-fn static_name(name: &str) -> &'static str {
-    match name.split(' ').next() {
-        Some("mysql") => "mysql",
-        Some("elasticsearch") => "elasticsearch",
-        Some("redis") => "redis",
-        Some("kafka") => "kafka",
-        _ => "other",
-    }
-}
-
 /// A deadline for the change stream, which has no breaker of its own.
 pub(super) async fn within<T, E: Display>(
     deadline: Duration,
@@ -468,12 +457,5 @@ mod tests {
             Some(Some(member))
         );
         assert_eq!(Members::decode("{garbage"), None);
-    }
-
-    #[test]
-    fn dependency_labels_are_a_closed_set() {
-        assert_eq!(static_name("redis dc-b"), "redis");
-        assert_eq!(static_name("mysql"), "mysql");
-        assert_eq!(static_name("anything"), "other");
     }
 }
